@@ -1,0 +1,280 @@
+"""Hugging Face checkpoints <-> minift, with explicit key maps.
+
+A checkpoint directory holds ``config.json`` and ``model.safetensors`` (weights are only
+ever read from safetensors: unpickling a checkpoint can run code).
+
+GPT-2 differences handled here:
+- HF's GPT-2 uses ``Conv1D`` layers whose weight is (in, out): transposed to nn.Linear's
+  (out, in) on load and back on save;
+- the fused ``attn.c_attn`` (in, 3*out) is split into ``q_proj, k_proj, v_proj`` on load and
+  joined back on save.
+BERT maps one-to-one: ``attention.self.query -> attn.q_proj``, ``attention.output.dense ->
+attn.o_proj``, ``intermediate.dense -> mlp.up_proj``, ``output.dense -> mlp.down_proj`` and
+the LayerNorms. Unknown or missing keys and shape mismatches are errors naming the key.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minift.models.bert import Bert, BertClassifier, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+
+# Keys a checkpoint may carry that minift deliberately has no use for: non-persistent
+# buffers older transformers versions saved, and pre-training heads of BERT checkpoints.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "embeddings.position_ids")
+_IGNORED_PREFIXES = ("cls.",)
+
+
+# ---------------------------------------------------------------------------- reading
+
+def read_config(path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json (expected an HF-format model directory "
+                                f"with config.json and model.safetensors)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+
+
+def read_weights(path) -> dict[str, torch.Tensor]:
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        found = sorted(p.name for p in Path(path).iterdir())
+        raise FileNotFoundError(f"{path} has no model.safetensors (found: {', '.join(found)}); "
+                                f"minift reads weights from safetensors only")
+    return load_file(str(f))
+
+
+def _expect_type(raw: dict, model_type: str, path) -> None:
+    got = raw.get("model_type")
+    if got != model_type:
+        raise ValueError(f"{path}/config.json has model_type {got!r}; this loader reads {model_type!r}")
+
+
+def gpt_config_from_hf(raw: dict) -> GPTConfig:
+    act = raw.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 activation {act!r} is not supported (minift uses tanh-GELU, 'gelu_new')")
+    return GPTConfig(vocab_size=raw["vocab_size"], block_size=raw.get("n_positions", 1024),
+                     n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"],
+                     n_inner=raw.get("n_inner"), dropout=raw.get("resid_pdrop", 0.0),
+                     layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5))
+
+
+def bert_config_from_hf(raw: dict) -> BertConfig:
+    act = raw.get("hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"BERT activation {act!r} is not supported (minift uses exact GELU, 'gelu')")
+    return BertConfig(vocab_size=raw["vocab_size"], max_position_embeddings=raw["max_position_embeddings"],
+                      type_vocab_size=raw.get("type_vocab_size", 2), n_layer=raw["num_hidden_layers"],
+                      n_head=raw["num_attention_heads"], n_embd=raw["hidden_size"],
+                      n_inner=raw["intermediate_size"], dropout=raw.get("hidden_dropout_prob", 0.1),
+                      layer_norm_eps=raw.get("layer_norm_eps", 1e-12),
+                      pad_token_id=raw.get("pad_token_id", 0) or 0)
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    """Drop a model-class prefix ('transformer.', 'bert.') if the checkpoint has one."""
+    if any(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+    return sd
+
+
+def _load_into(model: torch.nn.Module, sd: dict, path, dtype) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise KeyError(f"{path}: checkpoint is missing tensor {missing[0]!r}"
+                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unknown = [k for k in sd if k not in own]
+    if unknown:
+        raise KeyError(f"{path}: checkpoint has unexpected tensor {unknown[0]!r}")
+    for k, v in sd.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the config implies "
+                             f"{tuple(own[k].shape)}")
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
+    model.to(dtype)
+
+
+# ---------------------------------------------------------------------------- GPT-2
+
+_GPT_LAYER = {  # HF name inside transformer.h.{i}. -> minift name inside layers.{i}.
+    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
+    "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "attn.c_proj.weight": "attn.o_proj.weight", "attn.c_proj.bias": "attn.o_proj.bias",
+    "mlp.c_fc.weight": "mlp.up_proj.weight", "mlp.c_fc.bias": "mlp.up_proj.bias",
+    "mlp.c_proj.weight": "mlp.down_proj.weight", "mlp.c_proj.bias": "mlp.down_proj.bias",
+}
+_GPT_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight", "attn.c_attn.weight")
+
+
+def gpt_state_from_hf(hf: dict, n_layer: int) -> dict:
+    hf = _strip(hf, "transformer.")
+    hf = {k: v for k, v in hf.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    hf.pop("lm_head.weight", None)  # tied to wte
+    out = {}
+    for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+        if name in hf:
+            out[name] = hf.pop(name)
+    for i in range(n_layer):
+        src = f"h.{i}."
+        for hk, mk in _GPT_LAYER.items():
+            if src + hk in hf:
+                w = hf.pop(src + hk)
+                out[f"layers.{i}.{mk}"] = w.t().contiguous() if hk in _GPT_CONV1D else w
+        if src + "attn.c_attn.weight" in hf:
+            w = hf.pop(src + "attn.c_attn.weight").t()  # (3C, C) after the Conv1D transpose
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, dim=0)):
+                out[f"layers.{i}.attn.{name}.weight"] = part.contiguous()
+        if src + "attn.c_attn.bias" in hf:
+            b = hf.pop(src + "attn.c_attn.bias")
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), b.chunk(3, dim=0)):
+                out[f"layers.{i}.attn.{name}.bias"] = part.contiguous()
+    out.update(hf)  # whatever is left is unknown and reported by _load_into
+    return out
+
+
+def gpt_state_to_hf(sd: dict, n_layer: int) -> dict:
+    out = {f"transformer.{k}": sd[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(n_layer):
+        for hk, mk in _GPT_LAYER.items():
+            w = sd[f"layers.{i}.{mk}"]
+            out[f"transformer.h.{i}.{hk}"] = w.t() if hk in _GPT_CONV1D else w
+        qkv = [sd[f"layers.{i}.attn.{n}_proj.weight"] for n in "qkv"]
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(qkv, dim=0).t()  # (C, 3C)
+        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+            [sd[f"layers.{i}.attn.{n}_proj.bias"] for n in "qkv"], dim=0)
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def load_gpt(path, dtype=torch.float32) -> GPT:
+    raw = read_config(path)
+    _expect_type(raw, "gpt2", path)
+    cfg = gpt_config_from_hf(raw)
+    model = GPT(cfg)
+    _load_into(model, gpt_state_from_hf(read_weights(path), cfg.n_layer), path, dtype)
+    return model
+
+
+def save_gpt(model: GPT, path) -> None:
+    c = model.config
+    raw = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+           "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
+           "n_embd": c.n_embd, "n_inner": c.n_inner, "activation_function": "gelu_new",
+           "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+           "layer_norm_epsilon": c.layer_norm_eps, "tie_word_embeddings": True,
+           "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1}
+    _write(path, raw, gpt_state_to_hf(_base_state(model), c.n_layer))
+
+
+# ---------------------------------------------------------------------------- BERT
+
+_BERT_LAYER = {  # HF name inside encoder.layer.{i}. -> minift name inside layers.{i}.
+    "attention.self.query": "attn.q_proj", "attention.self.key": "attn.k_proj",
+    "attention.self.value": "attn.v_proj", "attention.output.dense": "attn.o_proj",
+    "attention.output.LayerNorm": "ln_1", "intermediate.dense": "mlp.up_proj",
+    "output.dense": "mlp.down_proj", "output.LayerNorm": "ln_2",
+}
+_BERT_TOP = {
+    "embeddings.word_embeddings": "embeddings.word_embeddings",
+    "embeddings.position_embeddings": "embeddings.position_embeddings",
+    "embeddings.token_type_embeddings": "embeddings.token_type_embeddings",
+    "embeddings.LayerNorm": "embeddings.ln", "pooler.dense": "pooler",
+}
+
+
+def bert_key_map(n_layer: int) -> dict[str, str]:
+    """HF BertModel parameter name -> minift Bert parameter name."""
+    m = {}
+    for hk, mk in _BERT_TOP.items():
+        for s in ("weight", "bias"):
+            m[f"{hk}.{s}"] = f"{mk}.{s}"
+    m.pop("embeddings.word_embeddings.bias"), m.pop("embeddings.position_embeddings.bias")
+    m.pop("embeddings.token_type_embeddings.bias")
+    for i in range(n_layer):
+        for hk, mk in _BERT_LAYER.items():
+            for s in ("weight", "bias"):
+                m[f"encoder.layer.{i}.{hk}.{s}"] = f"layers.{i}.{mk}.{s}"
+    return m
+
+
+def load_bert(path, dtype=torch.float32, classifier: bool = False, num_labels: int | None = None):
+    raw = read_config(path)
+    _expect_type(raw, "bert", path)
+    cfg = bert_config_from_hf(raw)
+    sd = {k: v for k, v in read_weights(path).items()
+          if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(_IGNORED_PREFIXES)}
+    head = {k: sd.pop(k) for k in ("classifier.weight", "classifier.bias") if k in sd}
+    sd = _strip(sd, "bert.")
+    kmap = bert_key_map(cfg.n_layer)
+    mapped = {kmap.get(k, k): v for k, v in sd.items()}
+    if "pooler.weight" not in mapped:  # some checkpoints (e.g. sentence encoders) lack a pooler
+        mapped["pooler.weight"] = torch.eye(cfg.n_embd)
+        mapped["pooler.bias"] = torch.zeros(cfg.n_embd)
+    if not classifier:
+        model = Bert(cfg)
+        _load_into(model, mapped, path, dtype)
+        return model
+    if num_labels is None:
+        num_labels = head["classifier.weight"].shape[0] if head else len(raw.get("id2label", {})) or 2
+    model = BertClassifier(cfg, num_labels)
+    _load_into(model.bert, mapped, path, dtype)
+    if head:
+        if head["classifier.weight"].shape[0] != num_labels:
+            raise ValueError(f"{path}: checkpoint head has {head['classifier.weight'].shape[0]} labels, "
+                             f"asked for num_labels={num_labels}")
+        model.classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()})
+    model.to(dtype)
+    return model
+
+
+def save_bert(model: Bert | BertClassifier, path) -> None:
+    bert = model.bert if isinstance(model, BertClassifier) else model
+    c = bert.config
+    raw = {"model_type": "bert", "vocab_size": c.vocab_size, "hidden_size": c.n_embd,
+           "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+           "intermediate_size": c.n_inner, "hidden_act": "gelu",
+           "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout,
+           "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size,
+           "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id}
+    inv = {v: k for k, v in bert_key_map(c.n_layer).items()}
+    base = _base_state(bert)
+    if isinstance(model, BertClassifier):
+        sd = {f"bert.{inv[k]}": v for k, v in base.items()}
+        sd["classifier.weight"] = model.classifier.weight
+        sd["classifier.bias"] = model.classifier.bias
+        raw["architectures"] = ["BertForSequenceClassification"]
+        raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+        raw["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+    else:
+        sd = {inv[k]: v for k, v in base.items()}
+        raw["architectures"] = ["BertModel"]
+    _write(path, raw, {k: v.detach().contiguous() for k, v in sd.items()})
+
+
+# ---------------------------------------------------------------------------- writing
+
+def _base_state(model: torch.nn.Module) -> dict:
+    """The model's base weights: adapter keys are left out (merge or unload first to keep them)."""
+    sd = model.state_dict()
+    return {k: v for k, v in sd.items() if ".lora_" not in k and "base_layer" not in k}
+
+
+def _write(path, raw: dict, sd: dict) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "model.safetensors")  # atomic: a crash never leaves half a file
+    (path / "config.json").write_text(json.dumps(raw, indent=2) + "\n")

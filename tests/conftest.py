@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny randomly initialized models, and the Hugging Face oracles saved to disk."""
+import pytest
+import torch
+
+from minift.models.bert import Bert, BertClassifier, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+
+torch.set_num_threads(2)
+
+TINY_GPT = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
+TINY_BERT = dict(vocab_size=99, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32, n_inner=64)
+
+
+@pytest.fixture
+def tiny_gpt():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**TINY_GPT)).eval()
+
+
+@pytest.fixture
+def tiny_bert():
+    torch.manual_seed(0)
+    return Bert(BertConfig(**TINY_BERT, dropout=0.0)).eval()
+
+
+@pytest.fixture
+def tiny_classifier():
+    torch.manual_seed(0)
+    return BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3).eval()
+
+
+def hf_gpt2(tmp_path, seed=0):
+    """A tiny random transformers GPT-2 saved to tmp_path; returns (hf_model, dir)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def hf_bert(tmp_path, seed=0, classifier=False, num_labels=3):
+    """A tiny random transformers BERT (or BertForSequenceClassification) saved to tmp_path."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=64,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  num_labels=num_labels)
+    cls = transformers.BertForSequenceClassification if classifier else transformers.BertModel
+    model = cls(cfg).eval()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
