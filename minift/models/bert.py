@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.models.gpt import KV, attention_bias
+from minift.models.gpt import KV, attention_bias, frozen_below
 
 
 @dataclass
@@ -136,6 +136,7 @@ class Bert(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
         self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.grad_from_layer = 0  # as in GPT: layers below run without autograd when frozen
         self.apply(_init_weights)
 
     @property
@@ -158,7 +159,8 @@ class Bert(nn.Module):
         bias = attention_bias(T, P, attention_mask, False, x.dtype, x.device)
         hidden = [x]
         for i, layer in enumerate(self.layers):
-            x = layer(x, bias, None if prefix is None else prefix[i])
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_below(self, i, x, prefix)):
+                x = layer(x, bias, None if prefix is None else prefix[i])
             hidden.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C) from the first ([CLS]) token
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)

@@ -147,6 +147,9 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        # Layers below this index run without autograd when nothing below needs a gradient
+        # (set by freeze.apply when the bottom layers and the embeddings are all frozen).
+        self.grad_from_layer = 0
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -183,7 +186,8 @@ class GPT(nn.Module):
         bias = attention_bias(T, P, attention_mask, True, x.dtype, x.device)
         hidden, kvs = [x], []
         for i, block in enumerate(self.layers):
-            x, kv = block(x, bias, None if prefix is None else prefix[i])
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_below(self, i, x, prefix)):
+                x, kv = block(x, bias, None if prefix is None else prefix[i])
             hidden.append(x)
             kvs.append(kv)
         x = self.ln_f(x)
@@ -251,6 +255,12 @@ class GPT(nn.Module):
     def save_pretrained(self, path) -> None:
         from minift.models import hf
         hf.save_gpt(self, path)
+
+
+def frozen_below(model, i: int, x, prefix) -> bool:
+    """True when layer i may run without autograd: it is below ``model.grad_from_layer``,
+    its input needs no gradient and no (possibly trainable) prefix enters it."""
+    return i < model.grad_from_layer and not x.requires_grad and prefix is None
 
 
 def lm_loss(x, weight, targets, chunk: int = 4096):

@@ -1,0 +1,72 @@
+"""Small helpers every method shares: find target modules, freeze, count parameters."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+
+def find_modules(model: nn.Module, targets: Iterable[str], kind: type | tuple = nn.Linear
+                 ) -> list[tuple[str, nn.Module]]:
+    """Modules of type ``kind`` whose name is a target or ends in ``.<target>``.
+
+    Exact last-name matching: target ``v_proj`` matches ``layers.0.attn.v_proj``, never
+    ``layers.0.attn.v_proj_extra``. A target that matches nothing is an error listing the
+    names that exist, so a typo never silently trains nothing.
+    """
+    targets = list(targets)
+    if not targets:
+        raise ValueError("targets is empty: name at least one module, e.g. q_proj,v_proj")
+    found, hit = [], set()
+    for name, m in model.named_modules():
+        if not isinstance(m, kind):
+            continue
+        for t in targets:
+            if name == t or name.endswith("." + t):
+                found.append((name, m))
+                hit.add(t)
+                break
+    missing = [t for t in targets if t not in hit]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, kind)})
+        raise ValueError(f"target {missing[0]!r} matches no {getattr(kind, '__name__', 'module')} in the "
+                         f"model; available names: {', '.join(names)}")
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def unfreeze_modules(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """Make the modules named in ``names`` (exact last-name match, any type) trainable."""
+    out = []
+    for name, m in find_modules(model, names, kind=nn.Module):
+        for pn, p in m.named_parameters():
+            p.requires_grad_(True)
+            out.append(f"{name}.{pn}")
+    return out
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared (tied) parameters count once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
+
+def summary(model: nn.Module) -> str:
+    t, n = count_trainable(model)
+    return f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
