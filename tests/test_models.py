@@ -1,0 +1,190 @@
+"""Foundation: minift GPT-2 / BERT against transformers, KV cache, prefix semantics, bad input."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_GPT, hf_bert, hf_gpt2
+from minift.models.bert import Bert, BertClassifier, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+
+
+def _ids(B=2, T=10, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (B, T), generator=g)
+
+
+def _mask(B=2, T=10):
+    m = torch.ones(B, T, dtype=torch.long)
+    m[1, 6:] = 0  # right padding on the second row
+    return m
+
+
+@torch.no_grad()
+def test_gpt2_parity_logits_and_hidden_states(tmp_path):
+    hf, d = hf_gpt2(tmp_path)
+    m = GPT.from_pretrained(d).eval()
+    x = _ids()
+    ref = hf(x, output_hidden_states=True)
+    out = m(x, output_hidden_states=True)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=0)
+    assert len(out.hidden_states) == len(ref.hidden_states) == 3
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_gpt2_parity_with_padding_mask(tmp_path):
+    hf, d = hf_gpt2(tmp_path)
+    m = GPT.from_pretrained(d).eval()
+    x, mask = _ids(), _mask()
+    ref = hf(x, attention_mask=mask).logits
+    out = m(x, attention_mask=mask).logits
+    keep = mask.bool()  # padded positions are ignored by definition
+    torch.testing.assert_close(out[keep], ref[keep], atol=1e-5, rtol=0)
+
+
+def test_gpt2_loss_matches_hf(tmp_path):
+    hf, d = hf_gpt2(tmp_path)
+    m = GPT.from_pretrained(d).eval()
+    x = _ids()
+    labels = x.clone()
+    labels[0, :3] = -100
+    with torch.no_grad():
+        ref = hf(x, labels=labels).loss
+        out = m(x, labels)
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=0)
+    assert out.logits is None  # training needs only the loss
+    # the chunked loss gives the same value and gradient as the plain one
+    m2 = GPT(GPTConfig(**TINY_GPT))
+    y = m2(x, labels, compute_logits=True)
+    plain = torch.nn.functional.cross_entropy(y.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(y.loss, plain, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("classifier", [False, True])
+def test_bert_parity(tmp_path, classifier):
+    hf, d = hf_bert(tmp_path, classifier=classifier)
+    x, mask = _ids(vocab=99), _mask()
+    tt = torch.zeros_like(x)
+    tt[:, 5:] = 1
+    if classifier:
+        m = BertClassifier.from_pretrained(d).eval()
+        torch.testing.assert_close(m(x, mask, tt).logits, hf(x, attention_mask=mask, token_type_ids=tt).logits,
+                                   atol=1e-5, rtol=0)
+        return
+    m = Bert.from_pretrained(d).eval()
+    ref = hf(x, attention_mask=mask, token_type_ids=tt, output_hidden_states=True)
+    out = m(x, mask, tt, output_hidden_states=True)
+    keep = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[keep], ref.last_hidden_state[keep], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.pooled, ref.pooler_output, atol=1e-5, rtol=0)
+    for a, b in zip(out.hidden_states, ref.hidden_states):
+        torch.testing.assert_close(a[keep], b[keep], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_save_pretrained_loads_into_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(3)
+    g = GPT(GPTConfig(**TINY_GPT)).eval()
+    g.save_pretrained(tmp_path / "gpt")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt").eval()
+    x = _ids()
+    torch.testing.assert_close(hf(x).logits, g(x).logits, atol=1e-5, rtol=0)
+    again = GPT.from_pretrained(tmp_path / "gpt")
+    for (k, a), b in zip(g.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    c = BertClassifier(BertConfig(vocab_size=99, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32,
+                                  n_inner=64, dropout=0.0), num_labels=3).eval()
+    c.save_pretrained(tmp_path / "bert")
+    hfb = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "bert").eval()
+    x, mask = _ids(vocab=99), _mask()
+    torch.testing.assert_close(hfb(x, attention_mask=mask).logits, c(x, mask).logits, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (1.0, 5)])
+def test_generate_kv_cache_equals_recompute(tiny_gpt, temperature, top_k):
+    x = _ids(B=2, T=5)
+    torch.manual_seed(7)
+    a = tiny_gpt.generate(x, 12, temperature, top_k, use_cache=True)
+    torch.manual_seed(7)
+    b = tiny_gpt.generate(x, 12, temperature, top_k, use_cache=False)
+    assert a.shape == (2, 17)
+    assert torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_prefix_of_own_kv_reproduces_full_sequence(tiny_gpt):
+    """A prefix holding the first P positions' own keys/values is exactly the KV cache."""
+    x = _ids(B=2, T=12)
+    P = 5
+    full = tiny_gpt(x, return_kv=True)
+    prefix = [(k[:, :, :P], v[:, :, :P]) for k, v in full.kv]
+    rest = tiny_gpt(x[:, P:], prefix=prefix).logits
+    torch.testing.assert_close(rest, full.logits[:, P:], atol=1e-5, rtol=0)
+    # BERT: a prefix is seen by every token, and real positions start at P
+    torch.manual_seed(0)
+    bert = Bert(BertConfig(vocab_size=99, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32,
+                           n_inner=64, dropout=0.0)).eval()
+    pk = [(torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8)) for _ in range(2)]
+    y = bert(x, prefix=pk).last_hidden_state
+    assert y.shape == (2, 12, 32) and torch.isfinite(y).all()
+    assert not torch.allclose(y, bert(x).last_hidden_state)
+
+
+def test_frozen_bottom_layers_build_no_graph(tiny_gpt):
+    for p in tiny_gpt.parameters():
+        p.requires_grad_(False)
+    for p in tiny_gpt.layers[1].parameters():
+        p.requires_grad_(True)
+    tiny_gpt.grad_from_layer = 1
+    out = tiny_gpt(_ids(), output_hidden_states=True)
+    assert out.hidden_states[1].grad_fn is None  # layer 0 ran without autograd
+    assert out.hidden_states[2].grad_fn is not None
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Bert.from_pretrained(tmp_path / "nope")
+
+
+def test_wrong_architecture(tmp_path):
+    _, d = hf_bert(tmp_path)
+    with pytest.raises(ValueError, match="model_type 'bert'"):
+        GPT.from_pretrained(d)
+
+
+def test_missing_and_misshapen_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, d = hf_gpt2(tmp_path)
+    sd = load_file(d / "model.safetensors")
+    name = next(k for k in sd if k.endswith("h.1.mlp.c_fc.weight"))
+    save_file({k: v for k, v in sd.items() if k != name}, d / "model.safetensors")
+    with pytest.raises(KeyError, match="layers.1.mlp.up_proj.weight"):
+        GPT.from_pretrained(d)
+    sd[name] = sd[name][:, :8].contiguous()
+    save_file(sd, d / "model.safetensors")
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj.weight"):
+        GPT.from_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["activation_function"] = "relu"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="relu"):
+        GPT.from_pretrained(d)
+
+
+def test_bad_inputs_to_forward(tiny_gpt):
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_gpt()
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_gpt(torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=30, n_head=4)
