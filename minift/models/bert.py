@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.models.gpt import KV, attention_bias, frozen_below
+from minift.models.gpt import KV, attention_bias, frozen_below, run_block
 
 
 @dataclass
@@ -137,6 +137,7 @@ class Bert(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layer))
         self.pooler = nn.Linear(cfg.n_embd, cfg.n_embd)
         self.grad_from_layer = 0  # as in GPT: layers below run without autograd when frozen
+        self.checkpointing = False  # as in GPT: recompute each layer in backward
         self.apply(_init_weights)
 
     @property
@@ -160,7 +161,7 @@ class Bert(nn.Module):
         hidden = [x]
         for i, layer in enumerate(self.layers):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_below(self, i, x, prefix)):
-                x = layer(x, bias, None if prefix is None else prefix[i])
+                x = run_block(self, layer, x, bias, None if prefix is None else prefix[i])
             hidden.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C) from the first ([CLS]) token
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)

@@ -150,6 +150,7 @@ class GPT(nn.Module):
         # Layers below this index run without autograd when nothing below needs a gradient
         # (set by freeze.apply when the bottom layers and the embeddings are all frozen).
         self.grad_from_layer = 0
+        self.checkpointing = False  # recompute each block in backward instead of keeping activations
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -187,7 +188,7 @@ class GPT(nn.Module):
         hidden, kvs = [x], []
         for i, block in enumerate(self.layers):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_below(self, i, x, prefix)):
-                x, kv = block(x, bias, None if prefix is None else prefix[i])
+                x, kv = run_block(self, block, x, bias, None if prefix is None else prefix[i])
             hidden.append(x)
             kvs.append(kv)
         x = self.ln_f(x)
@@ -261,6 +262,14 @@ def frozen_below(model, i: int, x, prefix) -> bool:
     """True when layer i may run without autograd: it is below ``model.grad_from_layer``,
     its input needs no gradient and no (possibly trainable) prefix enters it."""
     return i < model.grad_from_layer and not x.requires_grad and prefix is None
+
+
+def run_block(model, block, *args):
+    """Call a block, through activation checkpointing when ``model.checkpointing`` is set
+    and a graph is being built."""
+    if model.checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def lm_loss(x, weight, targets, chunk: int = 4096):
