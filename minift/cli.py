@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 class UsageError(Exception):
@@ -40,3 +41,51 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---------------------------------------------------------------------------- subcommands
 # Add each subcommand as a pair of functions below, in its own section.
+
+
+# ---------------------------------------------------------------------------- bench
+
+def _add_bench(sub) -> None:
+    from minift.bench import METHODS, PRESETS
+    p = sub.add_parser("bench", help="memory/throughput of every method against full fine-tuning")
+    p.add_argument("--model", default=None, help=f"preset: {', '.join(PRESETS)} (default: gpt2-medium on "
+                                                  "CUDA, tiny-gpt on CPU)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--no-frozen-bf16", action="store_true", help="keep frozen base weights in fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
+    p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
+    p.add_argument("--peft", default="", help="also run these methods through transformers + peft")
+    p.add_argument("--peft-compile", action="store_true", help="PEFT runs eager and compiled")
+    p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
+    p.add_argument("--name", default=None, help="file name stem (default: bench-<model>)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from minift import bench
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    tiny = device == "cpu"
+    model = args.model or ("tiny-gpt" if tiny else "gpt2-medium")
+    cfg = bench.BenchConfig(model=model, methods=tuple(m for m in args.methods.split(",") if m),
+                            batch=args.batch or (2 if tiny else 8), seq_len=args.seq_len or (64 if tiny else 1024),
+                            steps=args.steps, warmup=args.warmup, device=device,
+                            frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
+                            checkpointing=args.checkpointing, plain_ce=args.plain_ce)
+    peft_methods = tuple(m for m in args.peft.split(",") if m)
+    rows = bench.run(cfg, peft_methods=peft_methods, peft_compile=args.peft_compile,
+                     progress=lambda s: print(s, file=sys.stderr))
+    name = args.name or f"bench-{model}"
+    bench.save(rows, Path(args.out), name, bench.meta(cfg))
+    print(bench.to_markdown(rows))
+    print(f"wrote {Path(args.out) / name}.{{json,md,png}}", file=sys.stderr)
+    return 0

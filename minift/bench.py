@@ -1,0 +1,465 @@
+"""CUDA-aware memory/throughput harness: every method against full fine-tuning.
+
+Same shape as nanoGPT's bench.py: build the model (random init: weights do not change
+speed), apply the method, run warm-up steps, then time each step of a window with CUDA
+events and report the median. Peak memory is ``max_memory_allocated`` over the timed
+window after ``reset_peak_memory_stats`` (optimizer state already exists by then, so it is
+the steady-state peak of a whole step).
+
+Model FLOPs per token (the MFU numerator), with N the parameters used in matmuls:
+  forward 2N + 4·L·T·d (attention scores and weighted sum),
+  backward 2N_in + 8·L_b·T·d for input gradients through the L_b layers backward runs in,
+  plus 2N_w for weight gradients of the trainable weights.
+Full fine-tuning gives the familiar 6N + 12·L·T·d; a frozen base (LoRA, prefix, ...) gives
+4N + 12·L·T·d; frozen bottom layers that run without autograd cost forward only.
+MFU divides achieved FLOP/s by the bf16 matmul rate measured on the same card in the same run.
+
+Each optimization is a flag so its effect is measured, not assumed:
+``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
+``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
+the naive loss, for comparison with GPT's chunked cross-entropy).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minift.methods.common import count_trainable
+from minift.models.bert import BertClassifier, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+from minift.train import model_forward
+
+PRESETS = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "bert-base": BertConfig(),
+    "tiny-gpt": GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64),
+    "tiny-bert": BertConfig(vocab_size=256, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=64,
+                            n_inner=128),
+}
+METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit", "probe")
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+VIRTUAL_TOKENS = 20
+
+
+@dataclass
+class BenchConfig:
+    model: str = "gpt2-medium"
+    methods: tuple[str, ...] = METHODS
+    batch: int = 8
+    seq_len: int = 1024
+    steps: int = 10
+    warmup: int = 3
+    device: str = "cuda"
+    frozen_bf16: bool = True
+    compile: bool = False
+    checkpointing: bool = False
+    plain_ce: bool = False
+    lora_targets: tuple[str, ...] = ALL_PROJ
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown model preset {self.model!r}; choose from {', '.join(PRESETS)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+        if self.batch < 1 or self.seq_len <= VIRTUAL_TOKENS or self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"need batch >= 1, seq_len > {VIRTUAL_TOKENS}, steps >= 1, warmup >= 0")
+        if self.device == "cpu":
+            self.frozen_bf16 = False  # CPU runs are fp32 smoke tests
+
+
+@dataclass
+class Row:
+    impl: str  # "minift" or "peft"
+    model: str
+    method: str
+    variant: str
+    device: str
+    dtype: str
+    batch: int
+    seq_len: int
+    trainable: int
+    total: int
+    step_ms: float
+    tokens_per_s: float
+    peak_gib: float
+    mfu: float
+    ratio_tokens_vs_full: float = float("nan")
+    ratio_mem_vs_full: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- FLOPs
+
+def matmul_params(model: nn.Module) -> tuple[int, int]:
+    """(N, N_trainable): parameters of every matmul weight (Linear weights and the tied LM head)."""
+    n = nt = 0
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            n += m.weight.numel()
+            nt += m.weight.numel() if m.weight.requires_grad else 0
+    if isinstance(model, GPT):
+        n += model.wte.weight.numel()
+        nt += model.wte.weight.numel() if model.wte.weight.requires_grad else 0
+    return n, nt
+
+
+def flops_per_token(n: int, n_trainable: int, n_layer: int, seq_len: int, d: int,
+                    backward_layers: int | None = None, train: bool = True) -> float:
+    """Model FLOPs per token; see the module docstring. ``backward_layers`` defaults to all."""
+    lb = n_layer if backward_layers is None else backward_layers
+    fwd = 2 * n + 4 * n_layer * seq_len * d
+    if not train:
+        return fwd
+    n_in = n * lb / n_layer  # input gradients only through the layers backward reaches
+    return fwd + 2 * n_in + 8 * lb * seq_len * d + 2 * n_trainable
+
+
+def measure_matmul_tflops(device: str, size: int = 8192, reps: int = 10) -> float:
+    """bf16 matmul rate of this card, measured now (the MFU denominator)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * size ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
+
+
+# ---------------------------------------------------------------------------- minift runs
+
+def build(cfg: BenchConfig, method: str):
+    """Model with ``method`` applied; returns (model, hooks) where hooks holds the allocator etc."""
+    mc = replace(PRESETS[cfg.model])
+    if isinstance(mc, BertConfig):
+        mc.dropout = 0.0
+        model = BertClassifier(mc, num_labels=2)
+    else:
+        model = GPT(mc)
+    hooks: dict = {}
+    head = ("classifier",) if isinstance(model, BertClassifier) else ()
+    if method == "full":
+        from minift.methods import full
+        full.apply(model)
+    elif method in ("lora", "dora"):
+        from minift.methods import lora
+        lora.apply(model, lora.LoRAConfig(r=8, alpha=16, targets=cfg.lora_targets, dora=method == "dora",
+                                          modules_to_save=head))
+    elif method == "adalora":
+        from minift.methods import adalora
+        acfg = adalora.AdaLoRAConfig(init_r=12, target_r=8, alpha=32, targets=cfg.lora_targets,
+                                     tinit=0, tfinal=0, delta_t=1,
+                                     total_step=cfg.warmup + cfg.steps + 1)
+        adalora.apply(model, acfg)
+        if head:
+            from minift.methods.common import unfreeze_modules
+            unfreeze_modules(model, head)
+        hooks["allocator"] = adalora.RankAllocator(model, acfg)
+        hooks["orth"] = (adalora.orth_penalty, acfg.orth_reg_weight)
+    elif method == "prefix":
+        from minift.methods import prefix
+        prefix.apply(model, prefix.PrefixConfig(num_virtual_tokens=VIRTUAL_TOKENS, modules_to_save=head))
+    elif method == "prompt":
+        from minift.methods import prompt
+        prompt.apply(model, prompt.PromptConfig(num_virtual_tokens=VIRTUAL_TOKENS, modules_to_save=head))
+    elif method == "freeze":
+        from minift.methods import freeze
+        freeze.apply(model, freeze.FreezeConfig(strategy="bottom_up"))
+    elif method == "bitfit":
+        from minift.methods import freeze
+        freeze.bitfit(model)
+    elif method == "probe":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    model.checkpointing = cfg.checkpointing if isinstance(model, GPT) else False
+    if isinstance(model, BertClassifier):
+        model.bert.checkpointing = cfg.checkpointing
+    model.to(cfg.device)
+    if cfg.frozen_bf16:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return model, hooks
+
+
+def make_batch(model, cfg: BenchConfig, method: str) -> dict:
+    """Random tokens; prefix/prompt methods get seq_len - P text tokens so P + T = seq_len."""
+    T = cfg.seq_len - (VIRTUAL_TOKENS if method in ("prefix", "prompt") else 0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (cfg.batch, T), generator=g).to(cfg.device)
+    mask = torch.ones_like(ids)
+    if isinstance(model, GPT):
+        return {"input_ids": ids, "attention_mask": None, "labels": ids}
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)}
+
+
+def _autocast(device: str):
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=device != "cpu")
+
+
+def _loss(model, batch, cfg: BenchConfig, hooks):
+    if cfg.plain_ce and isinstance(model, GPT):  # the naive loss: full fp32 logits
+        b = {k: v for k, v in batch.items() if k != "labels"}
+        out = model_forward(model, b | {"compute_logits": True})
+        logits = out.logits[:, :-1].float()  # (B, T-1, vocab) fp32
+        labels = batch["labels"][:, -logits.shape[1]:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss = model_forward(model, batch).loss
+    if "orth" in hooks:
+        fn, w = hooks["orth"]
+        loss = loss + w * fn(model)
+    return loss
+
+
+def _timed(step, cfg: BenchConfig) -> tuple[float, float]:
+    """Run warm-up then timed steps; returns (median step ms, peak GiB over the timed window)."""
+    cuda = cfg.device.startswith("cuda")
+    for i in range(cfg.warmup):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(cfg.steps):
+        if cuda:
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            step(cfg.warmup + i)
+            e.record()
+            torch.cuda.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            step(cfg.warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
+    return statistics.median(times), peak
+
+
+def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
+    torch.manual_seed(cfg.seed)
+    model, hooks = build(cfg, method)
+    batch = make_batch(model, cfg, method)
+    train = method != "probe"
+    if cfg.compile:
+        model.compile()
+    if train:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda"))
+        model.train()
+
+        def step(i):
+            with _autocast(cfg.device):
+                loss = _loss(model, batch, cfg, hooks)
+            loss.backward()
+            if "allocator" in hooks:  # AdaLoRA: after backward, before zero_grad
+                hooks["allocator"].step(model, i)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        @torch.no_grad()
+        def step(i):  # probing: one forward pass that keeps every layer's features
+            with _autocast(cfg.device):
+                extra = {"output_hidden_states": True}
+                if isinstance(model, GPT):
+                    extra["compute_logits"] = False  # features only, no vocabulary projection
+                model_forward(model, {k: v for k, v in batch.items() if k != "labels"} | extra)
+
+    ms, peak = _timed(step, cfg)
+    trainable, total = count_trainable(model)
+    mc = model.config
+    n, nt = matmul_params(model)
+    inner = model.bert if isinstance(model, BertClassifier) else model
+    bl = mc.n_layer - inner.grad_from_layer
+    fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, mc.n_embd, backward_layers=bl, train=train)
+    tps = cfg.batch * cfg.seq_len / (ms / 1e3)
+    mfu = fpt * tps / (peak_tflops * 1e12) if peak_tflops else float("nan")
+    variant = "+".join(k for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)) \
+        or "eager-fp32-base"
+    row = Row("minift", cfg.model, method, variant, _device_name(cfg.device), "bf16-autocast"
+              if cfg.device != "cpu" else "fp32", cfg.batch, cfg.seq_len, trainable, total, ms, tps, peak, mfu)
+    del model, batch, hooks
+    if cfg.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------------------- PEFT side by side
+
+def run_peft(cfg: BenchConfig, method: str, compile_: bool = False) -> Row:
+    """The same shapes through transformers + peft (imported only here, only when asked)."""
+    import peft
+    import transformers
+
+    torch.manual_seed(cfg.seed)
+    mc = PRESETS[cfg.model]
+    gpt = isinstance(mc, GPTConfig)
+    if gpt:
+        hcfg = transformers.GPT2Config(vocab_size=mc.vocab_size, n_positions=mc.block_size, n_embd=mc.n_embd,
+                                       n_layer=mc.n_layer, n_head=mc.n_head, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(hcfg)
+        task = peft.TaskType.CAUSAL_LM
+        targets = ["c_attn", "c_proj", "c_fc"] if set(cfg.lora_targets) == set(ALL_PROJ) else ["c_attn"]
+    else:
+        hcfg = transformers.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                       num_labels=2)
+        model = transformers.BertForSequenceClassification(hcfg)
+        task = peft.TaskType.SEQ_CLS
+        names = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+        targets = [names[t] for t in cfg.lora_targets if t in names]
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                           task_type=task))
+    elif method == "adalora":
+        model = peft.get_peft_model(model, peft.AdaLoraConfig(
+            init_r=12, target_r=8, lora_alpha=32, target_modules=targets, task_type=task, tinit=0,
+            tfinal=0, deltaT=1, total_step=cfg.warmup + cfg.steps + 1))
+    elif method == "prefix":
+        model = peft.get_peft_model(model, peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
+                                                                   task_type=task))
+    elif method == "prompt":
+        model = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
+                                                                   task_type=task))
+    elif method != "full":
+        raise ValueError(f"no PEFT counterpart for {method!r}")
+    model.to(cfg.device).train()
+    T = cfg.seq_len - (VIRTUAL_TOKENS if method in ("prefix", "prompt") else 0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, mc.vocab_size, (cfg.batch, T), generator=g).to(cfg.device)
+    labels = ids if gpt else torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)
+    fwd = torch.compile(model) if compile_ else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda"))
+
+    def step(i):
+        with _autocast(cfg.device):
+            loss = fwd(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        if method == "adalora":
+            model.base_model.update_and_allocate(i)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    ms, peak = _timed(step, cfg)
+    trainable, total = count_trainable(model)
+    row = Row("peft", cfg.model, method, "compile" if compile_ else "eager", _device_name(cfg.device),
+              "bf16-autocast", cfg.batch, cfg.seq_len, trainable, total, ms,
+              cfg.batch * cfg.seq_len / (ms / 1e3), peak, float("nan"),
+              extra={"transformers": transformers.__version__, "peft": peft.__version__})
+    del model, fwd, opt
+    if cfg.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+# ---------------------------------------------------------------------------- reporting
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def add_ratios(rows: list[Row]) -> list[Row]:
+    """Ratio of tokens/s and peak memory to minift full fine-tuning of the same model and variant."""
+    base = {(r.model, r.variant): r for r in rows if r.impl == "minift" and r.method == "full"}
+    for r in rows:
+        b = base.get((r.model, r.variant))
+        if b is None and r.impl == "peft":  # PEFT rows compare with PEFT's own full run
+            b = next((x for x in rows if x.impl == "peft" and x.method == "full" and x.model == r.model
+                      and x.variant == r.variant), None)
+        if b is not None:
+            r.ratio_tokens_vs_full = r.tokens_per_s / b.tokens_per_s
+            r.ratio_mem_vs_full = r.peak_gib / b.peak_gib if b.peak_gib == b.peak_gib else float("nan")
+    return rows
+
+
+def to_markdown(rows: list[Row]) -> str:
+    head = ("| impl | model | method | variant | batch x seq | trainable | tokens/s | step ms | peak GiB "
+            "| MFU | tok/s vs full | mem vs full |\n|" + "---|" * 12 + "\n")
+    lines = []
+    for r in rows:
+        mfu = "-" if math.isnan(r.mfu) else f"{100 * r.mfu:.1f}%"
+        pk = "-" if math.isnan(r.peak_gib) else f"{r.peak_gib:.2f}"
+        rt = "-" if math.isnan(r.ratio_tokens_vs_full) else f"{r.ratio_tokens_vs_full:.2f}x"
+        rm = "-" if math.isnan(r.ratio_mem_vs_full) else f"{r.ratio_mem_vs_full:.2f}x"
+        lines.append(f"| {r.impl} | {r.model} | {r.method} | {r.variant} | {r.batch}x{r.seq_len} | "
+                     f"{r.trainable:,} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | {pk} | {mfu} | {rt} | {rm} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def save(rows: list[Row], out: Path, name: str, meta: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+    md = f"# {name}\n\n" + "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n" + to_markdown(rows)
+    (out / f"{name}.md").write_text(md)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    mine = [r for r in rows if r.impl == "minift"]
+    if not mine:
+        return
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    labels = [f"{r.model}\n{r.method}" if len({x.model for x in mine}) > 1 else r.method for r in mine]
+    ax[0].bar(range(len(mine)), [r.tokens_per_s for r in mine])
+    ax[0].set_title(f"tokens/s ({meta.get('device', '')})")
+    ax[1].bar(range(len(mine)), [r.peak_gib for r in mine], color="tab:orange")
+    ax[1].set_title("peak GiB")
+    for a in ax:
+        a.set_xticks(range(len(mine)), labels, rotation=60, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"{name}.png", dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: BenchConfig, *, peft_methods: tuple[str, ...] = (), peft_compile: bool = False,
+        progress=print) -> list[Row]:
+    """Every method of ``cfg`` (and the PEFT counterparts asked for) on one model."""
+    cuda = cfg.device.startswith("cuda")
+    peak = measure_matmul_tflops(cfg.device) if cuda else None
+    rows = []
+    for m in cfg.methods:
+        progress(f"minift {cfg.model} {m}")
+        rows.append(run_minift(cfg, m, peak))
+    for m in peft_methods:
+        for c in ((False, True) if peft_compile else (False,)):
+            progress(f"peft {cfg.model} {m}{' compiled' if c else ''}")
+            rows.append(run_peft(cfg, m, compile_=c))
+    for r in rows:
+        r.extra.setdefault("matmul_tflops", peak)
+    return add_ratios(rows)
+
+
+def meta(cfg: BenchConfig) -> dict:
+    return {"device": _device_name(cfg.device), "torch": torch.__version__,
+            "dtype": "bf16 autocast" if cfg.device != "cpu" else "fp32", "batch": cfg.batch,
+            "seq_len": cfg.seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
+            "date": time.strftime("%Y-%m-%d")}
