@@ -1,0 +1,71 @@
+"""Benchmark harness arithmetic and a CPU smoke run (time is never asserted)."""
+import json
+import math
+
+import pytest
+
+from minift import bench
+from minift.cli import main
+from minift.models.gpt import GPT, GPTConfig
+
+
+def test_flops_formula_reduces_to_the_textbook_forms():
+    N, L, T, d = 1_000_000, 12, 1024, 768
+    assert bench.flops_per_token(N, N, L, T, d) == 6 * N + 12 * L * T * d  # full fine-tuning
+    assert bench.flops_per_token(N, 0, L, T, d) == 4 * N + 12 * L * T * d  # frozen base
+    assert bench.flops_per_token(N, 0, L, T, d, train=False) == 2 * N + 4 * L * T * d  # forward only
+    # bottom half frozen and run without autograd: backward reaches only the top half
+    half = bench.flops_per_token(N, N // 2, L, T, d, backward_layers=L // 2)
+    assert half == 2 * N + 4 * L * T * d + 2 * (N / 2) + 8 * (L // 2) * T * d + 2 * (N // 2)
+
+
+def test_matmul_params_counts_linears_and_tied_head():
+    cfg = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8)
+    m = GPT(cfg)
+    n, nt = bench.matmul_params(m)
+    per_layer = 4 * 8 * 8 + 2 * 8 * 32
+    assert n == 2 * per_layer + 50 * 8
+    assert nt == n
+    for p in m.parameters():
+        p.requires_grad_(False)
+    assert bench.matmul_params(m) == (n, 0)
+
+
+def test_ratios_are_relative_to_full_in_the_same_run():
+    def row(method, tps, peak):
+        return bench.Row("minift", "m", method, "v", "d", "bf16", 1, 8, 1, 1, 1.0, tps, peak, math.nan)
+    rows = bench.add_ratios([row("full", 100.0, 4.0), row("lora", 150.0, 2.0)])
+    assert rows[1].ratio_tokens_vs_full == pytest.approx(1.5)
+    assert rows[1].ratio_mem_vs_full == pytest.approx(0.5)
+    assert rows[0].ratio_tokens_vs_full == pytest.approx(1.0)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        bench.BenchConfig(methods=("nope",))
+    with pytest.raises(ValueError, match="unknown model preset"):
+        bench.BenchConfig(model="gpt5")
+
+
+def test_cpu_smoke_run(tmp_path, capsys):
+    methods = [m for m in bench.METHODS]
+    rc = main(["bench", "--device", "cpu", "--methods", ",".join(methods), "--steps", "2", "--warmup", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    data = json.loads((tmp_path / "bench-tiny-gpt.json").read_text())
+    got = [r["method"] for r in data["rows"]]
+    assert got == methods
+    by = {r["method"]: r for r in data["rows"]}
+    assert by["full"]["trainable"] == by["full"]["total"]
+    assert 0 < by["lora"]["trainable"] < by["full"]["trainable"]
+    assert by["probe"]["trainable"] == 0
+    assert all(r["tokens_per_s"] > 0 for r in data["rows"])
+    assert by["full"]["ratio_tokens_vs_full"] == pytest.approx(1.0)
+    assert data["meta"]["device"].startswith("cpu")
+    assert "| minift | tiny-gpt | lora |" in (tmp_path / "bench-tiny-gpt.md").read_text()
+
+
+def test_bench_cli_bad_input(capsys):
+    assert main(["bench", "--device", "cpu", "--methods", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown method 'nope'" in err[0]
