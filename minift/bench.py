@@ -150,11 +150,12 @@ def measure_matmul_tflops(device: str, size: int = 8192, reps: int = 10) -> floa
 def build(cfg: BenchConfig, method: str):
     """Model with ``method`` applied; returns (model, hooks) where hooks holds the allocator etc."""
     mc = replace(PRESETS[cfg.model])
-    if isinstance(mc, BertConfig):
-        mc.dropout = 0.0
-        model = BertClassifier(mc, num_labels=2)
-    else:
-        model = GPT(mc)
+    with torch.device(cfg.device):  # initialize on the device: much faster for large models
+        if isinstance(mc, BertConfig):
+            mc.dropout = 0.0
+            model = BertClassifier(mc, num_labels=2)
+        else:
+            model = GPT(mc)
     hooks: dict = {}
     head = ("classifier",) if isinstance(model, BertClassifier) else ()
     if method == "full":

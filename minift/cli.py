@@ -60,6 +60,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj",
+                   help="modules LoRA/DoRA/AdaLoRA adapt (default: attention and MLP projections)")
     p.add_argument("--peft", default="", help="also run these methods through transformers + peft")
     p.add_argument("--peft-compile", action="store_true", help="PEFT runs eager and compiled")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
@@ -80,7 +82,8 @@ def _cmd_bench(args) -> int:
                             batch=args.batch or (2 if tiny else 8), seq_len=args.seq_len or (64 if tiny else 1024),
                             steps=args.steps, warmup=args.warmup, device=device,
                             frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
-                            checkpointing=args.checkpointing, plain_ce=args.plain_ce)
+                            checkpointing=args.checkpointing, plain_ce=args.plain_ce,
+                            lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
     peft_methods = tuple(m for m in args.peft.split(",") if m)
     rows = bench.run(cfg, peft_methods=peft_methods, peft_compile=args.peft_compile,
                      progress=lambda s: print(s, file=sys.stderr))
