@@ -1,0 +1,245 @@
+"""LoRA: Low-Rank Adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+A frozen linear layer W0 (out x in) learns only a low-rank update:
+
+    h = W0 x + b + (alpha / r) * B A x          A: r x in,  B: out x r,  r << min(in, out)
+
+         x ──────────────► [ W0 (frozen) ] ──────────────┐
+         │                                               (+) ──► h
+         └─► dropout ─► [ A: r x in ] ─► [ B: out x r ] ─┘ x alpha/r
+
+A starts Kaiming-uniform and B starts at zero, so an adapted model computes exactly what
+the base model computed until training moves B. After training, ``merge`` folds the
+update into W0 (W = W0 + (alpha/r) B A): no extra latency at inference.
+
+Variants, all in this file:
+- rsLoRA (Kalajdzievski 2023): scaling alpha / sqrt(r), so larger ranks keep learning.
+- DoRA (Liu et al. 2024): W' = m * (W0 + sBA) / ||W0 + sBA||_row, a learnable magnitude m
+  (out,) times a unit direction; the row norm is detached (the paper's section 4.3).
+- PiSSA (Meng et al. 2024): A and B start from the top-r singular triplets of W0 and the
+  base keeps the residual W0 - sBA, so training starts on the principal subspace.
+- LoRA+ (Hayou et al. 2024): ``param_groups`` gives B a learning rate ``ratio`` times A's.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minift.methods.common import (count_trainable, find_modules, freeze_all, set_submodule,  # noqa: F401
+                                   summary, unfreeze_modules)
+
+INITS = ("default", "gaussian", "pissa")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    rslora: bool = False
+    dora: bool = False
+    init: str = "default"  # "default" (Kaiming A, zero B) | "gaussian" (N(0, 1/r) A, zero B) | "pissa"
+    modules_to_save: tuple[str, ...] = ()  # fully trainable modules, e.g. ("classifier",)
+
+    def __post_init__(self):
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        self.modules_to_save = ((self.modules_to_save,) if isinstance(self.modules_to_save, str)
+                                else tuple(self.modules_to_save))
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRAConfig.r must be an integer >= 1, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"LoRAConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoRAConfig.init must be one of {', '.join(INITS)}; got {self.init!r}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"LoRAConfig.targets must be non-empty module names, e.g. ('q_proj', 'v_proj'); "
+                             f"got {self.targets!r}")
+
+
+def lora_scaling(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+class LoRALinear(nn.Module):
+    """An ``nn.Linear`` plus a low-rank update. ``weight``/``bias`` are the original
+    Parameter objects (frozen), so the base state-dict keys are unchanged."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0,
+                 rslora: bool = False, dora: bool = False, init: str = "default"):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if not 1 <= r <= min(self.in_features, self.out_features):
+            raise ValueError(f"rank r={r} does not fit a {self.out_features}x{self.in_features} layer "
+                             f"(need 1 <= r <= {min(self.in_features, self.out_features)})")
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.alpha, self.rslora, self.dora, self.init = r, alpha, rslora, dora, init
+        self.scaling = lora_scaling(r, alpha, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        w = self.weight
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
+        self.merged = False
+        self._dora_factor: torch.Tensor | None = None  # m / ||W0 + sBA|| saved by merge for unmerge
+        if init == "default":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init; B = 0
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        elif init == "pissa":
+            self._pissa_init()
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}; allowed: {', '.join(INITS)}")
+        if dora:  # m starts at ||W0 + sBA||_row, so W' = W0 + sBA at init
+            self.lora_magnitude = nn.Parameter(self._row_norm().detach().clone())
+
+    @torch.no_grad()
+    def _pissa_init(self):
+        # W0 = U S Vh. Top-r part U_r S_r Vh_r = s * B A with B = U_r sqrt(S_r/s), A = sqrt(S_r/s) Vh_r;
+        # the base keeps the residual W0 - s B A (it moves into the adapter, not out of the model).
+        U, S, Vh = torch.linalg.svd(self.weight.float(), full_matrices=False)  # (out,k) (k,) (k,in)
+        root = (S[: self.r] / self.scaling).sqrt()
+        self.lora_A.copy_(root[:, None] * Vh[: self.r])
+        self.lora_B.copy_(U[:, : self.r] * root[None, :])
+        self.weight.sub_(self.scaling * self.lora_B @ self.lora_A)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * self.lora_B @ self.lora_A  # (out, in)
+
+    def _row_norm(self) -> torch.Tensor:
+        return torch.linalg.vector_norm(self.weight + self.delta_weight(), dim=1)  # (out,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (..., out)
+        if not self.dora:
+            return F.linear(x, self.weight, self.bias) + lora
+        # DoRA: (m / ||W0 + sBA||) (W0 x + sBA x) + b, with the norm treated as a constant.
+        factor = self.lora_magnitude / self._row_norm().detach()  # (out,)
+        out = factor * (F.linear(x, self.weight) + lora)
+        return out + self.bias if self.bias is not None else out
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False, name: str = "") -> None:
+        if self.merged:
+            return
+        if self.dora:
+            factor = self.lora_magnitude / self._row_norm()  # (out,)
+            new = factor[:, None] * (self.weight + self.delta_weight())
+        else:
+            factor, new = None, self.weight + self.delta_weight()
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merging LoRA into {name or 'a layer'} gives non-finite weights; nothing was merged")
+        self.weight.copy_(new)
+        self._dora_factor = factor
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self.dora:
+            self.weight.div_(self._dora_factor[:, None])
+        self.weight.sub_(self.delta_weight())
+        self._dora_factor = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:.4g}, "
+                f"dora={self.dora}, merged={self.merged}")
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def apply(model: nn.Module, cfg: LoRAConfig, *, ranks: dict[str, tuple[int, float]] | None = None
+          ) -> list[str]:
+    """Swap every target ``nn.Linear`` for a ``LoRALinear``; freeze all but the adapters and
+    ``cfg.modules_to_save``. Returns the adapted module names.
+
+    ``ranks`` optionally overrides (r, alpha) per full module name (the adapter loader uses
+    it: a PEFT GPT-2 ``c_attn`` LoRA of rank R becomes q/k/v LoRAs of rank R). ``cfg`` is
+    recorded as ``model.lora_config`` so ``save_adapter`` can write it out.
+    """
+    if lora_modules(model):
+        raise ValueError("model already has LoRA layers; call lora.unload(model) before applying again")
+    ranks = ranks or {}
+    found = find_modules(model, cfg.targets, kind=nn.Linear)
+    for name, m in found:  # validate every layer before changing any
+        r = ranks.get(name, (cfg.r, cfg.alpha))[0]
+        if r > min(m.in_features, m.out_features):
+            raise ValueError(f"LoRA rank r={r} is too large for {name} ({m.out_features}x{m.in_features}); "
+                             f"it allows at most r={min(m.in_features, m.out_features)}")
+    freeze_all(model)
+    for name, m in found:
+        r, alpha = ranks.get(name, (cfg.r, cfg.alpha))
+        set_submodule(model, name, LoRALinear(m, r, alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.init))
+    for _, m in lora_modules(model):
+        for pn, p in m.named_parameters():
+            p.requires_grad_(pn.startswith("lora_"))
+    if cfg.modules_to_save:
+        unfreeze_modules(model, cfg.modules_to_save)
+    model.lora_config = cfg
+    return [n for n, _ in found]
+
+
+def merge(model: nn.Module, safe: bool = False) -> list[str]:
+    """Fold every LoRA update into its base weight (W0 <- W0 + sBA). With ``safe=True`` each
+    merged weight is checked to be finite before it is written. Returns the merged names."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRA layers to merge")
+    for name, m in mods:
+        m.merge(safe=safe, name=name)
+    return [n for n, _ in mods]
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Undo ``merge``: W0 <- W - sBA (and DoRA's magnitude scaling)."""
+    mods = lora_modules(model)
+    for _, m in mods:
+        m.unmerge()
+    return [n for n, _ in mods]
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Merge, then put plain ``nn.Linear`` modules (holding the merged weights) back in place
+    of every ``LoRALinear``. Returns the same model object, now without adapters."""
+    for name, m in lora_modules(model):
+        m.merge()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        lin.weight, lin.bias = m.weight, m.bias
+        set_submodule(model, name, lin)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:
+    """LoRA+ optimizer groups: ``lora_B`` learns at ``lr * ratio``, every other trainable
+    parameter at ``lr``. Weight decay applies to matrices only (not biases, norms or DoRA
+    magnitudes). Pass the result straight to ``torch.optim.AdamW``."""
+    if ratio <= 0 or lr <= 0:
+        raise ValueError(f"param_groups needs lr > 0 and ratio > 0, got lr={lr}, ratio={ratio}")
+    groups = {("A", True): [], ("A", False): [], ("B", True): [], ("B", False): []}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        groups[("B" if name.endswith("lora_B") else "A", p.ndim >= 2)].append(p)
+    out = []
+    for (which, decay), ps in groups.items():
+        if ps:
+            out.append({"params": ps, "lr": lr * ratio if which == "B" else lr,
+                        "weight_decay": weight_decay if decay else 0.0,
+                        "name": f"lora_B" if which == "B" else "other"})
+    return out
