@@ -1,12 +1,36 @@
 """One readable training loop for every method.
 
-(Skeleton: the loop itself lands with the training issue.) ``model_forward`` is the one
-place that turns a batch into a model call, including the explicit method hooks.
+    for step in range(start, steps):              # one optimizer step
+        unfreezer.step(step)                      # gradual unfreezing (freeze.py), if any
+        for micro in range(grad_accum):           # gradient accumulation
+            loss = model_forward(model, batch).loss
+            loss += penalty(model)                # AdaLoRA's orthogonal penalty, if any
+            (loss / grad_accum).backward()
+        clip_grad_norm_(max_grad_norm); optimizer.step()
+        allocator.step(model, step)               # AdaLoRA: after backward, before zero_grad
+        optimizer.zero_grad(); eval / log / checkpoint
+
+The method-specific hooks are explicit keyword arguments of ``train``; nothing is a
+subclass or a callback registry. Data order is a pure function of ``(seed, epoch)``, so the
+position in the stream is one integer and a resumed run sees exactly the batches an
+uninterrupted one would. Checkpoints hold the trainable weights (the adapter for
+parameter-efficient methods, everything for full fine-tuning), the optimizer, the
+schedule position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/``
+so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled.
 """
 from __future__ import annotations
 
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
 
+from minift.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                               save_weights, seed_everything)
 from minift.models.gpt import GPT
 
 
@@ -28,3 +52,286 @@ def model_forward(model: torch.nn.Module, batch: dict):
     if isinstance(model, GPT):
         return model(kw.pop("input_ids", None), kw.pop("labels", None), **kw)
     return model(**kw)
+
+
+# ---------------------------------------------------------------------------- config
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    steps: int | None = None          # optimizer steps; or give epochs
+    epochs: float | None = None       # passes over the batches (steps = ceil(epochs * n / grad_accum))
+    batch_size: int = 8               # examples per micro-batch (used by whoever builds the batches)
+    grad_accum: int = 1               # micro-batches per optimizer step
+    warmup: float = 0.0               # >= 1: warmup steps; in [0, 1): a fraction of all steps
+    schedule: str = "linear"          # decay after warmup: linear | cosine | constant
+    weight_decay: float = 0.0         # AdamW decay on >= 2-D parameters (not biases/LayerNorms)
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0               # optimizer steps between evaluations; 0 = only at the end
+    patience: int = 0                 # early stopping: evaluations without improvement; 0 = off
+    metric: str = "loss"              # the eval metric early stopping and best/ watch
+    higher_is_better: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    bf16: bool = True                 # bf16 autocast, on CUDA only
+    out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
+    save_every: int = 0               # optimizer steps between checkpoints; 0 = only at the end
+    resume: bool = False              # continue from out_dir/last if it exists
+    log_path: str | None = None       # JSONL metrics; default out_dir/metrics.jsonl
+    progress: bool = True             # tqdm bar
+    plot: bool = True                 # loss curve PNG in out_dir when matplotlib is installed
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "patience", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0:
+            raise ValueError("lr must be > 0, warmup and weight_decay >= 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+    def total_steps(self, n_batches: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n_batches / self.grad_accum))
+
+    def warmup_steps(self, total: int) -> int:
+        return int(self.warmup) if self.warmup >= 1 else int(self.warmup * total)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier on each group's base lr for optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)  # in [0, 1)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)   # one per optimizer step, whole run
+    evals: list[dict] = field(default_factory=list)     # {"step": s, **metrics}
+    steps: int = 0                                      # optimizer steps done
+    tokens_per_s: float = 0.0                           # this process's throughput
+    interrupted: bool = False
+    stopped_early: bool = False
+    best: dict | None = None
+    checkpoint: str | None = None
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfig, *,
+          eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+          allocator=None, penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+          unfreezer=None, param_groups: list[dict] | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``model`` on ``train_batches`` (a sequence of batch dicts) and return the history.
+
+    Hooks: ``allocator.step(model, step)`` after backward and before zero_grad (AdaLoRA);
+    ``penalty(model)`` added to every micro-batch loss (AdaLoRA's orthogonal penalty, already
+    weighted); ``unfreezer.step(step)`` before each step (gradual unfreezing; the optimizer then
+    holds every parameter, and AdamW skips those without a gradient); ``param_groups`` (dicts
+    with ``params`` and optionally ``lr``/``weight_decay``: LoRA+, discriminative lrs);
+    ``eval_fn(model) -> metrics`` every ``eval_every`` steps; ``on_step(step, loss)`` after
+    each step. A KeyboardInterrupt saves a checkpoint (with ``out_dir``) and returns with
+    ``interrupted=True``.
+    """
+    if len(train_batches) == 0:
+        raise ValueError("train_batches is empty")
+    device = _device(cfg.device)
+    model.to(device)
+    total = cfg.total_steps(len(train_batches))
+    warmup = cfg.warmup_steps(total)
+    opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=device)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    log_path = cfg.log_path or (str(out / "metrics.jsonl") if out else None)
+    res = TrainResult()
+    state = {"step": 0, "losses": [], "evals": [], "best": None, "bad_evals": 0}
+    ckpt = latest_checkpoint(out) if (cfg.resume and out) else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, opt, allocator)
+    else:
+        seed_everything(cfg.seed)
+    step = state["step"]
+    res.losses, res.evals, res.best = state["losses"], state["evals"], state["best"]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    bar = _progress(total, step, cfg.progress)
+    n_tokens, t0, updating = 0, time.perf_counter(), False
+    snap, snap_step = rng_state(), step
+    model.train()
+    try:
+        while step < total:
+            snap, snap_step = rng_state(), step  # what a checkpoint of `step` steps done restores
+            if unfreezer is not None:
+                unfreezer.step(step)
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = _to(batch_at(train_batches, step * cfg.grad_accum + micro, cfg), device)
+                with autocast:
+                    loss = model_forward(model, batch).loss
+                    if penalty is not None:
+                        loss = loss + penalty(model)
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                    else batch["input_ids"].numel()
+            updating = True  # an interrupt from here to `step += 1` must not be checkpointed
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, total, warmup, cfg.schedule)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                               cfg.max_grad_norm)
+            opt.step()
+            if allocator is not None:
+                allocator.step(model, step)  # AdaLoRA: reads the gradients, so before zero_grad
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            updating = False
+            res.losses.append(step_loss)
+            tok_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}")
+            _log(log_path, {"step": step, "loss": step_loss, "lr": opt.param_groups[0]["lr"], "tok_s": tok_s})
+            if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+                if _evaluate(model, eval_fn, step, cfg, res, state, out, log_path):
+                    res.stopped_early = True
+                    break
+            if out and cfg.save_every and step % cfg.save_every == 0 and step < total:
+                res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator))
+            if on_step is not None:
+                on_step(step, step_loss)
+    except KeyboardInterrupt:
+        res.interrupted = True
+        if updating:  # weights may be half-updated: keep the previous checkpoint
+            raise
+        opt.zero_grad(set_to_none=True)  # drop the gradients of the step in flight
+    finally:
+        bar.close()
+        model.eval()
+    res.steps = step
+    res.tokens_per_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
+    if out:
+        # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
+        # resumed step must draw again, so the RNG is saved as it was when that step began.
+        rng = snap if snap_step == step else None
+        res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator, rng=rng))
+        if cfg.plot:
+            plot_losses(res, out / "loss.png")
+    return res
+
+
+def _evaluate(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
+    """Run ``eval_fn``; track the best; save ``best/`` weights. True means: stop early."""
+    model.eval()
+    with torch.no_grad():
+        metrics = {k: float(v) for k, v in eval_fn(model).items()}
+    model.train()
+    res.evals.append({"step": step, **metrics})
+    _log(log_path, {"step": step, "eval": metrics})
+    if cfg.metric not in metrics:
+        raise KeyError(f"eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
+    value = metrics[cfg.metric]
+    best = res.best
+    if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
+        res.best, state["bad_evals"] = {"step": step, **metrics}, 0
+        if out:
+            save_weights(model, out / "best")
+        return False
+    state["bad_evals"] += 1
+    return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+
+
+def _state(step: int, res: TrainResult, state: dict) -> dict:
+    return {"step": step, "losses": res.losses, "evals": res.evals, "best": res.best,
+            "bad_evals": state["bad_evals"]}
+
+
+# ---------------------------------------------------------------------------- pieces
+
+def make_optimizer(model, cfg: TrainConfig, param_groups=None, all_params=False, device=None):
+    """AdamW over ``param_groups`` or, by default, the trainable parameters: >= 2-D ones get
+    weight decay, biases and LayerNorm weights do not. ``all_params`` includes frozen ones too
+    (for gradual unfreezing: AdamW skips a parameter until it has a gradient)."""
+    if param_groups is None:
+        ps = [p for p in model.parameters() if all_params or p.requires_grad]
+        if not ps:
+            raise ValueError("the model has no trainable parameters (did the method apply?)")
+        param_groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                        {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+        param_groups = [g for g in param_groups if g["params"]]
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def batch_at(batches: Sequence[dict], position: int, cfg: TrainConfig) -> dict:
+    """The micro-batch at ``position`` of the endless stream: epoch e is a permutation of the
+    batches seeded by (seed, e), so the position alone determines the data order."""
+    n = len(batches)
+    epoch, i = divmod(position, n)
+    if not cfg.shuffle:
+        return batches[i]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    return batches[int(torch.randperm(n, generator=g)[i])]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _log(path, record: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def plot_losses(res: TrainResult, path) -> bool:
+    """Training (and eval) loss curves as a PNG; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(res.losses) + 1), res.losses, label="train loss")
+    ev = [e for e in res.evals if "loss" in e]
+    if ev:
+        ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", label="eval loss")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
