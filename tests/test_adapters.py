@@ -1,0 +1,111 @@
+"""Adapter files: minift layout round trip, PEFT interop both ways (peft is the oracle), bad input."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import hf_bert, hf_gpt2
+from minift import adapters
+from minift.methods import lora
+from minift.models.bert import BertClassifier
+from minift.models.gpt import GPT
+
+IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _randomize(model, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if "magnitude" in n else 0.0))
+
+
+def _peft_logits(hf_model, adapter_dir, **kw):
+    peft = pytest.importorskip("peft")
+    pm = peft.PeftModel.from_pretrained(hf_model, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return pm(**kw).logits
+
+
+@pytest.mark.parametrize("targets,dora,rslora", [(("q_proj", "v_proj"), False, False),
+                                                 (("q_proj", "k_proj", "v_proj"), False, True),
+                                                 (("q_proj", "v_proj", "o_proj", "down_proj"), True, False)])
+def test_gpt2_minift_adapter_loads_in_peft(tmp_path, targets, dora, rslora):
+    hf, d = hf_gpt2(tmp_path / "base")
+    model = GPT.from_pretrained(d).eval()
+    lora.apply(model, lora.LoRAConfig(r=2, alpha=5, targets=targets, dora=dora, rslora=rslora))
+    _randomize(model)
+    adapters.save_adapter(model, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["fan_in_fan_out"] is True
+    want = _peft_logits(hf, tmp_path / "ad", input_ids=IDS)
+    with torch.no_grad():
+        got = model(IDS).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        assert (hf(input_ids=IDS).logits - want).abs().max() > 1e-2  # the adapter really changes the output
+    # and back: the PEFT-layout file loads into a fresh minift model with the same logits
+    fresh = adapters.load_adapter(GPT.from_pretrained(d).eval(), tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(IDS).logits, got, atol=1e-5, rtol=1e-5)
+    # and into a model that already has the same LoRA layers (block-structured c_attn split back)
+    again = GPT.from_pretrained(d).eval()
+    lora.apply(again, lora.LoRAConfig(r=2, alpha=5, targets=targets, dora=dora, rslora=rslora))
+    adapters.load_adapter(again, tmp_path / "ad")
+    for (n, a), (_, b) in zip(again.named_parameters(), model.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_bert_classifier_minift_adapter_loads_in_peft(tmp_path):
+    hf, d = hf_bert(tmp_path / "base", classifier=True)
+    model = BertClassifier.from_pretrained(d, num_labels=3).eval()
+    lora.apply(model, lora.LoRAConfig(r=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"),
+                                      modules_to_save=("classifier",)))
+    _randomize(model)
+    adapters.save_adapter(model, tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert "bert.encoder.layer.0.output.dense" in cfg["target_modules"]  # "dense" alone would over-match
+    ids = IDS.clamp(max=98)
+    want = _peft_logits(hf, tmp_path / "ad", input_ids=ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_written_adapter_loads_into_minift(tmp_path, dora):
+    peft = pytest.importorskip("peft")
+    hf, d = hf_gpt2(tmp_path / "base")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=3, lora_alpha=7, target_modules=["c_attn", "c_fc"],
+                                                 fan_in_fan_out=True, use_dora=dora, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.3)  # non-zero B, and a moved magnitude
+    pm.eval().save_pretrained(tmp_path / "ad")
+    with torch.no_grad():
+        want = pm(input_ids=IDS).logits
+        assert (GPT.from_pretrained(d)(IDS).logits - want).abs().max() > 1e-2  # the adapter is not a no-op
+    model = adapters.load_adapter(GPT.from_pretrained(d).eval(), tmp_path / "ad")
+    assert isinstance(model.layers[0].attn.k_proj, lora.LoRALinear) and model.layers[0].attn.k_proj.r == 3
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_peft_written_bert_classifier_adapter(tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, d = hf_bert(tmp_path / "base", classifier=True)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"],
+                                                 task_type="SEQ_CLS", use_rslora=True))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    pm.eval().save_pretrained(tmp_path / "ad")
+    ids = IDS.clamp(max=98)
+    with torch.no_grad():
+        want = pm(input_ids=ids).logits
+    model = adapters.load_adapter(BertClassifier.from_pretrained(d, num_labels=3).eval(), tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
