@@ -104,14 +104,16 @@ class Row:
 # ---------------------------------------------------------------------------- FLOPs
 
 def matmul_params(model: nn.Module) -> tuple[int, int]:
-    """(N, N_trainable): parameters of every matmul weight (Linear weights and the tied LM head)."""
+    """(N, N_trainable): parameters of every matmul weight — the 2-D ``weight`` of any module
+    that is not an embedding (nn.Linear, LoRALinear, SVDLinear, ...) plus GPT's tied LM head.
+    Adapter factors (``lora_*``) are left out: their FLOPs are a rounding error at small r."""
     n = nt = 0
-    seen = set()
     for m in model.modules():
-        if isinstance(m, nn.Linear) and id(m.weight) not in seen:
-            seen.add(id(m.weight))
-            n += m.weight.numel()
-            nt += m.weight.numel() if m.weight.requires_grad else 0
+        w = m._parameters.get("weight")
+        if w is None or w.dim() != 2 or isinstance(m, nn.Embedding):
+            continue
+        n += w.numel()
+        nt += w.numel() if w.requires_grad else 0
     if isinstance(model, GPT):
         n += model.wte.weight.numel()
         nt += model.wte.weight.numel() if model.wte.weight.requires_grad else 0
