@@ -1,0 +1,404 @@
+"""AdaLoRA: adaptive budget allocation (Zhang et al., ICLR 2023, https://arxiv.org/abs/2303.10512).
+
+Each adapted weight learns an update in SVD form, a sum of r triplets (P_i, lambda_i, Q_i):
+
+    h = W0 x + b + s * P Λ Q x        P: out x r (``lora_B``), Λ = diag(lambda) (``lora_E``, r x 1),
+                                      Q: r x in (``lora_A``), s = alpha / (ranknum + 1e-5)
+
+         x ──────────────► [ W0 (frozen) ] ───────────────────────┐
+         │                                                       (+) ──► h
+         └─► dropout ─► [ Q: r x in ] ─► (* Λ) ─► [ P: out x r ] ─┘ x s
+
+and a rank allocator moves a fixed budget of live singular values to where they matter.
+For every adapter entry w (of P, Λ or Q), after backward:
+
+    I(w)   = |w * dL/dw|                              sensitivity
+    I_bar  = b1 * I_bar + (1 - b1) * I                smoothed importance
+    U_bar  = b2 * U_bar + (1 - b2) * |I - I_bar|      uncertainty
+    s(w)   = I_bar * U_bar                            score
+    S_i    = s(lambda_i) + mean_j s(P_ji) + mean_j s(Q_ij)    score of triplet i
+
+The budget (live triplets, over all modules) follows a cubic schedule over optimizer steps t:
+
+    b(t) = b_0                                        t <= t_init          (b_0 = n * init_r)
+    b(t) = b_T + (b_0 - b_T) (1 - (t - t_init) / (T - t_final - t_init))^3   (then int())
+    b(t) = b_T                                        t >  T - t_final     (b_T = n * target_r)
+
+In between, every delta_t steps, the lowest-scored triplets are pruned (lambda_i <- 0) so
+that b(t) stay live; at t = T - t_final a last prune fixes the pattern, which is then
+re-applied every step until the end. A pruned lambda_i still gets a gradient (P and Q are
+kept), so until the pattern is fixed a triplet can regrow and win its place back. The loss
+gets a penalty keeping P and Q close to orthogonal (averaged over the 2n matrices):
+
+    R = 1/(2n) sum_k ( ||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2 )
+
+PEFT conventions kept here (so its files and schedule match): Λ starts at 0 (the adapter
+is a no-op at init) and P, Q ~ N(0, 0.02); ``ranknum`` is the rank the layer was created
+with and PEFT never lowers it, so s = alpha / (init_r + 1e-5) for the whole run and after
+``finalize``; the allocator runs after ``optimizer.step()`` and before ``zero_grad()``.
+PEFT's penalty uses the unsquared norm; the square used here is smooth at R = 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minift.methods.common import find_modules, freeze_all, set_submodule, unfreeze_modules
+
+
+@dataclass
+class AdaLoRAConfig:
+    init_r: int = 12
+    target_r: int = 8                 # average rank left per module at the end
+    alpha: float = 32
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    beta1: float = 0.85               # EMA of the sensitivity
+    beta2: float = 0.85               # EMA of the uncertainty
+    tinit: int = 200                  # steps at the full budget before pruning starts
+    tfinal: int = 1000                # last steps with the pattern fixed
+    delta_t: int = 10                 # steps between two prunes
+    total_step: int | None = None     # optimizer steps of the whole run (required)
+    orth_reg_weight: float = 0.5
+    modules_to_save: tuple[str, ...] = ()  # fully trainable modules, e.g. ("classifier",)
+
+    def __post_init__(self):
+        self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        self.modules_to_save = ((self.modules_to_save,) if isinstance(self.modules_to_save, str)
+                                else tuple(self.modules_to_save))
+
+        def integer(name, low):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"AdaLoRAConfig.{name} must be an integer >= {low}, got {v!r}")
+        for name, low in (("init_r", 1), ("target_r", 1), ("tinit", 0), ("tfinal", 0), ("delta_t", 1)):
+            integer(name, low)
+        if self.target_r > self.init_r:
+            raise ValueError(f"AdaLoRAConfig.target_r={self.target_r} must be <= init_r={self.init_r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"AdaLoRAConfig.alpha must be a finite number > 0, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"AdaLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"AdaLoRAConfig.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"AdaLoRAConfig.targets must be non-empty module names, e.g. ('q_proj', 'v_proj'); "
+                             f"got {self.targets!r}")
+        if self.total_step is None:
+            raise ValueError("AdaLoRAConfig.total_step must be set to the number of optimizer steps of the run")
+        integer("total_step", 1)
+        if self.tinit + self.tfinal >= self.total_step:
+            raise ValueError(f"AdaLoRA schedule cannot fit: tinit={self.tinit} + tfinal={self.tfinal} must be < "
+                             f"total_step={self.total_step} to leave steps for pruning")
+        if self.tfinal == 0 and not any(t % self.delta_t == 0 for t in range(self.tinit + 1, self.total_step)):
+            raise ValueError(f"AdaLoRA schedule cannot fit: no step in ({self.tinit}, {self.total_step}) is a "
+                             f"multiple of delta_t={self.delta_t} and tfinal=0, so nothing would ever be pruned")
+        if not isinstance(self.orth_reg_weight, (int, float)) or not self.orth_reg_weight >= 0:
+            raise ValueError(f"AdaLoRAConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+
+
+def budget(cfg: AdaLoRAConfig, step: int, n_modules: int = 1) -> int:
+    """b(step): live singular values allowed over ``n_modules`` adapted modules (PEFT's
+    ``budget_schedule``, its ``int()`` truncation included)."""
+    b0, bT = cfg.init_r * n_modules, cfg.target_r * n_modules
+    if step <= cfg.tinit:
+        return b0
+    if step > cfg.total_step - cfg.tfinal:
+        return bT
+    mul = 1 - (step - cfg.tinit) / (cfg.total_step - cfg.tfinal - cfg.tinit)
+    return int((b0 - bT) * (mul ** 3) + bT)
+
+
+def prunes_at(cfg: AdaLoRAConfig, step: int) -> bool:
+    """Does the allocator prune to ``budget(step)`` at this step? (Later steps re-apply the fixed pattern.)"""
+    end = cfg.total_step - cfg.tfinal
+    return step == end or (cfg.tinit < step < end and step % cfg.delta_t == 0)
+
+
+class SVDLinear(nn.Module):
+    """An ``nn.Linear`` plus s * P Λ Q. ``weight``/``bias`` are the original frozen Parameters;
+    ``lora_mask`` (r,) records which triplets the allocator kept (a buffer, saved with the adapter)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, ranknum: int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        if not 0 <= r <= min(self.in_features, self.out_features):
+            raise ValueError(f"rank r={r} does not fit a {self.out_features}x{self.in_features} layer "
+                             f"(need 0 <= r <= {min(self.in_features, self.out_features)})")
+        self.weight, self.bias = base.weight, base.bias
+        self.r, self.alpha = r, alpha
+        self.ranknum = float(r if ranknum is None else ranknum)  # PEFT's ranknum: fixed at the initial rank
+        self.scaling = alpha / (self.ranknum + 1e-5)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        kw = dict(dtype=self.weight.dtype, device=self.weight.device)
+        self.lora_A = nn.Parameter(torch.randn(r, self.in_features, **kw) * 0.02)   # Q (r, in)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))                         # Λ (r, 1)
+        self.lora_B = nn.Parameter(torch.randn(self.out_features, r, **kw) * 0.02)  # P (out, r)
+        self.register_buffer("lora_mask", torch.ones(r, dtype=torch.bool, device=self.weight.device))
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        return out + F.linear(F.linear(self.dropout(x), self.lora_A * self.lora_E), self.lora_B) * self.scaling
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False, name: str = "") -> None:
+        if self.merged:
+            return
+        new = self.weight + self.delta_weight()
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merging AdaLoRA into {name or 'a layer'} gives non-finite weights; nothing was merged")
+        self.weight.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, ranknum={self.ranknum:g}, "
+                f"scaling={self.scaling:.4g}, merged={self.merged}")
+
+
+def svd_modules(model: nn.Module) -> list[tuple[str, SVDLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLinear)]
+
+
+def _modules(model: nn.Module, what: str) -> list[tuple[str, SVDLinear]]:
+    mods = svd_modules(model)
+    if not mods:
+        raise ValueError(f"{what}: the model has no AdaLoRA layers (call adalora.apply(model, cfg) first)")
+    return mods
+
+
+def apply(model: nn.Module, cfg: AdaLoRAConfig, *, rank_pattern: dict[str, list[bool]] | None = None) -> list[str]:
+    """Swap every target ``nn.Linear`` for an ``SVDLinear`` of rank ``cfg.init_r``; freeze all
+    but the adapters and ``cfg.modules_to_save``. Returns the adapted module names.
+
+    ``rank_pattern`` ({module name: kept flags}, as ``rank_pattern(model)`` returns) creates
+    each module with only its kept triplets, the shape ``finalize`` leaves (scaling still
+    uses init_r), so a finalized adapter loads. It must name exactly the adapted modules.
+    """
+    if svd_modules(model):
+        raise ValueError("model already has AdaLoRA layers; apply AdaLoRA once per model")
+    found = find_modules(model, cfg.targets, kind=nn.Linear)
+    names = [n for n, _ in found]
+    if rank_pattern is not None:
+        extra = [k for k in rank_pattern if k not in names]
+        missing = [n for n in names if n not in rank_pattern]
+        if extra or missing:
+            raise ValueError(f"rank pattern does not fit this model: " + (
+                f"it names {extra[0]!r}, which is not an adapted module" if extra else
+                f"it has no entry for {missing[0]!r}") + f" (adapted modules: {', '.join(names)})")
+    ranks = {}
+    for name, m in found:  # validate every layer before changing any
+        flags = None if rank_pattern is None else list(rank_pattern[name])
+        if flags is not None and not (len(flags) <= cfg.init_r and all(isinstance(f, bool) for f in flags)):
+            raise ValueError(f"rank pattern for {name} must be at most init_r={cfg.init_r} booleans, got {flags!r}")
+        ranks[name] = cfg.init_r if flags is None else sum(flags)
+        if cfg.init_r > min(m.in_features, m.out_features):
+            raise ValueError(f"AdaLoRA init_r={cfg.init_r} is too large for {name} ({m.out_features}x{m.in_features}); "
+                             f"it allows at most {min(m.in_features, m.out_features)}")
+    freeze_all(model)
+    for name, m in found:
+        set_submodule(model, name, SVDLinear(m, ranks[name], cfg.alpha, cfg.dropout, ranknum=cfg.init_r))
+    for _, m in svd_modules(model):
+        for pn, p in m.named_parameters():
+            p.requires_grad_(pn.startswith("lora_"))
+    if cfg.modules_to_save:
+        unfreeze_modules(model, cfg.modules_to_save)
+    model.adalora_config = cfg
+    return names
+
+
+def _shape_groups(mods: list[SVDLinear]) -> list[list[int]]:
+    """Module indices grouped by (r, in, out): each group's matrices stack into one batched op."""
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mods):
+        groups.setdefault((m.r, m.in_features, m.out_features), []).append(i)
+    return list(groups.values())
+
+
+def orth_penalty(model: nn.Module) -> torch.Tensor:
+    """R = 1/(2n) sum_k ||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2, batched per shape group."""
+    mods = [m for _, m in _modules(model, "orth_penalty")]
+    total = 0.0
+    for g in _shape_groups(mods):
+        A = torch.stack([mods[i].lora_A for i in g])  # (G, r, in)  = Q
+        B = torch.stack([mods[i].lora_B for i in g])  # (G, out, r) = P
+        eye = torch.eye(A.shape[1], dtype=A.dtype, device=A.device)  # (r, r)
+        total = total + ((A @ A.transpose(1, 2) - eye) ** 2).sum() + ((B.transpose(1, 2) @ B - eye) ** 2).sum()
+    return total / (2 * len(mods))
+
+
+class RankAllocator:
+    """Scores every triplet and prunes to the budget. Call ``step(model, global_step)`` once
+    per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``.
+
+    All work is batched: the EMAs are ``torch._foreach_*`` ops over every adapter tensor, the
+    triplet scores of one shape group are one stacked reduction, and one stable sort over all
+    scores concatenated picks what to prune. Nothing reads a tensor value back to Python.
+
+    Ties: exactly b(t) triplets stay live. Among equal scores, the triplet earlier in module
+    order (then index order) is pruned first. (PEFT prunes every score <= the k-th smallest,
+    so with ties at that threshold it keeps fewer; with distinct scores the two agree.)
+    """
+
+    def __init__(self, model: nn.Module, cfg: AdaLoRAConfig):
+        named = _modules(model, "RankAllocator")
+        self.cfg, self.names, self.mods = cfg, [n for n, _ in named], [m for _, m in named]
+        for n, m in named:
+            if m.r != cfg.init_r:
+                raise ValueError(f"RankAllocator needs every AdaLoRA layer at init_r={cfg.init_r}; {n} has r={m.r} "
+                                 f"(a finalized adapter has no pruned triplets left to allocate)")
+        self.init_bgt, self.target_bgt = cfg.init_r * len(self.mods), cfg.target_r * len(self.mods)
+        self.budget = self.init_bgt  # the budget of the last step, in live singular values
+        self.groups = _shape_groups(self.mods)
+        order = [i for g in self.groups for i in g]  # triplet scores come out group by group
+        pos = torch.arange(len(self.mods) * cfg.init_r).view(len(self.mods), cfg.init_r)  # (n, r)
+        self._to_module_order = torch.empty_like(pos).index_copy_(0, torch.tensor(order), pos).flatten()
+        self.ipt_ema: list[torch.Tensor] | None = None  # per tensor of _params(), created at the first step
+        self.unc_ema: list[torch.Tensor] | None = None
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for m in self.mods for p in (m.lora_A, m.lora_E, m.lora_B)]  # A, E, B of module 0, 1, ...
+
+    def reset_ipt(self) -> None:
+        self.ipt_ema = self.unc_ema = None
+
+    @torch.no_grad()
+    def update_ipt(self) -> None:
+        ps = self._params()
+        for i, p in enumerate(ps):
+            if p.grad is None:
+                name = f"{self.names[i // 3]}.{('lora_A', 'lora_E', 'lora_B')[i % 3]}"
+                raise ValueError(f"RankAllocator.step needs gradients but {name} has none: call it after "
+                                 f"loss.backward() and before optimizer.zero_grad()")
+        if self.ipt_ema is None:
+            self.ipt_ema = [torch.zeros_like(p) for p in ps]
+            self.unc_ema = [torch.zeros_like(p) for p in ps]
+        b1, b2 = self.cfg.beta1, self.cfg.beta2
+        ipt = torch._foreach_mul(ps, [p.grad for p in ps])  # I = |w * grad|
+        torch._foreach_abs_(ipt)
+        torch._foreach_mul_(self.ipt_ema, b1)  # I_bar = b1 I_bar + (1 - b1) I
+        torch._foreach_add_(self.ipt_ema, torch._foreach_mul(ipt, 1 - b1))
+        dev = torch._foreach_sub(ipt, self.ipt_ema)  # U_bar = b2 U_bar + (1 - b2) |I - I_bar|
+        torch._foreach_abs_(dev)
+        torch._foreach_mul_(dev, 1 - b2)
+        torch._foreach_mul_(self.unc_ema, b2)
+        torch._foreach_add_(self.unc_ema, dev)
+
+    @torch.no_grad()
+    def triplet_scores(self) -> torch.Tensor:
+        """S for every triplet, flat in module order: (n_modules * init_r,)."""
+        if self.ipt_ema is None:
+            raise ValueError("RankAllocator has no scores yet: step() must run on gradients first")
+        s = torch._foreach_mul(self.ipt_ema, self.unc_ema)  # s(w) = I_bar * U_bar, per tensor
+        out = []
+        for g in self.groups:
+            sA = torch.stack([s[3 * i] for i in g]).mean(dim=2)      # (G, r, in) -> (G, r)
+            sE = torch.stack([s[3 * i + 1] for i in g]).squeeze(2)   # (G, r, 1) -> (G, r)
+            sB = torch.stack([s[3 * i + 2] for i in g]).mean(dim=1)  # (G, out, r) -> (G, r)
+            out.append((sE + (sA + sB)).flatten())
+        return torch.cat(out)[self._to_module_order.to(out[0].device)]
+
+    @torch.no_grad()
+    def mask_to_budget(self, b: int) -> None:
+        """Keep the b highest-scored triplets over all modules; zero lambda of the rest."""
+        scores = self.triplet_scores()
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        k = self.init_bgt - b
+        if k > 0:
+            keep[torch.sort(scores, stable=True).indices[:k]] = False  # one threshold over all modules
+        masks = list(keep.view(len(self.mods), -1))  # (n, r) -> n rows
+        torch._foreach_copy_([m.lora_mask for m in self.mods], masks)
+        self.apply_masks()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        Es = [m.lora_E for m in self.mods]
+        torch._foreach_mul_(Es, [m.lora_mask.to(E.dtype).unsqueeze(1) for m, E in zip(self.mods, Es)])
+
+    def step(self, model: nn.Module, global_step: int) -> int:
+        """One allocator step (PEFT's ``update_and_allocate``); returns the budget now in force."""
+        cfg, end = self.cfg, self.cfg.total_step - self.cfg.tfinal
+        if global_step > end:  # final phase: the fixed pattern, re-applied after every update
+            self.apply_masks()
+            self.budget = self.target_bgt
+            return self.budget
+        if global_step < end:
+            self.update_ipt()
+        self.budget = budget(cfg, global_step, len(self.mods))
+        if prunes_at(cfg, global_step):
+            self.mask_to_budget(self.budget)
+        if global_step == end:
+            self.reset_ipt()
+        return self.budget
+
+    def state_dict(self) -> dict:
+        ema = {} if self.ipt_ema is None else {
+            "ipt": {str(i): t for i, t in enumerate(self.ipt_ema)},
+            "unc": {str(i): t for i, t in enumerate(self.unc_ema)}}
+        return {"budget": self.budget, **ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.budget = int(state["budget"])
+        if "ipt" not in state:
+            self.reset_ipt()
+            return
+        ps = self._params()
+        if len(state["ipt"]) != len(ps):
+            raise ValueError(f"allocator state has {len(state['ipt'])} tensors, this model's AdaLoRA has {len(ps)}")
+        self.ipt_ema = [state["ipt"][str(i)].to(p.device, p.dtype) for i, p in enumerate(ps)]
+        self.unc_ema = [state["unc"][str(i)].to(p.device, p.dtype) for i, p in enumerate(ps)]
+
+
+def rank_pattern(model: nn.Module) -> dict[str, list[bool]]:
+    """{module name: kept flag per triplet} — what the allocator last decided."""
+    return {n: m.lora_mask.tolist() for n, m in _modules(model, "rank_pattern")}
+
+
+@torch.no_grad()
+def finalize(model: nn.Module) -> dict[str, int]:
+    """Shrink every module to its kept triplets (pruned lambda are zeroed first, so outputs
+    equal the masked model's). Build a new optimizer afterwards: the adapter Parameters are new."""
+    out = {}
+    for name, m in _modules(model, "finalize"):
+        if m.merged:
+            raise ValueError(f"{name} is merged; call adalora.unmerge(model) before finalize")
+        keep = m.lora_mask
+        m.lora_E.mul_(keep.to(m.lora_E.dtype).unsqueeze(1))
+        for pn, t in (("lora_A", m.lora_A[keep]), ("lora_E", m.lora_E[keep]), ("lora_B", m.lora_B[:, keep])):
+            setattr(m, pn, nn.Parameter(t.clone(), requires_grad=getattr(m, pn).requires_grad))
+        m.r = int(keep.sum())
+        m.lora_mask = torch.ones(m.r, dtype=torch.bool, device=keep.device)
+        out[name] = m.r
+    return out
+
+
+def merge(model: nn.Module, safe: bool = False) -> list[str]:
+    """Fold every update into its base weight: W0 <- W0 + s P Λ Q."""
+    mods = _modules(model, "merge")
+    for name, m in mods:
+        m.merge(safe=safe, name=name)
+    return [n for n, _ in mods]
+
+
+def unmerge(model: nn.Module) -> list[str]:
+    """Undo ``merge``: W0 <- W - s P Λ Q."""
+    mods = svd_modules(model)
+    for _, m in mods:
+        m.unmerge()
+    return [n for n, _ in mods]
