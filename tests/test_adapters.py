@@ -9,7 +9,8 @@ from conftest import hf_bert, hf_gpt2
 from minift import adapters
 from minift.methods import lora
 from minift.models.bert import BertClassifier
-from minift.models.gpt import GPT
+from conftest import TINY_GPT
+from minift.models.gpt import GPT, GPTConfig
 
 IDS = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -109,3 +110,28 @@ def test_peft_written_bert_classifier_adapter(tmp_path):
     model = adapters.load_adapter(BertClassifier.from_pretrained(d, num_labels=3).eval(), tmp_path / "ad")
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_for_another_model_shape_is_an_error_naming_the_key(tmp_path):
+    torch.manual_seed(0)
+    small = GPT(GPTConfig(**TINY_GPT))
+    lora.apply(small, lora.LoRAConfig(r=2, targets=("q_proj", "o_proj")))
+    wide = dict(TINY_GPT, n_embd=48)
+    for layout in ("peft", "minift"):
+        adapters.save_adapter(small, tmp_path / layout, layout=layout)
+        with pytest.raises(ValueError, match=r"(layers\.0\.attn\.|transformer\.h\.0\.attn\.).*another shape"):
+            adapters.load_adapter(GPT(GPTConfig(**wide)), tmp_path / layout)
+    deeper = GPT(GPTConfig(**dict(TINY_GPT, n_layer=1)))  # the file has a layer this model lacks
+    with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.c_attn"):
+        adapters.load_adapter(deeper, tmp_path / "peft")
+    with pytest.raises(ValueError, match=r"layers\.1\.attn"):
+        adapters.load_adapter(GPT(GPTConfig(**dict(TINY_GPT, n_layer=1))), tmp_path / "minift")
+
+
+def test_missing_adapter_and_model_without_adapter(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no adapter"):
+        adapters.load_adapter(GPT(GPTConfig(**TINY_GPT)), tmp_path)
+    with pytest.raises(ValueError, match="carries no adapter"):
+        adapters.save_adapter(GPT(GPTConfig(**TINY_GPT)), tmp_path)
+    with pytest.raises(ValueError, match="layout"):
+        adapters.save_adapter(GPT(GPTConfig(**TINY_GPT)), tmp_path, layout="hf")

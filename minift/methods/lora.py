@@ -120,24 +120,27 @@ class LoRALinear(nn.Module):
         lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (..., out)
         if not self.dora:
             return F.linear(x, self.weight, self.bias) + lora
-        # DoRA: (m / ||W0 + sBA||) (W0 x + sBA x) + b, with the norm treated as a constant.
+        # DoRA: f (W0 x + sBA x) + b with f = m / ||W0 + sBA|| (the norm treated as a constant),
+        # written as base + (f - 1) W0 x + f sBA x: at init f == 1 and the output is the base's, bit for bit.
         factor = self.lora_magnitude / self._row_norm().detach()  # (out,)
-        out = factor * (F.linear(x, self.weight) + lora)
-        return out + self.bias if self.bias is not None else out
+        base = F.linear(x, self.weight, self.bias)
+        base_nobias = base - self.bias if self.bias is not None else base
+        return base + (factor - 1) * base_nobias + factor * lora
 
     @torch.no_grad()
-    def merge(self, safe: bool = False, name: str = "") -> None:
+    def merged_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(W0 + sBA, None), or for DoRA (f * (W0 + sBA), f) with f = m / ||W0 + sBA||_row."""
+        if not self.dora:
+            return self.weight + self.delta_weight(), None
+        factor = self.lora_magnitude / self._row_norm()  # (out,)
+        return factor[:, None] * (self.weight + self.delta_weight()), factor
+
+    @torch.no_grad()
+    def merge(self) -> None:
         if self.merged:
             return
-        if self.dora:
-            factor = self.lora_magnitude / self._row_norm()  # (out,)
-            new = factor[:, None] * (self.weight + self.delta_weight())
-        else:
-            factor, new = None, self.weight + self.delta_weight()
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging LoRA into {name or 'a layer'} gives non-finite weights; nothing was merged")
+        new, self._dora_factor = self.merged_weight()
         self.weight.copy_(new)
-        self._dora_factor = factor
         self.merged = True
 
     @torch.no_grad()
@@ -196,8 +199,12 @@ def merge(model: nn.Module, safe: bool = False) -> list[str]:
     mods = lora_modules(model)
     if not mods:
         raise ValueError("model has no LoRA layers to merge")
-    for name, m in mods:
-        m.merge(safe=safe, name=name)
+    if safe:  # check every layer before writing any, so a failure leaves the model untouched
+        for name, m in mods:
+            if not m.merged and not torch.isfinite(m.merged_weight()[0]).all():
+                raise ValueError(f"merging LoRA into {name} gives non-finite weights; nothing was merged")
+    for _, m in mods:
+        m.merge()
     return [n for n, _ in mods]
 
 
