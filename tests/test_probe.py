@@ -161,3 +161,46 @@ def test_result_outputs(tmp_path):
     png = tmp_path / "p.png"
     res.plot(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _tiny_dir(tmp_path):
+    """A tiny BERT checkpoint with a word-level tokenizer.json, and a sentiment-like .jsonl file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from minift.models.bert import Bert, BertConfig
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film", "the", "a", "plot", "very", "not"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    torch.manual_seed(0)
+    model_dir = tmp_path / "m"
+    Bert(BertConfig(vocab_size=len(words), max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16,
+                    n_inner=32)).save_pretrained(model_dir)
+    tok.save(str(model_dir / "tokenizer.json"))
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(60):
+        pos = i % 2 == 0
+        filler = " ".join(words[4 + int(j)] for j in torch.randint(2, 8, (4,), generator=g))
+        lines.append(json.dumps({"text": f"{'good' if pos else 'bad'} {filler}", "label": "pos" if pos else "neg"}))
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return model_dir, data
+
+
+def test_cli_probe(tmp_path, capsys):
+    from minift.cli import main
+    model_dir, data = _tiny_dir(tmp_path)
+    out = tmp_path / "out"
+    args = ["probe", "--model", str(model_dir), "--data", str(data), "--max-len", "12", "--pooling", "mean"]
+    assert main(args + ["--out", str(out), "--limit", "50"]) == 0
+    stdout = capsys.readouterr().out
+    assert stdout.startswith("| layer | accuracy |") and "| 2 |" in stdout
+    res = json.loads((out / "probe.json").read_text())
+    assert [r["layer"] for r in res["rows"]] == [0, 1, 2] and res["meta"]["examples"] == 50
+    assert res["rows"][0]["accuracy"] > 0.8  # the first word decides the label; the embeddings see it
+    assert (out / "probe.md").read_text() == stdout
+    assert main(args + ["--layers", "0,9"]) == 2
+    assert "error: layer 9 does not exist: the model has hidden states 0..2" in capsys.readouterr().err
+    assert main(args + ["--layers", "a"]) == 2
+    assert "--layers must be comma-separated integers" in capsys.readouterr().err

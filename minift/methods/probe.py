@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.metrics import accuracy, precision_recall_f1
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
 
@@ -159,20 +160,6 @@ def control_labels(labels: torch.Tensor, types: torch.Tensor | None = None, *, s
 
 # ---------------------------------------------------------------------------- probes
 
-def _accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return (pred == y).float().mean().item()
-
-
-def _macro_f1(pred: torch.Tensor, y: torch.Tensor) -> float:
-    """Unweighted mean of per-class F1 over the classes present in either tensor."""
-    f1s = []
-    for k in torch.unique(torch.cat([y, pred])):
-        tp = ((pred == k) & (y == k)).sum().item()
-        denom = (pred == k).sum().item() + (y == k).sum().item()
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return sum(f1s) / len(f1s)
-
-
 def split(groups: torch.Tensor, test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Row indices (train, test), holding out a random ``test_fraction`` of the groups (examples)."""
     if not 0.0 < test_fraction < 1.0:
@@ -206,11 +193,12 @@ def fit_probe(x: torch.Tensor, y: torch.Tensor, num_classes: int, *, l2: float =
     """Multinomial logistic regression, full batch with L-BFGS:
     minimize mean CE + l2 * ||W||² (deterministic: zero init, no sampling)."""
     probe = LinearProbe(x, num_classes)
-    opt = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    z = (x - probe.mean) / probe.std  # standardized once, not at every evaluation
+    opt = torch.optim.LBFGS(probe.linear.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(probe(x), y) + l2 * probe.linear.weight.pow(2).sum()
+        loss = F.cross_entropy(probe.linear(z), y) + l2 * probe.linear.weight.pow(2).sum()
         loss.backward()
         return loss
     with torch.enable_grad():
@@ -237,7 +225,8 @@ def train_probes(features: list[torch.Tensor], labels: torch.Tensor, *, groups: 
         probe = fit_probe(f[tr], labels[tr], k, l2=l2, max_iter=max_iter)
         with torch.no_grad():
             pred = probe(f[te]).argmax(-1)
-        rows.append({"accuracy": _accuracy(pred, labels[te]), "f1": _macro_f1(pred, labels[te])})
+        gold, pred = labels[te].tolist(), pred.tolist()
+        rows.append({"accuracy": accuracy(gold, pred), "f1": precision_recall_f1(gold, pred, "macro")[2]})
     return rows
 
 
@@ -329,3 +318,38 @@ def run_probe(model: nn.Module, batches, *, pooling: str = "cls", layers=None, c
     return probe_features(feats, labels, layers=layers, types=types, groups=groups, control=control,
                           pooling=pooling, test_fraction=test_fraction, l2=l2, max_iter=max_iter,
                           seed=seed, meta=meta)
+
+
+def load_encoder(model_dir) -> nn.Module:
+    """A GPT-2 (``model_type`` gpt2) or BERT (``bert``) checkpoint directory, as GPT or Bert."""
+    from minift.models import hf
+    kind = hf.read_config(model_dir).get("model_type")
+    if kind == "gpt2":
+        return GPT.from_pretrained(model_dir)
+    if kind == "bert":
+        return Bert.from_pretrained(model_dir)
+    raise ValueError(f"{model_dir}: model_type {kind!r} cannot be probed; expected 'bert' or 'gpt2'")
+
+
+def probe_dataset(model_dir, data_path, *, pooling: str = "cls", layers=None, limit: int | None = None,
+                  max_len: int = 64, batch_size: int = 32, **kw) -> ProbeResult:
+    """Probe every layer of the checkpoint in ``model_dir`` on a classification file (.jsonl
+    or .csv with ``text`` and ``label``; its first ``limit`` records). ``kw`` go to ``run_probe``."""
+    import time
+
+    from minift import data
+    if pooling == "token":
+        raise ValueError("probe_dataset reads sentence-level labels: pooling must be cls, mean or last")
+    if limit is not None and limit < 4:
+        raise ValueError(f"limit must be >= 4 examples, got {limit}")
+    model = load_encoder(model_dir)
+    tok = data.load_tokenizer(model_dir)
+    ds = data.read_classification(data_path)
+    examples = ds.tokenize(tok, max_length=max_len)[:limit]
+    t0 = time.perf_counter()
+    bs = data.batches(examples, batch_size, pad_id=data.pad_id(tok))
+    meta = {"model": str(model_dir), "data": str(data_path), "examples": len(examples), "max_len": max_len,
+            "labels": ds.id2label, "device": "cpu", "torch": torch.__version__}
+    res = run_probe(model, bs, pooling=pooling, layers=layers, meta=meta, **kw)
+    res.meta["seconds"] = round(time.perf_counter() - t0, 2)
+    return res
