@@ -198,7 +198,7 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
     layout, config, tensors = read_adapter(path)
     kind = config.get("peft_type")
     if kind == "LORA":
-        (lora_from_peft if layout == "peft" else lora_from_minift)(model, config, tensors)
+        _lora_load_or_undo(model, lora_from_peft if layout == "peft" else lora_from_minift, config, tensors)
     elif kind in ("PREFIX_TUNING", "PROMPT_TUNING"):  # section 6
         (prompt_learning_from_peft if layout == "peft" else prompt_learning_from_minift)(model, config, tensors)
     else:
@@ -209,6 +209,21 @@ def load_adapter(model: nn.Module, path) -> nn.Module:
 # ============================================================ 4. LoRA (the worked example)
 # minift layout: the LoRAConfig as JSON plus every module's own (r, alpha), keys as in
 # minift's state dict. PEFT layout: see lora_to_peft below.
+
+def _lora_load_or_undo(model: nn.Module, load, config: dict, tensors: dict) -> None:
+    """Run a LoRA loader; if it applied LoRA to a plain model and then failed (a file for
+    another model shape), take the layers out again so the model is left as it was."""
+    fresh = not lora.lora_modules(model)
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        load(model, config, tensors)
+    except Exception:
+        if fresh and lora.lora_modules(model):
+            lora.unload(model)  # fresh B is zero, so merging adds nothing (PiSSA: W0 back up to rounding)
+            for p in model.parameters():
+                p.requires_grad_(flags.get(id(p), p.requires_grad))
+        raise
+
 
 def _lora_config_of(model: nn.Module, mods) -> lora.LoRAConfig:
     cfg = getattr(model, "lora_config", None)
@@ -323,7 +338,8 @@ def lora_to_peft(model: nn.Module) -> tuple[dict, dict]:
     top_r, top_alpha = max(set(pairs), key=pairs.count)  # the most common (r, alpha); others by pattern
     # target_modules: last names ("c_attn", "query") when they select exactly the adapted modules,
     # else full module names (BERT's "dense" would also pick other layers).
-    linears = {mmap[n][0] for n, m in model.named_modules() if n in mmap and isinstance(m, (nn.Linear, lora.LoRALinear))}
+    linears = {mmap[n][0] for n, m in model.named_modules()
+               if n in mmap and isinstance(m, (nn.Linear, lora.LoRALinear))}
     short = sorted({h.rsplit(".", 1)[-1] for h in groups})
     targets = short if {h for h in linears if h.rsplit(".", 1)[-1] in short} == set(groups) else sorted(groups)
     to_save = set()

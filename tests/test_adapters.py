@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-import torch.nn as nn
 
 from conftest import hf_bert, hf_gpt2
 from minift import adapters
@@ -119,8 +118,12 @@ def test_adapter_for_another_model_shape_is_an_error_naming_the_key(tmp_path):
     wide = dict(TINY_GPT, n_embd=48)
     for layout in ("peft", "minift"):
         adapters.save_adapter(small, tmp_path / layout, layout=layout)
+        target = GPT(GPTConfig(**wide))
+        before = {k: v.clone() for k, v in target.state_dict().items()}
         with pytest.raises(ValueError, match=r"(layers\.0\.attn\.|transformer\.h\.0\.attn\.).*another shape"):
-            adapters.load_adapter(GPT(GPTConfig(**wide)), tmp_path / layout)
+            adapters.load_adapter(target, tmp_path / layout)
+        assert not lora.lora_modules(target)  # a failed load leaves the model as it was
+        assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
     deeper = GPT(GPTConfig(**dict(TINY_GPT, n_layer=1)))  # the file has a layer this model lacks
     with pytest.raises(ValueError, match=r"transformer\.h\.1\.attn\.c_attn"):
         adapters.load_adapter(deeper, tmp_path / "peft")

@@ -29,8 +29,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.methods.common import (count_trainable, find_modules, freeze_all, set_submodule,  # noqa: F401
-                                   summary, unfreeze_modules)
+from minift.methods.common import (count_trainable, find_modules, freeze_all, set_submodule, summary,
+                                   unfreeze_modules)
+
+__all__ = ["LoRAConfig", "LoRALinear", "apply", "merge", "unmerge", "unload", "param_groups", "lora_modules",
+           "lora_scaling", "count_trainable", "summary"]
 
 INITS = ("default", "gaussian", "pissa")
 
@@ -248,5 +251,5 @@ def param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay:
         if ps:
             out.append({"params": ps, "lr": lr * ratio if which == "B" else lr,
                         "weight_decay": weight_decay if decay else 0.0,
-                        "name": f"lora_B" if which == "B" else "other"})
+                        "name": "lora_B" if which == "B" else "other"})
     return out
