@@ -58,8 +58,8 @@ def _pip_download(spec: str, dest: Path, sdist: bool = False) -> Path:
 
 
 def _fetch_into(final: Path, expected: tuple[str, ...], build) -> Path:
-    """Run ``build(tmp_dir, work_dir)`` unless ``final`` has every expected file, then move
-    ``tmp_dir`` to ``final`` in one rename."""
+    """Unless ``final`` has every expected file: run ``build(out_dir, download_dir)`` (both
+    temporary, beside ``final``), then move ``out_dir`` to ``final`` in one rename."""
     if all((final / f).is_file() for f in expected):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def _fetch_into(final: Path, expected: tuple[str, ...], build) -> Path:
                 return final
             shutil.rmtree(final)
         os.replace(work / "out", final)
-    except (OSError, zipfile.BadZipFile, tarfile.TarError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, tarfile.TarError) as e:  # ValueError: bad content
         raise FetchError(f"could not prepare {final}: {type(e).__name__}: {e}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)

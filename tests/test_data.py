@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from minift import data, fetch
 from minift.cli import main
+from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.train import model_forward
 
@@ -125,6 +126,11 @@ def test_classification_tokenize_truncate_and_collate(tmp_path):
     assert b["attention_mask"].tolist() == [[1] * 8, [1] * 5 + [0] * 3]
     assert b["input_ids"][1, 5:].tolist() == [tok.token_to_id("[PAD]")] * 3
     assert b["token_type_ids"][1].tolist() == [0, 0, 0, 1, 1, 0, 0, 0]
+    torch.manual_seed(0)  # the batch is what BertClassifier takes, through the training loop's forward
+    model = BertClassifier(BertConfig(vocab_size=tok.get_vocab_size(), max_position_embeddings=16, n_layer=1,
+                                      n_head=2, n_embd=16, n_inner=32, dropout=0.0), num_labels=2).eval()
+    out = model_forward(model, b)
+    assert out.logits.shape == (2, 2) and torch.allclose(out.loss, F.cross_entropy(out.logits, b["labels"]))
     single = data.read_classification(jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}]))
     assert "token_type_ids" not in single.tokenize(tok)[0]
     with pytest.raises(data.DataError, match="too small"):
