@@ -208,9 +208,9 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig, *, rank_pattern: dict[str, list[
         if flags is not None and not (len(flags) <= cfg.init_r and all(isinstance(f, bool) for f in flags)):
             raise ValueError(f"rank pattern for {name} must be at most init_r={cfg.init_r} booleans, got {flags!r}")
         ranks[name] = cfg.init_r if flags is None else sum(flags)
-        if cfg.init_r > min(m.in_features, m.out_features):
-            raise ValueError(f"AdaLoRA init_r={cfg.init_r} is too large for {name} ({m.out_features}x{m.in_features}); "
-                             f"it allows at most {min(m.in_features, m.out_features)}")
+        if ranks[name] > min(m.in_features, m.out_features):
+            raise ValueError(f"AdaLoRA rank {ranks[name]} (init_r={cfg.init_r}) is too large for {name} "
+                             f"({m.out_features}x{m.in_features}); it allows at most {min(m.in_features, m.out_features)}")
     freeze_all(model)
     for name, m in found:
         set_submodule(model, name, SVDLinear(m, ranks[name], cfg.alpha, cfg.dropout, ranknum=cfg.init_r))
@@ -402,3 +402,17 @@ def unmerge(model: nn.Module) -> list[str]:
     for _, m in mods:
         m.unmerge()
     return [n for n, _ in mods]
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Merge, then put plain ``nn.Linear`` modules (holding the merged weights) back in place
+    of every ``SVDLinear``. Returns the same model object, now without adapters."""
+    for name, m in svd_modules(model):
+        m.merge()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        lin.weight, lin.bias = m.weight, m.bias
+        set_submodule(model, name, lin)
+    if hasattr(model, "adalora_config"):
+        del model.adalora_config
+    return model
