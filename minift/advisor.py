@@ -280,6 +280,7 @@ class MethodOptions:
     targets: tuple[str, ...] = ("q_proj", "v_proj")  # lora / dora / adalora
     lora_dropout: float = 0.0
     init_r: int = 12  # adalora
+    orth_penalty: bool = True  # adalora: the orthogonality penalty is added to the loss (the bench does)
     num_virtual_tokens: int = 20  # prefix / prompt
     projection_dim: int | None = None  # prefix
     frozen_layers: int | None = None  # freeze: bottom layers frozen (None: n_layer // 2)
@@ -307,8 +308,8 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
                     optimizer: str = "adamw", *, frozen_dtype: str | None = None, device: str = "cuda",
                     **method_options) -> MemoryEstimate:
     """Peak memory of one training step of ``method`` on a GPT (causal LM) or a
-    BertClassifier (``num_labels``) of ``config``, at ``batch`` x ``seq_len`` real tokens
-    (prefix/prompt add their P virtual tokens on top). ``dtype``: "bf16" (autocast) or
+    BertClassifier (``num_labels``) of ``config``, at ``batch`` x ``seq_len`` positions; as in
+    the bench, prefix/prompt tuning spend P of them on virtual tokens (text = seq_len - P). ``dtype``: "bf16" (autocast) or
     "fp32"; ``frozen_dtype``: storage of frozen weights, "bf16" or "fp32" (default: the
     compute dtype); ``optimizer``: "adamw" (2 fp32 states) or "sgd" (none);
     ``method_options``: fields of ``MethodOptions``."""
@@ -332,8 +333,11 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
     L, H, C, I, V = _dims(config)
     P = opts.num_virtual_tokens if method in ("prefix", "prompt") else 0
     max_pos = config.block_size if gpt else config.max_position_embeddings
-    if seq_len + P > max_pos:
-        raise ValueError(f"seq_len ({seq_len}) + virtual tokens ({P}) exceeds the model's {max_pos} positions")
+    if seq_len > max_pos:
+        raise ValueError(f"seq_len ({seq_len}) exceeds the model's {max_pos} positions")
+    if seq_len <= P:
+        raise ValueError(f"seq_len ({seq_len}) leaves no text after {P} virtual tokens")
+    seq_len -= P  # text tokens
     for t in opts.targets if method in ("lora", "dora", "adalora") else ():
         r = opts.init_r if method == "adalora" else opts.r
         if r > (C if t != "up_proj" and t != "down_proj" else min(C, I)):
@@ -501,6 +505,10 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         if out.grad:
             tape.save(tape.new(B * opts.num_labels, 4), tape.new(B, 8), tape.new(1, 4))  # log-softmax, labels, weight
         logits = 0
+    adapters = [v.adapter for blk in blocks for v in blk.values() if isinstance(v, _Lin) and v.adapter]
+    if method == "adalora" and opts.orth_penalty:  # A A^T and B^T B over stacked copies of A and B
+        tape.save(*(tape.bf16(tape.new(p.n, 4, True)) for ad in adapters for p in (ad[0], ad[2])))
+        tape.save(*(tape.new(ad[1].n ** 2, 4) for ad in adapters for _ in "AB"))  # (. - I) ** 2 keeps its input
     activations = sum(tape.saved.values())
     # backward temporaries of a block: gradients of the residual (fp32 in, out) and of the MLP
     logits = max(logits, 2 * rows * C * 4 + 2 * rows * I * act_b) if method != "probe" else 0
@@ -514,10 +522,11 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
             total += p.n
             weights += p.n * p.b
             trainable += p.n if p.grad else 0
-    state = (8 if optimizer == "adamw" else 0) * trainable
+    n_tensors = sum(1 for p in {id(p): p for p in params}.values() if p.grad)
+    state = (8 * trainable + 4 * n_tensors) if optimizer == "adamw" else 0  # exp_avg, exp_avg_sq, step
     extras = CUBLAS_WORKSPACE if device == "cuda" else 0
-    if method == "adalora":  # the allocator's importance, its average and uncertainty, fp32
-        extras += 3 * 4 * sum(p.n for blk in blocks for v in blk.values() if isinstance(v, _Lin) for p in v.adapter)
+    if method == "adalora":  # RankAllocator: two fp32 EMAs per adapter tensor, two temporaries while updating
+        extras += 4 * 4 * sum(p.n for ad in adapters for p in ad)
     est = MemoryEstimate(method, weights, 4 * trainable, state, activations, logits, extras, trainable, total)
     est.phase = "start of backward" if est.backward_peak >= est.step_peak else "optimizer step"
     return est
