@@ -112,3 +112,69 @@ def _cmd_bench(args) -> int:
     print(bench.to_markdown(rows))
     print(f"wrote {Path(args.out) / name}.{{json,md,png}}", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------------- compare
+
+def _add_compare(sub) -> None:
+    from minift.compare import CPU_DEFAULTS, FULL_DEFAULTS, METHODS
+    p = sub.add_parser("compare", help="every method on one task: cost and quality in one table",
+                       description="Train every method on the same data, seed and step budget and print one "
+                                   "table (trainable parameters, wall time, tokens/s, peak memory, dev/test "
+                                   "accuracy and macro-F1); writes JSON, Markdown and PNG under --out. Defaults: "
+                                   "MiniLM-L6 on movie-review sentiment, fetched on first use; on CPU a subset "
+                                   f"({CPU_DEFAULTS['train_limit']} train sentences, {CPU_DEFAULTS['eval_limit']} dev "
+                                   f"and test, max_len {CPU_DEFAULTS['max_len']}, {CPU_DEFAULTS['steps']} steps of "
+                                   f"batch {CPU_DEFAULTS['batch_size']}); --full: all data, max_len "
+                                   f"{FULL_DEFAULTS['max_len']}, {FULL_DEFAULTS['epochs']} epochs (GPU).")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--model", default=None, help="HF-format BERT dir (config.json, model.safetensors, "
+                                                  "tokenizer.json); default: MiniLM-L6")
+    p.add_argument("--train", default=None, help='JSONL/CSV with "text" and "label" (give --dev and --test too)')
+    p.add_argument("--dev", default=None)
+    p.add_argument("--test", default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (the same for all)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=None, help="tokens per sentence after truncation")
+    p.add_argument("--train-limit", type=int, default=None, help="train on a seeded random subset of N sentences")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev and test sentences")
+    p.add_argument("--full", action="store_true", help="the whole data, more steps (meant for a GPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, Markdown and PNG")
+    p.add_argument("--name", default=None, help="file name stem (default: compare[-full]-<cpu|cuda>)")
+    p.add_argument("--in-process", action="store_true",
+                   help="CPU: run every method in this process (faster start; peak RSS is then process-wide)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    import torch
+
+    from minift import compare
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    d = dict(compare.FULL_DEFAULTS if args.full else compare.CPU_DEFAULTS)
+    for k in ("batch_size", "max_len", "train_limit", "eval_limit"):
+        if getattr(args, k) is not None:
+            d[k] = getattr(args, k)
+    if args.steps is not None:
+        d.pop("epochs", None)
+        d["steps"] = args.steps
+    cfg = compare.CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                                model=args.model, train=args.train, dev=args.dev, test=args.test,
+                                device=device, seed=args.seed, isolate=not args.in_process,
+                                progress=not args.no_progress, **d)
+    log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+    rows, meta = compare.run(cfg, log=log)
+    name = args.name or f"compare{'-full' if args.full else ''}-{'cuda' if device.startswith('cuda') else 'cpu'}"
+    paths = compare.save(rows, meta, Path(args.out), name)
+    print(f"minift compare on {meta['device']}: {meta['examples']} examples, {meta['steps']} steps x "
+          f"batch {meta['batch_size']}, max_len {meta['max_len']}, seed {meta['seed']}")
+    print(compare.to_text(rows), end="")
+    print(f"budget: {meta['budget']}")
+    print(f"memory: {meta['memory']}")
+    log(f"wrote {', '.join(str(p) for p in paths)} ({meta['total_s']:.0f} s in all)")
+    return 0
