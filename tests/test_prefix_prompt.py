@@ -217,6 +217,19 @@ def test_reparameterized_prefix_refuses_a_peft_table(tmp_path, tiny_gpt):
     assert torch.equal(other.prefix_encoder.embedding, tiny_gpt.prefix_encoder.embedding)
 
 
+@pytest.mark.parametrize("layout", ["peft", "minift"])
+def test_failed_load_leaves_the_model_as_it_was(tmp_path, layout, tiny_classifier):
+    prompt.apply(tiny_classifier, prompt.PromptConfig(P, modules_to_save="classifier"))
+    adapters.save_adapter(tiny_classifier, tmp_path, layout=layout)
+    other = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=2)  # a 2-label head
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"classifier\.(weight|bias).* has shape"):
+        adapters.load_adapter(other, tmp_path)
+    assert getattr(other, "soft_prompt", None) is None
+    assert all(p.requires_grad for p in other.parameters())
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in before.items())
+
+
 # ---------------------------------------------------------------------------- gradients, export
 
 @pytest.mark.parametrize("kind", ["prefix", "prefix_mlp", "prompt"])
