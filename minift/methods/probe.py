@@ -23,7 +23,6 @@ one is after the final LayerNorm). Pooling: ``cls`` the first token ([CLS] for B
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -251,7 +250,7 @@ class ProbeResult:
 
     def to_markdown(self) -> str:
         head = "| layer | accuracy | macro-F1 | control acc. | selectivity |\n| ---: | ---: | ---: | ---: | ---: |\n"
-        fmt = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"  # noqa: E731
+        fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
         body = "".join(f"| {r['layer']} | {fmt(r['accuracy'])} | {fmt(r['f1'])} | "
                        f"{fmt(r['control_accuracy'])} | {fmt(r['selectivity'])} |\n" for r in self.rows)
         return (head + body + f"\nPooling `{self.pooling}`, {self.num_classes} classes, {self.n_train} train / "
