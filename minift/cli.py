@@ -179,39 +179,61 @@ def _cmd_compare(args) -> int:
     log(f"wrote {', '.join(str(p) for p in paths)} ({meta['total_s']:.0f} s in all)")
     return 0
 
+# ---------------------------------------------------------------------------- probe
 
-# ---------------------------------------------------------------------------- recommend
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help="what each layer of a frozen model knows: one linear probe per layer",
+                       description="Run the frozen model once over a classification file (.jsonl/.csv with "
+                                   "text and label), train a logistic-regression probe on every layer's "
+                                   "features (0 = embeddings) and report held-out accuracy, macro-F1, the "
+                                   "accuracy of a control task (the same inputs, labels shuffled across "
+                                   "examples) and selectivity = accuracy - control accuracy. Defaults: "
+                                   "MiniLM-L6 and the movie-review sentiment train split, fetched on first use.")
+    p.add_argument("--model", default=None, help="HF-format BERT or GPT-2 directory with tokenizer.json "
+                                                 "(default: MiniLM-L6)")
+    p.add_argument("--data", default=None, help=".jsonl or .csv with text and label fields "
+                                                "(default: the sentiment train split)")
+    p.add_argument("--pooling", choices=("cls", "mean", "last"), default="cls",
+                   help="features of a sentence: first token, mean of real tokens, or last real token (GPT)")
+    p.add_argument("--layers", default=None, help="comma-separated hidden-state indices, e.g. 0,3,6 (default: all)")
+    p.add_argument("--limit", type=int, default=None, help="probe only the first N examples")
+    p.add_argument("--max-len", type=int, default=64, help="tokens per sentence (default 64)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the examples (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-control", action="store_true", help="skip the control task")
+    p.add_argument("--out", default=None, help="directory for <name>.json, <name>.md and <name>.png (with matplotlib)")
+    p.add_argument("--name", default="probe", help="file name stem under --out (default probe)")
+    p.set_defaults(func=_cmd_probe)
 
-def _add_recommend(sub) -> None:
-    from minift.advisor import LEVELS, PRESETS, TASKS
-    p = sub.add_parser("recommend", help="which method fits this GPU and suits this task (rule tables + memory estimate)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="HF-format model directory (config.json of a GPT-2 or BERT)")
-    src.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)}")
-    p.add_argument("--gpu-mem", type=float, required=True, help="GPU memory in GB (GiB)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--task", default="other", help=f"one of: {', '.join(TASKS)}")
-    p.add_argument("--complexity", default="medium", help=f"task complexity: {', '.join(LEVELS)}")
-    p.add_argument("--data-size", type=int, default=None, help="number of training examples")
-    p.add_argument("--similarity", type=float, default=None, help="domain similarity to pre-training, in [0, 1]")
-    p.add_argument("--data-quality", default="medium", help=f"one of: {', '.join(LEVELS)}")
-    p.add_argument("--json", action="store_true", help="print the answer as JSON")
-    p.set_defaults(func=_cmd_recommend)
 
-
-def _cmd_recommend(args) -> int:
-    import json
-
-    from minift import advisor
-    if args.task not in advisor.TASKS:
-        raise UsageError(f"unknown task {args.task!r}; choose from {', '.join(advisor.TASKS)}")
-    if args.gpu_mem <= 0 or args.gpu_mem != args.gpu_mem:
-        raise UsageError(f"--gpu-mem must be a positive number of GB, got {args.gpu_mem}")
-    if args.batch < 1 or args.seq_len < 1:
-        raise UsageError(f"--batch and --seq-len must be >= 1, got {args.batch} and {args.seq_len}")
-    cfg = advisor.preset(args.preset) if args.preset else advisor.config_from_dir(args.model)
-    rec = advisor.recommend(cfg, args.gpu_mem, args.batch, args.seq_len, args.task, args.complexity,
-                            args.data_size, args.similarity, args.data_quality)
-    print(json.dumps(rec.to_dict(), indent=1) if args.json else advisor.format_recommendation(rec))
+def _cmd_probe(args) -> int:
+    from minift import fetch
+    from minift.methods import probe
+    layers = None
+    if args.layers is not None:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise UsageError(f"--layers must be comma-separated integers, e.g. 0,3,6; got {args.layers!r}") from None
+    for flag in ("max_len", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    model_dir = args.model or fetch.fetch_minilm()
+    data_path = args.data or Path(fetch.fetch_sentiment()) / "train.jsonl"
+    res = probe.probe_dataset(model_dir, data_path, pooling=args.pooling, layers=layers, limit=args.limit,
+                              max_len=args.max_len, batch_size=args.batch_size, control=not args.no_control,
+                              test_fraction=args.test_fraction, seed=args.seed)
+    print(res.to_markdown(), end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        res.to_json(out / f"{args.name}.json")
+        (out / f"{args.name}.md").write_text(res.to_markdown())
+        written = [out / f"{args.name}.json", out / f"{args.name}.md"]
+        try:
+            written.append(res.plot(out / f"{args.name}.png"))
+        except ImportError:
+            pass  # the PNG needs the plot extra (matplotlib)
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
