@@ -179,6 +179,7 @@ def _cmd_compare(args) -> int:
     log(f"wrote {', '.join(str(p) for p in paths)} ({meta['total_s']:.0f} s in all)")
     return 0
 
+
 # ---------------------------------------------------------------------------- probe
 
 def _add_probe(sub) -> None:
@@ -236,4 +237,41 @@ def _cmd_probe(args) -> int:
         except ImportError:
             pass  # the PNG needs the plot extra (matplotlib)
         print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------- recommend
+
+def _add_recommend(sub) -> None:
+    from minift.advisor import LEVELS, PRESETS, TASKS
+    p = sub.add_parser("recommend", help="which method fits this GPU and suits this task (rule tables + memory estimate)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HF-format model directory (config.json of a GPT-2 or BERT)")
+    src.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)}")
+    p.add_argument("--gpu-mem", type=float, required=True, help="GPU memory in GB (GiB)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--task", default="other", help=f"one of: {', '.join(TASKS)}")
+    p.add_argument("--complexity", default="medium", help=f"task complexity: {', '.join(LEVELS)}")
+    p.add_argument("--data-size", type=int, default=None, help="number of training examples")
+    p.add_argument("--similarity", type=float, default=None, help="domain similarity to pre-training, in [0, 1]")
+    p.add_argument("--data-quality", default="medium", help=f"one of: {', '.join(LEVELS)}")
+    p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(func=_cmd_recommend)
+
+
+def _cmd_recommend(args) -> int:
+    import json
+
+    from minift import advisor
+    if args.task not in advisor.TASKS:
+        raise UsageError(f"unknown task {args.task!r}; choose from {', '.join(advisor.TASKS)}")
+    if args.gpu_mem <= 0 or args.gpu_mem != args.gpu_mem:
+        raise UsageError(f"--gpu-mem must be a positive number of GB, got {args.gpu_mem}")
+    if args.batch < 1 or args.seq_len < 1:
+        raise UsageError(f"--batch and --seq-len must be >= 1, got {args.batch} and {args.seq_len}")
+    cfg = advisor.preset(args.preset) if args.preset else advisor.config_from_dir(args.model)
+    rec = advisor.recommend(cfg, args.gpu_mem, args.batch, args.seq_len, args.task, args.complexity,
+                            args.data_size, args.similarity, args.data_quality)
+    print(json.dumps(rec.to_dict(), indent=1) if args.json else advisor.format_recommendation(rec))
     return 0
