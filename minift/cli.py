@@ -275,3 +275,43 @@ def _cmd_recommend(args) -> int:
                             args.data_size, args.similarity, args.data_quality)
     print(json.dumps(rec.to_dict(), indent=1) if args.json else advisor.format_recommendation(rec))
     return 0
+
+
+# ---------------------------------------------------------------------------- train
+
+def _add_train(sub) -> None:
+    from minift import run
+    p = sub.add_parser("train", help="fine-tune a model with one method (flags map onto the method configs)",
+                       description="Fine-tune an HF-format GPT-2 (causal-lm, prompt-completion) or BERT "
+                                   "(classification) with one method. Settings: defaults < --recipe < --config "
+                                   "TOML ([method], [train], [data] tables, keys as the flags) < flags. "
+                                   "Ctrl-C saves a checkpoint; --resume continues it exactly.")
+    run.add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from minift import run
+    return run.train_command(args)
+
+
+# ---------------------------------------------------------------------------- eval
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="score a trained adapter (or full fine-tune) on a data file",
+                       description="Rebuild the model and method that minift train wrote to --adapter "
+                                   "(DIR/adapter), load its weights and print the metrics as one JSON line: "
+                                   "loss, accuracy and macro/weighted precision/recall/F1 (classification) "
+                                   "or perplexity (causal-lm, prompt-completion).")
+    p.add_argument("--model", help="base model directory (default: the one recorded at training)")
+    p.add_argument("--adapter", required=True, help="the adapter directory written by minift train (OUT/adapter)")
+    p.add_argument("--data", required=True, help="file of the task's kind (.jsonl/.csv/.txt)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=None, help="default: as at training")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from minift import run
+    return run.eval_command(args)

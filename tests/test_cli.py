@@ -1,0 +1,153 @@
+"""`minift train` / `minift eval` end to end on tiny models and data; bad input -> exit 2, one line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minift.cli import main
+from minift.methods.build import METHODS
+from minift.models.bert import Bert, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+
+WORDS = "good great fun bad awful dull movie plot film the a was is very not and".split()
+POS, NEG = ["good", "great", "fun"], ["bad", "awful", "dull"]
+
+
+def tokenizer_json(path: Path, specials: list[str], bert: bool) -> int:
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if bert else specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    if bert:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.save(str(path / "tokenizer.json"))
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    bert_dir, gpt_dir = d / "bert", d / "gpt"
+    bert_dir.mkdir(), gpt_dir.mkdir()
+    n = tokenizer_json(bert_dir, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], bert=True)
+    torch.manual_seed(0)
+    Bert(BertConfig(vocab_size=n, max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16, n_inner=32,
+                    dropout=0.0)).save_pretrained(bert_dir)
+    n = tokenizer_json(gpt_dir, ["<|endoftext|>"], bert=False)
+    GPT(GPTConfig(vocab_size=n, block_size=32, n_layer=2, n_head=2, n_embd=16)).save_pretrained(gpt_dir)
+    rows = [{"text": f"the movie was {w} and {v}", "label": "pos" if w in POS else "neg"}
+            for w in POS + NEG for v in ("very", "not")]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (d / "lm.txt").write_text(" ".join(WORDS * 6))
+    pc = [{"prompt": f"the film was {w}", "completion": " good" if w in POS else " bad"} for w in POS + NEG]
+    (d / "pc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pc))
+    (d / "bad.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad", "label": \n')
+    (d / "nolabel.jsonl").write_text('{"text": "good", "label": "pos"}\n{"text": "bad"}\n')
+    return d
+
+
+FAST = ["--steps", "3", "--batch-size", "4", "--no-progress", "--lr", "1e-2"]
+METHOD_FLAGS = {"full": [], "lora": ["--r", "2", "--targets", "q_proj,v_proj"], "dora": ["--r", "2"],
+                "adalora": ["--init-r", "4", "--target-r", "2", "--tinit", "1", "--tfinal", "1", "--delta-t", "1"],
+                "prefix": ["--num-virtual-tokens", "3"], "prompt": ["--num-virtual-tokens", "3"],
+                "freeze": ["--strategy", "bottom_up"], "bitfit": []}
+
+
+def run_cli(argv, capsys):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_then_eval_classification(method, files, tmp_path, capsys):
+    if method not in METHOD_FLAGS:
+        pytest.fail(f"add CLI flags for the new method {method!r} to METHOD_FLAGS")
+    out = tmp_path / "out"
+    rc, stdout, err = run_cli(["train", "--model", files / "bert", "--train", files / "train.jsonl",
+                               "--dev", files / "dev.jsonl", "--task", "classification", "--method", method,
+                               "--out", out, *FAST, *METHOD_FLAGS[method]], capsys)
+    assert rc == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    assert (out / "adapter" / "model.safetensors").is_file() and (out / "last" / "state.json").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) >= 3
+    rc, stdout, err = run_cli(["eval", "--model", files / "bert", "--adapter", out / "adapter",
+                               "--data", files / "dev.jsonl"], capsys)
+    assert rc == 0, err
+    metrics = json.loads(stdout)
+    # eval rebuilds the same model: its dev loss is the one training logged at its last step
+    assert metrics["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-5)
+    assert metrics["examples"] == 4 and "macro_f1" in metrics
+
+
+def test_gpt_tasks_and_full_model_export(files, tmp_path, capsys):
+    rc, stdout, err = run_cli(["train", "--model", files / "gpt", "--train", files / "lm.txt", "--task",
+                               "causal-lm", "--method", "lora", "--targets", "q_proj,v_proj", "--max-len", "16",
+                               "--out", tmp_path / "lm", *FAST], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "lm" / "adapter" / "adapter_config.json").is_file()  # PEFT layout as well
+    rc, stdout, err = run_cli(["train", "--model", files / "gpt", "--train", files / "pc.jsonl", "--dev",
+                               files / "pc.jsonl", "--task", "prompt-completion", "--method", "full",
+                               "--out", tmp_path / "pc", *FAST], capsys)
+    assert rc == 0, err
+    assert json.loads(stdout.splitlines()[-1])["eval"]["perplexity"] > 1.0
+    reloaded = GPT.from_pretrained(tmp_path / "pc" / "model")  # full fine-tuning: an HF-format dir
+    assert (tmp_path / "pc" / "model" / "tokenizer.json").is_file() and reloaded.config.n_layer == 2
+
+
+def test_config_file_recipe_and_resume(files, tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'[method]\nname = "lora"\nr = 2\ntargets = ["q_proj"]\n\n[train]\nsteps = 2\nlr = 1e-2\n'
+                   f'batch_size = 4\n\n[data]\nmodel = "{files / "bert"}"\ntrain = "{files / "train.jsonl"}"\n'
+                   f'task = "classification"\n')
+    out = tmp_path / "out"
+    rc, _, err = run_cli(["train", "--config", cfg, "--out", out, "--no-progress"], capsys)
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["options"]["r"] == 2 and run["options"]["targets"] == ["q_proj"] and run["train"]["steps"] == 2
+    # flags override the file; --resume continues from the checkpoint at step 2
+    rc, stdout, err = run_cli(["train", "--config", cfg, "--out", out, "--steps", "4", "--resume",
+                               "--no-progress"], capsys)
+    assert rc == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    # a recipe supplies method + training options; the data comes from the flags
+    rc, _, err = run_cli(["train", "--recipe", "sentiment-lora", "--model", files / "bert", "--train",
+                          files / "train.jsonl", "--out", tmp_path / "r", "--steps", "1", "--no-progress"], capsys)
+    assert rc == 0, err
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["options"]["r"] == 16 and run["train"]["lr"] == 2e-4
+
+
+@pytest.mark.parametrize("case, argv, needle", [
+    ("invalid json", ["--train", "{d}/bad.jsonl", "--method", "lora"], "bad.jsonl:2"),
+    ("missing field", ["--train", "{d}/nolabel.jsonl", "--method", "lora"], "missing field 'label'"),
+    ("unknown method", ["--train", "{d}/train.jsonl", "--method", "lorax"], "unknown method 'lorax'"),
+    ("unknown target", ["--train", "{d}/train.jsonl", "--method", "lora", "--targets", "qq_proj"], "qq_proj"),
+    ("option of another method", ["--train", "{d}/train.jsonl", "--method", "full", "--r", "4"], "--r"),
+    ("missing model dir", ["--model", "{d}/nope", "--train", "{d}/train.jsonl", "--method", "lora"], "nope"),
+    ("bad toml", ["--train", "{d}/train.jsonl", "--method", "lora", "--config", "{d}/train.jsonl"], "TOML"),
+])
+def test_bad_input_exits_2_with_one_line(case, argv, needle, files, tmp_path, capsys):
+    argv = [a.format(d=files) for a in argv]
+    if "--model" not in argv:
+        argv = ["--model", str(files / "bert")] + argv
+    rc, _, err = run_cli(["train", *argv, "--out", tmp_path / "o", "--steps", "1", "--no-progress"], capsys)
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and needle in err and "Traceback" not in err, err
+
+
+def test_real_process_exit_code_and_no_traceback(files, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "minift", "train", "--model", str(files / "nope"), "--train",
+                        str(files / "train.jsonl"), "--method", "lora", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
