@@ -158,6 +158,34 @@ def test_live_count_equals_budget_and_ties_prune_in_module_order():
         assert flags == [False] * (24 - b) + [True] * b  # earlier in module order is pruned first
 
 
+def test_allocator_step_never_reads_a_tensor_back():
+    """No .item(), bool(tensor) or boolean-mask indexing (each a GPU sync) in any phase's step:
+    recorded at the dispatcher, the ops that copy a value to the host never appear."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops.add(name)
+            if name in ("index", "index_put", "index_put_") and any(
+                    i is not None and i.dtype == torch.bool for i in args[1]):
+                self.ops.add("boolean-mask indexing")  # needs nonzero(): a sync on GPU
+            return func(*args, **(kwargs or {}))
+    model, c = Toy(), cfg(tinit=1, tfinal=2, delta_t=1, total_step=6)
+    adalora.apply(model, c)
+    alloc = RankAllocator(model, c)
+    for t in range(7):
+        for _, m in adalora.svd_modules(model):
+            for p in (m.lora_A, m.lora_E, m.lora_B):
+                p.grad = torch.randn_like(p)
+        with Record():
+            alloc.step(model, t)
+    assert {"sort", "index_put_", "_foreach_mul_"} <= Record.ops  # it did prune, batched
+    assert not Record.ops & {"_local_scalar_dense", "nonzero", "boolean-mask indexing"}, Record.ops
+
+
 def test_allocator_state_round_trip():
     model, c = gpt(), cfg()
     adalora.apply(model, c)

@@ -312,7 +312,9 @@ class RankAllocator:
             sE = torch.stack([s[3 * i + 1] for i in g]).squeeze(2)   # (G, r, 1) -> (G, r)
             sB = torch.stack([s[3 * i + 2] for i in g]).mean(dim=1)  # (G, out, r) -> (G, r)
             out.append((sE + (sA + sB)).flatten())
-        return torch.cat(out)[self._to_module_order.to(out[0].device)]
+        if self._to_module_order.device != out[0].device:  # moved once, not copied every step
+            self._to_module_order = self._to_module_order.to(out[0].device)
+        return torch.cat(out)[self._to_module_order]
 
     @torch.no_grad()
     def mask_to_budget(self, b: int) -> None:
