@@ -71,9 +71,13 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
     assert all(m.merged for _, m in lora.lora_modules(model))
     y_merged = model(x).detach()
     assert (y_merged - y).abs().max() <= 1e-5 * y.abs().max().clamp(min=1.0)
+    # float32 cancellation: (W0 + dW) - dW loses ~eps * |W0 + dW|, so the bound is relative to it;
+    # DoRA's unmerge also divides by the magnitude factor first (a few more roundings)
+    k = 4.0 if case["dora"] else 1.0
+    scale = {n: k * max(1.0, model.get_parameter(n).abs().max().item()) for n in ("up.weight", "down.weight")}
     lora.unmerge(model)
     for n in ("up.weight", "down.weight"):
-        torch.testing.assert_close(model.get_parameter(n), w0[n], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(model.get_parameter(n), w0[n], atol=1e-6 * scale[n], rtol=1e-6)
     torch.testing.assert_close(model(x), y, atol=1e-6, rtol=1e-5)
 
 

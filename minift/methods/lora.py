@@ -120,9 +120,15 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (..., out)
         if not self.dora:
-            return F.linear(x, self.weight, self.bias) + lora
+            # W0 x + b + s B (A x), with "+ s B (.)" done by one addmm: the scaling and the
+            # sum happen inside the GEMM instead of as two passes over the (..., out) output.
+            base = F.linear(x, self.weight, self.bias)  # (..., out)
+            ax = F.linear(self.dropout(x), self.lora_A)  # (..., r)
+            out = torch.addmm(base.reshape(-1, base.shape[-1]), ax.reshape(-1, self.r), self.lora_B.t(),
+                              alpha=self.scaling)  # (N, out)
+            return out.view(base.shape)
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (..., out)
         # DoRA: f (W0 x + sBA x) + b with f = m / ||W0 + sBA|| (the norm treated as a constant),
         # written as base + (f - 1) W0 x + f sBA x: at init f == 1 and the output is the base's, bit for bit.
         factor = self.lora_magnitude / self._row_norm().detach()  # (out,)
