@@ -11,8 +11,9 @@ all weights of the model stay frozen:
                           ▲ seen by every query      ▲ causal (GPT) or full (BERT)
 
 The real tokens take positions P, P+1, ... (the KV-cache convention: a prefix is exactly a
-cache of P tokens nobody wrote), so a prefix initialized from the activations of P real
-tokens ("tokens" init, the paper's better init) reproduces running those tokens first.
+cache of P tokens nobody wrote). So on GPT a prefix initialized from the activations of P
+real tokens ("tokens" init, the paper's better init) reproduces running those tokens first
+(not on BERT, where those tokens would also have attended to the text).
 
 The learned table has PEFT's layout: one row per virtual token, (2 * n_layer * n_embd)
 wide, read as (n_layer, k|v, n_head, head_dim). With ``projection_dim`` the table is
@@ -20,7 +21,7 @@ reparameterized, as the paper found direct optimization unstable:
 
     table = Linear(projection_dim -> 2 L C)( tanh( Linear(C -> projection_dim)(E) ) ),  E: (P, C)
 
-and ``export`` replaces the MLP by the table it computes (identical outputs, fewer weights).
+and ``export`` replaces the MLP by the table it computes (identical outputs; no MLP left to run).
 """
 from __future__ import annotations
 

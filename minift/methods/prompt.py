@@ -13,8 +13,8 @@ model reads them like words:
 Unlike prefix tuning (``prefix.py``) the prompt occupies real positions 0 .. P-1 and only
 the first layer sees it directly. Inits (``PromptConfig.init``): "random" (N(0, s^2) with s
 the std of the model's own token embeddings), "vocab" (the embeddings of P tokens sampled
-from the vocabulary), "text" (the embeddings of ``init_text``'s tokens, the paper's class-
-label init in spirit; repeated until it fills P, an error when longer than P).
+from the vocabulary), "text" (the embeddings of ``init_text``'s tokens — a task description,
+or the class labels as the paper did — repeated until it fills P; an error when longer).
 
 The learned (P, C) table is PEFT's ``prompt_embeddings``.
 """
