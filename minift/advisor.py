@@ -48,7 +48,9 @@ METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bit
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 TASKS = ("classification", "generation", "qa", "code", "other")
 LEVELS = ("low", "medium", "high")
-CUBLAS_WORKSPACE = 32 * 2 ** 20  # cuBLAS workspace, allocated through PyTorch's caching allocator
+# cuBLAS workspace: allocated through PyTorch's caching allocator (so it counts in
+# max_memory_allocated), one per thread issuing matmuls: forward's and autograd's backward thread
+CUBLAS_WORKSPACE = 32 * 2 ** 20
 LOSS_CHUNK = 4096  # minift.models.gpt.lm_loss
 
 # ============================================================================ rule tables
@@ -524,7 +526,7 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
             trainable += p.n if p.grad else 0
     n_tensors = sum(1 for p in {id(p): p for p in params}.values() if p.grad)
     state = (8 * trainable + 4 * n_tensors) if optimizer == "adamw" else 0  # exp_avg, exp_avg_sq, step
-    extras = CUBLAS_WORKSPACE if device == "cuda" else 0
+    extras = CUBLAS_WORKSPACE * (1 if method == "probe" else 2) if device == "cuda" else 0
     if method == "adalora":  # RankAllocator: two fp32 EMAs per adapter tensor, two temporaries while updating
         extras += 4 * 4 * sum(p.n for ad in adapters for p in ad)
     est = MemoryEstimate(method, weights, 4 * trainable, state, activations, logits, extras, trainable, total)
