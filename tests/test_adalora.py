@@ -333,6 +333,12 @@ def test_rank_pattern_for_other_modules_and_other_misuse():
         adalora.apply(gpt(), cfg(init_r=40, target_r=2))
     with pytest.raises(ValueError, match="no AdaLoRA layers"):
         RankAllocator(gpt(), c)
+    other = gpt()
+    adalora.apply(other, c)
+    alloc = randomize(other)  # prunes to the target, then shrink
+    adalora.finalize(other)
+    with pytest.raises(ValueError, match="was finalized"):
+        alloc.step(other, 0)
     adalora.apply(model, c, rank_pattern=pattern)
     with pytest.raises(ValueError, match="needs every AdaLoRA layer at init_r=6"):
         RankAllocator(model, c)

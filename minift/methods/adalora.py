@@ -95,7 +95,7 @@ class AdaLoRAConfig:
         if self.tinit + self.tfinal >= self.total_step:
             raise ValueError(f"AdaLoRA schedule cannot fit: tinit={self.tinit} + tfinal={self.tfinal} must be < "
                              f"total_step={self.total_step} to leave steps for pruning")
-        if self.tfinal == 0 and not any(t % self.delta_t == 0 for t in range(self.tinit + 1, self.total_step)):
+        if self.tfinal == 0 and (self.tinit // self.delta_t + 1) * self.delta_t >= self.total_step:
             raise ValueError(f"AdaLoRA schedule cannot fit: no step in ({self.tinit}, {self.total_step}) is a "
                              f"multiple of delta_t={self.delta_t} and tfinal=0, so nothing would ever be pruned")
         if not isinstance(self.orth_reg_weight, (int, float)) or not self.orth_reg_weight >= 0:
@@ -336,6 +336,9 @@ class RankAllocator:
     def step(self, model: nn.Module, global_step: int) -> int:
         """One allocator step (PEFT's ``update_and_allocate``); returns the budget now in force."""
         cfg, end = self.cfg, self.cfg.total_step - self.cfg.tfinal
+        if any(m.r != cfg.init_r for m in self.mods):  # Python ints: no tensor is read
+            raise ValueError("the model was finalized (its layers shrunk to their kept ranks); "
+                             "the allocator has nothing left to prune")
         if global_step > end:  # final phase: the fixed pattern, re-applied after every update
             self.apply_masks()
             self.budget = self.target_bgt
