@@ -25,8 +25,9 @@ to the token embedding, so it follows ``freeze_embeddings``.
 Frozen layers cost less, not only train less. When the embeddings and every block below the
 first trainable one are frozen, nothing below that block needs a gradient, so the model runs
 those blocks under ``no_grad`` (``grad_from_layer``): no graph, no activations kept for them,
-and activation checkpointing never wraps them. (PyTorch itself records no graph for an op none
-of whose inputs requires grad; ``grad_from_layer`` makes that explicit and keeps it true.)
+and activation checkpointing never wraps them. (PyTorch records no graph for an op none of
+whose inputs requires grad, so ``requires_grad=False`` alone already keeps no activations
+there; ``grad_from_layer`` makes it explicit, and tests/test_freeze.py checks it.)
 Freezing "by leaving parameters out of the optimizer" instead builds the whole graph and
 computes every gradient only to throw most of them away.
 """
