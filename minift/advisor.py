@@ -629,6 +629,10 @@ def recommend(config: GPTConfig | BertConfig, gpu_mem_gb: float, batch: int, seq
             notes.append(r.assumption)
     if picks[0] != picks[1]:
         notes.append(f"the two rule tables disagree ({tsk.method} by task, {res.method} by resources)")
+    full_fit = next(c for c in cands if c.method == "full")
+    if full_fit.fits and "full" not in picks:
+        notes.append(f"the grounded answer goes further than the rule tables: full fine-tuning also fits "
+                     f"({gib(full_fit.peak_bytes)})")
     if fit and fit[0].method not in picks:
         notes.append(f"neither rule pick fits; the largest method that does is {fit[0].method}")
     if not fit:

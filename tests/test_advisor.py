@@ -259,6 +259,8 @@ def test_recommend_ranks_what_fits_and_names_the_disagreement():
     assert "full" in [c.method for c in rec.rejected]
     assert rec.grounded[0].method == "freeze"  # the task rule's pick fits, so it comes first
     assert "disagree" in rec.summary
+    mid = A.recommend(A.preset("gpt2"), 24, 8, 1024, "qa")  # rules: lora; full fits too
+    assert mid.grounded[0].method == "lora" and "full fine-tuning also fits" in mid.summary
     big = A.recommend(A.preset("gpt2"), 80, 8, 1024, "generation", data_quality="high")
     assert big.grounded[0].method == "full" and not big.rejected
     none = A.recommend(A.preset("gpt2-large"), 1, 8, 1024, "qa")
