@@ -15,8 +15,6 @@ from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.train import model_forward
 
-from conftest import hf_bert, hf_gpt2
-
 # ---------------------------------------------------------------------------- rule tables
 
 
@@ -273,11 +271,18 @@ def test_cli_recommend_json_and_text(capsys, tmp_path):
     out = json.loads(capsys.readouterr().out)
     assert out["by_task"]["method"] == "adalora" and out["by_resources"]["method"] == "lora"
     assert {c["method"] for c in out["grounded"]} <= set(A.METHODS)
-    _, d = hf_gpt2(tmp_path / "g")
+    d = tmp_path / "g"  # an HF-format directory: only config.json is read
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 97, "n_positions": 64,
+                                               "n_embd": 32, "n_layer": 2, "n_head": 4}))
     assert main(["recommend", "--model", str(d), "--gpu-mem", "4", "--batch", "2", "--seq-len", "32"]) == 0
     text = capsys.readouterr().out
     assert "rule table, by resources: prefix_tuning" in text and "grounded" in text
-    _, d = hf_bert(tmp_path / "b")
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({
+        "model_type": "bert", "vocab_size": 99, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 64}))
     assert main(["recommend", "--model", str(d), "--gpu-mem", "4", "--task", "classification",
                  "--similarity", "0.8", "--seq-len", "32"]) == 0
     assert "by task:      lora" in capsys.readouterr().out
