@@ -111,8 +111,10 @@ class CompareConfig:
             raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"a method is listed twice in {','.join(self.methods)}")
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("give exactly one of steps and epochs")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give one of steps and epochs, not both")
+        if self.steps is None and self.epochs is None:
+            self.steps = CPU_DEFAULTS["steps"]
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
@@ -129,7 +131,7 @@ class Row:
     trainable: int
     total: int
     trainable_pct: float
-    lr: float
+    lr: float | None                  # None for the probe (L-BFGS, no learning rate)
     steps: int
     wall_s: float                     # training (probe: feature extraction + probe fitting)
     eval_s: float
@@ -311,7 +313,7 @@ def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> R
     wall = time.perf_counter() - t0
     C = feats["train"][0].shape[1]
     total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.classifier.parameters())
-    return Row("probe", C * k + k, total + C * k + k, 0.0, float("nan"), 0, wall, 0.0, tok_s, 0.0,
+    return Row("probe", C * k + k, total + C * k + k, 0.0, None, 0, wall, 0.0, tok_s, 0.0,
                best["dev_acc"], best["dev_f1"], best["test_acc"], best["test_f1"],
                f"layer {best['layer']} of {len(per_layer) - 1} ({pooling} pooling)",
                extra={"per_layer": per_layer, "pooling": pooling})
@@ -353,19 +355,23 @@ def _run_isolated(cfg: CompareConfig, method: str) -> Row:
 
 def run(cfg: CompareConfig, log=print) -> tuple[list[Row], dict]:
     """Every method of ``cfg`` on the same task; returns (rows, meta)."""
-    from tqdm.auto import tqdm
     cfg = resolve(cfg, log)
     t_start = time.perf_counter()
     task = load_task(cfg)  # also validates the data before any worker starts
     isolate = cfg.isolate and not cfg.device.startswith("cuda")
-    rows = []
-    bar = tqdm(cfg.methods, desc="compare", disable=not cfg.progress, dynamic_ncols=True, position=0)
-    for method in bar:
-        bar.set_description(f"compare [{method}]")
-        log(f"compare: {method} ({len(rows) + 1}/{len(cfg.methods)})")
-        rows.append(_run_isolated(cfg, method) if isolate else run_method(task, method, cfg))
-    bar.close()
     steps = total_steps(cfg, len(task.train))
+    log(f"compare: {len(cfg.methods)} methods x {steps} steps of batch {cfg.batch_size} on {task.sizes} "
+        f"examples, max_len {cfg.max_len}, {cfg.device}")
+    if not isolate:
+        _warm_up(task, cfg)
+    rows = []
+    for i, method in enumerate(cfg.methods, 1):
+        what = "frozen features + a probe per layer" if method == "probe" else f"{steps} steps"
+        log(f"compare: [{i}/{len(cfg.methods)}] {method} ({what})")
+        rows.append(_run_isolated(cfg, method) if isolate else run_method(task, method, cfg))
+        r = rows[-1]
+        log(f"compare: [{i}/{len(cfg.methods)}] {method}: dev acc {100 * r.dev_acc:.1f}, "
+            f"test acc {100 * r.test_acc:.1f}, {r.wall_s:.0f} s")
     meta = {"device": _device_name(cfg.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": cfg.model, "labels": [str(y) for y in task.labels], "examples": task.sizes,
             "steps": steps, "batch_size": cfg.batch_size, "max_len": cfg.max_len, "seed": cfg.seed,
@@ -376,6 +382,31 @@ def run(cfg: CompareConfig, log=print) -> tuple[list[Row], dict]:
             "budget": budget_note(cfg.methods, steps),
             "total_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d")}
     return rows, meta
+
+
+def _warm_up(task: Task, cfg: CompareConfig) -> None:
+    """One untimed training step, so one-time start-up costs (lazy imports of the optimizer's
+    helpers, CUDA context, cuBLAS handles, allocator growth) are not charged to whichever
+    method runs first."""
+    from minift.train import _device, _to, model_forward
+    device = _device(cfg.device)
+    model = _load_model(task, cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        model_forward(model, _to(task.train[0], device)).loss.backward()
+    opt.step()
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _warm_up_optimizer() -> None:
+    """AdamW's first step imports and sets up helpers (seconds on a busy CPU): do it on one
+    number, so a worker's timed run does not pay for it and its peak RSS stays its own."""
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.ones(1)
+    torch.optim.AdamW([p], lr=1e-9).step()
 
 
 def budget_note(methods, steps: int) -> str:
@@ -395,6 +426,12 @@ def budget_note(methods, steps: int) -> str:
 
 COLUMNS = ("method", "trainable", "% of all", "wall s", "tokens/s", "peak MiB", "dev acc", "dev F1",
            "test acc", "test F1", "note")
+
+
+LEGEND = ("wall s: training time (probe: feature extraction of every split + one probe per layer); "
+          "tokens/s: real (unpadded) training tokens per second (probe: forward tokens per second); "
+          "peak MiB: see memory above; accuracy and macro-F1 in %, of the final weights (no early stopping); "
+          "trainable % of all parameters, classification head included.\n")
 
 
 def _cells(r: Row) -> list[str]:
@@ -424,7 +461,7 @@ def save(rows: list[Row], meta: dict, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.json", out / f"{name}.md"]
     paths[0].write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
     md = (f"# minift compare — {meta['device']}\n\n" + "".join(f"- {k}: {v}\n" for k, v in meta.items())
-          + "\n" + to_markdown(rows))
+          + "\n" + to_markdown(rows) + "\n" + LEGEND)
     paths[1].write_text(md)
     if plot(rows, meta, out / f"{name}.png"):
         paths.append(out / f"{name}.png")
@@ -462,7 +499,9 @@ def _worker(argv: list[str]) -> int:
     cfg_path, method, out_path = argv
     raw = json.loads(Path(cfg_path).read_text())
     cfg = CompareConfig(**{f.name: raw[f.name] for f in fields(CompareConfig)})
-    row = run_method(load_task(cfg), method, cfg)
+    task = load_task(cfg)
+    _warm_up_optimizer()
+    row = run_method(task, method, cfg)
     Path(out_path).write_text(json.dumps(asdict(row)))
     return 0
 
