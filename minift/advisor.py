@@ -354,7 +354,6 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         return p
 
     # ---- which parameters train: mirrors full.apply, lora.apply, prefix/prompt.apply, freeze.apply/bitfit
-    peft = method in ("lora", "dora", "adalora", "prefix", "prompt")
     n_frozen = {"freeze": L // 2 if opts.frozen_layers is None else opts.frozen_layers}.get(method, 0)
     if not 0 <= n_frozen <= L:
         raise ValueError(f"frozen_layers must be in [0, {L}], got {n_frozen}")
@@ -398,13 +397,13 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         pooler = _Lin(C, C, param(C * C, top and not bitfit), param(C, top))
         head = _Lin(C, opts.num_labels, param(C * opts.num_labels, method != "probe"),
                     param(opts.num_labels, method != "probe"))
-    table: list[_P] = []
-    if method == "prefix":
-        d = opts.projection_dim
-        table = [param(P * 2 * L * C, True)] if d is None else \
-            [param(P * C, True), param(C * d, True), param(d, True), param(d * 2 * L * C, True), param(2 * L * C, True)]
+    d = opts.projection_dim
+    if method == "prefix":  # the (P, 2LC) table, or E (P, C) and the MLP C -> d -> 2LC
+        sizes = (P * 2 * L * C,) if d is None else (P * C, C * d, d, d * 2 * L * C, 2 * L * C)
+        for n in sizes:
+            param(n, True)
     if method == "prompt":
-        table = [param(P * C, True)]
+        param(P * C, True)
     # grad_from_layer (freeze.sync_grad_from_layer): first block with a trainable parameter
     # when the embeddings are frozen; only freezing methods set it
     emb_train = any(p.grad for p in emb)

@@ -190,8 +190,7 @@ def test_frozen_bottom_half_keeps_nothing():
     per = {m: estimate("gpt", m, cfg, 2, 16) for m in ("full", "freeze")}
     cfg8 = GPTConfig(**{**GPT_CFG, "n_layer": 8})
     half = A.estimate_memory(cfg8, "freeze", 2, 16, "fp32", device="cpu")
-    # the 8-layer model with 4 frozen layers keeps what the 4-layer model with 0 frozen keeps, minus the
-    # first block's saved input (the embeddings output needs no gradient there)
+    # 8 layers with the bottom 4 frozen keep exactly what 4 trainable layers over frozen embeddings keep
     top4 = A.estimate_memory(cfg, "freeze", 2, 16, "fp32", device="cpu", frozen_layers=0)
     assert half.activations == top4.activations
     assert per["freeze"].activations < per["full"].activations
@@ -212,6 +211,15 @@ def test_weights_gradients_and_adamw_state_equal_what_one_step_holds(kind, metho
     opt.step()
     state = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values())
     assert est.optimizer_state == state
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+def test_prefix_with_reparameterization_counts_exactly(kind):
+    cfg, model = build(kind, "full")
+    head = ("classifier",) if kind == "bert" else ()
+    prefix.apply(model, prefix.PrefixConfig(num_virtual_tokens=P, projection_dim=7, modules_to_save=head))
+    est = estimate(kind, "prefix", cfg, 2, 8, projection_dim=7)
+    assert (est.trainable_params, est.total_params) == count_trainable(model)
 
 
 def test_frozen_weights_in_bf16_halve_their_bytes():
