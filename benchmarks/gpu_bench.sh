@@ -17,3 +17,5 @@ b --model gpt2-large --methods full,lora,adalora,prefix,prompt,freeze,bitfit --n
 b --model gpt2-medium --methods full,lora --no-frozen-bf16 --name ablation-fp32-frozen-base
 b --model gpt2-medium --methods full,lora --plain-ce --name ablation-plain-ce
 b --model gpt2-medium --methods full,lora --checkpointing --name ablation-checkpointing
+# The advisor's memory estimate against the measured peak (GPT-2 small and medium, B=8, T=1024)
+python3 benchmarks/advisor_check.py --out "$out" > /dev/null || echo "FAILED: advisor_check" >&2

@@ -277,9 +277,9 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
             with _autocast(cfg.device):
                 loss = _loss(model, batch, cfg, hooks)
             loss.backward()
-            if "allocator" in hooks:  # AdaLoRA: after backward, before zero_grad
-                hooks["allocator"].step(model, i)
             opt.step()
+            if "allocator" in hooks:  # AdaLoRA: after the update, before zero_grad (as PEFT)
+                hooks["allocator"].step(model, i)
             opt.zero_grad(set_to_none=True)
     else:
         model.eval()
@@ -363,9 +363,9 @@ def run_peft(cfg: BenchConfig, method: str, compile_: bool = False) -> Row:
         with _autocast(cfg.device):
             loss = fwd(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         loss.backward()
+        opt.step()
         if method == "adalora":
             model.base_model.update_and_allocate(i)
-        opt.step()
         opt.zero_grad(set_to_none=True)
 
     ms, peak = _timed(step, cfg)
