@@ -57,6 +57,12 @@ METHOD_FLAGS = [
 SKIP = {"out_dir", "resume", "log_path", "progress", "plot", "metric", "higher_is_better"}
 TRAIN_KEYS = [f.name for f in fields(TrainConfig) if f.name not in SKIP]
 DATA_KEYS = ["model", "train", "dev", "task", "max_len"]
+TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over the data (default 1)",
+              "grad_accum": "micro-batches per optimizer step", "warmup": ">= 1: steps; < 1: fraction of the run",
+              "schedule": "linear | cosine | constant", "eval_every": "steps between dev evaluations (0: at the end)",
+              "patience": "early stopping: evaluations without improvement (0: off)",
+              "save_every": "steps between checkpoints (0: at the end)", "device": "auto | cpu | cuda",
+              "bf16": "bf16 autocast on CUDA (default true)"}
 INT_KEYS = ("steps", "batch_size", "grad_accum", "eval_every", "patience", "seed", "save_every")
 
 
@@ -87,7 +93,7 @@ def add_train_flags(p) -> None:
             g.add_argument(flag, dest=f.name, type=_bool, metavar="true|false")
         else:
             g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device") else
-                           int if f.name in INT_KEYS else float)
+                           int if f.name in INT_KEYS else float, help=TRAIN_HELP.get(f.name))
     g = p.add_argument_group("method options (fields of the method's config)")
     for name, kind, text in METHOD_FLAGS:
         flag = "--" + name.replace("_", "-")
@@ -138,7 +144,13 @@ def settings(args) -> tuple[str, dict, dict, dict]:
         from minift.compare import load_recipe
         layers.append(load_recipe(args.recipe))
     if args.config:
-        layers.append(read_toml(args.config))
+        doc = read_toml(args.config)
+        here = Path(args.config).parent  # relative data paths in the file are relative to it
+        for k in ("model", "train", "dev"):
+            v = doc.get("data", {}).get(k)
+            if isinstance(v, str) and not Path(v).is_absolute() and (here / v).exists():
+                doc["data"][k] = str(here / v)
+        layers.append(doc)
     cli = vars(args)
     layers.append({"method": {"name": cli.get("method"), **{n: cli.get(n) for n, _, _ in METHOD_FLAGS}},
                    "train": {k: cli.get(k) for k in TRAIN_KEYS}, "data": {k: cli.get(k) for k in DATA_KEYS}})

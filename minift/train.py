@@ -171,6 +171,7 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     ckpt = latest_checkpoint(out) if (cfg.resume and out) else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt, allocator)
+        _truncate_log(log_path, state["step"])  # steps after the checkpoint are about to be redone
     else:
         seed_everything(cfg.seed)
     step = state["step"]
@@ -315,6 +316,13 @@ def _log(path, record: dict) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path, step: int) -> None:
+    if path and Path(path).is_file():
+        keep = [line for line in Path(path).read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        Path(path).write_text("".join(line + "\n" for line in keep))
 
 
 def plot_losses(res: TrainResult, path) -> bool:

@@ -1,4 +1,5 @@
 """`minift train` / `minift eval` end to end on tiny models and data; bad input -> exit 2, one line."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -120,6 +121,7 @@ def test_config_file_recipe_and_resume(files, tmp_path, capsys):
     assert rc == 0, err
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+    assert (out / "loss.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
     # a recipe supplies method + training options; the data comes from the flags
     rc, _, err = run_cli(["train", "--recipe", "sentiment-lora", "--model", files / "bert", "--train",
                           files / "train.jsonl", "--out", tmp_path / "r", "--steps", "1", "--no-progress"], capsys)
@@ -151,3 +153,27 @@ def test_real_process_exit_code_and_no_traceback(files, tmp_path):
                         str(files / "train.jsonl"), "--method", "lora", "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=Path(__file__).parent.parent, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(files, tmp_path, capsys, monkeypatch):
+    import minift.train
+    base = ["train", "--model", files / "bert", "--train", files / "train.jsonl", "--method", "lora",
+            "--r", "2", "--dropout", "0.1", "--steps", "5", "--batch-size", "4", "--lr", "1e-2", "--no-progress"]
+    assert run_cli([*base, "--out", tmp_path / "a"], capsys)[0] == 0
+    real, calls = minift.train.model_forward, []
+
+    def interrupted(model, batch):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C in the middle of step 3
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(minift.train, "model_forward", interrupted)
+    rc, _, err = run_cli([*base, "--out", tmp_path / "b"], capsys)
+    assert rc == 130 and "--resume" in err and (tmp_path / "b" / "last" / "state.json").is_file()
+    monkeypatch.setattr(minift.train, "model_forward", real)
+    assert run_cli([*base, "--out", tmp_path / "b", "--resume"], capsys)[0] == 0
+
+    def losses(d):
+        return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 5

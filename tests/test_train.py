@@ -229,3 +229,36 @@ def test_config_validation():
         TrainConfig(steps=1, schedule="step")
     with pytest.raises(ValueError, match="grad_accum must be >= 1"):
         TrainConfig(steps=1, grad_accum=0)
+
+
+@pytest.mark.parametrize("method, opts", [
+    ("adalora", {"init_r": 4, "target_r": 2, "targets": ("q_proj", "v_proj"), "tinit": 1, "tfinal": 1,
+                 "delta_t": 1, "orth_reg_weight": 0.1}),
+    ("freeze", {"unfreeze_every": 2, "lr_decay": 2.6}),
+    ("prefix", {"num_virtual_tokens": 3, "projection_dim": 8}),
+])
+def test_resume_is_exact_with_method_hooks(method, opts, tmp_path):
+    """AdaLoRA (allocator state + penalty), gradual unfreezing + discriminative groups, prefix."""
+    from minift.methods.build import build_method
+    from minift.models.bert import BertClassifier, BertConfig
+
+    def fresh():
+        torch.manual_seed(0)
+        m = BertClassifier(BertConfig(vocab_size=50, max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16,
+                                      n_inner=32, dropout=0.1), num_labels=2)
+        return m, build_method(m, method, opts, lr=1e-2, total_steps=7).train_hooks()
+
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(3):
+        x = torch.randint(1, 50, (2, 9), generator=g)
+        data.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.tensor([0, 1])})
+    c = dict(steps=7, grad_accum=1, lr=1e-2)
+    m, hooks = fresh()
+    full = train(m, data, cfg(tmp_path / "a", **c), **hooks)
+    m, hooks = fresh()
+    assert train(m, data, cfg(tmp_path / "b", **c), on_step=Interrupt(3), **hooks).interrupted
+    m, hooks = fresh()
+    assert train(m, data, cfg(tmp_path / "b", **c, resume=True), **hooks).losses == full.losses
+    logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 8))
