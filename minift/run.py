@@ -292,9 +292,13 @@ def train_command(args) -> int:
         return 130
     save_weights(model, out / "adapter")
     shutil.copy(out / "run.json", out / "adapter" / "run.json")
-    if method in ("lora", "dora"):
+    if method in ("lora", "dora", "adalora", "prefix", "prompt"):  # also as a PEFT adapter
         from minift.adapters import save_adapter
-        save_adapter(model, out / "adapter", layout="peft")
+        try:
+            save_adapter(model, out / "adapter", layout="peft")
+        except (ValueError, NotImplementedError) as e:
+            print(f"minift train: no PEFT-layout adapter ({e}); writing minift's layout", file=sys.stderr)
+            save_adapter(model, out / "adapter", layout="minift")
     if not st.peft:
         model.save_pretrained(out / "model")
         shutil.copy(Path(data["model"]) / "tokenizer.json", out / "model" / "tokenizer.json")

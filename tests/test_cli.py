@@ -81,6 +81,8 @@ def test_train_then_eval_classification(method, files, tmp_path, capsys):
     assert summary["steps"] == 3 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
     assert (out / "adapter" / "model.safetensors").is_file() and (out / "last" / "state.json").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 3
+    if method in ("lora", "dora", "adalora", "prefix", "prompt"):  # the adapter file, PEFT's layout
+        assert (out / "adapter" / "adapter_config.json").is_file(), err
     rc, stdout, err = run_cli(["eval", "--model", files / "bert", "--adapter", out / "adapter",
                                "--data", files / "dev.jsonl"], capsys)
     assert rc == 0, err

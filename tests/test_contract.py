@@ -132,9 +132,10 @@ def test_method_contract(row, tmp_path):
     with torch.no_grad():
         a, b = model_forward(model.eval(), batch).loss, model_forward(fresh.eval(), batch).loss
     assert torch.equal(a, b)
-    if method in ("lora", "dora"):  # the user-facing adapter file round-trips as well
+    if method in ("lora", "dora", "adalora", "prefix", "prompt"):  # the adapter files round-trip too
         from minift.adapters import load_adapter, save_adapter
-        save_adapter(model, tmp_path / "adapter", layout="minift")
-        fresh = load_adapter(make(kind), tmp_path / "adapter")
-        with torch.no_grad():
-            assert torch.equal(model_forward(fresh.eval(), batch).loss, a)
+        for layout in ("minift", "peft"):
+            save_adapter(model, tmp_path / layout, layout=layout)
+            fresh = load_adapter(make(kind), tmp_path / layout)
+            with torch.no_grad():
+                assert torch.equal(model_forward(fresh.eval(), batch).loss, a), layout
