@@ -54,7 +54,7 @@ METHOD_FLAGS = [
     ("start_layers", int, "gradual unfreezing: top layers trainable at the start"),
     ("group_size", int, "gradual unfreezing: layers unfrozen at a time"),
 ]
-SKIP = {"out_dir", "resume", "log_path", "progress", "plot", "metric", "higher_is_better"}
+SKIP = {"out_dir", "resume", "log_path", "progress", "plot"}
 TRAIN_KEYS = [f.name for f in fields(TrainConfig) if f.name not in SKIP]
 DATA_KEYS = ["model", "train", "dev", "task", "max_len"]
 TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over the data (default 1)",
@@ -62,7 +62,9 @@ TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over t
               "schedule": "linear | cosine | constant", "eval_every": "steps between dev evaluations (0: at the end)",
               "patience": "early stopping: evaluations without improvement (0: off)",
               "save_every": "steps between checkpoints (0: at the end)", "device": "auto | cpu | cuda",
-              "bf16": "bf16 autocast on CUDA (default true)"}
+              "bf16": "bf16 autocast on CUDA (default true)",
+              "metric": "dev metric early stopping and best/ track: loss, accuracy, macro_f1, perplexity",
+              "higher_is_better": "true for accuracy/F1 (default false: loss)"}
 INT_KEYS = ("steps", "batch_size", "grad_accum", "eval_every", "patience", "seed", "save_every")
 
 
@@ -89,10 +91,10 @@ def add_train_flags(p) -> None:
         if f.name in SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("shuffle", "bf16"):
-            g.add_argument(flag, dest=f.name, type=_bool, metavar="true|false")
+        if f.name in ("shuffle", "bf16", "higher_is_better"):
+            g.add_argument(flag, dest=f.name, type=_bool, metavar="true|false", help=TRAIN_HELP.get(f.name))
         else:
-            g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device") else
+            g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device", "metric") else
                            int if f.name in INT_KEYS else float, help=TRAIN_HELP.get(f.name))
     g = p.add_argument_group("method options (fields of the method's config)")
     for name, kind, text in METHOD_FLAGS:
