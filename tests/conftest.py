@@ -5,7 +5,9 @@ import torch
 from minift.models.bert import Bert, BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 
-torch.set_num_threads(2)
+# One intra-op thread: the tensors here are tiny, and on the shared 2-core machine two threads
+# spin against each other (tests/test_train.py: 104 s with 2 threads, 14 s with 1, same load).
+torch.set_num_threads(1)
 
 TINY_GPT = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
 TINY_BERT = dict(vocab_size=99, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32, n_inner=64)
