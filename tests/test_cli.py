@@ -1,4 +1,5 @@
 """`minift train` / `minift eval` end to end on tiny models and data; bad input -> exit 2, one line."""
+import importlib
 import importlib.util
 import json
 import subprocess
@@ -158,11 +159,11 @@ def test_real_process_exit_code_and_no_traceback(files, tmp_path):
 
 
 def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(files, tmp_path, capsys, monkeypatch):
-    import minift.train
+    train_module = importlib.import_module("minift.train")  # the module, not minift.train the function
     base = ["train", "--model", files / "bert", "--train", files / "train.jsonl", "--method", "lora",
             "--r", "2", "--dropout", "0.1", "--steps", "5", "--batch-size", "4", "--lr", "1e-2", "--no-progress"]
     assert run_cli([*base, "--out", tmp_path / "a"], capsys)[0] == 0
-    real, calls = minift.train.model_forward, []
+    real, calls = train_module.model_forward, []
 
     def interrupted(model, batch):
         calls.append(1)
@@ -170,10 +171,10 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(files, tmp_path, c
             raise KeyboardInterrupt
         return real(model, batch)
 
-    monkeypatch.setattr(minift.train, "model_forward", interrupted)
+    monkeypatch.setattr(train_module, "model_forward", interrupted)
     rc, _, err = run_cli([*base, "--out", tmp_path / "b"], capsys)
     assert rc == 130 and "--resume" in err and (tmp_path / "b" / "last" / "state.json").is_file()
-    monkeypatch.setattr(minift.train, "model_forward", real)
+    monkeypatch.setattr(train_module, "model_forward", real)
     assert run_cli([*base, "--out", tmp_path / "b", "--resume"], capsys)[0] == 0
 
     def losses(d):

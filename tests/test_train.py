@@ -1,4 +1,5 @@
 """The training loop: exact resume, crash-safe checkpoints, schedule, hooks, early stopping."""
+import importlib
 import json
 import math
 import os
@@ -6,10 +7,11 @@ import os
 import pytest
 import torch
 
-import minift.checkpoint as ckpt
 from minift.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from minift.models.gpt import GPT, GPTConfig
 from minift.train import TrainConfig, lr_factor, make_optimizer, train
+
+ckpt = importlib.import_module("minift.checkpoint")  # the module (minift re-exports functions by name)
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
