@@ -177,7 +177,7 @@ def settings(args) -> tuple[str, dict, dict, dict]:
 def resolve_paths(data: dict) -> dict:
     """Named model/data of the recipes (minilm, sentiment) -> fetched paths, only when needed."""
     data = dict(data)
-    if data.get("model") == "minilm" and not Path("minilm").is_dir():
+    if data.get("model") == "minilm":  # a local directory of that name: write ./minilm
         from minift.fetch import fetch_minilm
         data["model"] = str(fetch_minilm())
     if data.get("task") == "sentiment":
