@@ -12,7 +12,8 @@ The question it answers: "for my task, which method, at what cost, with what qua
             method | trainable (%) | wall s | tokens/s | peak memory | dev/test acc, macro-F1
 
 Each method's hyperparameters come from its recipe, ``minift/recipes/sentiment-<method>.toml``
-(the ``[method]`` options and the ``lr``/``warmup``/``weight_decay`` of ``[train]``); the
+(the ``[method]`` options, the ``warmup``/``weight_decay`` of ``[train]``, and the ``lr`` of
+``[compare]`` where a recipe has one for this short shared budget, else of ``[train]``); the
 step budget, batch size and sequence length are the comparison's own and shared by all.
 The linear probe trains a logistic-regression probe on every layer's frozen features and
 reports the layer with the best dev accuracy.
@@ -259,9 +260,10 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
     from minift.methods.build import build_method
     from minift.train import TrainConfig, train
     t = recipe["train"]
-    state = build_method(model, method, method_options(recipe, steps), lr=t["lr"],
+    lr = recipe.get("compare", {}).get("lr", t["lr"])  # a recipe may set its own lr for the short shared budget
+    state = build_method(model, method, method_options(recipe, steps), lr=lr,
                          weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
-    tc = TrainConfig(lr=t["lr"], steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
+    tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
                      schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),
                      seed=cfg.seed, device=cfg.device, progress=cfg.progress, plot=False)
     t0 = time.perf_counter()
@@ -276,7 +278,7 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
         c = state.config
         note = (f"r {c.init_r} -> {c.target_r} per matrix; {state.allocator.budget} live ranks "
                 f"at the end")
-    return Row(method, 0, 0, 0.0, t["lr"], res.steps, wall, time.perf_counter() - t0, res.tokens_per_s,
+    return Row(method, 0, 0, 0.0, lr, res.steps, wall, time.perf_counter() - t0, res.tokens_per_s,
                0.0, dev["acc"], dev["f1"], test["acc"], test["f1"], note,
                extra={"final_loss": res.losses[-1] if res.losses else float("nan"),
                       "options": {k: list(v) if isinstance(v, tuple) else v for k, v in state.options.items()}})

@@ -9,19 +9,20 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-COLUMNS = ("method", "trainable", "% of all", "wall s", "tokens/s", "peak MiB", "dev acc", "dev F1",
+COLUMNS = ("method", "trainable", "% of all", "lr", "wall s", "tokens/s", "peak MiB", "dev acc", "dev F1",
            "test acc", "test F1", "note")
 
 
 LEGEND = ("wall s: training time (probe: feature extraction of every split + one probe per layer); "
           "tokens/s: real (unpadded) training tokens per second (probe: forward tokens per second); "
-          "peak MiB: see memory above; accuracy and macro-F1 in %, of the final weights (no early stopping); "
+          "lr: peak learning rate (the recipe's [compare] lr, else its [train] lr); peak MiB: see memory above; accuracy and macro-F1 in %, of the final weights (no early stopping); "
           "trainable % of all parameters, classification head included.\n")
 
 
 def _cells(r) -> list[str]:
     pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
-    return [r.method, f"{r.trainable:,}", f"{r.trainable_pct:.3g}%", f"{r.wall_s:.1f}", f"{r.tokens_per_s:,.0f}",
+    return [r.method, f"{r.trainable:,}", f"{r.trainable_pct:.3g}%", "-" if r.lr is None else f"{r.lr:g}",
+            f"{r.wall_s:.1f}", f"{r.tokens_per_s:,.0f}",
             f"{r.peak_mib:,.0f}", pct(r.dev_acc), pct(r.dev_f1), pct(r.test_acc), pct(r.test_f1), r.note]
 
 

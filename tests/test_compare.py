@@ -80,15 +80,18 @@ def test_every_method_end_to_end(setup, capsys):
     assert [c for c in (h.strip() for h in header.split("  ")) if c] == list(compare.COLUMNS)
     rows = _table(out)
     assert [r[0] for r in rows] == list(compare.METHODS)
+    col = {c: i for i, c in enumerate(compare.COLUMNS)}
     for r in rows:
-        trainable = int(r[1].replace(",", ""))
-        assert trainable > 0
-        assert r[2].endswith("%") and float(r[2][:-1]) <= 100
-        for acc in r[6:10]:
-            assert 0.0 <= float(acc) <= 100.0
+        assert len(r) >= len(compare.COLUMNS) - 1  # the note may be empty
+        assert int(r[col["trainable"]].replace(",", "")) > 0
+        pct = r[col["% of all"]]
+        assert pct.endswith("%") and 0 < float(pct[:-1]) <= 100
+        for c in ("dev acc", "dev F1", "test acc", "test F1"):
+            assert 0.0 <= float(r[col[c]]) <= 100.0
     full, lora, probe = rows[0], rows[1], rows[-1]
-    assert r[2] and float(full[2][:-1]) == 100.0  # full fine-tuning trains everything
-    assert int(lora[1].replace(",", "")) < int(full[1].replace(",", ""))
+    assert float(full[col["% of all"]][:-1]) == 100.0  # full fine-tuning trains everything
+    assert int(lora[col["trainable"]].replace(",", "")) < int(full[col["trainable"]].replace(",", ""))
+    assert float(lora[col["lr"]]) == 1e-3 and probe[col["lr"]] == "-"  # the recipe's [compare] lr; no lr to probe
     assert probe[-1].startswith("layer ")  # the best layer by dev accuracy is named
     assert "AdaLoRA init_r=24 -> target_r=16" in out and "matches LoRA r=16" in out
 
