@@ -3,5 +3,5 @@
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
-python3 -m minift bench --out "$out" --model gpt2-medium --methods full,lora,adalora,prefix,prompt --compile \
+python3 -m minift bench --out "$out" --model gpt2-medium --methods full,lora --compile \
   --peft full,lora --peft-compile --name bench-gpt2-medium-compile > /dev/null || echo "FAILED: compile" >&2

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.models.gpt import KV, attention_bias, frozen_below, run_block
+from minift.models.gpt import KV, attention_bias, cast_once, frozen_below, run_block
 
 
 @dataclass
@@ -91,6 +91,7 @@ class SelfAttention(nn.Module):
     def forward(self, x, bias=None, prefix: KV | None = None):
         B, T, C = x.shape
         hs = C // self.n_head
+        x = cast_once(x)  # the residual stream itself stays in its own dtype
         q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -110,7 +111,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(F.gelu(self.up_proj(cast_once(x))))
 
 
 class Layer(nn.Module):

@@ -82,6 +82,18 @@ def attention_bias(T: int, P: int, attention_mask, causal: bool, dtype, device):
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def cast_once(x: torch.Tensor) -> torch.Tensor:
+    """Under CUDA autocast, cast a matmul input to the autocast dtype once.
+
+    Autocast casts a non-parameter input again for every matmul that reads it: q, k, v (and
+    each LoRA's A) would each cast the same LayerNorm output, in forward and in backward.
+    Casting once gives the same numbers with one copy instead of several.
+    """
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return x.to(torch.get_autocast_dtype("cuda"))
+    return x
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -96,6 +108,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, bias=None, prefix: KV | None = None):
         B, T, C = x.shape
         hs = C // self.n_head
+        x = cast_once(x)
         q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -120,7 +133,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(cast_once(x)), approximate="tanh")))
 
 
 class Block(nn.Module):
@@ -279,6 +292,10 @@ def lm_loss(x, weight, targets, chunk: int = 4096):
     of each chunk recomputed in backward (activation checkpointing), so the full
     (B*T, vocab) fp32 logits tensor is never held for backward.
     """
+    V = weight.shape[0]
+    weight = cast_once(weight)
+    if V % 64:  # a vocabulary of 50257 rows makes cuBLAS pick a slow kernel: pad to a multiple of 64
+        weight = F.pad(weight, (0, 0, 0, 64 - V % 64))  # (V', C); the extra logits are sliced off
     x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (B*(T-1), C)
     t = targets[:, 1:].reshape(-1)  # (B*(T-1),)
     n = (t != -100).sum()
@@ -289,12 +306,12 @@ def lm_loss(x, weight, targets, chunk: int = 4096):
         xs, ts = x[s:s + chunk], t[s:s + chunk]
         if x.requires_grad or weight.requires_grad:
             total = total + torch.utils.checkpoint.checkpoint(
-                _chunk_ce, xs, weight, ts, use_reentrant=False)
+                _chunk_ce, xs, weight, ts, V, use_reentrant=False)
         else:
-            total = total + _chunk_ce(xs, weight, ts)
+            total = total + _chunk_ce(xs, weight, ts, V)
     return total / n
 
 
-def _chunk_ce(x, weight, t):
-    logits = F.linear(x, weight).float()  # (chunk, vocab), fp32 only one chunk at a time
+def _chunk_ce(x, weight, t, V):
+    logits = F.linear(x, weight)[:, :V].float()  # (chunk, vocab), fp32 only one chunk at a time
     return F.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
