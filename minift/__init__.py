@@ -1,7 +1,8 @@
 """minift: fine-tuning methods for transformers, from scratch in plain PyTorch.
 
 The public API, re-exported; each method is also importable as a module
-(``from minift.methods import lora``) and reads top to bottom there.
+(``from minift.methods import lora``) and reads top to bottom there. The training loop is
+``minift.train.train`` (not re-exported here, so ``minift.train`` stays the module).
 """
 from minift.adapters import load_adapter, save_adapter
 from minift.advisor import MemoryEstimate, Recommendation, estimate_memory, recommend
@@ -19,7 +20,7 @@ from minift.methods.prompt import PromptConfig, SoftPrompt
 from minift.metrics import accuracy, perplexity, precision_recall_f1, rouge_l, rouge_n
 from minift.models.bert import Bert, BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
-from minift.train import TrainConfig, TrainResult, model_forward, train
+from minift.train import TrainConfig, TrainResult, model_forward
 
 __version__ = "0.1.0"
 
@@ -29,7 +30,7 @@ __all__ = [
     "LoRAConfig", "LoRALinear", "AdaLoRAConfig", "SVDLinear", "RankAllocator", "PrefixConfig",
     "PrefixEncoder", "PromptConfig", "SoftPrompt", "FreezeConfig", "GradualUnfreezer", "bitfit",
     "discriminative_param_groups", "ProbeResult", "run_probe", "count_trainable", "summary",
-    "save_adapter", "load_adapter", "TrainConfig", "TrainResult", "train", "model_forward",
+    "save_adapter", "load_adapter", "TrainConfig", "TrainResult", "model_forward",
     "DataError", "ClassificationData", "read_records", "read_classification", "load_tokenizer", "collate",
     "batches", "FetchError", "cache_dir", "fetch_minilm", "fetch_sentiment",
     "accuracy", "precision_recall_f1", "rouge_n", "rouge_l", "perplexity",
