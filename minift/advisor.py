@@ -490,11 +490,14 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
     if gpt:
         x = tape.layer_norm(x, *ln_f, C)
         n_pos = B * (Tq - 1)
+        Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
         if x.grad or emb[0].grad:  # lm_loss: checkpointed chunks keep their inputs
             tape.save(x if B == 1 else tape.new(n_pos * C, x.b),  # x[:, :-1] (a copy unless B == 1)
                       tape.new(B * Tq if B == 1 else n_pos, 8), tape.new(1, 8))  # shifted targets, count
+            if Vp != V or (tape.ac and emb[0].b == 4):  # the head cast once to bf16 and/or padded: a copy
+                tape.save(tape.new(Vp * C, 2 if tape.ac else emb[0].b))
         c = min(LOSS_CHUNK, n_pos)
-        w_cast = V * C * 2 if tape.ac and emb[0].b == 4 else 0  # bf16 copy of the tied head, per chunk
+        w_cast = 0  # the head is cast once before the chunks (counted above), not per chunk
         pending = V * C * 2 if emb[0].grad and tape.ac and n_pos > c else 0  # head grad from the last chunk
         logits = 12 * c * V + c * C * act_b + w_cast + pending + n_pos * C * 4
     else:
