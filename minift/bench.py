@@ -13,6 +13,8 @@ Model FLOPs per token (the MFU numerator), with N the parameters used in matmuls
 Full fine-tuning gives the familiar 6N + 12·L·T·d; a frozen base (LoRA, prefix, ...) gives
 4N + 12·L·T·d; frozen bottom layers that run without autograd cost forward only.
 MFU divides achieved FLOP/s by the bf16 matmul rate measured on the same card in the same run.
+The peer (transformers + peft) runs the same shapes in ``benchmarks/peft_baseline.py``: the
+oracles are never imported from ``minift/``.
 
 Each optimization is a flag so its effect is measured, not assumed:
 ``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
@@ -311,75 +313,6 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     return row
 
 
-# ---------------------------------------------------------------------------- PEFT side by side
-
-def run_peft(cfg: BenchConfig, method: str, compile_: bool = False) -> Row:
-    """The same shapes through transformers + peft (imported only here, only when asked)."""
-    import peft
-    import transformers
-
-    torch.manual_seed(cfg.seed)
-    mc = PRESETS[cfg.model]
-    gpt = isinstance(mc, GPTConfig)
-    if gpt:
-        hcfg = transformers.GPT2Config(vocab_size=mc.vocab_size, n_positions=mc.block_size, n_embd=mc.n_embd,
-                                       n_layer=mc.n_layer, n_head=mc.n_head, resid_pdrop=0.0,
-                                       embd_pdrop=0.0, attn_pdrop=0.0)
-        model = transformers.GPT2LMHeadModel(hcfg)
-        task = peft.TaskType.CAUSAL_LM
-        targets = ["c_attn", "c_proj", "c_fc"] if set(cfg.lora_targets) == set(ALL_PROJ) else ["c_attn"]
-    else:
-        hcfg = transformers.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                       num_labels=2)
-        model = transformers.BertForSequenceClassification(hcfg)
-        task = peft.TaskType.SEQ_CLS
-        names = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
-        targets = [names[t] for t in cfg.lora_targets if t in names]
-    if method == "lora":
-        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
-                                                           task_type=task))
-    elif method == "adalora":
-        model = peft.get_peft_model(model, peft.AdaLoraConfig(
-            init_r=12, target_r=8, lora_alpha=32, target_modules=targets, task_type=task, tinit=0,
-            tfinal=0, deltaT=1, total_step=cfg.warmup + cfg.steps + 1))
-    elif method == "prefix":
-        model = peft.get_peft_model(model, peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
-                                                                   task_type=task))
-    elif method == "prompt":
-        model = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS,
-                                                                   task_type=task))
-    elif method != "full":
-        raise ValueError(f"no PEFT counterpart for {method!r}")
-    model.to(cfg.device).train()
-    T = cfg.seq_len - (VIRTUAL_TOKENS if method in ("prefix", "prompt") else 0)
-    g = torch.Generator().manual_seed(cfg.seed)
-    ids = torch.randint(0, mc.vocab_size, (cfg.batch, T), generator=g).to(cfg.device)
-    labels = ids if gpt else torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)
-    fwd = torch.compile(model) if compile_ else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda"))
-
-    def step(i):
-        with _autocast(cfg.device):
-            loss = fwd(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-        loss.backward()
-        opt.step()
-        if method == "adalora":
-            model.base_model.update_and_allocate(i)
-        opt.zero_grad(set_to_none=True)
-
-    ms, peak = _timed(step, cfg)
-    trainable, total = count_trainable(model)
-    row = Row("peft", cfg.model, method, "compile" if compile_ else "eager", _device_name(cfg.device),
-              "bf16-autocast", cfg.batch, cfg.seq_len, trainable, total, ms,
-              cfg.batch * cfg.seq_len / (ms / 1e3), peak, float("nan"),
-              extra={"transformers": transformers.__version__, "peft": peft.__version__})
-    del model, fwd, opt
-    if cfg.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return row
-
-
 # ---------------------------------------------------------------------------- reporting
 
 def _device_name(device: str) -> str:
@@ -443,19 +376,14 @@ def save(rows: list[Row], out: Path, name: str, meta: dict) -> None:
     plt.close(fig)
 
 
-def run(cfg: BenchConfig, *, peft_methods: tuple[str, ...] = (), peft_compile: bool = False,
-        progress=print) -> list[Row]:
-    """Every method of ``cfg`` (and the PEFT counterparts asked for) on one model."""
+def run(cfg: BenchConfig, *, progress=print) -> list[Row]:
+    """Every method of ``cfg`` on one model (PEFT side by side: benchmarks/peft_baseline.py)."""
     cuda = cfg.device.startswith("cuda")
     peak = measure_matmul_tflops(cfg.device) if cuda else None
     rows = []
     for m in cfg.methods:
         progress(f"minift {cfg.model} {m}")
         rows.append(run_minift(cfg, m, peak))
-    for m in peft_methods:
-        for c in ((False, True) if peft_compile else (False,)):
-            progress(f"peft {cfg.model} {m}{' compiled' if c else ''}")
-            rows.append(run_peft(cfg, m, compile_=c))
     for r in rows:
         r.extra.setdefault("matmul_tflops", peak)
     return add_ratios(rows)

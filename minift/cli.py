@@ -82,8 +82,6 @@ def _add_bench(sub) -> None:
     p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj",
                    help="modules LoRA/DoRA/AdaLoRA adapt (default: attention and MLP projections)")
-    p.add_argument("--peft", default="", help="also run these methods through transformers + peft")
-    p.add_argument("--peft-compile", action="store_true", help="PEFT runs eager and compiled")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
     p.add_argument("--name", default=None, help="file name stem (default: bench-<model>)")
     p.set_defaults(func=_cmd_bench)
@@ -104,9 +102,7 @@ def _cmd_bench(args) -> int:
                             frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
-    peft_methods = tuple(m for m in args.peft.split(",") if m)
-    rows = bench.run(cfg, peft_methods=peft_methods, peft_compile=args.peft_compile,
-                     progress=lambda s: print(s, file=sys.stderr))
+    rows = bench.run(cfg, progress=lambda s: print(s, file=sys.stderr))
     name = args.name or f"bench-{model}"
     bench.save(rows, Path(args.out), name, bench.meta(cfg))
     print(bench.to_markdown(rows))

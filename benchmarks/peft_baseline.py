@@ -1,0 +1,115 @@
+"""The peer side by side: the same shapes as `minift bench` through transformers + peft.
+
+transformers and peft are oracles and baselines only, so this lives here, not in minift/.
+
+    python benchmarks/peft_baseline.py --model gpt2-medium --methods full,lora,adalora,prefix,prompt \\
+        [--compile] [--batch 8 --seq-len 1024] --out benchmarks/results --name peft-gpt2-medium
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from minift import bench  # noqa: E402
+
+
+def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False) -> bench.Row:
+    """The same shapes through transformers + peft (imported only here, only when asked)."""
+    import peft
+    import transformers
+
+    torch.manual_seed(cfg.seed)
+    mc = bench.PRESETS[cfg.model]
+    gpt = isinstance(mc, bench.GPTConfig)
+    if gpt:
+        hcfg = transformers.GPT2Config(vocab_size=mc.vocab_size, n_positions=mc.block_size, n_embd=mc.n_embd,
+                                       n_layer=mc.n_layer, n_head=mc.n_head, resid_pdrop=0.0,
+                                       embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(hcfg)
+        task = peft.TaskType.CAUSAL_LM
+        targets = ["c_attn", "c_proj", "c_fc"] if set(cfg.lora_targets) == set(bench.ALL_PROJ) else ["c_attn"]
+    else:
+        hcfg = transformers.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                       num_labels=2)
+        model = transformers.BertForSequenceClassification(hcfg)
+        task = peft.TaskType.SEQ_CLS
+        names = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
+        targets = [names[t] for t in cfg.lora_targets if t in names]
+    if method == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
+                                                           task_type=task))
+    elif method == "adalora":
+        model = peft.get_peft_model(model, peft.AdaLoraConfig(
+            init_r=12, target_r=8, lora_alpha=32, target_modules=targets, task_type=task, tinit=0,
+            tfinal=0, deltaT=1, total_step=cfg.warmup + cfg.steps + 1))
+    elif method == "prefix":
+        model = peft.get_peft_model(model, peft.PrefixTuningConfig(num_virtual_tokens=bench.VIRTUAL_TOKENS,
+                                                                   task_type=task))
+    elif method == "prompt":
+        model = peft.get_peft_model(model, peft.PromptTuningConfig(num_virtual_tokens=bench.VIRTUAL_TOKENS,
+                                                                   task_type=task))
+    elif method != "full":
+        raise ValueError(f"no PEFT counterpart for {method!r}")
+    model.to(cfg.device).train()
+    T = cfg.seq_len - (bench.VIRTUAL_TOKENS if method in ("prefix", "prompt") else 0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    ids = torch.randint(0, mc.vocab_size, (cfg.batch, T), generator=g).to(cfg.device)
+    labels = ids if gpt else torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)
+    fwd = torch.compile(model) if compile_ else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda"))
+
+    def step(i):
+        with bench._autocast(cfg.device):
+            loss = fwd(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
+        loss.backward()
+        opt.step()
+        if method == "adalora":
+            model.base_model.update_and_allocate(i)
+        opt.zero_grad(set_to_none=True)
+
+    ms, peak = bench._timed(step, cfg)
+    trainable, total = bench.count_trainable(model)
+    row = bench.Row("peft", cfg.model, method, "compile" if compile_ else "eager", bench._device_name(cfg.device),
+              "bf16-autocast", cfg.batch, cfg.seq_len, trainable, total, ms,
+              cfg.batch * cfg.seq_len / (ms / 1e3), peak, float("nan"),
+              extra={"transformers": transformers.__version__, "peft": peft.__version__})
+    del model, fwd, opt
+    if cfg.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="gpt2-medium")
+    p.add_argument("--methods", default="full,lora,adalora,prefix,prompt")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--lora-targets", default=",".join(bench.ALL_PROJ))
+    p.add_argument("--compile", action="store_true", help="also run each method under torch.compile")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default=None)
+    a = p.parse_args()
+    cfg = bench.BenchConfig(model=a.model, methods=(), batch=a.batch, seq_len=a.seq_len, steps=a.steps,
+                            warmup=a.warmup, device="cuda" if torch.cuda.is_available() else "cpu",
+                            lora_targets=tuple(a.lora_targets.split(",")))
+    rows = []
+    for m in a.methods.split(","):
+        for c in ((False, True) if a.compile else (False,)):
+            print(f"peft {cfg.model} {m}{' compiled' if c else ''}", file=sys.stderr)
+            rows.append(run_peft(cfg, m, compile_=c))
+    bench.add_ratios(rows)
+    bench.save(rows, Path(a.out), a.name or f"peft-{a.model}", bench.meta(cfg))
+    print(bench.to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
