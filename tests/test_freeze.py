@@ -10,14 +10,6 @@ from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These ops are tiny: one intra-op thread avoids spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 L12 = 12
 
 

@@ -8,14 +8,6 @@ from minift.methods import probe
 from minift.methods.probe import ProbeResult
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These ops are tiny: one intra-op thread avoids spin-waiting on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def synthetic(n=900, dim=16, n_layers=5, informative=3, k=3, seed=0):
     """Features of n_layers "layers": only layer `informative` linearly encodes the label."""

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.methods.common import find_modules, freeze_all, set_submodule, unfreeze_modules
+from minift.methods.common import find_modules, freeze_all, replace_with_linear, set_submodule, unfreeze_modules
 
 
 @dataclass
@@ -199,7 +199,7 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig, *, rank_pattern: dict[str, list[
         extra = [k for k in rank_pattern if k not in names]
         missing = [n for n in names if n not in rank_pattern]
         if extra or missing:
-            raise ValueError(f"rank pattern does not fit this model: " + (
+            raise ValueError("rank pattern does not fit this model: " + (
                 f"it names {extra[0]!r}, which is not an adapted module" if extra else
                 f"it has no entry for {missing[0]!r}") + f" (adapted modules: {', '.join(names)})")
     ranks = {}
@@ -412,12 +412,4 @@ def unmerge(model: nn.Module) -> list[str]:
 def unload(model: nn.Module) -> nn.Module:
     """Merge, then put plain ``nn.Linear`` modules (holding the merged weights) back in place
     of every ``SVDLinear``. Returns the same model object, now without adapters."""
-    for name, m in svd_modules(model):
-        m.merge()
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight, lin.bias = m.weight, m.bias
-        set_submodule(model, name, lin)
-    if hasattr(model, "adalora_config"):
-        del model.adalora_config
-    return model
+    return replace_with_linear(model, svd_modules(model), "adalora_config")

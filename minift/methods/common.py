@@ -40,6 +40,21 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def replace_with_linear(model: nn.Module, mods: list[tuple[str, nn.Module]], config_attr: str) -> nn.Module:
+    """Merge each adapted layer in ``mods`` and put a plain ``nn.Linear`` holding the merged
+    weight (the same Parameter objects) back in its place; forget ``model.<config_attr>``.
+    Every adapted layer must have ``merge()``, ``in_features``, ``out_features``, ``weight``, ``bias``."""
+    for name, m in mods:
+        m.merge()
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                        device=m.weight.device, dtype=m.weight.dtype)
+        lin.weight, lin.bias = m.weight, m.bias
+        set_submodule(model, name, lin)
+    if hasattr(model, config_attr):
+        delattr(model, config_attr)
+    return model
+
+
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.methods.common import (count_trainable, find_modules, freeze_all, set_submodule, summary,
-                                   unfreeze_modules)
+from minift.methods.common import (count_trainable, find_modules, freeze_all, replace_with_linear, set_submodule,
+                                   summary, unfreeze_modules)
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply", "merge", "unmerge", "unload", "param_groups", "lora_modules",
            "lora_scaling", "count_trainable", "summary"]
@@ -228,15 +228,7 @@ def unmerge(model: nn.Module) -> list[str]:
 def unload(model: nn.Module) -> nn.Module:
     """Merge, then put plain ``nn.Linear`` modules (holding the merged weights) back in place
     of every ``LoRALinear``. Returns the same model object, now without adapters."""
-    for name, m in lora_modules(model):
-        m.merge()
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
-                        device=m.weight.device, dtype=m.weight.dtype)
-        lin.weight, lin.bias = m.weight, m.bias
-        set_submodule(model, name, lin)
-    if hasattr(model, "lora_config"):
-        del model.lora_config
-    return model
+    return replace_with_linear(model, lora_modules(model), "lora_config")
 
 
 def param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0) -> list[dict]:
