@@ -1,0 +1,155 @@
+"""Adapter files, the parts every method shares: the files on disk and the minift <-> Hugging Face
+names. ``minift.adapters`` dispatches; ``minift.adapter_formats`` holds each method's layouts."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from minift.methods.common import find_modules
+from minift.models.bert import Bert, BertClassifier
+from minift.models.gpt import GPT
+from minift.models.hf import _GPT_LAYER, bert_key_map
+
+LAYOUTS = ("peft", "minift")
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+MINIFT_FILES = ("minift_adapter.json", "adapter.safetensors")
+PEFT_PREFIX = "base_model.model."
+
+
+# ============================================================ files on disk
+
+def write_adapter(path, config: dict, tensors: dict[str, torch.Tensor], layout: str) -> None:
+    """Write the config JSON and the safetensors file, each atomically (temp file + os.replace),
+    so a crash never leaves half a file behind."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg_name, st_name = PEFT_FILES if layout == "peft" else MINIFT_FILES
+    tmp = path / (st_name + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / st_name)
+    tmp = path / (cfg_name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path / cfg_name)
+
+
+def read_adapter(path) -> tuple[str, dict, dict[str, torch.Tensor]]:
+    """(layout, config, tensors) from an adapter directory; the layout is detected from the files."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {path} does not exist")
+    for layout, (cfg_name, st_name) in (("minift", MINIFT_FILES), ("peft", PEFT_FILES)):
+        if (path / cfg_name).is_file():
+            if not (path / st_name).is_file():
+                raise FileNotFoundError(f"{path} has {cfg_name} but no {st_name}")
+            try:
+                config = json.loads((path / cfg_name).read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path / cfg_name} is not valid JSON: {e}") from None
+            return layout, config, load_file(str(path / st_name))
+    found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+    raise FileNotFoundError(f"{path} holds no adapter (expected {PEFT_FILES[0]} or {MINIFT_FILES[0]}; "
+                            f"found: {found})")
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor, key: str, where: str) -> None:
+    """Copy an adapter tensor into a parameter; a shape mismatch is an error naming both."""
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"adapter tensor {key!r} has shape {tuple(src.shape)} but {where} expects "
+                         f"{tuple(dst.shape)}: the adapter was saved for a model of another shape")
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+# ============================================================ minift <-> Hugging Face names
+
+def module_map(model: nn.Module) -> dict[str, tuple[str, int | None]]:
+    """minift module name -> (HF module name, slot). Slot is 0/1/2 for GPT-2's q/k/v, which HF
+    fuses into one ``c_attn`` (rows [slot*C, (slot+1)*C) of its output), else None.
+
+    GPT -> GPT2LMHeadModel (``transformer.h.{i}...``); Bert -> BertModel (``encoder.layer.{i}...``);
+    BertClassifier -> BertForSequenceClassification (``bert.encoder.layer.{i}...``, ``classifier``).
+    """
+    out: dict[str, tuple[str, int | None]] = {}
+    if isinstance(model, GPT):
+        for name in ("wte", "wpe", "ln_f"):
+            out[name] = (f"transformer.{name}", None)
+        for i in range(model.config.n_layer):
+            for hk, mk in _GPT_LAYER.items():
+                out[f"layers.{i}.{mk.rsplit('.', 1)[0]}"] = (f"transformer.h.{i}.{hk.rsplit('.', 1)[0]}", None)
+            for slot, p in enumerate("qkv"):
+                out[f"layers.{i}.attn.{p}_proj"] = (f"transformer.h.{i}.attn.c_attn", slot)
+        return out
+    if isinstance(model, (Bert, BertClassifier)):
+        cls = isinstance(model, BertClassifier)
+        bert = model.bert if cls else model
+        pre = "bert." if cls else ""
+        for hk, mk in bert_key_map(bert.config.n_layer).items():
+            out[pre + mk.rsplit(".", 1)[0]] = (pre + hk.rsplit(".", 1)[0], None)
+        if cls:
+            out["classifier"] = ("classifier", None)
+        return out
+    raise TypeError(f"the PEFT layout knows minift's GPT, Bert and BertClassifier, not {type(model).__name__}; "
+                    f"use layout='minift' for other models")
+
+
+def is_conv1d(model: nn.Module, hf_module: str) -> bool:
+    """GPT-2's Conv1D layers store their weight as (in, out), transposed from nn.Linear's."""
+    return isinstance(model, GPT) and hf_module.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc")
+
+
+def task_type(model: nn.Module) -> str:
+    if isinstance(model, GPT):
+        return "CAUSAL_LM"
+    return "SEQ_CLS" if isinstance(model, BertClassifier) else "FEATURE_EXTRACTION"
+
+
+def hf_param_key(model: nn.Module, mmap: dict, key: str) -> tuple[str, bool]:
+    """A full minift parameter key -> (HF key without PEFT_PREFIX, transposed?) for a whole
+    module's parameter (used for ``modules_to_save``)."""
+    mod, _, pname = key.rpartition(".")
+    if mod not in mmap:
+        raise ValueError(f"{key!r} has no Hugging Face counterpart; save with layout='minift'")
+    hf, slot = mmap[mod]
+    if slot is not None:
+        raise ValueError(f"{mod} is part of GPT-2's fused c_attn and cannot be a module to save in the "
+                         f"PEFT layout; save with layout='minift'")
+    return f"{hf}.{pname}", pname == "weight" and is_conv1d(model, hf)
+
+
+def pattern_value(pattern: dict, hf_module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name or its dotted suffix."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", hf_module):
+            return value
+    return default
+
+
+def modules_to_save_params(model: nn.Module, names) -> dict[str, nn.Parameter]:
+    """Full parameter key -> Parameter for every module named in ``names`` (exact last-name match)."""
+    if not names:
+        return {}
+    out = {}
+    for mname, m in find_modules(model, names, kind=nn.Module):
+        for pname, p in m.named_parameters():
+            out[f"{mname}.{pname}"] = p
+    return out
+
+
+def load_modules_to_save(model: nn.Module, inv: dict[str, list], extra: dict[str, torch.Tensor]) -> None:
+    """Copy a PEFT file's modules_to_save tensors (whole-module tensors, keyed by HF name without
+    PEFT_PREFIX) into ``model``; ``inv`` maps an HF module name to its [(minift name, slot)]."""
+    own = dict(model.named_parameters())
+    for hk, t in extra.items():
+        mod, _, pname = hk.rpartition(".")
+        if mod not in inv or inv[mod][0][1] is not None or f"{inv[mod][0][0]}.{pname}" not in own:
+            raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} matches no parameter of this model")
+        key = f"{inv[mod][0][0]}.{pname}"
+        copy_checked(own[key], t.t() if pname == "weight" and is_conv1d(model, mod) else t, hk, key)
