@@ -6,8 +6,10 @@ The training step the estimate models (the one ``minift.bench`` runs and
     (the bench stores them in bf16 for every method; a frozen bf16 embedding makes the
     residual stream bf16, the estimate follows those dtypes op by op);
   - forward under ``torch.autocast("cuda", dtype=torch.bfloat16)``: matmuls and SDPA in bf16
-    (each fp32 input is cast anew for every matmul, fp32 trainable weights once per forward
-    through autocast's cache), LayerNorm in fp32; SDPA flash attention (no T x T matrix kept;
+    (the models cast the attention input and the MLP input once (``cast_once``), one bf16
+    copy shared by q, k, v, up_proj and their LoRA A / AdaLoRA factors; any other fp32 input
+    is cast anew for every matmul; fp32 trainable weights once per forward through
+    autocast's cache), LayerNorm in fp32; SDPA flash attention (no T x T matrix kept;
     memory-efficient attention with an additive bias when a prefix or a mask is present);
   - GPT's chunked cross-entropy (``lm_loss``): only one 4096-position chunk of logits exists
     at a time, recomputed in backward;
@@ -79,12 +81,17 @@ class _Tape:
             if not self.no_grad and not isinstance(t, _P):
                 self.saved[id(t)] = t.n * t.b
 
-    def bf16(self, t: _T) -> _T:  # autocast's cast for a lower-precision op
+    def bf16(self, t: _T) -> _T:  # autocast's cast for a lower-precision op: a new copy per consumer
         if not self.ac or t.b == 2:
             return t
         if isinstance(t, _P) and t.grad:
             return self.cache.setdefault(id(t), self.new(t.n, 2, True))
         return self.new(t.n, 2, t.grad)
+
+    def cast_once(self, x: _T) -> _T:
+        """``minift.models.gpt.cast_once``: under autocast, one bf16 copy of a matmul input
+        that every consumer (q, k, v, each LoRA A) then shares; without autocast, ``x`` itself."""
+        return self.bf16(x)
 
     def linear(self, x: _T, w: _P, b: _P | None, fin: int, fout: int) -> _T:
         x16, w16 = self.bf16(x), self.bf16(w)
@@ -382,13 +389,14 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         bias = tape.new((B if mask else 1) * Tq * S, x.b)  # additive bias in the residual's dtype
 
     def attention(x, blk):
+        x = tape.cast_once(x)  # one bf16 copy for q, k, v and their adapters (BERT's residual keeps x)
         q, k, v = (linear(x, blk[n]) for n in ("q_proj", "k_proj", "v_proj"))
         if method == "prefix":  # cat([prefix.to(bf16), k]): (B, nh, P+T, hs), needs a gradient
             k, v = tape.new(B * S * C, k.b, True), tape.new(B * S * C, v.b, True)
         return linear(tape.sdpa(q, k, v, bias, B, H, Tq, C), blk["o_proj"])
 
     def mlp(x, blk):
-        return linear(tape.pointwise(linear(x, blk["up_proj"])), blk["down_proj"])
+        return linear(tape.pointwise(linear(tape.cast_once(x), blk["up_proj"])), blk["down_proj"])
 
     hidden = [x]
     for i, blk in enumerate(blocks):
