@@ -311,3 +311,98 @@ def _add_eval(sub) -> None:
 def _cmd_eval(args) -> int:
     from minift import run
     return run.eval_command(args)
+
+
+# ---------------------------------------------------------------------------- pretrain / codegen-case
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="train a BPE tokenizer and pretrain a small GPT on Python code",
+                       description="Byte-level BPE + a small GPT (default ~23M parameters, see "
+                                   "minift.codegen.PretrainConfig) pretrained on the standard library (or a "
+                                   "directory of .py files) minus the held-out packages; writes an HF directory "
+                                   "(config.json, model.safetensors, tokenizer.json) and corpus.json.")
+    p.add_argument("--corpus", default="stdlib", help="stdlib (this Python's standard library) or a directory")
+    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--held-out", default="asyncio", help="comma-separated packages kept out for fine-tuning")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: what fits in --minutes)")
+    p.add_argument("--minutes", type=float, default=7.0, help="training time budget when --steps is not given")
+    p.add_argument("--smoke", action="store_true", help="tiny model, tiny corpus, 30 steps (CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _codegen_common(args) -> tuple[str, tuple[str, ...] | None]:
+    import torch
+    device = args.device or "auto"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    if args.corpus != "stdlib" and not Path(args.corpus).is_dir():
+        raise UsageError(f"--corpus {args.corpus}: no such directory (give stdlib or a directory of .py files)")
+    if args.held_out is None:
+        return device, None
+    held = tuple(h for h in args.held_out.split(",") if h)
+    if not held:
+        raise UsageError("--held-out needs at least one package name")
+    return device, held
+
+
+def _cmd_pretrain(args) -> int:
+    from minift import codegen
+    device, held = _codegen_common(args)
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    kw = dict(codegen.SMOKE_PRETRAIN) if args.smoke else {}
+    kw.update(minutes=args.minutes, device=device, seed=args.seed, progress=not args.no_progress,
+              **({"steps": args.steps} if args.steps else {}))
+    rec = codegen.pretrain(args.corpus, args.out, held, codegen.PretrainConfig(**kw),
+                           log=lambda s: print(s, file=sys.stderr))
+    print(f"wrote {args.out}: {rec['params']:,} parameters, {rec['steps']} steps, final loss {rec['final_loss']:.3f}")
+    return 0
+
+
+def _add_codegen_case(sub) -> None:
+    p = sub.add_parser("codegen-case", help="pretrain on the stdlib, adapt to a held-out package, score completion",
+                       description="Pretrain (or load --pretrained, a `minift pretrain` directory), adapt it to "
+                                   "the held-out package with AdaLoRA, LoRA and full fine-tuning, and write a table "
+                                   "(trainable parameters, time, perplexity, next-line exact match and ROUGE-L) "
+                                   "and the final AdaLoRA rank per layer as JSON, Markdown and PNG under --out.")
+    p.add_argument("--out", required=True, help="directory for the results (and pretrained/ when pretraining)")
+    p.add_argument("--pretrained", default=None, help="a directory written by `minift pretrain`")
+    p.add_argument("--corpus", default="stdlib", help="stdlib or a directory (when pretraining here)")
+    p.add_argument("--held-out", default=None, help="comma-separated packages to adapt to (default: those "
+                                                    "--pretrained held out; asyncio when pretraining here)")
+    p.add_argument("--smoke", action="store_true", help="tiny model and data, 30 steps per method (CPU)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default 2000; smoke 30)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--eval-lines", type=int, default=None, help="lines sampled for next-line completion")
+    p.add_argument("--methods", default="adalora,lora,full", help="comma-separated subset of adalora, lora, full")
+    p.add_argument("--name", default=None, help="file name stem (default: codegen-<cuda|cpu>, codegen-smoke)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_codegen_case)
+
+
+def _cmd_codegen_case(args) -> int:
+    from minift import codegen, codegen_case
+    device, held = _codegen_common(args)
+    if args.pretrained is not None and not Path(args.pretrained).is_dir():
+        raise UsageError(f"--pretrained {args.pretrained}: no such directory")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    bad = [m for m in methods if m not in ("adalora", "lora", "full")]
+    if bad or not methods:
+        raise UsageError(f"--methods: {bad[0] if bad else 'none given'}; choose from adalora, lora, full")
+    kw = dict(codegen_case.SMOKE_CASE) if args.smoke else {}
+    for flag in ("steps", "batch_size", "eval_lines"):
+        if getattr(args, flag) is not None:
+            if getattr(args, flag) < 1:
+                raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+            kw[flag] = getattr(args, flag)
+    case = codegen_case.CaseConfig(**kw, methods=methods, device=device, progress=not args.no_progress)
+    pre = codegen.PretrainConfig(**(codegen.SMOKE_PRETRAIN if args.smoke else {}), device=device,
+                                 progress=not args.no_progress)
+    res = codegen_case.run_case(args.out, args.pretrained, args.corpus, held, args.smoke, case, pre, args.name,
+                           log=lambda s: print(s, file=sys.stderr))
+    print(codegen_case.to_markdown(res))
+    return 0
