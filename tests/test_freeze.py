@@ -262,3 +262,17 @@ def test_bitfit_trains_only_biases_and_head(make):
     trainable, total = sum(p.numel() for p in model.parameters() if p.requires_grad), \
         sum(p.numel() for p in model.parameters())
     assert 0 < trainable < 0.2 * total
+
+
+def test_adapters_added_after_freezing_still_get_gradients():
+    """freeze.apply sets grad_from_layer; LoRA added afterwards must not be skipped by it."""
+    from minift.methods import lora
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=4, n_head=2, n_embd=8))
+    freeze.apply(m, FreezeConfig("bottom_up"))
+    assert m.grad_from_layer == 2
+    lora.apply(m, lora.LoRAConfig(r=2, targets=("q_proj",)))
+    ids = torch.randint(0, 50, (2, 6))
+    m(ids, ids).loss.backward()
+    for i, layer in enumerate(m.layers):
+        assert layer.attn.q_proj.lora_A.grad is not None, f"layer {i} got no gradient"

@@ -188,3 +188,23 @@ def test_bad_inputs_to_forward(tiny_gpt):
         tiny_gpt(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible"):
         GPTConfig(n_embd=30, n_head=4)
+
+
+def test_more_bad_inputs(tiny_gpt):
+    x = _ids(B=1, T=4)
+    with pytest.raises(ValueError, match="prefix has 0 layers"):
+        tiny_gpt(x, prefix=[])
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        tiny_gpt.generate(x, 2, top_k=0)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        tiny_gpt.generate(x, 2, temperature=-1.0)
+
+
+def test_save_pretrained_refuses_an_adapted_model(tiny_gpt, tmp_path):
+    from minift.methods import lora
+    lora.apply(tiny_gpt, lora.LoRAConfig(r=2, targets=("q_proj",)))
+    with pytest.raises(ValueError, match="adapter .*LoRALinear.*unload"):
+        tiny_gpt.save_pretrained(tmp_path / "x")
+    lora.unload(tiny_gpt)
+    tiny_gpt.save_pretrained(tmp_path / "x")  # merged and unloaded: a plain model again
+    assert GPT.from_pretrained(tmp_path / "x").layers[0].attn.q_proj.weight.shape == (32, 32)

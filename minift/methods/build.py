@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 
 import torch.nn as nn
 
-from minift.methods.common import count_trainable, unfreeze_modules
+from minift.methods.common import count_trainable
 from minift.models.bert import BertClassifier
 
 METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit")
@@ -128,7 +128,5 @@ def build_method(model: nn.Module, method: str, args: Mapping | None = None, *, 
         used.add("modules_to_save")
         check_unused()
         st = MethodState(method, freeze.bitfit(model, opts.get("modules_to_save", head)))
-    if head and method in ("prefix", "prompt"):
-        unfreeze_modules(model, head)  # these configs have no modules_to_save: the head trains too
     st.options = opts
     return st

@@ -150,9 +150,9 @@ class Bert(nn.Module):
                 output_hidden_states=False) -> BertOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        P = 0 if prefix is None else prefix[0][0].shape[2]
         if prefix is not None and len(prefix) != len(self.layers):
             raise ValueError(f"prefix has {len(prefix)} layers, the model has {len(self.layers)}")
+        P = 0 if prefix is None else prefix[0][0].shape[2]
         T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         if P + T > self.config.max_position_embeddings:
             raise ValueError(f"prefix ({P}) + sequence ({T}) = {P + T} exceeds "

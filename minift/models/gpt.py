@@ -78,6 +78,8 @@ def attention_bias(T: int, P: int, attention_mask, causal: bool, dtype, device):
         if m.shape[1] != P + T:
             raise ValueError(f"attention_mask has length {m.shape[1]}, expected {T} or {P + T}")
         allowed = allowed & m[:, None, None, :]  # (B, 1, T, P + T)
+    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        dtype = torch.get_autocast_dtype("cuda")  # q/k/v are in this dtype: its own finite minimum
     bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
     return bias.masked_fill(~allowed, torch.finfo(dtype).min)
 
@@ -189,9 +191,9 @@ class GPT(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, _ = x.shape
-        P = 0 if prefix is None else prefix[0][0].shape[2]
         if prefix is not None and len(prefix) != len(self.layers):
             raise ValueError(f"prefix has {len(prefix)} layers, the model has {len(self.layers)}")
+        P = 0 if prefix is None else prefix[0][0].shape[2]
         if P + T > self.config.block_size:
             raise ValueError(f"prefix ({P}) + sequence ({T}) = {P + T} exceeds block_size "
                              f"{self.config.block_size}")
@@ -228,6 +230,10 @@ class GPT(nn.Module):
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         P = 0 if prefix is None else prefix[0][0].shape[2]
@@ -273,8 +279,11 @@ class GPT(nn.Module):
 
 def frozen_below(model, i: int, x, prefix) -> bool:
     """True when layer i may run without autograd: it is below ``model.grad_from_layer``,
-    its input needs no gradient and no (possibly trainable) prefix enters it."""
-    return i < model.grad_from_layer and not x.requires_grad and prefix is None
+    its input needs no gradient, no (possibly trainable) prefix enters it and none of its own
+    parameters is trainable (an adapter added after freezing still gets its gradient)."""
+    if i >= model.grad_from_layer or x.requires_grad or prefix is not None:
+        return False
+    return not any(p.requires_grad for p in model.layers[i].parameters())
 
 
 def run_block(model, block, *args):

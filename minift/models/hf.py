@@ -266,9 +266,15 @@ def save_bert(model: Bert | BertClassifier, path) -> None:
 # ---------------------------------------------------------------------------- writing
 
 def _base_state(model: torch.nn.Module) -> dict:
-    """The model's base weights: adapter keys are left out (merge or unload first to keep them)."""
-    sd = model.state_dict()
-    return {k: v for k, v in sd.items() if ".lora_" not in k and "base_layer" not in k}
+    """The model's base weights. A model that carries an adapter is refused: its weights alone
+    would silently drop the adaptation (merge + unload a LoRA first, or use save_adapter)."""
+    plain = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.Dropout, torch.nn.ModuleList)
+    own = (GPT, Bert, BertClassifier)
+    for name, m in model.named_modules():
+        if not isinstance(m, plain + own) and not type(m).__module__.startswith("minift.models"):
+            raise ValueError(f"cannot save_pretrained a model with an adapter ({name}: {type(m).__name__}); "
+                             f"merge and unload it first (lora.unload / adalora.unload) or use save_adapter")
+    return model.state_dict()
 
 
 def _write(path, raw: dict, sd: dict) -> None:
