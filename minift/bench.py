@@ -13,6 +13,8 @@ Model FLOPs per token (the MFU numerator), with N the parameters used in matmuls
 Full fine-tuning gives the familiar 6N + 12·L·T·d; a frozen base (LoRA, prefix, ...) gives
 4N + 12·L·T·d; frozen bottom layers that run without autograd cost forward only.
 MFU divides achieved FLOP/s by the bf16 matmul rate measured on the same card in the same run.
+tokens/s counts seq_len positions per row for every method: for prefix and prompt tuning that
+is P = 20 virtual positions plus seq_len - P text tokens (the PEFT baseline counts the same way).
 The peer (transformers + peft) runs the same shapes in ``benchmarks/peft_baseline.py``: the
 oracles are never imported from ``minift/``.
 
@@ -105,9 +107,10 @@ class Row:
 
 # ---------------------------------------------------------------------------- FLOPs
 
-def matmul_params(model: nn.Module) -> tuple[int, int]:
+def matmul_params(model: nn.Module, lm_head: bool = True) -> tuple[int, int]:
     """(N, N_trainable): parameters of every matmul weight — the 2-D ``weight`` of any module
-    that is not an embedding (nn.Linear, LoRALinear, SVDLinear, ...) plus GPT's tied LM head.
+    that is not an embedding (nn.Linear, LoRALinear, SVDLinear, ...) plus GPT's tied LM head
+    when it is used (``lm_head``: feature extraction for probing never projects to the vocabulary).
     Adapter factors (``lora_*``) are left out: their FLOPs are a rounding error at small r."""
     n = nt = 0
     for m in model.modules():
@@ -116,7 +119,7 @@ def matmul_params(model: nn.Module) -> tuple[int, int]:
             continue
         n += w.numel()
         nt += w.numel() if w.requires_grad else 0
-    if isinstance(model, GPT):
+    if isinstance(model, GPT) and lm_head:
         n += model.wte.weight.numel()
         nt += model.wte.weight.numel() if model.wte.weight.requires_grad else 0
     return n, nt
@@ -297,7 +300,7 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     ms, peak = _timed(step, cfg)
     trainable, total = count_trainable(model)
     mc = model.config
-    n, nt = matmul_params(model)
+    n, nt = matmul_params(model, lm_head=train)
     inner = model.bert if isinstance(model, BertClassifier) else model
     bl = mc.n_layer - inner.grad_from_layer
     fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, mc.n_embd, backward_layers=bl, train=train)

@@ -69,3 +69,10 @@ def test_bench_cli_bad_input(capsys):
     assert main(["bench", "--device", "cpu", "--methods", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown method 'nope'" in err[0]
+
+
+def test_probe_flops_leave_out_the_unused_lm_head():
+    m = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8))
+    with_head, _ = bench.matmul_params(m)
+    without, _ = bench.matmul_params(m, lm_head=False)
+    assert with_head - without == 50 * 8
