@@ -94,10 +94,13 @@ def _cmd_bench(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda asked for, but no CUDA device is available (use --device cpu)")
+    if not [m for m in args.methods.split(",") if m]:
+        raise UsageError("--methods is empty; give a comma-separated subset of the methods")
     tiny = device == "cpu"
     model = args.model or ("tiny-gpt" if tiny else "gpt2-medium")
     cfg = bench.BenchConfig(model=model, methods=tuple(m for m in args.methods.split(",") if m),
-                            batch=args.batch or (2 if tiny else 8), seq_len=args.seq_len or (64 if tiny else 1024),
+                            batch=(2 if tiny else 8) if args.batch is None else args.batch,
+                            seq_len=(64 if tiny else 1024) if args.seq_len is None else args.seq_len,
                             steps=args.steps, warmup=args.warmup, device=device,
                             frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,

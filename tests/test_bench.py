@@ -76,3 +76,9 @@ def test_probe_flops_leave_out_the_unused_lm_head():
     with_head, _ = bench.matmul_params(m)
     without, _ = bench.matmul_params(m, lm_head=False)
     assert with_head - without == 50 * 8
+
+
+@pytest.mark.parametrize("argv,msg", [(["--batch", "0"], "batch >= 1"), (["--methods", ""], "--methods is empty")])
+def test_bench_cli_rejects_zero_and_empty(argv, msg, capsys):
+    assert main(["bench", "--device", "cpu", *argv]) == 2
+    assert msg in capsys.readouterr().err
