@@ -167,8 +167,22 @@ def _cmd_compare(args) -> int:
                                 device=device, seed=args.seed, isolate=not args.in_process,
                                 progress=not args.no_progress, **d)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
-    rows, meta = compare.run(cfg, log=log)
     name = args.name or f"compare{'-full' if args.full else ''}-{'cuda' if device.startswith('cuda') else 'cpu'}"
+    saved = []
+
+    def save_partial(rows, meta):  # after each method, so a later failure keeps the finished rows
+        saved[:] = [compare.save(rows, meta, Path(args.out), name), len(rows)]
+
+    try:
+        rows, meta = compare.run(cfg, log=log, on_row=save_partial)
+    except Exception as e:
+        if not saved:
+            raise
+        note = f" (the {saved[1]} finished methods are saved in {', '.join(str(p) for p in saved[0][:2])})"
+        msg = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)) + note
+        if isinstance(e, (ValueError, KeyError, FileNotFoundError)):
+            raise ValueError(msg) from None
+        raise RuntimeError(msg) from None
     paths = compare.save(rows, meta, Path(args.out), name)
     print(f"minift compare on {meta['device']}: {meta['examples']} examples, {meta['steps']} steps x "
           f"batch {meta['batch_size']}, max_len {meta['max_len']}, seed {meta['seed']}")

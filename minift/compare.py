@@ -183,10 +183,20 @@ def resolve(cfg: CompareConfig, log=print) -> CompareConfig:
     return cfg
 
 
+def check_bert(model_dir: str) -> None:
+    """``compare`` fine-tunes BERT classifiers only: a one-line error for any other model."""
+    from minift.models.hf import read_config
+    kind = read_config(model_dir).get("model_type")
+    if kind != "bert":
+        raise ValueError(f"{model_dir} is a {kind or 'model without a model_type'} model (config.json); "
+                         f"minift compare needs an HF-format BERT directory")
+
+
 def load_task(cfg: CompareConfig) -> Task:
     """Read and tokenize the three splits (train: a seeded random subset of ``train_limit``
     rows; dev/test: their first ``eval_limit``). The splits must have the same labels."""
     from minift import data
+    check_bert(cfg.model)
     tok = data.load_tokenizer(cfg.model)
     train = data.read_classification(cfg.train)
     splits = {"train": train, "dev": data.read_classification(cfg.dev, train.label2id),
@@ -351,16 +361,33 @@ def _run_isolated(cfg: CompareConfig, method: str) -> Row:
         cfg_path.write_text(json.dumps(asdict(cfg)))
         root = str(Path(__file__).resolve().parent.parent)  # the worker imports this same minift
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        proc = subprocess.run([sys.executable, "-m", "minift.compare", str(cfg_path), method, str(out_path)],
-                              env=env)
-        if proc.returncode != 0 or not out_path.exists():
-            raise RuntimeError(f"the worker for method {method!r} failed (exit code {proc.returncode}); "
+        proc = subprocess.Popen([sys.executable, "-m", "minift.compare", str(cfg_path), method, str(out_path)],
+                                env=env, stderr=subprocess.PIPE)
+        tail = b""
+        for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):
+            sys.stderr.write(chunk.decode(errors="replace"))  # progress bars stay live
+            sys.stderr.flush()
+            tail = (tail + chunk)[-4096:]
+        proc.stderr.close()
+        code = proc.wait()
+        result = json.loads(out_path.read_text()) if out_path.exists() else None
+        if isinstance(result, dict) and "error" in result:
+            if code == 2:  # a usage or data error: one line, exit 2
+                raise ValueError(f"method {method}: {result['error']}")
+            raise RuntimeError(f"the worker for method {method!r} failed: {result['error']}")
+        if code != 0 or result is None:
+            lines = [ln.strip() for ln in tail.decode(errors="replace").replace("\r", "\n").splitlines()
+                     if ln.strip()]
+            last = f": {lines[-1]}" if lines else ""
+            raise RuntimeError(f"the worker for method {method!r} failed (exit code {code}){last}; "
                                f"rerun with --methods {method} --in-process to see why")
-        return Row(**json.loads(out_path.read_text()))
+        return Row(**result)
 
 
-def run(cfg: CompareConfig, log=print) -> tuple[list[Row], dict]:
-    """Every method of ``cfg`` on the same task; returns (rows, meta)."""
+def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
+    """Every method of ``cfg`` on the same task; returns (rows, meta). ``on_row(rows, meta)``,
+    when given, is called after each method with the rows so far (``meta["partial"]`` says how
+    many of the methods are done), so a caller can save them before a later method fails."""
     cfg = resolve(cfg, log)
     t_start = time.perf_counter()
     task = load_task(cfg)  # also validates the data before any worker starts
@@ -374,11 +401,26 @@ def run(cfg: CompareConfig, log=print) -> tuple[list[Row], dict]:
     for i, method in enumerate(cfg.methods, 1):
         what = "frozen features + a probe per layer" if method == "probe" else f"{steps} steps"
         log(f"compare: [{i}/{len(cfg.methods)}] {method} ({what})")
-        rows.append(_run_isolated(cfg, method) if isolate else run_method(task, method, cfg))
+        if isolate:
+            rows.append(_run_isolated(cfg, method))
+        else:
+            try:
+                rows.append(run_method(task, method, cfg))
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise ValueError(f"method {method}: {msg}") from None
         r = rows[-1]
         log(f"compare: [{i}/{len(cfg.methods)}] {method}: dev acc {100 * r.dev_acc:.1f}, "
             f"test acc {100 * r.test_acc:.1f}, {r.wall_s:.0f} s")
-    meta = {"device": _device_name(cfg.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        if on_row is not None and i < len(cfg.methods):
+            meta = _meta(cfg, task, steps, isolate, t_start)
+            meta["partial"] = f"{i} of {len(cfg.methods)} methods done ({', '.join(cfg.methods[i:])} not run)"
+            on_row(list(rows), meta)
+    return rows, _meta(cfg, task, steps, isolate, t_start)
+
+
+def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: float) -> dict:
+    return {"device": _device_name(cfg.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": cfg.model, "labels": [str(y) for y in task.labels], "examples": task.sizes,
             "steps": steps, "batch_size": cfg.batch_size, "max_len": cfg.max_len, "seed": cfg.seed,
             "dtype": "bf16 autocast" if cfg.device.startswith("cuda") else "fp32",
@@ -387,7 +429,6 @@ def run(cfg: CompareConfig, log=print) -> tuple[list[Row], dict]:
                        if isolate else "peak RSS of the process so far (in-process run: only grows)"),
             "budget": budget_note(cfg.methods, steps),
             "total_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d")}
-    return rows, meta
 
 
 def _warm_up(task: Task, cfg: CompareConfig) -> None:
@@ -432,10 +473,18 @@ def _worker(argv: list[str]) -> int:
     """``python -m minift.compare CONFIG.json METHOD OUT.json``: one method, one fresh process."""
     cfg_path, method, out_path = argv
     raw = json.loads(Path(cfg_path).read_text())
-    cfg = CompareConfig(**{f.name: raw[f.name] for f in fields(CompareConfig)})
-    task = load_task(cfg)
-    _warm_up_optimizer()
-    row = run_method(task, method, cfg)
+    try:
+        cfg = CompareConfig(**{f.name: raw[f.name] for f in fields(CompareConfig)})
+        task = load_task(cfg)
+        _warm_up_optimizer()
+        row = run_method(task, method, cfg)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # the parent reports it in one line, exit 2
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        Path(out_path).write_text(json.dumps({"error": str(msg)}))
+        return 2
+    except Exception as e:  # noqa: BLE001  (a run-time failure: one line for the parent, exit 1)
+        Path(out_path).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        return 1
     Path(out_path).write_text(json.dumps(asdict(row)))
     return 0
 

@@ -158,3 +158,48 @@ def test_recipes_parse_and_lora_recipe_is_the_classic_setup():
         {"epochs": 5, "batch_size": 8, "lr": 2e-4, "warmup": 0.1, "weight_decay": 0.01}
     opts = compare.method_options(compare.load_recipe("sentiment-adalora"), total_steps=200)
     assert opts["total_step"] == 200 and opts["tinit"] == 20 and opts["tfinal"] == 40 and opts["delta_t"] == 10
+
+
+def _narrow_bert(setup, tmp_path):
+    """The setup's model, but 16 wide: AdaLoRA's init_r=24 does not fit."""
+    import shutil
+    d, model_dir, data = setup
+    narrow = tmp_path / "narrow"
+    vocab = json.loads((setup[0] / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    torch.manual_seed(0)
+    Bert(BertConfig(vocab_size=len(vocab), max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16,
+                    n_inner=32)).save_pretrained(narrow)
+    shutil.copy(setup[0] / "model" / "tokenizer.json", narrow / "tokenizer.json")
+    return str(narrow)
+
+
+def test_a_non_bert_model_is_one_line_exit_2(setup, tmp_path, capsys):
+    import shutil
+    gpt = tmp_path / "gpt"
+    shutil.copytree(setup[1], gpt)
+    cfg = json.loads((gpt / "config.json").read_text())
+    (gpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    args = [a for a in _args(setup, methods="bitfit", out=tmp_path / "out") if a != "--in-process"]
+    args[args.index("--model") + 1] = str(gpt)
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert "gpt2" in line and "BERT" in line
+    assert not (tmp_path / "out" / "t.json").exists()
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_failing_method_is_exit_2_and_keeps_the_finished_rows(setup, tmp_path, capsys, in_process):
+    args = _args(setup, methods="bitfit,adalora", out=tmp_path / "out")
+    if not in_process:
+        args = [a for a in args if a != "--in-process"]
+    args[args.index("--model") + 1] = _narrow_bert(setup, tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("minift compare:")]
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1]
+    assert "error: method adalora:" in errors[0] and "finished methods are saved" in errors[0]
+    saved = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["bitfit"]
+    assert saved["meta"]["partial"].startswith("1 of 2 methods done")
+    assert "| bitfit |" in (tmp_path / "out" / "t.md").read_text()
