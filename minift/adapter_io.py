@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from minift.methods.common import find_modules
+from minift.methods.common import find_modules, set_submodule
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
 from minift.models.hf import _GPT_LAYER, bert_key_map
@@ -61,11 +61,65 @@ def read_adapter(path) -> tuple[str, dict, dict[str, torch.Tensor]]:
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, key: str, where: str) -> None:
     """Copy an adapter tensor into a parameter; a shape mismatch is an error naming both."""
+    check_shape(dst, src, key, where)
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+def check_shape(dst: torch.Tensor, src: torch.Tensor, key: str, where: str) -> None:
     if tuple(src.shape) != tuple(dst.shape):
         raise ValueError(f"adapter tensor {key!r} has shape {tuple(src.shape)} but {where} expects "
                          f"{tuple(dst.shape)}: the adapter was saved for a model of another shape")
+
+
+def copy_all(pairs) -> None:
+    """Copy (dst, src, key, where) pairs, checking every shape before copying any: a bad file
+    changes nothing. Every loader collects all its pairs and ends with this one call."""
+    pairs = list(pairs)
+    for dst, src, key, where in pairs:
+        check_shape(dst, src, key, where)
     with torch.no_grad():
-        dst.copy_(src)
+        for dst, src, _, _ in pairs:
+            dst.copy_(src)
+
+
+# ============================================================ undoing a failed load
+
+_ABSENT = object()
+
+
+def undo_point(model: nn.Module, config_attr: str, snapshot=()) -> dict:
+    """What a loader may change on a model without adapters, kept so ``undo_fresh`` can put it
+    back: the plain nn.Linear module objects (they hold the original weight Parameters), the
+    requires_grad flags, ``model.<config_attr>``, and copies of the weights of the linear layers
+    named in ``snapshot`` (for inits that rewrite the base weight, e.g. PiSSA's residual)."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {"linears": linears, "flags": {id(p): p.requires_grad for p in model.parameters()},
+            "attr": getattr(model, config_attr, _ABSENT),
+            "weights": {n: linears[n].weight.detach().clone() for n in snapshot if n in linears}}
+
+
+def undo_fresh(model: nn.Module, point: dict, layer_type: type, config_attr: str) -> None:
+    """Take out every ``layer_type`` layer a failed load applied, WITHOUT merging: the original
+    nn.Linear goes back in its place (same weight/bias Parameters), snapshotted weights are
+    restored bit for bit, and so are the requires_grad flags and ``model.<config_attr>``."""
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, layer_type)]:
+        orig = point["linears"].get(name)
+        if orig is None or orig.weight is not m.weight:  # not one we saw: a plain layer on the same tensors
+            orig = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None,
+                             device=m.weight.device, dtype=m.weight.dtype)
+            orig.weight, orig.bias = m.weight, m.bias
+        set_submodule(model, name, orig)
+    with torch.no_grad():
+        for name, w in point["weights"].items():
+            point["linears"][name].weight.copy_(w)
+    for p in model.parameters():
+        p.requires_grad_(point["flags"].get(id(p), p.requires_grad))
+    if point["attr"] is _ABSENT:
+        if hasattr(model, config_attr):
+            delattr(model, config_attr)
+    else:
+        setattr(model, config_attr, point["attr"])
 
 
 # ============================================================ minift <-> Hugging Face names
@@ -143,13 +197,21 @@ def modules_to_save_params(model: nn.Module, names) -> dict[str, nn.Parameter]:
     return out
 
 
-def load_modules_to_save(model: nn.Module, inv: dict[str, list], extra: dict[str, torch.Tensor]) -> None:
-    """Copy a PEFT file's modules_to_save tensors (whole-module tensors, keyed by HF name without
-    PEFT_PREFIX) into ``model``; ``inv`` maps an HF module name to its [(minift name, slot)]."""
+def modules_to_save_pairs(model: nn.Module, inv: dict[str, list], extra: dict[str, torch.Tensor]) -> list:
+    """(dst, src, key, where) for a PEFT file's modules_to_save tensors (whole-module tensors, keyed
+    by HF name without PEFT_PREFIX), for ``copy_all``; ``inv`` maps an HF module name to its
+    [(minift name, slot)]. Copies nothing."""
     own = dict(model.named_parameters())
+    pairs = []
     for hk, t in extra.items():
         mod, _, pname = hk.rpartition(".")
         if mod not in inv or inv[mod][0][1] is not None or f"{inv[mod][0][0]}.{pname}" not in own:
             raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} matches no parameter of this model")
         key = f"{inv[mod][0][0]}.{pname}"
-        copy_checked(own[key], t.t() if pname == "weight" and is_conv1d(model, mod) else t, hk, key)
+        pairs.append((own[key], t.t() if pname == "weight" and is_conv1d(model, mod) else t, hk, key))
+    return pairs
+
+
+def load_modules_to_save(model: nn.Module, inv: dict[str, list], extra: dict[str, torch.Tensor]) -> None:
+    """Check, then copy, a PEFT file's modules_to_save tensors (see ``modules_to_save_pairs``)."""
+    copy_all(modules_to_save_pairs(model, inv, extra))

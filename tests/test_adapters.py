@@ -138,3 +138,141 @@ def test_missing_adapter_and_model_without_adapter(tmp_path):
         adapters.save_adapter(GPT(GPTConfig(**TINY_GPT)), tmp_path)
     with pytest.raises(ValueError, match="layout"):
         adapters.save_adapter(GPT(GPTConfig(**TINY_GPT)), tmp_path, layout="hf")
+
+
+# ---------------------------------------------------------------------------- a failed load changes nothing
+
+def _classifier(num_labels, seed=0):
+    from conftest import TINY_BERT
+    from minift.models.bert import BertConfig
+    torch.manual_seed(seed)
+    return BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=num_labels).eval()
+
+
+def _adapt(model, method, init="default"):
+    from minift.methods import adalora
+    if method == "lora":
+        lora.apply(model, lora.LoRAConfig(r=2, alpha=4, targets=("q_proj", "v_proj", "down_proj"), init=init,
+                                          modules_to_save=("classifier",)))
+    else:
+        adalora.apply(model, adalora.AdaLoRAConfig(init_r=3, target_r=1, alpha=8, targets=("q_proj", "v_proj"),
+                                                   tinit=1, tfinal=1, delta_t=1, total_step=4,
+                                                   modules_to_save=("classifier",)))
+    return model
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same(model, before):
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+@pytest.mark.parametrize("method,layout,init", [("lora", "peft", "default"), ("lora", "minift", "default"),
+                                                ("lora", "minift", "pissa"), ("adalora", "peft", "default"),
+                                                ("adalora", "minift", "default")])
+def test_failed_load_into_plain_model_leaves_base_bit_identical(tmp_path, method, layout, init):
+    from minift.methods import adalora
+    src = _adapt(_classifier(2), method, init)
+    _randomize(src)  # non-zero trained B (and Λ), a trained 2-label classifier
+    assert all(m.lora_B.abs().sum() > 0 for _, m in lora.lora_modules(src) + adalora.svd_modules(src))
+    adapters.save_adapter(src, tmp_path, layout=layout)
+    target = _classifier(3, seed=1)
+    before, modules = _state(target), dict(target.named_modules())
+    flags = {n: p.requires_grad for n, p in target.named_parameters()}
+    with pytest.raises(ValueError, match=r"classifier.*another shape"):
+        adapters.load_adapter(target, tmp_path)
+    _assert_same(target, before)  # every base parameter bit-identical: nothing merged, nothing written
+    assert not lora.lora_modules(target) and not adalora.svd_modules(target)
+    assert not hasattr(target, "lora_config") and not hasattr(target, "adalora_config")
+    assert all(m is modules[n] for n, m in target.named_modules())  # the original nn.Linear objects are back
+    assert {n: p.requires_grad for n, p in target.named_parameters()} == flags
+
+
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+@pytest.mark.parametrize("layout", ["peft", "minift"])
+def test_failed_load_into_adapted_model_leaves_its_adapter_bit_identical(tmp_path, method, layout):
+    src = _adapt(_classifier(2), method)
+    _randomize(src)
+    adapters.save_adapter(src, tmp_path, layout=layout)
+    target = _adapt(_classifier(3, seed=1), method)
+    _randomize(target, seed=7)  # its own trained adapter and classifier
+    before = _state(target)
+    with pytest.raises(ValueError, match=r"classifier.*another shape"):
+        adapters.load_adapter(target, tmp_path)
+    _assert_same(target, before)  # no adapter tensor partly overwritten
+
+
+# ---------------------------------------------------------------------------- minift layout: per-module settings
+
+def _gpt_lora(**kw):
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY_GPT)).eval()
+    lora.apply(m, lora.LoRAConfig(**{"r": 2, "alpha": 8, "targets": ("q_proj", "v_proj"), **kw}))
+    return m
+
+
+@pytest.mark.parametrize("saved,model_kw,match", [
+    ({}, {"alpha": 32}, r"layers\.0\.attn\.q_proj: .*alpha=8\b.*alpha=32"),
+    ({}, {"dora": True}, r"layers\.0\.attn\.q_proj: .*dora=False.*dora=True"),
+    ({"dora": True}, {}, r"dora=True.*dora=False"),
+    ({}, {"rslora": True}, r"rslora=False.*rslora=True"),
+    ({}, {"r": 3}, r"r=2.*r=3"),
+    ({}, {"targets": ("q_proj", "k_proj", "v_proj")}, r"layers\.0\.attn\.k_proj.*has none"),
+])
+def test_minift_lora_file_must_match_the_models_lora_layers(tmp_path, saved, model_kw, match):
+    src = _gpt_lora(**saved)
+    _randomize(src)
+    adapters.save_adapter(src, tmp_path, layout="minift")
+    target = _gpt_lora(**model_kw)
+    _randomize(target, seed=5)
+    before = _state(target)
+    with pytest.raises(ValueError, match=match):
+        adapters.load_adapter(target, tmp_path)
+    _assert_same(target, before)
+    same = _gpt_lora(**saved)  # the same settings load, and give the saved model's logits
+    adapters.load_adapter(same, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(same(IDS).logits, src(IDS).logits)
+
+
+def test_minift_lora_file_missing_a_tensor_of_the_model_is_an_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = _gpt_lora(dora=True)
+    _randomize(src)
+    adapters.save_adapter(src, tmp_path, layout="minift")
+    t = load_file(str(tmp_path / "adapter.safetensors"))
+    del t["layers.1.attn.v_proj.lora_magnitude"]
+    save_file(t, str(tmp_path / "adapter.safetensors"))
+    target = _gpt_lora(dora=True)
+    before = _state(target)
+    with pytest.raises(ValueError, match=r"layers\.1\.attn\.v_proj\.lora_magnitude"):
+        adapters.load_adapter(target, tmp_path)
+    _assert_same(target, before)
+
+
+def test_minift_adalora_file_must_match_the_models_scaling(tmp_path):
+    from minift.methods import adalora
+
+    def make(alpha):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(**TINY_GPT)).eval()
+        adalora.apply(m, adalora.AdaLoRAConfig(init_r=3, target_r=1, alpha=alpha, targets=("q_proj", "v_proj"),
+                                               tinit=1, tfinal=1, delta_t=1, total_step=4))
+        return m
+    src = make(8)
+    _randomize(src)
+    adapters.save_adapter(src, tmp_path, layout="minift")
+    target = make(32)
+    before = _state(target)
+    with pytest.raises(ValueError, match=r"layers\.0\.attn\.q_proj: .*alpha=8\b.*alpha=32"):
+        adapters.load_adapter(target, tmp_path)
+    _assert_same(target, before)
+    same = make(8)
+    adapters.load_adapter(same, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(same(IDS).logits, src(IDS).logits)

@@ -8,8 +8,8 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from minift.adapter_io import (PEFT_PREFIX, copy_checked, hf_param_key, load_modules_to_save, module_map,
-                               modules_to_save_params, task_type)
+from minift.adapter_io import (PEFT_PREFIX, copy_all, hf_param_key, module_map, modules_to_save_pairs,
+                               modules_to_save_params, task_type, undo_fresh, undo_point)
 from minift.methods import adalora
 from minift.models.gpt import GPT
 
@@ -35,18 +35,16 @@ def _adalora_config_of(model: nn.Module) -> adalora.AdaLoRAConfig:
 
 def adalora_load_or_undo(model: nn.Module, load, config: dict, tensors: dict) -> None:
     """Run an AdaLoRA loader; if it applied AdaLoRA to a plain model and then failed, take the
-    layers out again (Λ is still zero, so unloading adds nothing to the weights)."""
+    layers out again WITHOUT merging (the original nn.Linear modules go back), so the model is
+    left as it was, bit for bit. Every loader checks all keys and shapes before copying any
+    tensor, so a failed load into a model that already has AdaLoRA changes nothing either."""
     fresh = not adalora.svd_modules(model)
-    flags = {id(p): p.requires_grad for p in model.parameters()}
+    point = undo_point(model, "adalora_config") if fresh else None
     try:
         load(model, config, tensors)
     except Exception:
         if fresh and adalora.svd_modules(model):
-            for _, m in adalora.svd_modules(model):
-                m.lora_E.data.zero_()
-            adalora.unload(model)
-            for p in model.parameters():
-                p.requires_grad_(flags.get(id(p), p.requires_grad))
+            undo_fresh(model, point, adalora.SVDLinear, "adalora_config")
         raise
 
 
@@ -60,21 +58,34 @@ def adalora_to_minift(model: nn.Module) -> tuple[dict, dict]:
 
 
 def adalora_from_minift(model: nn.Module, config: dict, tensors: dict) -> None:
-    modules = config["modules"]
+    modules, c = config["modules"], config["config"]
     if not adalora.svd_modules(model):
-        adalora.apply(model, adalora.AdaLoRAConfig(**config["config"]),
-                      rank_pattern={n: [True] * r for n, r in modules.items()})
+        adalora.apply(model, adalora.AdaLoRAConfig(**c), rank_pattern={n: [True] * r for n, r in modules.items()})
     have = dict(adalora.svd_modules(model))
-    for n in modules:
+    for n, r in modules.items():
         if n not in have:
             raise ValueError(f"adapter has AdaLoRA on {n!r}, which this model does not have as an AdaLoRA layer")
-        if have[n].merged:
+        m = have[n]
+        if m.merged:
             raise ValueError(f"{n} is merged; call adalora.unmerge(model) before loading an adapter")
+        for what, theirs, mine in (("rank", r, m.r), ("alpha", c["alpha"], m.alpha),
+                                   ("init_r", c["init_r"], m.ranknum)):
+            if theirs != mine:
+                raise ValueError(f"{n}: the adapter file has {what}={theirs!r}, this model's AdaLoRA layer has "
+                                 f"{what}={mine!r}")
+    for n, m in have.items():
+        if n not in modules:
+            raise ValueError(f"this model has AdaLoRA on {n!r}, the adapter file has none for it")
+        for k in m.state_dict():
+            if k.startswith("lora_") and f"{n}.{k}" not in tensors:
+                raise ValueError(f"adapter file has no tensor {n}.{k}, which this model's AdaLoRA layer needs")
     own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    pairs = []
     for key, t in tensors.items():
         if key not in own:
             raise ValueError(f"adapter tensor {key!r} has no place in this model (was it saved for another model?)")
-        copy_checked(own[key], t, key, key.rpartition(".")[0])
+        pairs.append((own[key], t, key, key.rpartition(".")[0]))
+    copy_all(pairs)
 
 
 def adalora_to_peft(model: nn.Module) -> tuple[dict, dict]:
@@ -183,6 +194,7 @@ def adalora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
         adalora.apply(model, cfg, rank_pattern={n: [True] * t[1].shape[0] for n, t in per.items()})
     have = dict(adalora.svd_modules(model))
     s_file = alpha / (R + 1e-5)
+    pairs = []
     for name, (A, E, B) in per.items():
         if name not in have:
             raise ValueError(f"adapter has AdaLoRA on {name}, which this model's AdaLoRA layers do not include")
@@ -192,8 +204,11 @@ def adalora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
         if abs(m.scaling - s_file) > 1e-6 * abs(s_file):
             raise ValueError(f"{name} has scaling {m.scaling:.6g} but the file implies {s_file:.6g} "
                              f"(init_r or lora_alpha differ)")
-        copy_checked(m.lora_A, A, f"{name}.lora_A", name)
-        copy_checked(m.lora_E, E, f"{name}.lora_E", name)
-        copy_checked(m.lora_B, B, f"{name}.lora_B", name)
-        m.lora_mask.fill_(True)
-    load_modules_to_save(model, inv, extra)  # modules_to_save: whole-module tensors
+        pairs += [(m.lora_A, A, f"{name}.lora_A", name), (m.lora_E, E, f"{name}.lora_E", name),
+                  (m.lora_B, B, f"{name}.lora_B", name),
+                  (m.lora_mask, torch.ones(E.shape[0], dtype=torch.bool), f"{name}.lora_mask", name)]
+    for name in have:
+        if name not in per:
+            raise ValueError(f"this model has AdaLoRA on {name!r}, the adapter file has none for it")
+    pairs += modules_to_save_pairs(model, inv, extra)  # modules_to_save: whole-module tensors
+    copy_all(pairs)  # every shape checked before any tensor is copied

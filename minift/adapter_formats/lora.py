@@ -12,25 +12,35 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from minift.adapter_io import (PEFT_PREFIX, copy_checked, hf_param_key, load_modules_to_save, module_map,
-                               modules_to_save_params, pattern_value, task_type)
+from minift.adapter_io import (PEFT_PREFIX, copy_all, hf_param_key, module_map, modules_to_save_pairs,
+                               modules_to_save_params, pattern_value, task_type, undo_fresh, undo_point)
 from minift.methods import lora
 from minift.models.gpt import GPT
 
 
 def lora_load_or_undo(model: nn.Module, load, config: dict, tensors: dict) -> None:
     """Run a LoRA loader; if it applied LoRA to a plain model and then failed (a file for
-    another model shape), take the layers out again so the model is left as it was."""
+    another model shape), take the layers out again WITHOUT merging, so the model is left as it
+    was, bit for bit. Every loader checks all keys and shapes before copying any tensor, so a
+    failed load into a model that already has LoRA layers changes nothing either."""
     fresh = not lora.lora_modules(model)
-    flags = {id(p): p.requires_grad for p in model.parameters()}
+    point = undo_point(model, "lora_config", _pissa_targets(model, config)) if fresh else None
     try:
         load(model, config, tensors)
     except Exception:
         if fresh and lora.lora_modules(model):
-            lora.unload(model)  # fresh B is zero, so merging adds nothing (PiSSA: W0 back up to rounding)
-            for p in model.parameters():
-                p.requires_grad_(flags.get(id(p), p.requires_grad))
+            undo_fresh(model, point, lora.LoRALinear, "lora_config")
         raise
+
+
+def _pissa_targets(model: nn.Module, config: dict) -> list[str]:
+    """Linear layers a PiSSA init would rewrite (W0 -> residual): their weights are snapshotted."""
+    c = config.get("config") or {}
+    if c.get("init") != "pissa":
+        return []
+    targets = list(config.get("modules") or c.get("targets") or ())
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+            and (not targets or any(n == t or n.endswith("." + t) for t in targets))]
 
 
 def _lora_config_of(model: nn.Module, mods) -> lora.LoRAConfig:
@@ -56,22 +66,37 @@ def lora_to_minift(model: nn.Module) -> tuple[dict, dict]:
 
 
 def lora_from_minift(model: nn.Module, config: dict, tensors: dict) -> None:
-    modules = config["modules"]
+    modules, c = config["modules"], config["config"]
+    rslora, dora = bool(c.get("rslora", False)), bool(c.get("dora", False))
     if not lora.lora_modules(model):
-        cfg = lora.LoRAConfig(**{**config["config"], "targets": tuple(modules)})
+        cfg = lora.LoRAConfig(**{**c, "targets": tuple(modules)})
         lora.apply(model, cfg, ranks={n: (v["r"], v["alpha"]) for n, v in modules.items()})
-        model.lora_config = lora.LoRAConfig(**config["config"])
+        model.lora_config = lora.LoRAConfig(**c)
     have = dict(lora.lora_modules(model))
     for n, v in modules.items():
         if n not in have:
             raise ValueError(f"adapter has a LoRA on {n!r}, which this model does not have as a LoRA layer")
-        if have[n].merged:
+        m = have[n]
+        if m.merged:
             raise ValueError(f"{n} is merged; call lora.unmerge(model) before loading an adapter")
+        for what, theirs, mine in (("r", v["r"], m.r), ("alpha", v["alpha"], m.alpha),
+                                   ("rslora", rslora, m.rslora), ("dora", dora, m.dora)):
+            if theirs != mine:
+                raise ValueError(f"{n}: the adapter file has {what}={theirs!r}, this model's LoRA layer has "
+                                 f"{what}={mine!r}")
+    for n, m in have.items():
+        if n not in modules:
+            raise ValueError(f"this model has a LoRA on {n!r}, the adapter file has none for it")
+        for pn, _ in m.named_parameters():
+            if pn.startswith("lora_") and f"{n}.{pn}" not in tensors:
+                raise ValueError(f"adapter file has no tensor {n}.{pn}, which this model's LoRA layer needs")
     own = dict(model.named_parameters())
+    pairs = []
     for key, t in tensors.items():
         if key not in own:
             raise ValueError(f"adapter tensor {key!r} has no place in this model (was it saved for another model?)")
-        copy_checked(own[key], t, key, key.rpartition(".")[0])
+        pairs.append((own[key], t, key, key.rpartition(".")[0]))
+    copy_all(pairs)
 
 
 # PEFT layout. PEFT's GPT-2 has one LoRA on the fused c_attn (out = 3C rows: q, then k, then v)
@@ -174,7 +199,8 @@ def _check_scaling(name: str, m: lora.LoRALinear, s_file: float) -> None:
                          f"(r, lora_alpha or use_rslora differ)")
 
 
-def _split_qkv(model, hf: str, parts: dict, members, s_file: float) -> None:
+def _split_qkv(model, hf: str, parts: dict, members, s_file: float) -> list:
+    """Check a c_attn LoRA against the model's q/k/v LoRAs; (dst, src, key, where) pairs to copy."""
     A, B, mag = parts["lora_A"], parts["lora_B"], parts.get("lora_magnitude_vector")
     members = sorted(members, key=lambda t: t[0])
     R, C = A.shape[0], members[0][2].out_features
@@ -182,6 +208,7 @@ def _split_qkv(model, hf: str, parts: dict, members, s_file: float) -> None:
         raise ValueError(f"adapter tensor for {hf}.lora_B has shape {tuple(B.shape)}; this model's c_attn "
                          f"needs ({3 * C}, {R}): the adapter was saved for a model of another shape")
     n, r = len(members), members[0][2].r
+    pairs = []
     shared = r == R  # each slot takes the full A and its row block of B
     if not shared and r * n != R:
         raise ValueError(f"{hf} LoRA has rank {R}; this model's LoRAs on {[nm for _, nm, _ in members]} "
@@ -193,10 +220,13 @@ def _split_qkv(model, hf: str, parts: dict, members, s_file: float) -> None:
         if not shared and (B[rows].count_nonzero() != B[rows, cols].count_nonzero()):
             raise ValueError(f"{hf}.lora_B is not block-structured; load it into a model without LoRA "
                              f"layers to split it into q/k/v LoRAs of rank {R}")
-        copy_checked(m.lora_A, A[cols.start:cols.stop] if not shared else A, f"{hf}.lora_A.weight", name)
-        copy_checked(m.lora_B, B[rows, cols], f"{hf}.lora_B.weight", name)
+        pairs.append((m.lora_A, A[cols.start:cols.stop] if not shared else A, f"{hf}.lora_A.weight", name))
+        pairs.append((m.lora_B, B[rows, cols], f"{hf}.lora_B.weight", name))
         if m.dora:
-            copy_checked(m.lora_magnitude, mag[rows], f"{hf}.lora_magnitude_vector", name)
+            if mag is None or mag.shape != (3 * C,):
+                raise ValueError(f"adapter tensor for {hf}.lora_magnitude_vector has shape "
+                                 f"{None if mag is None else tuple(mag.shape)}; this model's c_attn needs ({3 * C},)")
+            pairs.append((m.lora_magnitude, mag[rows], f"{hf}.lora_magnitude_vector", name))
     parent = members[0][1].rsplit(".", 1)[0]
     for j, p in enumerate("qkv"):  # slots this model does not adapt must get no update
         if j in {slot for slot, _, _ in members}:
@@ -207,6 +237,7 @@ def _split_qkv(model, hf: str, parts: dict, members, s_file: float) -> None:
                 mag[rows], torch.linalg.vector_norm(w, dim=1), rtol=1e-5, atol=1e-7)):
             raise ValueError(f"{hf} LoRA updates {parent}.{p}_proj, which this model has no LoRA on; load it "
                              f"into a model without LoRA layers (q/k/v all get one)")
+    return pairs
 
 
 def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
@@ -253,23 +284,29 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
                               modules_to_save=tuple(dict.fromkeys(mts)))
         lora.apply(model, cfg, ranks=ranks)
     have = dict(lora.lora_modules(model))
+    pairs, covered = [], set()
     for hf, parts in lora_t.items():
         members = [(slot, name, have[name]) for name, slot in inv[hf] if name in have]
         if not members:
             raise ValueError(f"adapter has a LoRA on {hf} ({', '.join(n for n, _ in inv[hf])} in minift), "
                              f"which this model's LoRA layers do not include")
+        covered.update(name for _, name, _ in members)
         if any(m.merged for _, _, m in members):
             raise ValueError(f"{members[0][1]} is merged; call lora.unmerge(model) before loading an adapter")
         if any(m.dora != dora for _, _, m in members):
             raise ValueError(f"{members[0][1]}: the adapter file has use_dora={dora}, the model's layer does not")
         s_file = lora.lora_scaling(*scale[hf], rslora)
         if members[0][0] is not None:
-            _split_qkv(model, hf, parts, members, s_file)
+            pairs += _split_qkv(model, hf, parts, members, s_file)
             continue
         _, name, m = members[0]
         _check_scaling(name, m, s_file)
-        copy_checked(m.lora_A, parts["lora_A"], f"{hf}.lora_A.weight", name)
-        copy_checked(m.lora_B, parts["lora_B"], f"{hf}.lora_B.weight", name)
+        pairs.append((m.lora_A, parts["lora_A"], f"{hf}.lora_A.weight", name))
+        pairs.append((m.lora_B, parts["lora_B"], f"{hf}.lora_B.weight", name))
         if dora:
-            copy_checked(m.lora_magnitude, parts["lora_magnitude_vector"], f"{hf}.lora_magnitude_vector", name)
-    load_modules_to_save(model, inv, extra)  # modules_to_save: whole-module tensors
+            pairs.append((m.lora_magnitude, parts["lora_magnitude_vector"], f"{hf}.lora_magnitude_vector", name))
+    for name in have:
+        if name not in covered:
+            raise ValueError(f"this model has a LoRA on {name!r}, the adapter file has none for it")
+    pairs += modules_to_save_pairs(model, inv, extra)  # modules_to_save: whole-module tensors
+    copy_all(pairs)  # every shape checked before any tensor is copied

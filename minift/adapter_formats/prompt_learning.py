@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 import torch.nn as nn
 
-from minift.adapter_io import copy_checked, hf_param_key, is_conv1d, module_map, modules_to_save_params, task_type
+from minift.adapter_io import copy_all, hf_param_key, is_conv1d, module_map, modules_to_save_params, task_type
 from minift.methods import prefix, prompt
 
 
@@ -93,7 +93,7 @@ def prompt_learning_from_peft(model: nn.Module, config: dict, tensors: dict) -> 
     missing = [k for k in extra if k not in own]
     if missing:
         raise ValueError(f"adapter tensor for {missing[0]!r} matches no parameter of this model")
-    _copy_all([(mod.embedding, table, "prompt_embeddings", f"{attr}.embedding")]
+    copy_all([(mod.embedding, table, "prompt_embeddings", f"{attr}.embedding")]
               + [(own[k], t, k, k) for k, t in extra.items()])
 
 
@@ -123,16 +123,7 @@ def prompt_learning_from_minift(model: nn.Module, config: dict, tensors: dict) -
     if unknown:
         raise ValueError(f"adapter tensor {unknown[0]!r} has no place in this model (a reparameterized prefix "
                          f"and a plain one have different tensors; was it saved for another model?)")
-    _copy_all([(own[k], t, k, k) for k, t in tensors.items()])
-
-
-def _copy_all(pairs) -> None:
-    """Check every (parameter, tensor) shape first, then copy: a bad file changes nothing."""
-    for dst, src, key, where in pairs:
-        if tuple(src.shape) != tuple(dst.shape):
-            copy_checked(dst, src, key, where)  # raises, naming both shapes
-    for dst, src, key, where in pairs:
-        copy_checked(dst, src, key, where)
+    copy_all([(own[k], t, k, k) for k, t in tensors.items()])
 
 
 def prompt_learning_load_or_undo(model: nn.Module, load, config: dict, tensors: dict) -> None:
