@@ -370,6 +370,8 @@ def _cmd_pretrain(args) -> int:
     device, held = _codegen_common(args)
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if not args.minutes > 0:
+        raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     kw = dict(codegen.SMOKE_PRETRAIN) if args.smoke else {}
     kw.update(minutes=args.minutes, device=device, seed=args.seed, progress=not args.no_progress,
               **({"steps": args.steps} if args.steps else {}))

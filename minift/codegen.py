@@ -183,6 +183,12 @@ class PretrainConfig:
     device: str = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        if not self.minutes > 0:  # also rejects nan
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
 
 # The CPU smoke run: ~40k parameters, at most 150k characters of code, 30 steps.
 SMOKE_PRETRAIN = dict(vocab_size=384, n_layer=2, n_head=4, n_embd=32, block_size=64, dropout=0.0,

@@ -481,8 +481,12 @@ def config_from_dir(path) -> GPTConfig | BertConfig:
     from minift.models import hf
     raw = hf.read_config(path)
     kind = raw.get("model_type")
-    if kind == "gpt2":
-        return hf.gpt_config_from_hf(raw)
-    if kind == "bert":
-        return hf.bert_config_from_hf(raw)
+    try:
+        if kind == "gpt2":
+            return hf.gpt_config_from_hf(raw)
+        if kind == "bert":
+            return hf.bert_config_from_hf(raw)
+    except KeyError as e:
+        key = e.args[0] if e.args else "?"
+        raise ValueError(f"{path}/config.json has no {key!r} key (needed for a {kind} model)") from None
     raise ValueError(f"{path}/config.json has model_type {kind!r}; the advisor reads 'gpt2' and 'bert'")

@@ -82,6 +82,8 @@ def add_train_flags(p) -> None:
     p.add_argument("--method", help="full | lora | dora | adalora | prefix | prompt | freeze | bitfit")
     p.add_argument("--out", help="output directory (checkpoints, adapter, metrics)")
     p.add_argument("--resume", action="store_true", help="continue from --out/last")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that holds a checkpoint (deletes its last/ and best/)")
     p.add_argument("--config", help="TOML file with [method], [train], [data] tables")
     p.add_argument("--recipe", help="a recipe in minift/recipes, e.g. sentiment-lora")
     p.add_argument("--max-len", dest="max_len", type=int, help="tokens per example (causal-lm: block size)")
@@ -131,12 +133,40 @@ def read_toml(path, what: str = "config") -> dict:
         raise InputError(f"{path}: invalid TOML: {e}") from None
     known = {"method": None, "train": TRAIN_KEYS, "data": DATA_KEYS}
     for table, v in doc.items():
-        if table not in known or not isinstance(v, dict):
+        if not isinstance(v, dict):
+            raise InputError(f"{path}: key {table!r} is outside any table; put it under [method], [train] "
+                             f"or [data]")
+        if table not in known:
             raise InputError(f"{path}: unknown table [{table}]; use [method], [train] and [data]")
         bad = [k for k in v if known[table] is not None and k not in known[table]]
         if bad:
             raise InputError(f"{path}: unknown key {bad[0]!r} in [{table}]; known: {', '.join(known[table])}")
+        for k, value in v.items():
+            kind = KEY_TYPES[table].get(k)
+            if kind is not None and not _is(value, kind):
+                raise InputError(f"{path}: [{table}] {k} must be {TYPE_WORDS[kind]}, got {value!r}")
     return doc
+
+
+# the type of each key of a TOML file: int, float (an int is fine), bool, str, or a list of str / int
+TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+              "csv": "a list of strings", "ints": "a list of integers"}
+KEY_TYPES = {
+    "train": {f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type).split(" |")[0]]
+              for f in fields(TrainConfig) if f.name in TRAIN_KEYS},
+    "data": {"model": str, "train": str, "dev": str, "task": str, "max_len": int},
+    "method": {"name": str, **{n: bool if kind == "flag" else kind for n, kind, _ in METHOD_FLAGS}},
+}
+
+
+def _is(value, kind) -> bool:
+    if kind in ("csv", "ints"):
+        return isinstance(value, list) and all(_is(x, str if kind == "csv" else int) for x in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def settings(args) -> tuple[str, dict, dict, dict]:
@@ -255,10 +285,20 @@ def train_command(args) -> int:
     from minift.methods.build import METHODS, build_method
     from minift.train import train
     method, opts, topts, data = settings(args)
+    if method == "probe":
+        raise InputError("the probe method is not trained by minift train (its model stays frozen): run "
+                         "minift probe --model DIR --data FILE (or minift compare --methods probe)")
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if args.out is None:
         raise InputError("no --out directory given")
+    from minift.checkpoint import latest_checkpoint
+    overwrite = getattr(args, "overwrite", False)
+    if args.resume and overwrite:
+        raise InputError("give one of --resume and --overwrite, not both")
+    if not args.resume and latest_checkpoint(args.out) is not None and not overwrite:
+        raise InputError(f"{args.out} already holds a checkpoint ({latest_checkpoint(args.out)}): "
+                         f"pass --resume to continue or --overwrite to start again")
     data = resolve_paths(data)
     task, max_len = data["task"], int(data.get("max_len", 128))
     try:
@@ -280,6 +320,10 @@ def train_command(args) -> int:
                       total_steps=total)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:  # the old run's checkpoints and best weights must not outlive it
+        for name in ("last", "last.old", "last.tmp", "best"):
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
     run = {"method": method, "options": _jsonable(st.options), "task": task, "max_len": max_len,
            "label2id": label2id, "model": str(Path(data["model"]).resolve()), "train": vars(cfg)}
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
@@ -315,6 +359,9 @@ def eval_command(args) -> int:
     from minift import data as D
     from minift.checkpoint import load_trainable_state
     from minift.methods.build import build_method
+    from minift.train import check_device
+    if args.device is not None:
+        check_device(args.device)  # before anything is loaded
     adapter = Path(args.adapter)
     if not (adapter / "run.json").is_file() or not (adapter / "model.safetensors").is_file():
         raise FileNotFoundError(f"{adapter} is not a minift adapter directory (no run.json and "
@@ -328,7 +375,8 @@ def eval_command(args) -> int:
     opts = {k: tuple(v) if isinstance(v, list) else v for k, v in run["options"].items()}
     build_method(model, run["method"], opts, tokenizer=tok, lr=run["train"]["lr"])
     load_trainable_state(model, adapter / "model.safetensors")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device if args.device not in (None, "auto") else
+                          "cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task, device)
     print(json.dumps({"method": run["method"], "task": task, "examples": len(ex), **metrics}))

@@ -104,6 +104,7 @@ class TrainConfig:
             raise ValueError("lr must be > 0, warmup and weight_decay >= 0")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        check_device(self.device)
 
     def total_steps(self, n_batches: int) -> int:
         if self.steps is not None:
@@ -174,8 +175,14 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
         _truncate_log(log_path, state["step"])  # steps after the checkpoint are about to be redone
     else:
         seed_everything(cfg.seed)
+        if log_path and Path(log_path).is_file():
+            Path(log_path).write_text("")  # a fresh start: no lines of an earlier run
     step = state["step"]
     res.losses, res.evals, res.best = state["losses"], state["evals"], state["best"]
+    if state.get("stopped_early"):  # the run ended by early stopping: resuming it does nothing
+        res.steps, res.stopped_early, res.checkpoint = step, True, str(ckpt)
+        model.eval()
+        return res
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     bar = _progress(total, step, cfg.progress)
     n_tokens, t0, updating = 0, time.perf_counter(), False
@@ -265,7 +272,7 @@ def _evaluate(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
 
 def _state(step: int, res: TrainResult, state: dict) -> dict:
     return {"step": step, "losses": res.losses, "evals": res.evals, "best": res.best,
-            "bad_evals": state["bad_evals"]}
+            "bad_evals": state["bad_evals"], "stopped_early": res.stopped_early}
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -294,6 +301,23 @@ def batch_at(batches: Sequence[dict], position: int, cfg: TrainConfig) -> dict:
         return batches[i]
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     return batches[int(torch.randperm(n, generator=g)[i])]
+
+
+def check_device(name) -> None:
+    """A one-line ValueError unless ``name`` is auto, cpu, or an available cuda / cuda:N."""
+    if name == "auto":
+        return
+    try:
+        d = torch.device(name)
+    except (RuntimeError, TypeError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is unknown; use auto, cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but no CUDA device is available (use cpu or auto)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: there are only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _device(name: str) -> torch.device:

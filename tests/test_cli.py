@@ -180,3 +180,88 @@ def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(files, tmp_path, c
     def losses(d):
         return [json.loads(line)["loss"] for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert losses(tmp_path / "b") == losses(tmp_path / "a") and len(losses(tmp_path / "a")) == 5
+
+
+def _train_args(files, out, *extra):
+    return ["train", "--model", files / "bert", "--train", files / "train.jsonl", "--method", "bitfit",
+            "--out", out, "--steps", "2", "--batch-size", "4", "--no-progress", *extra]
+
+
+def test_an_out_with_a_checkpoint_needs_resume_or_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert run_cli(_train_args(files, out), capsys)[0] == 0
+    state = (out / "last" / "state.json").read_text()
+    rc, _, err = run_cli(_train_args(files, out), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    assert "already holds a checkpoint" in err and "--resume" in err and "--overwrite" in err
+    assert (out / "last" / "state.json").read_text() == state  # untouched
+    rc, _, err = run_cli(_train_args(files, out, "--resume", "--overwrite"), capsys)
+    assert rc == 2 and "not both" in err
+    # --overwrite starts again: a fresh metrics.jsonl, not the old run's lines plus the new
+    rc, _, err = run_cli(_train_args(files, out, "--overwrite", "--steps", "1"), capsys)
+    assert rc == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1] and json.loads((out / "last" / "state.json").read_text())["step"] == 1
+
+
+@pytest.mark.parametrize("device, needle", [("nope", "device 'nope' is unknown"),
+                                            ("cuda:99", "cuda:99")])
+def test_bad_device_is_exit_2_before_loading(device, needle, files, tmp_path, capsys):
+    rc, _, err = run_cli(_train_args(files, tmp_path / "o", "--device", device), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "o").exists()
+    rc, _, err = run_cli(["eval", "--adapter", tmp_path / "none", "--data", files / "train.jsonl",
+                          "--device", device], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+@pytest.mark.parametrize("toml, needle", [
+    ("[train]\nsteps = 2.5\n", "[train] steps must be an integer, got 2.5"),
+    ("[train]\nshuffle = \"false\"\n", "[train] shuffle must be true or false, got 'false'"),
+    ("[train]\nlr = \"abc\"\n", "[train] lr must be a number, got 'abc'"),
+    ("[train]\nbatch_size = true\n", "[train] batch_size must be an integer, got True"),
+    ("[method]\nr = 2.0\n", "[method] r must be an integer, got 2.0"),
+    ("[method]\ntargets = \"q_proj\"\n", "[method] targets must be a list of strings"),
+    ("[data]\nmax_len = \"64\"\n", "[data] max_len must be an integer"),
+    ("steps = 3\n", "key 'steps' is outside any table"),
+])
+def test_toml_values_are_type_checked(toml, needle, files, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    rc, _, err = run_cli(_train_args(files, tmp_path / "o", "--config", cfg), capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(cfg) in err and needle in err, err
+
+
+def test_toml_accepts_an_int_for_a_float(files, tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[train]\nlr = 1\nwarmup = 0\n")
+    from minift.run import read_toml
+    assert read_toml(cfg)["train"] == {"lr": 1, "warmup": 0}
+
+
+def test_probe_recipe_points_to_minift_probe(files, tmp_path, capsys):
+    rc, _, err = run_cli(["train", "--recipe", "sentiment-probe", "--model", files / "bert", "--train",
+                          files / "train.jsonl", "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "minift probe" in err, err
+
+
+def test_recommend_names_the_file_and_the_missing_key(files, tmp_path):
+    import shutil
+    from minift.memory import config_from_dir
+    d = tmp_path / "m"
+    shutil.copytree(files / "bert", d)
+    raw = json.loads((d / "config.json").read_text())
+    key = next(k for k in ("num_hidden_layers", "hidden_size") if k in raw)
+    (d / "config.json").write_text(json.dumps({k: v for k, v in raw.items() if k != key}))
+    with pytest.raises(ValueError, match=f"{d}/config.json has no '{key}' key"):
+        config_from_dir(d)
+
+
+@pytest.mark.parametrize("minutes", ["-1", "0", "nan"])
+def test_pretrain_minutes_must_be_positive(minutes, tmp_path, capsys):
+    from minift.codegen import PretrainConfig
+    rc, _, err = run_cli(["pretrain", "--out", tmp_path / "p", "--minutes", minutes, "--device", "cpu"], capsys)
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "--minutes must be > 0" in err, err
+    with pytest.raises(ValueError, match="minutes must be > 0"):
+        PretrainConfig(minutes=float(minutes))

@@ -264,3 +264,37 @@ def test_resume_is_exact_with_method_hooks(method, opts, tmp_path):
     assert train(m, data, cfg(tmp_path / "b", **c, resume=True), **hooks).losses == full.losses
     logged = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 8))
+
+
+def test_resuming_an_early_stopped_run_does_not_train_on(tmp_path):
+    scores = iter([3.0, 2.0, 2.5, 2.6])
+    c = cfg(tmp_path, steps=20, grad_accum=1, eval_every=2, patience=2)
+    first = train(gpt(dropout=0.0), batches(), c, eval_fn=lambda m: {"loss": next(scores)})
+    assert first.stopped_early and first.steps == 8
+    log = (tmp_path / "metrics.jsonl").read_text()
+    again = train(gpt(dropout=0.0), batches(), cfg(tmp_path, steps=20, grad_accum=1, eval_every=2, patience=2,
+                                                   resume=True),
+                  eval_fn=lambda m: pytest.fail("an early-stopped run was evaluated again"))
+    assert again.stopped_early and again.steps == 8 and again.losses == first.losses
+    assert again.best == first.best and (tmp_path / "metrics.jsonl").read_text() == log
+
+
+def test_a_fresh_start_truncates_the_metrics_log(tmp_path):
+    train(gpt(dropout=0.0), batches(), cfg(tmp_path, steps=3, grad_accum=1))
+    train(gpt(dropout=0.0), batches(), cfg(tmp_path, steps=2, grad_accum=1))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_bad_device_is_a_one_line_value_error():
+    with pytest.raises(ValueError, match="device 'nope' is unknown; use auto, cpu, cuda or cuda:N"):
+        TrainConfig(steps=1, device="nope")
+    with pytest.raises(ValueError, match="device 'mps' is unknown"):
+        TrainConfig(steps=1, device="mps")
+    assert TrainConfig(steps=1, device="cpu").device == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            TrainConfig(steps=1, device="cuda")
+    else:
+        with pytest.raises(ValueError, match="only"):
+            TrainConfig(steps=1, device=f"cuda:{torch.cuda.device_count()}")
