@@ -327,6 +327,12 @@ def _device(name: str) -> torch.device:
 
 
 def _to(batch: dict, device) -> dict:
+    """Move a batch to ``device``. An attention mask without padding (all ones, checked here on
+    the CPU, before the copy) is dropped: it means the same as no mask, and without one the
+    models can use SDPA's causal / flash path instead of building a dense bias."""
+    mask = batch.get("attention_mask")
+    if torch.is_tensor(mask) and mask.device.type == "cpu" and bool(mask.all()):
+        batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

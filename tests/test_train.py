@@ -298,3 +298,18 @@ def test_bad_device_is_a_one_line_value_error():
     else:
         with pytest.raises(ValueError, match="only"):
             TrainConfig(steps=1, device=f"cuda:{torch.cuda.device_count()}")
+
+
+def test_an_all_ones_mask_is_dropped_and_changes_nothing():
+    import importlib
+    from minift.models.gpt import GPT, GPTConfig
+    t = importlib.import_module("minift.train")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    moved = t._to(full, "cpu")
+    assert "attention_mask" not in moved
+    torch.testing.assert_close(t.model_forward(m, moved).loss, t.model_forward(m, full).loss, atol=1e-6, rtol=0)
+    padded = dict(full, attention_mask=torch.tensor([[1] * 6, [1] * 4 + [0] * 2]))
+    assert "attention_mask" in t._to(padded, "cpu")
