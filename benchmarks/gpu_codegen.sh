@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_codegen.sh OUT            # both stages (~12 minutes in all)
 #   bash benchmarks/gpu_codegen.sh OUT pretrain   # stage 1, ~8 minutes: tokenizer + ~23M GPT, 6.5 min of training
+#   bash benchmarks/gpu_codegen.sh OUT all 4.5    # both stages in one 10-minute command, 4.5 min of pretraining
 #   bash benchmarks/gpu_codegen.sh OUT case       # stage 2, ~4 minutes: AdaLoRA, LoRA, full on asyncio, 2000 steps each
 #
 # Under a 10-minute limit per command, run the two stages as two commands on the same machine:
@@ -12,11 +13,13 @@
 set -eu
 out=${1:-benchmarks/results}
 stage=${2:-all}
+minutes=${3:-6.5}   # pretraining minutes (4.5 fits both stages in one 10-minute command)
 model=runs/codegen-pretrained
 mkdir -p "$out"
 if [ "$stage" = all ] || [ "$stage" = pretrain ]; then
-  python3 -m minift pretrain --corpus stdlib --held-out asyncio --out "$model" --minutes 6.5 --device cuda --no-progress
+  python3 -m minift pretrain --corpus stdlib --held-out asyncio --out "$model" --minutes "$minutes" --device cuda --no-progress
   cp "$model/corpus.json" "$out/codegen-pretrain-corpus.json"  # the split and the pretraining record
+  python3 benchmarks/codegen_roundtrip.py "$model" "$out/codegen-roundtrip.json"  # transformers loads it, same logits
 fi
 if [ "$stage" = all ] || [ "$stage" = case ]; then
   python3 -m minift codegen-case --pretrained "$model" --out "$out" --device cuda --no-progress
