@@ -18,8 +18,8 @@ from minift.models.gpt import GPT  # noqa: E402
 d, out = Path(sys.argv[1]), Path(sys.argv[2])
 tok = load_tokenizer(d)
 text = "import asyncio\n\nasync def main():\n    await asyncio.sleep(1)\n    return [x * 2 for x in range(10)]\n"
-ids = torch.tensor([tok.encode(text).ids])
 ours = GPT.from_pretrained(d).eval()
+ids = torch.tensor([tok.encode(text).ids[:ours.config.block_size]])
 hf = transformers.GPT2LMHeadModel.from_pretrained(d).eval()
 with torch.no_grad():
     a, b = ours(ids).logits, hf(ids).logits
