@@ -10,7 +10,8 @@ from minift.data import (ClassificationData, DataError, batches, collate, load_t
                          read_records)
 from minift.fetch import FetchError, cache_dir, fetch_minilm, fetch_sentiment
 from minift.methods import adalora, freeze, full, lora, prefix, probe, prompt
-from minift.methods.adalora import AdaLoRAConfig, RankAllocator, SVDLinear
+from minift.methods.adalora import AdaLoRAConfig, SVDLinear
+from minift.methods.adalora_alloc import RankAllocator
 from minift.methods.common import count_trainable, summary
 from minift.methods.freeze import FreezeConfig, GradualUnfreezer, bitfit, discriminative_param_groups
 from minift.methods.lora import LoRAConfig, LoRALinear

@@ -25,6 +25,7 @@ the naive loss, for comparison with GPT's chunked cross-entropy).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
@@ -173,7 +174,7 @@ def build(cfg: BenchConfig, method: str):
         lora.apply(model, lora.LoRAConfig(r=8, alpha=16, targets=cfg.lora_targets, dora=method == "dora",
                                           modules_to_save=head))
     elif method == "adalora":
-        from minift.methods import adalora
+        from minift.methods import adalora, adalora_alloc
         acfg = adalora.AdaLoRAConfig(init_r=12, target_r=8, alpha=32, targets=cfg.lora_targets,
                                      tinit=0, tfinal=0, delta_t=1,
                                      total_step=cfg.warmup + cfg.steps + 1)
@@ -181,8 +182,9 @@ def build(cfg: BenchConfig, method: str):
         if head:
             from minift.methods.common import unfreeze_modules
             unfreeze_modules(model, head)
-        hooks["allocator"] = adalora.RankAllocator(model, acfg)
+        hooks["allocator"] = adalora_alloc.RankAllocator(model, acfg)
         hooks["orth"] = (adalora.orth_penalty, acfg.orth_reg_weight)
+        hooks["factors"] = adalora.batched_factors  # as train does: forward and penalty inside it
     elif method == "prefix":
         from minift.methods import prefix
         prefix.apply(model, prefix.PrefixConfig(num_virtual_tokens=VIRTUAL_TOKENS, modules_to_save=head))
@@ -228,6 +230,11 @@ def _autocast(device: str):
 
 
 def _loss(model, batch, cfg: BenchConfig, hooks):
+    with hooks["factors"](model) if "factors" in hooks else contextlib.nullcontext():
+        return _forward_loss(model, batch, cfg, hooks)
+
+
+def _forward_loss(model, batch, cfg: BenchConfig, hooks):
     if cfg.plain_ce and isinstance(model, GPT):  # the naive loss: full fp32 logits
         b = {k: v for k, v in batch.items() if k != "labels"}
         out = model_forward(model, b | {"compute_logits": True})

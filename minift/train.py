@@ -3,8 +3,9 @@
     for step in range(start, steps):              # one optimizer step
         unfreezer.step(step)                      # gradual unfreezing (freeze.py), if any
         for micro in range(grad_accum):           # gradient accumulation
-            loss = model_forward(model, batch).loss
-            loss += penalty(model)                # AdaLoRA's orthogonal penalty, if any
+            with forward_context(model):          # AdaLoRA's batched factors, if any
+                loss = model_forward(model, batch).loss
+                loss += penalty(model)            # AdaLoRA's orthogonal penalty, if any
             (loss / grad_accum).backward()
         clip_grad_norm_(max_grad_norm); optimizer.step()
         allocator.step(model, step)               # AdaLoRA: after backward, before zero_grad
@@ -20,6 +21,7 @@ so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -145,12 +147,15 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
           eval_fn: Callable[[torch.nn.Module], dict] | None = None,
           allocator=None, penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
           unfreezer=None, param_groups: list[dict] | None = None,
+          forward_context: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train ``model`` on ``train_batches`` (a sequence of batch dicts) and return the history.
 
     Hooks: ``allocator.step(model, step)`` after backward and before zero_grad (AdaLoRA);
     ``penalty(model)`` added to every micro-batch loss (AdaLoRA's orthogonal penalty, already
-    weighted); ``unfreezer.step(step)`` before each step (gradual unfreezing; the optimizer then
+    weighted); ``with forward_context(model):`` around each micro-batch's forward and penalty
+    (AdaLoRA's ``batched_factors``: each shape group's factors stacked once);
+    ``unfreezer.step(step)`` before each step (gradual unfreezing; the optimizer then
     holds every parameter, and AdamW skips those without a gradient); ``param_groups`` (dicts
     with ``params`` and optionally ``lr``/``weight_decay``: LoRA+, discriminative lrs);
     ``eval_fn(model) -> metrics`` every ``eval_every`` steps; ``on_step(step, loss)`` after
@@ -196,7 +201,7 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
                 batch = _to(batch_at(train_batches, step * cfg.grad_accum + micro, cfg), device)
-                with autocast:
+                with autocast, (forward_context or _no_context)(model):
                     loss = model_forward(model, batch).loss
                     if penalty is not None:
                         loss = loss + penalty(model)
@@ -276,6 +281,10 @@ def _state(step: int, res: TrainResult, state: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- pieces
+
+def _no_context(model):
+    return contextlib.nullcontext()
+
 
 def make_optimizer(model, cfg: TrainConfig, param_groups=None, all_params=False, device=None):
     """AdamW over ``param_groups`` or, by default, the trainable parameters: >= 2-D ones get

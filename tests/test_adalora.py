@@ -1,6 +1,8 @@
 """AdaLoRA: PEFT's RankAllocator as the oracle for the schedule and the pruning; algebra of
-SVDLinear (no-op init, merge, finalize); the orthogonal penalty's formula and gradient; a
-small training run; clear errors on bad input."""
+SVDLinear (no-op init, merge, finalize); the orthogonal penalty's formula and gradient;
+batched factors equal the per-module path, with an overhead per shape group; a small
+training run; clear errors on bad input."""
+import contextlib
 import copy
 import types
 
@@ -11,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minift.methods import adalora
-from minift.methods.adalora import AdaLoRAConfig, RankAllocator, SVDLinear
+from minift.methods.adalora import AdaLoRAConfig, SVDLinear
+from minift.methods.adalora_alloc import RankAllocator
 from minift.models.gpt import GPT, GPTConfig
 from minift.train import TrainConfig, model_forward, train
 
@@ -280,6 +283,101 @@ def test_orth_penalty_formula_and_gradcheck():
             m.lora_A, m.lora_B = A, B
         return adalora.orth_penalty(model)
     assert torch.autograd.gradcheck(f, leaves)
+
+
+def test_orth_penalty_with_ranks_that_differ_between_modules():
+    """A loaded rank pattern gives modules of several r: the Grams are grouped by r."""
+    torch.manual_seed(0)
+    model, c = Toy(d=6, n=2).double(), cfg(init_r=3, target_r=1)
+    names = [f"layers.{i}.{p}_proj" for i in range(2) for p in "qv"]
+    adalora.apply(model, c, rank_pattern={n: [True] * k for n, k in zip(names, (3, 2, 1, 2))})
+    mods = [m for _, m in adalora.svd_modules(model)]
+    eye = lambda r: torch.eye(r, dtype=torch.double)  # noqa: E731
+    want = sum(((m.lora_B.T @ m.lora_B - eye(m.r)) ** 2).sum() + ((m.lora_A @ m.lora_A.T - eye(m.r)) ** 2).sum()
+               for m in mods) / 8
+    torch.testing.assert_close(adalora.orth_penalty(model), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_batched_factors_give_the_same_loss_and_gradients(checkpointing):
+    model = gpt()
+    adalora.apply(model, cfg(targets=("q_proj", "v_proj", "up_proj", "down_proj")))  # three shape groups
+    randomize(model)
+    model.train().checkpointing = checkpointing
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(context):
+        with context(model):
+            loss = model_forward(model, batch()).loss + 0.5 * adalora.orth_penalty(model)
+        grads = torch.autograd.grad(loss, params)
+        return loss, grads
+    plain, plain_grads = loss_and_grads(lambda m: contextlib.nullcontext())
+    batched, batched_grads = loss_and_grads(adalora.batched_factors)
+    torch.testing.assert_close(batched, plain, rtol=1e-6, atol=1e-6)
+    for g, h in zip(batched_grads, plain_grads):
+        torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-7)
+    mods = [m for _, m in adalora.svd_modules(model)]
+    def left():  # the stacks or a module's factors outlive the block
+        return getattr(model, "adalora_stacks", None) is not None or any(m.factors is not None for m in mods)
+    assert not left()
+    with pytest.raises(RuntimeError, match="boom"), adalora.batched_factors(model):
+        raise RuntimeError("boom")
+    assert not left()  # an exception inside leaves nothing behind either
+    if not checkpointing:  # (with it, batched_factors leaves the modules alone)
+        with adalora.batched_factors(model), pytest.raises(ValueError, match="already active"):
+            with adalora.batched_factors(model):
+                pass
+
+
+def test_training_with_batched_factors_equals_without():
+    """Same losses, pattern and weights through pruning, with ``train``'s forward_context or without."""
+    from minift.methods.build import build_method
+    opts = dict(init_r=4, target_r=2, targets=("q_proj", "v_proj", "up_proj"), tinit=1, tfinal=2, delta_t=1,
+                total_step=7, orth_reg_weight=0.1)
+    runs = []
+    for batched in (True, False):
+        model = gpt()
+        hooks = build_method(model, "adalora", opts, lr=1e-2).train_hooks()
+        if not batched:
+            hooks["forward_context"] = None
+        res = train(model, [batch(0), batch(1)], TrainConfig(lr=1e-2, steps=7, warmup=0, progress=False,
+                                                             plot=False), **hooks)
+        runs.append((res.losses, adalora.rank_pattern(model), model.state_dict()))
+    (la, pa, sa), (lb, pb, sb) = runs
+    assert la == pytest.approx(lb, rel=1e-5) and pa == pb
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6)
+
+
+def test_adalora_overhead_over_lora_is_per_shape_group_not_per_module():
+    """With batched_factors, AdaLoRA's ops beyond LoRA's (Λ, the penalty) run once per shape
+    group: going from 2 to 4 layers adds no kernel ops to that difference."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from minift.methods.build import build_method
+
+    class Kernels(TorchDispatchMode):  # ops that run a kernel: views left out
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "aten" and not func.is_view and func.overloadpacket.__name__ != "_unsafe_view":
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def count(method, n_layer):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**TINY_GPT, "n_layer": n_layer})).train()
+        opts = dict(targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
+                    **({"tinit": 1, "tfinal": 1, "total_step": 10} if method == "adalora" else {}))
+        hooks = build_method(model, method, opts).train_hooks()
+        with Kernels() as k:
+            with (hooks["forward_context"] or (lambda m: contextlib.nullcontext()))(model):
+                loss = model_forward(model, batch()).loss
+                if hooks["penalty"] is not None:
+                    loss = loss + hooks["penalty"](model)
+            loss.backward()
+        return k.n
+    assert count("adalora", 4) - count("lora", 4) == count("adalora", 2) - count("lora", 2)
 
 
 # ---------------------------------------------------------------------------- training

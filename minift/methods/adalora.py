@@ -9,8 +9,8 @@ Each adapted weight learns an update in SVD form, a sum of r triplets (P_i, lamb
          │                                                       (+) ──► h
          └─► dropout ─► [ Q: r x in ] ─► (* Λ) ─► [ P: out x r ] ─┘ x s
 
-and a rank allocator moves a fixed budget of live singular values to where they matter.
-For every adapter entry w (of P, Λ or Q), after backward:
+and a rank allocator (``adalora_alloc.py``) moves a fixed budget of live singular values to
+where they matter. For every adapter entry w (of P, Λ or Q), after backward:
 
     I(w)   = |w * dL/dw|                              sensitivity
     I_bar  = b1 * I_bar + (1 - b1) * I                smoothed importance
@@ -41,6 +41,7 @@ PEFT's penalty uses the unsquared norm; the square used here is smooth at R = 0.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -141,15 +142,24 @@ class SVDLinear(nn.Module):
         self.lora_B = nn.Parameter(torch.randn(self.out_features, r, **kw) * 0.02)  # P (out, r)
         self.register_buffer("lora_mask", torch.ones(r, dtype=torch.bool, device=self.weight.device))
         self.merged = False
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (ΛQ, P), set by batched_factors
 
     def delta_weight(self) -> torch.Tensor:
         return self.lora_B @ (self.lora_A * self.lora_E) * self.scaling  # (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        base = F.linear(x, self.weight, self.bias)  # (..., out)
         if self.merged:
-            return out
-        return out + F.linear(F.linear(self.dropout(x), self.lora_A * self.lora_E), self.lora_B) * self.scaling
+            return base
+        # Inside batched_factors the product ΛQ (and P) are views of tensors built once for a
+        # whole shape group; otherwise this module makes its own. Same values either way.
+        lq, p = self.factors if self.factors is not None else (self.lora_A * self.lora_E, self.lora_B)
+        qx = F.linear(self.dropout(x), lq)  # (..., r)
+        # W0 x + b + s P (Λ Q x), with "+ s P (.)" done by one addmm (as in LoRALinear): the
+        # scaling and the sum happen inside the GEMM, not as two more ops (and their backward).
+        rows = base.reshape(-1, base.shape[-1])  # (N, out)
+        out = torch.addmm(rows, qx.reshape(rows.shape[0], self.r), p.t(), alpha=self.scaling)  # (N, out)
+        return out.view(base.shape)
 
     @torch.no_grad()
     def merge(self, safe: bool = False, name: str = "") -> None:
@@ -231,143 +241,63 @@ def _shape_groups(mods: list[SVDLinear]) -> list[list[int]]:
     return list(groups.values())
 
 
-def orth_penalty(model: nn.Module) -> torch.Tensor:
-    """R = 1/(2n) sum_k ||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2, batched per shape group."""
-    mods = [m for _, m in _modules(model, "orth_penalty")]
-    total = 0.0
+@contextmanager
+def batched_factors(model: nn.Module):
+    """``with batched_factors(model):`` one forward (and its ``orth_penalty``) with every
+    module's factors taken from one stacked tensor per shape group.
+
+    Why: eager training of many small adapters (GPT-2 medium, six projections: 144) is bound
+    by how fast the CPU issues ops, not by the GPU. Alone, each module computes Λ * Q (and
+    autograd its two gradients), and the penalty's copies of P and Q get their gradients
+    added to the forward's: about six small kernels a module. Here those run once per shape
+    group: ΛQ = stack(Q) * stack(Λ), and the penalty reuses stack(Q) and stack(P), so P and Q
+    each feed autograd once. The values are those of the per-module path.
+
+    One forward per entry (train enters it for every micro-batch): a second forward would
+    share autograd nodes with the first, whose backward frees them. With activation
+    checkpointing it does nothing: blocks re-run in backward, after it has exited, and must
+    then build the same tensors as in the forward, so each module makes its own factors.
+    """
+    mods = [m for _, m in _modules(model, "batched_factors")]
+    if getattr(model, "adalora_stacks", None) is not None:
+        raise ValueError("batched_factors is already active on this model")
+    if any(getattr(m, "checkpointing", False) for m in model.modules()):
+        yield
+        return
+    stacks = []
     for g in _shape_groups(mods):
         A = torch.stack([mods[i].lora_A for i in g])  # (G, r, in)  = Q
+        E = torch.stack([mods[i].lora_E for i in g])  # (G, r, 1)   = Λ
         B = torch.stack([mods[i].lora_B for i in g])  # (G, out, r) = P
-        eye = torch.eye(A.shape[1], dtype=A.dtype, device=A.device)  # (r, r)
-        total = total + ((A @ A.transpose(1, 2) - eye) ** 2).sum() + ((B.transpose(1, 2) @ B - eye) ** 2).sum()
-    return total / (2 * len(mods))
+        for i, lq, p in zip(g, (A * E).unbind(0), B.unbind(0)):
+            mods[i].factors = (lq, p)
+        stacks.append((A, B))
+    model.adalora_stacks = stacks  # what orth_penalty reads, in _shape_groups order
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.factors = None
+        del model.adalora_stacks
 
 
-class RankAllocator:
-    """Scores every triplet and prunes to the budget. Call ``step(model, global_step)`` once
-    per optimizer step, after ``optimizer.step()`` and before ``zero_grad()``.
+def orth_penalty(model: nn.Module) -> torch.Tensor:
+    """R = 1/(2n) sum_k ||P_k^T P_k - I||_F^2 + ||Q_k Q_k^T - I||_F^2, in a few batched ops.
 
-    All work is batched: the EMAs are ``torch._foreach_*`` ops over every adapter tensor, the
-    triplet scores of one shape group are one stacked reduction, and one stable sort over all
-    scores concatenated picks what to prune. Nothing reads a tensor value back to Python.
-
-    Ties: exactly b(t) triplets stay live. Among equal scores, the triplet earlier in module
-    order (then index order) is pruned first. (PEFT prunes every score <= the k-th smallest,
-    so with ties at that threshold it keeps fewer; with distinct scores the two agree.)
+    Every Gram matrix (Q Q^T and P^T P) is r x r, so each shape group gives two bmm's and all
+    2n Grams go through one subtract/square/sum: the kernel count does not grow with n. Inside
+    ``batched_factors`` the stacks of P and Q are the forward's own.
     """
-
-    def __init__(self, model: nn.Module, cfg: AdaLoRAConfig):
-        named = _modules(model, "RankAllocator")
-        self.cfg, self.names, self.mods = cfg, [n for n, _ in named], [m for _, m in named]
-        for n, m in named:
-            if m.r != cfg.init_r:
-                raise ValueError(f"RankAllocator needs every AdaLoRA layer at init_r={cfg.init_r}; {n} has r={m.r} "
-                                 f"(a finalized adapter has no pruned triplets left to allocate)")
-        self.init_bgt, self.target_bgt = cfg.init_r * len(self.mods), cfg.target_r * len(self.mods)
-        self.budget = self.init_bgt  # the budget of the last step, in live singular values
-        self.groups = _shape_groups(self.mods)
-        order = [i for g in self.groups for i in g]  # triplet scores come out group by group
-        pos = torch.arange(len(self.mods) * cfg.init_r).view(len(self.mods), cfg.init_r)  # (n, r)
-        self._to_module_order = torch.empty_like(pos).index_copy_(0, torch.tensor(order), pos).flatten()
-        self.ipt_ema: list[torch.Tensor] | None = None  # per tensor of _params(), created at the first step
-        self.unc_ema: list[torch.Tensor] | None = None
-
-    def _params(self) -> list[nn.Parameter]:
-        return [p for m in self.mods for p in (m.lora_A, m.lora_E, m.lora_B)]  # A, E, B of module 0, 1, ...
-
-    def reset_ipt(self) -> None:
-        self.ipt_ema = self.unc_ema = None
-
-    @torch.no_grad()
-    def update_ipt(self) -> None:
-        ps = self._params()
-        for i, p in enumerate(ps):
-            if p.grad is None:
-                name = f"{self.names[i // 3]}.{('lora_A', 'lora_E', 'lora_B')[i % 3]}"
-                raise ValueError(f"RankAllocator.step needs gradients but {name} has none: call it after "
-                                 f"loss.backward() and before optimizer.zero_grad()")
-        if self.ipt_ema is None:
-            self.ipt_ema = [torch.zeros_like(p) for p in ps]
-            self.unc_ema = [torch.zeros_like(p) for p in ps]
-        b1, b2 = self.cfg.beta1, self.cfg.beta2
-        ipt = torch._foreach_mul(ps, [p.grad for p in ps])  # I = |w * grad|
-        torch._foreach_abs_(ipt)
-        torch._foreach_mul_(self.ipt_ema, b1)  # I_bar = b1 I_bar + (1 - b1) I
-        torch._foreach_add_(self.ipt_ema, torch._foreach_mul(ipt, 1 - b1))
-        dev = torch._foreach_sub(ipt, self.ipt_ema)  # U_bar = b2 U_bar + (1 - b2) |I - I_bar|
-        torch._foreach_abs_(dev)
-        torch._foreach_mul_(dev, 1 - b2)
-        torch._foreach_mul_(self.unc_ema, b2)
-        torch._foreach_add_(self.unc_ema, dev)
-
-    @torch.no_grad()
-    def triplet_scores(self) -> torch.Tensor:
-        """S for every triplet, flat in module order: (n_modules * init_r,)."""
-        if self.ipt_ema is None:
-            raise ValueError("RankAllocator has no scores yet: step() must run on gradients first")
-        s = torch._foreach_mul(self.ipt_ema, self.unc_ema)  # s(w) = I_bar * U_bar, per tensor
-        out = []
-        for g in self.groups:
-            sA = torch.stack([s[3 * i] for i in g]).mean(dim=2)      # (G, r, in) -> (G, r)
-            sE = torch.stack([s[3 * i + 1] for i in g]).squeeze(2)   # (G, r, 1) -> (G, r)
-            sB = torch.stack([s[3 * i + 2] for i in g]).mean(dim=1)  # (G, out, r) -> (G, r)
-            out.append((sE + (sA + sB)).flatten())
-        if self._to_module_order.device != out[0].device:  # moved once, not copied every step
-            self._to_module_order = self._to_module_order.to(out[0].device)
-        return torch.cat(out)[self._to_module_order]
-
-    @torch.no_grad()
-    def mask_to_budget(self, b: int) -> None:
-        """Keep the b highest-scored triplets over all modules; zero lambda of the rest."""
-        scores = self.triplet_scores()
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        k = self.init_bgt - b
-        if k > 0:
-            keep[torch.sort(scores, stable=True).indices[:k]] = False  # one threshold over all modules
-        masks = list(keep.view(len(self.mods), -1))  # (n, r) -> n rows
-        torch._foreach_copy_([m.lora_mask for m in self.mods], masks)
-        self.apply_masks()
-
-    @torch.no_grad()
-    def apply_masks(self) -> None:
-        Es = [m.lora_E for m in self.mods]
-        torch._foreach_mul_(Es, [m.lora_mask.to(E.dtype).unsqueeze(1) for m, E in zip(self.mods, Es)])
-
-    def step(self, model: nn.Module, global_step: int) -> int:
-        """One allocator step (PEFT's ``update_and_allocate``); returns the budget now in force."""
-        cfg, end = self.cfg, self.cfg.total_step - self.cfg.tfinal
-        if any(m.r != cfg.init_r for m in self.mods):  # Python ints: no tensor is read
-            raise ValueError("the model was finalized (its layers shrunk to their kept ranks); "
-                             "the allocator has nothing left to prune")
-        if global_step > end:  # final phase: the fixed pattern, re-applied after every update
-            self.apply_masks()
-            self.budget = self.target_bgt
-            return self.budget
-        if global_step < end:
-            self.update_ipt()
-        self.budget = budget(cfg, global_step, len(self.mods))
-        if prunes_at(cfg, global_step):
-            self.mask_to_budget(self.budget)
-        if global_step == end:
-            self.reset_ipt()
-        return self.budget
-
-    def state_dict(self) -> dict:
-        ema = {} if self.ipt_ema is None else {
-            "ipt": {str(i): t for i, t in enumerate(self.ipt_ema)},
-            "unc": {str(i): t for i, t in enumerate(self.unc_ema)}}
-        return {"budget": self.budget, **ema}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.budget = int(state["budget"])
-        if "ipt" not in state:
-            self.reset_ipt()
-            return
-        ps = self._params()
-        if len(state["ipt"]) != len(ps):
-            raise ValueError(f"allocator state has {len(state['ipt'])} tensors, this model's AdaLoRA has {len(ps)}")
-        self.ipt_ema = [state["ipt"][str(i)].to(p.device, p.dtype) for i, p in enumerate(ps)]
-        self.unc_ema = [state["unc"][str(i)].to(p.device, p.dtype) for i, p in enumerate(ps)]
+    mods = [m for _, m in _modules(model, "orth_penalty")]
+    stacks = getattr(model, "adalora_stacks", None) or [
+        (torch.stack([mods[i].lora_A for i in g]), torch.stack([mods[i].lora_B for i in g]))
+        for g in _shape_groups(mods)]  # (G, r, in) = Q, (G, out, r) = P
+    by_r: dict[int, list[torch.Tensor]] = {}  # r x r Grams by r: one r for all, unless a rank pattern differs
+    for A, B in stacks:
+        by_r.setdefault(A.shape[1], []).extend([A @ A.transpose(1, 2), B.transpose(1, 2) @ B])  # (G, r, r)
+    terms = [((torch.cat(gs) - torch.eye(r, dtype=gs[0].dtype, device=gs[0].device)) ** 2).sum()
+             for r, gs in by_r.items()]
+    return sum(terms[1:], terms[0]) / (2 * len(mods))
 
 
 def rank_pattern(model: nn.Module) -> dict[str, list[bool]]:

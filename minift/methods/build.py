@@ -6,9 +6,10 @@
 An explicit if-chain, one branch per method: each option name is a field of that method's
 config dataclass (``--r`` -> ``LoRAConfig.r``), so flags map one-to-one onto configs. The
 returned ``MethodState`` carries the training-loop hooks the method needs (AdaLoRA's
-allocator and orthogonal penalty, a gradual unfreezer, LoRA+ or discriminative parameter
-groups); ``train`` receives them as keyword arguments. An option the chosen method does not
-use is an error, so ``--method full --r 8`` never silently ignores ``--r``.
+allocator, orthogonal penalty and batched factors, a gradual unfreezer, LoRA+ or
+discriminative parameter groups); ``train`` receives them as keyword arguments. An option
+the chosen method does not use is an error, so ``--method full --r 8`` never silently
+ignores ``--r``.
 """
 from __future__ import annotations
 
@@ -37,13 +38,14 @@ class MethodState:
     param_groups: list[dict] | None = None
     allocator: object | None = None     # AdaLoRA's RankAllocator: .step(model, step)
     penalty: Callable | None = None     # AdaLoRA's weighted orthogonal penalty: penalty(model)
+    forward_context: Callable | None = None  # AdaLoRA's batched_factors: with it(model): forward, penalty
     unfreezer: object | None = None     # freeze.GradualUnfreezer: .step(step)
     options: dict = field(default_factory=dict)  # the options used (to rebuild for eval)
 
     def train_hooks(self) -> dict:
         """Keyword arguments for ``minift.train.train``."""
         return dict(param_groups=self.param_groups, allocator=self.allocator, penalty=self.penalty,
-                    unfreezer=self.unfreezer)
+                    unfreezer=self.unfreezer, forward_context=self.forward_context)
 
     def trainable(self, model: nn.Module) -> tuple[int, int]:
         return count_trainable(model)
@@ -88,14 +90,15 @@ def build_method(model: nn.Module, method: str, args: Mapping | None = None, *, 
         if "lr_ratio" in opts:
             st.param_groups = lora.param_groups(model, lr, opts["lr_ratio"], weight_decay)
     elif method == "adalora":
-        from minift.methods import adalora
+        from minift.methods import adalora, adalora_alloc
         steps = {"total_step": total_steps} if total_steps and "total_step" not in opts else {}
         cfg = config(adalora.AdaLoRAConfig, **steps)
         check_unused()
         st = MethodState(method, adalora.apply(model, cfg), cfg)
-        st.allocator = adalora.RankAllocator(model, cfg)
+        st.allocator = adalora_alloc.RankAllocator(model, cfg)
         w = cfg.orth_reg_weight
         st.penalty = (lambda m: w * adalora.orth_penalty(m)) if w > 0 else None
+        st.forward_context = adalora.batched_factors
     elif method == "prefix":
         from minift.methods import prefix
         cfg = config(prefix.PrefixConfig)
