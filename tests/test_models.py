@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_GPT, hf_bert, hf_gpt2
+from conftest import TINY_BERT, TINY_GPT, hf_bert, hf_gpt2
 from minift.models.bert import Bert, BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 
@@ -208,3 +208,33 @@ def test_save_pretrained_refuses_an_adapted_model(tiny_gpt, tmp_path):
     lora.unload(tiny_gpt)
     tiny_gpt.save_pretrained(tmp_path / "x")  # merged and unloaded: a plain model again
     assert GPT.from_pretrained(tmp_path / "x").layers[0].attn.q_proj.weight.shape == (32, 32)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert"])
+def test_no_grad_forward_keeps_no_earlier_block_outputs(kind):
+    """Under no_grad (probing, evaluation, frozen lower layers) a block's output and keys/values
+    must die once the next block has read them, unless hidden states or the KV cache are asked for
+    (keeping them cost 32 MiB a layer on GPT-2 medium at 8 x 1024)."""
+    import weakref
+    deep = {"n_layer": 4}
+    model = GPT(GPTConfig(**TINY_GPT | deep)) if kind == "gpt" else Bert(BertConfig(**TINY_BERT | deep))
+    model.eval()
+    alive, refs = [], []
+
+    def keep_ref(mod, inp, out):
+        refs.append([weakref.ref(t) for t in (out if isinstance(out, tuple) else (out,))
+                     for t in (t if isinstance(t, tuple) else (t,))])
+
+    def count_alive(mod, inp, out):
+        alive.append(sum(r() is not None for rs in refs[:-2] for r in rs))
+
+    for block in model.layers:
+        block.register_forward_hook(keep_ref)
+    model.layers[-1].register_forward_hook(count_alive)
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        model(ids)
+        assert alive[-1] == 0
+        refs.clear()
+        out = model(ids, output_hidden_states=True)
+        assert alive[-1] > 0 and len(out.hidden_states) == len(model.layers) + 1

@@ -163,7 +163,8 @@ class Bert(nn.Module):
         for i, layer in enumerate(self.layers):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_below(self, i, x, prefix)):
                 x = run_block(self, layer, x, bias, None if prefix is None else prefix[i])
-            hidden.append(x)
+            if output_hidden_states:  # kept only when asked: under no_grad nothing else holds them
+                hidden.append(x)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C) from the first ([CLS]) token
         return BertOutput(x, pooled, tuple(hidden) if output_hidden_states else None)
 

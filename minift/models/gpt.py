@@ -204,10 +204,13 @@ class GPT(nn.Module):
         for i, block in enumerate(self.layers):
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_below(self, i, x, prefix)):
                 x, kv = run_block(self, block, x, bias, None if prefix is None else prefix[i])
-            hidden.append(x)
-            kvs.append(kv)
+            if output_hidden_states:  # kept only when asked: under no_grad nothing else holds them
+                hidden.append(x)
+            if return_kv:
+                kvs.append(kv)
         x = self.ln_f(x)
-        hidden[-1] = x  # as in HF: the last hidden state is after the final LayerNorm
+        if output_hidden_states:
+            hidden[-1] = x  # as in HF: the last hidden state is after the final LayerNorm
         logits = loss = None
         if targets is not None:
             loss = lm_loss(x, self.wte.weight, targets)
