@@ -386,16 +386,19 @@ def save(rows: list[Row], out: Path, name: str, meta: dict) -> None:
     plt.close(fig)
 
 
-def run(cfg: BenchConfig, *, progress=print) -> list[Row]:
-    """Every method of ``cfg`` on one model (PEFT side by side: benchmarks/peft_baseline.py)."""
+def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
+    """Every method of ``cfg`` on one model (PEFT side by side: benchmarks/peft_baseline.py).
+    ``on_row(rows)`` gets the rows so far after each method, so a killed run keeps what finished."""
     cuda = cfg.device.startswith("cuda")
     peak = measure_matmul_tflops(cfg.device) if cuda else None
     rows = []
     for m in cfg.methods:
         progress(f"minift {cfg.model} {m}")
-        rows.append(run_minift(cfg, m, peak))
-    for r in rows:
-        r.extra.setdefault("matmul_tflops", peak)
+        row = run_minift(cfg, m, peak)
+        row.extra.setdefault("matmul_tflops", peak)
+        rows.append(row)
+        if on_row is not None:
+            on_row(add_ratios(rows))
     return add_ratios(rows)
 
 

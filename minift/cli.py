@@ -105,9 +105,10 @@ def _cmd_bench(args) -> int:
                             frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
-    rows = bench.run(cfg, progress=lambda s: print(s, file=sys.stderr))
     name = args.name or f"bench-{model}"
-    bench.save(rows, Path(args.out), name, bench.meta(cfg))
+    save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731
+    rows = bench.run(cfg, progress=lambda s: print(s, file=sys.stderr), on_row=save)  # saved after each method
+    save(rows)
     print(bench.to_markdown(rows))
     print(f"wrote {Path(args.out) / name}.{{json,md,png}}", file=sys.stderr)
     return 0

@@ -82,3 +82,13 @@ def test_probe_flops_leave_out_the_unused_lm_head():
 def test_bench_cli_rejects_zero_and_empty(argv, msg, capsys):
     assert main(["bench", "--device", "cpu", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_run_hands_over_the_rows_after_each_method():
+    """A run killed mid-way (a GPU call's time limit) keeps the methods that finished."""
+    seen = []
+    cfg = bench.BenchConfig(model="tiny-gpt", methods=("full", "lora"), batch=2, seq_len=32, steps=1, warmup=1,
+                            device="cpu")
+    rows = bench.run(cfg, progress=lambda s: None, on_row=lambda rs: seen.append([r.method for r in rs]))
+    assert seen == [["full"], ["full", "lora"]] and [r.method for r in rows] == ["full", "lora"]
+    assert rows[1].ratio_tokens_vs_full > 0
