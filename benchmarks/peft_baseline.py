@@ -106,8 +106,8 @@ def main() -> None:
         for c in ((False, True) if a.compile else (False,)):
             print(f"peft {cfg.model} {m}{' compiled' if c else ''}", file=sys.stderr)
             rows.append(run_peft(cfg, m, compile_=c))
-    bench.add_ratios(rows)
-    bench.save(rows, Path(a.out), a.name or f"peft-{a.model}", bench.meta(cfg))
+            bench.add_ratios(rows)  # saved after each row: a run cut off by a time limit keeps what finished
+            bench.save(rows, Path(a.out), a.name or f"peft-{a.model}", bench.meta(cfg))
     print(bench.to_markdown(rows))
 
 

@@ -21,10 +21,13 @@ def main() -> None:
     p.add_argument("--model", default="gpt2-medium")
     p.add_argument("--method", default="lora")
     p.add_argument("--no-frozen-bf16", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first (as bench --compile)")
     p.add_argument("--rows", type=int, default=25)
     a = p.parse_args()
-    cfg = bench.BenchConfig(model=a.model, methods=(a.method,), frozen_bf16=not a.no_frozen_bf16)
+    cfg = bench.BenchConfig(model=a.model, methods=(a.method,), frozen_bf16=not a.no_frozen_bf16, compile=a.compile)
     model, hooks = bench.build(cfg, a.method)
+    if a.compile:
+        model.compile()
     batch = bench.make_batch(model, cfg, a.method)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4, fused=True)
     model.train()
@@ -45,7 +48,7 @@ def main() -> None:
         for i in range(3, 6):
             step(i)
         torch.cuda.synchronize()
-    print(f"== {a.model} {a.method} frozen_bf16={cfg.frozen_bf16} ({torch.cuda.get_device_name()})")
+    print(f"== {a.model} {a.method} frozen_bf16={cfg.frozen_bf16} compile={a.compile} ({torch.cuda.get_device_name()})")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=60))
 
 
