@@ -456,7 +456,10 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
     if method == "adalora":  # RankAllocator: two fp32 EMAs per adapter tensor, two temporaries while updating
         extras += 4 * 4 * sum(p.n for ad in adapters for p in ad)
     est = MemoryEstimate(method, weights, 4 * trainable, state, activations, logits, extras, trainable, total)
-    est.phase = "start of backward" if est.backward_peak >= est.step_peak else "optimizer step"
+    if method == "probe":  # no backward, no optimizer: the peak is inside the forward
+        est.phase = "forward"
+    else:
+        est.phase = "start of backward" if est.backward_peak >= est.step_peak else "optimizer step"
     return est
 
 
