@@ -57,6 +57,9 @@ ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 VIRTUAL_TOKENS = 20
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class BenchConfig:
     model: str = "gpt2-medium"
@@ -68,6 +71,7 @@ class BenchConfig:
     device: str = "cuda"
     frozen_bf16: bool = True
     compile: bool = False
+    compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
     checkpointing: bool = False
     plain_ce: bool = False
     lora_targets: tuple[str, ...] = ALL_PROJ
@@ -81,6 +85,8 @@ class BenchConfig:
             raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
         if self.batch < 1 or self.seq_len <= VIRTUAL_TOKENS or self.steps < 1 or self.warmup < 0:
             raise ValueError(f"need batch >= 1, seq_len > {VIRTUAL_TOKENS}, steps >= 1, warmup >= 0")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
         if self.device == "cpu":
             self.frozen_bf16 = False  # CPU runs are fp32 smoke tests
 
@@ -278,14 +284,17 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     model, hooks = build(cfg, method)
     batch = make_batch(model, cfg, method)
     train = method != "probe"
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and cfg.device.startswith("cuda")
     if cfg.compile:
-        model.compile()
+        model.compile(mode=cfg.compile_mode)
     if train:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda"))
         model.train()
 
         def step(i):
+            if graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with _autocast(cfg.device):
                 loss = _loss(model, batch, cfg, hooks)
             loss.backward()
@@ -313,7 +322,8 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, mc.n_embd, backward_layers=bl, train=train)
     tps = cfg.batch * cfg.seq_len / (ms / 1e3)
     mfu = fpt * tps / (peak_tflops * 1e12) if peak_tflops else float("nan")
-    variant = "+".join(k for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)) \
+    variant = "+".join(k if k != "compile" or cfg.compile_mode == "default" else f"compile:{cfg.compile_mode}"
+                       for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)) \
         or "eager-fp32-base"
     row = Row("minift", cfg.model, method, variant, _device_name(cfg.device), "bf16-autocast"
               if cfg.device != "cpu" else "fp32", cfg.batch, cfg.seq_len, trainable, total, ms, tps, peak, mfu)

@@ -66,7 +66,7 @@ def _cmd_fetch(args) -> int:
 # ---------------------------------------------------------------------------- bench
 
 def _add_bench(sub) -> None:
-    from minift.bench import METHODS, PRESETS
+    from minift.bench import COMPILE_MODES, METHODS, PRESETS
     p = sub.add_parser("bench", help="memory/throughput of every method against full fine-tuning")
     p.add_argument("--model", default=None, help=f"preset: {', '.join(PRESETS)} (default: gpt2-medium on "
                                                   "CUDA, tiny-gpt on CPU)")
@@ -78,6 +78,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-frozen-bf16", action="store_true", help="keep frozen base weights in fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj",
@@ -103,6 +105,7 @@ def _cmd_bench(args) -> int:
                             seq_len=(64 if tiny else 1024) if args.seq_len is None else args.seq_len,
                             steps=args.steps, warmup=args.warmup, device=device,
                             frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
+                            compile_mode=args.compile_mode,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
     name = args.name or f"bench-{model}"

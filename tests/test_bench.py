@@ -45,6 +45,8 @@ def test_bad_config():
         bench.BenchConfig(methods=("nope",))
     with pytest.raises(ValueError, match="unknown model preset"):
         bench.BenchConfig(model="gpt5")
+    with pytest.raises(ValueError, match="unknown compile mode 'fast'; choose from default"):
+        bench.BenchConfig(compile=True, compile_mode="fast")
 
 
 def test_cpu_smoke_run(tmp_path, capsys):
