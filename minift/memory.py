@@ -18,13 +18,9 @@ The training step the estimate models (the one ``minift.bench`` runs and
     backward to the optimizer step;
   - frozen bottom layers (``grad_from_layer``) run without autograd and keep nothing.
 
-What backward keeps is derived from PyTorch's autograd rules by a small symbolic forward
-(``_Tape``): a matmul keeps its (bf16) input when its weight trains and its (bf16) weight
-when its input needs a gradient; LayerNorm keeps its fp32 input, mean and rstd; GELU its
-input; SDPA q, k, v, out and logsumexp (+ the bias); dropout with p > 0 its mask (bool on
-CUDA). Views share storage and are counted once. On CPU (``device="cpu"``, fp32 only) the
-same rules hold except dropout masks have the input's dtype; the tests check the CPU form
-against ``torch.autograd.graph.saved_tensors_hooks`` byte for byte.
+What backward keeps is derived from PyTorch's autograd rules by a small symbolic forward that
+``estimate_memory`` runs through the model op by op (``minift.memory_tape``, whose docstring
+lists the rules; on CPU, ``device="cpu"``, fp32 only, the tests check it byte for byte).
 
 The peak is the larger of two moments: the start of backward (weights, optimizer state,
 everything saved for backward, and the loss chunk's recompute: its log-softmax output, the
@@ -35,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from minift.memory_tape import Param, Tape
 from minift.models.bert import BertConfig
 from minift.models.gpt import GPTConfig
 
@@ -47,112 +44,15 @@ CUBLAS_WORKSPACE = 32 * 2 ** 20
 LOSS_CHUNK = 4096  # minift.models.gpt.lm_loss
 
 
-# ============================================================================ symbolic forward
-
-class _T:
-    """A tensor the estimate tracks: element count, bytes per element, needs a gradient."""
-    __slots__ = ("n", "b", "grad")
-
-    def __init__(self, n: int, b: int, grad: bool = False):
-        self.n, self.b, self.grad = n, b, grad
-
-
-class _P(_T):
-    """A parameter: already counted under weights, never again when saved for backward."""
-    __slots__ = ()
-
-
-class _Tape:
-    """Symbolic forward: records the bytes autograd saves for backward (unique tensors)."""
-
-    def __init__(self, autocast: bool, cuda: bool):
-        self.ac, self.cuda, self.no_grad = autocast, cuda, False
-        self.saved: dict[int, int] = {}
-        self.alive: list[_T] = []  # keeps every _T alive so ids stay unique
-        self.cache: dict[int, _T] = {}  # autocast's cache of trainable-weight casts
-
-    def new(self, n, b, grad=False) -> _T:
-        t = _T(int(n), b, grad and not self.no_grad)
-        self.alive.append(t)
-        return t
-
-    def save(self, *ts) -> None:
-        for t in ts:
-            if not self.no_grad and not isinstance(t, _P):
-                self.saved[id(t)] = t.n * t.b
-
-    def bf16(self, t: _T) -> _T:  # autocast's cast for a lower-precision op: a new copy per consumer
-        if not self.ac or t.b == 2:
-            return t
-        if isinstance(t, _P) and t.grad:
-            return self.cache.setdefault(id(t), self.new(t.n, 2, True))
-        return self.new(t.n, 2, t.grad)
-
-    def cast_once(self, x: _T) -> _T:
-        """``minift.models.gpt.cast_once``: under autocast, one bf16 copy of a matmul input
-        that every consumer (q, k, v, each LoRA A) then shares; without autocast, ``x`` itself."""
-        return self.bf16(x)
-
-    def linear(self, x: _T, w: _P, b: _P | None, fin: int, fout: int) -> _T:
-        x16, w16 = self.bf16(x), self.bf16(w)
-        grad = x.grad or w.grad or (b is not None and b.grad)
-        if grad and w.grad:
-            self.save(x16)
-        if grad and x.grad:
-            self.save(w16)
-        return self.new(x.n // fin * fout, 2 if self.ac else x.b, grad)
-
-    def layer_norm(self, x: _T, w: _P, b: _P, C: int) -> _T:
-        grad = x.grad or w.grad or b.grad
-        cast = (lambda t: t if t.b == 4 else self.new(t.n, 4, t.grad)) if self.ac else (lambda t: t)
-        if grad:
-            self.save(cast(x), cast(w), cast(b), self.new(x.n // C, 4), self.new(x.n // C, 4))
-        return self.new(x.n, 4 if self.ac else x.b, grad)
-
-    def pointwise(self, x: _T, save_input: bool = True) -> _T:  # GELU saves its input, tanh its output
-        out = self.new(x.n, x.b, x.grad)
-        if x.grad:
-            self.save(x if save_input else out)
-        return out
-
-    def dropout(self, x: _T, p: float) -> _T:
-        if p == 0:
-            return x  # F.dropout with p = 0 returns its input
-        if x.grad:
-            self.save(self.new(x.n, 1 if self.cuda else x.b))
-        return self.new(x.n, x.b, x.grad)
-
-    def add(self, a: _T, b: _T) -> _T:
-        return self.new(max(a.n, b.n), max(a.b, b.b), a.grad or b.grad)
-
-    def mul(self, a: _T, b: _T) -> _T:
-        if a.grad:
-            self.save(b)
-        if b.grad:
-            self.save(a)
-        return self.add(a, b)
-
-    def sdpa(self, q, k, v, bias, B: int, H: int, T: int, C: int) -> _T:
-        q, k, v = self.bf16(q), self.bf16(k), self.bf16(v)
-        grad = q.grad or k.grad or v.grad
-        out = self.new(B * T * C, q.b, grad)
-        if grad:
-            lse_T = -(-T // 32) * 32 if (bias is not None and self.cuda) else T  # efficient attention pads
-            self.save(q, k, v, out, self.new(B * H * lse_T, 4))
-            if bias is not None:
-                self.save(self.bf16(bias))
-        return out
-
-
 # ============================================================================ estimate
 
 @dataclass
 class _Lin:
     fin: int
     fout: int
-    w: _P
-    b: _P | None
-    adapter: tuple[_P, ...] = ()  # LoRA (A, B[, magnitude]) or AdaLoRA (A, E, B)
+    w: Param
+    b: Param | None
+    adapter: tuple[Param, ...] = ()  # LoRA (A, B[, magnitude]) or AdaLoRA (A, E, B)
     kind: str = ""  # "", "lora", "dora", "adalora"
 
 
@@ -267,12 +167,12 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         r = opts.init_r if method == "adalora" else opts.r
         if r > (C if t != "up_proj" and t != "down_proj" else min(C, I)):
             raise ValueError(f"rank {r} is too large for {t}")
-    tape = _Tape(autocast=dtype == "bf16", cuda=device == "cuda")
+    tape = Tape(autocast=dtype == "bf16", cuda=device == "cuda")
     fb = 2 if frozen_dtype == "bf16" else 4
-    params: list[_P] = []
+    params: list[Param] = []
 
-    def param(n: int, trainable: bool) -> _P:
-        p = _P(n, 4 if trainable else fb, trainable)
+    def param(n: int, trainable: bool) -> Param:
+        p = Param(n, 4 if trainable else fb, trainable)
         params.append(p)
         return p
 
