@@ -34,7 +34,7 @@ import torch
 from minift.data import batches, eos_id, pad_id
 from minift.metrics import perplexity, rouge_l
 from minift.models.gpt import GPT, GPTConfig
-from minift.train import TrainConfig, model_forward, train
+from minift.train import TrainConfig, extend_batch, forward_extended, lm_targets, train
 
 SKIP_DIRS = frozenset({"test", "tests", "site-packages", "idlelib", "lib2to3", "__pycache__"})
 EOT = "<|endoftext|>"
@@ -248,8 +248,9 @@ def lm_perplexity(model: GPT, examples: list[dict], batch_size: int = 16, device
     total, n = 0.0, 0
     for b in batches(examples, batch_size, pad_id=pad):
         b = {k: v.to(device) for k, v in b.items()}
-        k = int((b["labels"][:, 1:] != -100).sum())  # tokens with a loss: the shift drops one per row
-        total += model_forward(model, b).loss.item() * k
+        b = extend_batch(model, b)  # a soft prompt moves the targets: count them as the model sees them
+        k = lm_targets(b)  # tokens with a loss: the shift drops one per row
+        total += forward_extended(model, b).loss.item() * k
         n += k
     return perplexity(total / n)
 

@@ -255,20 +255,19 @@ def examples(path, task: str, tok, max_len: int, label2id=None):
 def evaluate(model, batches, task: str, device="cpu") -> dict:
     """Mean loss (per example, or per predicted token for GPT) and task metrics."""
     from minift.metrics import classification_metrics, perplexity
-    from minift.train import _to, model_forward
+    from minift.train import _to, extend_batch, forward_extended, lm_targets
     model.eval()
     total, n, gold, pred = 0.0, 0, [], []
     with torch.no_grad():
         for b in batches:
-            b = _to(b, device)
+            b = extend_batch(model, _to(b, device))  # the batch the model reads (soft prompt included)
+            out = forward_extended(model, b)
             if task == "classification":
-                out = model_forward(model, b)
                 k = b["labels"].numel()
                 gold += b["labels"].tolist()
                 pred += out.logits.argmax(-1).tolist()
             else:
-                out = model_forward(model, b)
-                k = int((b["labels"][:, 1:] != -100).sum())  # targets after the internal shift
+                k = lm_targets(b)  # the targets out.loss is the mean over
             total, n = total + out.loss.item() * k, n + k
     loss = total / max(n, 1)
     if task == "classification":

@@ -46,14 +46,32 @@ def model_forward(model: torch.nn.Module, batch: dict):
     by that module's ``extend(batch)``, which returns the batch with ``prefix`` or
     ``inputs_embeds`` (and lengthened ``attention_mask``/``labels``) filled in.
     """
+    return forward_extended(model, extend_batch(model, batch))
+
+
+def extend_batch(model: torch.nn.Module, batch: dict) -> dict:
+    """The batch as the model reads it: the ``prefix_encoder`` / ``soft_prompt`` hook applied."""
     for hook in ("prefix_encoder", "soft_prompt"):
         module = getattr(model, hook, None)
         if module is not None:
             batch = module.extend(batch)
+    return batch
+
+
+def forward_extended(model: torch.nn.Module, batch: dict):
+    """``model_forward`` of a batch that ``extend_batch`` already extended."""
     kw = dict(batch)
     if isinstance(model, GPT):
         return model(kw.pop("input_ids", None), kw.pop("labels", None), **kw)
     return model(**kw)
+
+
+def lm_targets(batch: dict) -> int:
+    """How many targets GPT's loss on ``batch`` (as ``extend_batch`` returns it) is the mean
+    over: labels after the internal shift that are not -100. Counted on the extended batch, as a
+    soft prompt moves the targets: its virtual positions are -100, and the first real token,
+    never a target without it, is predicted by the last virtual one."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 # ---------------------------------------------------------------------------- config
@@ -160,7 +178,9 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     with ``params`` and optionally ``lr``/``weight_decay``: LoRA+, discriminative lrs);
     ``eval_fn(model) -> metrics`` every ``eval_every`` steps; ``on_step(step, loss)`` after
     each step. A KeyboardInterrupt saves a checkpoint (with ``out_dir``) and returns with
-    ``interrupted=True``.
+    ``interrupted=True``. An evaluation is all or nothing: one interrupted midway leaves no
+    trace (no eval record, best or log line) and the checkpoint marks it pending, so
+    ``resume`` runs it again, on the same weights and RNG, before the next step.
     """
     if len(train_batches) == 0:
         raise ValueError("train_batches is empty")
@@ -177,7 +197,8 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     ckpt = latest_checkpoint(out) if (cfg.resume and out) else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, opt, allocator)
-        _truncate_log(log_path, state["step"])  # steps after the checkpoint are about to be redone
+        # steps after the checkpoint are about to be redone, and so is a pending evaluation
+        _truncate_log(log_path, state["step"], drop_eval=state.get("eval_pending", False))
     else:
         seed_everything(cfg.seed)
         if log_path and Path(log_path).is_file():
@@ -193,8 +214,23 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     n_tokens, t0, updating = 0, time.perf_counter(), False
     snap, snap_step = rng_state(), step
     model.train()
+
+    def finish_step(step: int, step_loss: float) -> bool:
+        """Evaluate (when due), checkpoint (when due), call on_step; True means: stop early."""
+        if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            if _evaluate(model, eval_fn, step, cfg, res, state, out, log_path):
+                return True
+        if out and cfg.save_every and step % cfg.save_every == 0 and step < total:
+            res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator))
+        if on_step is not None:
+            on_step(step, step_loss)
+        return False
+
     try:
-        while step < total:
+        if state.pop("eval_pending", False) and eval_fn is not None:
+            # Ctrl-C stopped the evaluation of this step: finish the step as it would have been
+            res.stopped_early = finish_step(step, res.losses[-1])
+        while step < total and not res.stopped_early:
             snap, snap_step = rng_state(), step  # what a checkpoint of `step` steps done restores
             if unfreezer is not None:
                 unfreezer.step(step)
@@ -226,14 +262,7 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}")
             _log(log_path, {"step": step, "loss": step_loss, "lr": opt.param_groups[0]["lr"], "tok_s": tok_s})
-            if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-                if _evaluate(model, eval_fn, step, cfg, res, state, out, log_path):
-                    res.stopped_early = True
-                    break
-            if out and cfg.save_every and step % cfg.save_every == 0 and step < total:
-                res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator))
-            if on_step is not None:
-                on_step(step, step_loss)
+            res.stopped_early = finish_step(step, step_loss)
     except KeyboardInterrupt:
         res.interrupted = True
         if updating:  # weights may be half-updated: keep the previous checkpoint
@@ -247,7 +276,8 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     if out:
         # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
         # resumed step must draw again, so the RNG is saved as it was when that step began.
-        rng = snap if snap_step == step else None
+        # Likewise inside an evaluation (it may sample): as it was when the evaluation began.
+        rng = state["eval_rng"] if state.get("eval_pending") else snap if snap_step == step else None
         res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator, rng=rng))
         if cfg.plot:
             plot_losses(res, out / "loss.png")
@@ -255,7 +285,23 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
 
 
 def _evaluate(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
-    """Run ``eval_fn``; track the best; save ``best/`` weights. True means: stop early."""
+    """Run ``eval_fn``; track the best; save ``best/`` weights. True means: stop early.
+
+    All or nothing: a KeyboardInterrupt anywhere in it takes back what it recorded (the eval
+    record, the best, the log line) and marks it pending with the RNG it began with, for the
+    checkpoint: a resumed run evaluates this step again, exactly once."""
+    n_evals, best, bad_evals, rng = len(res.evals), res.best, state["bad_evals"], rng_state()
+    try:
+        return _evaluate_once(model, eval_fn, step, cfg, res, state, out, log_path)
+    except KeyboardInterrupt:
+        del res.evals[n_evals:]
+        res.best, state["bad_evals"] = best, bad_evals
+        _truncate_log(log_path, step, drop_eval=True)
+        state["eval_pending"], state["eval_rng"] = True, rng
+        raise
+
+
+def _evaluate_once(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
     model.eval()
     with torch.no_grad():
         metrics = {k: float(v) for k, v in eval_fn(model).items()}
@@ -277,7 +323,8 @@ def _evaluate(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
 
 def _state(step: int, res: TrainResult, state: dict) -> dict:
     return {"step": step, "losses": res.losses, "evals": res.evals, "best": res.best,
-            "bad_evals": state["bad_evals"], "stopped_early": res.stopped_early}
+            "bad_evals": state["bad_evals"], "stopped_early": res.stopped_early,
+            "eval_pending": bool(state.get("eval_pending"))}
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -357,10 +404,12 @@ def _log(path, record: dict) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _truncate_log(path, step: int) -> None:
+def _truncate_log(path, step: int, drop_eval: bool = False) -> None:
+    """Keep the log lines up to ``step``; with ``drop_eval``, not the evaluation of ``step``."""
     if path and Path(path).is_file():
-        keep = [line for line in Path(path).read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        records = [(line, json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+        keep = [line for line, r in records if r.get("step", 0) < step or r.get("step", 0) == step
+                and not (drop_eval and "eval" in r)]
         Path(path).write_text("".join(line + "\n" for line in keep))
 
 

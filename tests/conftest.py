@@ -31,25 +31,27 @@ def tiny_classifier():
     return BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3).eval()
 
 
-def hf_gpt2(tmp_path, seed=0):
-    """A tiny random transformers GPT-2 saved to tmp_path; returns (hf_model, dir)."""
+def hf_gpt2(tmp_path, seed=0, **config):
+    """A tiny random transformers GPT-2 saved to tmp_path; returns (hf_model, dir).
+    ``config``: more GPT2Config fields (e.g. scale_attn_by_inverse_layer_idx=True)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **config)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(tmp_path)
     return model, tmp_path
 
 
-def hf_bert(tmp_path, seed=0, classifier=False, num_labels=3):
-    """A tiny random transformers BERT (or BertForSequenceClassification) saved to tmp_path."""
+def hf_bert(tmp_path, seed=0, classifier=False, num_labels=3, **config):
+    """A tiny random transformers BERT (or BertForSequenceClassification) saved to tmp_path.
+    ``config``: more BertConfig fields (e.g. is_decoder=True)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=64, max_position_embeddings=64,
                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                  num_labels=num_labels)
+                                  num_labels=num_labels, **config)
     cls = transformers.BertForSequenceClassification if classifier else transformers.BertModel
     model = cls(cfg).eval()
     model.save_pretrained(tmp_path)

@@ -177,8 +177,95 @@ def test_missing_and_misshapen_tensor(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["activation_function"] = "relu"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="relu"):
+    with pytest.raises(ValueError, match="activation_function=\"relu\""):
         GPT.from_pretrained(d)
+
+
+# ---------------------------------------------------------------------------- config fields minift lacks
+
+def _edit_config(d, drop=(), **fields):
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(fields)
+    for k in drop:
+        cfg.pop(k, None)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+def _refused_in_one_line(load, d, field, value):
+    with pytest.raises(ValueError) as e:
+        load(d)
+    msg = str(e.value)
+    assert f"{field}={json.dumps(value)}" in msg and "supported" in msg and "\n" not in msg, msg
+    return msg
+
+
+GPT2_UNSUPPORTED = [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                    ("activation_function", "relu"), ("activation_function", "gelu"),
+                    ("add_cross_attention", True), ("tie_word_embeddings", False)]
+BERT_UNSUPPORTED = [("position_embedding_type", "relative_key"), ("position_embedding_type", "relative_key_query"),
+                    ("hidden_act", "relu"), ("hidden_act", "gelu_new"), ("is_decoder", True),
+                    ("add_cross_attention", True)]
+
+
+@pytest.mark.parametrize("field,value", GPT2_UNSUPPORTED)
+def test_gpt2_config_asking_for_what_minift_lacks_is_refused(tmp_path, field, value):
+    _, d = hf_gpt2(tmp_path)
+    _edit_config(d, **{field: value})
+    msg = _refused_in_one_line(GPT.from_pretrained, d, field, value)
+    assert str(d) in msg
+    from minift.models.hf import gpt_config_from_hf  # the reader itself (the advisor uses it too)
+    with pytest.raises(ValueError, match=field):
+        gpt_config_from_hf(json.loads((d / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+@pytest.mark.parametrize("field,value", BERT_UNSUPPORTED)
+def test_bert_config_asking_for_what_minift_lacks_is_refused(tmp_path, field, value, classifier):
+    _, d = hf_bert(tmp_path, classifier=classifier)
+    _edit_config(d, **{field: value})
+    _refused_in_one_line(BertClassifier.from_pretrained if classifier else Bert.from_pretrained, d, field, value)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("field,value", [("scale_attn_by_inverse_layer_idx", True), ("scale_attn_weights", False),
+                                         ("activation_function", "relu"), ("tie_word_embeddings", False)])
+def test_gpt2_refused_fields_really_change_what_hf_computes(tmp_path, field, value):
+    """The refusal is not pedantry: a real transformers checkpoint with the field set computes
+    something else than minift does when the field is ignored (what the loader used to do)."""
+    hf, d = hf_gpt2(tmp_path, initializer_range=0.2, **{field: value})  # weights big enough to matter
+    assert json.loads((d / "config.json").read_text())[field] == value
+    _refused_in_one_line(GPT.from_pretrained, d, field, value)
+    _edit_config(d, drop=[field])
+    x = _ids()
+    assert (GPT.from_pretrained(d).eval()(x).logits - hf(x).logits).abs().max() > 1e-3  # parity is 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("field,value", [("is_decoder", True), ("hidden_act", "relu")])
+def test_bert_refused_fields_really_change_what_hf_computes(tmp_path, field, value):
+    hf, d = hf_bert(tmp_path, initializer_range=0.2, **{field: value})
+    assert json.loads((d / "config.json").read_text())[field] == value
+    _refused_in_one_line(Bert.from_pretrained, d, field, value)
+    _edit_config(d, drop=[field])
+    x = _ids(vocab=99)
+    assert (Bert.from_pretrained(d).eval()(x).last_hidden_state - hf(x).last_hidden_state).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_config_values_minift_computes_identically_are_accepted(tmp_path):
+    """reorder_and_upcast_attn only changes the precision HF's eager attention works in (fp32
+    scores, scale folded into the matmul): in fp32 the logits agree. gelu_pytorch_tanh is
+    gelu_new; gelu_python is gelu; an explicit position_embedding_type "absolute" is the default."""
+    x = _ids()
+    for i, extra in enumerate([dict(reorder_and_upcast_attn=True, attn_implementation="eager"),
+                               dict(activation_function="gelu_pytorch_tanh")]):
+        hf, d = hf_gpt2(tmp_path / f"gpt{i}", **extra)
+        torch.testing.assert_close(GPT.from_pretrained(d).eval()(x).logits, hf(x).logits, atol=1e-5, rtol=0)
+    hf, d = hf_bert(tmp_path / "bert", hidden_act="gelu_python")
+    _edit_config(d, position_embedding_type="absolute", is_decoder=False, add_cross_attention=False)
+    x = _ids(vocab=99)
+    torch.testing.assert_close(Bert.from_pretrained(d).eval()(x).last_hidden_state, hf(x).last_hidden_state,
+                               atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_to_forward(tiny_gpt):

@@ -1,5 +1,7 @@
 """Prefix tuning and prompt tuning: PEFT parity (logits and files, both ways), gradients,
 export, generation with a cache, training, bad input."""
+import math
+
 import pytest
 import torch
 
@@ -442,3 +444,45 @@ def test_applying_twice_is_an_error(tiny_gpt):
         prefix.apply(tiny_gpt, prefix.PrefixConfig(P))
     with pytest.raises(ValueError, match="prefix and prompt tuning are not combined"):
         prompt.apply(tiny_gpt, prompt.PromptConfig(P))
+
+
+# ---------------------------------------------------------------------------- eval perplexity
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_eval_perplexity_weights_each_batch_by_its_real_targets(kind, tiny_gpt):
+    """`minift eval`'s perplexity is exp(total loss / total targets) over every batch. With a
+    soft prompt the first real token becomes a target (predicted by the last virtual token) and
+    the virtual positions never are: each batch's mean loss must be weighted by the targets
+    the model scored, not by those of the batch before the prompt was prepended."""
+    from minift.run import evaluate
+    (prompt.apply if kind == "prompt" else prefix.apply)(
+        tiny_gpt, (prompt.PromptConfig if kind == "prompt" else prefix.PrefixConfig)(num_virtual_tokens=P))
+    with torch.no_grad():
+        for p in tiny_gpt.parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 0.5)  # a prompt that changes the outputs a lot
+    a = _batch(B=2, T=8, seed=1)  # 2 rows, the second right-padded
+    b = _batch(B=3, T=5, seed=2)
+    b["labels"][:, :2] = -100  # prompt-completion style: no loss on each row's first two tokens
+    total, n = 0.0, 0
+    for batch in (a, b):  # by hand: every scored token's -log p, from the logits
+        ids, labels = batch["input_ids"], batch["labels"]
+        if kind == "prompt":
+            x = tiny_gpt.soft_prompt.embed(ids)  # (B, P+T, C)
+            mask = torch.cat([torch.ones(ids.shape[0], P, dtype=torch.long), batch["attention_mask"]], 1)
+            logits = tiny_gpt(inputs_embeds=x, attention_mask=mask).logits[:, P - 1:-1]  # predicts tokens 0..T-1
+            scored = labels
+        else:
+            logits = tiny_gpt(ids, attention_mask=batch["attention_mask"],
+                              prefix=tiny_gpt.prefix_encoder(ids.shape[0])).logits[:, :-1]  # tokens 1..T-1
+            scored = labels[:, 1:]
+        logp = torch.log_softmax(logits.float(), -1)
+        keep = scored != -100
+        total -= logp.gather(-1, scored.clamp(min=0)[..., None])[..., 0][keep].sum().item()
+        n += int(keep.sum())
+    counts = [int((bt["labels"] != -100).sum()) for bt in (a, b)]
+    assert counts[0] != counts[1]  # the batches' weights differ, so a wrong weight shows
+    got = evaluate(tiny_gpt, [a, b], "causal-lm")
+    assert got["loss"] == pytest.approx(total / n, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)

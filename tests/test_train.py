@@ -313,3 +313,68 @@ def test_an_all_ones_mask_is_dropped_and_changes_nothing():
     torch.testing.assert_close(t.model_forward(m, moved).loss, t.model_forward(m, full).loss, atol=1e-6, rtol=0)
     padded = dict(full, attention_mask=torch.tensor([[1] * 6, [1] * 4 + [0] * 2]))
     assert "attention_mask" in t._to(padded, "cpu")
+
+
+class Evaluator:
+    """A real eval_fn: the dev loss, plus a sampled number (an eval may draw random numbers, as
+    generation does). ``bomb_call``: raise KeyboardInterrupt in the middle of that call (1-based),
+    after it drew its random numbers."""
+
+    def __init__(self, data, bomb_call=None):
+        self.data, self.bomb_call, self.calls = data, bomb_call, 0
+
+    def __call__(self, model):
+        from minift.train import model_forward
+        self.calls += 1
+        sample = torch.rand(3).sum().item()
+        if self.calls == self.bomb_call:
+            raise KeyboardInterrupt
+        loss = sum(model_forward(model, b).loss.item() for b in self.data) / len(self.data)
+        return {"loss": loss, "sample": sample}
+
+
+@pytest.mark.parametrize("where", ["eval_fn", "best"])
+@pytest.mark.parametrize("bomb_call", [2, 4])  # the eval at step 4, and the final one at step 8
+def test_an_evaluation_interrupted_by_ctrl_c_runs_again_on_resume(tmp_path, monkeypatch, where, bomb_call):
+    """Ctrl-C inside the evaluation at step s (in eval_fn, or while best/ is written after its
+    metrics were recorded): the resumed run evaluates step s again, once, and then goes on
+    exactly as an uninterrupted run — evals, best, losses and metrics.jsonl all the same."""
+    train_module = importlib.import_module("minift.train")
+    data = batches()
+    c = dict(steps=8, grad_accum=1, eval_every=2, save_every=3)
+    full = train(gpt(), data, cfg(tmp_path / "a", **c), eval_fn=Evaluator(data))
+    assert [e["step"] for e in full.evals] == [2, 4, 6, 8]
+    at = 2 * bomb_call  # the step whose evaluation is interrupted
+
+    if where == "eval_fn":
+        part = train(gpt(), data, cfg(tmp_path / "b", **c), eval_fn=Evaluator(data, bomb_call=bomb_call))
+    else:  # the metrics of step `at` are recorded; Ctrl-C hits while its new best/ is written
+        improving = [e["step"] for e in full.evals if e == min((f for f in full.evals if f["step"] <= e["step"]),
+                                                              key=lambda f: f["loss"])]
+        assert at in improving  # so best/ is written after the eval at `at`
+        real, calls = train_module.save_weights, []
+
+        def bomb(model, path):
+            calls.append(1)
+            if len(calls) == improving.index(at) + 1:
+                raise KeyboardInterrupt
+            return real(model, path)
+        monkeypatch.setattr(train_module, "save_weights", bomb)
+        part = train(gpt(), data, cfg(tmp_path / "b", **c), eval_fn=Evaluator(data))
+        monkeypatch.setattr(train_module, "save_weights", real)
+    assert part.interrupted and part.steps == at
+    assert [e["step"] for e in part.evals] == list(range(2, at, 2))  # the interrupted one is not done
+    state = json.loads((tmp_path / "b" / "last" / "state.json").read_text())
+    assert state["step"] == at and [e["step"] for e in state["evals"]] == list(range(2, at, 2))
+
+    resumed = train(gpt(), data, cfg(tmp_path / "b", **c, resume=True), eval_fn=Evaluator(data))
+    assert [e["step"] for e in resumed.evals] == [2, 4, 6, 8]  # step `at` exactly once
+    assert resumed.evals == full.evals and resumed.best == full.best and resumed.losses == full.losses
+    def log(d):  # metrics.jsonl without the throughput, which is not reproducible
+        return [{k: v for k, v in json.loads(line).items() if k != "tok_s"}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log(tmp_path / "b") if "eval" in r] == [2, 4, 6, 8]
+    assert log(tmp_path / "b") == log(tmp_path / "a")
+    again = train(gpt(), data, cfg(tmp_path / "b", **c, resume=True),
+                  eval_fn=lambda m: pytest.fail("a finished run was evaluated again"))
+    assert again.evals == full.evals

@@ -11,6 +11,10 @@ GPT-2 differences handled here:
 BERT maps one-to-one: ``attention.self.query -> attn.q_proj``, ``attention.output.dense ->
 attn.o_proj``, ``intermediate.dense -> mlp.up_proj``, ``output.dense -> mlp.down_proj`` and
 the LayerNorms. Unknown or missing keys and shape mismatches are errors naming the key.
+A config.json field asking for a computation minift's models do not implement (relative
+positions, a decoder BERT, GPT-2's per-layer attention scaling, an untied LM head, another
+activation, ...) is an error naming the field, its value and the supported values
+(``_GPT_FIELDS``, ``_BERT_FIELDS``): never a model that loads and computes something else.
 """
 from __future__ import annotations
 
@@ -61,20 +65,52 @@ def _expect_type(raw: dict, model_type: str, path) -> None:
         raise ValueError(f"{path}/config.json has model_type {got!r}; this loader reads {model_type!r}")
 
 
-def gpt_config_from_hf(raw: dict) -> GPTConfig:
-    act = raw.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"GPT-2 activation {act!r} is not supported (minift uses tanh-GELU, 'gelu_new')")
+# Config fields that change what a checkpoint computes, and the only values minift's models
+# implement: (field, default when absent, allowed values, what minift does instead). A checkpoint
+# asking for anything else is refused at load, never loaded to compute something else.
+_GPT_FIELDS = (
+    ("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"),
+     "minift's GPT-2 MLP uses tanh-approximated GELU"),
+    ("scale_attn_weights", True, (True,), "minift's GPT-2 attention always scales scores by 1/sqrt(head_dim)"),
+    ("scale_attn_by_inverse_layer_idx", False, (False,),
+     "minift's GPT-2 attention does not divide scores by layer index + 1"),
+    ("add_cross_attention", False, (False,), "minift's GPT-2 is decoder-only, without cross-attention layers"),
+    ("tie_word_embeddings", True, (True,), "minift's GPT-2 LM head is the token embedding wte"),
+)
+# GPT-2's ``reorder_and_upcast_attn`` is accepted: it only makes HF's eager attention compute
+# q.k^T in fp32 with the 1/sqrt(head_dim) scale folded into the matmul (a guard against fp16
+# overflow). The function is the same: fp32 results agree to rounding (tested), and minift's
+# SDPA already accumulates scores and softmax in fp32 under bf16 autocast.
+_BERT_FIELDS = (
+    ("hidden_act", "gelu", ("gelu", "gelu_python"), "minift's BERT uses exact (erf) GELU"),
+    ("position_embedding_type", "absolute", ("absolute",),
+     "minift's BERT has learned absolute position embeddings only"),
+    ("is_decoder", False, (False,), "minift's BERT is a bidirectional encoder, without a causal mask"),
+    ("add_cross_attention", False, (False,), "minift's BERT has no cross-attention layers"),
+)
+
+
+def _check_fields(raw: dict, table, model: str, source: str) -> None:
+    """A one-line ValueError naming the first field whose value minift does not implement."""
+    for name, default, allowed, why in table:
+        value = raw.get(name, default)
+        if value is None:
+            value = default
+        if not any(type(value) is type(a) and value == a for a in allowed):  # true is not 1
+            raise ValueError(f"{source}: {name}={json.dumps(value)} is not supported for {model} ({why}; "
+                             f"supported: {' or '.join(json.dumps(a) for a in allowed)})")
+
+
+def gpt_config_from_hf(raw: dict, source: str = "config.json") -> GPTConfig:
+    _check_fields(raw, _GPT_FIELDS, "GPT-2", source)
     return GPTConfig(vocab_size=raw["vocab_size"], block_size=raw.get("n_positions", 1024),
                      n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"],
                      n_inner=raw.get("n_inner"), dropout=raw.get("resid_pdrop", 0.0),
                      layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5))
 
 
-def bert_config_from_hf(raw: dict) -> BertConfig:
-    act = raw.get("hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"BERT activation {act!r} is not supported (minift uses exact GELU, 'gelu')")
+def bert_config_from_hf(raw: dict, source: str = "config.json") -> BertConfig:
+    _check_fields(raw, _BERT_FIELDS, "BERT", source)
     return BertConfig(vocab_size=raw["vocab_size"], max_position_embeddings=raw["max_position_embeddings"],
                       type_vocab_size=raw.get("type_vocab_size", 2), n_layer=raw["num_hidden_layers"],
                       n_head=raw["num_attention_heads"], n_embd=raw["hidden_size"],
@@ -161,7 +197,7 @@ def gpt_state_to_hf(sd: dict, n_layer: int) -> dict:
 def load_gpt(path, dtype=torch.float32) -> GPT:
     raw = read_config(path)
     _expect_type(raw, "gpt2", path)
-    cfg = gpt_config_from_hf(raw)
+    cfg = gpt_config_from_hf(raw, f"{path}/config.json")
     model = GPT(cfg)
     _load_into(model, gpt_state_from_hf(read_weights(path), cfg.n_layer), path, dtype)
     return model
@@ -212,7 +248,7 @@ def bert_key_map(n_layer: int) -> dict[str, str]:
 def load_bert(path, dtype=torch.float32, classifier: bool = False, num_labels: int | None = None):
     raw = read_config(path)
     _expect_type(raw, "bert", path)
-    cfg = bert_config_from_hf(raw)
+    cfg = bert_config_from_hf(raw, f"{path}/config.json")
     sd = {k: v for k, v in read_weights(path).items()
           if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(_IGNORED_PREFIXES)}
     head = {k: sd.pop(k) for k in ("classifier.weight", "classifier.bias") if k in sd}
