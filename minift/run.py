@@ -173,7 +173,7 @@ def settings(args) -> tuple[str, dict, dict, dict]:
     """(method, method options, train options, data options) from recipe < config < flags."""
     layers = []
     if args.recipe:
-        from minift.compare import load_recipe
+        from minift.compare_setup import load_recipe
         layers.append(load_recipe(args.recipe))
     if args.config:
         doc = read_toml(args.config)
@@ -280,7 +280,7 @@ def evaluate(model, batches, task: str, device="cpu") -> dict:
 def train_command(args) -> int:
     from minift import data as D
     from minift.checkpoint import save_weights
-    from minift.compare import method_options
+    from minift.compare_setup import method_options
     from minift.methods.build import METHODS, build_method
     from minift.train import train
     method, opts, topts, data = settings(args)
