@@ -21,7 +21,8 @@ from minift.methods.prompt import PromptConfig, SoftPrompt
 from minift.metrics import accuracy, perplexity, precision_recall_f1, rouge_l, rouge_n
 from minift.models.bert import Bert, BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
-from minift.train import TrainConfig, TrainResult, model_forward
+from minift.forward import model_forward
+from minift.train import TrainConfig, TrainResult
 
 __version__ = "0.1.0"
 

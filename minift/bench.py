@@ -43,7 +43,7 @@ from minift.bench_report import add_ratios, save, to_markdown  # noqa: F401
 from minift.methods.common import count_trainable
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
-from minift.train import model_forward
+from minift.forward import model_forward
 
 PRESETS = {
     "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),

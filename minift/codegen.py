@@ -34,7 +34,8 @@ import torch
 from minift.data import batches, eos_id, pad_id
 from minift.metrics import perplexity, rouge_l
 from minift.models.gpt import GPT, GPTConfig
-from minift.train import TrainConfig, extend_batch, forward_extended, lm_targets, train
+from minift.forward import extend_batch, forward_extended, lm_targets
+from minift.train import TrainConfig, train
 
 SKIP_DIRS = frozenset({"test", "tests", "site-packages", "idlelib", "lib2to3", "__pycache__"})
 EOT = "<|endoftext|>"

@@ -75,12 +75,12 @@ def total_steps(cfg: CompareConfig, n_batches: int) -> int:
 def _evaluate(model, batches, device) -> dict:
     """Accuracy and macro-F1 of ``model`` on ``batches`` (final weights, eval mode)."""
     from minift.metrics import accuracy, precision_recall_f1
-    from minift.train import _to, model_forward
+    from minift.forward import model_forward, to_device
     preds, gold = [], []
     model.eval()
     with torch.no_grad():
         for b in batches:
-            b = _to(b, device)
+            b = to_device(b, device)
             preds += model_forward(model, b).logits.argmax(-1).tolist()
             gold += b["labels"].tolist()
     return {"acc": accuracy(gold, preds), "f1": precision_recall_f1(gold, preds, average="macro")[2]}
@@ -95,8 +95,8 @@ def _load_model(task: Task, seed: int):
 def run_method(task: Task, method: str, cfg: CompareConfig) -> Row:
     """Train (or probe) one fresh copy of the model with ``method`` and evaluate it."""
     from minift.methods.common import count_trainable
-    from minift.train import _device
-    device = _device(cfg.device)
+    from minift.forward import pick_device
+    device = pick_device(cfg.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.empty_cache()
@@ -147,14 +147,14 @@ def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> R
     layer with the best dev accuracy is reported (and its test scores)."""
     from minift.methods.probe import extract_features, fit_probe
     from minift.metrics import accuracy, precision_recall_f1
-    from minift.train import _to
+    from minift.forward import to_device
     opts, t = recipe["method"], recipe["train"]
     pooling = opts.get("pooling", "mean")
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(device)
     t0 = time.perf_counter()
-    feats = {s: extract_features(model, [_to(b, device) for b in getattr(task, s)], pooling=pooling)
+    feats = {s: extract_features(model, [to_device(b, device) for b in getattr(task, s)], pooling=pooling)
              for s in ("train", "dev", "test")}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -279,12 +279,12 @@ def _warm_up(task: Task, cfg: CompareConfig) -> None:
     """One untimed training step, so one-time start-up costs (lazy imports of the optimizer's
     helpers, CUDA context, cuBLAS handles, allocator growth) are not charged to whichever
     method runs first."""
-    from minift.train import _device, _to, model_forward
-    device = _device(cfg.device)
+    from minift.forward import model_forward, pick_device, to_device
+    device = pick_device(cfg.device)
     model = _load_model(task, cfg.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        model_forward(model, _to(task.train[0], device)).loss.backward()
+        model_forward(model, to_device(task.train[0], device)).loss.backward()
     opt.step()
     del model, opt
     if device.type == "cuda":

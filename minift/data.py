@@ -6,7 +6,7 @@
 
 Readers fail on malformed input with one line ``file:line: what is wrong`` (``DataError``, a
 ValueError, so the CLI exits 2): invalid JSON, an empty file, a missing field, a label not
-seen in training. Batches follow minift's convention (``train.model_forward``):
+seen in training. Batches follow minift's convention (``forward.model_forward``):
 ``input_ids`` (B, T), ``attention_mask`` (B, T) with 1 on real tokens, ``labels`` — (B,)
 class ids for classification, (B, T) aligned with ``input_ids`` for causal LM and
 prompt/completion (-100 = no loss; the model shifts) — and ``token_type_ids`` for BERT

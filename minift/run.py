@@ -255,12 +255,12 @@ def examples(path, task: str, tok, max_len: int, label2id=None):
 def evaluate(model, batches, task: str, device="cpu") -> dict:
     """Mean loss (per example, or per predicted token for GPT) and task metrics."""
     from minift.metrics import classification_metrics, perplexity
-    from minift.train import _to, extend_batch, forward_extended, lm_targets
+    from minift.forward import extend_batch, forward_extended, lm_targets, to_device
     model.eval()
     total, n, gold, pred = 0.0, 0, [], []
     with torch.no_grad():
         for b in batches:
-            b = extend_batch(model, _to(b, device))  # the batch the model reads (soft prompt included)
+            b = extend_batch(model, to_device(b, device))  # the batch the model reads (soft prompt included)
             out = forward_extended(model, b)
             if task == "classification":
                 k = b["labels"].numel()
@@ -358,7 +358,7 @@ def eval_command(args) -> int:
     from minift import data as D
     from minift.checkpoint import load_trainable_state
     from minift.methods.build import build_method
-    from minift.train import check_device
+    from minift.forward import check_device
     if args.device is not None:
         check_device(args.device)  # before anything is loaded
     adapter = Path(args.adapter)

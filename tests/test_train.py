@@ -308,11 +308,11 @@ def test_an_all_ones_mask_is_dropped_and_changes_nothing():
     m = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8)).eval()
     ids = torch.randint(0, 50, (2, 6))
     full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    moved = t._to(full, "cpu")
+    moved = t.to_device(full, "cpu")
     assert "attention_mask" not in moved
     torch.testing.assert_close(t.model_forward(m, moved).loss, t.model_forward(m, full).loss, atol=1e-6, rtol=0)
     padded = dict(full, attention_mask=torch.tensor([[1] * 6, [1] * 4 + [0] * 2]))
-    assert "attention_mask" in t._to(padded, "cpu")
+    assert "attention_mask" in t.to_device(padded, "cpu")
 
 
 class Evaluator:
