@@ -70,6 +70,16 @@ def unfreeze_modules(model: nn.Module, names: Iterable[str]) -> list[str]:
     return out
 
 
+def check_virtual_tokens(cfg) -> None:
+    """Shared by PrefixConfig and PromptConfig: ``modules_to_save`` as a tuple (a single name
+    allowed) and ``num_virtual_tokens`` an integer >= 1."""
+    cfg.modules_to_save = ((cfg.modules_to_save,) if isinstance(cfg.modules_to_save, str)
+                           else tuple(cfg.modules_to_save))
+    P = cfg.num_virtual_tokens
+    if isinstance(P, bool) or not isinstance(P, int) or P < 1:
+        raise ValueError(f"{type(cfg).__name__}.num_virtual_tokens must be an integer >= 1, got {P!r}")
+
+
 def count_trainable(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; shared (tied) parameters count once."""
     seen, trainable, total = set(), 0, 0

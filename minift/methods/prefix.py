@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minift.methods.common import freeze_all, unfreeze_modules
+from minift.methods.common import check_virtual_tokens, freeze_all, unfreeze_modules
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
 
@@ -55,11 +55,7 @@ class PrefixConfig:
     modules_to_save: tuple[str, ...] = ()  # fully trainable modules, e.g. ("classifier",)
 
     def __post_init__(self):
-        self.modules_to_save = ((self.modules_to_save,) if isinstance(self.modules_to_save, str)
-                                else tuple(self.modules_to_save))
-        P = self.num_virtual_tokens
-        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-            raise ValueError(f"PrefixConfig.num_virtual_tokens must be an integer >= 1, got {P!r}")
+        check_virtual_tokens(self)
         d = self.projection_dim
         if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise ValueError(f"PrefixConfig.projection_dim must be None or an integer >= 1, got {d!r}")

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minift.methods.common import freeze_all, unfreeze_modules
+from minift.methods.common import check_virtual_tokens, freeze_all, unfreeze_modules
 from minift.methods.prefix import encode_text, fill_ids, model_dims
 
 INITS = ("random", "vocab", "text")
@@ -39,11 +39,7 @@ class PromptConfig:
     modules_to_save: tuple[str, ...] = ()  # fully trainable modules, e.g. ("classifier",)
 
     def __post_init__(self):
-        self.modules_to_save = ((self.modules_to_save,) if isinstance(self.modules_to_save, str)
-                                else tuple(self.modules_to_save))
-        P = self.num_virtual_tokens
-        if isinstance(P, bool) or not isinstance(P, int) or P < 1:
-            raise ValueError(f"PromptConfig.num_virtual_tokens must be an integer >= 1, got {P!r}")
+        check_virtual_tokens(self)
         if self.init not in INITS:
             raise ValueError(f"PromptConfig.init must be one of {', '.join(INITS)}; got {self.init!r}")
         if self.init == "text" and (self.init_text is None or not self.init_text.strip()):
