@@ -83,6 +83,42 @@ def copy_all(pairs) -> None:
             dst.copy_(src)
 
 
+def check_layers(kind: str, have: dict, modules: dict, settings, tensors: dict, hint: str) -> None:
+    """A minift adapter file and the model's ``kind`` layers must match one to one: every layer
+    in the file exists here, unmerged, with the same ``settings(name, layer)`` ((what, file's,
+    model's) triples), every layer here is in the file, and the file has each of its ``lora_``
+    tensors. ``hint`` names the unmerge call."""
+    a = "an" if kind[0] in "AEIOU" else "a"
+    on = kind if kind == "AdaLoRA" else f"{a} {kind}"  # "AdaLoRA on 'x'", "a LoRA on 'x'"
+    for n in modules:
+        if n not in have:
+            raise ValueError(f"adapter has {on} on {n!r}, which this model does not have as {a} {kind} layer")
+        m = have[n]
+        if m.merged:
+            raise ValueError(f"{n} is merged; call {hint} before loading an adapter")
+        for what, theirs, mine in settings(n, m):
+            if theirs != mine:
+                raise ValueError(f"{n}: the adapter file has {what}={theirs!r}, this model's {kind} layer has "
+                                 f"{what}={mine!r}")
+    for n, m in have.items():
+        if n not in modules:
+            raise ValueError(f"this model has {on} on {n!r}, the adapter file has none for it")
+        for k in m.state_dict():
+            if k.startswith("lora_") and f"{n}.{k}" not in tensors:
+                raise ValueError(f"adapter file has no tensor {n}.{k}, which this model's {kind} layer needs")
+
+
+def place_all(model: nn.Module, tensors: dict) -> None:
+    """Copy tensors keyed by the model's own parameter/buffer names (``copy_all``: all or nothing)."""
+    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    pairs = []
+    for key, t in tensors.items():
+        if key not in own:
+            raise ValueError(f"adapter tensor {key!r} has no place in this model (was it saved for another model?)")
+        pairs.append((own[key], t, key, key.rpartition(".")[0]))
+    copy_all(pairs)
+
+
 # ============================================================ undoing a failed load
 
 _ABSENT = object()

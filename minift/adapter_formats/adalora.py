@@ -8,8 +8,9 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from minift.adapter_io import (PEFT_PREFIX, copy_all, hf_param_key, module_map, modules_to_save_pairs,
-                               modules_to_save_params, task_type, undo_fresh, undo_point)
+from minift.adapter_io import (PEFT_PREFIX, check_layers, copy_all, hf_param_key, module_map, modules_to_save_pairs,
+                               modules_to_save_params, place_all, task_type, undo_fresh,
+                               undo_point)
 from minift.methods import adalora
 from minift.models.gpt import GPT
 
@@ -61,31 +62,11 @@ def adalora_from_minift(model: nn.Module, config: dict, tensors: dict) -> None:
     modules, c = config["modules"], config["config"]
     if not adalora.svd_modules(model):
         adalora.apply(model, adalora.AdaLoRAConfig(**c), rank_pattern={n: [True] * r for n, r in modules.items()})
-    have = dict(adalora.svd_modules(model))
-    for n, r in modules.items():
-        if n not in have:
-            raise ValueError(f"adapter has AdaLoRA on {n!r}, which this model does not have as an AdaLoRA layer")
-        m = have[n]
-        if m.merged:
-            raise ValueError(f"{n} is merged; call adalora.unmerge(model) before loading an adapter")
-        for what, theirs, mine in (("rank", r, m.r), ("alpha", c["alpha"], m.alpha),
-                                   ("init_r", c["init_r"], m.ranknum)):
-            if theirs != mine:
-                raise ValueError(f"{n}: the adapter file has {what}={theirs!r}, this model's AdaLoRA layer has "
-                                 f"{what}={mine!r}")
-    for n, m in have.items():
-        if n not in modules:
-            raise ValueError(f"this model has AdaLoRA on {n!r}, the adapter file has none for it")
-        for k in m.state_dict():
-            if k.startswith("lora_") and f"{n}.{k}" not in tensors:
-                raise ValueError(f"adapter file has no tensor {n}.{k}, which this model's AdaLoRA layer needs")
-    own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    pairs = []
-    for key, t in tensors.items():
-        if key not in own:
-            raise ValueError(f"adapter tensor {key!r} has no place in this model (was it saved for another model?)")
-        pairs.append((own[key], t, key, key.rpartition(".")[0]))
-    copy_all(pairs)
+    check_layers("AdaLoRA", dict(adalora.svd_modules(model)), modules,
+                 lambda n, m: (("rank", modules[n], m.r), ("alpha", c["alpha"], m.alpha),
+                               ("init_r", c["init_r"], m.ranknum)),
+                 tensors, "adalora.unmerge(model)")
+    place_all(model, tensors)
 
 
 def adalora_to_peft(model: nn.Module) -> tuple[dict, dict]:

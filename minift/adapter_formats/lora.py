@@ -12,8 +12,9 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from minift.adapter_io import (PEFT_PREFIX, copy_all, hf_param_key, module_map, modules_to_save_pairs,
-                               modules_to_save_params, pattern_value, task_type, undo_fresh, undo_point)
+from minift.adapter_io import (PEFT_PREFIX, check_layers, copy_all, hf_param_key, module_map, modules_to_save_pairs,
+                               modules_to_save_params, pattern_value, place_all, task_type,
+                               undo_fresh, undo_point)
 from minift.methods import lora
 from minift.models.gpt import GPT
 
@@ -72,31 +73,11 @@ def lora_from_minift(model: nn.Module, config: dict, tensors: dict) -> None:
         cfg = lora.LoRAConfig(**{**c, "targets": tuple(modules)})
         lora.apply(model, cfg, ranks={n: (v["r"], v["alpha"]) for n, v in modules.items()})
         model.lora_config = lora.LoRAConfig(**c)
-    have = dict(lora.lora_modules(model))
-    for n, v in modules.items():
-        if n not in have:
-            raise ValueError(f"adapter has a LoRA on {n!r}, which this model does not have as a LoRA layer")
-        m = have[n]
-        if m.merged:
-            raise ValueError(f"{n} is merged; call lora.unmerge(model) before loading an adapter")
-        for what, theirs, mine in (("r", v["r"], m.r), ("alpha", v["alpha"], m.alpha),
-                                   ("rslora", rslora, m.rslora), ("dora", dora, m.dora)):
-            if theirs != mine:
-                raise ValueError(f"{n}: the adapter file has {what}={theirs!r}, this model's LoRA layer has "
-                                 f"{what}={mine!r}")
-    for n, m in have.items():
-        if n not in modules:
-            raise ValueError(f"this model has a LoRA on {n!r}, the adapter file has none for it")
-        for pn, _ in m.named_parameters():
-            if pn.startswith("lora_") and f"{n}.{pn}" not in tensors:
-                raise ValueError(f"adapter file has no tensor {n}.{pn}, which this model's LoRA layer needs")
-    own = dict(model.named_parameters())
-    pairs = []
-    for key, t in tensors.items():
-        if key not in own:
-            raise ValueError(f"adapter tensor {key!r} has no place in this model (was it saved for another model?)")
-        pairs.append((own[key], t, key, key.rpartition(".")[0]))
-    copy_all(pairs)
+    check_layers("LoRA", dict(lora.lora_modules(model)), modules,
+                 lambda n, m: (("r", modules[n]["r"], m.r), ("alpha", modules[n]["alpha"], m.alpha),
+                               ("rslora", rslora, m.rslora), ("dora", dora, m.dora)),
+                 tensors, "lora.unmerge(model)")
+    place_all(model, tensors)
 
 
 # PEFT layout. PEFT's GPT-2 has one LoRA on the fused c_attn (out = 3C rows: q, then k, then v)
