@@ -21,7 +21,7 @@ oracles are never imported from ``minift/``.
 Each optimization is a flag so its effect is measured, not assumed:
 ``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
 ``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
-the naive loss, for comparison with GPT's chunked cross-entropy).
+the naive loss, for comparison with the fused cross-entropy of ``minift.models.lm_loss``).
 
 The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG) by
 ``minift.bench_report``.

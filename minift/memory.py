@@ -11,8 +11,8 @@ The training step the estimate models (the one ``minift.bench`` runs and
     is cast anew for every matmul; fp32 trainable weights once per forward through
     autocast's cache), LayerNorm in fp32; SDPA flash attention (no T x T matrix kept;
     memory-efficient attention with an additive bias when a prefix or a mask is present);
-  - GPT's chunked cross-entropy (``lm_loss``): only one 4096-position chunk of logits exists
-    at a time, recomputed in backward;
+  - GPT's fused cross-entropy (``minift.models.lm_loss``): one 4096-position chunk of logits
+    at a time, and the loss's input gradients computed in forward and kept for backward;
   - AdamW (fused): exp_avg + exp_avg_sq in fp32 per trainable parameter; fp32 gradients for
     trainable parameters only; ``zero_grad(set_to_none=True)``, so gradients exist only from
     backward to the optimizer step;
@@ -22,10 +22,11 @@ What backward keeps is derived from PyTorch's autograd rules by a small symbolic
 ``estimate_memory`` runs through the model op by op (``minift.memory_tape``, whose docstring
 lists the rules; on CPU, ``device="cpu"``, fp32 only, the tests check it byte for byte).
 
-The peak is the larger of two moments: the start of backward (weights, optimizer state,
-everything saved for backward, and the loss chunk's recompute: its log-softmax output, the
-gradient coming in and the one going out, 12 bytes per chunk position per vocabulary entry)
-and the optimizer step (weights, gradients, optimizer state). Memory is in bytes.
+The peak is the larger of two moments: the end of the forward pass (weights, optimizer state,
+everything saved for backward, and the loss's last chunk: its logits in bf16 and fp32 and
+their bf16 gradient, 6 bytes per chunk position per vocabulary entry under autocast; or,
+when larger, one block's backward temporaries) and the optimizer step (weights, gradients,
+optimizer state). Memory is in bytes.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 # cuBLAS workspace: allocated through PyTorch's caching allocator (so it counts in
 # max_memory_allocated), one per thread issuing matmuls: forward's and autograd's backward thread
 CUBLAS_WORKSPACE = 32 * 2 ** 20
-LOSS_CHUNK = 4096  # minift.models.gpt.lm_loss
+LOSS_CHUNK = 4096  # minift.models.lm_loss.CHUNK
 
 
 # ============================================================================ estimate
@@ -315,15 +316,22 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         x = tape.layer_norm(x, *ln_f, C)
         n_pos = B * (Tq - 1)
         Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
-        if x.grad or emb[0].grad:  # lm_loss: checkpointed chunks keep their inputs
-            tape.save(x if B == 1 else tape.new(n_pos * C, x.b),  # x[:, :-1] (a copy unless B == 1)
-                      tape.new(B * Tq if B == 1 else n_pos, 8), tape.new(1, 8))  # shifted targets, count
-            if Vp != V or (tape.ac and emb[0].b == 4):  # the head cast once to bf16 and/or padded: a copy
-                tape.save(tape.new(Vp * C, 2 if tape.ac else emb[0].b))
+        head_grad = emb[0].grad
+        if x.grad or head_grad:  # the division by the target count keeps the count (int64)
+            tape.save(tape.new(1, 8))
+        if x.grad:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
+            tape.save(tape.new(n_pos * C, 2 if tape.ac else x.b))
+        if head_grad:  # ... and d(loss)/d(head), accumulated in fp32 over the padded vocabulary
+            tape.save(tape.new(Vp * C, 4))
         c = min(LOSS_CHUNK, n_pos)
-        w_cast = 0  # the head is cast once before the chunks (counted above), not per chunk
-        pending = V * C * 2 if emb[0].grad and tape.ac and n_pos > c else 0  # head grad from the last chunk
-        logits = 12 * c * V + c * C * act_b + w_cast + pending + n_pos * C * 4
+        # inside the loss's forward, on top of what is kept: the shifted x (a copy unless B == 1), the
+        # head cast and/or padded (a copy), one chunk's logits (bf16 matmul output and its fp32 copy, then
+        # the bf16 d(logits) while the fp32 one is alive) and the head-gradient chunk
+        shifted = n_pos * C * act_b if B > 1 or tape.ac else 0
+        head = Vp * C * (2 if tape.ac else 4) if Vp != V or (tape.ac and emb[0].b == 4) else 0
+        chunk = c * Vp * (6 if tape.ac else 4)
+        head_chunk = Vp * C * (2 if tape.ac else 4) if head_grad else 0
+        logits = shifted + head + chunk + head_chunk
     else:
         cls = tape.new(B * C, x.b, x.grad)  # x[:, 0]
         pooled = tape.pointwise(tape.linear(cls, pooler.w, pooler.b, C, C), save_input=False)

@@ -325,3 +325,28 @@ def test_no_grad_forward_keeps_no_earlier_block_outputs(kind):
         refs.clear()
         out = model(ids, output_hidden_states=True)
         assert alive[-1] > 0 and len(out.hidden_states) == len(model.layers) + 1
+
+
+@pytest.mark.parametrize("V,chunk,head_trained", [(97, 5, True), (128, 7, False), (64, 1000, True)])
+def test_fused_lm_loss_matches_plain_cross_entropy(V, chunk, head_trained):
+    """Loss and both gradients equal the naive loss's (fp64): vocabulary padded to 64 or not,
+    several chunks or one, targets -100 ignored, the head trained or frozen, and the gradient
+    computed in forward scaled by whatever multiplies the loss afterwards."""
+    from minift.models.lm_loss import lm_loss
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(3, 11, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(V, 16, dtype=torch.float64, generator=g, requires_grad=head_trained)
+    t = torch.randint(0, V, (3, 11), generator=g)
+    t[0, :5] = -100
+    wanted = (x, w) if head_trained else (x,)
+    got = torch.autograd.grad(-2.5 * lm_loss(x, w, t, chunk=chunk), wanted)
+    plain = torch.nn.functional.cross_entropy((x[:, :-1] @ w.t()).reshape(-1, V), t[:, 1:].reshape(-1))
+    ref = torch.autograd.grad(-2.5 * plain, wanted)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    with torch.no_grad():  # evaluation: the loss alone
+        torch.testing.assert_close(lm_loss(x, w, t, chunk=chunk), plain.detach(), atol=1e-12, rtol=0)
+    t[:] = -100  # nothing to predict: a zero loss that still backpropagates (zeros)
+    empty = lm_loss(x, w, t, chunk=chunk)
+    assert empty.item() == 0.0
+    assert not torch.autograd.grad(empty, x)[0].any()

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.models.lm_loss import lm_loss
+
 KV = tuple[torch.Tensor, torch.Tensor]
 
 
@@ -295,35 +297,3 @@ def run_block(model, block, *args):
     if model.checkpointing and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
     return block(*args)
-
-
-def lm_loss(x, weight, targets, chunk: int = 4096):
-    """Shifted next-token cross-entropy (mean over targets != -100) from final hidden states.
-
-    The vocabulary projection is done ``chunk`` positions at a time with the fp32 logits
-    of each chunk recomputed in backward (activation checkpointing), so the full
-    (B*T, vocab) fp32 logits tensor is never held for backward.
-    """
-    V = weight.shape[0]
-    weight = cast_once(weight)
-    if V % 64:  # a vocabulary of 50257 rows makes cuBLAS pick a slow kernel: pad to a multiple of 64
-        weight = F.pad(weight, (0, 0, 0, 64 - V % 64))  # (V', C); the extra logits are sliced off
-    x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (B*(T-1), C)
-    t = targets[:, 1:].reshape(-1)  # (B*(T-1),)
-    n = (t != -100).sum()
-    if n == 0:
-        return x.sum() * 0.0
-    total = x.new_zeros((), dtype=torch.float32)
-    for s in range(0, x.shape[0], chunk):
-        xs, ts = x[s:s + chunk], t[s:s + chunk]
-        if x.requires_grad or weight.requires_grad:
-            total = total + torch.utils.checkpoint.checkpoint(
-                _chunk_ce, xs, weight, ts, V, use_reentrant=False)
-        else:
-            total = total + _chunk_ce(xs, weight, ts, V)
-    return total / n
-
-
-def _chunk_ce(x, weight, t, V):
-    logits = F.linear(x, weight)[:, :V].float()  # (chunk, vocab), fp32 only one chunk at a time
-    return F.cross_entropy(logits, t, ignore_index=-100, reduction="sum")
