@@ -21,7 +21,11 @@ oracles are never imported from ``minift/``.
 Each optimization is a flag so its effect is measured, not assumed:
 ``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
 ``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
-the naive loss, for comparison with the fused cross-entropy of ``minift.models.lm_loss``).
+the naive loss, for comparison with the fused cross-entropy of ``minift.models.lm_loss``),
+``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.methods.lora.MergedLoRA``).
+``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
+fails to compile a second model in one process under CUDA graphs, and a fresh process
+starts each method with an empty allocator).
 
 The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG) by
 ``minift.bench_report``.
@@ -29,6 +33,7 @@ The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import platform
 import statistics
 import time
@@ -76,6 +81,8 @@ class BenchConfig:
     compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
     checkpointing: bool = False
     plain_ce: bool = False
+    lora_merged_forward: bool = False
+    isolate: bool | None = None  # each method in its own process; None: only with compile
     lora_targets: tuple[str, ...] = ALL_PROJ
     seed: int = 0
 
@@ -91,6 +98,8 @@ class BenchConfig:
             raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
         if self.device == "cpu":
             self.frozen_bf16 = False  # CPU runs are fp32 smoke tests
+        if self.isolate is None:
+            self.isolate = self.compile
 
 
 @dataclass
@@ -181,6 +190,8 @@ def build(cfg: BenchConfig, method: str):
         from minift.methods import lora
         lora.apply(model, lora.LoRAConfig(r=8, alpha=16, targets=cfg.lora_targets, dora=method == "dora",
                                           modules_to_save=head))
+        if cfg.lora_merged_forward and method == "lora":
+            lora.set_merged_forward(model)
     elif method == "adalora":
         from minift.methods import adalora, adalora_alloc
         acfg = adalora.AdaLoRAConfig(init_r=12, target_r=8, alpha=32, targets=cfg.lora_targets,
@@ -332,15 +343,28 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, mc.n_embd, backward_layers=bl, train=train)
     tps = cfg.batch * cfg.seq_len / (ms / 1e3)
     mfu = fpt * tps / (peak_tflops * 1e12) if peak_tflops else float("nan")
-    variant = "+".join(k if k != "compile" or cfg.compile_mode == "default" else f"compile:{cfg.compile_mode}"
-                       for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)) \
-        or "eager-fp32-base"
+    variant = variant_name(cfg, method)
     row = Row("minift", cfg.model, method, variant, _device_name(cfg.device), "bf16-autocast"
               if cfg.device != "cpu" else "fp32", cfg.batch, cfg.seq_len, trainable, total, ms, tps, peak, mfu)
     del model, batch, hooks
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return row
+
+
+def variant_name(cfg: BenchConfig, method: str) -> str:
+    """The optimization flags a row ran with, e.g. ``frozen_bf16+compile:reduce-overhead``."""
+    flags = [k if k != "compile" or cfg.compile_mode == "default" else f"compile:{cfg.compile_mode}"
+             for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
+    if cfg.lora_merged_forward and method == "lora":
+        flags.append("merged_forward")
+    return "+".join(flags) or "eager-fp32-base"
+
+
+def _run_isolated(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
+    """``run_minift`` in a fresh (spawned) process; its exceptions are raised here."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(run_minift, (cfg, method, peak_tflops))
 
 
 # ---------------------------------------------------------------------------- the run
@@ -359,7 +383,7 @@ def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
     rows = []
     for m in cfg.methods:
         progress(f"minift {cfg.model} {m}")
-        row = run_minift(cfg, m, peak)
+        row = (_run_isolated if cfg.isolate else run_minift)(cfg, m, peak)
         row.extra.setdefault("matmul_tflops", peak)
         rows.append(row)
         if on_row is not None:

@@ -13,11 +13,19 @@ if TYPE_CHECKING:
     from minift.bench import Row
 
 
+METHOD_FLAGS = ("merged_forward",)  # variant flags that change one method only (LoRA's merged forward)
+
+
+def shared_variant(variant: str) -> str:
+    """The variant without method-only flags: what full fine-tuning ran with."""
+    return "+".join(f for f in variant.split("+") if f not in METHOD_FLAGS) or "eager-fp32-base"
+
+
 def add_ratios(rows: list[Row]) -> list[Row]:
     """Ratio of tokens/s and peak memory to minift full fine-tuning of the same model and variant."""
     base = {(r.model, r.variant): r for r in rows if r.impl == "minift" and r.method == "full"}
     for r in rows:
-        b = base.get((r.model, r.variant))
+        b = base.get((r.model, shared_variant(r.variant)))
         if b is None and r.impl == "peft":  # PEFT rows compare with PEFT's own full run
             b = next((x for x in rows if x.impl == "peft" and x.method == "full" and x.model == r.model
                       and x.variant == r.variant), None)

@@ -7,6 +7,7 @@ has a ``_add_<name>(sub)`` that declares its flags and a ``_cmd_<name>(args)`` t
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj",
                    help="modules LoRA/DoRA/AdaLoRA adapt (default: attention and MLP projections)")
+    p.add_argument("--lora-merged-forward", action="store_true",
+                   help="LoRA rows through the merged weight W0 + sBA (lora.set_merged_forward)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="each method in a fresh process (default: on with --compile)")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
     p.add_argument("--name", default=None, help="file name stem (default: bench-<model>)")
     p.set_defaults(func=_cmd_bench)
@@ -63,6 +68,7 @@ def _cmd_bench(args) -> int:
                             frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
                             compile_mode=args.compile_mode,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
+                            lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731

@@ -94,3 +94,16 @@ def test_run_hands_over_the_rows_after_each_method():
     rows = bench.run(cfg, progress=lambda s: None, on_row=lambda rs: seen.append([r.method for r in rs]))
     assert seen == [["full"], ["full", "lora"]] and [r.method for r in rows] == ["full", "lora"]
     assert rows[1].ratio_tokens_vs_full > 0
+
+
+def test_isolated_processes_and_merged_lora_forward(tmp_path):
+    """--isolate runs each method in a spawned process; the merged-forward LoRA row names its
+    flag and still gets its ratio to full fine-tuning (which ran without it)."""
+    rc = main(["bench", "--device", "cpu", "--methods", "full,lora", "--steps", "1", "--warmup", "0",
+               "--isolate", "--lora-merged-forward", "--out", str(tmp_path), "--name", "iso"])
+    assert rc == 0
+    by = {r["method"]: r for r in json.loads((tmp_path / "iso.json").read_text())["rows"]}
+    assert by["full"]["variant"] == "eager-fp32-base" and by["lora"]["variant"] == "merged_forward"
+    assert by["lora"]["ratio_tokens_vs_full"] > 0
+    assert bench.BenchConfig(device="cpu", compile=True).isolate  # on by default with compile
+    assert not bench.BenchConfig(device="cpu").isolate

@@ -246,3 +246,43 @@ def test_merge_safe_refuses_non_finite(tiny_gpt):
     for n, p in tiny_gpt.named_parameters():  # not even layer 0 was merged
         assert "lora_B" in n or torch.equal(p, before[n]), n
     assert not any(m.merged for _, m in lora.lora_modules(tiny_gpt))
+
+
+@SETTINGS
+@given(case=toy_case, trained_bias=st.booleans())
+def test_merged_forward_gives_the_exact_path_loss_and_gradients(case, trained_bias):
+    """MergedLoRA (one GEMM through W0 + sBA, hand-written backward) against the exact path in
+    fp64: same loss, same gradients for x, A, B (and a trainable bias); DoRA layers keep the
+    exact path and are not counted."""
+    import copy
+    model, cfg, _ = _toy(case)
+    lora.apply(model, cfg)
+    model = model.double()
+    with torch.no_grad():
+        for _, m in lora.lora_modules(model):
+            m.lora_B.normal_()  # a non-zero update
+            if m.bias is not None:
+                m.bias.requires_grad_(trained_bias)
+    fast = copy.deepcopy(model)
+    n = lora.set_merged_forward(fast)
+    assert n == (0 if case["dora"] else 2)
+    x = torch.randn(5, 3, case["d_in"], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for m in (model, fast):
+        xi = x.clone().requires_grad_(True)
+        loss = m(xi).pow(2).mean()
+        params = [p for p in m.parameters() if p.requires_grad]
+        grads.append((loss, *torch.autograd.grad(loss, [xi, *params])))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+    assert lora.set_merged_forward(fast, on=False) == 0
+    assert not any(m.merged_forward for _, m in lora.lora_modules(fast))
+
+
+def test_merged_forward_needs_lora_and_skips_dropout_in_training(tiny_gpt):
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora.set_merged_forward(tiny_gpt)
+    lora.apply(tiny_gpt, LoRAConfig(r=2, dropout=0.1))
+    assert lora.set_merged_forward(tiny_gpt) == 0  # training with dropout: the exact path
+    tiny_gpt.eval()
+    assert all(m._can_merge_forward() for _, m in lora.lora_modules(tiny_gpt))  # eval: no dropout

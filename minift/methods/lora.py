@@ -19,6 +19,12 @@ Variants, all in this file:
 - PiSSA (Meng et al. 2024): A and B start from the top-r singular triplets of W0 and the
   base keeps the residual W0 - sBA, so training starts on the principal subspace.
 - LoRA+ (Hayou et al. 2024): ``param_groups`` gives B a learning rate ``ratio`` times A's.
+
+A speed option, off by default: ``set_merged_forward(model)`` runs each (plain, undropped) LoRA
+layer through the merged weight W0 + sBA, rebuilt every step, and a hand-written backward
+(``MergedLoRA``): one GEMM per layer instead of W0 x, A x and the rank-r update added to the
+output, and one input-gradient GEMM instead of two summed. Gradients of A and B are exact; the
+forward rounds W0 + sBA once to the matmul dtype (bf16 under autocast), like any bf16 weight.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from minift.methods.common import (count_trainable, find_modules, freeze_all, replace_with_linear, set_submodule,
                                    summary, unfreeze_modules)
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply", "merge", "unmerge", "unload", "param_groups", "lora_modules",
+__all__ = ["LoRAConfig", "LoRALinear", "MergedLoRA", "set_merged_forward", "apply", "merge", "unmerge", "unload", "param_groups", "lora_modules",
            "lora_scaling", "count_trainable", "summary"]
 
 INITS = ("default", "gaussian", "pissa")
@@ -89,6 +95,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=w.dtype, device=w.device))
         self.merged = False
+        self.merged_forward = False  # see set_merged_forward
         self._dora_factor: torch.Tensor | None = None  # m / ||W0 + sBA|| saved by merge for unmerge
         if init == "default":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init; B = 0
@@ -120,6 +127,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return F.linear(x, self.weight, self.bias)
+        if self.merged_forward and self._can_merge_forward():
+            return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
         if not self.dora:
             # W0 x + b + s B (A x), with "+ s B (.)" done by one addmm: the scaling and the
             # sum happen inside the GEMM instead of as two passes over the (..., out) output.
@@ -135,6 +144,11 @@ class LoRALinear(nn.Module):
         base = F.linear(x, self.weight, self.bias)
         base_nobias = base - self.bias if self.bias is not None else base
         return base + (factor - 1) * base_nobias + factor * lora
+
+    def _can_merge_forward(self) -> bool:
+        """The merged forward covers plain LoRA over a frozen weight, without dropout in training."""
+        return (not self.dora and not self.weight.requires_grad
+                and (isinstance(self.dropout, nn.Identity) or not self.training))
 
     @torch.no_grad()
     def merged_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -165,6 +179,61 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, scaling={self.scaling:.4g}, "
                 f"dora={self.dora}, merged={self.merged}")
+
+
+class MergedLoRA(torch.autograd.Function):
+    """y = x (W0 + s B A)^T + b with W0 frozen: forward and backward written out by hand.
+
+    Forward: one (out x r x in) GEMM builds W0 + sBA (rounded once, in the matmul dtype), one
+    GEMM applies it; A x (N x r) is kept for B's gradient. Backward, with g = dL/dy (N x out):
+        dx = g (W0 + sBA)        (W0 + sBA rebuilt: cheaper than keeping it)
+        dA = s (g B)^T x         dB = s g^T (A x)         db = sum of g over rows
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling: float):
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
+        A_, B_ = A.to(dt), B.to(dt)
+        w = torch.addmm(weight.to(dt), B_, A_, alpha=scaling)  # (out, in)
+        y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
+        ax = x2 @ A_.t()  # (N, r)
+        ctx.save_for_backward(x2, weight, A_, B_, ax)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x2, weight, A_, B_, ax = ctx.saved_tensors
+        s, (a_dt, b_dt, bias_dt) = ctx.scaling, ctx.dtypes
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, out)
+        need = ctx.needs_input_grad
+        dx = dA = dB = db = None
+        if need[0]:
+            w = torch.addmm(weight.to(x2.dtype), B_, A_, alpha=s)
+            dx = (g2 @ w).view(ctx.x_shape).to(ctx.x_dtype)
+        if need[3]:
+            dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
+        if need[4]:
+            dB = (g2.t() @ ax).to(b_dt).mul_(s)  # (out, r)
+        if need[2]:
+            db = g2.sum(0).to(bias_dt)
+        return dx, None, db, dA, dB, None
+
+
+def set_merged_forward(model: nn.Module, on: bool = True) -> int:
+    """Switch every LoRA layer to (or back from) the merged forward of ``MergedLoRA``; DoRA
+    layers, trainable base weights and dropout in training keep the exact path. Returns the
+    number of layers that will take the merged path."""
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("model has no LoRA layers; apply LoRA first")
+    for _, m in mods:
+        m.merged_forward = on
+    return sum(m._can_merge_forward() for _, m in mods) if on else 0
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
