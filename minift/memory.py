@@ -10,7 +10,8 @@ The training step the estimate models (the one ``minift.bench`` runs and
     copy shared by q, k, v, up_proj and their LoRA A / AdaLoRA factors; any other fp32 input
     is cast anew for every matmul; fp32 trainable weights once per forward through
     autocast's cache), LayerNorm in fp32; SDPA flash attention (no T x T matrix kept;
-    memory-efficient attention with an additive bias when a prefix or a mask is present);
+    memory-efficient attention with an additive bias when a mask is present; a GPT prefix alone
+    is bottom-right causal flash attention, no bias);
   - GPT's fused cross-entropy (``minift.models.lm_loss``): one 4096-position chunk of logits
     at a time, and the loss's input gradients computed in forward and kept for backward;
   - AdamW (fused): exp_avg + exp_avg_sq in fp32 per trainable parameter; fp32 gradients for
@@ -286,15 +287,19 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         x = tape.add(tape.add(x, tape.new(Tq * C, emb[1].b, emb[1].grad)), tape.new(rows * C, emb[2].b, emb[2].grad))
         x = tape.dropout(tape.layer_norm(x, emb[3], emb[4], C), config.dropout)
     bias = None
-    if mask or P and gpt and method == "prefix":
-        bias = tape.new((B if mask else 1) * Tq * S, x.b)  # additive bias in the residual's dtype
+    if mask:
+        bias = tape.new(B * Tq * S, x.b)  # additive bias in the residual's dtype
+    # a GPT prefix without a mask is causal_lower_right attention: flash on CUDA keeps no mask;
+    # the CPU kernel keeps one it materializes in each layer
+    lower_right = bool(P and gpt and method == "prefix" and not mask and not tape.cuda)
 
     def attention(x, blk):
         x = tape.cast_once(x)  # one bf16 copy for q, k, v and their adapters (BERT's residual keeps x)
         q, k, v = (linear(x, blk[n]) for n in ("q_proj", "k_proj", "v_proj"))
         if method == "prefix":  # cat([prefix.to(bf16), k]): (B, nh, P+T, hs), needs a gradient
             k, v = tape.new(B * S * C, k.b, True), tape.new(B * S * C, v.b, True)
-        return linear(tape.sdpa(q, k, v, bias, B, H, Tq, C), blk["o_proj"])
+        b = tape.new(Tq * S, x.b) if lower_right else bias
+        return linear(tape.sdpa(q, k, v, b, B, H, Tq, C), blk["o_proj"])
 
     def mlp(x, blk):
         return linear(tape.pointwise(linear(tape.cast_once(x), blk["up_proj"])), blk["down_proj"])

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from minift.models.lm_loss import lm_loss
 
@@ -61,14 +62,15 @@ class GPTOutput:
 
 
 def attention_bias(T: int, P: int, attention_mask, causal: bool, dtype, device):
-    """Additive attention bias (B or 1, 1, T, P + T) or None when plain causal SDPA suffices.
+    """Additive attention bias (B or 1, 1, T, P + T), or None without an attention mask: then
+    SDPA runs causal (with a prefix, bottom-right aligned: ``causal_lower_right``) or full.
 
     Every query sees all P prefix slots; among the T real tokens the mask is causal (GPT)
     or full (BERT); ``attention_mask`` (B, P + T) or (B, T) has 1 for tokens to attend to.
     Masked slots get the dtype's most negative value rather than -inf, so a fully masked
     row (a padding query) yields finite, ignorable outputs instead of NaN.
     """
-    if attention_mask is None and (P == 0 or not causal):
+    if attention_mask is None:  # plain causal or full attention: SDPA needs no bias tensor
         return None
     allowed = torch.ones(1, 1, T, P + T, dtype=torch.bool, device=device)
     if causal:
@@ -123,6 +125,8 @@ class CausalSelfAttention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         if bias is None and prefix is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        elif bias is None:  # query t sees the P prefix slots and tokens <= t: flash attention, no bias tensor
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, k.shape[2]), dropout_p=p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
