@@ -3,11 +3,12 @@
 transformers and peft are oracles and baselines only, so this lives here, not in minift/.
 
     python benchmarks/peft_baseline.py --model gpt2-medium --methods full,lora,adalora,prefix,prompt \\
-        [--compile] [--batch 8 --seq-len 1024] --out benchmarks/results --name peft-gpt2-medium
+        [--compile [--compile-mode reduce-overhead] [--no-eager]] [--batch 8 --seq-len 1024] --out benchmarks/results --name peft-gpt2-medium
 """
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minift import bench  # noqa: E402
 
 
-def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False) -> bench.Row:
+def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: str = "default") -> bench.Row:
     """The same shapes through transformers + peft (imported only here, only when asked)."""
     import peft
     import transformers
@@ -60,11 +61,14 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False) -> ben
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, mc.vocab_size, (cfg.batch, T), generator=g).to(cfg.device)
     labels = ids if gpt else torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)
-    fwd = torch.compile(model) if compile_ else model
+    fwd = torch.compile(model, mode=mode) if compile_ else model
+    graphs = compile_ and mode == "reduce-overhead"
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda"))
 
     def step(i):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with bench._autocast(cfg.device):
             loss = fwd(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         loss.backward()
@@ -73,9 +77,10 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False) -> ben
             model.base_model.update_and_allocate(i)
         opt.zero_grad(set_to_none=True)
 
-    ms, peak = bench._timed(step, cfg)
+    ms, peak = bench._timed(step, replace(cfg, compile=compile_, compile_mode=mode))
     trainable, total = bench.count_trainable(model)
-    row = bench.Row("peft", cfg.model, method, "compile" if compile_ else "eager", bench._device_name(cfg.device),
+    variant = ("compile" if mode == "default" else f"compile:{mode}") if compile_ else "eager"
+    row = bench.Row("peft", cfg.model, method, variant, bench._device_name(cfg.device),
               "bf16-autocast", cfg.batch, cfg.seq_len, trainable, total, ms,
               cfg.batch * cfg.seq_len / (ms / 1e3), peak, float("nan"),
               extra={"transformers": transformers.__version__, "peft": peft.__version__})
@@ -95,6 +100,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--lora-targets", default=",".join(bench.ALL_PROJ))
     p.add_argument("--compile", action="store_true", help="also run each method under torch.compile")
+    p.add_argument("--compile-mode", default="default", choices=bench.COMPILE_MODES)
+    p.add_argument("--no-eager", action="store_true", help="with --compile: the compiled rows only")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None)
     a = p.parse_args()
@@ -103,9 +110,9 @@ def main() -> None:
                             lora_targets=tuple(a.lora_targets.split(",")))
     rows = []
     for m in a.methods.split(","):
-        for c in ((False, True) if a.compile else (False,)):
+        for c in ((True,) if a.no_eager else (False, True)) if a.compile else (False,):
             print(f"peft {cfg.model} {m}{' compiled' if c else ''}", file=sys.stderr)
-            rows.append(run_peft(cfg, m, compile_=c))
+            rows.append(run_peft(cfg, m, compile_=c, mode=a.compile_mode))
             bench.add_ratios(rows)  # saved after each row: a run cut off by a time limit keeps what finished
             bench.save(rows, Path(a.out), a.name or f"peft-{a.model}", bench.meta(cfg))
     print(bench.to_markdown(rows))

@@ -1,6 +1,7 @@
 """Profile one method's training step on CUDA: the top kernels by GPU time.
 
     python benchmarks/profile_step.py --model gpt2-medium --method lora [--no-frozen-bf16] [--compile]
+        [--lora-merged-forward]
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ def main() -> None:
     p.add_argument("--method", default="lora")
     p.add_argument("--no-frozen-bf16", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first (as bench --compile)")
+    p.add_argument("--lora-merged-forward", action="store_true", help="LoRA through W0 + sBA (MergedLoRA)")
     p.add_argument("--rows", type=int, default=25)
     a = p.parse_args()
-    cfg = bench.BenchConfig(model=a.model, methods=(a.method,), frozen_bf16=not a.no_frozen_bf16, compile=a.compile)
+    cfg = bench.BenchConfig(model=a.model, methods=(a.method,), frozen_bf16=not a.no_frozen_bf16, compile=a.compile,
+                              lora_merged_forward=a.lora_merged_forward)
     model, hooks = bench.build(cfg, a.method)
     if a.compile:
         model.compile()
