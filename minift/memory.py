@@ -11,7 +11,7 @@ The training step the estimate models (the one ``minift.bench`` runs and
     is cast anew for every matmul; fp32 trainable weights once per forward through
     autocast's cache), LayerNorm in fp32; SDPA flash attention (no T x T matrix kept;
     memory-efficient attention with an additive bias when a mask is present; a GPT prefix alone
-    is bottom-right causal flash attention, no bias);
+    is causal flash attention over P zero queries + T real ones, no bias);
   - GPT's fused cross-entropy (``minift.models.lm_loss``): one 4096-position chunk of logits
     at a time, and the loss's input gradients computed in forward and kept for backward;
   - AdamW (fused): exp_avg + exp_avg_sq in fp32 per trainable parameter; fp32 gradients for
@@ -289,17 +289,23 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
     bias = None
     if mask:
         bias = tape.new(B * Tq * S, x.b)  # additive bias in the residual's dtype
-    # a GPT prefix without a mask is causal_lower_right attention: flash on CUDA keeps no mask;
-    # the CPU kernel keeps one it materializes in each layer
-    lower_right = bool(P and gpt and method == "prefix" and not mask and not tape.cuda)
+    # a GPT prefix without a mask (gpt.prefix_attention): with P <= T, P zero queries in front and
+    # square causal attention; with P > T the bottom-right causal mask (flash on CUDA keeps no mask,
+    # the CPU kernel keeps the one it materializes in each layer)
+    lone = bool(P and gpt and method == "prefix" and not mask and Tq > 1)
+    padded, lower_right = lone and P <= Tq, lone and P > Tq and not tape.cuda
 
     def attention(x, blk):
         x = tape.cast_once(x)  # one bf16 copy for q, k, v and their adapters (BERT's residual keeps x)
         q, k, v = (linear(x, blk[n]) for n in ("q_proj", "k_proj", "v_proj"))
         if method == "prefix":  # cat([prefix.to(bf16), k]): (B, nh, P+T, hs), needs a gradient
             k, v = tape.new(B * S * C, k.b, True), tape.new(B * S * C, v.b, True)
-        b = tape.new(Tq * S, x.b) if lower_right else bias
-        return linear(tape.sdpa(q, k, v, b, B, H, Tq, C), blk["o_proj"])
+        if padded:  # cat([zeros, q]) in, (B, nh, P+T, hs) out, the last T rows taken (a copy for o_proj)
+            out = tape.sdpa(tape.new(B * S * C, q.b, True), k, v, None, B, H, S, C)
+            out = tape.new(B * Tq * C, out.b, out.grad)
+        else:
+            out = tape.sdpa(q, k, v, tape.new(Tq * S, x.b) if lower_right else bias, B, H, Tq, C)
+        return linear(out, blk["o_proj"])
 
     def mlp(x, blk):
         return linear(tape.pointwise(linear(tape.cast_once(x), blk["up_proj"])), blk["down_proj"])

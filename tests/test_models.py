@@ -350,3 +350,20 @@ def test_fused_lm_loss_matches_plain_cross_entropy(V, chunk, head_trained):
     empty = lm_loss(x, w, t, chunk=chunk)
     assert empty.item() == 0.0
     assert not torch.autograd.grad(empty, x)[0].any()
+
+
+@pytest.mark.parametrize("P,T", [(3, 7), (7, 7), (9, 4), (5, 1)])
+def test_prefix_attention_sees_every_prefix_slot_and_is_causal_on_tokens(P, T):
+    """All three paths of gpt.prefix_attention (zero-query padding, bottom-right mask, one
+    query) equal SDPA with the explicit mask, values and gradients."""
+    from minift.models.gpt import prefix_attention
+    g = torch.Generator().manual_seed(P * 10 + T)
+    q = torch.randn(2, 3, T, 4, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 3, P + T, 4, generator=g, requires_grad=True) for _ in range(2))
+    allowed = torch.ones(T, P + T, dtype=torch.bool).tril(diagonal=P)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    out = prefix_attention(q, k, v, 0.0)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    w = torch.randn(ref.shape, generator=g)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

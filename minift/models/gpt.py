@@ -125,12 +125,29 @@ class CausalSelfAttention(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         if bias is None and prefix is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        elif bias is None:  # query t sees the P prefix slots and tokens <= t: flash attention, no bias tensor
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, k.shape[2]), dropout_p=p)
+        elif bias is None:  # a prefix, no mask: query t sees the P prefix slots and tokens <= t
+            y = prefix_attention(q, k, v, p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.o_proj(y)), (k, v)
+
+
+def prefix_attention(q, k, v, dropout_p: float):
+    """Causal attention of T queries over P prefix slots + T keys, every prefix slot visible.
+
+    When P <= T, P zero queries are put in front: the square (P + T) problem is plain causal
+    attention (flash kernels, also under torch.compile), where real query t sees keys <= P + t,
+    exactly the prefix and tokens <= t; the padding rows are dropped. A single query (decoding
+    with a KV cache) sees every key; otherwise (P > T) the bottom-right causal mask is passed."""
+    B, H, T, hs = q.shape
+    P = k.shape[2] - T
+    if T == 1:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if P <= T:
+        q = torch.cat([q.new_zeros(B, H, P, hs), q], dim=2)  # (B, nh, P+T, hs)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)[:, :, P:]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, P + T), dropout_p=dropout_p)
 
 
 class MLP(nn.Module):
