@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 # the estimator's names stay importable from here (minift.advisor.estimate_memory, ...)
-from minift.memory import (CUBLAS_WORKSPACE, LOSS_CHUNK, METHODS, PRESETS, PROJ,  # noqa: F401
+from minift.memory import (CUBLAS_WORKSPACE, METHODS, PRESETS, PROJ,  # noqa: F401
                            GiB, MemoryEstimate, MethodOptions, config_from_dir, estimate_memory, preset)
 from minift.models.bert import BertConfig
 from minift.models.gpt import GPTConfig

@@ -22,7 +22,8 @@ Each optimization is a flag so its effect is measured, not assumed:
 ``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
 ``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
 the naive loss, for comparison with the fused cross-entropy of ``minift.models.lm_loss``),
-``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.methods.lora.MergedLoRA``).
+``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.methods.lora.MergedLoRA``),
+``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head).
 ``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
 fails to compile a second model in one process under CUDA graphs, and a fresh process
 starts each method with an empty allocator).
@@ -82,6 +83,7 @@ class BenchConfig:
     checkpointing: bool = False
     plain_ce: bool = False
     lora_merged_forward: bool = False
+    loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
     isolate: bool | None = None  # each method in its own process; None: only with compile
     lora_targets: tuple[str, ...] = ALL_PROJ
     seed: int = 0
@@ -98,6 +100,8 @@ class BenchConfig:
             raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
         if self.device == "cpu":
             self.frozen_bf16 = False  # CPU runs are fp32 smoke tests
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
         if self.isolate is None:
             self.isolate = self.compile
 
@@ -220,6 +224,8 @@ def build(cfg: BenchConfig, method: str):
         for p in model.parameters():
             p.requires_grad_(False)
     model.checkpointing = cfg.checkpointing if isinstance(model, GPT) else False
+    if isinstance(model, GPT):
+        model.loss_chunk = cfg.loss_chunk
     if isinstance(model, BertClassifier):
         model.bert.checkpointing = cfg.checkpointing
     model.to(cfg.device)
@@ -358,6 +364,8 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
              for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
     if cfg.lora_merged_forward and method == "lora":
         flags.append("merged_forward")
+    if cfg.loss_chunk is not None:
+        flags.append(f"loss_chunk={cfg.loss_chunk}")
     return "+".join(flags) or "eager-fp32-base"
 
 

@@ -44,6 +44,8 @@ def _add_bench(sub) -> None:
                    help="modules LoRA/DoRA/AdaLoRA adapt (default: attention and MLP projections)")
     p.add_argument("--lora-merged-forward", action="store_true",
                    help="LoRA rows through the merged weight W0 + sBA (lora.set_merged_forward)")
+    p.add_argument("--loss-chunk", type=int, default=None,
+                   help="GPT loss: positions per vocabulary projection (default 1024, 4096 with a trained head)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each method in a fresh process (default: on with --compile)")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
@@ -69,6 +71,7 @@ def _cmd_bench(args) -> int:
                             compile_mode=args.compile_mode,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
+                            loss_chunk=args.loss_chunk,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731

@@ -12,8 +12,8 @@ The training step the estimate models (the one ``minift.bench`` runs and
     autocast's cache), LayerNorm in fp32; SDPA flash attention (no T x T matrix kept;
     memory-efficient attention with an additive bias when a mask is present; a GPT prefix alone
     is causal flash attention over P zero queries + T real ones, no bias);
-  - GPT's fused cross-entropy (``minift.models.lm_loss``): one 4096-position chunk of logits
-    at a time, and the loss's input gradients computed in forward and kept for backward;
+  - GPT's fused cross-entropy (``minift.models.lm_loss``): one chunk of logits at a time (1024
+    positions for a frozen head, 4096 for a trained one), and the loss's input gradients computed in forward and kept for backward;
   - AdamW (fused): exp_avg + exp_avg_sq in fp32 per trainable parameter; fp32 gradients for
     trainable parameters only; ``zero_grad(set_to_none=True)``, so gradients exist only from
     backward to the optimizer step;
@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from minift.memory_tape import Param, Tape
 from minift.models.bert import BertConfig
 from minift.models.gpt import GPTConfig
+from minift.models.lm_loss import loss_chunk
 
 GiB = 2 ** 30
 METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit", "probe")
@@ -43,7 +44,6 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 # cuBLAS workspace: allocated through PyTorch's caching allocator (so it counts in
 # max_memory_allocated), one per thread issuing matmuls: forward's and autograd's backward thread
 CUBLAS_WORKSPACE = 32 * 2 ** 20
-LOSS_CHUNK = 4096  # minift.models.lm_loss.CHUNK
 
 
 # ============================================================================ estimate
@@ -334,7 +334,7 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
             tape.save(tape.new(n_pos * C, 2 if tape.ac else x.b))
         if head_grad:  # ... and d(loss)/d(head), accumulated in fp32 over the padded vocabulary
             tape.save(tape.new(Vp * C, 4))
-        c = min(LOSS_CHUNK, n_pos)
+        c = min(loss_chunk(head_grad), n_pos)
         # inside the loss's forward, on top of what is kept: the shifted x (a copy unless B == 1), the
         # head cast and/or padded (a copy), one chunk's logits (bf16 matmul output and its fp32 copy, then
         # the bf16 d(logits) while the fp32 one is alive) and the head-gradient chunk

@@ -80,7 +80,8 @@ def test_probe_flops_leave_out_the_unused_lm_head():
     assert with_head - without == 50 * 8
 
 
-@pytest.mark.parametrize("argv,msg", [(["--batch", "0"], "batch >= 1"), (["--methods", ""], "--methods is empty")])
+@pytest.mark.parametrize("argv,msg", [(["--batch", "0"], "batch >= 1"), (["--methods", ""], "--methods is empty"),
+                                      (["--loss-chunk", "0"], "loss_chunk must be >= 1")])
 def test_bench_cli_rejects_zero_and_empty(argv, msg, capsys):
     assert main(["bench", "--device", "cpu", *argv]) == 2
     assert msg in capsys.readouterr().err
@@ -105,5 +106,8 @@ def test_isolated_processes_and_merged_lora_forward(tmp_path):
     by = {r["method"]: r for r in json.loads((tmp_path / "iso.json").read_text())["rows"]}
     assert by["full"]["variant"] == "eager-fp32-base" and by["lora"]["variant"] == "merged_forward"
     assert by["lora"]["ratio_tokens_vs_full"] > 0
+    rc = main(["bench", "--device", "cpu", "--methods", "lora", "--steps", "1", "--warmup", "0", "--loss-chunk", "16",
+               "--out", str(tmp_path), "--name", "chunk"])
+    assert rc == 0 and json.loads((tmp_path / "chunk.json").read_text())["rows"][0]["variant"] == "loss_chunk=16"
     assert bench.BenchConfig(device="cpu", compile=True).isolate  # on by default with compile
     assert not bench.BenchConfig(device="cpu").isolate

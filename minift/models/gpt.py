@@ -189,6 +189,7 @@ class GPT(nn.Module):
         # (set by freeze.apply when the bottom layers and the embeddings are all frozen).
         self.grad_from_layer = 0
         self.checkpointing = False  # recompute each block in backward instead of keeping activations
+        self.loss_chunk: int | None = None  # positions per vocabulary projection in the loss (None: lm_loss's default)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -236,7 +237,7 @@ class GPT(nn.Module):
             hidden[-1] = x  # as in HF: the last hidden state is after the final LayerNorm
         logits = loss = None
         if targets is not None:
-            loss = lm_loss(x, self.wte.weight, targets)
+            loss = lm_loss(x, self.wte.weight, targets, self.loss_chunk)
         if compute_logits or (compute_logits is None and targets is None):
             logits = F.linear(x, self.wte.weight)  # (B, T, vocab)
         return GPTOutput(logits, loss, tuple(hidden) if output_hidden_states else None,

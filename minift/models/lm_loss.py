@@ -23,15 +23,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CHUNK = 4096  # positions per vocabulary projection: (4096, 50304) fp32 logits are 0.8 GB
+# Positions per vocabulary projection. A chunk's logits take 6 bytes per position per vocabulary
+# entry while it is processed (bf16 and fp32 logits, bf16 gradient): 1.2 GB at (4096, 50304).
+# A frozen head takes small chunks (0.3 GB); a trained head adds each chunk's (V, C) gradient
+# into an fp32 sum, a pass over V x C per chunk, so it takes fewer, larger ones.
+CHUNK_FROZEN_HEAD = 1024
+CHUNK_TRAINED_HEAD = 4096
 
 
-def lm_loss(x, weight, targets, chunk: int = CHUNK):
+def loss_chunk(head_trained: bool) -> int:
+    return CHUNK_TRAINED_HEAD if head_trained else CHUNK_FROZEN_HEAD
+
+
+def lm_loss(x, weight, targets, chunk: int | None = None):
     """Shifted next-token cross-entropy (mean over targets != -100).
 
     ``x`` (B, T, C) final hidden states, ``weight`` (V, C) the LM head, ``targets`` (B, T)
-    aligned with the input ids (position t predicts ``targets[:, t + 1]``).
+    aligned with the input ids (position t predicts ``targets[:, t + 1]``); ``chunk``
+    positions per vocabulary projection (default: ``loss_chunk``).
     """
+    if chunk is None:
+        chunk = loss_chunk(weight.requires_grad)
+    if chunk < 1:
+        raise ValueError(f"loss chunk must be >= 1 position, got {chunk}")
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         x = x.to(torch.get_autocast_dtype("cuda"))  # the matmul dtype
     x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (N, C), N = B*(T-1)
