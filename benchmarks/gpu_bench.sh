@@ -15,7 +15,7 @@ p --model gpt2-medium --name peft-gpt2-medium
 # BERT-base classification, B=32, T=128, LoRA on query/value as PEFT's usual setup
 b --model bert-base --batch 32 --seq-len 128 --lora-targets q_proj,v_proj --name bench-bert-base
 p --model bert-base --batch 32 --seq-len 128 --lora-targets q_proj,v_proj --methods full,lora,prefix --name peft-bert-base
-# torch.compile, minift (PEFT compiled: gpu_compile.sh, its own call)
+# torch.compile, minift (PEFT compiled and CUDA graphs: gpu_compile.sh and gpu_targets.sh, their own calls)
 b --model gpt2-medium --methods full,lora --compile --name bench-gpt2-medium-compile-minift
 # GPT-2 small and large: every method (minift only)
 b --model gpt2 --name bench-gpt2
