@@ -40,6 +40,7 @@ METHOD_FLAGS = [
     ("init", str, "LoRA: default|gaussian|pissa; prefix: random|tokens; prompt: random|vocab|text"),
     ("init_text", str, "prefix/prompt init text"), ("modules_to_save", "csv", "modules trained in full, e.g. classifier"),
     ("lr_ratio", float, "LoRA+: lr of B / lr of A"),
+    ("merged_forward", "flag", "LoRA: forward through W0 + sBA, one GEMM per layer (needs dropout 0)"),
     ("init_r", int, "AdaLoRA initial rank"), ("target_r", int, "AdaLoRA average final rank"),
     ("tinit", float, "AdaLoRA warmup steps (< 1: fraction of the run)"),
     ("tfinal", float, "AdaLoRA final steps with a fixed pattern (< 1: fraction)"),
@@ -63,6 +64,7 @@ TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over t
               "patience": "early stopping: evaluations without improvement (0: off)",
               "save_every": "steps between checkpoints (0: at the end)", "device": "auto | cpu | cuda",
               "bf16": "bf16 autocast on CUDA (default true)",
+              "compile": "torch.compile the model (default false; first steps slower while it compiles)",
               "metric": "dev metric early stopping and best/ track: loss, accuracy, macro_f1, perplexity",
               "higher_is_better": "true for accuracy/F1 (default false: loss)"}
 INT_KEYS = ("steps", "batch_size", "grad_accum", "eval_every", "patience", "seed", "save_every")
@@ -93,7 +95,7 @@ def add_train_flags(p) -> None:
         if f.name in SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("shuffle", "bf16", "higher_is_better"):
+        if f.name in ("shuffle", "bf16", "compile", "higher_is_better"):
             g.add_argument(flag, dest=f.name, type=_bool, metavar="true|false", help=TRAIN_HELP.get(f.name))
         else:
             g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device", "metric") else

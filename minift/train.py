@@ -60,6 +60,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     bf16: bool = True                 # bf16 autocast, on CUDA only
+    compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
     out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
     save_every: int = 0               # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False              # continue from out_dir/last if it exists
@@ -175,6 +176,8 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     bar = _progress(total, step, cfg.progress)
     n_tokens, t0, updating = 0, time.perf_counter(), False
     snap, snap_step = rng_state(), step
+    if cfg.compile:
+        model.compile()  # compiled on the first forward; evaluation after training uses it too
     model.train()
 
     def finish_step(step: int, step_loss: float) -> bool:

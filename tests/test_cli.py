@@ -93,6 +93,22 @@ def test_train_then_eval_classification(method, files, tmp_path, capsys):
     assert metrics["examples"] == 4 and "macro_f1" in metrics
 
 
+def test_compiled_training_with_merged_lora_matches_eager(files, tmp_path, capsys):
+    """--compile true and --merged-forward change how the step runs, not what it computes: the
+    logged losses equal the eager exact-path run's (fp32, CPU)."""
+    base = ["train", "--model", files / "gpt", "--train", files / "lm.txt", "--task", "causal-lm", "--method",
+            "lora", "--targets", "q_proj,v_proj,up_proj,down_proj", "--max-len", "16", *FAST]
+    losses = []
+    for name, extra in (("eager", []), ("fast", ["--merged-forward", "--compile", "true"])):
+        rc, stdout, err = run_cli([*base, "--out", tmp_path / name, *extra], capsys)
+        assert rc == 0, err
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(x)["loss"] for x in lines if "loss" in json.loads(x)])
+    assert len(losses[0]) >= 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert json.loads((tmp_path / "fast" / "run.json").read_text())["options"]["merged_forward"] is True
+
+
 def test_gpt_tasks_and_full_model_export(files, tmp_path, capsys):
     rc, stdout, err = run_cli(["train", "--model", files / "gpt", "--train", files / "lm.txt", "--task",
                                "causal-lm", "--method", "lora", "--targets", "q_proj,v_proj", "--max-len", "16",
@@ -141,6 +157,10 @@ def test_config_file_recipe_and_resume(files, tmp_path, capsys):
     ("option of another method", ["--train", "{d}/train.jsonl", "--method", "full", "--r", "4"], "--r"),
     ("missing model dir", ["--model", "{d}/nope", "--train", "{d}/train.jsonl", "--method", "lora"], "nope"),
     ("bad toml", ["--train", "{d}/train.jsonl", "--method", "lora", "--config", "{d}/train.jsonl"], "TOML"),
+    ("merged forward with dropout", ["--train", "{d}/train.jsonl", "--method", "lora", "--merged-forward",
+                                     "--dropout", "0.1"], "--merged-forward needs --dropout 0"),
+    ("merged forward for dora", ["--train", "{d}/train.jsonl", "--method", "dora", "--merged-forward"],
+     "--merged-forward does not apply"),
 ])
 def test_bad_input_exits_2_with_one_line(case, argv, needle, files, tmp_path, capsys):
     argv = [a.format(d=files) for a in argv]

@@ -23,9 +23,9 @@ from minift.models.bert import BertClassifier
 
 METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit")
 
-# Options that are not config fields: LoRA+ (lr_ratio), discriminative lrs (lr_decay) and
-# ULMFiT gradual unfreezing (unfreeze_every, start_layers, group_size).
-EXTRA = {"full": ("lr_decay",), "lora": ("lr_ratio",), "dora": ("lr_ratio",),
+# Options that are not config fields: LoRA+ (lr_ratio), LoRA's merged forward (merged_forward),
+# discriminative lrs (lr_decay) and ULMFiT gradual unfreezing (unfreeze_every, start_layers, group_size).
+EXTRA = {"full": ("lr_decay",), "lora": ("lr_ratio", "merged_forward"), "dora": ("lr_ratio",),
          "freeze": ("lr_decay", "unfreeze_every", "start_layers", "group_size")}
 
 
@@ -86,7 +86,12 @@ def build_method(model: nn.Module, method: str, args: Mapping | None = None, *, 
         from minift.methods import lora
         cfg = config(lora.LoRAConfig, **({"dora": True} if method == "dora" else {}))
         check_unused()
+        if opts.get("merged_forward") and cfg.dropout > 0:
+            raise ValueError(f"--merged-forward needs --dropout 0 (LoRA dropout acts on the adapter's input "
+                             f"only, which the merged weight cannot do); got --dropout {cfg.dropout}")
         st = MethodState(method, lora.apply(model, cfg), cfg)
+        if opts.get("merged_forward"):
+            lora.set_merged_forward(model)
         if "lr_ratio" in opts:
             st.param_groups = lora.param_groups(model, lr, opts["lr_ratio"], weight_decay)
     elif method == "adalora":
