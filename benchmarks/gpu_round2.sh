@@ -5,10 +5,7 @@
 set -u
 out=${1:-benchmarks/results}
 mkdir -p "$out"
-go() {  # go SECONDS NAME COMMAND...: run with a limit, log to $out/NAME.log
-  local s=$1 name=$2; shift 2
-  timeout -s INT "$s" "$@" > "$out/$name.log" 2>&1 || echo "FAILED ($?): $name" >&2
-}
+source "$(dirname "$0")/gpu_lib.sh"  # go SECONDS NAME COMMAND...
 go 170 graphs python3 -m minift bench --out "$out" --model gpt2-medium --methods prefix,full \
   --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-prefix-h100
 go 60 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods prefix,prompt \

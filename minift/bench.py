@@ -6,13 +6,8 @@ events and report the median. Peak memory is ``max_memory_allocated`` over the t
 window after ``reset_peak_memory_stats`` (optimizer state already exists by then, so it is
 the steady-state peak of a whole step).
 
-Model FLOPs per token (the MFU numerator), with N the parameters used in matmuls:
-  forward 2N + 4·L·T·d (attention scores and weighted sum),
-  backward 2N_in + 8·L_b·T·d for input gradients through the L_b layers backward runs in,
-  plus 2N_w for weight gradients of the trainable weights.
-Full fine-tuning gives the familiar 6N + 12·L·T·d; a frozen base (LoRA, prefix, ...) gives
-4N + 12·L·T·d; frozen bottom layers that run without autograd cost forward only.
-MFU divides achieved FLOP/s by the bf16 matmul rate measured on the same card in the same run.
+MFU: model FLOPs per token (``minift.mfu``: 6N + 12·L·T·d for full fine-tuning, 4N + 12·L·T·d
+over a frozen base) times tokens/s, over the bf16 matmul rate measured on the same card in the same run.
 tokens/s counts seq_len positions per row for every method: for prefix and prompt tuning that
 is P = 20 virtual positions plus seq_len - P text tokens (the PEFT baseline counts the same way).
 The peer (transformers + peft) runs the same shapes in ``benchmarks/peft_baseline.py``: the
@@ -41,11 +36,11 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 # the report's names stay importable from here (minift.bench.save, ...)
 from minift.bench_report import add_ratios, save, to_markdown  # noqa: F401
+from minift.mfu import flops_per_token, matmul_params, measure_matmul_tflops  # noqa: F401
 from minift.methods.common import count_trainable
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
@@ -125,53 +120,6 @@ class Row:
     ratio_tokens_vs_full: float = float("nan")
     ratio_mem_vs_full: float = float("nan")
     extra: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------- FLOPs
-
-def matmul_params(model: nn.Module, lm_head: bool = True) -> tuple[int, int]:
-    """(N, N_trainable): parameters of every matmul weight — the 2-D ``weight`` of any module
-    that is not an embedding (nn.Linear, LoRALinear, SVDLinear, ...) plus GPT's tied LM head
-    when it is used (``lm_head``: feature extraction for probing never projects to the vocabulary).
-    Adapter factors (``lora_*``) are left out: their FLOPs are a rounding error at small r."""
-    n = nt = 0
-    for m in model.modules():
-        w = m._parameters.get("weight")
-        if w is None or w.dim() != 2 or isinstance(m, nn.Embedding):
-            continue
-        n += w.numel()
-        nt += w.numel() if w.requires_grad else 0
-    if isinstance(model, GPT) and lm_head:
-        n += model.wte.weight.numel()
-        nt += model.wte.weight.numel() if model.wte.weight.requires_grad else 0
-    return n, nt
-
-
-def flops_per_token(n: int, n_trainable: int, n_layer: int, seq_len: int, d: int,
-                    backward_layers: int | None = None, train: bool = True) -> float:
-    """Model FLOPs per token; see the module docstring. ``backward_layers`` defaults to all."""
-    lb = n_layer if backward_layers is None else backward_layers
-    fwd = 2 * n + 4 * n_layer * seq_len * d
-    if not train:
-        return fwd
-    n_in = n * lb / n_layer  # input gradients only through the layers backward reaches
-    return fwd + 2 * n_in + 8 * lb * seq_len * d + 2 * n_trainable
-
-
-def measure_matmul_tflops(device: str, size: int = 8192, reps: int = 10) -> float:
-    """bf16 matmul rate of this card, measured now (the MFU denominator)."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * size ** 3 * reps / (start.elapsed_time(end) / 1e3) / 1e12
 
 
 # ---------------------------------------------------------------------------- minift runs

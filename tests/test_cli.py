@@ -268,7 +268,7 @@ def test_probe_recipe_points_to_minift_probe(files, tmp_path, capsys):
 
 def test_recommend_names_the_file_and_the_missing_key(files, tmp_path):
     import shutil
-    from minift.memory import config_from_dir
+    from minift.advisor import config_from_dir
     d = tmp_path / "m"
     shutil.copytree(files / "bert", d)
     raw = json.loads((d / "config.json").read_text())
