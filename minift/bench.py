@@ -28,6 +28,7 @@ The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import multiprocessing
 import platform
@@ -312,15 +313,17 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
              for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
     if cfg.lora_merged_forward and method == "lora":
         flags.append("merged_forward")
-    if cfg.loss_chunk is not None:
+    if cfg.loss_chunk is not None and isinstance(PRESETS[cfg.model], GPTConfig) and not cfg.plain_ce:  # fused loss only
         flags.append(f"loss_chunk={cfg.loss_chunk}")
     return "+".join(flags) or "eager-fp32-base"
 
 
 def _run_isolated(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
-    """``run_minift`` in a fresh (spawned) process; its exceptions are raised here."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run_minift, (cfg, method, peak_tflops))
+    """``run_minift`` in a fresh (spawned) process; its exceptions are raised here, and a worker
+    that dies (killed, out of host memory) raises ``BrokenProcessPool`` instead of hanging."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(run_minift, cfg, method, peak_tflops).result()
 
 
 # ---------------------------------------------------------------------------- the run

@@ -327,10 +327,8 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         x = tape.layer_norm(x, *ln_f, C)
         n_pos = B * (Tq - 1)
         Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
-        head_grad = emb[0].grad
-        if x.grad or head_grad:  # the division by the target count keeps the count (int64)
-            tape.save(tape.new(1, 8))
-        if x.grad:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
+        head_grad = emb[0].grad and n_pos > 0  # with one position there is nothing to predict: a zero loss
+        if x.grad and n_pos:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
             tape.save(tape.new(n_pos * C, 2 if tape.ac else x.b))
         if head_grad:  # ... and d(loss)/d(head), accumulated in fp32 over the padded vocabulary
             tape.save(tape.new(Vp * C, 4))
@@ -339,7 +337,7 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         # head cast and/or padded (a copy), one chunk's logits (bf16 matmul output and its fp32 copy, then
         # the bf16 d(logits) while the fp32 one is alive) and the head-gradient chunk
         shifted = n_pos * C * act_b if B > 1 or tape.ac else 0
-        head = Vp * C * (2 if tape.ac else 4) if Vp != V or (tape.ac and emb[0].b == 4) else 0
+        head = Vp * C * (2 if tape.ac else 4) if n_pos and (Vp != V or (tape.ac and emb[0].b == 4)) else 0
         chunk = c * Vp * (6 if tape.ac else 4)
         head_chunk = Vp * C * (2 if tape.ac else 4) if head_grad else 0
         logits = shifted + head + chunk + head_chunk

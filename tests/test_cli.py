@@ -161,6 +161,8 @@ def test_config_file_recipe_and_resume(files, tmp_path, capsys):
                                      "--dropout", "0.1"], "--merged-forward needs --dropout 0"),
     ("merged forward for dora", ["--train", "{d}/train.jsonl", "--method", "dora", "--merged-forward"],
      "--merged-forward does not apply"),
+    ("merged forward with --dora", ["--train", "{d}/train.jsonl", "--method", "lora", "--dora", "--merged-forward"],
+     "--merged-forward covers plain LoRA only"),
 ])
 def test_bad_input_exits_2_with_one_line(case, argv, needle, files, tmp_path, capsys):
     argv = [a.format(d=files) for a in argv]

@@ -279,6 +279,20 @@ def test_merged_forward_gives_the_exact_path_loss_and_gradients(case, trained_bi
     assert not any(m.merged_forward for _, m in lora.lora_modules(fast))
 
 
+def test_merged_forward_refuses_double_backward():
+    """The hand-written backward builds no graph: create_graph=True must fail, not return
+    second derivatives that silently miss the terms through the saved tensors."""
+    lin = torch.nn.Linear(6, 4).double().requires_grad_(False)
+    layer = lora.LoRALinear(lin, r=2, alpha=4)
+    assert layer._can_merge_forward()
+    layer.merged_forward = True
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x)  # first order works
+    assert g.shape == x.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+
+
 def test_merged_forward_needs_lora_and_skips_dropout_in_training(tiny_gpt):
     with pytest.raises(ValueError, match="no LoRA layers"):
         lora.set_merged_forward(tiny_gpt)

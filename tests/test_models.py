@@ -352,6 +352,35 @@ def test_fused_lm_loss_matches_plain_cross_entropy(V, chunk, head_trained):
     assert not torch.autograd.grad(empty, x)[0].any()
 
 
+def test_fused_lm_loss_frees_each_chunk_and_checks_targets(monkeypatch):
+    """Only one chunk's logits are alive at a time (the memory estimate counts one); target ids
+    outside the vocabulary are an error, not a clamped or infinite loss; double backward fails."""
+    import weakref
+    from minift.models import lm_loss as L
+    previous, calls = [], []
+    original = L._chunk_loss
+
+    def spy(logits, t, V):
+        calls.append(all(r() is None for r in previous))  # the last chunk's log-probs are gone
+        out = original(logits, t, V)
+        previous.append(weakref.ref(out[1]))
+        return out
+
+    monkeypatch.setattr(L, "_chunk_loss", spy)
+    x = torch.randn(2, 9, 8, requires_grad=True)
+    w = torch.randn(70, 8, requires_grad=True)
+    t = torch.randint(0, 70, (2, 9))
+    L.lm_loss(x, w, t, chunk=3).backward()
+    assert len(calls) == 6 and all(calls)
+    for bad in (70, -1, -101):
+        t2 = t.clone()
+        t2[1, 4] = bad
+        with pytest.raises(ValueError, match=r"outside the vocabulary: allowed are 0\.\.69, or -100"):
+            L.lm_loss(x, w, t2, chunk=3)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(L.lm_loss(x, w, t, chunk=3), x, create_graph=True)
+
+
 @pytest.mark.parametrize("P,T", [(3, 7), (7, 7), (9, 4), (5, 1)])
 def test_prefix_attention_sees_every_prefix_slot_and_is_causal_on_tokens(P, T):
     """All three paths of gpt.prefix_attention (zero-query padding, bottom-right mask, one

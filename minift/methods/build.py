@@ -89,9 +89,12 @@ def build_method(model: nn.Module, method: str, args: Mapping | None = None, *, 
         if opts.get("merged_forward") and cfg.dropout > 0:
             raise ValueError(f"--merged-forward needs --dropout 0 (LoRA dropout acts on the adapter's input "
                              f"only, which the merged weight cannot do); got --dropout {cfg.dropout}")
+        if opts.get("merged_forward") and cfg.dora:
+            raise ValueError("--merged-forward covers plain LoRA only; DoRA's magnitude scaling keeps the exact "
+                             "path (drop --merged-forward or --dora)")
         st = MethodState(method, lora.apply(model, cfg), cfg)
-        if opts.get("merged_forward"):
-            lora.set_merged_forward(model)
+        if opts.get("merged_forward") and not lora.set_merged_forward(model):
+            raise ValueError("--merged-forward found no LoRA layer it can run merged (a trained base weight?)")
         if "lr_ratio" in opts:
             st.param_groups = lora.param_groups(model, lr, opts["lr_ratio"], weight_decay)
     elif method == "adalora":

@@ -193,7 +193,9 @@ class MergedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float):
         dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        # autocast's matmul dtype, except for fp64 inputs (autocast leaves those alone too)
+        autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
         A_, B_ = A.to(dt), B.to(dt)
         w = torch.addmm(weight.to(dt), B_, A_, alpha=scaling)  # (out, in)
@@ -205,8 +207,10 @@ class MergedLoRA(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: this backward builds no graph of its own
+            raise RuntimeError("double backward (create_graph=True) through LoRA's merged forward is not "
+                               "supported; call lora.set_merged_forward(model, False) first")
         x2, weight, A_, B_, ax = ctx.saved_tensors
         s, (a_dt, b_dt, bias_dt) = ctx.scaling, ctx.dtypes
         g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, out)

@@ -50,7 +50,13 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
         x = x.to(torch.get_autocast_dtype("cuda"))  # the matmul dtype
     x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (N, C), N = B*(T-1)
     t = targets[:, 1:].reshape(-1)  # (N,)
-    n = (t != -100).sum()
+    V = weight.shape[0]
+    valid = t != -100
+    # one host sync for both checks: the target count and the out-of-range targets
+    n, bad = torch.stack([valid.sum(), (valid & ((t < 0) | (t >= V))).sum()]).tolist()
+    if bad:
+        raise ValueError(f"{bad} target ids are outside the vocabulary: allowed are 0..{V - 1}, "
+                         f"or -100 for positions to ignore")
     if n == 0:
         return x.sum() * 0.0
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -58,7 +64,7 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
         total = LinearCrossEntropy.apply(x, weight, t, chunk)
     else:
         w = _padded(weight, x.dtype)
-        total = sum(_chunk_loss(F.linear(x[s:s + chunk], w), t[s:s + chunk], weight.shape[0])[0]
+        total = sum(_chunk_loss(F.linear(x[s:s + chunk], w), t[s:s + chunk], V)[0]
                     for s in range(0, x.shape[0], chunk))
     return total / n
 
@@ -108,13 +114,15 @@ class LinearCrossEntropy(torch.autograd.Function):
                 gx[s:s + chunk] = dlogits @ w
             if need_w:
                 gw += dlogits.t() @ xs  # the bf16 product added into fp32
+            del loss, logp, dlogits  # free this chunk's logits before the next chunk's are built
         ctx.save_for_backward(gx, None if gw is None else gw[:V])
         ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the kept gradients carry no graph
+            raise RuntimeError("double backward (create_graph=True) through the fused LM loss is not supported")
         gx, gw = ctx.saved_tensors
         return (None if gx is None else gx * grad.to(gx.dtype),
                 None if gw is None else (gw * grad).to(ctx.weight_dtype), None, None)
