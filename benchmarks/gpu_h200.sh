@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Issue 9 on the H200 lent on 2026-11-28 (code after the review fixes and the compiled
+# merged-forward memory fix). Stage "a": the GPT-2 medium LoRA and full fine-tuning targets, minift
+# under torch.compile (+ CUDA graphs) with compiled PEFT in the same call. Stage "b": every method
+# eager, minift and PEFT side by side, GPT-2 medium and BERT-base.
+# Usage: gpu_h200.sh OUT_DIR a|b
+set -u
+out=${1:-benchmarks/results}
+stage=${2:-a}
+mkdir -p "$out"
+source "$(dirname "$0")/gpu_lib.sh"  # go SECONDS NAME COMMAND...
+if [ "$stage" = a ]; then
+  go 250 graphs python3 -m minift bench --out "$out" --model gpt2-medium --methods lora,full \
+    --compile --compile-mode reduce-overhead --lora-merged-forward --name bench-gpt2-medium-graphs-h200
+  go 130 peft-compile python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
+    --compile --no-eager --name peft-gpt2-medium-compile-h200
+  go 120 compile-lora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora --compile \
+    --lora-merged-forward --name bench-gpt2-medium-compile-lora-h200
+else
+  go 150 eager python3 -m minift bench --out "$out" --model gpt2-medium \
+    --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe --name bench-gpt2-medium-h200
+  go 60 eager-merged python3 -m minift bench --out "$out" --model gpt2-medium --methods lora \
+    --lora-merged-forward --name bench-gpt2-medium-merged-h200
+  go 150 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium \
+    --methods full,lora,adalora,prefix,prompt --name peft-gpt2-medium-h200
+  go 60 bert python3 -m minift bench --out "$out" --model bert-base --batch 32 --seq-len 128 \
+    --lora-targets q_proj,v_proj --methods full,lora,prefix --lora-merged-forward --name bench-bert-base-h200
+  go 90 peft-bert python3 benchmarks/peft_baseline.py --out "$out" --model bert-base --batch 32 --seq-len 128 \
+    --lora-targets q_proj,v_proj --methods full,lora,prefix --name peft-bert-base-h200
+fi
