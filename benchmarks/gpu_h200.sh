@@ -2,8 +2,10 @@
 # Issue 9 on the H200 lent on 2026-11-28 (code after the review fixes and the compiled
 # merged-forward memory fix). Stage "a": the GPT-2 medium LoRA and full fine-tuning targets, minift
 # under torch.compile (+ CUDA graphs) with compiled PEFT in the same call. Stage "b": every method
-# eager, minift and PEFT side by side, GPT-2 medium and BERT-base.
-# Usage: gpu_h200.sh OUT_DIR a|b
+# eager, minift and PEFT side by side, GPT-2 medium and BERT-base. Stage "c" (after the fused loss
+# stopped reading the target count back to the host mid-step): AdaLoRA against LoRA eager, LoRA
+# under CUDA graphs with compiled PEFT again, prefix and prompt under CUDA graphs.
+# Usage: gpu_h200.sh OUT_DIR a|b|c
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -16,6 +18,15 @@ if [ "$stage" = a ]; then
     --compile --no-eager --name peft-gpt2-medium-compile-h200
   go 120 compile-lora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora --compile \
     --lora-merged-forward --name bench-gpt2-medium-compile-lora-h200
+elif [ "$stage" = c ]; then
+  go 60 adalora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora,adalora \
+    --name bench-gpt2-medium-adalora-h200
+  go 150 graphs-lora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora \
+    --compile --compile-mode reduce-overhead --lora-merged-forward --name bench-gpt2-medium-graphs-lora-nosync-h200
+  go 140 peft-compile python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
+    --compile --no-eager --name peft-gpt2-medium-compile-c-h200
+  go 220 graphs-prompt python3 -m minift bench --out "$out" --model gpt2-medium --methods prompt,prefix \
+    --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-prompt-h200
 else
   go 150 eager python3 -m minift bench --out "$out" --model gpt2-medium \
     --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe --name bench-gpt2-medium-h200

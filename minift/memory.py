@@ -328,6 +328,8 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         n_pos = B * (Tq - 1)
         Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
         head_grad = emb[0].grad and n_pos > 0  # with one position there is nothing to predict: a zero loss
+        if (x.grad or head_grad) and n_pos:  # the division by the target count keeps the count (int64)
+            tape.save(tape.new(1, 8))
         if x.grad and n_pos:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
             tape.save(tape.new(n_pos * C, 2 if tape.ac else x.b))
         if head_grad:  # ... and d(loss)/d(head), accumulated in fp32 over the padded vocabulary

@@ -51,14 +51,10 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
     x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (N, C), N = B*(T-1)
     t = targets[:, 1:].reshape(-1)  # (N,)
     V = weight.shape[0]
-    valid = t != -100
-    # one host sync for both checks: the target count and the out-of-range targets
-    n, bad = torch.stack([valid.sum(), (valid & ((t < 0) | (t >= V))).sum()]).tolist()
-    if bad:
-        raise ValueError(f"{bad} target ids are outside the vocabulary: allowed are 0..{V - 1}, "
-                         f"or -100 for positions to ignore")
-    if n == 0:
+    if x.shape[0] == 0:  # one position per sequence: nothing to predict (a static shape, no sync)
         return x.sum() * 0.0
+    valid = t != -100
+    _check_targets(t, valid, V)
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if grads:
         total = LinearCrossEntropy.apply(x, weight, t, chunk)
@@ -66,7 +62,23 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
         w = _padded(weight, x.dtype)
         total = sum(_chunk_loss(F.linear(x[s:s + chunk], w), t[s:s + chunk], V)[0]
                     for s in range(0, x.shape[0], chunk))
-    return total / n
+    # mean over the targets; with none (all -100) the sum is 0 and so is the loss, without
+    # reading the count back to the host (a sync would stall the CPU until the GPU catches up)
+    return total / valid.sum().clamp_min(1)
+
+
+def _check_targets(t, valid, V):
+    """Target ids must be -100 or in [0, V). On the CPU a clear ValueError; on a GPU a device-side
+    assert (what F.cross_entropy does), because a check read back to the host every step would
+    make the CPU wait for the GPU mid-step."""
+    out = valid & ((t < 0) | (t >= V))
+    if t.device.type == "cpu":
+        bad = int(out.sum())
+        if bad:
+            raise ValueError(f"{bad} target ids are outside the vocabulary: allowed are 0..{V - 1}, "
+                             f"or -100 for positions to ignore")
+    else:
+        torch._assert_async(~out.any(), f"target ids outside the vocabulary: allowed are 0..{V - 1}, or -100")
 
 
 def _padded(weight, dtype):
