@@ -5,7 +5,9 @@
 # eager, minift and PEFT side by side, GPT-2 medium and BERT-base. Stage "c" (after the fused loss
 # stopped reading the target count back to the host mid-step): AdaLoRA against LoRA eager, LoRA
 # under CUDA graphs with compiled PEFT again, prefix and prompt under CUDA graphs.
-# Usage: gpu_h200.sh OUT_DIR a|b|c
+# Stage "d": the advisor's memory check, then LoRA under CUDA graphs with compiled PEFT in one call
+# again (stage c's PEFT compile ran out of time), and PEFT prefix/prompt eager.
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -27,6 +29,14 @@ elif [ "$stage" = c ]; then
     --compile --no-eager --name peft-gpt2-medium-compile-c-h200
   go 220 graphs-prompt python3 -m minift bench --out "$out" --model gpt2-medium --methods prompt,prefix \
     --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-prompt-h200
+elif [ "$stage" = d ]; then
+  go 60 advisor python3 benchmarks/advisor_check.py --out "$out"
+  go 150 graphs-lora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora \
+    --compile --compile-mode reduce-overhead --lora-merged-forward --name bench-gpt2-medium-graphs-lora-d-h200
+  go 200 peft-compile python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
+    --compile --no-eager --name peft-gpt2-medium-compile-d-h200
+  go 80 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods prefix,prompt \
+    --name peft-gpt2-medium-prompt-d-h200
 else
   go 150 eager python3 -m minift bench --out "$out" --model gpt2-medium \
     --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe --name bench-gpt2-medium-h200
