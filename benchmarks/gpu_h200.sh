@@ -35,7 +35,7 @@ elif [ "$stage" = d ]; then
     --compile --compile-mode reduce-overhead --lora-merged-forward --name bench-gpt2-medium-graphs-lora-d-h200
   go 200 peft-compile python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
     --compile --no-eager --name peft-gpt2-medium-compile-d-h200
-  go 80 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods prefix,prompt \
+  go 60 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods prefix,prompt \
     --name peft-gpt2-medium-prompt-d-h200
 else
   go 150 eager python3 -m minift bench --out "$out" --model gpt2-medium \
