@@ -218,7 +218,7 @@ class MergedLoRA(torch.autograd.Function):
         dx = dA = dB = db = None
         if need[0]:
             grad_fn = _input_grad_op if torch.compiler.is_compiling() else _input_grad
-            dx = grad_fn(g2, weight.to(x2.dtype), A_, B_, s).view(ctx.x_shape).to(ctx.x_dtype)
+            dx = grad_fn(g2, weight, A_, B_, s).view(ctx.x_shape).to(ctx.x_dtype)
         if need[3]:
             dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
         if need[4]:
@@ -230,8 +230,8 @@ class MergedLoRA(torch.autograd.Function):
 
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
                 ) -> torch.Tensor:
-    """dx = g (W0 + sBA), the merged weight rebuilt from W0, A and B."""
-    return g @ torch.addmm(weight, B, A, alpha=scaling)
+    """dx = g (W0 + sBA), the merged weight rebuilt from W0, A and B in g's dtype."""
+    return g @ torch.addmm(weight.to(g.dtype), B, A, alpha=scaling)
 
 
 # The same, as one opaque operator for torch.compile. Written out inline, the rebuild of W0 + sBA
