@@ -7,7 +7,8 @@
 # under CUDA graphs with compiled PEFT again, prefix and prompt under CUDA graphs.
 # Stage "d": the advisor's memory check, then LoRA under CUDA graphs with compiled PEFT in one call
 # again (stage c's PEFT compile ran out of time), and PEFT prefix/prompt eager.
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d
+# Stage "e": the fused-AdamW and flash-attention flags' effects, eager, one call.
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -37,6 +38,13 @@ elif [ "$stage" = d ]; then
     --compile --no-eager --name peft-gpt2-medium-compile-d-h200
   go 60 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods prefix,prompt \
     --name peft-gpt2-medium-prompt-d-h200
+elif [ "$stage" = e ]; then
+  go 70 flags-default python3 -m minift bench --out "$out" --model gpt2-medium --methods full,lora \
+    --name bench-gpt2-medium-flags-h200
+  go 40 flags-foreach python3 -m minift bench --out "$out" --model gpt2-medium --methods full --no-fused-adamw \
+    --name bench-gpt2-medium-foreach-adamw-h200
+  go 60 flags-math python3 -m minift bench --out "$out" --model gpt2-medium --methods full,lora --sdpa-math \
+    --name bench-gpt2-medium-sdpa-math-h200
 else
   go 150 eager python3 -m minift bench --out "$out" --model gpt2-medium \
     --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe --name bench-gpt2-medium-h200

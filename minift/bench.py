@@ -18,7 +18,9 @@ Each optimization is a flag so its effect is measured, not assumed:
 ``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
 the naive loss, for comparison with the fused cross-entropy of ``minift.models.lm_loss``),
 ``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.methods.lora.MergedLoRA``),
-``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head).
+``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head),
+``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
+``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison).
 ``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
 fails to compile a second model in one process under CUDA graphs, and a fresh process
 starts each method with an empty allocator).
@@ -80,6 +82,8 @@ class BenchConfig:
     plain_ce: bool = False
     lora_merged_forward: bool = False
     loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
+    fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
+    sdpa_math: bool = False
     isolate: bool | None = None  # each method in its own process; None: only with compile
     lora_targets: tuple[str, ...] = ALL_PROJ
     seed: int = 0
@@ -203,6 +207,14 @@ def _autocast(device: str):
                           dtype=torch.bfloat16, enabled=device != "cpu")
 
 
+def _attention_backend(cfg: BenchConfig):
+    """SDPA picks its fastest kernel (flash on CUDA) unless ``sdpa_math`` forces the plain one."""
+    if not cfg.sdpa_math:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def _loss(model, batch, cfg: BenchConfig, hooks):
     with hooks["factors"](model) if "factors" in hooks else contextlib.nullcontext():
         return _forward_loss(model, batch, cfg, hooks)
@@ -265,7 +277,7 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
         model.compile(mode=cfg.compile_mode)
     if train:
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda"))
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda") and cfg.fused_adamw)
         model.train()
 
         def step(i):
@@ -289,7 +301,8 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
                     extra["compute_logits"] = False  # features only, no vocabulary projection
                 model_forward(model, {k: v for k, v in batch.items() if k != "labels"} | extra)
 
-    ms, peak = _timed(step, cfg)
+    with _attention_backend(cfg):
+        ms, peak = _timed(step, cfg)
     trainable, total = count_trainable(model)
     mc = model.config
     n, nt = matmul_params(model, lm_head=train)
@@ -313,6 +326,10 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
              for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
     if cfg.lora_merged_forward and method == "lora":
         flags.append("merged_forward")
+    if not cfg.fused_adamw and cfg.device.startswith("cuda") and method != "probe":
+        flags.append("foreach_adamw")
+    if cfg.sdpa_math:
+        flags.append("sdpa_math")
     if cfg.loss_chunk is not None and isinstance(PRESETS[cfg.model], GPTConfig) and not cfg.plain_ce:  # fused loss only
         flags.append(f"loss_chunk={cfg.loss_chunk}")
     return "+".join(flags) or "eager-fp32-base"

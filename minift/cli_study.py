@@ -46,6 +46,10 @@ def _add_bench(sub) -> None:
                    help="LoRA rows through the merged weight W0 + sBA (lora.set_merged_forward)")
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="GPT loss: positions per vocabulary projection (default 1024, 4096 with a trained head)")
+    p.add_argument("--no-fused-adamw", action="store_true",
+                   help="multi-tensor (foreach) AdamW instead of the fused CUDA kernel (for comparison)")
+    p.add_argument("--sdpa-math", action="store_true",
+                   help="attention through SDPA's math backend instead of flash kernels (for comparison)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each method in a fresh process (default: on with --compile)")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
@@ -71,7 +75,8 @@ def _cmd_bench(args) -> int:
                             compile_mode=args.compile_mode,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
-                            loss_chunk=args.loss_chunk,
+                            loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,
+                            sdpa_math=args.sdpa_math,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731

@@ -109,5 +109,10 @@ def test_isolated_processes_and_merged_lora_forward(tmp_path):
     rc = main(["bench", "--device", "cpu", "--methods", "lora", "--steps", "1", "--warmup", "0", "--loss-chunk", "16",
                "--out", str(tmp_path), "--name", "chunk"])
     assert rc == 0 and json.loads((tmp_path / "chunk.json").read_text())["rows"][0]["variant"] == "loss_chunk=16"
+    rc = main(["bench", "--device", "cpu", "--methods", "lora", "--steps", "1", "--warmup", "0", "--sdpa-math",
+               "--no-fused-adamw", "--out", str(tmp_path), "--name", "math"])
+    row = json.loads((tmp_path / "math.json").read_text())["rows"][0]
+    assert rc == 0 and row["variant"] == "sdpa_math" and row["tokens_per_s"] > 0  # CPU AdamW is never fused
+    assert bench.variant_name(bench.BenchConfig(fused_adamw=False), "full") == "frozen_bf16+foreach_adamw"
     assert bench.BenchConfig(device="cpu", compile=True).isolate  # on by default with compile
     assert not bench.BenchConfig(device="cpu").isolate
