@@ -45,7 +45,7 @@ elif [ "$stage" = e ]; then
     --name bench-gpt2-medium-foreach-adamw-h200
   go 60 flags-math python3 -m minift bench --out "$out" --model gpt2-medium --methods full,lora --sdpa-math \
     --name bench-gpt2-medium-sdpa-math-h200
-else
+elif [ "$stage" = b ]; then
   go 150 eager python3 -m minift bench --out "$out" --model gpt2-medium \
     --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe --name bench-gpt2-medium-h200
   go 60 eager-merged python3 -m minift bench --out "$out" --model gpt2-medium --methods lora \
@@ -56,4 +56,7 @@ else
     --lora-targets q_proj,v_proj --methods full,lora,prefix --lora-merged-forward --name bench-bert-base-h200
   go 90 peft-bert python3 benchmarks/peft_baseline.py --out "$out" --model bert-base --batch 32 --seq-len 128 \
     --lora-targets q_proj,v_proj --methods full,lora,prefix --name peft-bert-base-h200
+else
+  echo "unknown stage '$stage': use a, b, c, d or e" >&2
+  exit 2
 fi

@@ -330,7 +330,8 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
         flags.append("foreach_adamw")
     if cfg.sdpa_math:
         flags.append("sdpa_math")
-    if cfg.loss_chunk is not None and isinstance(PRESETS[cfg.model], GPTConfig) and not cfg.plain_ce:  # fused loss only
+    gpt_loss = isinstance(PRESETS[cfg.model], GPTConfig) and not cfg.plain_ce and method != "probe"
+    if cfg.loss_chunk is not None and gpt_loss:  # the fused loss's option
         flags.append(f"loss_chunk={cfg.loss_chunk}")
     return "+".join(flags) or "eager-fp32-base"
 

@@ -114,5 +114,6 @@ def test_isolated_processes_and_merged_lora_forward(tmp_path):
     row = json.loads((tmp_path / "math.json").read_text())["rows"][0]
     assert rc == 0 and row["variant"] == "sdpa_math" and row["tokens_per_s"] > 0  # CPU AdamW is never fused
     assert bench.variant_name(bench.BenchConfig(fused_adamw=False), "full") == "frozen_bf16+foreach_adamw"
+    assert bench.variant_name(bench.BenchConfig(device="cpu", loss_chunk=8), "probe") == "eager-fp32-base"  # no loss
     assert bench.BenchConfig(device="cpu", compile=True).isolate  # on by default with compile
     assert not bench.BenchConfig(device="cpu").isolate

@@ -379,6 +379,9 @@ def test_fused_lm_loss_frees_each_chunk_and_checks_targets(monkeypatch):
             L.lm_loss(x, w, t2, chunk=3)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(L.lm_loss(x, w, t, chunk=3), x, create_graph=True)
+    one = L.lm_loss(torch.randn(2, 1, 8), w, t[:, :1])  # one position: nothing to predict
+    assert one.item() == 0.0 and one.dtype == torch.float32 and one.requires_grad  # the head alone is trained
+    one.backward()
 
 
 @pytest.mark.parametrize("P,T", [(3, 7), (7, 7), (9, 4), (5, 1)])

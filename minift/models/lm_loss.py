@@ -52,7 +52,8 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
     t = targets[:, 1:].reshape(-1)  # (N,)
     V = weight.shape[0]
     if x.shape[0] == 0:  # one position per sequence: nothing to predict (a static shape, no sync)
-        return x.sum() * 0.0
+        return torch.zeros((), device=x.device, requires_grad=torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad))  # a zero loss that backpropagates nothing
     valid = t != -100
     _check_targets(t, valid, V)
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
@@ -68,11 +69,12 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
 
 
 def _check_targets(t, valid, V):
-    """Target ids must be -100 or in [0, V). On the CPU a clear ValueError; on a GPU a device-side
-    assert (what F.cross_entropy does), because a check read back to the host every step would
-    make the CPU wait for the GPU mid-step."""
+    """Target ids must be -100 or in [0, V). On the CPU a clear ValueError; on a GPU (and under
+    torch.compile, where reading a value back would split the graph) an asynchronous assert (what
+    F.cross_entropy does on a GPU), because a check read back to the host every step would make the
+    CPU wait for the GPU mid-step."""
     out = valid & ((t < 0) | (t >= V))
-    if t.device.type == "cpu":
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
         bad = int(out.sum())
         if bad:
             raise ValueError(f"{bad} target ids are outside the vocabulary: allowed are 0..{V - 1}, "
