@@ -258,11 +258,9 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         lo = tape.new(lo.n, lo.b, lo.grad)  # * scaling (a Python float: nothing saved)
         if li.kind != "dora":
             return tape.add(tape.linear(x, li.w, li.b, li.fin, li.fout), lo)
-        # DoRA as lora.py writes it: base + (f - 1) * (base - b) + f * lora, f = m / ||W0 + sBA|| (detached)
-        # ||W0 + sBA||: the detached norm still holds its graph until backward (measured):
-        # (s * B) @ A keeps s*B (and bf16 casts), the norm keeps W0 + sBA and its result
-        tape.save(tape.bf16(tape.new(li.fout * r, 4, True)), tape.bf16(a))
-        tape.save(tape.new(li.fin * li.fout, max(2 if tape.ac else 4, li.w.b)), tape.new(li.fout, 4))
+        # DoRA as lora.py writes it: base + (f - 1) * (base - b) + f * lora, f = m / ||W0 + sBA||, the norm
+        # computed without a graph; the division keeps the norm (out,) for m's gradient
+        tape.save(tape.new(li.fout, 4))
         base = tape.linear(x, li.w, li.b, li.fin, li.fout)
         nobias = tape.new(base.n, max(base.b, li.b.b), base.grad) if li.b is not None else base
         scaled = tape.mul(tape.new(li.fout, 4, True), nobias)

@@ -327,3 +327,28 @@ def test_compiled_merged_forward_keeps_no_copy_of_the_merged_weights(tiny_gpt):
     loss.backward()
     assert held and not weight_shapes & set(held), held
     assert all(m.lora_A.grad is not None and m.lora_B.grad is not None for _, m in lora.lora_modules(tiny_gpt))
+
+
+def test_dora_keeps_no_weight_sized_tensor_for_backward():
+    """DoRA's row norm ||W0 + sBA|| is a constant (no graph): nothing of the weight's size stays
+    alive for backward, and the magnitude still gets its gradient."""
+    import weakref
+    layer = LoRALinear(nn.Linear(12, 10).requires_grad_(False), r=2, alpha=4, dora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    refs = []
+
+    class Box:
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        refs.append(weakref.ref(box := Box(t)))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda b: b.t):
+        y = layer(torch.randn(5, 12))
+    alive = [tuple(r().t.shape) for r in refs if r() is not None]
+    assert alive and (10, 12) not in alive, alive
+    y.sum().backward()
+    assert layer.lora_magnitude.grad is not None and layer.lora_A.grad is not None

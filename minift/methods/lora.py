@@ -140,7 +140,9 @@ class LoRALinear(nn.Module):
         lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling  # (..., out)
         # DoRA: f (W0 x + sBA x) + b with f = m / ||W0 + sBA|| (the norm treated as a constant),
         # written as base + (f - 1) W0 x + f sBA x: at init f == 1 and the output is the base's, bit for bit.
-        factor = self.lora_magnitude / self._row_norm().detach()  # (out,)
+        with torch.no_grad():  # a constant: no graph (a detached view would keep its base's graph,
+            norm = self._row_norm()  # W0 + sBA included, alive through the division below)
+        factor = self.lora_magnitude / norm  # (out,)
         base = F.linear(x, self.weight, self.bias)
         base_nobias = base - self.bias if self.bias is not None else base
         return base + (factor - 1) * base_nobias + factor * lora
