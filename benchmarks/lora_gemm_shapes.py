@@ -1,0 +1,117 @@
+"""Would stacking LoRA's rank-r products into the base GEMMs pay? Times the GEMMs of one
+merged-forward LoRA layer (``lora.MergedLoRA``) both ways, on the GPU, under CUDA graphs (so
+launch overhead is not in the numbers).
+
+Per adapted layer and step, besides the base layer's two GEMMs (y = x W^T forward, dx = g W
+backward), MergedLoRA runs four thin products: A x (forward), g B, (g B)^T x and g^T (A x)
+(backward), each a pass over an (N, in) or (N, out) activation, plus two rebuilds of W = W0 + sBA.
+"Stacked" folds two of the thin ones into the base GEMMs: x [W; A]^T gives y and A x in one GEMM
+(out + r output columns), g [W | B] gives dx and g B (in + r columns). The extra r columns cost a
+partial tile in each of those GEMMs; this script says whether that beats the separate thin GEMMs.
+
+    python benchmarks/lora_gemm_shapes.py --out benchmarks/results        # on a CUDA machine, ~30 s
+    python benchmarks/lora_gemm_shapes.py --device cpu --tokens 256       # smoke test (plain timing)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+# GPT-2 medium's projections: q, k, v, o (1024 -> 1024), up (1024 -> 4096), down (4096 -> 1024)
+SHAPES = {"attn": (1024, 1024), "up": (1024, 4096), "down": (4096, 1024)}
+
+
+def gpu_time(fn, reps: int = 20) -> float:
+    """Microseconds per call of ``fn``: ``reps`` calls captured in one CUDA graph, replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (5 * reps)
+
+
+def cpu_time(fn, reps: int = 5) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) * 1e6 / reps
+
+
+def layer_ops(N: int, d_in: int, d_out: int, r: int, device: str, dtype) -> dict:
+    """name -> zero-argument function, for one adapted layer; the stacked results are checked
+    against the separate ones before anything is timed."""
+    g_ = torch.Generator(device=device).manual_seed(0)
+    rand = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g_) / s[-1] ** 0.5  # noqa: E731
+    x, g = rand(N, d_in), rand(N, d_out)
+    W0, A, B = rand(d_out, d_in), rand(r, d_in), rand(d_out, r)
+    W = torch.addmm(W0, B, A, alpha=2.0)
+    WA, WB = torch.cat([W, A]), torch.cat([W, B], dim=1)  # (out + r, in), (out, in + r)
+    ax, gB = x @ A.t(), g @ B
+    ya, dxb = x @ WA.t(), g @ WB
+    for got, want in ((ya[:, :d_out], x @ W.t()), (ya[:, d_out:], ax), (dxb[:, :d_in], g @ W), (dxb[:, d_in:], gB)):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
+    return {
+        "rebuild W0 + sBA": lambda: torch.addmm(W0, B, A, alpha=2.0),
+        "y = x W^T": lambda: x @ W.t(),
+        "A x": lambda: x @ A.t(),
+        "[y | A x] = x [W; A]^T": lambda: x @ WA.t(),
+        "dx = g W": lambda: g @ W,
+        "g B": lambda: g @ B,
+        "[dx | g B] = g [W | B]": lambda: g @ WB,
+        "dA = (g B)^T x": lambda: gB.t() @ x,
+        "dB = g^T (A x)": lambda: g.t() @ ax,
+    }
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokens", type=int, default=8192, help="N = batch x sequence (8 x 1024)")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="directory for lora-gemm-shapes.json (default: print only)")
+    a = p.parse_args()
+    cuda = a.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    timer = gpu_time if cuda else cpu_time
+    rows = {}
+    for name, (d_in, d_out) in SHAPES.items():
+        us = {k: round(timer(f), 2) for k, f in layer_ops(a.tokens, d_in, d_out, a.r, a.device, dtype).items()}
+        separate = us["y = x W^T"] + us["A x"] + us["dx = g W"] + us["g B"]
+        stacked = us["[y | A x] = x [W; A]^T"] + us["[dx | g B] = g [W | B]"]
+        rows[name] = {"in": d_in, "out": d_out, "us": us, "separate_us": round(separate, 2),
+                      "stacked_us": round(stacked, 2)}
+        print(f"{name} ({d_in} -> {d_out}): " + ", ".join(f"{k} {v}" for k, v in us.items()), flush=True)
+        print(f"  base GEMMs + A x + g B: separate {separate:.1f} us, stacked {stacked:.1f} us", flush=True)
+    per_layer = {k: sum((4 if n == "attn" else 1) * rows[n][k] for n in rows) for k in ("separate_us", "stacked_us")}
+    print(f"one GPT-2 medium layer (6 projections): separate {per_layer['separate_us']:.1f} us, "
+          f"stacked {per_layer['stacked_us']:.1f} us")
+    if a.out:
+        meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                "tokens": a.tokens, "r": a.r, "dtype": str(dtype).replace("torch.", ""),
+                "timing": "CUDA graph replay" if cuda else "wall clock"}
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "lora-gemm-shapes.json"), "w") as fh:
+            json.dump({"meta": meta, "shapes": rows, "per_layer": per_layer}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
