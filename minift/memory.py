@@ -262,9 +262,9 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         # computed without a graph; the division keeps the norm (out,) for m's gradient
         tape.save(tape.new(li.fout, 4))
         base = tape.linear(x, li.w, li.b, li.fin, li.fout)
-        nobias = tape.new(base.n, max(base.b, li.b.b), base.grad) if li.b is not None else base
-        scaled = tape.mul(tape.new(li.fout, 4, True), nobias)
-        return tape.add(tape.add(base, scaled), tape.mul(tape.new(li.fout, 4, True), lo))
+        nobias = tape.new(base.n, base.b, base.grad) if li.b is not None else base  # the factor and
+        scaled = tape.mul(tape.new(li.fout, base.b, True), nobias)  # the bias in the output's dtype
+        return tape.add(tape.add(base, scaled), tape.mul(tape.new(li.fout, base.b, True), lo))
 
     ids_grad = emb[0].grad
     if ids_grad:

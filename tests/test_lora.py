@@ -352,3 +352,24 @@ def test_dora_keeps_no_weight_sized_tensor_for_backward():
     assert alive and (10, 12) not in alive, alive
     y.sum().backward()
     assert layer.lora_magnitude.grad is not None and layer.lora_A.grad is not None
+
+
+def test_dora_under_autocast_stays_in_the_activation_dtype():
+    """Under bf16 autocast DoRA's output is bf16 (an fp32 factor would promote it to fp32), equals
+    the base layer's output exactly at init, and still follows a small change of the magnitude
+    (f - 1 is formed in fp32 before it is rounded)."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 24).requires_grad_(False)
+    layer = LoRALinear(base, r=4, alpha=8, dora=True)
+    x = torch.randn(6, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y0, want0 = layer(x), base(x)
+    assert y0.dtype == torch.bfloat16 and torch.equal(y0, want0)
+    with torch.no_grad():
+        layer.lora_magnitude.mul_(1 + 3e-3)  # f = 1.003: 1 + 3e-3 rounds to 1.0 in bf16, 3e-3 does not
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1 = layer(x)
+    want1 = layer(x)  # fp32 reference
+    assert not torch.equal(y1, y0)
+    torch.testing.assert_close(y1.float(), want1, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close((y1.float() - y0.float()).abs().mean(), (want1 - base(x)).abs().mean(), rtol=0.2, atol=0)

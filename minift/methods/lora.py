@@ -142,10 +142,14 @@ class LoRALinear(nn.Module):
         # written as base + (f - 1) W0 x + f sBA x: at init f == 1 and the output is the base's, bit for bit.
         with torch.no_grad():  # a constant: no graph (a detached view would keep its base's graph,
             norm = self._row_norm()  # W0 + sBA included, alive through the division below)
-        factor = self.lora_magnitude / norm  # (out,)
+        factor = self.lora_magnitude / norm  # (out,), fp32
         base = F.linear(x, self.weight, self.bias)
-        base_nobias = base - self.bias if self.bias is not None else base
-        return base + (factor - 1) * base_nobias + factor * lora
+        # the factor takes the activations' dtype (bf16 under autocast), not the other way round: an
+        # fp32 factor would promote every (..., out) product, and the layer's output, to fp32.
+        # f - 1 is formed in fp32 first, so a small change of the magnitude survives the rounding.
+        dt = base.dtype
+        base_nobias = base - self.bias.to(dt) if self.bias is not None else base
+        return base + (factor - 1).to(dt) * base_nobias + factor.to(dt) * lora
 
     def _can_merge_forward(self) -> bool:
         """The merged forward covers plain LoRA over a frozen weight, without dropout in training."""
