@@ -262,8 +262,9 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         # computed without a graph; the division keeps the norm (out,) for m's gradient
         tape.save(tape.new(li.fout, 4))
         base = tape.linear(x, li.w, li.b, li.fin, li.fout)
-        nobias = tape.new(base.n, base.b, base.grad) if li.b is not None else base  # the factor and
-        scaled = tape.mul(tape.new(li.fout, base.b, True), nobias)  # the bias in the output's dtype
+        # the factor (f - 1, f) and the bias are cast to the output's dtype
+        nobias = tape.new(base.n, base.b, base.grad) if li.b is not None else base
+        scaled = tape.mul(tape.new(li.fout, base.b, True), nobias)
         return tape.add(tape.add(base, scaled), tape.mul(tape.new(li.fout, base.b, True), lo))
 
     ids_grad = emb[0].grad
@@ -326,9 +327,10 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         n_pos = B * (Tq - 1)
         Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
         head_grad = emb[0].grad and n_pos > 0  # with one position there is nothing to predict: a zero loss
-        if (x.grad or head_grad) and n_pos:  # the division by the target count keeps the count (int64)
+        x_grad = x.grad and n_pos > 0
+        if x_grad or head_grad:  # the division by the target count keeps the count (int64)
             tape.save(tape.new(1, 8))
-        if x.grad and n_pos:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
+        if x_grad:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
             tape.save(tape.new(n_pos * C, 2 if tape.ac else x.b))
         if head_grad:  # ... and d(loss)/d(head), accumulated in fp32 over the padded vocabulary
             tape.save(tape.new(Vp * C, 4))
