@@ -8,7 +8,9 @@
 # Stage "d": the advisor's memory check, then LoRA under CUDA graphs with compiled PEFT in one call
 # again (stage c's PEFT compile ran out of time), and PEFT prefix/prompt eager.
 # Stage "e": the fused-AdamW and flash-attention flags' effects, eager, one call.
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e
+# Stage "f" (2026-12-01, after the DoRA memory fixes): the LoRA GEMM-shape study, an eager
+# kernel profile of merged-forward LoRA, and the advisor's memory check again (DoRA rows).
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -56,7 +58,15 @@ elif [ "$stage" = b ]; then
     --lora-targets q_proj,v_proj --methods full,lora,prefix --lora-merged-forward --name bench-bert-base-h200
   go 90 peft-bert python3 benchmarks/peft_baseline.py --out "$out" --model bert-base --batch 32 --seq-len 128 \
     --lora-targets q_proj,v_proj --methods full,lora,prefix --name peft-bert-base-h200
+elif [ "$stage" = f ]; then
+  go 60 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out"
+  go 60 profile-lora python3 benchmarks/profile_step.py --model gpt2-medium --method lora --lora-merged-forward \
+    --rows 40
+  go 60 profile-prompt python3 benchmarks/profile_step.py --model gpt2-medium --method prompt --rows 25
+  go 90 advisor python3 benchmarks/advisor_check.py --out "$out"
+  go 60 dora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora,dora \
+    --name bench-gpt2-medium-dora-f-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d or e" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e or f" >&2
   exit 2
 fi
