@@ -10,7 +10,9 @@
 # Stage "e": the fused-AdamW and flash-attention flags' effects, eager, one call.
 # Stage "f" (2026-12-01, after the DoRA memory fixes): the LoRA GEMM-shape study, an eager
 # kernel profile of merged-forward LoRA, and the advisor's memory check again (DoRA rows).
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f
+# Stage "g": the Triton rebuild of W0 + sBA (minift.kernels) checked on CUDA, the GEMM-shape study
+# again, then LoRA under CUDA graphs and compiled PEFT in one call.
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -66,7 +68,14 @@ elif [ "$stage" = f ]; then
   go 90 advisor python3 benchmarks/advisor_check.py --out "$out"
   go 60 dora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora,dora \
     --name bench-gpt2-medium-dora-f-h200
+elif [ "$stage" = g ]; then
+  go 90 kernel-tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+  go 60 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out"
+  go 150 graphs-lora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora \
+    --compile --compile-mode reduce-overhead --lora-merged-forward --name bench-gpt2-medium-graphs-lora-g-h200
+  go 200 peft-compile python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
+    --compile --no-eager --name peft-gpt2-medium-compile-g-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e or f" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f or g" >&2
   exit 2
 fi

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift import kernels
 from minift.methods.common import (count_trainable, find_modules, freeze_all, replace_with_linear, set_submodule,
                                    summary, unfreeze_modules)
 
@@ -204,7 +205,7 @@ class MergedLoRA(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
         A_, B_ = A.to(dt), B.to(dt)
-        w = torch.addmm(weight.to(dt), B_, A_, alpha=scaling)  # (out, in)
+        w = _merged_weight(weight, A_, B_, scaling)  # (out, in)
         y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
         ax = x2 @ A_.t()  # (N, r)
         ctx.save_for_backward(x2, weight, A_, B_, ax)
@@ -234,10 +235,25 @@ class MergedLoRA(torch.autograd.Function):
         return dx, None, db, dA, dB, None
 
 
+def _merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W0 + sBA in A's dtype (the matmul dtype), summed in fp32 and rounded once.
+
+    ``torch.addmm`` would do, but cuBLAS runs it as two kernels (a copy of W0 into the output, then
+    a rank-r GEMM that adds into it), twice per layer and step. On CUDA ``kernels`` has it as one
+    pass over W0; traced by torch.compile (the forward; the backward's rebuild runs inside the
+    opaque ``minift::lora_input_grad``) it is written elementwise, W0 + s * sum_k B[:, k] A[k, :],
+    which inductor makes one pass too.
+    """
+    if torch.compiler.is_compiling():
+        update = (B.float()[:, :, None] * A.float()[None, :, :]).sum(1)  # (out, in); r terms per element
+        return (weight.float() + scaling * update).to(A.dtype)
+    return kernels.lora_merged_weight(weight, A, B, scaling)
+
+
 def _input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
                 ) -> torch.Tensor:
     """dx = g (W0 + sBA), the merged weight rebuilt from W0, A and B in g's dtype."""
-    return g @ torch.addmm(weight.to(g.dtype), B, A, alpha=scaling)
+    return g @ _merged_weight(weight, A.to(g.dtype), B.to(g.dtype), scaling)
 
 
 # The same, as one opaque operator for torch.compile. Written out inline, the rebuild of W0 + sBA
