@@ -95,6 +95,7 @@ def main():
     p.add_argument("--tokens", type=int, default=8192, help="N = batch x sequence (8 x 1024)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--sweep", action="store_true", help="also time minift.kernels' rebuild for several tiles")
     p.add_argument("--out", default=None, help="directory for lora-gemm-shapes.json (default: print only)")
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
@@ -109,6 +110,18 @@ def main():
                       "stacked_us": round(stacked, 2)}
         print(f"{name} ({d_in} -> {d_out}): " + ", ".join(f"{k} {v}" for k, v in us.items()), flush=True)
         print(f"  base GEMMs + A x + g B: separate {separate:.1f} us, stacked {stacked:.1f} us", flush=True)
+    if a.sweep and cuda:
+        tiles = [(32, 128, 4), (64, 128, 4), (64, 256, 8), (16, 256, 4), (128, 128, 8), (32, 256, 4), (8, 512, 4),
+                 (64, 64, 4), (128, 64, 4), (32, 512, 8)]
+        for name, (d_in, d_out) in SHAPES.items():
+            W0, A, B = (torch.randn(*s, device=a.device, dtype=dtype) for s in ((d_out, d_in), (a.r, d_in), (d_out, a.r)))
+            ref = kernels.lora_merged_weight(W0, A, B, 2.0, tile=tiles[0])
+            sweep = {}
+            for tile in tiles:
+                torch.testing.assert_close(kernels.lora_merged_weight(W0, A, B, 2.0, tile=tile), ref, rtol=0, atol=0)
+                sweep["x".join(map(str, tile))] = round(timer(lambda: kernels.lora_merged_weight(W0, A, B, 2.0, tile=tile)), 2)
+            rows[name]["rebuild_tiles_us"] = sweep
+            print(f"{name} rebuild by tile (rows x cols x warps): {sweep}", flush=True)
     per_layer = {k: sum((4 if n == "attn" else 1) * rows[n][k] for n in rows) for k in ("separate_us", "stacked_us")}
     print(f"one GPT-2 medium layer (6 projections): separate {per_layer['separate_us']:.1f} us, "
           f"stacked {per_layer['stacked_us']:.1f} us")

@@ -34,18 +34,23 @@ if triton is not None:
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mm, mn = rm < M, rn < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs = rm[:, None] * N + rn[None, :]
+        mask = mm[:, None] & mn[None, :]
+        acc = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # the big read, issued first
+        upd = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in tl.static_range(R):
             b = tl.load(b_ptr + rm * R + k, mask=mm, other=0.0).to(tl.float32)
             a = tl.load(a_ptr + k * N + rn, mask=mn, other=0.0).to(tl.float32)
-            acc += b[:, None] * a[None, :]
-        offs = rm[:, None] * N + rn[None, :]
-        mask = mm[:, None] & mn[None, :]
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (w + scaling * acc).to(out_ptr.dtype.element_ty), mask=mask)
+            upd += b[:, None] * a[None, :]
+        tl.store(out_ptr + offs, (acc + scaling * upd).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def lora_merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+# tile (rows, columns) and warps per program; chosen by ``benchmarks/lora_gemm_shapes.py --sweep``
+TILE = (32, 128, 4)
+
+
+def lora_merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
+                       tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """W0 + scaling * B @ A in A's dtype (fp32 sum, rounded once): the Triton kernel on CUDA for
     ranks up to ``MAX_RANK``, else ``torch.addmm``."""
     r = A.shape[0]
@@ -54,6 +59,7 @@ def lora_merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
     w, A, B = weight.contiguous(), A.contiguous(), B.to(A.dtype).contiguous()
     M, N = w.shape
     out = torch.empty((M, N), dtype=A.dtype, device=w.device)
-    grid = (triton.cdiv(M, 32), triton.cdiv(N, 128))
-    _merged_weight_kernel[grid](w, A, B, out, M, N, float(scaling), R=r, BLOCK_M=32, BLOCK_N=128)
+    bm, bn, warps = tile or TILE
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _merged_weight_kernel[grid](w, A, B, out, M, N, float(scaling), R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return out
