@@ -12,7 +12,12 @@
 # kernel profile of merged-forward LoRA, and the advisor's memory check again (DoRA rows).
 # Stage "g": the Triton rebuild of W0 + sBA (minift.kernels) checked on CUDA, the GEMM-shape study
 # again, then LoRA under CUDA graphs and compiled PEFT in one call.
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g
+# Stage "h" (2026-12-01, a new timing: the host queues the timed steps and synchronizes once; the
+# rebuild kernel's tile 64 x 64): kernel and timing tests, LoRA under CUDA graphs and compiled PEFT
+# in one call, then LoRA again timed the old way (--sync-each-step) for the timing's effect.
+# Stage "i": the tile sweep again, the rebuild A/B (addmm, elementwise) under CUDA graphs, and
+# full fine-tuning under CUDA graphs with the new timing.
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -75,7 +80,26 @@ elif [ "$stage" = g ]; then
     --compile --compile-mode reduce-overhead --lora-merged-forward --name bench-gpt2-medium-graphs-lora-g-h200
   go 200 peft-compile python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
     --compile --no-eager --name peft-gpt2-medium-compile-g-h200
+elif [ "$stage" = h ]; then
+  go 80 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    tests/test_bench.py::test_window_timing_measures_gpu_work_and_host_stalls
+  go 140 graphs-lora python3 -m minift bench --out "$out" --model gpt2-medium --methods lora \
+    --compile --compile-mode reduce-overhead --lora-merged-forward --name bench-gpt2-medium-graphs-lora-h-h200
+  go 210 peft-compile python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
+    --compile --no-eager --name peft-gpt2-medium-compile-h-h200
+  go 140 graphs-lora-sync python3 -m minift bench --out "$out" --model gpt2-medium --methods lora \
+    --compile --compile-mode reduce-overhead --lora-merged-forward --sync-each-step \
+    --name bench-gpt2-medium-graphs-lora-sync-h-h200
+elif [ "$stage" = i ]; then
+  go 60 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out" --sweep
+  for v in addmm elementwise; do
+    go 140 "rebuild-$v" python3 benchmarks/rebuild_ab.py $v --out "$out" --model gpt2-medium --methods lora \
+      --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
+      --name "bench-gpt2-medium-graphs-lora-$v-i-h200"
+  done
+  go 200 graphs-full python3 -m minift bench --out "$out" --model gpt2-medium --methods full \
+    --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-full-i-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e, f or g" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h or i" >&2
   exit 2
 fi

@@ -80,6 +80,8 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
     ms, peak = bench._timed(step, replace(cfg, compile=compile_, compile_mode=mode))
     trainable, total = bench.count_trainable(model)
     variant = ("compile" if mode == "default" else f"compile:{mode}") if compile_ else "eager"
+    if cfg.sync_each_step and cfg.device.startswith("cuda"):
+        variant += "+sync_each_step"
     row = bench.Row("peft", cfg.model, method, variant, bench._device_name(cfg.device),
               "bf16-autocast", cfg.batch, cfg.seq_len, trainable, total, ms,
               cfg.batch * cfg.seq_len / (ms / 1e3), peak, float("nan"),
@@ -102,12 +104,14 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also run each method under torch.compile")
     p.add_argument("--compile-mode", default="default", choices=bench.COMPILE_MODES)
     p.add_argument("--no-eager", action="store_true", help="with --compile: the compiled rows only")
+    p.add_argument("--sync-each-step", action="store_true",
+                   help="CUDA timing: wait for the GPU after every step (as minift bench --sync-each-step)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None)
     a = p.parse_args()
     cfg = bench.BenchConfig(model=a.model, methods=(), batch=a.batch, seq_len=a.seq_len, steps=a.steps,
                             warmup=a.warmup, device="cuda" if torch.cuda.is_available() else "cpu",
-                            lora_targets=tuple(a.lora_targets.split(",")))
+                            lora_targets=tuple(a.lora_targets.split(",")), sync_each_step=a.sync_each_step)
     rows = []
     for m in a.methods.split(","):
         for c in ((True,) if a.no_eager else (False, True)) if a.compile else (False,):

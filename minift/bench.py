@@ -2,7 +2,8 @@
 
 Same shape as nanoGPT's bench.py: build the model (random init: weights do not change
 speed), apply the method, run warm-up steps, then time each step of a window with CUDA
-events and report the median. Peak memory is ``max_memory_allocated`` over the timed
+events (the host queues the steps without waiting for the GPU, as a training loop does) and report
+the median. Peak memory is ``max_memory_allocated`` over the timed
 window after ``reset_peak_memory_stats`` (optimizer state already exists by then, so it is
 the steady-state peak of a whole step).
 
@@ -20,7 +21,8 @@ the naive loss, for comparison with the fused cross-entropy of ``minift.models.l
 ``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.methods.lora.MergedLoRA``),
 ``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head),
 ``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
-``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison).
+``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
+``sync_each_step`` (wait for the GPU after every timed step, as results before 2026-12-01 did).
 ``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
 fails to compile a second model in one process under CUDA graphs, and a fresh process
 starts each method with an empty allocator).
@@ -84,6 +86,7 @@ class BenchConfig:
     loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
     fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
     sdpa_math: bool = False
+    sync_each_step: bool = False  # CUDA timing: wait for the GPU after every step (see _timed)
     isolate: bool | None = None  # each method in its own process; None: only with compile
     lora_targets: tuple[str, ...] = ALL_PROJ
     seed: int = 0
@@ -237,6 +240,13 @@ def _forward_loss(model, batch, cfg: BenchConfig, hooks):
 def _timed(step, cfg: BenchConfig) -> tuple[float, float]:
     """Run warm-up then timed steps; returns (median step ms, peak GiB over the timed window).
 
+    On CUDA the timed window runs as a training loop does: the host queues step after step without
+    waiting for the GPU, an event is recorded between steps, and the host synchronizes once, at the
+    end; step i's time is the GPU time between events i and i + 1, so host overhead the GPU can hide
+    behind queued work costs nothing, and what it cannot hide shows as idle time. ``sync_each_step``
+    (for comparison with older results) waits for the GPU after every step instead, so each step
+    also pays the host's latency before its first kernel starts.
+
     Under CUDA graphs (compile mode reduce-overhead) the graphs' memory pool is allocated while
     recording, in the warm-up, and replays allocate nothing: the peak then covers the warm-up too
     (an upper bound, compilation's own buffers included) instead of reading near zero."""
@@ -251,15 +261,24 @@ def _timed(step, cfg: BenchConfig) -> tuple[float, float]:
         if not graphs:
             torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(cfg.steps):
-        if cuda:
+    if cuda and cfg.sync_each_step:
+        for i in range(cfg.steps):
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
             step(cfg.warmup + i)
             e.record()
             torch.cuda.synchronize()
             times.append(s.elapsed_time(e))
-        else:
+    elif cuda:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(cfg.steps + 1)]
+        events[0].record()
+        for i in range(cfg.steps):
+            step(cfg.warmup + i)
+            events[i + 1].record()
+        torch.cuda.synchronize()
+        times = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    else:
+        for i in range(cfg.steps):
             t0 = time.perf_counter()
             step(cfg.warmup + i)
             times.append((time.perf_counter() - t0) * 1e3)
@@ -330,6 +349,8 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
         flags.append("foreach_adamw")
     if cfg.sdpa_math:
         flags.append("sdpa_math")
+    if cfg.sync_each_step and cfg.device.startswith("cuda"):
+        flags.append("sync_each_step")
     gpt_loss = isinstance(PRESETS[cfg.model], GPTConfig) and not cfg.plain_ce and method != "probe"
     if cfg.loss_chunk is not None and gpt_loss:  # the fused loss's option
         flags.append(f"loss_chunk={cfg.loss_chunk}")
@@ -368,8 +389,18 @@ def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
     return add_ratios(rows)
 
 
+def timing(cfg: BenchConfig) -> str:
+    """How ``_timed`` timed the steps, for the results' metadata."""
+    if not cfg.device.startswith("cuda"):
+        return "wall clock per step"
+    if cfg.sync_each_step:
+        return "CUDA events, host synchronized after every step"
+    return "CUDA events between queued steps, host synchronized once after the window"
+
+
 def meta(cfg: BenchConfig) -> dict:
     return {"device": _device_name(cfg.device), "torch": torch.__version__,
             "dtype": "bf16 autocast" if cfg.device != "cpu" else "fp32", "batch": cfg.batch,
             "seq_len": cfg.seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
+            "timing": timing(cfg),
             "date": time.strftime("%Y-%m-%d")}

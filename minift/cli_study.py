@@ -50,6 +50,8 @@ def _add_bench(sub) -> None:
                    help="multi-tensor (foreach) AdamW instead of the fused CUDA kernel (for comparison)")
     p.add_argument("--sdpa-math", action="store_true",
                    help="attention through SDPA's math backend instead of flash kernels (for comparison)")
+    p.add_argument("--sync-each-step", action="store_true",
+                   help="CUDA timing: wait for the GPU after every step instead of once after the window")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each method in a fresh process (default: on with --compile)")
     p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
@@ -76,7 +78,7 @@ def _cmd_bench(args) -> int:
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
                             loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,
-                            sdpa_math=args.sdpa_math,
+                            sdpa_math=args.sdpa_math, sync_each_step=args.sync_each_step,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731

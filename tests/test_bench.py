@@ -1,8 +1,11 @@
 """Benchmark harness arithmetic and a CPU smoke run (time is never asserted)."""
 import json
 import math
+import time
+from dataclasses import replace
 
 import pytest
+import torch
 
 from minift import bench
 from minift.cli import main
@@ -114,6 +117,32 @@ def test_isolated_processes_and_merged_lora_forward(tmp_path):
     row = json.loads((tmp_path / "math.json").read_text())["rows"][0]
     assert rc == 0 and row["variant"] == "sdpa_math" and row["tokens_per_s"] > 0  # CPU AdamW is never fused
     assert bench.variant_name(bench.BenchConfig(fused_adamw=False), "full") == "frozen_bf16+foreach_adamw"
+    assert bench.variant_name(bench.BenchConfig(sync_each_step=True), "full") == "frozen_bf16+sync_each_step"
+    assert bench.variant_name(bench.BenchConfig(device="cpu", sync_each_step=True), "full") == "eager-fp32-base"
+    assert "synchronized once" in bench.timing(bench.BenchConfig())
+    assert "every step" in bench.timing(bench.BenchConfig(sync_each_step=True))
+    assert bench.meta(bench.BenchConfig(device="cpu", sync_each_step=True))["timing"] == "wall clock per step"
     assert bench.variant_name(bench.BenchConfig(device="cpu", loss_chunk=8), "probe") == "eager-fp32-base"  # no loss
     assert bench.BenchConfig(device="cpu", compile=True).isolate  # on by default with compile
     assert not bench.BenchConfig(device="cpu").isolate
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA event timing needs a GPU")
+def test_window_timing_measures_gpu_work_and_host_stalls():
+    cfg = bench.BenchConfig(device="cuda", steps=6, warmup=1)
+    cycles = 20_000_000
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles)  # warm up the sleep kernel
+    s.record()
+    torch.cuda._sleep(cycles)
+    e.record()
+    torch.cuda.synchronize()
+    gpu_ms = s.elapsed_time(e)
+    gpu_step = lambda i: torch.cuda._sleep(cycles)  # noqa: E731
+    window, _ = bench._timed(gpu_step, cfg)
+    synced, _ = bench._timed(gpu_step, replace(cfg, sync_each_step=True))
+    assert window == pytest.approx(gpu_ms, rel=0.2) and synced == pytest.approx(gpu_ms, rel=0.2)
+    # a step whose host work the GPU cannot hide (no GPU work queued ahead): the GPU idles, and
+    # the window counts the idle time
+    host_step = lambda i: (time.sleep(0.01), torch.cuda._sleep(1000))  # noqa: E731
+    assert bench._timed(host_step, cfg)[0] >= 9.0

@@ -330,8 +330,9 @@ def test_compiled_merged_forward_keeps_no_copy_of_the_merged_weights(tiny_gpt):
 
 
 def test_compiled_merged_forward_matches_eager(tiny_gpt):
-    """Compiled, the forward rebuilds W0 + sBA elementwise (inductor) and the backward inside
-    ``minift::lora_input_grad``; in fp32 the loss and every gradient match the eager addmm path."""
+    """Compiled, the forward rebuilds W0 + sBA in the traced graph and the backward inside
+    ``minift::lora_input_grad`` (on the CPU both through addmm); in fp32 the loss and every gradient
+    match the eager path."""
     lora.apply(tiny_gpt, LoRAConfig(r=3, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")))
     lora.set_merged_forward(tiny_gpt.train())
     with torch.no_grad():  # B != 0, so the rebuilt W0 + sBA differs from W0

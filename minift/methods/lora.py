@@ -240,13 +240,11 @@ def _merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scali
 
     ``torch.addmm`` would do, but cuBLAS runs it as two kernels (a copy of W0 into the output, then
     a rank-r GEMM that adds into it), twice per layer and step. On CUDA ``kernels`` has it as one
-    pass over W0; traced by torch.compile (the forward; the backward's rebuild runs inside the
-    opaque ``minift::lora_input_grad``) it is written elementwise, W0 + s * sum_k B[:, k] A[k, :],
-    which inductor makes one pass too.
+    pass over W0, eager and under torch.compile alike (dynamo traces the Triton launch). Written
+    elementwise instead, W0 + s * sum_k B[:, k] A[k, :], inductor also makes it one pass, but a
+    slower one: GPT-2 medium LoRA under CUDA graphs ran 11% slower that way (H200, same call;
+    ``benchmarks/results/H200-CALLS.md``).
     """
-    if torch.compiler.is_compiling():
-        update = (B.float()[:, :, None] * A.float()[None, :, :]).sum(1)  # (out, in); r terms per element
-        return (weight.float() + scaling * update).to(A.dtype)
     return kernels.lora_merged_weight(weight, A, B, scaling)
 
 
