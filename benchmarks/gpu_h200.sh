@@ -15,9 +15,10 @@
 # Stage "h" (2026-12-01, a new timing: the host queues the timed steps and synchronizes once; the
 # rebuild kernel's tile 64 x 64): kernel and timing tests, LoRA under CUDA graphs and compiled PEFT
 # in one call, then LoRA again timed the old way (--sync-each-step) for the timing's effect.
-# Stage "i": the tile sweep again, the rebuild A/B (addmm, elementwise) under CUDA graphs, and
-# full fine-tuning under CUDA graphs with the new timing.
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i
+# Stage "i": the tests again (call h's log did not come back), compiled PEFT timed the old way,
+# the tile sweep again, and the elementwise rebuild under CUDA graphs (A/B against call h's kernel).
+# Stage "j": the addmm rebuild under CUDA graphs, full fine-tuning under CUDA graphs (new timing).
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -91,15 +92,21 @@ elif [ "$stage" = h ]; then
     --compile --compile-mode reduce-overhead --lora-merged-forward --sync-each-step \
     --name bench-gpt2-medium-graphs-lora-sync-h-h200
 elif [ "$stage" = i ]; then
+  go 80 tests python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    tests/test_bench.py::test_window_timing_measures_gpu_work_and_host_stalls
+  go 210 peft-compile-sync python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods lora \
+    --compile --no-eager --sync-each-step --name peft-gpt2-medium-compile-sync-i-h200
   go 60 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out" --sweep
-  for v in addmm elementwise; do
-    go 140 "rebuild-$v" python3 benchmarks/rebuild_ab.py $v --out "$out" --model gpt2-medium --methods lora \
-      --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
-      --name "bench-gpt2-medium-graphs-lora-$v-i-h200"
-  done
+  go 140 rebuild-elementwise python3 benchmarks/rebuild_ab.py elementwise --out "$out" --model gpt2-medium \
+    --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
+    --name bench-gpt2-medium-graphs-lora-elementwise-i-h200
+elif [ "$stage" = j ]; then
+  go 140 rebuild-addmm python3 benchmarks/rebuild_ab.py addmm --out "$out" --model gpt2-medium \
+    --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
+    --name bench-gpt2-medium-graphs-lora-addmm-j-h200
   go 200 graphs-full python3 -m minift bench --out "$out" --model gpt2-medium --methods full \
-    --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-full-i-h200
+    --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-full-j-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h or i" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i or j" >&2
   exit 2
 fi
