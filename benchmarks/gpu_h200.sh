@@ -18,7 +18,9 @@
 # Stage "i": the tests again (call h's log did not come back), compiled PEFT timed the old way,
 # the tile sweep again, and the elementwise rebuild under CUDA graphs (A/B against call h's kernel).
 # Stage "j": the addmm rebuild under CUDA graphs, full fine-tuning under CUDA graphs (new timing).
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j
+# Stage "k": compiled PEFT and LoRA under CUDA graphs, each timed both ways, alternating in one
+# process (benchmarks/timing_check.py), then the addmm rebuild under CUDA graphs.
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j|k
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -106,7 +108,16 @@ elif [ "$stage" = j ]; then
     --name bench-gpt2-medium-graphs-lora-addmm-j-h200
   go 200 graphs-full python3 -m minift bench --out "$out" --model gpt2-medium --methods full \
     --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-full-j-h200
+elif [ "$stage" = k ]; then
+  go 220 timing-peft python3 benchmarks/timing_check.py peft-compile peft "$out" --out "$out" --model gpt2-medium \
+    --methods lora --compile --no-eager --name peft-gpt2-medium-compile-k-h200
+  go 140 timing-lora python3 benchmarks/timing_check.py lora-graphs minift "$out" --out "$out" --model gpt2-medium \
+    --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
+    --name bench-gpt2-medium-graphs-lora-k-h200
+  go 130 rebuild-addmm python3 benchmarks/rebuild_ab.py addmm --out "$out" --model gpt2-medium \
+    --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
+    --name bench-gpt2-medium-graphs-lora-addmm-k-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i or j" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, j or k" >&2
   exit 2
 fi

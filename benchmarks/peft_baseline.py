@@ -77,7 +77,7 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
             model.base_model.update_and_allocate(i)
         opt.zero_grad(set_to_none=True)
 
-    ms, peak = bench._timed(step, replace(cfg, compile=compile_, compile_mode=mode))
+    ms, peak, times = bench._timed(step, replace(cfg, compile=compile_, compile_mode=mode))
     trainable, total = bench.count_trainable(model)
     variant = ("compile" if mode == "default" else f"compile:{mode}") if compile_ else "eager"
     if cfg.sync_each_step and cfg.device.startswith("cuda"):
@@ -85,7 +85,8 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
     row = bench.Row("peft", cfg.model, method, variant, bench._device_name(cfg.device),
               "bf16-autocast", cfg.batch, cfg.seq_len, trainable, total, ms,
               cfg.batch * cfg.seq_len / (ms / 1e3), peak, float("nan"),
-              extra={"transformers": transformers.__version__, "peft": peft.__version__})
+              extra={"transformers": transformers.__version__, "peft": peft.__version__,
+                     "step_ms_each": [round(t, 2) for t in times]})
     del model, fwd, opt
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()

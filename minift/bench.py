@@ -237,8 +237,9 @@ def _forward_loss(model, batch, cfg: BenchConfig, hooks):
     return loss
 
 
-def _timed(step, cfg: BenchConfig) -> tuple[float, float]:
-    """Run warm-up then timed steps; returns (median step ms, peak GiB over the timed window).
+def _timed(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
+    """Run warm-up then timed steps; returns (median step ms, peak GiB over the timed window, each
+    step's ms).
 
     On CUDA the timed window runs as a training loop does: the host queues step after step without
     waiting for the GPU, an event is recorded between steps, and the host synchronizes once, at the
@@ -283,7 +284,7 @@ def _timed(step, cfg: BenchConfig) -> tuple[float, float]:
             step(cfg.warmup + i)
             times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
-    return statistics.median(times), peak
+    return statistics.median(times), peak, times
 
 
 def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
@@ -321,7 +322,7 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
                 model_forward(model, {k: v for k, v in batch.items() if k != "labels"} | extra)
 
     with _attention_backend(cfg):
-        ms, peak = _timed(step, cfg)
+        ms, peak, times = _timed(step, cfg)
     trainable, total = count_trainable(model)
     mc = model.config
     n, nt = matmul_params(model, lm_head=train)
@@ -332,7 +333,8 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     mfu = fpt * tps / (peak_tflops * 1e12) if peak_tflops else float("nan")
     variant = variant_name(cfg, method)
     row = Row("minift", cfg.model, method, variant, _device_name(cfg.device), "bf16-autocast"
-              if cfg.device != "cpu" else "fp32", cfg.batch, cfg.seq_len, trainable, total, ms, tps, peak, mfu)
+              if cfg.device != "cpu" else "fp32", cfg.batch, cfg.seq_len, trainable, total, ms, tps, peak, mfu,
+              extra={"step_ms_each": [round(t, 2) for t in times]})
     del model, batch, hooks
     if cfg.device.startswith("cuda"):
         torch.cuda.empty_cache()

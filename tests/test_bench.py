@@ -139,8 +139,9 @@ def test_window_timing_measures_gpu_work_and_host_stalls():
     torch.cuda.synchronize()
     gpu_ms = s.elapsed_time(e)
     gpu_step = lambda i: torch.cuda._sleep(cycles)  # noqa: E731
-    window, _ = bench._timed(gpu_step, cfg)
-    synced, _ = bench._timed(gpu_step, replace(cfg, sync_each_step=True))
+    window, _, each = bench._timed(gpu_step, cfg)
+    synced, _, _ = bench._timed(gpu_step, replace(cfg, sync_each_step=True))
+    assert len(each) == cfg.steps
     assert window == pytest.approx(gpu_ms, rel=0.2) and synced == pytest.approx(gpu_ms, rel=0.2)
     # a step whose host work the GPU cannot hide (no GPU work queued ahead): the GPU idles, and
     # the window counts the idle time
