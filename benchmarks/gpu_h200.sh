@@ -20,7 +20,9 @@
 # Stage "j": the addmm rebuild under CUDA graphs, full fine-tuning under CUDA graphs (new timing).
 # Stage "k": compiled PEFT and LoRA under CUDA graphs, each timed both ways, alternating in one
 # process (benchmarks/timing_check.py), then the addmm rebuild under CUDA graphs.
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j|k
+# Stage "l": the elementwise rebuild again, now only where torch.compile traces (call i's ran it
+# eagerly inside the backward's operator too), and full fine-tuning under CUDA graphs.
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j|k|l
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -117,7 +119,13 @@ elif [ "$stage" = k ]; then
   go 130 rebuild-addmm python3 benchmarks/rebuild_ab.py addmm --out "$out" --model gpt2-medium \
     --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
     --name bench-gpt2-medium-graphs-lora-addmm-k-h200
+elif [ "$stage" = l ]; then
+  go 140 rebuild-elementwise python3 benchmarks/rebuild_ab.py elementwise --out "$out" --model gpt2-medium \
+    --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
+    --name bench-gpt2-medium-graphs-lora-elementwise-l-h200
+  go 200 graphs-full python3 -m minift bench --out "$out" --model gpt2-medium --methods full \
+    --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-full-l-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, j or k" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, j, k or l" >&2
   exit 2
 fi

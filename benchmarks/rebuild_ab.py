@@ -3,7 +3,9 @@
 Runs ``minift bench`` in this process with the rebuild swapped for one of:
   kernel       minift's own (``minift.kernels``: one Triton pass on CUDA, eager and compiled)
   addmm        ``torch.addmm(W0, B, A)``: cuBLAS copies W0 into the output, then a rank-r GEMM adds
-  elementwise  W0 + s * sum_k B[:, k] A[k, :] written out, one pass fused by inductor when compiled
+  elementwise  while torch.compile traces (the forward), W0 + s * sum_k B[:, k] A[k, :] written
+               out, which inductor fuses into one pass; elsewhere (the backward's rebuild runs
+               eagerly inside minift::lora_input_grad) the kernel, as with ``kernel``
 Usage: rebuild_ab.py VARIANT [minift bench arguments; add --no-isolate: a spawned worker would not
 see the swap]
 """
@@ -19,16 +21,21 @@ from minift.cli import main  # noqa: E402
 from minift.methods import lora  # noqa: E402
 
 
+kernel = lora._merged_weight
+
+
 def addmm(weight, A, B, scaling):
     return torch.addmm(weight.to(A.dtype), B, A, alpha=scaling)
 
 
 def elementwise(weight, A, B, scaling):
+    if not torch.compiler.is_compiling():  # eagerly this form materializes an (out, r, in) fp32 tensor
+        return kernel(weight, A, B, scaling)
     update = (B.float()[:, :, None] * A.float()[None, :, :]).sum(1)  # (out, in); r terms per element
     return (weight.float() + scaling * update).to(A.dtype)
 
 
-VARIANTS = {"kernel": lora._merged_weight, "addmm": addmm, "elementwise": elementwise}
+VARIANTS = {"kernel": kernel, "addmm": addmm, "elementwise": elementwise}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
