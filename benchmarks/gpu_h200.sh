@@ -22,7 +22,8 @@
 # process (benchmarks/timing_check.py), then the addmm rebuild under CUDA graphs.
 # Stage "l": the elementwise rebuild again, now only where torch.compile traces (call i's ran it
 # eagerly inside the backward's operator too), and full fine-tuning under CUDA graphs.
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j|k|l
+# Stage "m": every method eager, minift and PEFT, with the new timing (stage b's first half again).
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j|k|l|m
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -125,7 +126,12 @@ elif [ "$stage" = l ]; then
     --name bench-gpt2-medium-graphs-lora-elementwise-l-h200
   go 200 graphs-full python3 -m minift bench --out "$out" --model gpt2-medium --methods full \
     --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-full-l-h200
+elif [ "$stage" = m ]; then
+  go 160 eager python3 -m minift bench --out "$out" --model gpt2-medium \
+    --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe --name bench-gpt2-medium-m-h200
+  go 170 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium \
+    --methods full,lora,adalora,prefix,prompt --name peft-gpt2-medium-m-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, j, k or l" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, j, k, l or m" >&2
   exit 2
 fi
