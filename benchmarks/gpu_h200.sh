@@ -17,13 +17,12 @@
 # in one call, then LoRA again timed the old way (--sync-each-step) for the timing's effect.
 # Stage "i": the tests again (call h's log did not come back), compiled PEFT timed the old way,
 # the tile sweep again, and the elementwise rebuild under CUDA graphs (A/B against call h's kernel).
-# Stage "j": the addmm rebuild under CUDA graphs, full fine-tuning under CUDA graphs (new timing).
 # Stage "k": compiled PEFT and LoRA under CUDA graphs, each timed both ways, alternating in one
 # process (benchmarks/timing_check.py), then the addmm rebuild under CUDA graphs.
 # Stage "l": the elementwise rebuild again, now only where torch.compile traces (call i's ran it
 # eagerly inside the backward's operator too), and full fine-tuning under CUDA graphs.
 # Stage "m": every method eager, minift and PEFT, with the new timing (stage b's first half again).
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|j|k|l|m
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|k|l|m
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -105,12 +104,6 @@ elif [ "$stage" = i ]; then
   go 140 rebuild-elementwise python3 benchmarks/rebuild_ab.py elementwise --out "$out" --model gpt2-medium \
     --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
     --name bench-gpt2-medium-graphs-lora-elementwise-i-h200
-elif [ "$stage" = j ]; then
-  go 140 rebuild-addmm python3 benchmarks/rebuild_ab.py addmm --out "$out" --model gpt2-medium \
-    --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
-    --name bench-gpt2-medium-graphs-lora-addmm-j-h200
-  go 200 graphs-full python3 -m minift bench --out "$out" --model gpt2-medium --methods full \
-    --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-full-j-h200
 elif [ "$stage" = k ]; then
   go 220 timing-peft python3 benchmarks/timing_check.py peft-compile peft "$out" --out "$out" --model gpt2-medium \
     --methods lora --compile --no-eager --name peft-gpt2-medium-compile-k-h200
@@ -132,6 +125,6 @@ elif [ "$stage" = m ]; then
   go 170 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium \
     --methods full,lora,adalora,prefix,prompt --name peft-gpt2-medium-m-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, j, k, l or m" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, k, l or m" >&2
   exit 2
 fi

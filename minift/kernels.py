@@ -47,7 +47,8 @@ if triton is not None:
 
 # tile (rows, columns) and warps per program, chosen by ``benchmarks/lora_gemm_shapes.py --sweep``:
 # on an H200, 64 x 64 with 4 warps was the fastest of ten tiles for all three GPT-2 medium shapes
-# (1024 x 1024: 2.7 us against addmm's 5.4; 4096 x 1024 and 1024 x 4096: 5.4 us against 9.3 and 10.1)
+# (1024 x 1024: 2.7 us against addmm's 5.2; 4096 x 1024 and 1024 x 4096: 5.4 us against 9.2 and 10.0;
+# benchmarks/results/h200/lora-gemm-shapes-i.json)
 TILE = (64, 64, 4)
 
 
