@@ -22,7 +22,8 @@
 # Stage "l": the elementwise rebuild again, now only where torch.compile traces (call i's ran it
 # eagerly inside the backward's operator too), and full fine-tuning under CUDA graphs.
 # Stage "m": every method eager, minift and PEFT, with the new timing (stage b's first half again).
-# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|k|l|m
+# Stage "n": the prefix/prompt target in one call: PEFT eager, then minift under CUDA graphs.
+# Usage: gpu_h200.sh OUT_DIR a|b|c|d|e|f|g|h|i|k|l|m|n
 set -u
 out=${1:-benchmarks/results}
 stage=${2:-a}
@@ -124,7 +125,12 @@ elif [ "$stage" = m ]; then
     --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe --name bench-gpt2-medium-m-h200
   go 170 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium \
     --methods full,lora,adalora,prefix,prompt --name peft-gpt2-medium-m-h200
+elif [ "$stage" = n ]; then
+  go 60 peft-eager python3 benchmarks/peft_baseline.py --out "$out" --model gpt2-medium --methods prefix,prompt \
+    --name peft-gpt2-medium-prompt-n-h200
+  go 230 graphs-prompt python3 -m minift bench --out "$out" --model gpt2-medium --methods prompt,prefix \
+    --compile --compile-mode reduce-overhead --name bench-gpt2-medium-graphs-prompt-n-h200
 else
-  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, k, l or m" >&2
+  echo "unknown stage '$stage': use a, b, c, d, e, f, g, h, i, k, l, m or n" >&2
   exit 2
 fi
