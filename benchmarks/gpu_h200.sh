@@ -106,9 +106,9 @@ elif [ "$stage" = i ]; then
     --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
     --name bench-gpt2-medium-graphs-lora-elementwise-i-h200
 elif [ "$stage" = k ]; then
-  go 220 timing-peft python3 benchmarks/timing_check.py peft-compile peft "$out" --out "$out" --model gpt2-medium \
+  go 220 timing-peft python3 benchmarks/timing_check.py peft-compile-k-h200 peft "$out" --out "$out" --model gpt2-medium \
     --methods lora --compile --no-eager --name peft-gpt2-medium-compile-k-h200
-  go 140 timing-lora python3 benchmarks/timing_check.py lora-graphs minift "$out" --out "$out" --model gpt2-medium \
+  go 140 timing-lora python3 benchmarks/timing_check.py lora-graphs-k-h200 minift "$out" --out "$out" --model gpt2-medium \
     --methods lora --compile --compile-mode reduce-overhead --lora-merged-forward --no-isolate \
     --name bench-gpt2-medium-graphs-lora-k-h200
   go 130 rebuild-addmm python3 benchmarks/rebuild_ab.py addmm --out "$out" --model gpt2-medium \

@@ -2,7 +2,8 @@
 
 Wraps ``minift.bench._timed`` so that each timed run is followed by four more windows of the same
 step: timed with the host synchronizing after every step, then queued, twice. Prints each window's
-median and step times, and writes them to OUT/timing-check-NAME.json.
+median and step times, and writes them with the run's metadata (``bench.meta``) to
+OUT/timing-check-NAME.json; ``run`` numbers the timed runs (one per method) in order.
 Usage: timing_check.py NAME minift|peft OUT [minift bench (add --no-isolate) | peft_baseline.py arguments]
 """
 from __future__ import annotations
@@ -24,17 +25,20 @@ def main() -> None:
     if impl == "minift" and "--no-isolate" not in rest:
         sys.exit("timing_check.py minift needs --no-isolate: a spawned worker would run the unwrapped timer")
     timed = bench._timed
-    windows = []
+    windows, meta = [], {}
 
     def both(step, cfg):
+        run = len({w["run"] for w in windows})
+        meta.update(bench.meta(cfg))
         result = timed(step, cfg)
-        windows.append({"sync_each_step": cfg.sync_each_step, "median_ms": result[0], "step_ms": result[2]})
+        mine = [{"run": run, "sync_each_step": cfg.sync_each_step, "median_ms": result[0], "step_ms": result[2]}]
         for sync in (True, False, True, False):
             ms, _, each = timed(step, replace(cfg, sync_each_step=sync, warmup=0))
-            windows.append({"sync_each_step": sync, "median_ms": ms, "step_ms": each})
-        for w in windows:
-            print(f"sync_each_step={w['sync_each_step']!s:5} median {w['median_ms']:.2f} ms: "
+            mine.append({"run": run, "sync_each_step": sync, "median_ms": ms, "step_ms": each})
+        for w in mine:
+            print(f"run {run} sync_each_step={w['sync_each_step']!s:5} median {w['median_ms']:.2f} ms: "
                   + " ".join(f"{t:.1f}" for t in w["step_ms"]), flush=True)
+        windows.extend(mine)
         return result
 
     bench._timed = both
@@ -47,7 +51,7 @@ def main() -> None:
         peft_baseline.main()
         rc = 0
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / f"timing-check-{name}.json").write_text(json.dumps(windows, indent=1))
+    (Path(out) / f"timing-check-{name}.json").write_text(json.dumps({"meta": meta, "windows": windows}, indent=1))
     raise SystemExit(rc)
 
 

@@ -2,8 +2,8 @@
 
 Same shape as nanoGPT's bench.py: build the model (random init: weights do not change
 speed), apply the method, run warm-up steps, then time each step of a window with CUDA
-events (the host queues the steps without waiting for the GPU, as a training loop does) and report
-the median. Peak memory is ``max_memory_allocated`` over the timed
+events (the host queues the steps without waiting for the GPU, as a training loop that reads
+nothing back each step does) and report the median. Peak memory is ``max_memory_allocated`` over the timed
 window after ``reset_peak_memory_stats`` (optimizer state already exists by then, so it is
 the steady-state peak of a whole step).
 
@@ -241,8 +241,8 @@ def _timed(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
     """Run warm-up then timed steps; returns (median step ms, peak GiB over the timed window, each
     step's ms).
 
-    On CUDA the timed window runs as a training loop does: the host queues step after step without
-    waiting for the GPU, an event is recorded between steps, and the host synchronizes once, at the
+    On CUDA the timed window runs as a training loop that reads nothing back each step does: the
+    host queues step after step without waiting for the GPU, an event is recorded between steps, and the host synchronizes once, at the
     end; step i's time is the GPU time between events i and i + 1, so host overhead the GPU can hide
     behind queued work costs nothing, and what it cannot hide shows as idle time. ``sync_each_step``
     (for comparison with older results) waits for the GPU after every step instead, so each step

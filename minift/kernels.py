@@ -5,8 +5,9 @@ is missing (``available`` says which path runs).
 twice per layer and step. cuBLAS runs ``torch.addmm(W0, B, A)`` as two kernels: a copy of W0 into
 the output, then a rank-r GEMM that reads the output back and adds the product (its K = r is far
 too small to keep the tensor cores busy). The kernel here is one pass: each (BLOCK_M x BLOCK_N)
-tile of W0 is read once, the r outer products are added in fp32 registers, and the sum is rounded
-once to the output dtype, as addmm does.
+tile of W0 is read once, the r outer products are added in fp32 registers, and the exact fp32 sum
+W0 + s B A is rounded once to the output dtype (tests/test_kernels.py checks it against that fp32
+reference; cuBLAS's bf16 addmm is itself one ulp off it in a few entries in a thousand).
 """
 from __future__ import annotations
 
@@ -47,15 +48,15 @@ if triton is not None:
 
 # tile (rows, columns) and warps per program, chosen by ``benchmarks/lora_gemm_shapes.py --sweep``:
 # on an H200, 64 x 64 with 4 warps was the fastest of ten tiles for all three GPT-2 medium shapes
-# (1024 x 1024: 2.7 us against addmm's 5.2; 4096 x 1024 and 1024 x 4096: 5.4 us against 9.2 and 10.0;
-# benchmarks/results/h200/lora-gemm-shapes-i.json)
+# (1024 x 1024: 2.7 us against addmm's 5.2; 4096 x 1024: 5.4 against 9.2; 1024 x 4096: 5.7 against
+# 10.0; benchmarks/results/h200/lora-gemm-shapes-i.json)
 TILE = (64, 64, 4)
 
 
 def lora_merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                        tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """W0 + scaling * B @ A in A's dtype (fp32 sum, rounded once): the Triton kernel on CUDA for
-    ranks up to ``MAX_RANK``, else ``torch.addmm``."""
+    """W0 + scaling * B @ A in A's dtype: the Triton kernel on CUDA for ranks up to ``MAX_RANK``
+    (fp32 sum, rounded once), else ``torch.addmm`` (with W0 first cast to A's dtype)."""
     r = A.shape[0]
     if not available(weight) or r > MAX_RANK:
         return torch.addmm(weight.to(A.dtype), B, A, alpha=scaling)

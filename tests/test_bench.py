@@ -1,4 +1,5 @@
-"""Benchmark harness arithmetic and a CPU smoke run (time is never asserted)."""
+"""Benchmark harness arithmetic and a CPU smoke run (time is never asserted there); on a GPU, a
+check of the CUDA timing itself against GPU work of known length."""
 import json
 import math
 import time
@@ -147,3 +148,10 @@ def test_window_timing_measures_gpu_work_and_host_stalls():
     # the window counts the idle time
     host_step = lambda i: (time.sleep(0.01), torch.cuda._sleep(1000))  # noqa: E731
     assert bench._timed(host_step, cfg)[0] >= 9.0
+    # host work (5 ms) in front of longer GPU work: queued, the host prepares the next step while
+    # the GPU runs this one and the step costs the GPU work only; synchronized, it costs both
+    assert gpu_ms > 8.0
+    mixed_step = lambda i: (time.sleep(0.005), torch.cuda._sleep(cycles))  # noqa: E731
+    queued = bench._timed(mixed_step, cfg)[0]
+    synced = bench._timed(mixed_step, replace(cfg, sync_each_step=True))[0]
+    assert queued == pytest.approx(gpu_ms, rel=0.2) and synced - queued > 3.0

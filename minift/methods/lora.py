@@ -191,8 +191,8 @@ class LoRALinear(nn.Module):
 class MergedLoRA(torch.autograd.Function):
     """y = x (W0 + s B A)^T + b with W0 frozen: forward and backward written out by hand.
 
-    Forward: W0 + sBA is rebuilt (``_merged_weight``: one pass on CUDA; rounded once, in the matmul
-    dtype), one GEMM applies it; A x (N x r) is kept for B's gradient. Backward, with g = dL/dy (N x out):
+    Forward: W0 + sBA is rebuilt in the matmul dtype (``_merged_weight``: one Triton pass on CUDA),
+    one GEMM applies it; A x (N x r) is kept for B's gradient. Backward, with g = dL/dy (N x out):
         dx = g (W0 + sBA)        (W0 + sBA rebuilt: cheaper than keeping it for every layer)
         dA = s (g B)^T x         dB = s g^T (A x)         db = sum of g over rows
     """
@@ -236,14 +236,15 @@ class MergedLoRA(torch.autograd.Function):
 
 
 def _merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """W0 + sBA in A's dtype (the matmul dtype), summed in fp32 and rounded once.
+    """W0 + sBA in A's dtype (the matmul dtype) through ``kernels.lora_merged_weight``.
 
     ``torch.addmm`` would do, but cuBLAS runs it as two kernels (a copy of W0 into the output, then
-    a rank-r GEMM that adds into it), twice per layer and step. On CUDA ``kernels`` has it as one
-    pass over W0, eager and under torch.compile alike (dynamo traces the Triton launch). Written
-    elementwise instead, W0 + s * sum_k B[:, k] A[k, :], inductor also makes it one pass, but a
-    slower one: a GPT-2 medium LoRA step under CUDA graphs took 42.2 ms that way against 37.2 ms
-    through the kernel (H200 calls l and k, one machine; ``benchmarks/results/H200-CALLS.md``).
+    a rank-r GEMM that adds into it), twice per layer and step. On CUDA (ranks up to
+    ``kernels.MAX_RANK``, Triton installed) ``kernels`` has it as one pass over W0 with an fp32 sum,
+    eager and under torch.compile alike (dynamo traces the Triton launch); elsewhere it is addmm.
+    Written elementwise instead, W0 + s * sum_k B[:, k] A[k, :], for inductor to fuse, a GPT-2
+    medium LoRA step under CUDA graphs took 42.2 ms against 37.2 ms through the kernel (H200 calls
+    l and k, one machine; ``benchmarks/results/H200-CALLS.md``).
     """
     return kernels.lora_merged_weight(weight, A, B, scaling)
 
