@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minift import bench  # noqa: E402
+from minift import bench, bench_timing  # noqa: E402
 
 
 def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: str = "default") -> bench.Row:
@@ -77,7 +77,7 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
             model.base_model.update_and_allocate(i)
         opt.zero_grad(set_to_none=True)
 
-    ms, peak, times = bench._timed(step, replace(cfg, compile=compile_, compile_mode=mode))
+    ms, peak, times = bench_timing.time_steps(step, replace(cfg, compile=compile_, compile_mode=mode))
     trainable, total = bench.count_trainable(model)
     variant = ("compile" if mode == "default" else f"compile:{mode}") if compile_ else "eager"
     if cfg.sync_each_step and cfg.device.startswith("cuda"):

@@ -1,8 +1,8 @@
 """The bench's two CUDA timings of one step, alternating in one process (one compile, one card).
 
-Wraps ``minift.bench._timed`` so that each timed run is followed by four more windows of the same
-step: timed with the host synchronizing after every step, then queued, twice. Prints each window's
-median and step times, and writes them with the run's metadata (``bench.meta``) to
+Wraps ``minift.bench_timing.time_steps`` so that each timed run is followed by four more windows
+of the same step: timed with the host synchronizing after every step, then queued, twice. Prints
+each window's median and step times, and writes them with the run's metadata (``bench.meta``) to
 OUT/timing-check-NAME.json; ``run`` numbers the timed runs (one per method) in order.
 Usage: timing_check.py NAME minift|peft OUT [minift bench (add --no-isolate) | peft_baseline.py arguments]
 """
@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minift import bench  # noqa: E402
+from minift import bench, bench_timing  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     rest = sys.argv[4:]
     if impl == "minift" and "--no-isolate" not in rest:
         sys.exit("timing_check.py minift needs --no-isolate: a spawned worker would run the unwrapped timer")
-    timed = bench._timed
+    timed = bench_timing.time_steps
     windows, meta = [], {}
 
     def both(step, cfg):
@@ -41,7 +41,7 @@ def main() -> None:
         windows.extend(mine)
         return result
 
-    bench._timed = both
+    bench_timing.time_steps = both
     if impl == "minift":
         from minift.cli import main as cli
         rc = cli(["bench", *rest])

@@ -2,9 +2,9 @@
 
 Same shape as nanoGPT's bench.py: build the model (random init: weights do not change
 speed), apply the method, run warm-up steps, then time each step of a window with CUDA
-events (the host queues the steps without waiting for the GPU, as a training loop that reads
-nothing back each step does) and report the median. Peak memory is ``max_memory_allocated`` over the timed
-window after ``reset_peak_memory_stats`` (optimizer state already exists by then, so it is
+events (``minift.bench_timing``: the host queues the steps without waiting for the GPU, as a
+training loop that reads nothing back each step does) and report the median. Peak memory is
+``max_memory_allocated`` over the timed window after ``reset_peak_memory_stats`` (optimizer state already exists by then, so it is
 the steady-state peak of a whole step).
 
 MFU: model FLOPs per token (``minift.mfu``: 6N + 12·L·T·d for full fine-tuning, 4N + 12·L·T·d
@@ -36,13 +36,13 @@ import concurrent.futures
 import contextlib
 import multiprocessing
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
+from minift import bench_timing
 # the report's names stay importable from here (minift.bench.save, ...)
 from minift.bench_report import add_ratios, save, to_markdown  # noqa: F401
 from minift.mfu import flops_per_token, matmul_params, measure_matmul_tflops  # noqa: F401
@@ -86,7 +86,7 @@ class BenchConfig:
     loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
     fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
     sdpa_math: bool = False
-    sync_each_step: bool = False  # CUDA timing: wait for the GPU after every step (see _timed)
+    sync_each_step: bool = False  # CUDA timing: wait for the GPU after every step (bench_timing)
     isolate: bool | None = None  # each method in its own process; None: only with compile
     lora_targets: tuple[str, ...] = ALL_PROJ
     seed: int = 0
@@ -237,56 +237,6 @@ def _forward_loss(model, batch, cfg: BenchConfig, hooks):
     return loss
 
 
-def _timed(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
-    """Run warm-up then timed steps; returns (median step ms, peak GiB over the timed window, each
-    step's ms).
-
-    On CUDA the timed window runs as a training loop that reads nothing back each step does: the
-    host queues step after step without waiting for the GPU, an event is recorded between steps, and the host synchronizes once, at the
-    end; step i's time is the GPU time between events i and i + 1, so host overhead the GPU can hide
-    behind queued work costs nothing, and what it cannot hide shows as idle time. ``sync_each_step``
-    (for comparison with older results) waits for the GPU after every step instead, so each step
-    also pays the host's latency before its first kernel starts.
-
-    Under CUDA graphs (compile mode reduce-overhead) the graphs' memory pool is allocated while
-    recording, in the warm-up, and replays allocate nothing: the peak then covers the warm-up too
-    (an upper bound, compilation's own buffers included) instead of reading near zero."""
-    cuda = cfg.device.startswith("cuda")
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    for i in range(cfg.warmup):
-        step(i)
-    if cuda:
-        torch.cuda.synchronize()
-        if not graphs:
-            torch.cuda.reset_peak_memory_stats()
-    times = []
-    if cuda and cfg.sync_each_step:
-        for i in range(cfg.steps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step(cfg.warmup + i)
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-    elif cuda:
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(cfg.steps + 1)]
-        events[0].record()
-        for i in range(cfg.steps):
-            step(cfg.warmup + i)
-            events[i + 1].record()
-        torch.cuda.synchronize()
-        times = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
-    else:
-        for i in range(cfg.steps):
-            t0 = time.perf_counter()
-            step(cfg.warmup + i)
-            times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else float("nan")
-    return statistics.median(times), peak, times
-
-
 def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     torch.manual_seed(cfg.seed)
     model, hooks = build(cfg, method)
@@ -322,7 +272,7 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
                 model_forward(model, {k: v for k, v in batch.items() if k != "labels"} | extra)
 
     with _attention_backend(cfg):
-        ms, peak, times = _timed(step, cfg)
+        ms, peak, times = bench_timing.time_steps(step, cfg)
     trainable, total = count_trainable(model)
     mc = model.config
     n, nt = matmul_params(model, lm_head=train)
@@ -391,18 +341,9 @@ def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
     return add_ratios(rows)
 
 
-def timing(cfg: BenchConfig) -> str:
-    """How ``_timed`` timed the steps, for the results' metadata."""
-    if not cfg.device.startswith("cuda"):
-        return "wall clock per step"
-    if cfg.sync_each_step:
-        return "CUDA events, host synchronized after every step"
-    return "CUDA events between queued steps, host synchronized once after the window"
-
-
 def meta(cfg: BenchConfig) -> dict:
     return {"device": _device_name(cfg.device), "torch": torch.__version__,
             "dtype": "bf16 autocast" if cfg.device != "cpu" else "fp32", "batch": cfg.batch,
             "seq_len": cfg.seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
-            "timing": timing(cfg),
+            "timing": bench_timing.describe(cfg),
             "date": time.strftime("%Y-%m-%d")}

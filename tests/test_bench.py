@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from minift import bench
+from minift import bench, bench_timing
 from minift.cli import main
 from minift.models.gpt import GPT, GPTConfig
 
@@ -120,8 +120,8 @@ def test_isolated_processes_and_merged_lora_forward(tmp_path):
     assert bench.variant_name(bench.BenchConfig(fused_adamw=False), "full") == "frozen_bf16+foreach_adamw"
     assert bench.variant_name(bench.BenchConfig(sync_each_step=True), "full") == "frozen_bf16+sync_each_step"
     assert bench.variant_name(bench.BenchConfig(device="cpu", sync_each_step=True), "full") == "eager-fp32-base"
-    assert "synchronized once" in bench.timing(bench.BenchConfig())
-    assert "every step" in bench.timing(bench.BenchConfig(sync_each_step=True))
+    assert "synchronized once" in bench_timing.describe(bench.BenchConfig())
+    assert "every step" in bench_timing.describe(bench.BenchConfig(sync_each_step=True))
     assert bench.meta(bench.BenchConfig(device="cpu", sync_each_step=True))["timing"] == "wall clock per step"
     assert bench.variant_name(bench.BenchConfig(device="cpu", loss_chunk=8), "probe") == "eager-fp32-base"  # no loss
     assert bench.BenchConfig(device="cpu", compile=True).isolate  # on by default with compile
@@ -140,18 +140,18 @@ def test_window_timing_measures_gpu_work_and_host_stalls():
     torch.cuda.synchronize()
     gpu_ms = s.elapsed_time(e)
     gpu_step = lambda i: torch.cuda._sleep(cycles)  # noqa: E731
-    window, _, each = bench._timed(gpu_step, cfg)
-    synced, _, _ = bench._timed(gpu_step, replace(cfg, sync_each_step=True))
+    window, _, each = bench_timing.time_steps(gpu_step, cfg)
+    synced, _, _ = bench_timing.time_steps(gpu_step, replace(cfg, sync_each_step=True))
     assert len(each) == cfg.steps
     assert window == pytest.approx(gpu_ms, rel=0.2) and synced == pytest.approx(gpu_ms, rel=0.2)
     # a step whose host work the GPU cannot hide (no GPU work queued ahead): the GPU idles, and
     # the window counts the idle time
     host_step = lambda i: (time.sleep(0.01), torch.cuda._sleep(1000))  # noqa: E731
-    assert bench._timed(host_step, cfg)[0] >= 9.0
+    assert bench_timing.time_steps(host_step, cfg)[0] >= 9.0
     # host work (5 ms) in front of longer GPU work: queued, the host prepares the next step while
     # the GPU runs this one and the step costs the GPU work only; synchronized, it costs both
     assert gpu_ms > 8.0
     mixed_step = lambda i: (time.sleep(0.005), torch.cuda._sleep(cycles))  # noqa: E731
-    queued = bench._timed(mixed_step, cfg)[0]
-    synced = bench._timed(mixed_step, replace(cfg, sync_each_step=True))[0]
+    queued = bench_timing.time_steps(mixed_step, cfg)[0]
+    synced = bench_timing.time_steps(mixed_step, replace(cfg, sync_each_step=True))[0]
     assert queued == pytest.approx(gpu_ms, rel=0.2) and synced - queued > 3.0
