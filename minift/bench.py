@@ -4,8 +4,8 @@ Same shape as nanoGPT's bench.py: build the model (random init: weights do not c
 speed), apply the method, run warm-up steps, then time each step of a window with CUDA
 events (``minift.bench_timing``: the host queues the steps without waiting for the GPU, as a
 training loop that reads nothing back each step does) and report the median. Peak memory is
-``max_memory_allocated`` over the timed window after ``reset_peak_memory_stats`` (optimizer state already exists by then, so it is
-the steady-state peak of a whole step).
+``max_memory_allocated`` over the timed window after ``reset_peak_memory_stats`` (optimizer
+state already exists by then, so it is the steady-state peak of a whole step).
 
 MFU: model FLOPs per token (``minift.mfu``: 6N + 12·L·T·d for full fine-tuning, 4N + 12·L·T·d
 over a frozen base) times tokens/s, over the bf16 matmul rate measured on the same card in the same run.
