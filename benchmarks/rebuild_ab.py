@@ -4,8 +4,8 @@ Runs ``minift bench`` in this process with the rebuild swapped for one of:
   kernel       minift's own (``minift.kernels``: one Triton pass on CUDA, eager and compiled)
   addmm        ``torch.addmm(W0, B, A)``: cuBLAS copies W0 into the output, then a rank-r GEMM adds
   elementwise  while torch.compile traces (the forward), W0 + s * sum_k B[:, k] A[k, :] written
-               out for inductor to fuse; elsewhere (the backward's rebuild runs
-               eagerly inside minift::lora_input_grad) the kernel, as with ``kernel``
+               out for inductor to fuse; elsewhere the kernel, as with ``kernel`` (the backward's
+               rebuild runs eagerly, inside minift::lora_input_grad)
 Usage: rebuild_ab.py VARIANT [minift bench arguments; add --no-isolate: a spawned worker would not
 see the swap]
 """

@@ -22,7 +22,7 @@ the naive loss, for comparison with the fused cross-entropy of ``minift.models.l
 ``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head),
 ``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
 ``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
-``sync_each_step`` (wait for the GPU after every timed step, as results before 2026-12-01 did).
+``sync_each_step`` (wait for the GPU after every timed step, as results up to H200 call g did).
 ``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
 fails to compile a second model in one process under CUDA graphs, and a fresh process
 starts each method with an empty allocator).
