@@ -20,8 +20,9 @@ def time_steps(step, cfg: BenchConfig) -> tuple[float, float, list[float]]:
     host queues step after step without waiting for the GPU, an event is recorded between steps,
     and the host synchronizes once, at the end; step i's time is the GPU time between events i and
     i + 1, so host overhead the GPU can hide behind queued work costs nothing, and what it cannot
-    hide shows as idle time. ``sync_each_step`` (for comparison with older results) waits for the GPU after every step instead, so each step
-    also pays the host's latency before its first kernel starts.
+    hide shows as idle time. ``sync_each_step`` (for comparison with older results) waits for the
+    GPU after every step instead, so each step also pays the host's latency before its first
+    kernel starts.
 
     Under CUDA graphs (compile mode reduce-overhead) the graphs' memory pool is allocated while
     recording, in the warm-up, and replays allocate nothing: the peak then covers the warm-up too
