@@ -1,28 +1,46 @@
 """minift: fine-tuning methods for transformers, from scratch in plain PyTorch.
 
-The public API, re-exported; each method is also importable as a module
+The public API, re-exported (each name is imported on first use); each method is also importable as a module
 (``from minift.methods import lora``) and reads top to bottom there. The training loop is
 ``minift.train.train`` (not re-exported here, so ``minift.train`` stays the module).
 """
-from minift.adapters import load_adapter, save_adapter
-from minift.advisor import MemoryEstimate, Recommendation, estimate_memory, recommend
-from minift.data import (ClassificationData, DataError, batches, collate, load_tokenizer, read_classification,
-                         read_records)
-from minift.fetch import FetchError, cache_dir, fetch_minilm, fetch_sentiment
-from minift.methods import adalora, freeze, full, lora, prefix, probe, prompt
-from minift.methods.adalora import AdaLoRAConfig, SVDLinear
-from minift.methods.adalora_alloc import RankAllocator
-from minift.methods.common import count_trainable, summary
-from minift.methods.freeze import FreezeConfig, GradualUnfreezer, bitfit, discriminative_param_groups
-from minift.methods.lora import LoRAConfig, LoRALinear
-from minift.methods.prefix import PrefixConfig, PrefixEncoder
-from minift.methods.probe import ProbeResult, run_probe
-from minift.methods.prompt import PromptConfig, SoftPrompt
-from minift.metrics import accuracy, perplexity, precision_recall_f1, rouge_l, rouge_n
-from minift.models.bert import Bert, BertClassifier, BertConfig
-from minift.models.gpt import GPT, GPTConfig
-from minift.forward import model_forward
-from minift.train import TrainConfig, TrainResult
+_EXPORTS = {  # public name -> the module that defines it
+    **dict.fromkeys(("load_adapter", "save_adapter"), "minift.adapters"),
+    **dict.fromkeys(("MemoryEstimate", "Recommendation", "estimate_memory", "recommend"), "minift.advisor"),
+    **dict.fromkeys(("ClassificationData", "DataError", "batches", "collate", "load_tokenizer",
+                     "read_classification", "read_records"), "minift.data"),
+    **dict.fromkeys(("FetchError", "cache_dir", "fetch_minilm", "fetch_sentiment"), "minift.fetch"),
+    **dict.fromkeys(("AdaLoRAConfig", "SVDLinear"), "minift.methods.adalora"),
+    "RankAllocator": "minift.methods.adalora_alloc",
+    **dict.fromkeys(("count_trainable", "summary"), "minift.methods.common"),
+    **dict.fromkeys(("FreezeConfig", "GradualUnfreezer", "bitfit", "discriminative_param_groups"),
+                    "minift.methods.freeze"),
+    **dict.fromkeys(("LoRAConfig", "LoRALinear"), "minift.methods.lora"),
+    **dict.fromkeys(("PrefixConfig", "PrefixEncoder"), "minift.methods.prefix"),
+    **dict.fromkeys(("ProbeResult", "run_probe"), "minift.methods.probe"),
+    **dict.fromkeys(("PromptConfig", "SoftPrompt"), "minift.methods.prompt"),
+    **dict.fromkeys(("accuracy", "perplexity", "precision_recall_f1", "rouge_l", "rouge_n"), "minift.metrics"),
+    **dict.fromkeys(("Bert", "BertClassifier", "BertConfig"), "minift.models.bert"),
+    **dict.fromkeys(("GPT", "GPTConfig"), "minift.models.gpt"),
+    "model_forward": "minift.forward",
+    **dict.fromkeys(("TrainConfig", "TrainResult"), "minift.train"),
+}
+_METHOD_MODULES = ("adalora", "freeze", "full", "lora", "prefix", "probe", "prompt")  # minift.lora etc.
+
+
+def __getattr__(name: str):
+    """Import a public name on first use (PEP 562), so `import minift` and the CLI start without
+    loading torch until a command needs it."""
+    import importlib
+    if name in _METHOD_MODULES:
+        value = importlib.import_module(f"minift.methods.{name}")
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        raise AttributeError(f"module 'minift' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -13,14 +13,21 @@ import sys
 from pathlib import Path
 
 
-class UsageError(Exception):
-    """Bad usage or input: reported as one line, exit code 2."""
+from minift.files import InputError as UsageError  # bad usage or input: one line, exit code 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line with a ``--help`` hint instead of the whole usage."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from minift import cli_study  # imported here: it imports UsageError from this module
-    p = argparse.ArgumentParser(prog="minift", description="Fine-tuning methods for transformers, from scratch.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="minift", description="Fine-tuning methods for transformers, from scratch.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     adds = {k: v for names in (globals(), vars(cli_study)) for k, v in names.items() if k.startswith("_add_")}
     for _, add in sorted(adds.items()):  # subcommands in name order, from both modules
         add(sub)
@@ -28,19 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    command = "minift"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"minift {args.command}"
         return args.func(args) or 0
-    except (UsageError, ValueError, KeyError, FileNotFoundError) as e:
+    except (UsageError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, FileExistsError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"minift {args.command}: error: {msg}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(msg)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"minift {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a failure at run time: one line, exit 1
-        print(f"minift {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"{command}: failed: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _one_line(msg) -> str:
+    return " ".join(str(msg).split())
 
 
 # ---------------------------------------------------------------------------- subcommands

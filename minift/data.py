@@ -29,11 +29,12 @@ import torch
 from tokenizers import Tokenizer
 
 from minift.fetch import FetchError, cache_dir, fetch_minilm, fetch_sentiment  # noqa: F401 (the data API)
+from minift.files import InputError
 
 IGNORE = -100  # label value that gets no loss
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Malformed input data; the message names the file, the line and the field."""
 
 
@@ -57,6 +58,8 @@ def _jsonl(path: Path, text: str) -> list[tuple[int, dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{i}: invalid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{i}: JSON nested too deeply") from None
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
         rows.append((i, rec))

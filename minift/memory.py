@@ -300,10 +300,10 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         if method == "prefix":  # cat([prefix.to(bf16), k]): (B, nh, P+T, hs), needs a gradient
             k, v = tape.new(B * S * C, k.b, True), tape.new(B * S * C, v.b, True)
         if padded:  # cat([zeros, q]) in, (B, nh, P+T, hs) out, the last T rows taken (a copy for o_proj)
-            out = tape.sdpa(tape.new(B * S * C, q.b, True), k, v, None, B, H, S, C)
+            out = tape.sdpa(tape.new(B * S * C, q.b, q.grad), k, v, None, B, H, S, C, config.dropout)
             out = tape.new(B * Tq * C, out.b, out.grad)
         else:
-            out = tape.sdpa(q, k, v, tape.new(Tq * S, x.b) if lower_right else bias, B, H, Tq, C)
+            out = tape.sdpa(q, k, v, tape.new(Tq * S, x.b) if lower_right else bias, B, H, Tq, C, config.dropout)
         return linear(out, blk["o_proj"])
 
     def mlp(x, blk):

@@ -4,9 +4,11 @@ saves for backward, without running anything (``minift.memory`` drives it throug
 Each op mirrors PyTorch's autograd and autocast rules: a matmul keeps its (bf16) input when its
 weight trains and its (bf16) weight when its input needs a gradient; LayerNorm keeps its fp32
 input, mean and rstd; GELU its input; SDPA q, k, v, out and logsumexp (+ the bias); dropout
-with p > 0 its mask (bool on CUDA). Views share storage and are counted once (the caller saves
+with p > 0 its mask (bool on CUDA); SDPA's attention dropout is fused into the CUDA kernels,
+which keep only its RNG state (a few bytes, not counted). Views share storage and are counted once (the caller saves
 the tensor a view is of). On CPU (``cuda=False``, no autocast) the same rules hold except
-dropout masks have the input's dtype; the tests check that form against
+dropout masks have the input's dtype, and SDPA with attention dropout takes the math path,
+which keeps T x S tensors (``Tape.sdpa`` lists them); the tests check that form against
 ``torch.autograd.graph.saved_tensors_hooks`` byte for byte.
 """
 from __future__ import annotations
@@ -95,9 +97,26 @@ class Tape:
             self.save(a)
         return self.add(a, b)
 
-    def sdpa(self, q, k, v, bias, B: int, H: int, T: int, C: int) -> Tracked:
+    def matmul(self, a: Tracked, b: Tracked, n: int) -> Tracked:
+        """``a @ b`` with ``n`` output elements: keeps a for b's gradient, b for a's."""
+        if b.grad:
+            self.save(a)
+        if a.grad:
+            self.save(b)
+        return self.new(n, a.b, a.grad or b.grad)
+
+    def sdpa(self, q, k, v, bias, B: int, H: int, T: int, C: int, dropout: float = 0.0) -> Tracked:
         q, k, v = self.bf16(q), self.bf16(k), self.bf16(v)
         grad = q.grad or k.grad or v.grad
+        if dropout and not self.cuda:
+            # CPU's fused kernel takes no dropout, so SDPA runs its math form op by op: softmax(q s^.5
+            # @ (k s^.5)^T + bias) -> dropout -> @ v. It keeps the scaled q and k (copies), the T x S
+            # probabilities, the dropout mask, the dropped probabilities and v; the bias or causal
+            # mask is added without being kept. (CUDA's kernels fuse dropout and keep only its RNG state.)
+            S = k.n // (B * C)
+            qs, ks = self.new(q.n, q.b, q.grad), self.new(k.n, k.b, k.grad)
+            probs = self.pointwise(self.matmul(qs, ks, B * H * T * S), save_input=False)  # softmax keeps its output
+            return self.matmul(self.dropout(probs, dropout), v, B * T * C)
         out = self.new(B * T * C, q.b, grad)
         if grad:
             lse_T = -(-T // 32) * 32 if (bias is not None and self.cuda) else T  # efficient attention pads

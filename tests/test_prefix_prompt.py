@@ -318,12 +318,13 @@ class _CharTokenizer:
 def test_token_init_prefix_is_a_cache_of_those_tokens(tiny_gpt):
     """A prefix initialized from the activations of tokens t is the KV cache of t: running x
     with it equals running [t; x] and keeping the last T positions."""
-    prefix.apply(tiny_gpt, prefix.PrefixConfig(P, init="tokens", init_text="abcd"), tokenizer=_CharTokenizer())
     t = torch.tensor([_CharTokenizer().encode("abcd")])
     x = _batch()["input_ids"][:1]
+    with torch.no_grad():  # the base model, before a prefix is attached (after, model(ids) refuses)
+        full = tiny_gpt(torch.cat([t, x], dim=1)).logits[:, P:]
+    prefix.apply(tiny_gpt, prefix.PrefixConfig(P, init="tokens", init_text="abcd"), tokenizer=_CharTokenizer())
     with torch.no_grad():
         with_prefix = tiny_gpt(x, prefix=tiny_gpt.prefix_encoder(1)).logits
-        full = tiny_gpt(torch.cat([t, x], dim=1)).logits[:, P:]
     torch.testing.assert_close(with_prefix, full, atol=1e-5, rtol=0)
 
 
@@ -486,3 +487,17 @@ def test_eval_perplexity_weights_each_batch_by_its_real_targets(kind, tiny_gpt):
     got = evaluate(tiny_gpt, [a, b], "causal-lm")
     assert got["loss"] == pytest.approx(total / n, rel=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(total / n), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_attached_adapter_is_never_silently_ignored(tiny_gpt, tiny_classifier, method):
+    """A model with a prefix encoder / soft prompt, called directly without what it supplies,
+    refuses and names model_forward, instead of returning the base model's logits."""
+    mod = prefix if method == "prefix" else prompt
+    cfg = prefix.PrefixConfig(P) if method == "prefix" else prompt.PromptConfig(P)
+    for model in (tiny_gpt, tiny_classifier):
+        mod.apply(model, cfg)
+        b = _batch(bert=model is tiny_classifier)
+        with pytest.raises(ValueError, match="model_forward"):
+            model(b["input_ids"])
+        model_forward(model, {k: v for k, v in b.items() if k != "labels"})  # the hook applied: runs

@@ -1,6 +1,7 @@
 """Small helpers every method shares: find target modules, freeze, count parameters."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import torch.nn as nn
@@ -95,3 +96,37 @@ def count_trainable(model: nn.Module) -> tuple[int, int]:
 def summary(model: nn.Module) -> str:
     t, n = count_trainable(model)
     return f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
+
+
+# The modules prefix and prompt tuning attach, and the forward arguments that carry what each
+# supplies (a soft prompt's embeddings, or, while generating, the KV cache that already holds it).
+_INPUT_HOOKS = {"prefix_encoder": ("prefix",), "soft_prompt": ("inputs_embeds", "prefix")}
+
+
+def _require_method_inputs(model: nn.Module, args, kwargs):
+    """Forward pre-hook: a model with a prefix encoder or soft prompt attached, called without
+    the input that module provides, would silently compute the base model. Refuse instead."""
+    if getattr(model, "_base_model_only", False):
+        return
+    for attr, carriers in _INPUT_HOOKS.items():
+        if getattr(model, attr, None) is not None and all(kwargs.get(a) is None for a in carriers):
+            raise ValueError(f"this model has a {attr} attached, and calling it without {carriers[0]}= would "
+                             f"ignore it: run minift.forward.model_forward(model, batch), which applies it")
+
+
+def require_method_inputs(model: nn.Module) -> None:
+    """Make ``model(...)`` refuse to run without the ``prefix`` / ``inputs_embeds`` its attached
+    prefix encoder or soft prompt supplies (``model_forward`` supplies them). Registered once."""
+    if not any(h is _require_method_inputs for h in model._forward_pre_hooks.values()):
+        model.register_forward_pre_hook(_require_method_inputs, with_kwargs=True)
+
+
+@contextlib.contextmanager
+def base_model_only(model: nn.Module):
+    """Within this block ``model(...)`` runs the base model even with a prefix encoder or soft
+    prompt attached: for computing the activations a prefix is initialized from, on purpose."""
+    model._base_model_only = True
+    try:
+        yield model
+    finally:
+        del model._base_model_only

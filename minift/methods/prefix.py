@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minift.methods.common import check_virtual_tokens, freeze_all, unfreeze_modules
+from minift.methods.common import (base_model_only, check_virtual_tokens, freeze_all, require_method_inputs,
+                                   unfreeze_modules)
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
 
@@ -161,6 +162,7 @@ def apply(model: nn.Module, cfg: PrefixConfig, tokenizer=None) -> list[str]:
                 enc.transform[2].bias.copy_(sol[-1])
     freeze_all(model)
     model.prefix_encoder = enc
+    require_method_inputs(model)  # model(ids) alone would ignore it: refuse
     names = [f"prefix_encoder.{n}" for n, _ in enc.named_parameters()]
     if cfg.modules_to_save:
         names += unfreeze_modules(model, cfg.modules_to_save)
@@ -220,7 +222,8 @@ def token_kv_table(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     base.eval()  # no dropout in the activations we copy
     try:
         if isinstance(base, GPT):
-            kvs = base(ids[None], return_kv=True).kv  # per layer ((1, nh, P, hs), (1, nh, P, hs))
+            with base_model_only(base):  # the base model's activations, prefix or not
+                kvs = base(ids[None], return_kv=True).kv  # per layer ((1, nh, P, hs), (1, nh, P, hs))
         else:  # BERT's attention reads the layer's input directly (post-LN blocks)
             hidden = base(ids[None], output_hidden_states=True).hidden_states
             kvs = []

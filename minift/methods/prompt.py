@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minift.methods.common import check_virtual_tokens, freeze_all, unfreeze_modules
+from minift.methods.common import check_virtual_tokens, freeze_all, require_method_inputs, unfreeze_modules
 from minift.methods.prefix import encode_text, fill_ids, model_dims
 
 INITS = ("random", "vocab", "text")
@@ -123,6 +123,7 @@ def apply(model: nn.Module, cfg: PromptConfig, tokenizer=None) -> list[str]:
             sp.embedding.copy_(wte(ids.to(wte.weight.device)))
     freeze_all(model)
     model.soft_prompt = sp
+    require_method_inputs(model)  # model(ids) alone would ignore it: refuse
     names = ["soft_prompt.embedding"]
     if cfg.modules_to_save:
         names += unfreeze_modules(model, cfg.modules_to_save)

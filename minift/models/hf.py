@@ -19,12 +19,14 @@ activation, ...) is an error naming the field, its value and the supported value
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from minift.files import InputError, MissingFile, MissingKey, check_floating, field, read_json, read_safetensors
 from minift.models.bert import Bert, BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 
@@ -36,33 +38,49 @@ _IGNORED_PREFIXES = ("cls.",)
 
 # ---------------------------------------------------------------------------- reading
 
-def read_config(path) -> dict:
+class ModelConfig(dict):
+    """A config.json's fields, remembering the file they came from (``.source``): the readers
+    below name it in their errors when called without a ``source``."""
+    source = "config.json"
+
+
+def read_config(path) -> ModelConfig:
+    """The fields of ``path/config.json``. InputError naming the file if the directory or the
+    file is missing (a FileNotFoundError too), or the file is not UTF-8 JSON holding an object."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+        raise MissingFile(f"{path}: model directory does not exist")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} has no config.json (expected an HF-format model directory "
-                                f"with config.json and model.safetensors)")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        raise MissingFile(f"{cfg_file}: does not exist (expected an HF-format model directory with "
+                          f"config.json and model.safetensors)")
+    raw = ModelConfig(read_json(cfg_file, "model config"))
+    raw.source = str(cfg_file)
+    return raw
 
 
 def read_weights(path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/model.safetensors``: InputError naming the file if it is missing,
+    not safetensors, truncated, or holds a weight that is not floating point (the buffers of
+    ``_IGNORED_SUFFIXES``, e.g. BERT's int64 position_ids, are dropped later and may be anything)."""
     f = Path(path) / "model.safetensors"
     if not f.is_file():
-        found = sorted(p.name for p in Path(path).iterdir())
-        raise FileNotFoundError(f"{path} has no model.safetensors (found: {', '.join(found)}); "
-                                f"minift reads weights from safetensors only")
-    return load_file(str(f))
+        found = sorted(p.name for p in Path(path).iterdir()) if Path(path).is_dir() else []
+        raise MissingFile(f"{f}: does not exist (found: {', '.join(found) or 'nothing'}); "
+                          f"minift reads weights from safetensors only")
+    sd = read_safetensors(f, "model weights", floating=False)
+    check_floating(f, sd, skip=_ignored)
+    return sd
+
+
+def _ignored(key: str) -> bool:
+    return key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES)
 
 
 def _expect_type(raw: dict, model_type: str, path) -> None:
     got = raw.get("model_type")
     if got != model_type:
-        raise ValueError(f"{path}/config.json has model_type {got!r}; this loader reads {model_type!r}")
+        raise InputError(f"{Path(path) / 'config.json'} has model_type {got!r}; this loader reads {model_type!r}")
 
 
 # Config fields that change what a checkpoint computes, and the only values minift's models
@@ -91,32 +109,74 @@ _BERT_FIELDS = (
 
 
 def _check_fields(raw: dict, table, model: str, source: str) -> None:
-    """A one-line ValueError naming the first field whose value minift does not implement."""
+    """A one-line InputError naming the first field whose value minift does not implement."""
     for name, default, allowed, why in table:
         value = raw.get(name, default)
         if value is None:
             value = default
         if not any(type(value) is type(a) and value == a for a in allowed):  # true is not 1
-            raise ValueError(f"{source}: {name}={json.dumps(value)} is not supported for {model} ({why}; "
+            raise InputError(f"{source}: {name}={json.dumps(value)} is not supported for {model} ({why}; "
                              f"supported: {' or '.join(json.dumps(a) for a in allowed)})")
 
 
-def gpt_config_from_hf(raw: dict, source: str = "config.json") -> GPTConfig:
+def _size(raw: dict, name: str, source: str, model: str, default=...) -> int:
+    """An integer size field (>= 1): missing or of another type is an error naming the field."""
+    if name not in raw and default is ...:
+        raise InputError(f"{source} has no {name!r} key (needed for a {model} model)")
+    value = field(raw, name, int, source, default=default)
+    if value < 1:
+        raise InputError(f"{source}: field {name!r} must be >= 1, got {value}")
+    return value
+
+
+def _rate(raw: dict, name: str, source: str, default: float, low: float, high: float) -> float:
+    value = field(raw, name, float, source, default=default)
+    if not low <= value < high:
+        raise InputError(f"{source}: field {name!r} must be in [{low:g}, {high:g}), got {value}")
+    return float(value)
+
+
+def _build(cls, source: str, **kw):
+    try:
+        return cls(**kw)
+    except ValueError as e:  # e.g. n_embd not divisible by n_head
+        raise InputError(f"{source}: {e}") from None
+
+
+def gpt_config_from_hf(raw: dict, source: str | None = None) -> GPTConfig:
+    """The GPTConfig of a GPT-2 config.json. ``source`` names the file in errors (default: the
+    file ``read_config`` read ``raw`` from)."""
+    source = source or getattr(raw, "source", "config.json")
     _check_fields(raw, _GPT_FIELDS, "GPT-2", source)
-    return GPTConfig(vocab_size=raw["vocab_size"], block_size=raw.get("n_positions", 1024),
-                     n_layer=raw["n_layer"], n_head=raw["n_head"], n_embd=raw["n_embd"],
-                     n_inner=raw.get("n_inner"), dropout=raw.get("resid_pdrop", 0.0),
-                     layer_norm_eps=raw.get("layer_norm_epsilon", 1e-5))
+    n_embd = _size(raw, "n_embd", source, "GPT-2")
+    n_inner = field(raw, "n_inner", int, source, default=None)
+    if n_inner is not None and n_inner < 1:
+        raise InputError(f"{source}: field 'n_inner' must be >= 1 or null, got {n_inner}")
+    return _build(GPTConfig, source, vocab_size=_size(raw, "vocab_size", source, "GPT-2"),
+                  block_size=_size(raw, "n_positions", source, "GPT-2", default=1024),
+                  n_layer=_size(raw, "n_layer", source, "GPT-2"), n_head=_size(raw, "n_head", source, "GPT-2"),
+                  n_embd=n_embd, n_inner=n_inner, dropout=_rate(raw, "resid_pdrop", source, 0.0, 0.0, 1.0),
+                  layer_norm_eps=_rate(raw, "layer_norm_epsilon", source, 1e-5, 0.0, math.inf))
 
 
-def bert_config_from_hf(raw: dict, source: str = "config.json") -> BertConfig:
+def bert_config_from_hf(raw: dict, source: str | None = None) -> BertConfig:
+    """The BertConfig of a BERT config.json. ``source`` names the file in errors (default: the
+    file ``read_config`` read ``raw`` from)."""
+    source = source or getattr(raw, "source", "config.json")
     _check_fields(raw, _BERT_FIELDS, "BERT", source)
-    return BertConfig(vocab_size=raw["vocab_size"], max_position_embeddings=raw["max_position_embeddings"],
-                      type_vocab_size=raw.get("type_vocab_size", 2), n_layer=raw["num_hidden_layers"],
-                      n_head=raw["num_attention_heads"], n_embd=raw["hidden_size"],
-                      n_inner=raw["intermediate_size"], dropout=raw.get("hidden_dropout_prob", 0.1),
-                      layer_norm_eps=raw.get("layer_norm_eps", 1e-12),
-                      pad_token_id=raw.get("pad_token_id", 0) or 0)
+    vocab_size = _size(raw, "vocab_size", source, "BERT")
+    pad = field(raw, "pad_token_id", int, source, default=0)
+    if not 0 <= pad < vocab_size:
+        raise InputError(f"{source}: field 'pad_token_id' must be in [0, vocab_size={vocab_size}), got {pad}")
+    return _build(BertConfig, source, vocab_size=vocab_size,
+                  max_position_embeddings=_size(raw, "max_position_embeddings", source, "BERT"),
+                  type_vocab_size=_size(raw, "type_vocab_size", source, "BERT", default=2),
+                  n_layer=_size(raw, "num_hidden_layers", source, "BERT"),
+                  n_head=_size(raw, "num_attention_heads", source, "BERT"),
+                  n_embd=_size(raw, "hidden_size", source, "BERT"),
+                  n_inner=_size(raw, "intermediate_size", source, "BERT"),
+                  dropout=_rate(raw, "hidden_dropout_prob", source, 0.1, 0.0, 1.0),
+                  layer_norm_eps=_rate(raw, "layer_norm_eps", source, 1e-12, 0.0, math.inf), pad_token_id=pad)
 
 
 def _strip(sd: dict, prefix: str) -> dict:
@@ -127,17 +187,21 @@ def _strip(sd: dict, prefix: str) -> dict:
 
 
 def _load_into(model: torch.nn.Module, sd: dict, path, dtype) -> None:
+    """Copy a checkpoint's tensors (already mapped to minift's names) into ``model``: a missing or
+    unknown tensor (a MissingKey, which is also a KeyError) or a shape mismatch is an InputError
+    naming the weights file and the tensor; nothing is copied unless everything matches."""
+    f = Path(path) / "model.safetensors"
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     if missing:
-        raise KeyError(f"{path}: checkpoint is missing tensor {missing[0]!r}"
-                       + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise MissingKey(f"{f}: checkpoint is missing tensor {missing[0]!r}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     unknown = [k for k in sd if k not in own]
     if unknown:
-        raise KeyError(f"{path}: checkpoint has unexpected tensor {unknown[0]!r}")
+        raise InputError(f"{f}: checkpoint has unexpected tensor {unknown[0]!r}")
     for k, v in sd.items():
         if v.shape != own[k].shape:
-            raise ValueError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the config implies "
+            raise InputError(f"{f}: tensor {k!r} has shape {tuple(v.shape)}, the config implies "
                              f"{tuple(own[k].shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
     model.to(dtype)
@@ -197,7 +261,7 @@ def gpt_state_to_hf(sd: dict, n_layer: int) -> dict:
 def load_gpt(path, dtype=torch.float32) -> GPT:
     raw = read_config(path)
     _expect_type(raw, "gpt2", path)
-    cfg = gpt_config_from_hf(raw, f"{path}/config.json")
+    cfg = gpt_config_from_hf(raw, raw.source)
     model = GPT(cfg)
     _load_into(model, gpt_state_from_hf(read_weights(path), cfg.n_layer), path, dtype)
     return model
@@ -248,7 +312,7 @@ def bert_key_map(n_layer: int) -> dict[str, str]:
 def load_bert(path, dtype=torch.float32, classifier: bool = False, num_labels: int | None = None):
     raw = read_config(path)
     _expect_type(raw, "bert", path)
-    cfg = bert_config_from_hf(raw, f"{path}/config.json")
+    cfg = bert_config_from_hf(raw, raw.source)
     sd = {k: v for k, v in read_weights(path).items()
           if not k.endswith(_IGNORED_SUFFIXES) and not k.startswith(_IGNORED_PREFIXES)}
     head = {k: sd.pop(k) for k in ("classifier.weight", "classifier.bias") if k in sd}
@@ -262,14 +326,27 @@ def load_bert(path, dtype=torch.float32, classifier: bool = False, num_labels: i
         model = Bert(cfg)
         _load_into(model, mapped, path, dtype)
         return model
+    f = Path(path) / "model.safetensors"
+    if len(head) == 1:
+        raise MissingKey(f"{f}: checkpoint has {next(iter(head))!r} but not "
+                         f"{({'classifier.weight', 'classifier.bias'} - set(head)).pop()!r}")
+    if head and (head["classifier.weight"].dim() != 2 or head["classifier.bias"].dim() != 1):
+        raise InputError(f"{f}: classifier.weight must be 2-D and classifier.bias 1-D, got shapes "
+                         f"{tuple(head['classifier.weight'].shape)} and {tuple(head['classifier.bias'].shape)}")
     if num_labels is None:
-        num_labels = head["classifier.weight"].shape[0] if head else len(raw.get("id2label", {})) or 2
+        labels = field(raw, "id2label", dict, raw.source, default={})
+        num_labels = head["classifier.weight"].shape[0] if head else len(labels) or 2
     model = BertClassifier(cfg, num_labels)
     _load_into(model.bert, mapped, path, dtype)
     if head:
         if head["classifier.weight"].shape[0] != num_labels:
-            raise ValueError(f"{path}: checkpoint head has {head['classifier.weight'].shape[0]} labels, "
+            raise InputError(f"{f}: checkpoint head has {head['classifier.weight'].shape[0]} labels, "
                              f"asked for num_labels={num_labels}")
+        want = {"weight": tuple(model.classifier.weight.shape), "bias": tuple(model.classifier.bias.shape)}
+        for k, v in head.items():
+            if tuple(v.shape) != want[k.split(".", 1)[1]]:
+                raise InputError(f"{f}: tensor {k!r} has shape {tuple(v.shape)}, the config implies "
+                                 f"{want[k.split('.', 1)[1]]}")
         model.classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()})
     model.to(dtype)
     return model
