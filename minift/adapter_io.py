@@ -1,5 +1,10 @@
 """Adapter files, the parts every method shares: the files on disk and the minift <-> Hugging Face
-names. ``minift.adapters`` dispatches; ``minift.adapter_formats`` holds each method's layouts."""
+names. ``minift.adapters`` dispatches; ``minift.adapter_formats`` holds each method's layouts.
+
+Errors: reading the files raises InputError naming the file (``minift.files``). The loaders
+see only the parsed config and tensors, so they raise ValueError (``ConfigError`` when the
+config is at fault) and ``load_adapter`` turns it into an InputError naming the safetensors
+file (the config file for a ConfigError)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from minift.files import InputError, MissingFile, check_floating, field, read_json, read_safetensors
 from minift.methods.common import find_modules, set_submodule
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
@@ -40,23 +46,149 @@ def write_adapter(path, config: dict, tensors: dict[str, torch.Tensor], layout: 
     os.replace(tmp, path / cfg_name)
 
 
+class ConfigError(ValueError):
+    """A loader's complaint about the adapter's JSON config (``load_adapter`` names that file)."""
+
+
 def read_adapter(path) -> tuple[str, dict, dict[str, torch.Tensor]]:
-    """(layout, config, tensors) from an adapter directory; the layout is detected from the files."""
+    """(layout, config, tensors) from an adapter directory; the layout is detected from the files.
+    InputError naming the file if one is missing (a FileNotFoundError too), the config is not a
+    JSON object, or the safetensors file is unreadable or holds a tensor that is not floating
+    point (but for the minift layout's AdaLoRA ``lora_mask``, which is boolean)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"adapter directory {path} does not exist")
+        raise MissingFile(f"{path}: adapter directory does not exist")
     for layout, (cfg_name, st_name) in (("minift", MINIFT_FILES), ("peft", PEFT_FILES)):
         if (path / cfg_name).is_file():
             if not (path / st_name).is_file():
-                raise FileNotFoundError(f"{path} has {cfg_name} but no {st_name}")
-            try:
-                config = json.loads((path / cfg_name).read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path / cfg_name} is not valid JSON: {e}") from None
-            return layout, config, load_file(str(path / st_name))
+                raise MissingFile(f"{path / st_name}: does not exist ({path} has {cfg_name} but no {st_name})")
+            config = read_json(path / cfg_name, "adapter config")
+            tensors = read_safetensors(path / st_name, "adapter weights", floating=False)
+            check_floating(path / st_name, tensors, skip=lambda k: layout == "minift" and k.endswith(".lora_mask"))
+            return layout, config, tensors
     found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
-    raise FileNotFoundError(f"{path} holds no adapter (expected {PEFT_FILES[0]} or {MINIFT_FILES[0]}; "
-                            f"found: {found})")
+    raise MissingFile(f"{path}: holds no adapter (expected {PEFT_FILES[0]} or {MINIFT_FILES[0]}; "
+                      f"found: {found})")
+
+
+def adapter_files(path, layout: str) -> tuple[Path, Path]:
+    """(config file, safetensors file) of an adapter directory in ``layout``."""
+    return tuple(Path(path) / n for n in (PEFT_FILES if layout == "peft" else MINIFT_FILES))
+
+
+def settings_of(cls, c, where, name: str = "config"):
+    """``cls(**c)`` for a minift-layout config's recorded dataclass; InputError naming ``where``."""
+    if not isinstance(c, dict):
+        raise InputError(f"{where}: field {name!r} must be a JSON object")
+    try:
+        return cls(**c)
+    except (TypeError, ValueError) as e:
+        detail = " ".join(str(e).split())
+        raise InputError(f"{where}: field {name!r} is not a valid {cls.__name__} ({detail})") from None
+
+
+def check_pattern(config: dict, name: str, kind, where) -> dict:
+    """A PEFT ``rank_pattern``/``alpha_pattern``: null or an object of ``kind`` values."""
+    pattern = field(config, name, dict, where, default=None) or {}
+    for k in pattern:
+        field(pattern, k, kind, f"{where}: {name}")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise InputError(f"{where}: {name} key {k!r} is not a valid regular expression ({e})") from None
+    return pattern
+
+
+def check_peft_targets(config: dict, where) -> None:
+    """The fields PEFT selects target layers with (see ``peft_targeted``) have the types it takes."""
+    for name in ("target_modules", "exclude_modules", "modules_to_save"):
+        v = field(config, name, (str, list), where, default=None)
+        if isinstance(v, list) and not all(isinstance(t, str) for t in v):
+            raise InputError(f"{where}: field {name!r} must be a string or a list of strings")
+        if isinstance(v, str) and name != "modules_to_save":
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise InputError(f"{where}: field {name!r} is not a valid regular expression ({e})") from None
+    layers = field(config, "layers_to_transform", (int, list), where, default=None)
+    if isinstance(layers, list) and not all(type(i) is int for i in layers):
+        raise InputError(f"{where}: field 'layers_to_transform' must be an integer or a list of integers")
+    pattern = field(config, "layers_pattern", (str, list), where, default=None)
+    if isinstance(pattern, list) and not all(isinstance(t, str) for t in pattern):
+        raise InputError(f"{where}: field 'layers_pattern' must be a string or a list of strings")
+
+
+def _more(items) -> str:
+    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
+
+
+def peft_targeted(config: dict, model: nn.Module, mmap: dict) -> set[str] | None:
+    """The Hugging Face names of this model's linear layers that a PEFT config's
+    ``target_modules`` selects, as PEFT matches them (a string: a full match of the regular
+    expression; a list: a name or a dotted suffix; less ``exclude_modules``; only the layers
+    ``layers_to_transform`` / ``layers_pattern`` name). None when it cannot tell
+    (``target_modules`` absent or "all-linear")."""
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":
+        return None
+
+    def hit(spec, key):
+        if isinstance(spec, str):
+            return re.fullmatch(spec, key) is not None
+        return key in spec or any(key.endswith("." + t) for t in spec)
+    layers, patterns = config.get("layers_to_transform"), config.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else (patterns or [None])
+    out = set()
+    for name, (hf, _) in mmap.items():
+        if not hasattr(model.get_submodule(name), "in_features"):
+            continue  # embeddings, LayerNorms: minift puts no LoRA there
+        if not hit(targets, hf) or (config.get("exclude_modules") and hit(config["exclude_modules"], hf)):
+            continue
+        if layers is not None:
+            index = None
+            for p in patterns:
+                m = re.match(r".*\.[^.]*\.(\d+)\." if p is None else rf".*\.{p}\.(\d+)\.", hf)
+                if m:
+                    index = int(m[1])
+                    break
+            if index is None or index not in ([layers] if isinstance(layers, int) else layers):
+                continue
+        out.add(hf)
+    return out
+
+
+def require_targets(config: dict, model: nn.Module, mmap: dict, found, what: str) -> None:
+    """Every layer the PEFT config targets has ``what`` tensors in the file (``found``: the
+    Hugging Face names that have some): a file lacking one would load as a partial adapter."""
+    targeted = peft_targeted(config, model, mmap)
+    missing = sorted(targeted - set(found)) if targeted is not None else []
+    if missing:
+        raise ValueError(f"adapter file has no {what} tensors for {missing[0]!r}{_more(missing)}, which "
+                         f"target_modules selects: the file is incomplete")
+
+
+def require_modules_to_save(model: nn.Module, mmap: dict, names, found, prefix: str) -> None:
+    """Every parameter of each module PEFT's ``modules_to_save`` names (those this model has) is
+    in the file (``found``: Hugging Face parameter keys without ``prefix``)."""
+    if isinstance(names, str):
+        names = [names]
+    missing = []
+    for name, (hf, slot) in mmap.items():
+        if slot is None and any(hf == n or hf.endswith("." + n) for n in names or ()):
+            mod = model.get_submodule(name)
+            missing += [f"{prefix}{hf}.{p}" for p in ("weight", "bias")
+                        if isinstance(getattr(mod, p, None), torch.Tensor) and f"{hf}.{p}" not in found]
+    if missing:
+        raise ValueError(f"adapter file has no tensor {missing[0]!r}{_more(missing)}, which modules_to_save "
+                         f"names: the file is incomplete")
+
+
+def require_saved_params(model: nn.Module, names, tensors: dict) -> None:
+    """A minift-layout file holds every parameter of the modules its config's modules_to_save names."""
+    missing = [k for k in modules_to_save_params(model, names) if k not in tensors]
+    if missing:
+        raise ValueError(f"adapter file has no tensor {missing[0]!r}{_more(missing)}, which modules_to_save "
+                         f"names: the file is incomplete")
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor, key: str, where: str) -> None:
@@ -67,9 +199,14 @@ def copy_checked(dst: torch.Tensor, src: torch.Tensor, key: str, where: str) -> 
 
 
 def check_shape(dst: torch.Tensor, src: torch.Tensor, key: str, where: str) -> None:
+    """Shape and kind of dtype: a float goes into a float, anything else only into its own dtype
+    (``copy_`` would silently cast an integer tensor to float, or a float mask to bool)."""
     if tuple(src.shape) != tuple(dst.shape):
         raise ValueError(f"adapter tensor {key!r} has shape {tuple(src.shape)} but {where} expects "
                          f"{tuple(dst.shape)}: the adapter was saved for a model of another shape")
+    if src.is_floating_point() != dst.is_floating_point() or (not dst.is_floating_point() and src.dtype != dst.dtype):
+        raise ValueError(f"adapter tensor {key!r} has dtype {str(src.dtype).removeprefix('torch.')} but {where} "
+                         f"needs {'a floating point tensor' if dst.is_floating_point() else dst.dtype}")
 
 
 def copy_all(pairs) -> None:
@@ -244,7 +381,10 @@ def modules_to_save_pairs(model: nn.Module, inv: dict[str, list], extra: dict[st
         if mod not in inv or inv[mod][0][1] is not None or f"{inv[mod][0][0]}.{pname}" not in own:
             raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} matches no parameter of this model")
         key = f"{inv[mod][0][0]}.{pname}"
-        pairs.append((own[key], t.t() if pname == "weight" and is_conv1d(model, mod) else t, hk, key))
+        transpose = pname == "weight" and is_conv1d(model, mod)
+        if transpose and t.dim() != 2:
+            raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} has shape {tuple(t.shape)}; {key} expects a matrix")
+        pairs.append((own[key], t.t() if transpose else t, hk, key))
     return pairs
 
 

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from minift.adapter_formats.adalora import (adalora_from_minift, adalora_from_peft, adalora_load_or_undo,
-                                            adalora_to_minift, adalora_to_peft)
-from minift.adapter_formats.lora import (lora_from_minift, lora_from_peft, lora_load_or_undo, lora_to_minift,
-                                         lora_to_peft)
-from minift.adapter_formats.prompt_learning import (prompt_learning_from_minift, prompt_learning_from_peft,
-                                                    prompt_learning_load_or_undo, prompt_learning_to_minift,
-                                                    prompt_learning_to_peft)
-from minift.adapter_io import (LAYOUTS, MINIFT_FILES, PEFT_FILES, PEFT_PREFIX, copy_checked, hf_param_key,
-                               is_conv1d, module_map, modules_to_save_params, pattern_value, read_adapter,
-                               task_type, write_adapter)
+from minift.adapter_formats.adalora import (adalora_check_config, adalora_from_minift, adalora_from_peft,
+                                            adalora_load_or_undo, adalora_to_minift, adalora_to_peft)
+from minift.adapter_formats.lora import (lora_check_config, lora_from_minift, lora_from_peft, lora_load_or_undo,
+                                         lora_to_minift, lora_to_peft)
+from minift.adapter_formats.prompt_learning import (prompt_learning_check_config, prompt_learning_from_minift,
+                                                    prompt_learning_from_peft, prompt_learning_load_or_undo,
+                                                    prompt_learning_to_minift, prompt_learning_to_peft)
+from minift.adapter_io import (LAYOUTS, MINIFT_FILES, PEFT_FILES, PEFT_PREFIX, ConfigError, adapter_files,
+                               copy_checked, hf_param_key, is_conv1d, module_map, modules_to_save_params,
+                               pattern_value, read_adapter, task_type, write_adapter)
+from minift.files import InputError, field
 from minift.methods import adalora, lora
 
 # The shared pieces lived in this module before adapter_io.py; they stay importable from here.
@@ -72,17 +73,33 @@ def save_adapter(model: nn.Module, path, *, layout: str = "peft") -> None:
 
 def load_adapter(model: nn.Module, path) -> nn.Module:
     """Load an adapter directory (either layout, detected) into ``model`` in place and return it.
-    A model without the adapter gets it applied first; one that has it must match its shape."""
-    layout, config, tensors = read_adapter(path)
-    kind = config.get("peft_type")
-    if kind == "LORA":
-        lora_load_or_undo(model, lora_from_peft if layout == "peft" else lora_from_minift, config, tensors)
-    elif kind == "ADALORA":  # adapter_formats/adalora.py
-        adalora_load_or_undo(model, adalora_from_peft if layout == "peft" else adalora_from_minift, config, tensors)
-    elif kind in ("PREFIX_TUNING", "PROMPT_TUNING"):  # adapter_formats/prompt_learning.py
-        prompt_learning_load_or_undo(model, prompt_learning_from_peft if layout == "peft"
-                                     else prompt_learning_from_minift, config, tensors)
-    else:
-        raise ValueError(f"{path}: adapter type {kind!r} is not supported (this minift loads: LORA, ADALORA, PREFIX_TUNING, PROMPT_TUNING)")
-    return model
+    A model without the adapter gets it applied first; one that has it must match its shape.
 
+    A bad file (unreadable, a config field missing or of the wrong type, a tensor missing, of
+    another shape or dtype, a rank the config contradicts) raises InputError naming that file,
+    and a failed load leaves the model as it was."""
+    layout, config, tensors = read_adapter(path)
+    cfg_file, st_file = adapter_files(path, layout)
+    kind = field(config, "peft_type", str, cfg_file)
+    peft = layout == "peft"
+    if kind == "LORA":
+        check, load_or_undo, load = lora_check_config, lora_load_or_undo, lora_from_peft if peft else lora_from_minift
+    elif kind == "ADALORA":  # adapter_formats/adalora.py
+        check, load_or_undo = adalora_check_config, adalora_load_or_undo
+        load = adalora_from_peft if peft else adalora_from_minift
+    elif kind in ("PREFIX_TUNING", "PROMPT_TUNING"):  # adapter_formats/prompt_learning.py
+        check, load_or_undo = prompt_learning_check_config, prompt_learning_load_or_undo
+        load = prompt_learning_from_peft if peft else prompt_learning_from_minift
+    else:
+        raise InputError(f"{cfg_file}: adapter type {kind!r} is not supported (this minift loads: LORA, ADALORA, "
+                         f"PREFIX_TUNING, PROMPT_TUNING)")
+    check(config, layout, cfg_file)  # every field the loader reads has the type it needs
+    try:
+        load_or_undo(model, load, config, tensors)
+    except InputError:
+        raise
+    except ConfigError as e:
+        raise InputError(f"{cfg_file}: {' '.join(str(e).split())}") from None
+    except ValueError as e:  # the loaders check the tensors against the model: name the tensor file
+        raise InputError(f"{st_file}: {' '.join(str(e).split())}") from None
+    return model

@@ -21,7 +21,11 @@ The training step the estimate models (the one ``minift.bench`` runs and
 
 What backward keeps is derived from PyTorch's autograd rules by a small symbolic forward that
 ``estimate_memory`` runs through the model op by op (``minift.memory_tape``, whose docstring
-lists the rules; on CPU, ``device="cpu"``, fp32 only, the tests check it byte for byte).
+lists the rules; on CPU, ``device="cpu"``, fp32 only, the tests check it byte for byte, with
+and without dropout). Attention dropout (``config.dropout``, as the models apply it) is fused
+into the CUDA kernels, which keep only its RNG state; on CPU, SDPA with dropout runs its math
+form, which keeps the T x T attention probabilities, the dropout mask and the dropped
+probabilities (plus scaled copies of q and k) in every layer, and the estimate counts them.
 
 The peak is the larger of two moments: the end of the forward pass (weights, optimizer state,
 everything saved for backward, and the loss's last chunk: its logits in bf16 and fp32 and

@@ -3,13 +3,13 @@ saves for backward, without running anything (``minift.memory`` drives it throug
 
 Each op mirrors PyTorch's autograd and autocast rules: a matmul keeps its (bf16) input when its
 weight trains and its (bf16) weight when its input needs a gradient; LayerNorm keeps its fp32
-input, mean and rstd; GELU its input; SDPA q, k, v, out and logsumexp (+ the bias); dropout
-with p > 0 its mask (bool on CUDA); SDPA's attention dropout is fused into the CUDA kernels,
-which keep only its RNG state (a few bytes, not counted). Views share storage and are counted once (the caller saves
-the tensor a view is of). On CPU (``cuda=False``, no autocast) the same rules hold except
-dropout masks have the input's dtype, and SDPA with attention dropout takes the math path,
-which keeps T x S tensors (``Tape.sdpa`` lists them); the tests check that form against
-``torch.autograd.graph.saved_tensors_hooks`` byte for byte.
+input, mean and rstd; GELU its input; SDPA q, k, v, out and logsumexp (+ the bias), its
+attention dropout fused into the kernel, which keeps only its RNG state (a few bytes, not
+counted); dropout with p > 0 its mask (bool on CUDA). Views share storage and are counted once
+(the caller saves the tensor a view is of). On CPU (``cuda=False``, no autocast) the same rules
+hold except that dropout masks have the input's dtype and SDPA with attention dropout runs its
+math form, which keeps T x S tensors (``Tape.sdpa`` lists them); the tests check that form
+against ``torch.autograd.graph.saved_tensors_hooks`` byte for byte.
 """
 from __future__ import annotations
 

@@ -20,7 +20,9 @@ name the data ``minift fetch`` downloads; they are only fetched when no path is 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import shutil
 import sys
 import tomllib
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from minift.files import InputError, field, read_json, read_text
+from minift.metrics import AVERAGES
 from minift.train import TrainConfig
 
 TASKS = ("classification", "causal-lm", "prompt-completion")
@@ -70,8 +74,17 @@ TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over t
 INT_KEYS = ("steps", "batch_size", "grad_accum", "eval_every", "patience", "seed", "save_every")
 
 
-class InputError(ValueError):
-    """Bad usage or input (exit code 2)."""
+# The dev metrics each task's evaluation reports (``evaluate``): what --metric may name.
+TASK_METRICS = {"classification": ("loss", "accuracy", *(f"{a}_{m}" for a in AVERAGES
+                                                         for m in ("precision", "recall", "f1"))),
+                "causal-lm": ("loss", "perplexity"), "prompt-completion": ("loss", "perplexity")}
+# TrainConfig fields a --resume may change: the length of the run, when it evaluates and saves,
+# and where and how fast it runs. Everything else must match the run being continued.
+RESUMABLE_CHANGES = ("steps", "epochs", "eval_every", "save_every", "patience", "device", "bf16", "compile")
+# What minift train writes under --out; --overwrite (or a fresh start in an earlier run's
+# directory) removes these and nothing else.
+RUN_OUTPUTS = ("run.json", "metrics.jsonl", "loss.png", "last", "last.old", "last.tmp", "best", "best.old",
+               "best.tmp", "adapter", "model")
 
 
 # ---------------------------------------------------------------------------- flags and settings
@@ -127,10 +140,8 @@ def _ints(s: str) -> tuple[int, ...]:
 
 def read_toml(path, what: str = "config") -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(read_text(path, f"{what} file"))
     except tomllib.TOMLDecodeError as e:
         raise InputError(f"{path}: invalid TOML: {e}") from None
     known = {"method": None, "train": TRAIN_KEYS, "data": DATA_KEYS}
@@ -147,6 +158,8 @@ def read_toml(path, what: str = "config") -> dict:
             kind = KEY_TYPES[table].get(k)
             if kind is not None and not _is(value, kind):
                 raise InputError(f"{path}: [{table}] {k} must be {TYPE_WORDS[kind]}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{path}: [{table}] {k} must be a finite number, got {value}")
     return doc
 
 
@@ -186,6 +199,9 @@ def settings(args) -> tuple[str, dict, dict, dict]:
                 doc["data"][k] = str(here / v)
         layers.append(doc)
     cli = vars(args)
+    for k, v in cli.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise InputError(f"--{k.replace('_', '-')} must be a finite number, got {v}")
     layers.append({"method": {"name": cli.get("method"), **{n: cli.get(n) for n, _, _ in METHOD_FLAGS}},
                    "train": {k: cli.get(k) for k in TRAIN_KEYS}, "data": {k: cli.get(k) for k in DATA_KEYS}})
     method_opts, train, data = {}, {}, {}
@@ -254,10 +270,12 @@ def examples(path, task: str, tok, max_len: int, label2id=None):
     return data.prompt_completion_examples(pairs, tok, max_len, data.eos_id(tok)), None
 
 
-def evaluate(model, batches, task: str, device="cpu") -> dict:
-    """Mean loss (per example, or per predicted token for GPT) and task metrics."""
+def evaluate(model, batches, task: str) -> dict:
+    """Mean loss (per example, or per predicted token for GPT) and task metrics, computed on the
+    device the model is on."""
     from minift.metrics import classification_metrics, perplexity
     from minift.forward import extend_batch, forward_extended, lm_targets, to_device
+    device = next(model.parameters()).device
     model.eval()
     total, n, gold, pred = 0.0, 0, [], []
     with torch.no_grad():
@@ -280,8 +298,9 @@ def evaluate(model, batches, task: str, device="cpu") -> dict:
 # ---------------------------------------------------------------------------- commands
 
 def train_command(args) -> int:
+    """``minift train``: check every setting and file, then prepare --out, train and save.
+    Nothing in --out changes until every check has passed."""
     from minift import data as D
-    from minift.checkpoint import save_weights
     from minift.compare_setup import method_options
     from minift.methods.build import METHODS, build_method
     from minift.train import train
@@ -293,19 +312,20 @@ def train_command(args) -> int:
         raise InputError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if args.out is None:
         raise InputError("no --out directory given")
-    from minift.checkpoint import latest_checkpoint
-    overwrite = getattr(args, "overwrite", False)
-    if args.resume and overwrite:
-        raise InputError("give one of --resume and --overwrite, not both")
-    if not args.resume and latest_checkpoint(args.out) is not None and not overwrite:
-        raise InputError(f"{args.out} already holds a checkpoint ({latest_checkpoint(args.out)}): "
-                         f"pass --resume to continue or --overwrite to start again")
+    out, overwrite = Path(args.out), getattr(args, "overwrite", False)
+    check_out(out, args.resume, overwrite)
     data = resolve_paths(data)
     task, max_len = data["task"], int(data.get("max_len", 128))
+    if max_len < 1:
+        raise InputError(f"--max-len must be >= 1, got {max_len}")
+    topts.setdefault("device", "auto")  # the command runs on CUDA when there is one
     try:
-        cfg = TrainConfig(**topts, out_dir=args.out, resume=args.resume, progress=not args.no_progress)
+        cfg = TrainConfig(**topts, out_dir=str(out), resume=args.resume, progress=not args.no_progress)
     except TypeError as e:
         raise InputError(f"bad training option: {e}") from None
+    if cfg.metric not in TASK_METRICS[task]:
+        raise InputError(f"--metric {cfg.metric!r} is not reported for task {task}; choose one of "
+                         f"{', '.join(TASK_METRICS[task])}")
     tok = D.load_tokenizer(data["model"])
     train_ex, label2id = examples(data["train"], task, tok, max_len)
     dev_ex = examples(data["dev"], task, tok, max_len, label2id)[0] if data.get("dev") else None
@@ -314,29 +334,118 @@ def train_command(args) -> int:
     dev = D.batches(dev_ex, cfg.batch_size, pad_id=pad) if dev_ex else None
     model = load_model(data["model"], task, len(label2id) if label2id else None, cfg.seed)
     total = cfg.total_steps(len(batches))
-    opts = method_options({"method": {"name": method, **opts}}, total)  # AdaLoRA fractions -> steps
-    opts = {k: int(v) if k in ("tinit", "tfinal", "delta_t") and float(v).is_integer() else v
-            for k, v in opts.items()}
-    st = build_method(model, method, opts, tokenizer=tok, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    resolved = method_options({"method": {"name": method, **opts}}, total)  # AdaLoRA fractions -> steps
+    resolved = {k: int(v) if k in ("tinit", "tfinal", "delta_t") and float(v).is_integer() else v
+                for k, v in resolved.items()}
+    st = build_method(model, method, resolved, tokenizer=tok, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       total_steps=total)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # the old run's checkpoints and best weights must not outlive it
-        for name in ("last", "last.old", "last.tmp", "best"):
-            if (out / name).is_dir():
-                shutil.rmtree(out / name)
     run = {"method": method, "options": _jsonable(st.options), "task": task, "max_len": max_len,
-           "label2id": label2id, "model": str(Path(data["model"]).resolve()), "train": vars(cfg)}
+           "label2id": label2id, "model": str(Path(data["model"]).resolve()), "train": vars(cfg),
+           "given": _identity(method, opts, task, max_len, data, cfg)}
+    if args.resume:
+        check_resume(out, run["given"])
+    elif overwrite or (out / "run.json").is_file():  # a fresh start: no file of the earlier run survives
+        clear_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     t, n = st.trainable(model)
     print(f"minift train: {method} on {task}: {t:,} of {n:,} parameters trainable "
           f"({100 * t / n:.2f}%), {total} steps", file=sys.stderr)
-    eval_fn = (lambda m: evaluate(m, dev, task, next(m.parameters()).device)) if dev else None
+    eval_fn = (lambda m: evaluate(m, dev, task)) if dev else None
     res = train(model, batches, cfg, eval_fn=eval_fn, **st.train_hooks())
     if res.interrupted:
         print(f"minift train: interrupted at step {res.steps}; checkpoint in {res.checkpoint}; "
               f"continue with --resume", file=sys.stderr)
         return 130
+    save_outputs(model, out, method, st.peft, data["model"])
+    summary = {"steps": res.steps, "final_loss": res.losses[-1] if res.losses else None,
+               "tokens_per_s": round(res.tokens_per_s, 1), "eval": res.evals[-1] if res.evals else None,
+               "stopped_early": res.stopped_early, "out": str(out)}
+    print(json.dumps(summary))
+    return 0
+
+
+def check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """--out must be a directory that is new, empty, or an earlier minift run; a run that holds a
+    checkpoint continues only with --resume or starts again only with --overwrite."""
+    from minift.checkpoint import latest_checkpoint
+    if resume and overwrite:
+        raise InputError("give one of --resume and --overwrite, not both")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a directory (new, empty, or an earlier run's)")
+    if resume or overwrite or not out.is_dir():
+        return
+    if latest_checkpoint(out) is not None:
+        raise InputError(f"{out} already holds a checkpoint ({latest_checkpoint(out)}): pass --resume to "
+                         f"continue or --overwrite to start again")
+    if any(out.iterdir()) and not (out / "run.json").is_file():
+        raise InputError(f"--out {out} holds files but no minift run (no run.json); choose a new or empty "
+                         f"directory, or pass --overwrite to write minift's files beside them")
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove what an earlier ``minift train`` wrote to ``out`` (``RUN_OUTPUTS``), nothing else."""
+    for name in RUN_OUTPUTS:
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _identity(method: str, opts: dict, task: str, max_len: int, data: dict, cfg: TrainConfig) -> dict:
+    """What a resumed run must share with the run it continues: the method and its settings as
+    given, the task, the model, the data files' contents, and the training settings that
+    ``RESUMABLE_CHANGES`` does not list."""
+    files = {k: {"path": str(Path(data[k]).resolve()), "sha256": _sha256(data[k])}
+             for k in ("train", "dev") if data.get(k)}
+    skip = {*RESUMABLE_CHANGES, "out_dir", "resume", "log_path", "progress", "plot"}
+    return {"method": method, "options": _jsonable(opts), "task": task, "max_len": max_len,
+            "model": str(Path(data["model"]).resolve()), "data": files,
+            "train": {k: v for k, v in vars(cfg).items() if k not in skip}}
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_resume(out: Path, given: dict) -> None:
+    """Refuse a --resume whose settings differ from the run in ``out`` (see ``_identity``)."""
+    if not (out / "run.json").is_file():
+        return  # nothing to continue: --resume starts the run
+    saved = read_json(out / "run.json", "run record").get("given")
+    if not isinstance(saved, dict):
+        raise InputError(f"{out / 'run.json'}: no record of the run's settings (written by an older minift); "
+                         f"start again with --overwrite")
+    for what, mine in given.items():
+        theirs = saved.get(what)
+        if theirs == mine:
+            continue
+        if what == "data":
+            for k in sorted(set(mine) | set(theirs or {})):
+                a, b = (theirs or {}).get(k), mine.get(k)
+                if (a or {}).get("sha256") != (b or {}).get("sha256"):
+                    raise InputError(f"--resume: --{k} differs from the run in {out} ({a and a['path']} then, "
+                                     f"{b and b['path']} now, contents differ); resume with the same data or "
+                                     f"start again with --overwrite")
+            continue
+        if isinstance(mine, dict) and isinstance(theirs, dict):
+            k = next(k for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k))
+            raise InputError(f"--resume: --{k.replace('_', '-')} differs from the run in {out} "
+                             f"({theirs.get(k)!r} then, {mine.get(k)!r} now); only "
+                             f"{', '.join('--' + c.replace('_', '-') for c in RESUMABLE_CHANGES)} may change")
+        raise InputError(f"--resume: the {what} differs from the run in {out} ({theirs!r} then, {mine!r} now); "
+                         f"resume with the same settings or start again with --overwrite")
+
+
+def save_outputs(model, out: Path, method: str, peft: bool, model_dir) -> None:
+    """The trained weights as ``out/adapter`` (+ PEFT's layout where it has one) and, for full
+    fine-tuning, an HF-format ``out/model``."""
+    from minift.checkpoint import save_weights
     save_weights(model, out / "adapter")
     shutil.copy(out / "run.json", out / "adapter" / "run.json")
     if method in ("lora", "dora", "adalora", "prefix", "prompt"):  # also as a PEFT adapter
@@ -346,28 +455,27 @@ def train_command(args) -> int:
         except (ValueError, NotImplementedError) as e:
             print(f"minift train: no PEFT-layout adapter ({e}); writing minift's layout", file=sys.stderr)
             save_adapter(model, out / "adapter", layout="minift")
-    if not st.peft:
+    if not peft:
         model.save_pretrained(out / "model")
-        shutil.copy(Path(data["model"]) / "tokenizer.json", out / "model" / "tokenizer.json")
-    summary = {"steps": res.steps, "final_loss": res.losses[-1] if res.losses else None,
-               "tokens_per_s": round(res.tokens_per_s, 1), "eval": res.evals[-1] if res.evals else None,
-               "stopped_early": res.stopped_early, "out": str(out)}
-    print(json.dumps(summary))
-    return 0
+        shutil.copy(Path(model_dir) / "tokenizer.json", out / "model" / "tokenizer.json")
 
 
 def eval_command(args) -> int:
     from minift import data as D
     from minift.checkpoint import load_trainable_state
-    from minift.methods.build import build_method
     from minift.forward import check_device
+    from minift.methods.build import build_method
     if args.device is not None:
         check_device(args.device)  # before anything is loaded
+    for flag in ("batch_size", "max_len"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     adapter = Path(args.adapter)
     if not (adapter / "run.json").is_file() or not (adapter / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{adapter} is not a minift adapter directory (no run.json and "
-                                f"model.safetensors; it is written by minift train --out DIR as DIR/adapter)")
-    run = json.loads((adapter / "run.json").read_text())
+        raise InputError(f"{adapter} is not a minift adapter directory (no run.json and model.safetensors; "
+                         f"it is written by minift train --out DIR as DIR/adapter)")
+    run = read_run(adapter / "run.json")
     model_dir = args.model or run["model"]
     task, max_len = run["task"], args.max_len or run["max_len"]
     tok = D.load_tokenizer(model_dir)
@@ -379,9 +487,26 @@ def eval_command(args) -> int:
     device = torch.device(args.device if args.device not in (None, "auto") else
                           "cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task, device)
+    metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task)
     print(json.dumps({"method": run["method"], "task": task, "examples": len(ex), **metrics}))
     return 0
+
+
+def read_run(path) -> dict:
+    """A ``run.json`` written by ``minift train``, each field checked (InputError naming the file)."""
+    run = read_json(path, "run record")
+    field(run, "method", str, path)
+    field(run, "options", dict, path)
+    if field(run, "task", str, path) not in TASKS:
+        raise InputError(f"{path}: field 'task' must be one of {', '.join(TASKS)}, got {run['task']!r}")
+    if field(run, "max_len", int, path) < 1:
+        raise InputError(f"{path}: field 'max_len' must be >= 1, got {run['max_len']}")
+    field(run, "model", str, path)
+    labels = field(run, "label2id", (dict, type(None)), path)
+    if labels is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        raise InputError(f"{path}: field 'label2id' must map label names to integers")
+    field(field(run, "train", dict, path), "lr", float, path)
+    return run
 
 
 def _jsonable(opts: dict) -> dict:

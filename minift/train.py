@@ -33,6 +33,7 @@ import torch
 
 from minift.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                save_weights, seed_everything)
+from minift.files import InputError, read_text
 from minift.forward import check_device, model_forward, pick_device, to_device
 
 
@@ -58,7 +59,7 @@ class TrainConfig:
     higher_is_better: bool = False
     shuffle: bool = True
     seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    device: str | None = None         # None: train where the model is; auto | cpu | cuda | cuda:N: move it there
     bf16: bool = True                 # bf16 autocast, on CUDA only
     compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
     out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
@@ -83,11 +84,17 @@ class TrainConfig:
         for name in ("eval_every", "patience", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "warmup", "weight_decay", "max_grad_norm", "epochs"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
         if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0:
-            raise ValueError("lr must be > 0, warmup and weight_decay >= 0")
+            raise ValueError(f"lr must be > 0, warmup and weight_decay >= 0; got lr={self.lr}, "
+                             f"warmup={self.warmup}, weight_decay={self.weight_decay}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
-        check_device(self.device)
+        if self.device is not None:
+            check_device(self.device)
 
     def total_steps(self, n_batches: int) -> int:
         if self.steps is not None:
@@ -140,15 +147,20 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     holds every parameter, and AdamW skips those without a gradient); ``param_groups`` (dicts
     with ``params`` and optionally ``lr``/``weight_decay``: LoRA+, discriminative lrs);
     ``eval_fn(model) -> metrics`` every ``eval_every`` steps; ``on_step(step, loss)`` after
-    each step. A KeyboardInterrupt saves a checkpoint (with ``out_dir``) and returns with
-    ``interrupted=True``. An evaluation is all or nothing: one interrupted midway leaves no
+    each step. ``cfg.device`` None trains the model where it is; a device name moves the model
+    there first, and it stays there. A KeyboardInterrupt saves a checkpoint (with ``out_dir``)
+    and returns with ``interrupted=True``; any other exception after a step has run saves one
+    too, then propagates. An evaluation is all or nothing: one interrupted midway leaves no
     trace (no eval record, best or log line) and the checkpoint marks it pending, so
     ``resume`` runs it again, on the same weights and RNG, before the next step.
     """
     if len(train_batches) == 0:
         raise ValueError("train_batches is empty")
-    device = pick_device(cfg.device)
-    model.to(device)
+    if cfg.device is None:
+        device = next(model.parameters()).device
+    else:
+        device = pick_device(cfg.device)
+        model.to(device)
     total = cfg.total_steps(len(train_batches))
     warmup = cfg.warmup_steps(total)
     opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=device)
@@ -175,7 +187,7 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
     bar = _progress(total, step, cfg.progress)
     n_tokens, t0, updating = 0, time.perf_counter(), False
-    snap, snap_step = rng_state(), step
+    snap, snap_step, start_step, error = rng_state(), step, step, None
     if cfg.compile:
         model.compile()  # compiled on the first forward; evaluation after training uses it too
     model.train()
@@ -233,12 +245,17 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
         if updating:  # weights may be half-updated: keep the previous checkpoint
             raise
         opt.zero_grad(set_to_none=True)  # drop the gradients of the step in flight
+    except Exception as e:  # a failure: keep the steps done so far (unless weights are half-updated)
+        if updating:
+            raise
+        opt.zero_grad(set_to_none=True)
+        error = e
     finally:
         bar.close()
         model.eval()
     res.steps = step
     res.tokens_per_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
-    if out:
+    if out and (error is None or step > start_step or state.get("eval_pending")):
         # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
         # resumed step must draw again, so the RNG is saved as it was when that step began.
         # Likewise inside an evaluation (it may sample): as it was when the evaluation began.
@@ -246,19 +263,21 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
         res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator, rng=rng))
         if cfg.plot:
             plot_losses(res, out / "loss.png")
+    if error is not None:
+        raise error
     return res
 
 
 def _evaluate(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
     """Run ``eval_fn``; track the best; save ``best/`` weights. True means: stop early.
 
-    All or nothing: a KeyboardInterrupt anywhere in it takes back what it recorded (the eval
-    record, the best, the log line) and marks it pending with the RNG it began with, for the
-    checkpoint: a resumed run evaluates this step again, exactly once."""
+    All or nothing: a KeyboardInterrupt or failure anywhere in it takes back what it recorded
+    (the eval record, the best, the log line) and marks it pending with the RNG it began with,
+    for the checkpoint: a resumed run evaluates this step again, exactly once."""
     n_evals, best, bad_evals, rng = len(res.evals), res.best, state["bad_evals"], rng_state()
     try:
         return _evaluate_once(model, eval_fn, step, cfg, res, state, out, log_path)
-    except KeyboardInterrupt:
+    except BaseException:
         del res.evals[n_evals:]
         res.best, state["bad_evals"] = best, bad_evals
         _truncate_log(log_path, step, drop_eval=True)
@@ -337,9 +356,21 @@ def _log(path, record: dict) -> None:
 
 
 def _truncate_log(path, step: int, drop_eval: bool = False) -> None:
-    """Keep the log lines up to ``step``; with ``drop_eval``, not the evaluation of ``step``."""
+    """Keep the log lines up to ``step``; with ``drop_eval``, not the evaluation of ``step``.
+    A half-written last line (a crash mid-append) is dropped; a bad line before it is an error."""
     if path and Path(path).is_file():
-        records = [(line, json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+        lines = [line for line in read_text(path, "metrics log").splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines, 1):
+            try:
+                r = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                r = None
+            if not isinstance(r, dict) or not isinstance(r.get("step", 0), int):
+                if i == len(lines):
+                    break  # the line a crash cut short
+                raise InputError(f"{path}:{i}: not a metrics record; move the file away to resume without it")
+            records.append((line, r))
         keep = [line for line, r in records if r.get("step", 0) < step or r.get("step", 0) == step
                 and not (drop_eval and "eval" in r)]
         Path(path).write_text("".join(line + "\n" for line in keep))

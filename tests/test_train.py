@@ -90,20 +90,36 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(tmp_path):
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
 
 
-def test_crash_resumes_from_the_last_periodic_checkpoint(tmp_path):
+def test_a_failure_after_a_step_keeps_the_steps_done(tmp_path):
+    """An exception raised after step 5 (here from on_step) still leaves a checkpoint of 5 steps
+    (a process killed outright keeps the last periodic one: see the next test), and the resumed
+    run equals an uninterrupted one."""
     data = batches()
     c = dict(steps=6, grad_accum=1, schedule="linear", save_every=2)
     full = train(gpt(), data, cfg(tmp_path / "a", **c))
 
     def crash(step, loss):
         if step == 5:
-            raise RuntimeError("machine died")
+            raise RuntimeError("disk full")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="disk full"):
         train(gpt(), data, cfg(tmp_path / "b", **c), on_step=crash)
-    assert json.loads((tmp_path / "b" / "last" / "state.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "b" / "last" / "state.json").read_text())["step"] == 5
     resumed = train(gpt(), data, cfg(tmp_path / "b", **c, resume=True))
     assert resumed.losses == full.losses
+
+
+def test_a_metric_the_evaluation_lacks_fails_but_keeps_the_step(tmp_path):
+    """The evaluation's failure is all or nothing: the checkpoint holds the step, and the
+    evaluation is pending, so a resumed run with a working evaluation runs it exactly once."""
+    data = batches()
+    c = cfg(tmp_path, steps=2, grad_accum=1, metric="nope")
+    with pytest.raises(KeyError, match="nope"):
+        train(gpt(), data, c, eval_fn=lambda m: {"loss": 1.0})
+    state = json.loads((tmp_path / "last" / "state.json").read_text())
+    assert state["step"] == 2 and state["eval_pending"] and state["evals"] == []
+    res = train(gpt(), data, cfg(tmp_path, steps=2, grad_accum=1, resume=True), eval_fn=lambda m: {"loss": 1.0})
+    assert [e["step"] for e in res.evals] == [2]
 
 
 def test_checkpoint_killed_halfway_leaves_the_previous_one_loadable(tmp_path, monkeypatch):

@@ -8,9 +8,11 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from minift.adapter_io import (PEFT_PREFIX, check_layers, copy_all, hf_param_key, module_map, modules_to_save_pairs,
-                               modules_to_save_params, place_all, task_type, undo_fresh,
-                               undo_point)
+from minift.adapter_io import (PEFT_PREFIX, ConfigError, check_layers, check_pattern, check_peft_targets, copy_all,
+                               hf_param_key, module_map, modules_to_save_pairs, modules_to_save_params, place_all,
+                               require_modules_to_save, require_saved_params, require_targets, settings_of,
+                               task_type, undo_fresh, undo_point)
+from minift.files import InputError, field
 from minift.methods import adalora
 from minift.models.gpt import GPT
 
@@ -32,6 +34,26 @@ def _adalora_config_of(model: nn.Module) -> adalora.AdaLoRAConfig:
     if cfg is None:
         raise ValueError("model has AdaLoRA layers but no adalora_config; apply them with adalora.apply")
     return cfg
+
+
+def adalora_check_config(config: dict, layout: str, where) -> None:
+    """The fields the AdaLoRA loaders read have the types they need: InputError naming ``where``."""
+    if layout == "minift":
+        for n in field(config, "modules", dict, where):
+            if field(config["modules"], n, int, f"{where}: modules") < 0:
+                raise InputError(f"{where}: modules[{n!r}] must be a rank >= 0, got {config['modules'][n]}")
+        settings_of(adalora.AdaLoRAConfig, field(config, "config", dict, where), where)
+        return
+    if field(config, "init_r", int, where) < 1:
+        raise InputError(f"{where}: field 'init_r' must be >= 1, got {config['init_r']}")
+    field(config, "lora_alpha", float, where)
+    field(config, "target_r", int, where, default=config["init_r"])
+    for name in ("lora_dropout", "beta1", "beta2", "orth_reg_weight"):
+        field(config, name, float, where, default=0.0)
+    for k, flags in check_pattern(config, "rank_pattern", list, where).items():
+        if not all(isinstance(b, bool) for b in flags):
+            raise InputError(f"{where}: rank_pattern[{k!r}] must be a list of true/false flags")
+    check_peft_targets(config, where)
 
 
 def adalora_load_or_undo(model: nn.Module, load, config: dict, tensors: dict) -> None:
@@ -59,13 +81,14 @@ def adalora_to_minift(model: nn.Module) -> tuple[dict, dict]:
 
 
 def adalora_from_minift(model: nn.Module, config: dict, tensors: dict) -> None:
-    modules, c = config["modules"], config["config"]
+    modules, cfg = config["modules"], adalora.AdaLoRAConfig(**config["config"])
     if not adalora.svd_modules(model):
-        adalora.apply(model, adalora.AdaLoRAConfig(**c), rank_pattern={n: [True] * r for n, r in modules.items()})
+        adalora.apply(model, cfg, rank_pattern={n: [True] * r for n, r in modules.items()})
     check_layers("AdaLoRA", dict(adalora.svd_modules(model)), modules,
-                 lambda n, m: (("rank", modules[n], m.r), ("alpha", c["alpha"], m.alpha),
-                               ("init_r", c["init_r"], m.ranknum)),
+                 lambda n, m: (("rank", modules[n], m.r), ("alpha", cfg.alpha, m.alpha),
+                               ("init_r", cfg.init_r, m.ranknum)),
                  tensors, "adalora.unmerge(model)")
+    require_saved_params(model, cfg.modules_to_save, tensors)
     place_all(model, tensors)
 
 
@@ -140,18 +163,30 @@ def adalora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
     pattern = {re.sub(r"\.lora_E(\.default)?$", "", k): v for k, v in (config.get("rank_pattern") or {}).items()}
     for hf, flags in pattern.items():
         if hf not in inv:
-            raise ValueError(f"rank_pattern names {hf!r}, which this {type(model).__name__} does not have "
-                             f"(modules here: {', '.join(sorted(inv)[:6])}, ...)")
+            raise ConfigError(f"rank_pattern names {hf!r}, which this {type(model).__name__} does not have "
+                              f"(modules here: {', '.join(sorted(inv)[:6])}, ...)")
         if hf not in parts:
-            raise ValueError(f"rank_pattern names {hf!r}, but the file has no AdaLoRA tensors for it")
+            raise ValueError(f"rank_pattern names {hf!r}, but the file has no AdaLoRA tensors for it: "
+                             f"the file is incomplete")
+    require_targets(config, model, module_map(model), parts, "AdaLoRA")
+    require_modules_to_save(model, module_map(model), config.get("modules_to_save"), extra, PEFT_PREFIX)
     per = {}  # minift module -> (A, E, B)
     for hf, p in parts.items():
-        if set(p) != {"lora_A", "lora_E", "lora_B"}:
-            raise ValueError(f"adapter file lacks lora_A, lora_E or lora_B for {hf}")
+        lacking = [k for k in ("lora_A", "lora_E", "lora_B") if k not in p]
+        if lacking:
+            raise ValueError(f"adapter file has no {hf}.{lacking[0]} tensor (it has {', '.join(sorted(p))} "
+                             f"for that layer): the file is incomplete")
+        if p["lora_A"].dim() != 2 or p["lora_B"].dim() != 2 or p["lora_E"].dim() != 2 or p["lora_E"].shape[1] != 1:
+            raise ValueError(f"adapter tensors of {hf} have shapes lora_A {tuple(p['lora_A'].shape)}, lora_E "
+                             f"{tuple(p['lora_E'].shape)}, lora_B {tuple(p['lora_B'].shape)}; AdaLoRA needs "
+                             f"(k, in), (k, 1) and (out, k)")
         k = p["lora_E"].shape[0]
         if hf in pattern and (len(pattern[hf]) != R or sum(pattern[hf]) != k):
-            raise ValueError(f"rank_pattern of {hf} keeps {sum(pattern[hf])} of {len(pattern[hf])} triplets, but "
-                             f"the file holds {k} of init_r={R}")
+            raise ConfigError(f"{hf}: rank_pattern keeps {sum(pattern[hf])} of {len(pattern[hf])} triplets, but "
+                              f"the adapter file holds {k} (lora_E {tuple(p['lora_E'].shape)}) of init_r={R}")
+        if hf not in pattern and k != R:
+            raise ConfigError(f"{hf}: the config's init_r={R} (no rank_pattern entry for it), but the adapter file "
+                              f"holds {k} triplets (lora_E {tuple(p['lora_E'].shape)})")
         for name, slot in inv[hf]:
             rows = slice(None) if slot is None else slice(slot * (p["lora_B"].shape[0] // 3),
                                                           (slot + 1) * (p["lora_B"].shape[0] // 3))

@@ -12,9 +12,11 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from minift.adapter_io import (PEFT_PREFIX, check_layers, copy_all, hf_param_key, module_map, modules_to_save_pairs,
-                               modules_to_save_params, pattern_value, place_all, task_type,
-                               undo_fresh, undo_point)
+from minift.adapter_io import (PEFT_PREFIX, ConfigError, check_layers, check_pattern, check_peft_targets, copy_all,
+                               hf_param_key, module_map, modules_to_save_pairs, modules_to_save_params, pattern_value,
+                               place_all, require_modules_to_save, require_saved_params, require_targets,
+                               settings_of, task_type, undo_fresh, undo_point)
+from minift.files import InputError, field
 from minift.methods import lora
 from minift.models.gpt import GPT
 
@@ -32,6 +34,28 @@ def lora_load_or_undo(model: nn.Module, load, config: dict, tensors: dict) -> No
         if fresh and lora.lora_modules(model):
             undo_fresh(model, point, lora.LoRALinear, "lora_config")
         raise
+
+
+def lora_check_config(config: dict, layout: str, where) -> None:
+    """The fields the LoRA loaders read have the types they need: InputError naming ``where``."""
+    if layout == "minift":
+        modules = field(config, "modules", dict, where)
+        for n, v in modules.items():
+            if not isinstance(v, dict):
+                raise InputError(f"{where}: modules[{n!r}] must be a JSON object with r and alpha")
+            field(v, "r", int, f"{where}: modules[{n!r}]")
+            field(v, "alpha", float, f"{where}: modules[{n!r}]")
+        settings_of(lora.LoRAConfig, field(config, "config", dict, where), where)
+        return
+    if field(config, "r", int, where) < 1:
+        raise InputError(f"{where}: field 'r' must be >= 1, got {config['r']}")
+    field(config, "lora_alpha", float, where)
+    field(config, "lora_dropout", float, where, default=0.0)
+    for name in ("use_rslora", "use_dora"):
+        field(config, name, bool, where, default=False)
+    check_pattern(config, "rank_pattern", int, where)
+    check_pattern(config, "alpha_pattern", float, where)
+    check_peft_targets(config, where)
 
 
 def _pissa_targets(model: nn.Module, config: dict) -> list[str]:
@@ -77,6 +101,7 @@ def lora_from_minift(model: nn.Module, config: dict, tensors: dict) -> None:
                  lambda n, m: (("r", modules[n]["r"], m.r), ("alpha", modules[n]["alpha"], m.alpha),
                                ("rslora", rslora, m.rslora), ("dora", dora, m.dora)),
                  tensors, "lora.unmerge(model)")
+    require_saved_params(model, c.get("modules_to_save"), tensors)
     place_all(model, tensors)
 
 
@@ -223,9 +248,9 @@ def _split_qkv(model, hf: str, parts: dict, members, s_file: float) -> list:
 
 def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise ValueError("PEFT LoRA with trained biases (bias != 'none' or lora_bias) is not supported")
+        raise ConfigError("PEFT LoRA with trained biases (bias != 'none' or lora_bias) is not supported")
     if str(config.get("init_lora_weights", True)).startswith("pissa"):
-        raise ValueError("PEFT PiSSA adapters are stored against PEFT's residual base; not supported")
+        raise ConfigError("PEFT PiSSA adapters are stored against PEFT's residual base; not supported")
     mmap = module_map(model)
     inv: dict[str, list] = {}
     for name, (hf, slot) in mmap.items():
@@ -245,12 +270,28 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
         else:
             extra[key] = t
     rslora, dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
+    require_targets(config, model, mmap, lora_t, "LoRA")
+    require_modules_to_save(model, mmap, config.get("modules_to_save"), extra, PEFT_PREFIX)
     scale = {}
     for hf, parts in lora_t.items():
-        if "lora_A" not in parts or "lora_B" not in parts or (dora and "lora_magnitude_vector" not in parts):
-            raise ValueError(f"adapter file lacks lora_A, lora_B or (DoRA) lora_magnitude_vector for {hf}")
+        lacking = [k for k in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if dora else ()) if k not in parts]
+        if lacking:
+            raise ValueError(f"adapter file has no {hf}.{lacking[0]} tensor (it has "
+                             f"{', '.join(sorted(parts))} for that layer): the file is incomplete")
+        A, B = parts["lora_A"], parts["lora_B"]
+        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+            raise ValueError(f"adapter tensors {hf}.lora_A {tuple(A.shape)} and {hf}.lora_B {tuple(B.shape)} are "
+                             f"not the factors (r, in) and (out, r) of one LoRA")
+        if dora and parts["lora_magnitude_vector"].dim() != 1:
+            raise ValueError(f"adapter tensor {hf}.lora_magnitude_vector has shape "
+                             f"{tuple(parts['lora_magnitude_vector'].shape)}; it must be a vector")
+        r = pattern_value(config.get("rank_pattern"), hf, config["r"])
+        if A.shape[0] != r:
+            source = "rank_pattern" if pattern_value(config.get("rank_pattern"), hf, None) is not None else "r"
+            raise ConfigError(f"{hf}: the config's {source} gives r={r}, but its lora_A in the adapter file has "
+                              f"rank {A.shape[0]} (shape {tuple(A.shape)})")
         alpha = pattern_value(config.get("alpha_pattern"), hf, config["lora_alpha"])
-        scale[hf] = (parts["lora_A"].shape[0], alpha)
+        scale[hf] = (A.shape[0], alpha)
     if not lora.lora_modules(model):
         ranks = {name: scale[hf] for hf in lora_t for name, _ in inv[hf]}
         mts = []

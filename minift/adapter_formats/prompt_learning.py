@@ -8,7 +8,9 @@ from dataclasses import asdict
 
 import torch.nn as nn
 
-from minift.adapter_io import copy_all, hf_param_key, is_conv1d, module_map, modules_to_save_params, task_type
+from minift.adapter_io import (ConfigError, copy_all, hf_param_key, is_conv1d, module_map, modules_to_save_params,
+                               require_modules_to_save, require_saved_params, settings_of, task_type)
+from minift.files import InputError, field
 from minift.methods import prefix, prompt
 
 
@@ -25,6 +27,20 @@ _PEFT_PROMPT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}  # "text": see
 
 def _virtual_module(model: nn.Module, kind: str):
     return model.prefix_encoder if kind == "PREFIX_TUNING" else model.soft_prompt
+
+
+def prompt_learning_check_config(config: dict, layout: str, where) -> None:
+    """The fields the prefix/prompt loaders read have the types they need: InputError naming ``where``."""
+    if layout == "minift":
+        cls = prefix.PrefixConfig if config["peft_type"] == "PREFIX_TUNING" else prompt.PromptConfig
+        settings_of(cls, field(config, "config", dict, where), where)
+        return
+    for name in ("num_virtual_tokens", "num_transformer_submodules", "num_layers", "token_dim",
+                 "num_attention_heads"):
+        field(config, name, int, where, default=None)
+    mts = field(config, "modules_to_save", (str, list), where, default=None)
+    if isinstance(mts, list) and not all(isinstance(t, str) for t in mts):
+        raise InputError(f"{where}: field 'modules_to_save' must be a string or a list of strings")
 
 
 def prompt_learning_to_peft(model: nn.Module, kind: str) -> tuple[dict, dict]:
@@ -54,21 +70,25 @@ def prompt_learning_to_peft(model: nn.Module, kind: str) -> tuple[dict, dict]:
 def prompt_learning_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
     kind = config["peft_type"]
     n_layer, n_head, n_embd, _ = prefix.model_dims(model)
-    if config.get("num_transformer_submodules", 1) != 1:
-        raise ValueError("adapter was saved for an encoder-decoder model (num_transformer_submodules=2)")
+    if (config.get("num_transformer_submodules") or 1) != 1:
+        raise ConfigError("adapter was saved for an encoder-decoder model (num_transformer_submodules=2)")
     want = {"num_layers": n_layer, "token_dim": n_embd, "num_attention_heads": n_head}
     for k, v in want.items():
-        if k in config and config[k] != v:
-            raise ValueError(f"adapter has {k}={config[k]}, this model has {v}: saved for a model of another shape")
+        if config.get(k) is not None and config[k] != v:
+            raise ConfigError(f"adapter has {k}={config[k]}, this model has {v}: saved for a model of another shape")
     if "prompt_embeddings" not in tensors:
         raise ValueError(f"adapter file has no 'prompt_embeddings' tensor; not a PEFT {kind} file")
     table = tensors["prompt_embeddings"]
+    if table.dim() != 2:
+        raise ValueError(f"adapter tensor 'prompt_embeddings' has shape {tuple(table.shape)}; it must be a "
+                         f"table (num_virtual_tokens, width)")
     P = table.shape[0]
-    if config.get("num_virtual_tokens", P) != P:
-        raise ValueError(f"prompt_embeddings has {P} rows, the config says num_virtual_tokens="
-                         f"{config['num_virtual_tokens']}")
-    inv = {hf: name for name, (hf, slot) in module_map(model).items() if slot is None}
-    extra = {}
+    if (config.get("num_virtual_tokens") or P) != P:
+        raise ConfigError(f"the config says num_virtual_tokens={config['num_virtual_tokens']}, but "
+                          f"prompt_embeddings in the adapter file has {P} rows")
+    mmap = module_map(model)
+    inv = {hf: name for name, (hf, slot) in mmap.items() if slot is None}
+    extra, found = {}, set()
     for key, t in tensors.items():
         if key == "prompt_embeddings":
             continue
@@ -76,7 +96,12 @@ def prompt_learning_from_peft(model: nn.Module, config: dict, tensors: dict) -> 
         mod_hf, _, pname = hk.rpartition(".")
         if mod_hf not in inv:
             raise ValueError(f"adapter tensor {key!r} matches no module of this model")
-        extra[f"{inv[mod_hf]}.{pname}"] = t.t() if pname == "weight" and is_conv1d(model, mod_hf) else t
+        transpose = pname == "weight" and is_conv1d(model, mod_hf)
+        if transpose and t.dim() != 2:
+            raise ValueError(f"adapter tensor {key!r} has shape {tuple(t.shape)}; {inv[mod_hf]} expects a matrix")
+        extra[f"{inv[mod_hf]}.{pname}"] = t.t() if transpose else t
+        found.add(hk)
+    require_modules_to_save(model, mmap, config.get("modules_to_save"), found, PEFT_PROMPT_PREFIX)
     mts = tuple(dict.fromkeys(k.rpartition(".")[0] for k in extra))
     attr = "prefix_encoder" if kind == "PREFIX_TUNING" else "soft_prompt"
     if getattr(model, attr, None) is None:
@@ -123,6 +148,12 @@ def prompt_learning_from_minift(model: nn.Module, config: dict, tensors: dict) -
     if unknown:
         raise ValueError(f"adapter tensor {unknown[0]!r} has no place in this model (a reparameterized prefix "
                          f"and a plain one have different tensors; was it saved for another model?)")
+    missing = [f"{attr}.{n}" for n, _ in getattr(model, attr).named_parameters() if f"{attr}.{n}" not in tensors]
+    if missing:
+        raise ValueError(f"adapter file has no tensor {missing[0]!r}"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, which this model's "
+                         f"{attr} needs: the file is incomplete")
+    require_saved_params(model, config["config"].get("modules_to_save"), tensors)
     copy_all([(own[k], t, k, k) for k, t in tensors.items()])
 
 

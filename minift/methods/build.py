@@ -68,6 +68,14 @@ def build_method(model: nn.Module, method: str, args: Mapping | None = None, *, 
             kw["modules_to_save"] = head
         return cls(**{**kw, **fixed})
 
+    def check_head(cfg):
+        """A new classification head trains in full; a low-rank update of its random weight is refused."""
+        hit = [t for t in cfg.targets if head and (t == "classifier" or t.endswith(".classifier"))]
+        if hit:
+            raise ValueError(f"--targets {hit[0]}: the classification head is new (randomly initialized) and "
+                             f"trains in full as a module to save (--modules-to-save classifier, the default); "
+                             f"{method} adapts pretrained layers only, so drop it from --targets")
+
     def check_unused():
         extra = sorted(set(opts) - used)
         if extra:
@@ -86,6 +94,7 @@ def build_method(model: nn.Module, method: str, args: Mapping | None = None, *, 
         from minift.methods import lora
         cfg = config(lora.LoRAConfig, **({"dora": True} if method == "dora" else {}))
         check_unused()
+        check_head(cfg)
         if opts.get("merged_forward") and cfg.dropout > 0:
             raise ValueError(f"--merged-forward needs --dropout 0 (LoRA dropout acts on the adapter's input "
                              f"only, which the merged weight cannot do); got --dropout {cfg.dropout}")
@@ -102,6 +111,7 @@ def build_method(model: nn.Module, method: str, args: Mapping | None = None, *, 
         steps = {"total_step": total_steps} if total_steps and "total_step" not in opts else {}
         cfg = config(adalora.AdaLoRAConfig, **steps)
         check_unused()
+        check_head(cfg)
         st = MethodState(method, adalora.apply(model, cfg), cfg)
         st.allocator = adalora_alloc.RankAllocator(model, cfg)
         w = cfg.orth_reg_weight
