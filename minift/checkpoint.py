@@ -13,6 +13,10 @@ A checkpoint is a directory:
 It is written into ``last.tmp/`` and swapped in with ``os.replace``: a crash while writing
 leaves ``last/`` untouched, a crash between the two renames of the swap leaves it as
 ``last.old/``, which ``latest_checkpoint`` falls back to.
+
+Loading reads and checks every file before it restores anything: a damaged checkpoint (a file
+unreadable, a field missing or of the wrong type, a tensor missing, unknown or of another shape,
+an optimizer of other groups) raises InputError naming the file and changes nothing.
 """
 from __future__ import annotations
 
@@ -183,9 +187,9 @@ def _read_state(f: Path) -> tuple[dict, dict]:
     if field(state, "step", int, f) < 0:
         raise InputError(f"{f}: field 'step' must be >= 0, got {state['step']}")
     losses = field(state, "losses", list, f)
-    bad = next((x for x in losses if isinstance(x, bool) or not isinstance(x, (int, float))), None)
-    if bad is not None:
-        raise InputError(f"{f}: field 'losses' must be a list of numbers, it holds {bad!r:.40}")
+    bad = [x for x in losses if isinstance(x, bool) or not isinstance(x, (int, float))]
+    if bad:
+        raise InputError(f"{f}: field 'losses' must be a list of numbers, it holds {json.dumps(bad[0]):.40}")
     if not all(isinstance(e, dict) for e in field(state, "evals", list, f)):
         raise InputError(f"{f}: field 'evals' must be a list of JSON objects")
     field(state, "best", (dict, type(None)), f)

@@ -349,10 +349,12 @@ def train_command(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "run.json").write_text(json.dumps(run, indent=1) + "\n")
     t, n = st.trainable(model)
-    print(f"minift train: {method} on {task}: {t:,} of {n:,} parameters trainable "
-          f"({100 * t / n:.2f}%), {total} steps", file=sys.stderr)
+
+    def started(step: int) -> None:  # once a checkpoint to resume has loaded: no line before an error
+        print(f"minift train: {method} on {task}: {t:,} of {n:,} parameters trainable ({100 * t / n:.2f}%), "
+              f"{total} steps" + (f", resuming after step {step}" if step else ""), file=sys.stderr)
     eval_fn = (lambda m: evaluate(m, dev, task)) if dev else None
-    res = train(model, batches, cfg, eval_fn=eval_fn, **st.train_hooks())
+    res = train(model, batches, cfg, eval_fn=eval_fn, on_start=started, **st.train_hooks())
     if res.interrupted:
         print(f"minift train: interrupted at step {res.steps}; checkpoint in {res.checkpoint}; "
               f"continue with --resume", file=sys.stderr)

@@ -136,6 +136,7 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
           allocator=None, penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
           unfreezer=None, param_groups: list[dict] | None = None,
           forward_context: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None,
+          on_start: Callable[[int], None] | None = None,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train ``model`` on ``train_batches`` (a sequence of batch dicts) and return the history.
 
@@ -146,7 +147,8 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     ``unfreezer.step(step)`` before each step (gradual unfreezing; the optimizer then
     holds every parameter, and AdamW skips those without a gradient); ``param_groups`` (dicts
     with ``params`` and optionally ``lr``/``weight_decay``: LoRA+, discriminative lrs);
-    ``eval_fn(model) -> metrics`` every ``eval_every`` steps; ``on_step(step, loss)`` after
+    ``eval_fn(model) -> metrics`` every ``eval_every`` steps; ``on_start(step)`` once the
+    checkpoint to resume (if any) is loaded, before the first step; ``on_step(step, loss)`` after
     each step. ``cfg.device`` None trains the model where it is; a device name moves the model
     there first, and it stays there. A KeyboardInterrupt saves a checkpoint (with ``out_dir``)
     and returns with ``interrupted=True``; any other exception after a step has run saves one
@@ -179,6 +181,8 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
         if log_path and Path(log_path).is_file():
             Path(log_path).write_text("")  # a fresh start: no lines of an earlier run
     step = state["step"]
+    if on_start is not None:
+        on_start(step)
     res.losses, res.evals, res.best = state["losses"], state["evals"], state["best"]
     if state.get("stopped_early"):  # the run ended by early stopping: resuming it does nothing
         res.steps, res.stopped_early, res.checkpoint = step, True, str(ckpt)

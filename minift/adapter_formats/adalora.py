@@ -198,15 +198,20 @@ def adalora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
             if mod not in inv or inv[mod][0][1] is not None:
                 raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} matches no module of this model")
             mts.append(inv[mod][0][0])
-        kw = dict(init_r=R, target_r=min(config.get("target_r", R), R), alpha=alpha,
-                  dropout=config.get("lora_dropout", 0.0), targets=tuple(per), beta1=config.get("beta1", 0.85),
-                  beta2=config.get("beta2", 0.85), orth_reg_weight=config.get("orth_reg_weight", 0.5),
+        def get(name, default):  # PEFT's default for an absent or null field
+            return default if config.get(name) is None else config[name]
+        kw = dict(init_r=R, target_r=min(get("target_r", R), R), alpha=alpha,
+                  dropout=get("lora_dropout", 0.0), targets=tuple(per), beta1=get("beta1", 0.85),
+                  beta2=get("beta2", 0.85), orth_reg_weight=get("orth_reg_weight", 0.5),
                   modules_to_save=tuple(dict.fromkeys(mts)))
         try:  # the file's schedule when it is a valid one (an inference-only file may lack it)
             cfg = adalora.AdaLoRAConfig(**kw, tinit=config.get("tinit"), tfinal=config.get("tfinal"),
                                         delta_t=config.get("deltaT"), total_step=config.get("total_step"))
         except (ValueError, TypeError):
-            cfg = adalora.AdaLoRAConfig(**kw, tinit=0, tfinal=0, delta_t=1, total_step=2)
+            try:
+                cfg = adalora.AdaLoRAConfig(**kw, tinit=0, tfinal=0, delta_t=1, total_step=2)
+            except (ValueError, TypeError) as e:  # e.g. lora_alpha <= 0, beta1 >= 1
+                raise ConfigError(str(e)) from None
         adalora.apply(model, cfg, rank_pattern={n: [True] * t[1].shape[0] for n, t in per.items()})
     have = dict(adalora.svd_modules(model))
     s_file = alpha / (R + 1e-5)

@@ -301,9 +301,12 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
                 raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} matches no module of this model")
             mts.append(inv[mod][0][0])
         init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "default"
-        cfg = lora.LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                              targets=tuple(ranks), rslora=rslora, dora=dora, init=init,
-                              modules_to_save=tuple(dict.fromkeys(mts)))
+        try:
+            cfg = lora.LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+                                  targets=tuple(ranks), rslora=rslora, dora=dora, init=init,
+                                  modules_to_save=tuple(dict.fromkeys(mts)))
+        except ValueError as e:  # e.g. lora_alpha <= 0, lora_dropout >= 1
+            raise ConfigError(str(e)) from None
         lora.apply(model, cfg, ranks=ranks)
     have = dict(lora.lora_modules(model))
     pairs, covered = [], set()

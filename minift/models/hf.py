@@ -11,6 +11,9 @@ GPT-2 differences handled here:
 BERT maps one-to-one: ``attention.self.query -> attn.q_proj``, ``attention.output.dense ->
 attn.o_proj``, ``intermediate.dense -> mlp.up_proj``, ``output.dense -> mlp.down_proj`` and
 the LayerNorms. Unknown or missing keys and shape mismatches are errors naming the key.
+Every error about the files is an InputError (``minift.files``): one line naming the file
+(and the field or tensor): unreadable or non-JSON config.json, a size field missing or not an
+integer, unreadable safetensors, an integer or boolean weight (never cast to float).
 A config.json field asking for a computation minift's models do not implement (relative
 positions, a decoder BERT, GPT-2's per-layer attention scaling, an untied LM head, another
 activation, ...) is an error naming the field, its value and the supported values
