@@ -401,9 +401,10 @@ def test_prefix_adapter_lacking_its_table_is_refused(tmp_path):
         target = GPT(GPTConfig(**TINY_GPT)).eval()
         refused(lambda: adapters.load_adapter(target, tmp_path / layout), f)
         assert getattr(target, "prefix_encoder", None) is None
-    edit_json(tmp_path / "peft" / "adapter_config.json", num_virtual_tokens="3")
-    refused(lambda: adapters.load_adapter(GPT(GPTConfig(**TINY_GPT)), tmp_path / "peft"),
-            tmp_path / "peft" / "adapter_config.json", "'num_virtual_tokens'")
+    for bad in ("3", 0):
+        edit_json(tmp_path / "peft" / "adapter_config.json", num_virtual_tokens=bad)
+        refused(lambda: adapters.load_adapter(GPT(GPTConfig(**TINY_GPT)), tmp_path / "peft"),
+                tmp_path / "peft" / "adapter_config.json", "'num_virtual_tokens'")
 
 
 def test_missing_adapter_files(tmp_path):

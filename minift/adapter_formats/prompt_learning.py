@@ -37,7 +37,9 @@ def prompt_learning_check_config(config: dict, layout: str, where) -> None:
         return
     for name in ("num_virtual_tokens", "num_transformer_submodules", "num_layers", "token_dim",
                  "num_attention_heads"):
-        field(config, name, int, where, default=None)
+        value = field(config, name, int, where, default=None)
+        if value is not None and value < 1:
+            raise InputError(f"{where}: field {name!r} must be >= 1, got {value}")
     mts = field(config, "modules_to_save", (str, list), where, default=None)
     if isinstance(mts, list) and not all(isinstance(t, str) for t in mts):
         raise InputError(f"{where}: field 'modules_to_save' must be a string or a list of strings")
