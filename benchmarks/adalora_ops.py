@@ -8,10 +8,10 @@ This counts them on the CPU with a ``TorchDispatchMode``, twice: every aten op t
 a backend (views included: each costs dispatch time), and the ones that run a kernel (views
 left out: each of those is a launch on CUDA). The model is a GPT with 24 layers but tiny
 width, so the counts match GPT-2 medium's (144 adapted modules) while running in seconds.
-It is built with ``build_method`` and stepped with the calls ``minift.train.train`` makes
+It is built with ``build_method`` and stepped with the calls ``minift.training.loop.train`` makes
 (its ``train_hooks``: penalty, forward context, allocator), set up as they run on CUDA:
 bf16 autocast (CPU autocast stands in), fused AdamW, foreach gradient clipping.
-``--frozen-bf16`` stores frozen weights in bf16 as ``minift.bench`` does (the 1.59x of
+``--frozen-bf16`` stores frozen weights in bf16 as ``minift.studies.bench`` does (the 1.59x of
 issue 9 was measured that way); by default frozen weights are fp32, as ``train`` keeps them.
 
 AdaLoRA is counted at a step inside the pruning window (tinit < t < T - tfinal) where it
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minift.methods.build import build_method  # noqa: E402
 from minift.models.gpt import GPT, GPTConfig  # noqa: E402
-from minift.train import TrainConfig, make_optimizer, model_forward  # noqa: E402
+from minift.training.loop import TrainConfig, make_optimizer, model_forward  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 PHASES = ("forward", "penalty", "backward", "clip", "optimizer", "allocator", "zero_grad")
@@ -88,7 +88,7 @@ def build(method: str, layers: int, opts: dict, frozen_bf16: bool):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=layers, n_head=4, n_embd=64))
     st = build_method(model, method, {"targets": TARGETS, **opts})
-    if frozen_bf16:  # as minift.bench does: frozen weights need no per-step cast under autocast
+    if frozen_bf16:  # as minift.studies.bench does: frozen weights need no per-step cast under autocast
         for p in model.parameters():
             if not p.requires_grad:
                 p.data = p.data.to(torch.bfloat16)
@@ -137,7 +137,7 @@ def count_step(model, hooks, step: int, batch: dict) -> OpCounter:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--frozen-bf16", action="store_true", help="frozen weights in bf16, as minift.bench")
+    p.add_argument("--frozen-bf16", action="store_true", help="frozen weights in bf16, as minift.studies.bench")
     p.add_argument("--detail", action="store_true", help="kernel ops by name, per phase")
     a = p.parse_args()
     g = torch.Generator().manual_seed(0)

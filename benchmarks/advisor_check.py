@@ -1,7 +1,7 @@
-"""Check minift.advisor.estimate_memory against the measured peak of real training steps.
+"""Check minift.studies.advisor.estimate_memory against the measured peak of real training steps.
 
 For GPT-2 small and medium shapes (random init), B=8, T=1024, every method: the model is
-built on the GPU and the method applied exactly as ``minift.bench`` does (frozen weights
+built on the GPU and the method applied exactly as ``minift.studies.bench`` does (frozen weights
 stored in bf16, bf16 autocast, chunked cross-entropy, fused AdamW, zero_grad(set_to_none));
 two warm-up steps create the optimizer state, then ``torch.cuda.reset_peak_memory_stats()``
 and one more step: ``torch.cuda.max_memory_allocated()`` is the peak of a whole
@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minift import advisor, bench  # noqa: E402
+from minift.studies import advisor  # noqa: E402
+from minift.studies import bench  # noqa: E402
 
 TOLERANCE = 0.15
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from minift.data import load_tokenizer  # noqa: E402
+from minift.training.data import load_tokenizer  # noqa: E402
 from minift.models.gpt import GPT  # noqa: E402
 
 d, out = Path(sys.argv[1]), Path(sys.argv[2])

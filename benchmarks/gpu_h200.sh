@@ -10,7 +10,7 @@
 # Stage "e": the fused-AdamW and flash-attention flags' effects, eager, one call.
 # Stage "f" (2026-12-01, after the DoRA memory fixes): the LoRA GEMM-shape study, an eager
 # kernel profile of merged-forward LoRA, and the advisor's memory check again (DoRA rows).
-# Stage "g": the Triton rebuild of W0 + sBA (minift.kernels) checked on CUDA, the GEMM-shape study
+# Stage "g": the Triton rebuild of W0 + sBA (minift.fast.kernels) checked on CUDA, the GEMM-shape study
 # again, then LoRA under CUDA graphs and compiled PEFT in one call.
 # Stage "h" (2026-12-01, a new timing: the host queues the timed steps and synchronizes once; the
 # rebuild kernel's tile 64 x 64): kernel and timing tests, LoRA under CUDA graphs and compiled PEFT

@@ -8,7 +8,7 @@ backward), MergedLoRA runs four thin products: A x (forward), g B, (g B)^T x and
 "Stacked" folds two of the thin ones into the base GEMMs: x [W; A]^T gives y and A x in one GEMM
 (out + r output columns), g [W | B] gives dx and g B (in + r columns). The extra r columns cost a
 partial tile in each of those GEMMs; this script says whether that beats the separate thin GEMMs.
-It also times the rebuild both ways: ``torch.addmm`` and ``minift.kernels`` (one Triton pass).
+It also times the rebuild both ways: ``torch.addmm`` and ``minift.fast.kernels`` (one Triton pass).
 
     python benchmarks/lora_gemm_shapes.py --out benchmarks/results        # on a CUDA machine, ~30 s
     python benchmarks/lora_gemm_shapes.py --device cpu --tokens 256       # smoke test (plain timing)
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minift import kernels  # noqa: E402
+from minift.fast import kernels  # noqa: E402
 
 # GPT-2 medium's projections: q, k, v, o (1024 -> 1024), up (1024 -> 4096), down (4096 -> 1024)
 SHAPES = {"attn": (1024, 1024), "up": (1024, 4096), "down": (4096, 1024)}
@@ -78,7 +78,7 @@ def layer_ops(N: int, d_in: int, d_out: int, r: int, device: str, dtype) -> dict
         torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
     return {
         "rebuild W0 + sBA": lambda: torch.addmm(W0, B, A, alpha=2.0),
-        "rebuild (minift.kernels)": lambda: kernels.lora_merged_weight(W0, A, B, 2.0),
+        "rebuild (minift.fast.kernels)": lambda: kernels.lora_merged_weight(W0, A, B, 2.0),
         "y = x W^T": lambda: x @ W.t(),
         "A x": lambda: x @ A.t(),
         "[y | A x] = x [W; A]^T": lambda: x @ WA.t(),
@@ -95,7 +95,7 @@ def main():
     p.add_argument("--tokens", type=int, default=8192, help="N = batch x sequence (8 x 1024)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--sweep", action="store_true", help="also time minift.kernels' rebuild for several tiles")
+    p.add_argument("--sweep", action="store_true", help="also time minift.fast.kernels' rebuild for several tiles")
     p.add_argument("--out", default=None, help="directory for lora-gemm-shapes.json (default: print only)")
     a = p.parse_args()
     cuda = a.device.startswith("cuda")

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from minift.fetch import fetch_minilm  # noqa: E402
+from minift.training.fetch import fetch_minilm  # noqa: E402
 
 
 def pack(out, src=None, dtype=torch.float16) -> Path:

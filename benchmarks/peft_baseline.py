@@ -16,10 +16,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minift import bench, bench_timing  # noqa: E402
+from minift.studies import bench, bench_report  # noqa: E402
+from minift.studies import bench_timing  # noqa: E402
 
 
-def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: str = "default") -> bench.Row:
+def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: str = "default") -> bench_report.Row:
     """The same shapes through transformers + peft (imported only here, only when asked)."""
     import peft
     import transformers
@@ -82,7 +83,7 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
     variant = ("compile" if mode == "default" else f"compile:{mode}") if compile_ else "eager"
     if cfg.sync_each_step and cfg.device.startswith("cuda"):
         variant += "+sync_each_step"
-    row = bench.Row("peft", cfg.model, method, variant, bench._device_name(cfg.device),
+    row = bench_report.Row("peft", cfg.model, method, variant, bench._device_name(cfg.device),
               "bf16-autocast", cfg.batch, cfg.seq_len, trainable, total, ms,
               cfg.batch * cfg.seq_len / (ms / 1e3), peak, float("nan"),
               extra={"transformers": transformers.__version__, "peft": peft.__version__,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from minift import fetch
-from minift.methods import probe
+from minift.training import fetch
+from minift.training import run
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -53,7 +53,7 @@ def main() -> None:
     results = {}
     for pooling in ("cls", "mean"):
         t0 = time.perf_counter()
-        res = probe.probe_dataset(model_dir, data, pooling=pooling, limit=args.limit, max_len=args.max_len,
+        res = run.probe_dataset(model_dir, data, pooling=pooling, limit=args.limit, max_len=args.max_len,
                                   batch_size=32, seed=0)
         res.meta.update(model=f"MiniLM-L6 ({fetch.MINILM_SPEC})", device=device,
                         data=f"movie-review sentiment ({fetch.VADER_SPEC}), train split, first {args.limit}",

@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minift import bench  # noqa: E402
+from minift.studies import bench  # noqa: E402
 
 
 def main() -> None:

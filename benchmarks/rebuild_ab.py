@@ -1,7 +1,7 @@
 """A/B of LoRA's merged-weight rebuild W0 + sBA (``minift.methods.lora._merged_weight``).
 
 Runs ``minift bench`` in this process with the rebuild swapped for one of:
-  kernel       minift's own (``minift.kernels``: one Triton pass on CUDA, eager and compiled)
+  kernel       minift's own (``minift.fast.kernels``: one Triton pass on CUDA, eager and compiled)
   addmm        ``torch.addmm(W0, B, A)``: cuBLAS copies W0 into the output, then a rank-r GEMM adds
   elementwise  while torch.compile traces (the forward), W0 + s * sum_k B[:, k] A[k, :] written
                out for inductor to fuse; elsewhere the kernel, as with ``kernel`` (the backward's

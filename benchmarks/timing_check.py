@@ -1,6 +1,6 @@
 """The bench's two CUDA timings of one step, alternating in one process (one compile, one card).
 
-Wraps ``minift.bench_timing.time_steps`` so that each timed run is followed by four more windows
+Wraps ``minift.studies.bench_timing.time_steps`` so that each timed run is followed by four more windows
 of the same step: timed with the host synchronizing after every step, then queued, twice. Prints
 each window's median and step times, and writes them with the run's metadata (``bench.meta``) to
 OUT/timing-check-NAME.json; ``run`` numbers the timed runs (one per method) in order.
@@ -14,7 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minift import bench, bench_timing  # noqa: E402
+from minift.studies import bench  # noqa: E402
+from minift.studies import bench_timing  # noqa: E402
 
 
 def main() -> None:

@@ -2,14 +2,14 @@
 
 The public API, re-exported (each name is imported on first use); each method is also importable as a module
 (``from minift.methods import lora``) and reads top to bottom there. The training loop is
-``minift.train.train`` (not re-exported here, so ``minift.train`` stays the module).
+``minift.training.loop.train`` (not re-exported here, so ``minift.training.loop`` stays the module).
 """
 _EXPORTS = {  # public name -> the module that defines it
     **dict.fromkeys(("load_adapter", "save_adapter"), "minift.adapters"),
-    **dict.fromkeys(("MemoryEstimate", "Recommendation", "estimate_memory", "recommend"), "minift.advisor"),
+    **dict.fromkeys(("MemoryEstimate", "Recommendation", "estimate_memory", "recommend"), "minift.studies.advisor"),
     **dict.fromkeys(("ClassificationData", "DataError", "batches", "collate", "load_tokenizer",
-                     "read_classification", "read_records"), "minift.data"),
-    **dict.fromkeys(("FetchError", "cache_dir", "fetch_minilm", "fetch_sentiment"), "minift.fetch"),
+                     "read_classification", "read_records"), "minift.training.data"),
+    **dict.fromkeys(("FetchError", "cache_dir", "fetch_minilm", "fetch_sentiment"), "minift.training.fetch"),
     **dict.fromkeys(("AdaLoRAConfig", "SVDLinear"), "minift.methods.adalora"),
     "RankAllocator": "minift.methods.adalora_alloc",
     **dict.fromkeys(("count_trainable", "summary"), "minift.methods.common"),
@@ -22,8 +22,8 @@ _EXPORTS = {  # public name -> the module that defines it
     **dict.fromkeys(("accuracy", "perplexity", "precision_recall_f1", "rouge_l", "rouge_n"), "minift.metrics"),
     **dict.fromkeys(("Bert", "BertClassifier", "BertConfig"), "minift.models.bert"),
     **dict.fromkeys(("GPT", "GPTConfig"), "minift.models.gpt"),
-    "model_forward": "minift.forward",
-    **dict.fromkeys(("TrainConfig", "TrainResult"), "minift.train"),
+    "model_forward": "minift.training.forward",
+    **dict.fromkeys(("TrainConfig", "TrainResult"), "minift.training.loop"),
 }
 _METHOD_MODULES = ("adalora", "freeze", "full", "lora", "prefix", "probe", "prompt")  # minift.lora etc.
 

@@ -1,6 +1,6 @@
 """The `minift` command: the parser, dispatch and error handling, and the subcommands that work
 with one model (fetch, train, eval, probe). Those that study methods side by side are in
-cli_study.py.
+minift/studies/commands.py.
 
 Each subcommand has a ``_add_<name>(sub)`` that declares its flags and a ``_cmd_<name>(args)``
 that runs it. Exit codes: 0 success, 2 bad usage or input (one line on stderr, no traceback),
@@ -25,11 +25,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minift import cli_study  # imported here: it imports UsageError from this module
+    from minift.studies import commands as studies
     p = _Parser(prog="minift", description="Fine-tuning methods for transformers, from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    adds = {k: v for names in (globals(), vars(cli_study)) for k, v in names.items() if k.startswith("_add_")}
-    for _, add in sorted(adds.items()):  # subcommands in name order, from both modules
+    subcommands = (_add_train, _add_eval, _add_fetch, _add_probe,  # work with one model: below
+                   studies.add_compare, studies.add_recommend, studies.add_bench,  # study methods side by side
+                   studies.add_pretrain, studies.add_codegen_case)
+    for add in subcommands:
         add(sub)
     return p
 
@@ -57,8 +59,8 @@ def _one_line(msg) -> str:
 
 
 # ---------------------------------------------------------------------------- subcommands
-# Add each subcommand as a pair of functions in its own section: below, or in cli_study.py
-# when it studies methods side by side.
+# Add each subcommand as a pair of functions in its own section, below or in
+# minift/studies/commands.py (when it studies methods side by side), and list it in build_parser.
 
 
 # ---------------------------------------------------------------------------- fetch
@@ -75,7 +77,7 @@ def _add_fetch(sub) -> None:
 
 
 def _cmd_fetch(args) -> int:
-    from minift import fetch
+    from minift.training import fetch
     get = fetch.fetch_minilm if args.what == "minilm" else fetch.fetch_sentiment
     print(get(args.cache))
     return 0
@@ -110,8 +112,8 @@ def _add_probe(sub) -> None:
 
 
 def _cmd_probe(args) -> int:
-    from minift import fetch
-    from minift.methods import probe
+    from minift.training import fetch
+    from minift.training import run
     layers = None
     if args.layers is not None:
         try:
@@ -123,7 +125,7 @@ def _cmd_probe(args) -> int:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     model_dir = args.model or fetch.fetch_minilm()
     data_path = args.data or Path(fetch.fetch_sentiment()) / "train.jsonl"
-    res = probe.probe_dataset(model_dir, data_path, pooling=args.pooling, layers=layers, limit=args.limit,
+    res = run.probe_dataset(model_dir, data_path, pooling=args.pooling, layers=layers, limit=args.limit,
                               max_len=args.max_len, batch_size=args.batch_size, control=not args.no_control,
                               test_fraction=args.test_fraction, seed=args.seed)
     print(res.to_markdown(), end="")
@@ -144,7 +146,7 @@ def _cmd_probe(args) -> int:
 # ---------------------------------------------------------------------------- train
 
 def _add_train(sub) -> None:
-    from minift import run
+    from minift.training import run
     p = sub.add_parser("train", help="fine-tune a model with one method (flags map onto the method configs)",
                        description="Fine-tune an HF-format GPT-2 (causal-lm, prompt-completion) or BERT "
                                    "(classification) with one method. Settings: defaults < --recipe < --config "
@@ -155,7 +157,7 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from minift import run
+    from minift.training import run
     return run.train_command(args)
 
 
@@ -177,5 +179,5 @@ def _add_eval(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from minift import run
+    from minift.training import run
     return run.eval_command(args)

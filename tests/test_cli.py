@@ -181,7 +181,7 @@ def test_real_process_exit_code_and_no_traceback(files, tmp_path):
 
 
 def test_ctrl_c_saves_and_resume_matches_an_uninterrupted_run(files, tmp_path, capsys, monkeypatch):
-    train_module = importlib.import_module("minift.train")  # the module, not minift.train the function
+    train_module = importlib.import_module("minift.training.loop")  # the module, not minift.training.loop the function
     base = ["train", "--model", files / "bert", "--train", files / "train.jsonl", "--method", "lora",
             "--r", "2", "--dropout", "0.1", "--steps", "5", "--batch-size", "4", "--lr", "1e-2", "--no-progress"]
     assert run_cli([*base, "--out", tmp_path / "a"], capsys)[0] == 0
@@ -258,7 +258,7 @@ def test_toml_values_are_type_checked(toml, needle, files, tmp_path, capsys):
 def test_toml_accepts_an_int_for_a_float(files, tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[train]\nlr = 1\nwarmup = 0\n")
-    from minift.run import read_toml
+    from minift.training.run import read_toml
     assert read_toml(cfg)["train"] == {"lr": 1, "warmup": 0}
 
 
@@ -270,7 +270,7 @@ def test_probe_recipe_points_to_minift_probe(files, tmp_path, capsys):
 
 def test_recommend_names_the_file_and_the_missing_key(files, tmp_path):
     import shutil
-    from minift.advisor import config_from_dir
+    from minift.studies.advisor import config_from_dir
     d = tmp_path / "m"
     shutil.copytree(files / "bert", d)
     raw = json.loads((d / "config.json").read_text())
@@ -282,7 +282,7 @@ def test_recommend_names_the_file_and_the_missing_key(files, tmp_path):
 
 @pytest.mark.parametrize("minutes", ["-1", "0", "nan"])
 def test_pretrain_minutes_must_be_positive(minutes, tmp_path, capsys):
-    from minift.codegen import PretrainConfig
+    from minift.studies.codegen import PretrainConfig
     rc, _, err = run_cli(["pretrain", "--out", tmp_path / "p", "--minutes", minutes, "--device", "cpu"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "--minutes must be > 0" in err, err
     with pytest.raises(ValueError, match="minutes must be > 0"):

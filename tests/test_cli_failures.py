@@ -475,7 +475,7 @@ def test_lora_on_the_classifier(method, env, cli, tmp_path):
 
 # ---------------------------------------------------------------------------- Ctrl-C and failures mid-run
 
-@pytest.mark.parametrize("target", ["minift.run.load_model", "minift.data.load_tokenizer"])
+@pytest.mark.parametrize("target", ["minift.training.run.load_model", "minift.training.data.load_tokenizer"])
 @pytest.mark.parametrize("command", ["train", "resume", "eval"])
 def test_ctrl_c_during_start_up(target, command, env, cli, tmp_path, monkeypatch):
     run = copy_run(env, tmp_path / "run")
@@ -495,7 +495,7 @@ def test_ctrl_c_during_start_up(target, command, env, cli, tmp_path, monkeypatch
 
 
 def _resume_after_failure(env, cli, out, steps):
-    from minift.checkpoint import latest_checkpoint
+    from minift.training.checkpoint import latest_checkpoint
     ckpt = latest_checkpoint(out)
     assert ckpt is not None and (ckpt / "state.json").is_file(), "no loadable checkpoint after the failure"
     assert json.loads((ckpt / "state.json").read_text())["step"] >= 1
@@ -506,7 +506,7 @@ def _resume_after_failure(env, cli, out, steps):
 
 
 def test_failing_evaluation_after_a_step_leaves_a_checkpoint(env, cli, tmp_path, monkeypatch):
-    run_module = importlib.import_module("minift.run")
+    run_module = importlib.import_module("minift.training.run")
     real, calls = run_module.evaluate, []
 
     def evaluate(*a, **k):
@@ -528,7 +528,7 @@ def test_failing_final_save_leaves_a_checkpoint(env, cli, tmp_path, monkeypatch)
         raise ValueError("cannot save the adapter (test)")
 
     monkeypatch.setattr(importlib.import_module("minift.adapters"), "save_adapter", fail)
-    monkeypatch.setattr(importlib.import_module("minift.run"), "save_adapter", fail, raising=False)
+    monkeypatch.setattr(importlib.import_module("minift.training.run"), "save_adapter", fail, raising=False)
     out = tmp_path / "out"
     rc, err, _ = cli(train_argv(env, out, "--eval-every", 1, steps=2))
     assert rc in (1, 2) and "Traceback" not in "\n".join(err), (rc, err)
@@ -542,7 +542,7 @@ def test_failing_final_save_leaves_a_checkpoint(env, cli, tmp_path, monkeypatch)
 def test_direct_call_with_prefix_or_prompt_is_never_the_base_model(kind, tiny_gpt):
     """model(ids) on a GPT with a prefix / soft prompt attached either refuses (pointing to
     model_forward) or computes what model_forward computes: never silently the base model."""
-    from minift.forward import model_forward
+    from minift.training.forward import model_forward
     from minift.methods import prefix, prompt
     ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(0))
     T = ids.shape[1]

@@ -43,7 +43,7 @@ class MethodState:
     options: dict = field(default_factory=dict)  # the options used (to rebuild for eval)
 
     def train_hooks(self) -> dict:
-        """Keyword arguments for ``minift.train.train``."""
+        """Keyword arguments for ``minift.training.loop.train``."""
         return dict(param_groups=self.param_groups, allocator=self.allocator, penalty=self.penalty,
                     unfreezer=self.unfreezer, forward_context=self.forward_context)
 

@@ -111,7 +111,7 @@ def _require_method_inputs(model: nn.Module, args, kwargs):
     for attr, carriers in _INPUT_HOOKS.items():
         if getattr(model, attr, None) is not None and all(kwargs.get(a) is None for a in carriers):
             raise ValueError(f"this model has a {attr} attached, and calling it without {carriers[0]}= would "
-                             f"ignore it: run minift.forward.model_forward(model, batch), which applies it")
+                             f"ignore it: run minift.training.forward.model_forward(model, batch), which applies it")
 
 
 def require_method_inputs(model: nn.Module) -> None:

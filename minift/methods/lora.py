@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift import kernels
+from minift.fast import kernels
 from minift.methods.common import (count_trainable, find_modules, freeze_all, replace_with_linear, set_submodule,
                                    summary, unfreeze_modules)
 

@@ -317,38 +317,3 @@ def run_probe(model: nn.Module, batches, *, pooling: str = "cls", layers=None, c
     return probe_features(feats, labels, layers=layers, types=types, groups=groups, control=control,
                           pooling=pooling, test_fraction=test_fraction, l2=l2, max_iter=max_iter,
                           seed=seed, meta=meta)
-
-
-def load_encoder(model_dir) -> nn.Module:
-    """A GPT-2 (``model_type`` gpt2) or BERT (``bert``) checkpoint directory, as GPT or Bert."""
-    from minift.models import hf
-    kind = hf.read_config(model_dir).get("model_type")
-    if kind == "gpt2":
-        return GPT.from_pretrained(model_dir)
-    if kind == "bert":
-        return Bert.from_pretrained(model_dir)
-    raise ValueError(f"{model_dir}: model_type {kind!r} cannot be probed; expected 'bert' or 'gpt2'")
-
-
-def probe_dataset(model_dir, data_path, *, pooling: str = "cls", layers=None, limit: int | None = None,
-                  max_len: int = 64, batch_size: int = 32, **kw) -> ProbeResult:
-    """Probe every layer of the checkpoint in ``model_dir`` on a classification file (.jsonl
-    or .csv with ``text`` and ``label``; its first ``limit`` records). ``kw`` go to ``run_probe``."""
-    import time
-
-    from minift import data
-    if pooling == "token":
-        raise ValueError("probe_dataset reads sentence-level labels: pooling must be cls, mean or last")
-    if limit is not None and limit < 4:
-        raise ValueError(f"limit must be >= 4 examples, got {limit}")
-    model = load_encoder(model_dir)
-    tok = data.load_tokenizer(model_dir)
-    ds = data.read_classification(data_path)
-    examples = ds.tokenize(tok, max_length=max_len)[:limit]
-    t0 = time.perf_counter()
-    bs = data.batches(examples, batch_size, pad_id=data.pad_id(tok))
-    meta = {"model": str(model_dir), "data": str(data_path), "examples": len(examples), "max_len": max_len,
-            "labels": ds.id2label, "device": "cpu", "torch": torch.__version__}
-    res = run_probe(model, bs, pooling=pooling, layers=layers, meta=meta, **kw)
-    res.meta["seconds"] = round(time.perf_counter() - t0, 2)
-    return res

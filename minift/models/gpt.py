@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from minift.models.lm_loss import lm_loss
+from minift.fast.loss import lm_loss
 
 KV = tuple[torch.Tensor, torch.Tensor]
 

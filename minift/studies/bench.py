@@ -1,0 +1,330 @@
+"""CUDA-aware memory/throughput harness: every method against full fine-tuning.
+
+Same shape as nanoGPT's bench.py: build the model (random init: weights do not change
+speed), apply the method, run warm-up steps, then time each step of a window with CUDA
+events (``minift.studies.bench_timing``: the host queues the steps without waiting for the GPU, as a
+training loop that reads nothing back each step does) and report the median. Peak memory is
+``max_memory_allocated`` over the timed window after ``reset_peak_memory_stats`` (optimizer
+state already exists by then, so it is the steady-state peak of a whole step).
+
+MFU: model FLOPs per token (``minift.studies.mfu``: 6N + 12·L·T·d for full fine-tuning, 4N + 12·L·T·d
+over a frozen base) times tokens/s, over the bf16 matmul rate measured on the same card in the same run.
+tokens/s counts seq_len positions per row for every method: for prefix and prompt tuning that
+is P = 20 virtual positions plus seq_len - P text tokens (the PEFT baseline counts the same way).
+The peer (transformers + peft) runs the same shapes in ``benchmarks/peft_baseline.py``: the
+oracles are never imported from ``minift/``.
+
+Each optimization is a flag so its effect is measured, not assumed:
+``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
+``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
+the naive loss, for comparison with the fused cross-entropy of ``minift.fast.loss``),
+``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.methods.lora.MergedLoRA``),
+``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head),
+``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
+``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
+``sync_each_step`` (wait for the GPU after every timed step, as results up to H200 call g did).
+``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
+fails to compile a second model in one process under CUDA graphs, and a fresh process
+starts each method with an empty allocator).
+
+The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG) by
+``minift.studies.bench_report``.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import multiprocessing
+import platform
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from minift.studies import bench_timing
+# the report's names stay importable from here (minift.studies.bench.save, ...)
+from minift.studies.bench_report import Row, add_ratios, save, to_markdown  # noqa: F401
+from minift.studies.mfu import flops_per_token, matmul_params, measure_matmul_tflops  # noqa: F401
+from minift.methods.common import count_trainable
+from minift.models.bert import BertClassifier, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+from minift.training.forward import model_forward
+
+PRESETS = {
+    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
+    "bert-base": BertConfig(),
+    "tiny-gpt": GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64),
+    "tiny-bert": BertConfig(vocab_size=256, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=64,
+                            n_inner=128),
+}
+METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit", "probe")
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+VIRTUAL_TOKENS = 20
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class BenchConfig:
+    model: str = "gpt2-medium"
+    methods: tuple[str, ...] = METHODS
+    batch: int = 8
+    seq_len: int = 1024
+    steps: int = 10
+    warmup: int = 3
+    device: str = "cuda"
+    frozen_bf16: bool = True
+    compile: bool = False
+    compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    checkpointing: bool = False
+    plain_ce: bool = False
+    lora_merged_forward: bool = False
+    loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
+    fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
+    sdpa_math: bool = False
+    sync_each_step: bool = False  # CUDA timing: wait for the GPU after every step (bench_timing)
+    isolate: bool | None = None  # each method in its own process; None: only with compile
+    lora_targets: tuple[str, ...] = ALL_PROJ
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.model not in PRESETS:
+            raise ValueError(f"unknown model preset {self.model!r}; choose from {', '.join(PRESETS)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+        if self.batch < 1 or self.seq_len <= VIRTUAL_TOKENS or self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"need batch >= 1, seq_len > {VIRTUAL_TOKENS}, steps >= 1, warmup >= 0")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
+        if self.device == "cpu":
+            self.frozen_bf16 = False  # CPU runs are fp32 smoke tests
+        if self.loss_chunk is not None and self.loss_chunk < 1:
+            raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
+        if self.isolate is None:
+            self.isolate = self.compile
+
+
+
+
+# ---------------------------------------------------------------------------- minift runs
+
+def build(cfg: BenchConfig, method: str):
+    """Model with ``method`` applied; returns (model, hooks) where hooks holds the allocator etc."""
+    mc = replace(PRESETS[cfg.model])
+    with torch.device(cfg.device):  # initialize on the device: much faster for large models
+        if isinstance(mc, BertConfig):
+            mc.dropout = 0.0
+            model = BertClassifier(mc, num_labels=2)
+        else:
+            model = GPT(mc)
+    hooks: dict = {}
+    head = ("classifier",) if isinstance(model, BertClassifier) else ()
+    if method == "full":
+        from minift.methods import full
+        full.apply(model)
+    elif method in ("lora", "dora"):
+        from minift.methods import lora
+        lora.apply(model, lora.LoRAConfig(r=8, alpha=16, targets=cfg.lora_targets, dora=method == "dora",
+                                          modules_to_save=head))
+        if cfg.lora_merged_forward and method == "lora":
+            lora.set_merged_forward(model)
+    elif method == "adalora":
+        from minift.methods import adalora, adalora_alloc
+        acfg = adalora.AdaLoRAConfig(init_r=12, target_r=8, alpha=32, targets=cfg.lora_targets,
+                                     tinit=0, tfinal=0, delta_t=1,
+                                     total_step=cfg.warmup + cfg.steps + 1)
+        adalora.apply(model, acfg)
+        if head:
+            from minift.methods.common import unfreeze_modules
+            unfreeze_modules(model, head)
+        hooks["allocator"] = adalora_alloc.RankAllocator(model, acfg)
+        hooks["orth"] = (adalora.orth_penalty, acfg.orth_reg_weight)
+        hooks["factors"] = adalora.batched_factors  # as train does: forward and penalty inside it
+    elif method == "prefix":
+        from minift.methods import prefix
+        prefix.apply(model, prefix.PrefixConfig(num_virtual_tokens=VIRTUAL_TOKENS, modules_to_save=head))
+    elif method == "prompt":
+        from minift.methods import prompt
+        prompt.apply(model, prompt.PromptConfig(num_virtual_tokens=VIRTUAL_TOKENS, modules_to_save=head))
+    elif method == "freeze":
+        from minift.methods import freeze
+        freeze.apply(model, freeze.FreezeConfig(strategy="bottom_up"))
+    elif method == "bitfit":
+        from minift.methods import freeze
+        freeze.bitfit(model)
+    elif method == "probe":
+        for p in model.parameters():
+            p.requires_grad_(False)
+    model.checkpointing = cfg.checkpointing if isinstance(model, GPT) else False
+    if isinstance(model, GPT):
+        model.loss_chunk = cfg.loss_chunk
+    if isinstance(model, BertClassifier):
+        model.bert.checkpointing = cfg.checkpointing
+    model.to(cfg.device)
+    if cfg.frozen_bf16:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    return model, hooks
+
+
+def make_batch(model, cfg: BenchConfig, method: str) -> dict:
+    """Random tokens; prefix/prompt methods get seq_len - P text tokens so P + T = seq_len."""
+    T = cfg.seq_len - (VIRTUAL_TOKENS if method in ("prefix", "prompt") else 0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (cfg.batch, T), generator=g).to(cfg.device)
+    mask = torch.ones_like(ids)
+    if isinstance(model, GPT):
+        return {"input_ids": ids, "attention_mask": None, "labels": ids}
+    return {"input_ids": ids, "attention_mask": mask,
+            "labels": torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)}
+
+
+def _autocast(device: str):
+    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu",
+                          dtype=torch.bfloat16, enabled=device != "cpu")
+
+
+def _attention_backend(cfg: BenchConfig):
+    """SDPA picks its fastest kernel (flash on CUDA) unless ``sdpa_math`` forces the plain one."""
+    if not cfg.sdpa_math:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _loss(model, batch, cfg: BenchConfig, hooks):
+    with hooks["factors"](model) if "factors" in hooks else contextlib.nullcontext():
+        return _forward_loss(model, batch, cfg, hooks)
+
+
+def _forward_loss(model, batch, cfg: BenchConfig, hooks):
+    if cfg.plain_ce and isinstance(model, GPT):  # the naive loss: full fp32 logits
+        b = {k: v for k, v in batch.items() if k != "labels"}
+        out = model_forward(model, b | {"compute_logits": True})
+        logits = out.logits[:, :-1].float()  # (B, T-1, vocab) fp32
+        labels = batch["labels"][:, -logits.shape[1]:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    loss = model_forward(model, batch).loss
+    if "orth" in hooks:
+        fn, w = hooks["orth"]
+        loss = loss + w * fn(model)
+    return loss
+
+
+def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
+    torch.manual_seed(cfg.seed)
+    model, hooks = build(cfg, method)
+    batch = make_batch(model, cfg, method)
+    train = method != "probe"
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and cfg.device.startswith("cuda")
+    if cfg.compile:
+        model.compile(mode=cfg.compile_mode)
+    if train:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda") and cfg.fused_adamw)
+        model.train()
+
+        def step(i):
+            if graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
+            with _autocast(cfg.device):
+                loss = _loss(model, batch, cfg, hooks)
+            loss.backward()
+            opt.step()
+            if "allocator" in hooks:  # AdaLoRA: after the update, before zero_grad (as PEFT)
+                hooks["allocator"].step(model, i)
+            opt.zero_grad(set_to_none=True)
+    else:
+        model.eval()
+
+        @torch.no_grad()
+        def step(i):  # probing: one forward pass that keeps every layer's features
+            with _autocast(cfg.device):
+                extra = {"output_hidden_states": True}
+                if isinstance(model, GPT):
+                    extra["compute_logits"] = False  # features only, no vocabulary projection
+                model_forward(model, {k: v for k, v in batch.items() if k != "labels"} | extra)
+
+    with _attention_backend(cfg):
+        ms, peak, times = bench_timing.time_steps(step, cfg)
+    trainable, total = count_trainable(model)
+    mc = model.config
+    n, nt = matmul_params(model, lm_head=train)
+    inner = model.bert if isinstance(model, BertClassifier) else model
+    bl = mc.n_layer - inner.grad_from_layer
+    fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, mc.n_embd, backward_layers=bl, train=train)
+    tps = cfg.batch * cfg.seq_len / (ms / 1e3)
+    mfu = fpt * tps / (peak_tflops * 1e12) if peak_tflops else float("nan")
+    variant = variant_name(cfg, method)
+    row = Row("minift", cfg.model, method, variant, _device_name(cfg.device), "bf16-autocast"
+              if cfg.device != "cpu" else "fp32", cfg.batch, cfg.seq_len, trainable, total, ms, tps, peak, mfu,
+              extra={"step_ms_each": [round(t, 2) for t in times]})
+    del model, batch, hooks
+    if cfg.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def variant_name(cfg: BenchConfig, method: str) -> str:
+    """The optimization flags a row ran with, e.g. ``frozen_bf16+compile:reduce-overhead``."""
+    flags = [k if k != "compile" or cfg.compile_mode == "default" else f"compile:{cfg.compile_mode}"
+             for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
+    if cfg.lora_merged_forward and method == "lora":
+        flags.append("merged_forward")
+    if not cfg.fused_adamw and cfg.device.startswith("cuda") and method != "probe":
+        flags.append("foreach_adamw")
+    if cfg.sdpa_math:
+        flags.append("sdpa_math")
+    if cfg.sync_each_step and cfg.device.startswith("cuda"):
+        flags.append("sync_each_step")
+    gpt_loss = isinstance(PRESETS[cfg.model], GPTConfig) and not cfg.plain_ce and method != "probe"
+    if cfg.loss_chunk is not None and gpt_loss:  # the fused loss's option
+        flags.append(f"loss_chunk={cfg.loss_chunk}")
+    return "+".join(flags) or "eager-fp32-base"
+
+
+def _run_isolated(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
+    """``run_minift`` in a fresh (spawned) process; its exceptions are raised here, and a worker
+    that dies (killed, out of host memory) raises ``BrokenProcessPool`` instead of hanging."""
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(run_minift, cfg, method, peak_tflops).result()
+
+
+# ---------------------------------------------------------------------------- the run
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
+def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
+    """Every method of ``cfg`` on one model (PEFT side by side: benchmarks/peft_baseline.py).
+    ``on_row(rows)`` gets the rows so far after each method, so a killed run keeps what finished."""
+    cuda = cfg.device.startswith("cuda")
+    peak = measure_matmul_tflops(cfg.device) if cuda else None
+    rows = []
+    for m in cfg.methods:
+        progress(f"minift {cfg.model} {m}")
+        row = (_run_isolated if cfg.isolate else run_minift)(cfg, m, peak)
+        row.extra.setdefault("matmul_tflops", peak)
+        rows.append(row)
+        if on_row is not None:
+            on_row(add_ratios(rows))
+    return add_ratios(rows)
+
+
+def meta(cfg: BenchConfig) -> dict:
+    return {"device": _device_name(cfg.device), "torch": torch.__version__,
+            "dtype": "bf16 autocast" if cfg.device != "cpu" else "fp32", "batch": cfg.batch,
+            "seq_len": cfg.seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
+            "timing": bench_timing.describe(cfg),
+            "date": time.strftime("%Y-%m-%d")}

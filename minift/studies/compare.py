@@ -1,0 +1,337 @@
+"""`minift compare`: every method on one task, with the same data, seed and step budget.
+
+The question it answers: "for my task, which method, at what cost, with what quality?"
+
+    data (train/dev/test.jsonl) ─► tokenizer ─► batches (one fixed order, seed s)
+                                                   │
+          ┌──────────┬──────────┬─────── ... ─────┴──────┐
+        full       lora       dora     adalora ...     probe        one fresh model each
+          │          │          │          │              │         (recipe lr, same steps)
+          └──────────┴──────────┴─────── ... ──────┬──────┘
+                                                   ▼
+            method | trainable (%) | wall s | tokens/s | peak memory | dev/test acc, macro-F1
+
+Each method's hyperparameters come from its recipe, ``minift/recipes/sentiment-<method>.toml``
+(the ``[method]`` options, the ``warmup``/``weight_decay`` of ``[train]``, and the ``lr`` of
+``[compare]`` where a recipe has one for this short shared budget, else of ``[train]``); the
+step budget, batch size and sequence length are the comparison's own and shared by all.
+The linear probe trains a logistic-regression probe on every layer's frozen features and
+reports the layer with the best dev accuracy.
+
+Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the method's run. On CPU each method
+runs in a fresh worker process by default and reports that process's peak resident set size
+(``getrusage``), which includes the Python interpreter, torch and the data (~the same for all
+methods); in-process runs report the process-wide peak so far, which only grows.
+The config, the recipes and the data are set up in ``compare_setup.py``; the table, Markdown,
+JSON and chart are written by ``compare_report.py``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from minift.studies.compare_report import COLUMNS, plot, save, to_markdown, to_text  # noqa: F401  (the report)
+from minift.studies.compare_setup import CPU_DEFAULTS, FULL_DEFAULTS, METHODS, available_recipes  # noqa: F401  (re-exported)
+from minift.studies.compare_setup import CompareConfig, Task, load_recipe, load_task, method_options, resolve
+
+
+# ---------------------------------------------------------------------------- rows
+
+@dataclass
+class Row:
+    method: str
+    trainable: int
+    total: int
+    trainable_pct: float
+    lr: float | None                  # None for the probe (L-BFGS, no learning rate)
+    steps: int
+    wall_s: float                     # training (probe: feature extraction + probe fitting)
+    eval_s: float
+    tokens_per_s: float
+    peak_mib: float
+    dev_acc: float
+    dev_f1: float
+    test_acc: float
+    test_f1: float
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- one method
+
+def total_steps(cfg: CompareConfig, n_batches: int) -> int:
+    return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * n_batches))
+
+
+def _evaluate(model, batches, device) -> dict:
+    """Accuracy and macro-F1 of ``model`` on ``batches`` (final weights, eval mode)."""
+    from minift.metrics import accuracy, precision_recall_f1
+    from minift.training.forward import model_forward, to_device
+    preds, gold = [], []
+    model.eval()
+    with torch.no_grad():
+        for b in batches:
+            b = to_device(b, device)
+            preds += model_forward(model, b).logits.argmax(-1).tolist()
+            gold += b["labels"].tolist()
+    return {"acc": accuracy(gold, preds), "f1": precision_recall_f1(gold, preds, average="macro")[2]}
+
+
+def _load_model(task: Task, seed: int):
+    from minift.models.bert import BertClassifier
+    torch.manual_seed(seed)  # the new classification head starts the same for every method
+    return BertClassifier.from_pretrained(task.model_dir, num_labels=len(task.labels))
+
+
+def run_method(task: Task, method: str, cfg: CompareConfig) -> Row:
+    """Train (or probe) one fresh copy of the model with ``method`` and evaluate it."""
+    from minift.methods.common import count_trainable
+    from minift.training.forward import pick_device
+    device = pick_device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    recipe = load_recipe(f"sentiment-{method}")
+    steps = total_steps(cfg, len(task.train))
+    model = _load_model(task, cfg.seed)
+    if method == "probe":
+        row = _run_probe(model, task, cfg, recipe, device)
+    else:
+        row = _run_trained(model, task, cfg, recipe, method, steps, device)
+    row.trainable, row.total = count_trainable(model) if method != "probe" else (row.trainable, row.total)
+    row.trainable_pct = 100 * row.trainable / row.total
+    row.peak_mib = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()) / 2 ** 20
+    return row
+
+
+def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: str, steps: int, device) -> Row:
+    from minift.methods.build import build_method
+    from minift.training.loop import TrainConfig, train
+    t = recipe["train"]
+    lr = recipe.get("compare", {}).get("lr", t["lr"])  # a recipe may set its own lr for the short shared budget
+    state = build_method(model, method, method_options(recipe, steps), lr=lr,
+                         weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
+    tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
+                     schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),
+                     seed=cfg.seed, device=cfg.device, progress=cfg.progress, plot=False)
+    t0 = time.perf_counter()
+    res = train(model, task.train, tc, **state.train_hooks())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dev, test = _evaluate(model, task.dev, device), _evaluate(model, task.test, device)
+    note = ""
+    if method == "adalora":
+        c = state.config
+        note = (f"r {c.init_r} -> {c.target_r} per matrix; {state.allocator.budget} live ranks "
+                f"at the end")
+    return Row(method, 0, 0, 0.0, lr, res.steps, wall, time.perf_counter() - t0, res.tokens_per_s,
+               0.0, dev["acc"], dev["f1"], test["acc"], test["f1"], note,
+               extra={"final_loss": res.losses[-1] if res.losses else float("nan"),
+                      "options": {k: list(v) if isinstance(v, tuple) else v for k, v in state.options.items()}})
+
+
+def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> Row:
+    """Frozen features of every layer; a logistic-regression probe per layer on train; the
+    layer with the best dev accuracy is reported (and its test scores)."""
+    from minift.methods.probe import extract_features, fit_probe
+    from minift.metrics import accuracy, precision_recall_f1
+    from minift.training.forward import to_device
+    opts, t = recipe["method"], recipe["train"]
+    pooling = opts.get("pooling", "mean")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.to(device)
+    t0 = time.perf_counter()
+    feats = {s: extract_features(model, [to_device(b, device) for b in getattr(task, s)], pooling=pooling)
+             for s in ("train", "dev", "test")}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    n_tokens = sum(int(b["attention_mask"].sum()) for s in ("train", "dev", "test") for b in getattr(task, s))
+    tok_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
+    ys = {s: torch.cat([b["labels"] for b in getattr(task, s)]) for s in ("train", "dev", "test")}
+    k = len(task.labels)
+    best = None
+    per_layer = []
+    for layer, (ftr, fdev, fte) in enumerate(zip(feats["train"], feats["dev"], feats["test"])):
+        probe = fit_probe(ftr, ys["train"], k, l2=t.get("l2", 1e-3), max_iter=t.get("max_iter", 100))
+        with torch.no_grad():
+            pd, pt = probe(fdev).argmax(-1).tolist(), probe(fte).argmax(-1).tolist()
+        gd, gt = ys["dev"].tolist(), ys["test"].tolist()
+        r = {"layer": layer, "dev_acc": accuracy(gd, pd), "dev_f1": precision_recall_f1(gd, pd)[2],
+             "test_acc": accuracy(gt, pt), "test_f1": precision_recall_f1(gt, pt)[2]}
+        per_layer.append(r)
+        if best is None or r["dev_acc"] > best["dev_acc"]:
+            best = r
+    wall = time.perf_counter() - t0
+    C = feats["train"][0].shape[1]
+    total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.classifier.parameters())
+    return Row("probe", C * k + k, total + C * k + k, 0.0, None, 0, wall, 0.0, tok_s, 0.0,
+               best["dev_acc"], best["dev_f1"], best["test_acc"], best["test_f1"],
+               f"layer {best['layer']} of {len(per_layer) - 1} ({pooling} pooling)",
+               extra={"per_layer": per_layer, "pooling": pooling})
+
+
+def _peak_rss() -> float:
+    """Peak resident set size of this process in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(r if sys.platform == "darwin" else r * 1024)
+
+
+# ---------------------------------------------------------------------------- all methods
+
+def _device_name(device: str) -> str:
+    from minift.studies.bench import _device_name as name
+    return name(device)
+
+
+def _run_isolated(cfg: CompareConfig, method: str) -> Row:
+    """Run one method in a fresh worker process (``python -m minift.studies.compare``), so the peak
+    RSS it reports is that method's own."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path, out_path = Path(tmp) / "config.json", Path(tmp) / "row.json"
+        cfg_path.write_text(json.dumps(asdict(cfg)))
+        root = str(Path(__file__).resolve().parent.parent)  # the worker imports this same minift
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+        proc = subprocess.Popen([sys.executable, "-m", "minift.studies.compare", str(cfg_path), method, str(out_path)],
+                                env=env, stderr=subprocess.PIPE)
+        tail = b""
+        for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):
+            sys.stderr.write(chunk.decode(errors="replace"))  # progress bars stay live
+            sys.stderr.flush()
+            tail = (tail + chunk)[-4096:]
+        proc.stderr.close()
+        code = proc.wait()
+        result = json.loads(out_path.read_text()) if out_path.exists() else None
+        if isinstance(result, dict) and "error" in result:
+            if code == 2:  # a usage or data error: one line, exit 2
+                raise ValueError(f"method {method}: {result['error']}")
+            raise RuntimeError(f"the worker for method {method!r} failed: {result['error']}")
+        if code != 0 or result is None:
+            lines = [ln.strip() for ln in tail.decode(errors="replace").replace("\r", "\n").splitlines()
+                     if ln.strip()]
+            last = f": {lines[-1]}" if lines else ""
+            raise RuntimeError(f"the worker for method {method!r} failed (exit code {code}){last}; "
+                               f"rerun with --methods {method} --in-process to see why")
+        return Row(**result)
+
+
+def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
+    """Every method of ``cfg`` on the same task; returns (rows, meta). ``on_row(rows, meta)``,
+    when given, is called after each method with the rows so far (``meta["partial"]`` says how
+    many of the methods are done), so a caller can save them before a later method fails."""
+    cfg = resolve(cfg, log)
+    t_start = time.perf_counter()
+    task = load_task(cfg)  # also validates the data before any worker starts
+    isolate = cfg.isolate and not cfg.device.startswith("cuda")
+    steps = total_steps(cfg, len(task.train))
+    log(f"compare: {len(cfg.methods)} methods x {steps} steps of batch {cfg.batch_size} on {task.sizes} "
+        f"examples, max_len {cfg.max_len}, {cfg.device}")
+    if not isolate:
+        _warm_up(task, cfg)
+    rows = []
+    for i, method in enumerate(cfg.methods, 1):
+        what = "frozen features + a probe per layer" if method == "probe" else f"{steps} steps"
+        log(f"compare: [{i}/{len(cfg.methods)}] {method} ({what})")
+        if isolate:
+            rows.append(_run_isolated(cfg, method))
+        else:
+            try:
+                rows.append(run_method(task, method, cfg))
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise ValueError(f"method {method}: {msg}") from None
+        r = rows[-1]
+        log(f"compare: [{i}/{len(cfg.methods)}] {method}: dev acc {100 * r.dev_acc:.1f}, "
+            f"test acc {100 * r.test_acc:.1f}, {r.wall_s:.0f} s")
+        if on_row is not None and i < len(cfg.methods):
+            meta = _meta(cfg, task, steps, isolate, t_start)
+            meta["partial"] = f"{i} of {len(cfg.methods)} methods done ({', '.join(cfg.methods[i:])} not run)"
+            on_row(list(rows), meta)
+    return rows, _meta(cfg, task, steps, isolate, t_start)
+
+
+def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: float) -> dict:
+    return {"device": _device_name(cfg.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "model": cfg.model, "labels": [str(y) for y in task.labels], "examples": task.sizes,
+            "steps": steps, "batch_size": cfg.batch_size, "max_len": cfg.max_len, "seed": cfg.seed,
+            "dtype": "bf16 autocast" if cfg.device.startswith("cuda") else "fp32",
+            "memory": ("CUDA max_memory_allocated" if cfg.device.startswith("cuda") else
+                       "peak RSS of a fresh worker process per method (includes Python, torch and the data)"
+                       if isolate else "peak RSS of the process so far (in-process run: only grows)"),
+            "budget": budget_note(cfg.methods, steps),
+            "total_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d")}
+
+
+def _warm_up(task: Task, cfg: CompareConfig) -> None:
+    """One untimed training step, so one-time start-up costs (lazy imports of the optimizer's
+    helpers, CUDA context, cuBLAS handles, allocator growth) are not charged to whichever
+    method runs first."""
+    from minift.training.forward import model_forward, pick_device, to_device
+    device = pick_device(cfg.device)
+    model = _load_model(task, cfg.seed).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        model_forward(model, to_device(task.train[0], device)).loss.backward()
+    opt.step()
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def _warm_up_optimizer() -> None:
+    """AdamW's first step imports and sets up helpers (seconds on a busy CPU): do it on one
+    number, so a worker's timed run does not pay for it and its peak RSS stays its own."""
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.ones(1)
+    torch.optim.AdamW([p], lr=1e-9).step()
+
+
+def budget_note(methods, steps: int) -> str:
+    """How the comparison's budgets match, in words (from the recipes)."""
+    parts = [f"every method: the same {steps} optimizer steps, batches, order and seed"]
+    if "adalora" in methods:
+        a, lo = load_recipe("sentiment-adalora")["method"], load_recipe("sentiment-lora")["method"]
+        same = a.get("target_r") == lo.get("r") and list(a.get("targets", ())) == list(lo.get("targets", ()))
+        parts.append(f"AdaLoRA init_r={a.get('init_r')} -> target_r={a.get('target_r')} on "
+                     f"{','.join(a.get('targets', ()))} {'matches' if same else 'differs from'} "
+                     f"LoRA r={lo.get('r')} on {','.join(lo.get('targets', ()))} (final rank budget; "
+                     f"its trainable count is at init_r)")
+    return "; ".join(parts)
+
+
+def _worker(argv: list[str]) -> int:
+    """``python -m minift.studies.compare CONFIG.json METHOD OUT.json``: one method, one fresh process."""
+    cfg_path, method, out_path = argv
+    raw = json.loads(Path(cfg_path).read_text())
+    try:
+        cfg = CompareConfig(**{f.name: raw[f.name] for f in fields(CompareConfig)})
+        task = load_task(cfg)
+        _warm_up_optimizer()
+        row = run_method(task, method, cfg)
+    except (ValueError, KeyError, FileNotFoundError) as e:  # the parent reports it in one line, exit 2
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        Path(out_path).write_text(json.dumps({"error": str(msg)}))
+        return 2
+    except Exception as e:  # noqa: BLE001  (a run-time failure: one line for the parent, exit 1)
+        Path(out_path).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        return 1
+    Path(out_path).write_text(json.dumps(asdict(row)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

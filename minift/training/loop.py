@@ -1,0 +1,400 @@
+"""One readable training loop for every method.
+
+    for step in range(start, steps):              # one optimizer step
+        unfreezer.step(step)                      # gradual unfreezing (freeze.py), if any
+        for micro in range(grad_accum):           # gradient accumulation
+            with forward_context(model):          # AdaLoRA's batched factors, if any
+                loss = model_forward(model, batch).loss
+                loss += penalty(model)            # AdaLoRA's orthogonal penalty, if any
+            (loss / grad_accum).backward()
+        clip_grad_norm_(max_grad_norm); optimizer.step()
+        allocator.step(model, step)               # AdaLoRA: after backward, before zero_grad
+        optimizer.zero_grad(); eval / log / checkpoint
+
+The method-specific hooks are explicit keyword arguments of ``train``; nothing is a
+subclass or a callback registry. Data order is a pure function of ``(seed, epoch)``, so the
+position in the stream is one integer and a resumed run sees exactly the batches an
+uninterrupted one would. Checkpoints hold the trainable weights (the adapter for
+parameter-efficient methods, everything for full fine-tuning), the optimizer, the
+schedule position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/``
+so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                               save_weights, seed_everything)
+from minift.files import InputError, read_text
+from minift.training.forward import check_device, model_forward, pick_device, to_device
+
+
+# ---------------------------------------------------------------------------- config
+
+SCHEDULES = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    steps: int | None = None          # optimizer steps; or give epochs
+    epochs: float | None = None       # passes over the batches (steps = ceil(epochs * n / grad_accum))
+    batch_size: int = 8               # examples per micro-batch (used by whoever builds the batches)
+    grad_accum: int = 1               # micro-batches per optimizer step
+    warmup: float = 0.0               # >= 1: warmup steps; in [0, 1): a fraction of all steps
+    schedule: str = "linear"          # decay after warmup: linear | cosine | constant
+    weight_decay: float = 0.0         # AdamW decay on >= 2-D parameters (not biases/LayerNorms)
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 0               # optimizer steps between evaluations; 0 = only at the end
+    patience: int = 0                 # early stopping: evaluations without improvement; 0 = off
+    metric: str = "loss"              # the eval metric early stopping and best/ watch
+    higher_is_better: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    device: str | None = None         # None: train where the model is; auto | cpu | cuda | cuda:N: move it there
+    bf16: bool = True                 # bf16 autocast, on CUDA only
+    compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
+    out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
+    save_every: int = 0               # optimizer steps between checkpoints; 0 = only at the end
+    resume: bool = False              # continue from out_dir/last if it exists
+    log_path: str | None = None       # JSONL metrics; default out_dir/metrics.jsonl
+    progress: bool = True             # tqdm bar
+    plot: bool = True                 # loss curve PNG in out_dir when matplotlib is installed
+
+    def __post_init__(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps and epochs")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "patience", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "warmup", "weight_decay", "max_grad_norm", "epochs"):
+            v = getattr(self, name)
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v}")
+        if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be > 0, warmup and weight_decay >= 0; got lr={self.lr}, "
+                             f"warmup={self.warmup}, weight_decay={self.weight_decay}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.device is not None:
+            check_device(self.device)
+
+    def total_steps(self, n_batches: int) -> int:
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil(self.epochs * n_batches / self.grad_accum))
+
+    def warmup_steps(self, total: int) -> int:
+        return int(self.warmup) if self.warmup >= 1 else int(self.warmup * total)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier on each group's base lr for optimizer step ``step`` (0-based)."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)  # in [0, 1)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)   # one per optimizer step, whole run
+    evals: list[dict] = field(default_factory=list)     # {"step": s, **metrics}
+    steps: int = 0                                      # optimizer steps done
+    tokens_per_s: float = 0.0                           # this process's throughput
+    interrupted: bool = False
+    stopped_early: bool = False
+    best: dict | None = None
+    checkpoint: str | None = None
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfig, *,
+          eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+          allocator=None, penalty: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+          unfreezer=None, param_groups: list[dict] | None = None,
+          forward_context: Callable[[torch.nn.Module], contextlib.AbstractContextManager] | None = None,
+          on_start: Callable[[int], None] | None = None,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``model`` on ``train_batches`` (a sequence of batch dicts) and return the history.
+
+    Hooks: ``allocator.step(model, step)`` after backward and before zero_grad (AdaLoRA);
+    ``penalty(model)`` added to every micro-batch loss (AdaLoRA's orthogonal penalty, already
+    weighted); ``with forward_context(model):`` around each micro-batch's forward and penalty
+    (AdaLoRA's ``batched_factors``: each shape group's factors stacked once);
+    ``unfreezer.step(step)`` before each step (gradual unfreezing; the optimizer then
+    holds every parameter, and AdamW skips those without a gradient); ``param_groups`` (dicts
+    with ``params`` and optionally ``lr``/``weight_decay``: LoRA+, discriminative lrs);
+    ``eval_fn(model) -> metrics`` every ``eval_every`` steps; ``on_start(step)`` once the
+    checkpoint to resume (if any) is loaded, before the first step; ``on_step(step, loss)`` after
+    each step. ``cfg.device`` None trains the model where it is; a device name moves the model
+    there first, and it stays there. A KeyboardInterrupt saves a checkpoint (with ``out_dir``)
+    and returns with ``interrupted=True``; any other exception after a step has run saves one
+    too, then propagates. An evaluation is all or nothing: one interrupted midway leaves no
+    trace (no eval record, best or log line) and the checkpoint marks it pending, so
+    ``resume`` runs it again, on the same weights and RNG, before the next step.
+    """
+    if len(train_batches) == 0:
+        raise ValueError("train_batches is empty")
+    if cfg.device is None:
+        device = next(model.parameters()).device
+    else:
+        device = pick_device(cfg.device)
+        model.to(device)
+    total = cfg.total_steps(len(train_batches))
+    warmup = cfg.warmup_steps(total)
+    opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=device)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    out = Path(cfg.out_dir) if cfg.out_dir else None
+    log_path = cfg.log_path or (str(out / "metrics.jsonl") if out else None)
+    res = TrainResult()
+    state = {"step": 0, "losses": [], "evals": [], "best": None, "bad_evals": 0}
+    ckpt = latest_checkpoint(out) if (cfg.resume and out) else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, opt, allocator)
+        # steps after the checkpoint are about to be redone, and so is a pending evaluation
+        _truncate_log(log_path, state["step"], drop_eval=state.get("eval_pending", False))
+    else:
+        seed_everything(cfg.seed)
+        if log_path and Path(log_path).is_file():
+            Path(log_path).write_text("")  # a fresh start: no lines of an earlier run
+    step = state["step"]
+    if on_start is not None:
+        on_start(step)
+    res.losses, res.evals, res.best = state["losses"], state["evals"], state["best"]
+    if state.get("stopped_early"):  # the run ended by early stopping: resuming it does nothing
+        res.steps, res.stopped_early, res.checkpoint = step, True, str(ckpt)
+        model.eval()
+        return res
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    bar = _progress(total, step, cfg.progress)
+    n_tokens, t0, updating = 0, time.perf_counter(), False
+    snap, snap_step, start_step, error = rng_state(), step, step, None
+    if cfg.compile:
+        model.compile()  # compiled on the first forward; evaluation after training uses it too
+    model.train()
+
+    def finish_step(step: int, step_loss: float) -> bool:
+        """Evaluate (when due), checkpoint (when due), call on_step; True means: stop early."""
+        if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
+            if _evaluate(model, eval_fn, step, cfg, res, state, out, log_path):
+                return True
+        if out and cfg.save_every and step % cfg.save_every == 0 and step < total:
+            res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator))
+        if on_step is not None:
+            on_step(step, step_loss)
+        return False
+
+    try:
+        if state.pop("eval_pending", False) and eval_fn is not None:
+            # Ctrl-C stopped the evaluation of this step: finish the step as it would have been
+            res.stopped_early = finish_step(step, res.losses[-1])
+        while step < total and not res.stopped_early:
+            snap, snap_step = rng_state(), step  # what a checkpoint of `step` steps done restores
+            if unfreezer is not None:
+                unfreezer.step(step)
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = to_device(batch_at(train_batches, step * cfg.grad_accum + micro, cfg), device)
+                with autocast, (forward_context or _no_context)(model):
+                    loss = model_forward(model, batch).loss
+                    if penalty is not None:
+                        loss = loss + penalty(model)
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                    else batch["input_ids"].numel()
+            updating = True  # an interrupt from here to `step += 1` must not be checkpointed
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * lr_factor(step, total, warmup, cfg.schedule)
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                               cfg.max_grad_norm)
+            opt.step()
+            if allocator is not None:
+                allocator.step(model, step)  # AdaLoRA: reads the gradients, so before zero_grad
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            updating = False
+            res.losses.append(step_loss)
+            tok_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}")
+            _log(log_path, {"step": step, "loss": step_loss, "lr": opt.param_groups[0]["lr"], "tok_s": tok_s})
+            res.stopped_early = finish_step(step, step_loss)
+    except KeyboardInterrupt:
+        res.interrupted = True
+        if updating:  # weights may be half-updated: keep the previous checkpoint
+            raise
+        opt.zero_grad(set_to_none=True)  # drop the gradients of the step in flight
+    except Exception as e:  # a failure: keep the steps done so far (unless weights are half-updated)
+        if updating:
+            raise
+        opt.zero_grad(set_to_none=True)
+        error = e
+    finally:
+        bar.close()
+        model.eval()
+    res.steps = step
+    res.tokens_per_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
+    if out and (error is None or step > start_step or state.get("eval_pending")):
+        # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
+        # resumed step must draw again, so the RNG is saved as it was when that step began.
+        # Likewise inside an evaluation (it may sample): as it was when the evaluation began.
+        rng = state["eval_rng"] if state.get("eval_pending") else snap if snap_step == step else None
+        res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator, rng=rng))
+        if cfg.plot:
+            plot_losses(res, out / "loss.png")
+    if error is not None:
+        raise error
+    return res
+
+
+def _evaluate(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
+    """Run ``eval_fn``; track the best; save ``best/`` weights. True means: stop early.
+
+    All or nothing: a KeyboardInterrupt or failure anywhere in it takes back what it recorded
+    (the eval record, the best, the log line) and marks it pending with the RNG it began with,
+    for the checkpoint: a resumed run evaluates this step again, exactly once."""
+    n_evals, best, bad_evals, rng = len(res.evals), res.best, state["bad_evals"], rng_state()
+    try:
+        return _evaluate_once(model, eval_fn, step, cfg, res, state, out, log_path)
+    except BaseException:
+        del res.evals[n_evals:]
+        res.best, state["bad_evals"] = best, bad_evals
+        _truncate_log(log_path, step, drop_eval=True)
+        state["eval_pending"], state["eval_rng"] = True, rng
+        raise
+
+
+def _evaluate_once(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
+    model.eval()
+    with torch.no_grad():
+        metrics = {k: float(v) for k, v in eval_fn(model).items()}
+    model.train()
+    res.evals.append({"step": step, **metrics})
+    _log(log_path, {"step": step, "eval": metrics})
+    if cfg.metric not in metrics:
+        raise KeyError(f"eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
+    value = metrics[cfg.metric]
+    best = res.best
+    if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
+        res.best, state["bad_evals"] = {"step": step, **metrics}, 0
+        if out:
+            save_weights(model, out / "best")
+        return False
+    state["bad_evals"] += 1
+    return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+
+
+def _state(step: int, res: TrainResult, state: dict) -> dict:
+    return {"step": step, "losses": res.losses, "evals": res.evals, "best": res.best,
+            "bad_evals": state["bad_evals"], "stopped_early": res.stopped_early,
+            "eval_pending": bool(state.get("eval_pending"))}
+
+
+# ---------------------------------------------------------------------------- pieces
+
+def _no_context(model):
+    return contextlib.nullcontext()
+
+
+def make_optimizer(model, cfg: TrainConfig, param_groups=None, all_params=False, device=None):
+    """AdamW over ``param_groups`` or, by default, the trainable parameters: >= 2-D ones get
+    weight decay, biases and LayerNorm weights do not. ``all_params`` includes frozen ones too
+    (for gradual unfreezing: AdamW skips a parameter until it has a gradient)."""
+    if param_groups is None:
+        ps = [p for p in model.parameters() if all_params or p.requires_grad]
+        if not ps:
+            raise ValueError("the model has no trainable parameters (did the method apply?)")
+        param_groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                        {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+        param_groups = [g for g in param_groups if g["params"]]
+    fused = device is not None and device.type == "cuda"
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def batch_at(batches: Sequence[dict], position: int, cfg: TrainConfig) -> dict:
+    """The micro-batch at ``position`` of the endless stream: epoch e is a permutation of the
+    batches seeded by (seed, e), so the position alone determines the data order."""
+    n = len(batches)
+    epoch, i = divmod(position, n)
+    if not cfg.shuffle:
+        return batches[i]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    return batches[int(torch.randperm(n, generator=g)[i])]
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+
+
+def _log(path, record: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path, step: int, drop_eval: bool = False) -> None:
+    """Keep the log lines up to ``step``; with ``drop_eval``, not the evaluation of ``step``.
+    A half-written last line (a crash mid-append) is dropped; a bad line before it is an error."""
+    if path and Path(path).is_file():
+        lines = [line for line in read_text(path, "metrics log").splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines, 1):
+            try:
+                r = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                r = None
+            if not isinstance(r, dict) or not isinstance(r.get("step", 0), int):
+                if i == len(lines):
+                    break  # the line a crash cut short
+                raise InputError(f"{path}:{i}: not a metrics record; move the file away to resume without it")
+            records.append((line, r))
+        keep = [line for line, r in records if r.get("step", 0) < step or r.get("step", 0) == step
+                and not (drop_eval and "eval" in r)]
+        Path(path).write_text("".join(line + "\n" for line in keep))
+
+
+def plot_losses(res: TrainResult, path) -> bool:
+    """Training (and eval) loss curves as a PNG; False if matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(range(1, len(res.losses) + 1), res.losses, label="train loss")
+    ev = [e for e in res.evals if "loss" in e]
+    if ev:
+        ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", label="eval loss")
+    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

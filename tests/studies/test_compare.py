@@ -1,0 +1,205 @@
+"""`minift compare` end to end on a tiny random BERT and tiny data, through the CLI's main()."""
+import json
+import random
+
+import pytest
+import torch
+
+from minift.studies import compare
+from minift.cli import main
+from minift.models.bert import Bert, BertConfig
+
+WORDS = {"positive": ["good", "great", "fine", "lovely", "superb", "fun"],
+         "negative": ["bad", "awful", "dull", "boring", "poor", "weak"]}
+FILLER = ["the", "movie", "was", "a", "plot", "and", "very", "film"]
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _rows(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        label = ("positive", "negative")[i % 2]
+        words = rng.sample(FILLER, 3) + [rng.choice(WORDS[label])] + rng.sample(FILLER, 2)
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    d = tmp_path_factory.mktemp("compare")
+    model_dir = d / "model"
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    vocab = {w: i for i, w in enumerate(specials + FILLER + sum(WORDS.values(), []))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    torch.manual_seed(0)
+    Bert(BertConfig(vocab_size=len(vocab), max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32,
+                    n_inner=64)).save_pretrained(model_dir)
+    tok.save(str(model_dir / "tokenizer.json"))
+    data = {s: _write(d / f"{s}.jsonl", _rows(n, i)) for i, (s, n) in enumerate([("train", 24), ("dev", 8),
+                                                                                 ("test", 8)])}
+    return d, str(model_dir), data
+
+
+def _args(setup, *extra, methods=None, out=None):
+    d, model_dir, data = setup
+    args = ["compare", "--model", model_dir, "--train", data["train"], "--dev", data["dev"], "--test", data["test"],
+            "--steps", "3", "--batch-size", "4", "--max-len", "16", "--device", "cpu", "--out", str(out or d / "out"),
+            "--name", "t", "--no-progress", "--in-process"]
+    if methods:
+        args += ["--methods", methods]
+    return args + list(extra)
+
+
+def _table(text: str) -> list[list[str]]:
+    """The printed table's rows split into columns (two or more spaces separate them)."""
+    import re
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("method "))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.strip() or ln.startswith(("budget:", "memory:")):
+            break
+        rows.append(re.split(r"\s{2,}", ln.strip()))
+    return rows
+
+
+def test_every_method_end_to_end(setup, capsys):
+    d = setup[0]
+    assert main(_args(setup)) == 0
+    out = capsys.readouterr().out
+    header = next(ln for ln in out.splitlines() if ln.startswith("method "))
+    assert [c for c in (h.strip() for h in header.split("  ")) if c] == list(compare.COLUMNS)
+    rows = _table(out)
+    assert [r[0] for r in rows] == list(compare.METHODS)
+    col = {c: i for i, c in enumerate(compare.COLUMNS)}
+    for r in rows:
+        assert len(r) >= len(compare.COLUMNS) - 1  # the note may be empty
+        assert int(r[col["trainable"]].replace(",", "")) > 0
+        pct = r[col["% of all"]]
+        assert pct.endswith("%") and 0 < float(pct[:-1]) <= 100
+        for c in ("dev acc", "dev F1", "test acc", "test F1"):
+            assert 0.0 <= float(r[col[c]]) <= 100.0
+    full, lora, probe = rows[0], rows[1], rows[-1]
+    assert float(full[col["% of all"]][:-1]) == 100.0  # full fine-tuning trains everything
+    assert int(lora[col["trainable"]].replace(",", "")) < int(full[col["trainable"]].replace(",", ""))
+    assert float(lora[col["lr"]]) == 1e-3 and probe[col["lr"]] == "-"  # the recipe's [compare] lr; no lr to probe
+    assert probe[-1].startswith("layer ")  # the best layer by dev accuracy is named
+    assert "AdaLoRA init_r=24 -> target_r=16" in out and "matches LoRA r=16" in out
+
+    saved = json.loads((d / "out" / "t.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == list(compare.METHODS)
+    assert saved["meta"]["steps"] == 3 and saved["meta"]["examples"] == {"train": 24, "dev": 8, "test": 8}
+    assert all(r["steps"] == 3 for r in saved["rows"] if r["method"] != "probe")
+    assert all(r["peak_mib"] > 0 and r["wall_s"] > 0 for r in saved["rows"])
+    md = (d / "out" / "t.md").read_text()
+    assert "| method | trainable |" in md and all(f"| {m} |" in md for m in compare.METHODS)
+    pytest.importorskip("matplotlib")
+    assert (d / "out" / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_worker_process_reports_its_own_row(setup, tmp_path, capsys):
+    args = [a for a in _args(setup, methods="bitfit", out=tmp_path) if a != "--in-process"]
+    assert main(args) == 0
+    rows = _table(capsys.readouterr().out)
+    assert [r[0] for r in rows] == ["bitfit"]
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["meta"]["memory"].startswith("peak RSS of a fresh worker")
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    return err[0]
+
+
+def test_unknown_method_is_exit_2(setup, capsys):
+    assert main(_args(setup, methods="lora,qlora")) == 2
+    line = _one_error_line(capsys)
+    assert "unknown method 'qlora'" in line and "full, lora" in line
+
+
+def test_labels_differing_between_splits_are_exit_2(setup, tmp_path, capsys):
+    d, model_dir, data = setup
+    only_pos = _write(tmp_path / "dev.jsonl", [r for r in _rows(8, 1) if r["label"] == "positive"])
+    assert main(_args(setup, methods="lora") + ["--dev", only_pos]) == 2
+    line = _one_error_line(capsys)
+    assert "labels differ between splits" in line and "negative" in line
+
+    extra = _write(tmp_path / "test.jsonl", _rows(8, 2) + [{"text": "so so", "label": "neutral"}])
+    assert main(_args(setup, methods="lora") + ["--test", extra]) == 2
+    line = _one_error_line(capsys)
+    assert "'neutral'" in line and "not seen in training" in line
+
+
+def test_partial_data_and_unknown_recipe_are_errors(setup, capsys):
+    d, model_dir, data = setup
+    assert main(["compare", "--model", model_dir, "--train", data["train"], "--methods", "lora"]) == 2
+    assert "give all three of --train, --dev and --test" in _one_error_line(capsys)
+    with pytest.raises(ValueError, match="unknown recipe 'nope'; available: .*sentiment-lora"):
+        compare.load_recipe("nope")
+
+
+def test_recipes_parse_and_lora_recipe_is_the_classic_setup():
+    names = compare.available_recipes()
+    assert {f"sentiment-{m}" for m in compare.METHODS} <= set(names)
+    r = compare.load_recipe("sentiment-lora")
+    assert r["method"] == {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"],
+                           "modules_to_save": ["classifier"]}
+    assert {k: r["train"][k] for k in ("epochs", "batch_size", "lr", "warmup", "weight_decay")} == \
+        {"epochs": 5, "batch_size": 8, "lr": 2e-4, "warmup": 0.1, "weight_decay": 0.01}
+    opts = compare.method_options(compare.load_recipe("sentiment-adalora"), total_steps=200)
+    assert opts["total_step"] == 200 and opts["tinit"] == 20 and opts["tfinal"] == 40 and opts["delta_t"] == 10
+
+
+def _narrow_bert(setup, tmp_path):
+    """The setup's model, but 16 wide: AdaLoRA's init_r=24 does not fit."""
+    import shutil
+    d, model_dir, data = setup
+    narrow = tmp_path / "narrow"
+    vocab = json.loads((setup[0] / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    torch.manual_seed(0)
+    Bert(BertConfig(vocab_size=len(vocab), max_position_embeddings=64, n_layer=1, n_head=2, n_embd=16,
+                    n_inner=32)).save_pretrained(narrow)
+    shutil.copy(setup[0] / "model" / "tokenizer.json", narrow / "tokenizer.json")
+    return str(narrow)
+
+
+def test_a_non_bert_model_is_one_line_exit_2(setup, tmp_path, capsys):
+    import shutil
+    gpt = tmp_path / "gpt"
+    shutil.copytree(setup[1], gpt)
+    cfg = json.loads((gpt / "config.json").read_text())
+    (gpt / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    args = [a for a in _args(setup, methods="bitfit", out=tmp_path / "out") if a != "--in-process"]
+    args[args.index("--model") + 1] = str(gpt)
+    assert main(args) == 2
+    line = _one_error_line(capsys)
+    assert "gpt2" in line and "BERT" in line
+    assert not (tmp_path / "out" / "t.json").exists()
+
+
+@pytest.mark.parametrize("in_process", [False, True])
+def test_a_failing_method_is_exit_2_and_keeps_the_finished_rows(setup, tmp_path, capsys, in_process):
+    args = _args(setup, methods="bitfit,adalora", out=tmp_path / "out")
+    if not in_process:
+        args = [a for a in args if a != "--in-process"]
+    args[args.index("--model") + 1] = _narrow_bert(setup, tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("minift compare:")]
+    assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1]
+    assert "error: method adalora:" in errors[0] and "finished methods are saved" in errors[0]
+    saved = json.loads((tmp_path / "out" / "t.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["bitfit"]
+    assert saved["meta"]["partial"].startswith("1 of 2 methods done")
+    assert "| bitfit |" in (tmp_path / "out" / "t.md").read_text()
