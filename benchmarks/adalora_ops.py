@@ -11,31 +11,19 @@ width, so the counts match GPT-2 medium's (144 adapted modules) while running in
 It is built with ``build_method`` and stepped with the calls ``minift.training.loop.train`` makes
 (its ``train_hooks``: penalty, forward context, allocator), set up as they run on CUDA:
 bf16 autocast (CPU autocast stands in), fused AdamW, foreach gradient clipping.
-``--frozen-bf16`` stores frozen weights in bf16 as ``minift.studies.bench`` does (the 1.59x of
-issue 9 was measured that way); by default frozen weights are fp32, as ``train`` keeps them.
+``--frozen-bf16`` stores frozen weights in bf16 as ``minift.studies.bench`` does; by default
+frozen weights are fp32, as ``train`` keeps them.
 
 AdaLoRA is counted at a step inside the pruning window (tinit < t < T - tfinal) where it
 prunes, one inside it where it only updates the scores, and one in the final phase (the
 fixed pattern re-applied); LoRA is r=8, AdaLoRA init_r 12 -> target_r 8, both on
-q/k/v/o/up/down. Per optimizer step (totals; run the script for the per-phase table):
+q/k/v/o/up/down. The script prints the totals per optimizer step and, with ``--detail``, the
+ops per phase.
 
-                        before (168c109)                    after
-                        all ops         kernels             all ops         kernels
-  frozen fp32 (train)
-    lora                7706  1.00x     3244  1.00x         7706  1.00x     3244  1.00x
-    adalora prune       9386  1.22x     4545  1.40x         8515  1.10x     3380  1.04x
-    adalora update      9059  1.18x     4372  1.35x         8472  1.10x     3349  1.03x
-    adalora final       9338  1.21x     4507  1.39x         8467  1.10x     3342  1.03x
-  --frozen-bf16 (bench)
-    lora                6987  1.00x     2525  1.00x         6987  1.00x     2525  1.00x
-    adalora prune       8667  1.24x     3826  1.52x         7796  1.12x     2661  1.05x
-    adalora update      8340  1.19x     3653  1.45x         7753  1.11x     2630  1.04x
-    adalora final       8619  1.23x     3788  1.50x         7748  1.11x     2623  1.04x
-
-What changed: SVDLinear adds s P (ΛQ x) with one addmm, as LoRALinear does; inside
+What keeps AdaLoRA's count near LoRA's: SVDLinear adds s P (ΛQ x) with one addmm; inside
 ``adalora.batched_factors`` (train's ``forward_context``) ΛQ is one multiply per shape group
-and the orthogonal penalty reuses the forward's stacks of P and Q, so autograd no longer
-sums two gradients per P and per Q; the penalty runs all Gram matrices through one
+and the orthogonal penalty reuses the forward's stacks of P and Q, so autograd does not sum two
+gradients per P and per Q; the penalty runs all Gram matrices through one
 subtract/square/sum; applying the masks is one stack instead of two ops per module. What
 still grows with the module count is views: a select per factor (the stacks' backward) and
 AccumulateGrad's detach of Λ, a third parameter per module. On CUDA the counts differ in
@@ -54,7 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minift.methods.build import build_method  # noqa: E402
+from minift.methods.registry import build_method  # noqa: E402
 from minift.models.gpt import GPT, GPTConfig  # noqa: E402
 from minift.training.loop import TrainConfig, make_optimizer, model_forward  # noqa: E402
 

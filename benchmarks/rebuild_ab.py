@@ -1,4 +1,4 @@
-"""A/B of LoRA's merged-weight rebuild W0 + sBA (``minift.methods.lora._merged_weight``).
+"""A/B of LoRA's merged-weight rebuild W0 + sBA (``minift.fast.lora._merged_weight``).
 
 Runs ``minift bench`` in this process with the rebuild swapped for one of:
   kernel       minift's own (``minift.fast.kernels``: one Triton pass on CUDA, eager and compiled)
@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from minift.cli import main  # noqa: E402
-from minift.methods import lora  # noqa: E402
+from minift.fast import lora  # noqa: E402
 
 
 kernel = lora._merged_weight

@@ -146,13 +146,13 @@ def _cmd_probe(args) -> int:
 # ---------------------------------------------------------------------------- train
 
 def _add_train(sub) -> None:
-    from minift.training import run
+    from minift.training import settings
     p = sub.add_parser("train", help="fine-tune a model with one method (flags map onto the method configs)",
                        description="Fine-tune an HF-format GPT-2 (causal-lm, prompt-completion) or BERT "
                                    "(classification) with one method. Settings: defaults < --recipe < --config "
                                    "TOML ([method], [train], [data] tables, keys as the flags) < flags. "
                                    "Ctrl-C saves a checkpoint; --resume continues it exactly.")
-    run.add_train_flags(p)
+    settings.add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 
 

@@ -12,8 +12,9 @@ Two layouts, told apart by the file names in the directory:
                    any model, no name mapping.
 
 This module is the dispatch: an explicit if-chain over the kind of adapter the model carries /
-the ``peft_type`` a file declares. What every method shares (the files on disk, the minift <->
-Hugging Face names) is in ``minift.adapters.io``; each method has its own module in
+the ``peft_type`` a file declares. What every method shares is in ``minift.adapters.io`` (the
+files on disk, loading all or nothing) and ``minift.adapters.hf_names`` (the minift <-> Hugging
+Face names); each method has its own module in
 ``minift.adapters.<family>`` with a save and a load function for each layout. LoRA
 (``adapters/lora.py``) is the worked example; AdaLoRA (``adalora.py``) and prefix/prompt
 tuning (``prompt_learning.py``) each add a module there and one branch here.
@@ -23,22 +24,15 @@ from __future__ import annotations
 import torch.nn as nn
 
 from minift.adapters.adalora import (adalora_check_config, adalora_from_minift, adalora_from_peft,
-                                            adalora_load_or_undo, adalora_to_minift, adalora_to_peft)
+                                     adalora_load_or_undo, adalora_to_minift, adalora_to_peft)
+from minift.adapters.io import LAYOUTS, ConfigError, adapter_files, read_adapter, write_adapter
 from minift.adapters.lora import (lora_check_config, lora_from_minift, lora_from_peft, lora_load_or_undo,
-                                         lora_to_minift, lora_to_peft)
+                                  lora_to_minift, lora_to_peft)
 from minift.adapters.prompt_learning import (prompt_learning_check_config, prompt_learning_from_minift,
-                                                    prompt_learning_from_peft, prompt_learning_load_or_undo,
-                                                    prompt_learning_to_minift, prompt_learning_to_peft)
-from minift.adapters.io import (LAYOUTS, MINIFT_FILES, PEFT_FILES, PEFT_PREFIX, ConfigError, adapter_files,
-                               copy_checked, hf_param_key, is_conv1d, module_map, modules_to_save_params,
-                               pattern_value, read_adapter, task_type, write_adapter)
+                                             prompt_learning_from_peft, prompt_learning_load_or_undo,
+                                             prompt_learning_to_minift, prompt_learning_to_peft)
 from minift.files import InputError, field
 from minift.methods import adalora, lora
-
-# The shared pieces lived in this module before adapter_io.py; they stay importable from here.
-__all__ = ["save_adapter", "load_adapter", "adapter_kind",
-           "LAYOUTS", "PEFT_FILES", "MINIFT_FILES", "PEFT_PREFIX", "write_adapter", "read_adapter", "copy_checked",
-           "module_map", "is_conv1d", "task_type", "hf_param_key", "pattern_value", "modules_to_save_params"]
 
 
 def adapter_kind(model: nn.Module) -> str:

@@ -8,10 +8,12 @@ from dataclasses import asdict
 import torch
 import torch.nn as nn
 
-from minift.adapters.io import (PEFT_PREFIX, ConfigError, check_layers, check_pattern, check_peft_targets, copy_all,
-                               hf_param_key, module_map, modules_to_save_pairs, modules_to_save_params, place_all,
-                               require_modules_to_save, require_saved_params, require_targets, settings_of,
-                               task_type, undo_fresh, undo_point)
+from minift.adapters.hf_names import (PEFT_PREFIX, hf_modules, hf_param_key, module_map, modules_to_save_names,
+                                      modules_to_save_pairs, require_modules_to_save, require_targets,
+                                      split_peft_tensors, task_type)
+from minift.adapters.io import (ConfigError, check_layers, check_pattern, check_peft_targets, copy_all,
+                                modules_to_save_params, place_all, require_saved_params, settings_of, undo_fresh,
+                                undo_point)
 from minift.files import InputError, field
 from minift.methods import adalora
 from minift.models.gpt import GPT
@@ -143,78 +145,89 @@ def adalora_to_peft(model: nn.Module) -> tuple[dict, dict]:
 
 
 def adalora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
-    inv: dict[str, list] = {}
-    for name, (hf, slot) in module_map(model).items():
-        inv.setdefault(hf, []).append((name, slot))
-    parts: dict[str, dict] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"adapter tensor {key!r} does not start with {PEFT_PREFIX!r}; not a PEFT AdaLoRA file")
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_E|lora_B)(\.weight)?", key[len(PEFT_PREFIX):])
-        if m and m[1] not in inv:
-            raise ValueError(f"adapter has AdaLoRA on {m[1]!r}, which this {type(model).__name__} does not have: "
-                             f"the adapter was saved for a model of another shape")
-        if m:
-            parts.setdefault(m[1], {})[m[2]] = t
-        else:
-            extra[key[len(PEFT_PREFIX):]] = t
+    """Load a PEFT AdaLoRA file: check the config, its rank_pattern and every triplet, apply AdaLoRA
+    to a plain model (the file's kept ranks), match the layers one to one, then copy all at once."""
+    mmap = module_map(model)
+    inv = hf_modules(mmap)
+    factors, extra = split_peft_tensors(model, tensors, inv, "lora_A|lora_E|lora_B", "AdaLoRA")
     R, alpha = int(config["init_r"]), config["lora_alpha"]
+    pattern = _peft_rank_pattern(model, config, inv, factors)
+    require_targets(config, model, mmap, factors, "AdaLoRA")
+    require_modules_to_save(model, mmap, config.get("modules_to_save"), extra, PEFT_PREFIX)
+    per = {}  # minift module -> (A, E, B)
+    for hf, parts in factors.items():
+        per.update(_peft_triplets(hf, parts, pattern, R, inv[hf]))
+    if not adalora.svd_modules(model):
+        _apply_peft_config(model, config, per, modules_to_save_names(inv, extra))
+    pairs = _peft_pairs(model, per, s_file=alpha / (R + 1e-5))
+    pairs += modules_to_save_pairs(model, inv, extra)  # modules_to_save: whole-module tensors
+    copy_all(pairs)  # every shape checked before any tensor is copied
+
+
+def _peft_rank_pattern(model: nn.Module, config: dict, inv: dict, factors: dict) -> dict[str, list]:
+    """The config's rank_pattern keyed by HF module; each module it names exists and has triplets."""
     pattern = {re.sub(r"\.lora_E(\.default)?$", "", k): v for k, v in (config.get("rank_pattern") or {}).items()}
-    for hf, flags in pattern.items():
+    for hf in pattern:
         if hf not in inv:
             raise ConfigError(f"rank_pattern names {hf!r}, which this {type(model).__name__} does not have "
                               f"(modules here: {', '.join(sorted(inv)[:6])}, ...)")
-        if hf not in parts:
+        if hf not in factors:
             raise ValueError(f"rank_pattern names {hf!r}, but the file has no AdaLoRA tensors for it: "
                              f"the file is incomplete")
-    require_targets(config, model, module_map(model), parts, "AdaLoRA")
-    require_modules_to_save(model, module_map(model), config.get("modules_to_save"), extra, PEFT_PREFIX)
-    per = {}  # minift module -> (A, E, B)
-    for hf, p in parts.items():
-        lacking = [k for k in ("lora_A", "lora_E", "lora_B") if k not in p]
-        if lacking:
-            raise ValueError(f"adapter file has no {hf}.{lacking[0]} tensor (it has {', '.join(sorted(p))} "
-                             f"for that layer): the file is incomplete")
-        if p["lora_A"].dim() != 2 or p["lora_B"].dim() != 2 or p["lora_E"].dim() != 2 or p["lora_E"].shape[1] != 1:
-            raise ValueError(f"adapter tensors of {hf} have shapes lora_A {tuple(p['lora_A'].shape)}, lora_E "
-                             f"{tuple(p['lora_E'].shape)}, lora_B {tuple(p['lora_B'].shape)}; AdaLoRA needs "
-                             f"(k, in), (k, 1) and (out, k)")
-        k = p["lora_E"].shape[0]
-        if hf in pattern and (len(pattern[hf]) != R or sum(pattern[hf]) != k):
-            raise ConfigError(f"{hf}: rank_pattern keeps {sum(pattern[hf])} of {len(pattern[hf])} triplets, but "
-                              f"the adapter file holds {k} (lora_E {tuple(p['lora_E'].shape)}) of init_r={R}")
-        if hf not in pattern and k != R:
-            raise ConfigError(f"{hf}: the config's init_r={R} (no rank_pattern entry for it), but the adapter file "
-                              f"holds {k} triplets (lora_E {tuple(p['lora_E'].shape)})")
-        for name, slot in inv[hf]:
-            rows = slice(None) if slot is None else slice(slot * (p["lora_B"].shape[0] // 3),
-                                                          (slot + 1) * (p["lora_B"].shape[0] // 3))
-            per[name] = (p["lora_A"], p["lora_E"], p["lora_B"][rows])
-    if not adalora.svd_modules(model):
-        mts = []
-        for hk in extra:
-            mod = hk.rpartition(".")[0]
-            if mod not in inv or inv[mod][0][1] is not None:
-                raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} matches no module of this model")
-            mts.append(inv[mod][0][0])
-        def get(name, default):  # PEFT's default for an absent or null field
-            return default if config.get(name) is None else config[name]
-        kw = dict(init_r=R, target_r=min(get("target_r", R), R), alpha=alpha,
-                  dropout=get("lora_dropout", 0.0), targets=tuple(per), beta1=get("beta1", 0.85),
-                  beta2=get("beta2", 0.85), orth_reg_weight=get("orth_reg_weight", 0.5),
-                  modules_to_save=tuple(dict.fromkeys(mts)))
-        try:  # the file's schedule when it is a valid one (an inference-only file may lack it)
-            cfg = adalora.AdaLoRAConfig(**kw, tinit=config.get("tinit"), tfinal=config.get("tfinal"),
-                                        delta_t=config.get("deltaT"), total_step=config.get("total_step"))
-        except (ValueError, TypeError):
-            try:
-                cfg = adalora.AdaLoRAConfig(**kw, tinit=0, tfinal=0, delta_t=1, total_step=2)
-            except (ValueError, TypeError) as e:  # e.g. lora_alpha <= 0, beta1 >= 1
-                raise ConfigError(str(e)) from None
-        adalora.apply(model, cfg, rank_pattern={n: [True] * t[1].shape[0] for n, t in per.items()})
+    return pattern
+
+
+def _peft_triplets(hf: str, p: dict, pattern: dict, R: int, members: list) -> dict[str, tuple]:
+    """One HF module's kept triplets, checked against the config: minift module -> (A, E, B), each
+    of q/k/v (``members``: [(name, slot)]) taking the full A and E and its row block of B."""
+    lacking = [k for k in ("lora_A", "lora_E", "lora_B") if k not in p]
+    if lacking:
+        raise ValueError(f"adapter file has no {hf}.{lacking[0]} tensor (it has {', '.join(sorted(p))} "
+                         f"for that layer): the file is incomplete")
+    if p["lora_A"].dim() != 2 or p["lora_B"].dim() != 2 or p["lora_E"].dim() != 2 or p["lora_E"].shape[1] != 1:
+        raise ValueError(f"adapter tensors of {hf} have shapes lora_A {tuple(p['lora_A'].shape)}, lora_E "
+                         f"{tuple(p['lora_E'].shape)}, lora_B {tuple(p['lora_B'].shape)}; AdaLoRA needs "
+                         f"(k, in), (k, 1) and (out, k)")
+    k = p["lora_E"].shape[0]
+    if hf in pattern and (len(pattern[hf]) != R or sum(pattern[hf]) != k):
+        raise ConfigError(f"{hf}: rank_pattern keeps {sum(pattern[hf])} of {len(pattern[hf])} triplets, but "
+                          f"the adapter file holds {k} (lora_E {tuple(p['lora_E'].shape)}) of init_r={R}")
+    if hf not in pattern and k != R:
+        raise ConfigError(f"{hf}: the config's init_r={R} (no rank_pattern entry for it), but the adapter file "
+                          f"holds {k} triplets (lora_E {tuple(p['lora_E'].shape)})")
+    out = {}
+    for name, slot in members:
+        rows = slice(None) if slot is None else slice(slot * (p["lora_B"].shape[0] // 3),
+                                                      (slot + 1) * (p["lora_B"].shape[0] // 3))
+        out[name] = (p["lora_A"], p["lora_E"], p["lora_B"][rows])
+    return out
+
+
+def _apply_peft_config(model: nn.Module, config: dict, per: dict, modules_to_save: tuple[str, ...]) -> None:
+    """AdaLoRA on a plain model as the PEFT file has it: every layer in ``per`` with its kept
+    triplets, the file's settings, and its schedule when that is a valid one."""
+    R = int(config["init_r"])
+
+    def get(name, default):  # PEFT's default for an absent or null field
+        return default if config.get(name) is None else config[name]
+    kw = dict(init_r=R, target_r=min(get("target_r", R), R), alpha=config["lora_alpha"],
+              dropout=get("lora_dropout", 0.0), targets=tuple(per), beta1=get("beta1", 0.85),
+              beta2=get("beta2", 0.85), orth_reg_weight=get("orth_reg_weight", 0.5), modules_to_save=modules_to_save)
+    try:  # the file's schedule when it is a valid one (an inference-only file may lack it)
+        cfg = adalora.AdaLoRAConfig(**kw, tinit=config.get("tinit"), tfinal=config.get("tfinal"),
+                                    delta_t=config.get("deltaT"), total_step=config.get("total_step"))
+    except (ValueError, TypeError):
+        try:
+            cfg = adalora.AdaLoRAConfig(**kw, tinit=0, tfinal=0, delta_t=1, total_step=2)
+        except (ValueError, TypeError) as e:  # e.g. lora_alpha <= 0, beta1 >= 1
+            raise ConfigError(str(e)) from None
+    adalora.apply(model, cfg, rank_pattern={n: [True] * t[1].shape[0] for n, t in per.items()})
+
+
+def _peft_pairs(model: nn.Module, per: dict, s_file: float) -> list:
+    """(dst, src, key, where) for every triplet in ``per`` (and a mask keeping all of them), each
+    checked against its layer; the model's AdaLoRA layers and the file's match one to one."""
     have = dict(adalora.svd_modules(model))
-    s_file = alpha / (R + 1e-5)
     pairs = []
     for name, (A, E, B) in per.items():
         if name not in have:
@@ -231,5 +244,4 @@ def adalora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
     for name in have:
         if name not in per:
             raise ValueError(f"this model has AdaLoRA on {name!r}, the adapter file has none for it")
-    pairs += modules_to_save_pairs(model, inv, extra)  # modules_to_save: whole-module tensors
-    copy_all(pairs)  # every shape checked before any tensor is copied
+    return pairs

@@ -6,16 +6,17 @@ minift's state dict. PEFT layout: see lora_to_peft below.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 
-from minift.adapters.io import (PEFT_PREFIX, ConfigError, check_layers, check_pattern, check_peft_targets, copy_all,
-                               hf_param_key, module_map, modules_to_save_pairs, modules_to_save_params, pattern_value,
-                               place_all, require_modules_to_save, require_saved_params, require_targets,
-                               settings_of, task_type, undo_fresh, undo_point)
+from minift.adapters.hf_names import (PEFT_PREFIX, hf_modules, hf_param_key, module_map, modules_to_save_names,
+                                      modules_to_save_pairs, pattern_value, require_modules_to_save, require_targets,
+                                      split_peft_tensors, task_type)
+from minift.adapters.io import (ConfigError, check_layers, check_pattern, check_peft_targets, copy_all,
+                                modules_to_save_params, place_all, require_saved_params, settings_of, undo_fresh,
+                                undo_point)
 from minift.files import InputError, field
 from minift.methods import lora
 from minift.models.gpt import GPT
@@ -247,70 +248,68 @@ def _split_qkv(model, hf: str, parts: dict, members, s_file: float) -> list:
 
 
 def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
+    """Load a PEFT LoRA file: check the config and every factor, apply LoRA to a plain model (the
+    file's ranks), match the model's LoRA layers one to one, then copy all tensors at once."""
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise ConfigError("PEFT LoRA with trained biases (bias != 'none' or lora_bias) is not supported")
     if str(config.get("init_lora_weights", True)).startswith("pissa"):
         raise ConfigError("PEFT PiSSA adapters are stored against PEFT's residual base; not supported")
     mmap = module_map(model)
-    inv: dict[str, list] = {}
-    for name, (hf, slot) in mmap.items():
-        inv.setdefault(hf, []).append((name, slot))
-    lora_t: dict[str, dict] = {}
-    extra: dict[str, torch.Tensor] = {}
-    for key, t in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"adapter tensor {key!r} does not start with {PEFT_PREFIX!r}; not a PEFT LoRA file")
-        key = key[len(PEFT_PREFIX):]
-        m = re.fullmatch(r"(.+)\.(lora_A|lora_B|lora_magnitude_vector)(\.weight)?", key)
-        if m:
-            if m[1] not in inv:
-                raise ValueError(f"adapter has a LoRA on {m[1]!r}, which this {type(model).__name__} does not "
-                                 f"have: the adapter was saved for a model of another shape")
-            lora_t.setdefault(m[1], {})[m[2]] = t
-        else:
-            extra[key] = t
-    rslora, dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
-    require_targets(config, model, mmap, lora_t, "LoRA")
+    inv = hf_modules(mmap)
+    factors, extra = split_peft_tensors(model, tensors, inv, "lora_A|lora_B|lora_magnitude_vector", "LoRA")
+    dora = bool(config.get("use_dora"))
+    require_targets(config, model, mmap, factors, "LoRA")
     require_modules_to_save(model, mmap, config.get("modules_to_save"), extra, PEFT_PREFIX)
-    scale = {}
-    for hf, parts in lora_t.items():
-        lacking = [k for k in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if dora else ()) if k not in parts]
-        if lacking:
-            raise ValueError(f"adapter file has no {hf}.{lacking[0]} tensor (it has "
-                             f"{', '.join(sorted(parts))} for that layer): the file is incomplete")
-        A, B = parts["lora_A"], parts["lora_B"]
-        if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
-            raise ValueError(f"adapter tensors {hf}.lora_A {tuple(A.shape)} and {hf}.lora_B {tuple(B.shape)} are "
-                             f"not the factors (r, in) and (out, r) of one LoRA")
-        if dora and parts["lora_magnitude_vector"].dim() != 1:
-            raise ValueError(f"adapter tensor {hf}.lora_magnitude_vector has shape "
-                             f"{tuple(parts['lora_magnitude_vector'].shape)}; it must be a vector")
-        r = pattern_value(config.get("rank_pattern"), hf, config["r"])
-        if A.shape[0] != r:
-            source = "rank_pattern" if pattern_value(config.get("rank_pattern"), hf, None) is not None else "r"
-            raise ConfigError(f"{hf}: the config's {source} gives r={r}, but its lora_A in the adapter file has "
-                              f"rank {A.shape[0]} (shape {tuple(A.shape)})")
-        alpha = pattern_value(config.get("alpha_pattern"), hf, config["lora_alpha"])
-        scale[hf] = (A.shape[0], alpha)
+    scale = {hf: _peft_rank_alpha(config, hf, parts, dora) for hf, parts in factors.items()}  # (r, alpha)
     if not lora.lora_modules(model):
-        ranks = {name: scale[hf] for hf in lora_t for name, _ in inv[hf]}
-        mts = []
-        for hk in extra:
-            mod = hk.rpartition(".")[0]
-            if mod not in inv or inv[mod][0][1] is not None:
-                raise ValueError(f"adapter tensor {PEFT_PREFIX + hk!r} matches no module of this model")
-            mts.append(inv[mod][0][0])
-        init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "default"
-        try:
-            cfg = lora.LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
-                                  targets=tuple(ranks), rslora=rslora, dora=dora, init=init,
-                                  modules_to_save=tuple(dict.fromkeys(mts)))
-        except ValueError as e:  # e.g. lora_alpha <= 0, lora_dropout >= 1
-            raise ConfigError(str(e)) from None
-        lora.apply(model, cfg, ranks=ranks)
+        _apply_peft_config(model, config, inv, extra, scale)
+    pairs = _peft_pairs(model, inv, factors, scale, bool(config.get("use_rslora")), dora)
+    pairs += modules_to_save_pairs(model, inv, extra)  # modules_to_save: whole-module tensors
+    copy_all(pairs)  # every shape checked before any tensor is copied
+
+
+def _peft_rank_alpha(config: dict, hf: str, parts: dict, dora: bool) -> tuple[int, float]:
+    """Check one LoRA's factors in a PEFT file; its (r, alpha) as the config gives them."""
+    lacking = [k for k in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if dora else ()) if k not in parts]
+    if lacking:
+        raise ValueError(f"adapter file has no {hf}.{lacking[0]} tensor (it has "
+                         f"{', '.join(sorted(parts))} for that layer): the file is incomplete")
+    A, B = parts["lora_A"], parts["lora_B"]
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"adapter tensors {hf}.lora_A {tuple(A.shape)} and {hf}.lora_B {tuple(B.shape)} are "
+                         f"not the factors (r, in) and (out, r) of one LoRA")
+    if dora and parts["lora_magnitude_vector"].dim() != 1:
+        raise ValueError(f"adapter tensor {hf}.lora_magnitude_vector has shape "
+                         f"{tuple(parts['lora_magnitude_vector'].shape)}; it must be a vector")
+    r = pattern_value(config.get("rank_pattern"), hf, config["r"])
+    if A.shape[0] != r:
+        source = "rank_pattern" if pattern_value(config.get("rank_pattern"), hf, None) is not None else "r"
+        raise ConfigError(f"{hf}: the config's {source} gives r={r}, but its lora_A in the adapter file has "
+                          f"rank {A.shape[0]} (shape {tuple(A.shape)})")
+    return A.shape[0], pattern_value(config.get("alpha_pattern"), hf, config["lora_alpha"])
+
+
+def _apply_peft_config(model: nn.Module, config: dict, inv: dict, extra: dict, scale: dict) -> None:
+    """LoRA on a plain model as the PEFT file has it: every minift layer of each adapted HF module
+    (q, k and v for GPT-2's c_attn) with that module's (r, alpha), and its modules_to_save."""
+    ranks = {name: scale[hf] for hf in scale for name, _ in inv[hf]}
+    modules_to_save = modules_to_save_names(inv, extra)
+    init = "gaussian" if config.get("init_lora_weights") == "gaussian" else "default"
+    try:
+        cfg = lora.LoRAConfig(r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout") or 0.0,
+                              targets=tuple(ranks), rslora=bool(config.get("use_rslora")),
+                              dora=bool(config.get("use_dora")), init=init, modules_to_save=modules_to_save)
+    except ValueError as e:  # e.g. lora_alpha <= 0, lora_dropout >= 1
+        raise ConfigError(str(e)) from None
+    lora.apply(model, cfg, ranks=ranks)
+
+
+def _peft_pairs(model: nn.Module, inv: dict, factors: dict, scale: dict, rslora: bool, dora: bool) -> list:
+    """(dst, src, key, where) for every LoRA factor of the file, each checked against its layer;
+    the model's LoRA layers and the file's must match one to one. Copies nothing."""
     have = dict(lora.lora_modules(model))
     pairs, covered = [], set()
-    for hf, parts in lora_t.items():
+    for hf, parts in factors.items():
         members = [(slot, name, have[name]) for name, slot in inv[hf] if name in have]
         if not members:
             raise ValueError(f"adapter has a LoRA on {hf} ({', '.join(n for n, _ in inv[hf])} in minift), "
@@ -333,5 +332,4 @@ def lora_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
     for name in have:
         if name not in covered:
             raise ValueError(f"this model has a LoRA on {name!r}, the adapter file has none for it")
-    pairs += modules_to_save_pairs(model, inv, extra)  # modules_to_save: whole-module tensors
-    copy_all(pairs)  # every shape checked before any tensor is copied
+    return pairs

@@ -8,8 +8,8 @@ from dataclasses import asdict
 
 import torch.nn as nn
 
-from minift.adapters.io import (ConfigError, copy_all, hf_param_key, is_conv1d, module_map, modules_to_save_params,
-                               require_modules_to_save, require_saved_params, settings_of, task_type)
+from minift.adapters.hf_names import hf_param_key, is_conv1d, module_map, require_modules_to_save, task_type
+from minift.adapters.io import ConfigError, copy_all, modules_to_save_params, require_saved_params, settings_of
 from minift.files import InputError, field
 from minift.methods import prefix, prompt
 

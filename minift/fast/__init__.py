@@ -1,0 +1,50 @@
+"""Everything in minift that exists only for speed, switched on by one explicit call: ``enable``.
+
+The reference code (models, methods, adapters) never imports this package. Each piece changes
+reference modules in place (a forward pre-hook, a swapped submodule, a swapped layer class) and
+computes what they compute, outputs and gradients, up to floating-point rounding (each module says
+where it rounds differently); its equivalence test checks that:
+
+    piece         module        what it does                                      equivalence test
+    cast once     fast.cast     under autocast, casts each attention/MLP input     tests/fast/test_loss_cast.py
+                                once instead of once per matmul
+    fused loss    fast.loss     GPT's cross-entropy chunk by chunk from the        tests/fast/test_loss_cast.py
+                                hidden states, without full fp32 logits
+    LoRA forward  fast.lora     plain LoRA layers through W0 + sBA in one GEMM     tests/fast/test_lora.py
+                                (merged) or with the update inside one addmm
+    Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
+                                by the merged LoRA forward
+
+Each module also has its own ``enable``/``disable`` for switching one piece alone.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from minift.fast import cast, lora, loss
+
+
+def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None = None) -> list[str]:
+    """Switch on every speed piece that applies to ``model`` (see the table above).
+
+    Args:
+        model: a GPT, Bert or BertClassifier, with or without a method applied.
+        merged_lora: plain LoRA layers take the merged forward (one GEMM through W0 + sBA; a layer
+            with dropout takes it in evaluation only); False: the addmm forward. DoRA layers keep
+            the reference forward either way.
+        loss_chunk: positions per vocabulary projection in the fused loss (None: its default).
+    Returns:
+        One line per piece switched on, e.g. ``"cast once: 4 modules"``; pieces that do not apply
+        (no LoRA layers, no GPT loss) or are already on are left out.
+    Raises:
+        ValueError: ``loss_chunk`` < 1.
+    """
+    on = [("cast once", cast.enable(model), "modules"),
+          ("fused loss", loss.enable(model, loss_chunk), "modules"),
+          (f"LoRA {'merged' if merged_lora else 'addmm'} forward", lora.enable(model, merged=merged_lora), "layers")]
+    return [f"{piece}: {len(names)} {what}" for piece, names, what in on if names]
+
+
+def disable(model: nn.Module) -> list[str]:
+    """Put every piece back on the reference path; returns the names of the modules switched back."""
+    return cast.disable(model) + loss.disable(model) + lora.disable(model)

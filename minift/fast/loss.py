@@ -17,11 +17,20 @@ each chunk's logits in backward (activation checkpointing), the vocabulary matmu
 instead of three times for a frozen head, and nothing of the size of the logits survives the
 forward pass. The gradient is computed only when autograd will want it; under ``no_grad``
 (evaluation) the chunks only produce the loss.
+
+``enable(model)`` switches it on: every ``gpt.LMLoss`` submodule (the plain reference, which
+builds the full logits) is replaced by a ``FusedLMLoss``, which takes the same arguments
+(final hidden states, head weight, targets) and gives the same loss and gradients (tested
+in ``tests/fast/test_loss_cast.py``). The replacement holds no tensors, so the model's
+state-dict keys do not change; ``disable(model)`` puts the reference back.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+
+from minift.models.gpt import LMLoss
 
 # Positions per vocabulary projection. A chunk's logits take 6 bytes per position per vocabulary
 # entry while it is processed (bf16 and fp32 logits, bf16 gradient): 1.2 GB at (4096, 50304).
@@ -32,6 +41,7 @@ CHUNK_TRAINED_HEAD = 4096
 
 
 def loss_chunk(head_trained: bool) -> int:
+    """The default positions per vocabulary projection, for a trained or a frozen head."""
     return CHUNK_TRAINED_HEAD if head_trained else CHUNK_FROZEN_HEAD
 
 
@@ -140,3 +150,55 @@ class LinearCrossEntropy(torch.autograd.Function):
         gx, gw = ctx.saved_tensors
         return (None if gx is None else gx * grad.to(gx.dtype),
                 None if gw is None else (gw * grad).to(ctx.weight_dtype), None, None)
+
+
+# ---------------------------------------------------------------------------- switching it on
+
+class FusedLMLoss(nn.Module):
+    """``gpt.LMLoss`` computed by ``lm_loss``: same arguments, same value and gradients.
+
+    ``chunk``: positions per vocabulary projection (None: ``loss_chunk``'s default for a
+    trained or a frozen head); it may be changed at any time (``model.lm_loss.chunk = 4096``).
+    """
+
+    def __init__(self, chunk: int | None = None):
+        super().__init__()
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"loss chunk must be >= 1 position, got {chunk}")
+        self.chunk = chunk
+
+    def forward(self, x, weight, targets):
+        return lm_loss(x, weight, targets, self.chunk)
+
+    def extra_repr(self) -> str:
+        return f"chunk={self.chunk}"
+
+
+def enable(model: nn.Module, chunk: int | None = None) -> list[str]:
+    """Replace every ``gpt.LMLoss`` in ``model`` by a ``FusedLMLoss(chunk)``.
+
+    Args:
+        model: any module; the ones without a GPT loss (BERT) are left as they are.
+        chunk: positions per vocabulary projection (None: ``loss_chunk``'s default).
+    Returns:
+        The names of the replaced submodules (``["lm_loss"]`` for a GPT; ``[]`` when there
+        is nothing to replace, e.g. when the fused loss is already on: then it is left as it
+        is, and ``model.lm_loss.chunk`` changes its chunk).
+    Raises:
+        ValueError: ``chunk`` < 1.
+    """
+    FusedLMLoss(chunk)  # checks chunk, also for a model without a GPT loss
+    return _swap(model, LMLoss, lambda: FusedLMLoss(chunk))
+
+
+def disable(model: nn.Module) -> list[str]:
+    """Put the plain ``gpt.LMLoss`` back wherever ``enable`` put a ``FusedLMLoss``; returns the names."""
+    return _swap(model, FusedLMLoss, LMLoss)
+
+
+def _swap(model: nn.Module, old: type, new) -> list[str]:
+    names = [name for name, m in model.named_modules() if name and type(m) is old]
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new())
+    return names

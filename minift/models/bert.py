@@ -1,11 +1,12 @@
 """A minimal BERT encoder in plain PyTorch.
 
-Reads top to bottom: config, embeddings, attention, layer, encoder model, classifier.
+Reads top to bottom: config, embeddings, MLP, layer, encoder model, classifier, loading.
 Post-LayerNorm blocks, exact (erf) GELU, a padding attention mask and a tanh pooler, as in
-the original BERT. Module names follow minift's convention (``q_proj, k_proj, v_proj,
-o_proj``; ``up_proj, down_proj``) so LoRA targets are shared with GPT; the map to Hugging
-Face's ``query/key/value/attention.output.dense/intermediate.dense/output.dense`` lives in
-``minift/models/hf.py``.
+the original BERT; the attention is the one GPT uses too (``minift/models/layers.py``), not
+causal. Module names follow minift's convention (``q_proj, k_proj, v_proj, o_proj``;
+``up_proj, down_proj``) so LoRA targets are shared with GPT; the map to Hugging Face's
+``query/key/value/attention.output.dense/intermediate.dense/output.dense`` is the loading
+section at the end.
 
 ``prefix`` (one ``(k, v)`` per layer, each (B, n_head, P, head_dim)) is prepended to every
 layer's keys/values and seen by every token: deep prompts / P-tuning v2 on an encoder. As in
@@ -13,13 +14,17 @@ Hugging Face BERT with past keys/values, the positions of the real tokens start 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.models.gpt import KV, attention_bias, cast_once, frozen_below, run_block
+from minift.files import InputError, MissingKey, field
+from minift.models import hf
+from minift.models.layers import KV, SelfAttention, attention_bias, frozen_below, run_block
 
 
 @dataclass
@@ -78,32 +83,6 @@ class Embeddings(nn.Module):
         return self.dropout(self.ln(x))
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.attn_dropout = cfg.dropout
-
-    def forward(self, x, bias=None, prefix: KV | None = None):
-        B, T, C = x.shape
-        hs = C // self.n_head
-        x = cast_once(x)  # the residual stream itself stays in its own dtype
-        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if prefix is not None:
-            pk, pv = prefix
-            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, nh, P+T, hs)
-            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)  # (B, nh, P+T, hs)
-        p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -111,7 +90,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.n_inner, cfg.n_embd)
 
     def forward(self, x):
-        return self.down_proj(F.gelu(self.up_proj(cast_once(x))))
+        return self.down_proj(F.gelu(self.up_proj(x)))
 
 
 class Layer(nn.Module):
@@ -119,14 +98,15 @@ class Layer(nn.Module):
 
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.attn = SelfAttention(cfg)
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, causal=False)
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x, bias=None, prefix: KV | None = None):
-        x = self.ln_1(x + self.dropout(self.attn(x, bias, prefix)))
+        a, _ = self.attn(x, bias, prefix)
+        x = self.ln_1(x + self.dropout(a))
         return self.ln_2(x + self.dropout(self.mlp(x)))
 
 
@@ -170,12 +150,12 @@ class Bert(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "Bert":
-        from minift.models import hf
-        return hf.load_bert(path, dtype=dtype)
+        """A BERT encoder from a Hugging Face directory (``config.json``, ``model.safetensors``)."""
+        return load_hf(path, dtype)
 
     def save_pretrained(self, path) -> None:
-        from minift.models import hf
-        hf.save_bert(self, path)
+        """Write a Hugging Face BertModel directory."""
+        save_hf(self, path)
 
 
 class BertClassifier(nn.Module):
@@ -216,12 +196,13 @@ class BertClassifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, num_labels: int | None = None, dtype=torch.float32) -> "BertClassifier":
-        from minift.models import hf
-        return hf.load_bert(path, dtype=dtype, classifier=True, num_labels=num_labels)
+        """A BertForSequenceClassification directory; a checkpoint without a head gets a new one
+        with ``num_labels`` outputs (default: its config's id2label, else 2)."""
+        return load_hf(path, dtype, classifier=True, num_labels=num_labels)
 
     def save_pretrained(self, path) -> None:
-        from minift.models import hf
-        hf.save_bert(self, path)
+        """Write a Hugging Face BertForSequenceClassification directory."""
+        save_hf(self, path)
 
 
 def _init_weights(m):
@@ -232,3 +213,132 @@ def _init_weights(m):
     if isinstance(m, nn.Embedding) and m.padding_idx is not None:
         with torch.no_grad():
             m.weight[m.padding_idx].zero_()
+
+
+# ---------------------------------------------------------------------------- loading
+
+# Config fields that change what a checkpoint computes and the only values this BERT implements
+# (field, default when absent, allowed values, what it does instead); see ``hf.check_fields``.
+HF_FIELDS = (
+    ("hidden_act", "gelu", ("gelu", "gelu_python"), "minift's BERT uses exact (erf) GELU"),
+    ("position_embedding_type", "absolute", ("absolute",),
+     "minift's BERT has learned absolute position embeddings only"),
+    ("is_decoder", False, (False,), "minift's BERT is a bidirectional encoder, without a causal mask"),
+    ("add_cross_attention", False, (False,), "minift's BERT has no cross-attention layers"),
+)
+
+
+def config_from_hf(raw: dict, source: str | None = None) -> BertConfig:
+    """The BertConfig of a BERT config.json. ``source`` names the file in errors (default: the
+    file ``hf.read_config`` read ``raw`` from)."""
+    source = source or getattr(raw, "source", "config.json")
+    hf.check_fields(raw, HF_FIELDS, "BERT", source)
+    vocab_size = hf.size_field(raw, "vocab_size", source, "BERT")
+    pad = field(raw, "pad_token_id", int, source, default=0)
+    if not 0 <= pad < vocab_size:
+        raise InputError(f"{source}: field 'pad_token_id' must be in [0, vocab_size={vocab_size}), got {pad}")
+    return hf.build_config(
+        BertConfig, source, vocab_size=vocab_size,
+        max_position_embeddings=hf.size_field(raw, "max_position_embeddings", source, "BERT"),
+        type_vocab_size=hf.size_field(raw, "type_vocab_size", source, "BERT", default=2),
+        n_layer=hf.size_field(raw, "num_hidden_layers", source, "BERT"),
+        n_head=hf.size_field(raw, "num_attention_heads", source, "BERT"),
+        n_embd=hf.size_field(raw, "hidden_size", source, "BERT"),
+        n_inner=hf.size_field(raw, "intermediate_size", source, "BERT"),
+        dropout=hf.rate_field(raw, "hidden_dropout_prob", source, 0.1, 0.0, 1.0),
+        layer_norm_eps=hf.rate_field(raw, "layer_norm_eps", source, 1e-12, 0.0, math.inf), pad_token_id=pad)
+
+
+HF_LAYER = {  # HF name inside encoder.layer.{i}. -> minift name inside layers.{i}.
+    "attention.self.query": "attn.q_proj", "attention.self.key": "attn.k_proj",
+    "attention.self.value": "attn.v_proj", "attention.output.dense": "attn.o_proj",
+    "attention.output.LayerNorm": "ln_1", "intermediate.dense": "mlp.up_proj",
+    "output.dense": "mlp.down_proj", "output.LayerNorm": "ln_2",
+}
+HF_TOP = {
+    "embeddings.word_embeddings": "embeddings.word_embeddings",
+    "embeddings.position_embeddings": "embeddings.position_embeddings",
+    "embeddings.token_type_embeddings": "embeddings.token_type_embeddings",
+    "embeddings.LayerNorm": "embeddings.ln", "pooler.dense": "pooler",
+}
+
+
+def hf_key_map(n_layer: int) -> dict[str, str]:
+    """HF BertModel parameter name -> minift Bert parameter name."""
+    m = {}
+    for hk, mk in HF_TOP.items():
+        for s in ("weight", "bias"):
+            m[f"{hk}.{s}"] = f"{mk}.{s}"
+    m.pop("embeddings.word_embeddings.bias"), m.pop("embeddings.position_embeddings.bias")
+    m.pop("embeddings.token_type_embeddings.bias")
+    for i in range(n_layer):
+        for hk, mk in HF_LAYER.items():
+            for s in ("weight", "bias"):
+                m[f"encoder.layer.{i}.{hk}.{s}"] = f"layers.{i}.{mk}.{s}"
+    return m
+
+
+def load_hf(path, dtype=torch.float32, classifier: bool = False, num_labels: int | None = None):
+    raw = hf.read_config(path)
+    hf.expect_type(raw, "bert", path)
+    cfg = config_from_hf(raw, raw.source)
+    sd = {k: v for k, v in hf.read_weights(path).items() if not hf.ignored(k)}
+    head = {k: sd.pop(k) for k in ("classifier.weight", "classifier.bias") if k in sd}
+    sd = hf.strip_prefix(sd, "bert.")
+    kmap = hf_key_map(cfg.n_layer)
+    mapped = {kmap.get(k, k): v for k, v in sd.items()}
+    if "pooler.weight" not in mapped:  # some checkpoints (e.g. sentence encoders) lack a pooler
+        mapped["pooler.weight"] = torch.eye(cfg.n_embd)
+        mapped["pooler.bias"] = torch.zeros(cfg.n_embd)
+    if not classifier:
+        model = Bert(cfg)
+        hf.load_into(model, mapped, path, dtype)
+        return model
+    f = Path(path) / "model.safetensors"
+    if len(head) == 1:
+        raise MissingKey(f"{f}: checkpoint has {next(iter(head))!r} but not "
+                         f"{({'classifier.weight', 'classifier.bias'} - set(head)).pop()!r}")
+    if head and (head["classifier.weight"].dim() != 2 or head["classifier.bias"].dim() != 1):
+        raise InputError(f"{f}: classifier.weight must be 2-D and classifier.bias 1-D, got shapes "
+                         f"{tuple(head['classifier.weight'].shape)} and {tuple(head['classifier.bias'].shape)}")
+    if num_labels is None:
+        labels = field(raw, "id2label", dict, raw.source, default={})
+        num_labels = head["classifier.weight"].shape[0] if head else len(labels) or 2
+    model = BertClassifier(cfg, num_labels)
+    hf.load_into(model.bert, mapped, path, dtype)
+    if head:
+        if head["classifier.weight"].shape[0] != num_labels:
+            raise InputError(f"{f}: checkpoint head has {head['classifier.weight'].shape[0]} labels, "
+                             f"asked for num_labels={num_labels}")
+        want = {"weight": tuple(model.classifier.weight.shape), "bias": tuple(model.classifier.bias.shape)}
+        for k, v in head.items():
+            if tuple(v.shape) != want[k.split(".", 1)[1]]:
+                raise InputError(f"{f}: tensor {k!r} has shape {tuple(v.shape)}, the config implies "
+                                 f"{want[k.split('.', 1)[1]]}")
+        model.classifier.load_state_dict({k.split(".", 1)[1]: v for k, v in head.items()})
+    model.to(dtype)
+    return model
+
+
+def save_hf(model: Bert | BertClassifier, path) -> None:
+    bert = model.bert if isinstance(model, BertClassifier) else model
+    c = bert.config
+    raw = {"model_type": "bert", "vocab_size": c.vocab_size, "hidden_size": c.n_embd,
+           "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+           "intermediate_size": c.n_inner, "hidden_act": "gelu",
+           "hidden_dropout_prob": c.dropout, "attention_probs_dropout_prob": c.dropout,
+           "max_position_embeddings": c.max_position_embeddings, "type_vocab_size": c.type_vocab_size,
+           "layer_norm_eps": c.layer_norm_eps, "pad_token_id": c.pad_token_id}
+    inv = {v: k for k, v in hf_key_map(c.n_layer).items()}
+    base = hf.base_state(bert)
+    if isinstance(model, BertClassifier):
+        sd = {f"bert.{inv[k]}": v for k, v in base.items()}
+        sd["classifier.weight"] = model.classifier.weight
+        sd["classifier.bias"] = model.classifier.bias
+        raw["architectures"] = ["BertForSequenceClassification"]
+        raw["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+        raw["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+    else:
+        sd = {inv[k]: v for k, v in base.items()}
+        raw["architectures"] = ["BertModel"]
+    hf.write(path, raw, {k: v.detach().contiguous() for k, v in sd.items()})

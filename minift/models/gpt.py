@@ -1,9 +1,9 @@
 """A minimal GPT-2 in plain PyTorch.
 
-Reads top to bottom: config, attention, MLP, block, model, generation. The module names
-follow minift's convention so one LoRA target list works for GPT and BERT alike:
-attention ``q_proj, k_proj, v_proj, o_proj``; MLP ``up_proj, down_proj``. Hugging Face
-GPT-2 checkpoints (fused ``c_attn``, Conv1D weights) are mapped in ``minift/models/hf.py``.
+Reads top to bottom: config, MLP, block, loss, model (forward, generation), loading. The
+attention both models share lives in ``minift/models/layers.py``. The module names follow
+minift's convention so one LoRA target list works for GPT and BERT alike: attention
+``q_proj, k_proj, v_proj, o_proj``; MLP ``up_proj, down_proj``.
 
 Hooks are explicit ``forward`` arguments, never monkey-patches:
 - ``inputs_embeds``: token embeddings computed by the caller (prompt tuning);
@@ -13,7 +13,12 @@ Hooks are explicit ``forward`` arguments, never monkey-patches:
 
 Loss convention (the Hugging Face one): ``targets`` are aligned with ``input_ids`` and
 shifted inside, so position t predicts ``targets[t + 1]``; pass ``targets=input_ids`` for
-causal LM, with -100 wherever no loss is wanted (padding, prompts).
+causal LM, with -100 wherever no loss is wanted (padding, prompts). The loss is plain
+cross-entropy over the logits (``LMLoss``); ``minift.fast.loss.enable`` swaps in a fused
+version that never builds the full logits.
+
+Loading (the end of the file) maps Hugging Face GPT-2 checkpoints: their fused ``c_attn``
+is split into q/k/v and their Conv1D weights (in, out) are transposed to nn.Linear's.
 """
 from __future__ import annotations
 
@@ -23,11 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
-from minift.fast.loss import lm_loss
-
-KV = tuple[torch.Tensor, torch.Tensor]
+from minift.files import InputError, field
+from minift.models import hf
+from minift.models.layers import KV, SelfAttention, attention_bias, frozen_below, run_block
 
 
 @dataclass
@@ -61,95 +65,6 @@ class GPTOutput:
     kv: list[KV] | None = None  # per-layer keys/values incl. prefix, when return_kv=True
 
 
-def attention_bias(T: int, P: int, attention_mask, causal: bool, dtype, device):
-    """Additive attention bias (B or 1, 1, T, P + T), or None without an attention mask: then
-    SDPA runs causal (with a prefix, bottom-right aligned: ``causal_lower_right``) or full.
-
-    Every query sees all P prefix slots; among the T real tokens the mask is causal (GPT)
-    or full (BERT); ``attention_mask`` (B, P + T) or (B, T) has 1 for tokens to attend to.
-    Masked slots get the dtype's most negative value rather than -inf, so a fully masked
-    row (a padding query) yields finite, ignorable outputs instead of NaN.
-    """
-    if attention_mask is None:  # plain causal or full attention: SDPA needs no bias tensor
-        return None
-    allowed = torch.ones(1, 1, T, P + T, dtype=torch.bool, device=device)
-    if causal:
-        allowed = torch.ones(T, P + T, dtype=torch.bool, device=device).tril(diagonal=P)[None, None]
-    if attention_mask is not None:
-        m = attention_mask.to(device=device, dtype=torch.bool)
-        if m.shape[1] == T and P > 0:  # the caller gave a mask for the real tokens only
-            m = torch.cat([m.new_ones(m.shape[0], P), m], dim=1)
-        if m.shape[1] != P + T:
-            raise ValueError(f"attention_mask has length {m.shape[1]}, expected {T} or {P + T}")
-        allowed = allowed & m[:, None, None, :]  # (B, 1, T, P + T)
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        dtype = torch.get_autocast_dtype("cuda")  # q/k/v are in this dtype: its own finite minimum
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return bias.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def cast_once(x: torch.Tensor) -> torch.Tensor:
-    """Under CUDA autocast, cast a matmul input to the autocast dtype once.
-
-    Autocast casts a non-parameter input again for every matmul that reads it: q, k, v (and
-    each LoRA's A) would each cast the same LayerNorm output, in forward and in backward.
-    Casting once gives the same numbers with one copy instead of several.
-    """
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        return x.to(torch.get_autocast_dtype("cuda"))
-    return x
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.o_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.attn_dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x, bias=None, prefix: KV | None = None):
-        B, T, C = x.shape
-        hs = C // self.n_head
-        x = cast_once(x)
-        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if prefix is not None:
-            pk, pv = prefix
-            k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, nh, P+T, hs)
-            v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)  # (B, nh, P+T, hs)
-        p = self.attn_dropout if self.training else 0.0
-        if bias is None and prefix is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-        elif bias is None:  # a prefix, no mask: query t sees the P prefix slots and tokens <= t
-            y = prefix_attention(q, k, v, p)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.o_proj(y)), (k, v)
-
-
-def prefix_attention(q, k, v, dropout_p: float):
-    """Causal attention of T queries over P prefix slots + T keys, every prefix slot visible.
-
-    When P <= T, P zero queries are put in front: the square (P + T) problem is plain causal
-    attention (flash kernels, also under torch.compile), where real query t sees keys <= P + t,
-    exactly the prefix and tokens <= t; the padding rows are dropped. A single query (decoding
-    with a KV cache) sees every key; otherwise (P > T) the bottom-right causal mask is passed."""
-    B, H, T, hs = q.shape
-    P = k.shape[2] - T
-    if T == 1:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-    if P <= T:
-        q = torch.cat([q.new_zeros(B, H, P, hs), q], dim=2)  # (B, nh, P+T, hs)
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)[:, :, P:]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, P + T), dropout_p=dropout_p)
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -158,22 +73,43 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.down_proj(F.gelu(self.up_proj(cast_once(x)), approximate="tanh")))
+        return self.dropout(self.down_proj(F.gelu(self.up_proj(x), approximate="tanh")))
 
 
 class Block(nn.Module):
+    """Pre-LN: x = x + Attn(LN(x)); x = x + MLP(LN(x))."""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg.n_embd, cfg.n_head, cfg.dropout, causal=True)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.mlp = MLP(cfg)
 
     def forward(self, x, bias=None, prefix: KV | None = None):
         a, kv = self.attn(self.ln_1(x), bias, prefix)
-        x = x + a
+        x = x + self.resid_dropout(a)
         x = x + self.mlp(self.ln_2(x))
         return x, kv
+
+
+class LMLoss(nn.Module):
+    """Shifted next-token cross-entropy from the final hidden states: the LM head, then
+    cross-entropy. Position t predicts ``targets[:, t + 1]``; the mean is over the targets
+    that are not -100 (a batch with none gives 0, not NaN).
+
+    It takes the hidden states rather than the logits so that ``minift.fast.loss.enable`` can
+    replace it by a fused version with the same arguments and results.
+    """
+
+    def forward(self, x, weight, targets):
+        logits = F.linear(x[:, :-1], weight)  # (B, T-1, vocab): the last position predicts nothing
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the softmax in fp32
+        t = targets[:, 1:]  # (B, T-1)
+        loss = F.cross_entropy(logits.flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
+        return loss / (t != -100).sum().clamp_min(1)
 
 
 class GPT(nn.Module):
@@ -185,11 +121,11 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
+        self.lm_loss = LMLoss()  # the LM head is tied to wte: the loss reads wte.weight
         # Layers below this index run without autograd when nothing below needs a gradient
         # (set by freeze.apply when the bottom layers and the embeddings are all frozen).
         self.grad_from_layer = 0
         self.checkpointing = False  # recompute each block in backward instead of keeping activations
-        self.loss_chunk: int | None = None  # positions per vocabulary projection in the loss (None: lm_loss's default)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith(("o_proj.weight", "down_proj.weight")):
@@ -202,15 +138,11 @@ class GPT(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.wte.weight  # the LM head is tied to the token embedding
-
     def forward(self, input_ids=None, targets=None, *, attention_mask=None, inputs_embeds=None,
                 prefix: list[KV] | None = None, output_hidden_states=False, return_kv=False,
                 compute_logits: bool | None = None) -> GPTOutput:
         """``compute_logits`` defaults to "only when no targets are given": training needs
-        just the loss, which is computed chunk by chunk without full fp32 logits."""
+        just the loss, which ``lm_loss`` computes from the hidden states."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
@@ -237,7 +169,7 @@ class GPT(nn.Module):
             hidden[-1] = x  # as in HF: the last hidden state is after the final LayerNorm
         logits = loss = None
         if targets is not None:
-            loss = lm_loss(x, self.wte.weight, targets, self.loss_chunk)
+            loss = self.lm_loss(x, self.wte.weight, targets)
         if compute_logits or (compute_logits is None and targets is None):
             logits = F.linear(x, self.wte.weight)  # (B, T, vocab)
         return GPTOutput(logits, loss, tuple(hidden) if output_hidden_states else None,
@@ -293,29 +225,117 @@ class GPT(nn.Module):
             new = torch.cat([new, step], dim=1)
         return new if input_ids is None else torch.cat([input_ids, new], dim=1)
 
-    # Hugging Face checkpoints: key maps live in hf.py
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "GPT":
-        from minift.models import hf
-        return hf.load_gpt(path, dtype=dtype)
+        """A GPT-2 from a Hugging Face directory (``config.json``, ``model.safetensors``)."""
+        return load_hf(path, dtype)
 
     def save_pretrained(self, path) -> None:
-        from minift.models import hf
-        hf.save_gpt(self, path)
+        """Write a Hugging Face GPT-2 directory that ``transformers`` loads."""
+        save_hf(self, path)
 
 
-def frozen_below(model, i: int, x, prefix) -> bool:
-    """True when layer i may run without autograd: it is below ``model.grad_from_layer``,
-    its input needs no gradient, no (possibly trainable) prefix enters it and none of its own
-    parameters is trainable (an adapter added after freezing still gets its gradient)."""
-    if i >= model.grad_from_layer or x.requires_grad or prefix is not None:
-        return False
-    return not any(p.requires_grad for p in model.layers[i].parameters())
+# ---------------------------------------------------------------------------- loading
+
+# Config fields that change what a checkpoint computes and the only values this GPT implements
+# (field, default when absent, allowed values, what it does instead); see ``hf.check_fields``.
+HF_FIELDS = (
+    ("activation_function", "gelu_new", ("gelu_new", "gelu_pytorch_tanh"),
+     "minift's GPT-2 MLP uses tanh-approximated GELU"),
+    ("scale_attn_weights", True, (True,), "minift's GPT-2 attention always scales scores by 1/sqrt(head_dim)"),
+    ("scale_attn_by_inverse_layer_idx", False, (False,),
+     "minift's GPT-2 attention does not divide scores by layer index + 1"),
+    ("add_cross_attention", False, (False,), "minift's GPT-2 is decoder-only, without cross-attention layers"),
+    ("tie_word_embeddings", True, (True,), "minift's GPT-2 LM head is the token embedding wte"),
+)
+# GPT-2's ``reorder_and_upcast_attn`` is accepted: it only makes HF's eager attention compute
+# q.k^T in fp32 with the 1/sqrt(head_dim) scale folded into the matmul (a guard against fp16
+# overflow). The function is the same: fp32 results agree to rounding (tested), and minift's
+# SDPA already accumulates scores and softmax in fp32 under bf16 autocast.
 
 
-def run_block(model, block, *args):
-    """Call a block, through activation checkpointing when ``model.checkpointing`` is set
-    and a graph is being built."""
-    if model.checkpointing and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-    return block(*args)
+def config_from_hf(raw: dict, source: str | None = None) -> GPTConfig:
+    """The GPTConfig of a GPT-2 config.json. ``source`` names the file in errors (default: the
+    file ``hf.read_config`` read ``raw`` from)."""
+    source = source or getattr(raw, "source", "config.json")
+    hf.check_fields(raw, HF_FIELDS, "GPT-2", source)
+    n_inner = field(raw, "n_inner", int, source, default=None)
+    if n_inner is not None and n_inner < 1:
+        raise InputError(f"{source}: field 'n_inner' must be >= 1 or null, got {n_inner}")
+    return hf.build_config(
+        GPTConfig, source, vocab_size=hf.size_field(raw, "vocab_size", source, "GPT-2"),
+        block_size=hf.size_field(raw, "n_positions", source, "GPT-2", default=1024),
+        n_layer=hf.size_field(raw, "n_layer", source, "GPT-2"), n_head=hf.size_field(raw, "n_head", source, "GPT-2"),
+        n_embd=hf.size_field(raw, "n_embd", source, "GPT-2"), n_inner=n_inner,
+        dropout=hf.rate_field(raw, "resid_pdrop", source, 0.0, 0.0, 1.0),
+        layer_norm_eps=hf.rate_field(raw, "layer_norm_epsilon", source, 1e-5, 0.0, math.inf))
+
+
+HF_LAYER = {  # HF name inside transformer.h.{i}. -> minift name inside layers.{i}. (c_attn aside)
+    "ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias",
+    "ln_2.weight": "ln_2.weight", "ln_2.bias": "ln_2.bias",
+    "attn.c_proj.weight": "attn.o_proj.weight", "attn.c_proj.bias": "attn.o_proj.bias",
+    "mlp.c_fc.weight": "mlp.up_proj.weight", "mlp.c_fc.bias": "mlp.up_proj.bias",
+    "mlp.c_proj.weight": "mlp.down_proj.weight", "mlp.c_proj.bias": "mlp.down_proj.bias",
+}
+HF_CONV1D = ("attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")  # (in, out): transposed
+
+
+def state_from_hf(sd: dict, n_layer: int) -> dict:
+    """An HF GPT-2 state dict in minift's names; keys it does not know are passed through."""
+    sd = {k: v for k, v in hf.strip_prefix(sd, "transformer.").items() if not hf.ignored(k)}
+    sd.pop("lm_head.weight", None)  # tied to wte
+    out = {}
+    for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+        if name in sd:
+            out[name] = sd.pop(name)
+    for i in range(n_layer):
+        src = f"h.{i}."
+        for hk, mk in HF_LAYER.items():
+            if src + hk in sd:
+                w = sd.pop(src + hk)
+                out[f"layers.{i}.{mk}"] = w.t().contiguous() if hk in HF_CONV1D else w  # (out, in)
+        if src + "attn.c_attn.weight" in sd:
+            w = sd.pop(src + "attn.c_attn.weight").t()  # (3C, C) after the Conv1D transpose
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), w.chunk(3, dim=0)):  # each (C, C)
+                out[f"layers.{i}.attn.{name}.weight"] = part.contiguous()
+        if src + "attn.c_attn.bias" in sd:
+            b = sd.pop(src + "attn.c_attn.bias")  # (3C,)
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), b.chunk(3, dim=0)):  # each (C,)
+                out[f"layers.{i}.attn.{name}.bias"] = part.contiguous()
+    out.update(sd)  # whatever is left is unknown and reported by hf.load_into
+    return out
+
+
+def state_to_hf(sd: dict, n_layer: int) -> dict:
+    """minift's GPT state dict in HF GPT-2's names and layout (inverse of ``state_from_hf``)."""
+    out = {f"transformer.{k}": sd[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(n_layer):
+        for hk, mk in HF_LAYER.items():
+            w = sd[f"layers.{i}.{mk}"]
+            out[f"transformer.h.{i}.{hk}"] = w.t() if hk in HF_CONV1D else w  # (in, out)
+        qkv = [sd[f"layers.{i}.attn.{n}_proj.weight"] for n in "qkv"]  # each (C, C)
+        out[f"transformer.h.{i}.attn.c_attn.weight"] = torch.cat(qkv, dim=0).t()  # (C, 3C)
+        out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.cat(
+            [sd[f"layers.{i}.attn.{n}_proj.bias"] for n in "qkv"], dim=0)  # (3C,)
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def load_hf(path, dtype=torch.float32) -> GPT:
+    raw = hf.read_config(path)
+    hf.expect_type(raw, "gpt2", path)
+    cfg = config_from_hf(raw, raw.source)
+    model = GPT(cfg)
+    hf.load_into(model, state_from_hf(hf.read_weights(path), cfg.n_layer), path, dtype)
+    return model
+
+
+def save_hf(model: GPT, path) -> None:
+    c = model.config
+    raw = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": c.vocab_size,
+           "n_positions": c.block_size, "n_ctx": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
+           "n_embd": c.n_embd, "n_inner": c.n_inner, "activation_function": "gelu_new",
+           "resid_pdrop": c.dropout, "embd_pdrop": c.dropout, "attn_pdrop": c.dropout,
+           "layer_norm_epsilon": c.layer_norm_eps, "tie_word_embeddings": True,
+           "bos_token_id": c.vocab_size - 1, "eos_token_id": c.vocab_size - 1}
+    hf.write(path, raw, state_to_hf(hf.base_state(model), c.n_layer))

@@ -11,11 +11,13 @@ GPU sizes given to ``recommend`` are GiB (2**30 bytes).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 # the estimator's names stay importable from here (minift.studies.advisor.estimate_memory, ...)
-from minift.studies.memory import (CUBLAS_WORKSPACE, METHODS, PROJ,  # noqa: F401
+from minift.studies.memory import (CUBLAS_WORKSPACE, PROJ,  # noqa: F401
                            GiB, MemoryEstimate, MethodOptions, estimate_memory)
+from minift.studies.presets import PRESETS, preset  # noqa: F401  (the model shapes: --preset)
+from minift.methods.registry import METHODS  # noqa: F401
 from minift.models.bert import BertConfig
 from minift.models.gpt import GPTConfig
 
@@ -25,30 +27,16 @@ LEVELS = ("low", "medium", "high")
 
 # ============================================================================ model shapes
 
-PRESETS = {  # the real model shapes (random init is enough for memory)
-    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
-    "bert-base": BertConfig(),
-}
-
-
-def preset(name: str) -> GPTConfig | BertConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return replace(PRESETS[name])
-
-
 def config_from_dir(path) -> GPTConfig | BertConfig:
     """The config of an HF-format model directory (GPT-2 or BERT ``config.json``)."""
-    from minift.models import hf
+    from minift.models import bert, gpt, hf
     raw = hf.read_config(path)
     kind = raw.get("model_type")
     try:
         if kind == "gpt2":
-            return hf.gpt_config_from_hf(raw)
+            return gpt.config_from_hf(raw)
         if kind == "bert":
-            return hf.bert_config_from_hf(raw)
+            return bert.config_from_hf(raw)
     except KeyError as e:
         key = e.args[0] if e.args else "?"
         raise ValueError(f"{path}/config.json has no {key!r} key (needed for a {kind} model)") from None

@@ -18,7 +18,7 @@ Each optimization is a flag so its effect is measured, not assumed:
 ``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
 ``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
 the naive loss, for comparison with the fused cross-entropy of ``minift.fast.loss``),
-``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.methods.lora.MergedLoRA``),
+``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``),
 ``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head),
 ``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
 ``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
@@ -46,21 +46,13 @@ from minift.studies import bench_timing
 # the report's names stay importable from here (minift.studies.bench.save, ...)
 from minift.studies.bench_report import Row, add_ratios, save, to_markdown  # noqa: F401
 from minift.studies.mfu import flops_per_token, matmul_params, measure_matmul_tflops  # noqa: F401
+from minift.studies.presets import PRESETS
 from minift.methods.common import count_trainable
+from minift.methods.registry import METHODS, TrainHooks, build_method
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.forward import model_forward
 
-PRESETS = {
-    "gpt2": GPTConfig(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-medium": GPTConfig(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-large": GPTConfig(n_layer=36, n_head=20, n_embd=1280),
-    "bert-base": BertConfig(),
-    "tiny-gpt": GPTConfig(vocab_size=256, block_size=64, n_layer=2, n_head=4, n_embd=64),
-    "tiny-bert": BertConfig(vocab_size=256, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=64,
-                            n_inner=128),
-}
-METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit", "probe")
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 VIRTUAL_TOKENS = 20
 
@@ -71,7 +63,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 @dataclass
 class BenchConfig:
     model: str = "gpt2-medium"
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(METHODS)
     batch: int = 8
     seq_len: int = 1024
     steps: int = 10
@@ -113,8 +105,19 @@ class BenchConfig:
 
 # ---------------------------------------------------------------------------- minift runs
 
-def build(cfg: BenchConfig, method: str):
-    """Model with ``method`` applied; returns (model, hooks) where hooks holds the allocator etc."""
+def method_options(cfg: BenchConfig, method: str) -> dict:
+    """The bench's own options; every other one is the registry's default, as in `minift train`
+    (LoRA/DoRA r 8, alpha 16; AdaLoRA init_r 12 -> target_r 8, alpha 32; freeze bottom_up):
+    the low-rank methods adapt ``cfg.lora_targets``, AdaLoRA prunes from the first step, and
+    prefix / prompt tuning take P = 20 virtual positions."""
+    targets = {"targets": cfg.lora_targets}
+    return {"lora": targets, "dora": targets, "adalora": {**targets, "tinit": 0, "tfinal": 0, "delta_t": 1},
+            "prefix": {"num_virtual_tokens": VIRTUAL_TOKENS},
+            "prompt": {"num_virtual_tokens": VIRTUAL_TOKENS}}.get(method, {})
+
+
+def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks]:
+    """Model with ``method`` applied (``minift.methods.registry``); returns (model, its training hooks)."""
     mc = replace(PRESETS[cfg.model])
     with torch.device(cfg.device):  # initialize on the device: much faster for large models
         if isinstance(mc, BertConfig):
@@ -122,44 +125,10 @@ def build(cfg: BenchConfig, method: str):
             model = BertClassifier(mc, num_labels=2)
         else:
             model = GPT(mc)
-    hooks: dict = {}
-    head = ("classifier",) if isinstance(model, BertClassifier) else ()
-    if method == "full":
-        from minift.methods import full
-        full.apply(model)
-    elif method in ("lora", "dora"):
-        from minift.methods import lora
-        lora.apply(model, lora.LoRAConfig(r=8, alpha=16, targets=cfg.lora_targets, dora=method == "dora",
-                                          modules_to_save=head))
-        if cfg.lora_merged_forward and method == "lora":
-            lora.set_merged_forward(model)
-    elif method == "adalora":
-        from minift.methods import adalora, adalora_alloc
-        acfg = adalora.AdaLoRAConfig(init_r=12, target_r=8, alpha=32, targets=cfg.lora_targets,
-                                     tinit=0, tfinal=0, delta_t=1,
-                                     total_step=cfg.warmup + cfg.steps + 1)
-        adalora.apply(model, acfg)
-        if head:
-            from minift.methods.common import unfreeze_modules
-            unfreeze_modules(model, head)
-        hooks["allocator"] = adalora_alloc.RankAllocator(model, acfg)
-        hooks["orth"] = (adalora.orth_penalty, acfg.orth_reg_weight)
-        hooks["factors"] = adalora.batched_factors  # as train does: forward and penalty inside it
-    elif method == "prefix":
-        from minift.methods import prefix
-        prefix.apply(model, prefix.PrefixConfig(num_virtual_tokens=VIRTUAL_TOKENS, modules_to_save=head))
-    elif method == "prompt":
-        from minift.methods import prompt
-        prompt.apply(model, prompt.PromptConfig(num_virtual_tokens=VIRTUAL_TOKENS, modules_to_save=head))
-    elif method == "freeze":
-        from minift.methods import freeze
-        freeze.apply(model, freeze.FreezeConfig(strategy="bottom_up"))
-    elif method == "bitfit":
-        from minift.methods import freeze
-        freeze.bitfit(model)
-    elif method == "probe":
-        for p in model.parameters():
-            p.requires_grad_(False)
+    hooks = build_method(model, method, method_options(cfg, method), total_steps=cfg.warmup + cfg.steps + 1).hooks
+    if method == "lora":  # the addmm forward; with lora_merged_forward the merged one
+        from minift.fast import lora as fast_lora
+        fast_lora.enable(model, merged=cfg.lora_merged_forward)
     model.checkpointing = cfg.checkpointing if isinstance(model, GPT) else False
     if isinstance(model, GPT):
         model.loss_chunk = cfg.loss_chunk
@@ -199,12 +168,12 @@ def _attention_backend(cfg: BenchConfig):
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def _loss(model, batch, cfg: BenchConfig, hooks):
-    with hooks["factors"](model) if "factors" in hooks else contextlib.nullcontext():
+def _loss(model, batch, cfg: BenchConfig, hooks: TrainHooks):
+    with hooks.forward_context(model) if hooks.forward_context else contextlib.nullcontext():
         return _forward_loss(model, batch, cfg, hooks)
 
 
-def _forward_loss(model, batch, cfg: BenchConfig, hooks):
+def _forward_loss(model, batch, cfg: BenchConfig, hooks: TrainHooks):
     if cfg.plain_ce and isinstance(model, GPT):  # the naive loss: full fp32 logits
         b = {k: v for k, v in batch.items() if k != "labels"}
         out = model_forward(model, b | {"compute_logits": True})
@@ -212,9 +181,8 @@ def _forward_loss(model, batch, cfg: BenchConfig, hooks):
         labels = batch["labels"][:, -logits.shape[1]:]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
     loss = model_forward(model, batch).loss
-    if "orth" in hooks:
-        fn, w = hooks["orth"]
-        loss = loss + w * fn(model)
+    if hooks.penalty is not None:  # AdaLoRA's orthogonal penalty, weighted
+        loss = loss + hooks.penalty(model)
     return loss
 
 
@@ -238,8 +206,8 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
                 loss = _loss(model, batch, cfg, hooks)
             loss.backward()
             opt.step()
-            if "allocator" in hooks:  # AdaLoRA: after the update, before zero_grad (as PEFT)
-                hooks["allocator"].step(model, i)
+            if hooks.allocator is not None:  # AdaLoRA: after the update, before zero_grad (as PEFT)
+                hooks.allocator.step(model, i)
             opt.zero_grad(set_to_none=True)
     else:
         model.eval()

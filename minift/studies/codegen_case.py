@@ -6,7 +6,7 @@ with AdaLoRA, LoRA and full fine-tuning, and write one results table.
     ─► <name>.json / <name>.md (trainable, time, perplexity, exact match, ROUGE-L)
        + the final AdaLoRA rank per layer (table; <name>-ranks.png with matplotlib)
 
-AdaLoRA runs with the issue's settings (init_r 12, target_r 8, alpha 32, beta1 = beta2 = 0.85,
+AdaLoRA runs with fixed settings (init_r 12, target_r 8, alpha 32, beta1 = beta2 = 0.85,
 tinit 200, tfinal 1000, deltaT 10) on every attention and MLP projection; a run shorter than
 2000 steps scales tinit and tfinal by steps / 2000 (the table says so). LoRA: r 8, alpha 16 on
 the same targets. Every method gets the same steps, batches and seed.
@@ -24,7 +24,7 @@ from minift.studies.codegen import (DEFAULT_HELD_OUT, SMOKE_PRETRAIN, PretrainCo
                             encode_files, next_line_eval, pretrain, resolve_device)
 from minift.training.data import batches, load_tokenizer, pad_id
 from minift.methods import adalora
-from minift.methods.build import build_method
+from minift.methods.registry import build_method
 from minift.models.gpt import GPT
 from minift.models.hf import read_config
 from minift.training.loop import TrainConfig, train
@@ -53,7 +53,7 @@ SMOKE_CASE = dict(steps=30, batch_size=4, block_size=64, eval_lines=6, max_new_t
 
 
 def adalora_options(steps: int) -> tuple[dict, str]:
-    """The issue's AdaLoRA settings; under ADALORA_REF_STEPS, tinit and tfinal scale by steps / 2000."""
+    """The case's AdaLoRA settings; under ADALORA_REF_STEPS, tinit and tfinal scale by steps / 2000."""
     f = min(1.0, steps / ADALORA_REF_STEPS)
     opts = dict(init_r=12, target_r=8, alpha=32, beta1=0.85, beta2=0.85, tinit=int(200 * f),
                 tfinal=int(1000 * f), delta_t=10, targets=TARGETS)
@@ -74,17 +74,7 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
         pre = pre or PretrainConfig(**(SMOKE_PRETRAIN if smoke else {}), device=case.device, progress=case.progress)
         pretrain(corpus, pretrained, held_out or DEFAULT_HELD_OUT, pre, log)
     pretrained = Path(pretrained)
-    rec_file = pretrained / "corpus.json"
-    if not rec_file.is_file():
-        raise FileNotFoundError(f"{pretrained} has no corpus.json (written by `minift pretrain`): "
-                                f"without it the held-out split cannot be checked")
-    rec = json.loads(rec_file.read_text())
-    held = tuple(rec["held_out"]) if not held_out else (held_out,) if isinstance(held_out, str) else tuple(held_out)
-    seen = sorted(set(held) & set(rec["pretrain_packages"]))
-    if seen:
-        raise ValueError(f"{pretrained} was pretrained on {', '.join(seen)}: hold it out at pretraining")
-    if set(held) != set(rec["held_out"]):
-        raise ValueError(f"{pretrained} holds out {', '.join(rec['held_out'])}, not {', '.join(held)}")
+    rec, held = _read_split(pretrained, held_out)
     root = Path(rec["corpus"])
     train_files, eval_files = [root / f for f in rec["adapt_train"]], [root / f for f in rec["adapt_eval"]]
     tok = load_tokenizer(pretrained)
@@ -92,33 +82,15 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
     block = min(case.block_size, read_config(pretrained)["n_positions"])
     data = batches(blocks(encode_files(tok, train_files), block), case.batch_size, shuffle=True,
                    seed=case.seed, pad_id=pad_id(tok))
-    ada_opts, ada_note = adalora_options(case.steps)
     evaluate = lambda m: next_line_eval(m, tok, eval_files, case.eval_lines, case.max_new_tokens,  # noqa: E731
                                         case.seed, device, max_eval_blocks=case.max_eval_blocks)
     rows, ranks = [], None
     for method in ("pretrained",) + tuple(case.methods):
-        torch.manual_seed(case.seed)
-        model = GPT.from_pretrained(pretrained)
-        row = {"method": method, "trainable": 0, "params": sum(p.numel() for p in model.parameters()),
-               "steps": 0, "time_s": 0.0, "train_loss": None}
-        if method != "pretrained":
-            log(f"codegen-case: {method}")
-            opts = {"adalora": ada_opts, "lora": dict(r=8, alpha=16, targets=TARGETS), "full": {}}[method]
-            st = build_method(model, method, opts, lr=case.lr[method], total_steps=case.steps)
-            row["trainable"], row["params"] = st.trainable(model)
-            t0 = time.perf_counter()
-            res = train(model, data, TrainConfig(lr=case.lr[method], steps=case.steps, warmup=0.05, device=device,
-                                                 seed=case.seed, progress=case.progress, plot=False),
-                        **st.train_hooks())
-            row.update(steps=res.steps, time_s=time.perf_counter() - t0,
-                       train_loss=sum(res.losses[-10:]) / len(res.losses[-10:]))
-            if method == "adalora":
-                ranks = adalora.rank_pattern(model)
-        row.update(evaluate(model))
+        row, method_ranks = _adapt(method, pretrained, data, case, device, evaluate, log)
         rows.append(row)
-        del model
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        if method == "adalora":
+            ranks = method_ranks
+    ada_note = adalora_options(case.steps)[1]
     meta = {"device": device_name(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
             "held_out": ", ".join(held), "adapt_train_files": len(train_files), "eval_files": len(eval_files),
             "adapt_batches": len(data), "steps": case.steps, "batch": f"{case.batch_size} x {block} tokens",
@@ -131,6 +103,54 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
     result = {"meta": meta, "rows": rows, "rank_pattern": ranks}
     save(result, out, name)
     return result
+
+
+def _read_split(pretrained: Path, held_out) -> tuple[dict, tuple[str, ...]]:
+    """``corpus.json`` of a pretrained directory, and the held-out packages, checked: the model
+    never saw them, and they are what it held out."""
+    rec_file = pretrained / "corpus.json"
+    if not rec_file.is_file():
+        raise FileNotFoundError(f"{pretrained} has no corpus.json (written by `minift pretrain`): "
+                                f"without it the held-out split cannot be checked")
+    rec = json.loads(rec_file.read_text())
+    held = tuple(rec["held_out"]) if not held_out else (held_out,) if isinstance(held_out, str) else tuple(held_out)
+    seen = sorted(set(held) & set(rec["pretrain_packages"]))
+    if seen:
+        raise ValueError(f"{pretrained} was pretrained on {', '.join(seen)}: hold it out at pretraining")
+    if set(held) != set(rec["held_out"]):
+        raise ValueError(f"{pretrained} holds out {', '.join(rec['held_out'])}, not {', '.join(held)}")
+    return rec, held
+
+
+def _adapt(method: str, pretrained: Path, data, case: CaseConfig, device: str, evaluate,
+           log) -> tuple[dict, dict | None]:
+    """A fresh copy of the pretrained model, adapted with ``method`` ("pretrained": as it is) and
+    evaluated: its results row, and its final rank pattern (AdaLoRA; else None)."""
+    torch.manual_seed(case.seed)
+    model = GPT.from_pretrained(pretrained)
+    row = {"method": method, "trainable": 0, "params": sum(p.numel() for p in model.parameters()),
+           "steps": 0, "time_s": 0.0, "train_loss": None}
+    ranks = None
+    if method != "pretrained":
+        log(f"codegen-case: {method}")
+        opts = {"adalora": adalora_options(case.steps)[0], "lora": dict(r=8, alpha=16, targets=TARGETS),
+                "full": {}}[method]
+        st = build_method(model, method, opts, lr=case.lr[method], total_steps=case.steps)
+        row["trainable"], row["params"] = st.trainable(model)
+        t0 = time.perf_counter()
+        res = train(model, data, TrainConfig(lr=case.lr[method], steps=case.steps, warmup=0.05, device=device,
+                                             seed=case.seed, progress=case.progress, plot=False),
+                    **st.train_hooks())
+        row.update(steps=res.steps, time_s=time.perf_counter() - t0,
+                   train_loss=sum(res.losses[-10:]) / len(res.losses[-10:]))
+        if method == "adalora":
+            ranks = adalora.rank_pattern(model)
+    row.update(evaluate(model))
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row, ranks
+
 
 
 # ---------------------------------------------------------------------------- reporting

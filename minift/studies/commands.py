@@ -25,7 +25,9 @@ def _check_cuda(device: str) -> None:
 # ---------------------------------------------------------------------------- bench
 
 def add_bench(sub) -> None:
-    from minift.studies.bench import COMPILE_MODES, METHODS, PRESETS
+    from minift.methods.registry import METHODS
+    from minift.studies.bench import COMPILE_MODES
+    from minift.studies.presets import PRESETS
     p = sub.add_parser("bench", help="memory/throughput of every method against full fine-tuning")
     p.add_argument("--model", default=None, help=f"preset: {', '.join(PRESETS)} (default: gpt2-medium on "
                                                   "CUDA, tiny-gpt on CPU)")
@@ -44,7 +46,7 @@ def add_bench(sub) -> None:
     p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj",
                    help="modules LoRA/DoRA/AdaLoRA adapt (default: attention and MLP projections)")
     p.add_argument("--lora-merged-forward", action="store_true",
-                   help="LoRA rows through the merged weight W0 + sBA (lora.set_merged_forward)")
+                   help="LoRA rows through the merged weight W0 + sBA (minift.fast.lora.enable)")
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="GPT loss: positions per vocabulary projection (default 1024, 4096 with a trained head)")
     p.add_argument("--no-fused-adamw", action="store_true",
@@ -93,7 +95,8 @@ def _cmd_bench(args) -> int:
 # ---------------------------------------------------------------------------- compare
 
 def add_compare(sub) -> None:
-    from minift.studies.compare import CPU_DEFAULTS, FULL_DEFAULTS, METHODS
+    from minift.methods.registry import METHODS
+    from minift.studies.compare_setup import CPU_DEFAULTS, FULL_DEFAULTS
     p = sub.add_parser("compare", help="every method on one task: cost and quality in one table",
                        description="Train every method on the same data, seed and step budget and print one "
                                    "table (trainable parameters, wall time, tokens/s, peak memory, dev/test "
@@ -129,9 +132,10 @@ def _cmd_compare(args) -> int:
     import torch
 
     from minift.studies import compare
+    from minift.studies.compare_setup import CPU_DEFAULTS, FULL_DEFAULTS
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_cuda(device)
-    d = dict(compare.FULL_DEFAULTS if args.full else compare.CPU_DEFAULTS)
+    d = dict(FULL_DEFAULTS if args.full else CPU_DEFAULTS)
     for k in ("batch_size", "max_len", "train_limit", "eval_limit"):
         if getattr(args, k) is not None:
             d[k] = getattr(args, k)
@@ -171,7 +175,8 @@ def _cmd_compare(args) -> int:
 # ---------------------------------------------------------------------------- recommend
 
 def add_recommend(sub) -> None:
-    from minift.studies.advisor import LEVELS, PRESETS, TASKS
+    from minift.studies.advisor import LEVELS, TASKS
+    from minift.studies.presets import PRESETS
     p = sub.add_parser("recommend", help="which method fits this GPU and suits this task (rule tables + memory estimate)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HF-format model directory (config.json of a GPT-2 or BERT)")
@@ -192,13 +197,14 @@ def _cmd_recommend(args) -> int:
     import json
 
     from minift.studies import advisor
+    from minift.studies.presets import preset
     if args.task not in advisor.TASKS:
         raise UsageError(f"unknown task {args.task!r}; choose from {', '.join(advisor.TASKS)}")
     if args.gpu_mem <= 0 or args.gpu_mem != args.gpu_mem:
         raise UsageError(f"--gpu-mem must be a positive number of GB, got {args.gpu_mem}")
     if args.batch < 1 or args.seq_len < 1:
         raise UsageError(f"--batch and --seq-len must be >= 1, got {args.batch} and {args.seq_len}")
-    cfg = advisor.preset(args.preset) if args.preset else advisor.config_from_dir(args.model)
+    cfg = preset(args.preset) if args.preset else advisor.config_from_dir(args.model)
     rec = advisor.recommend(cfg, args.gpu_mem, args.batch, args.seq_len, args.task, args.complexity,
                             args.data_size, args.similarity, args.data_quality)
     print(json.dumps(rec.to_dict(), indent=1) if args.json else advisor.format_recommendation(rec))

@@ -22,8 +22,9 @@ Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the method's run. On C
 runs in a fresh worker process by default and reports that process's peak resident set size
 (``getrusage``), which includes the Python interpreter, torch and the data (~the same for all
 methods); in-process runs report the process-wide peak so far, which only grows.
-The config, the recipes and the data are set up in ``compare_setup.py``; the table, Markdown,
-JSON and chart are written by ``compare_report.py``.
+The config and the data are set up in ``compare_setup.py``, the recipes read by
+``minift.training.recipes``, the scores computed by ``minift.training.evaluate`` (as `minift eval`
+does); the table, Markdown, JSON and chart are written by ``compare_report.py``.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ from pathlib import Path
 import torch
 
 from minift.studies.compare_report import COLUMNS, plot, save, to_markdown, to_text  # noqa: F401  (the report)
-from minift.studies.compare_setup import CPU_DEFAULTS, FULL_DEFAULTS, METHODS, available_recipes  # noqa: F401  (re-exported)
-from minift.studies.compare_setup import CompareConfig, Task, load_recipe, load_task, method_options, resolve
+from minift.studies.compare_setup import CompareConfig, Task, load_task, resolve
+from minift.training.recipes import load_recipe, recipe_options
 
 
 # ---------------------------------------------------------------------------- rows
@@ -70,20 +71,6 @@ class Row:
 
 def total_steps(cfg: CompareConfig, n_batches: int) -> int:
     return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * n_batches))
-
-
-def _evaluate(model, batches, device) -> dict:
-    """Accuracy and macro-F1 of ``model`` on ``batches`` (final weights, eval mode)."""
-    from minift.metrics import accuracy, precision_recall_f1
-    from minift.training.forward import model_forward, to_device
-    preds, gold = [], []
-    model.eval()
-    with torch.no_grad():
-        for b in batches:
-            b = to_device(b, device)
-            preds += model_forward(model, b).logits.argmax(-1).tolist()
-            gold += b["labels"].tolist()
-    return {"acc": accuracy(gold, preds), "f1": precision_recall_f1(gold, preds, average="macro")[2]}
 
 
 def _load_model(task: Task, seed: int):
@@ -115,11 +102,12 @@ def run_method(task: Task, method: str, cfg: CompareConfig) -> Row:
 
 
 def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: str, steps: int, device) -> Row:
-    from minift.methods.build import build_method
+    from minift.methods.registry import build_method
+    from minift.training.evaluate import evaluate
     from minift.training.loop import TrainConfig, train
     t = recipe["train"]
     lr = recipe.get("compare", {}).get("lr", t["lr"])  # a recipe may set its own lr for the short shared budget
-    state = build_method(model, method, method_options(recipe, steps), lr=lr,
+    state = build_method(model, method, recipe_options(recipe), lr=lr,
                          weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
     tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
                      schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),
@@ -130,14 +118,14 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dev, test = _evaluate(model, task.dev, device), _evaluate(model, task.test, device)
+    dev, test = (evaluate(model, b, "classification", device) for b in (task.dev, task.test))
     note = ""
     if method == "adalora":
         c = state.config
         note = (f"r {c.init_r} -> {c.target_r} per matrix; {state.allocator.budget} live ranks "
                 f"at the end")
     return Row(method, 0, 0, 0.0, lr, res.steps, wall, time.perf_counter() - t0, res.tokens_per_s,
-               0.0, dev["acc"], dev["f1"], test["acc"], test["f1"], note,
+               0.0, dev["accuracy"], dev["macro_f1"], test["accuracy"], test["macro_f1"], note,
                extra={"final_loss": res.losses[-1] if res.losses else float("nan"),
                       "options": {k: list(v) if isinstance(v, tuple) else v for k, v in state.options.items()}})
 
@@ -146,10 +134,10 @@ def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> R
     """Frozen features of every layer; a logistic-regression probe per layer on train; the
     layer with the best dev accuracy is reported (and its test scores)."""
     from minift.methods.probe import extract_features, fit_probe
+    from minift.methods.registry import parse_method
     from minift.metrics import accuracy, precision_recall_f1
     from minift.training.forward import to_device
-    opts, t = recipe["method"], recipe["train"]
-    pooling = opts.get("pooling", "mean")
+    pooling, t = parse_method("probe", recipe_options(recipe)).config.pooling, recipe["train"]
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(device)

@@ -1,17 +1,16 @@
 """What every method of `minift compare` shares, fixed before any of them runs: the config and
-its defaults, each method's recipe (``minift/recipes/*.toml``, also read by `minift train
---recipe`), and the task: the three data splits, read and tokenized once.
+its defaults, and the task: the three data splits, read and tokenized once. Each method's
+settings come from its recipe (``minift.training.recipes``, also read by `minift train --recipe`).
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-RECIPES_DIR = Path(__file__).parents[1] / "recipes"
-METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit", "probe")
+from minift.methods.registry import METHODS
+
 # The CPU default: 1,000 training sentences (a seeded random subset), the first 500 dev and 500
 # test sentences, max_len 64, 150 steps of batch 16 (2.4 epochs). Measured: 9 min 25 s for all
 # nine methods on a 2-core CPU (benchmarks/results/compare-cpu.md).
@@ -20,50 +19,11 @@ CPU_DEFAULTS = dict(train_limit=1000, eval_limit=500, max_len=64, batch_size=16,
 FULL_DEFAULTS = dict(train_limit=None, eval_limit=None, max_len=128, batch_size=16, epochs=3)
 
 
-# ---------------------------------------------------------------------------- recipes
-
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
-
-
-def load_recipe(name: str) -> dict:
-    """The recipe ``minift/recipes/<name>.toml`` as a dict with ``method``, ``train`` and
-    ``data`` tables. An unknown name is an error that lists the recipes there are."""
-    path = RECIPES_DIR / f"{name}.toml"
-    if not path.is_file() or "/" in name or "\\" in name:
-        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available_recipes())}")
-    with open(path, "rb") as f:
-        recipe = tomllib.load(f)
-    for table in ("method", "train"):
-        if not isinstance(recipe.get(table), dict):
-            raise ValueError(f"recipe {name!r} ({path}) has no [{table}] table")
-    return recipe
-
-
-def method_options(recipe: dict, total_steps: int) -> dict:
-    """The ``[method]`` options of a recipe as ``build_method`` takes them: lists become
-    tuples, and AdaLoRA's ``tinit``/``tfinal``/``delta_t`` given as fractions (< 1) of the run
-    become step counts for a run of ``total_steps`` steps."""
-    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["method"].items() if k != "name"}
-    if recipe["method"].get("name") == "adalora":
-        for k in ("tinit", "tfinal", "delta_t"):
-            if isinstance(opts.get(k), float) and opts[k] < 1:
-                # at least one final step (the prune to the target budget always happens) and
-                # at least one pruning step, also in a run of a few steps
-                opts[k] = max(int(opts[k] * total_steps), 0 if k == "tinit" else 1)
-                if k == "tfinal":
-                    opts[k] = min(opts[k], max(total_steps - 1, 0))
-        if opts.get("tinit", 0) + opts.get("tfinal", 0) >= total_steps:
-            opts["tinit"] = 0
-        opts.setdefault("total_step", total_steps)
-    return opts
-
-
 # ---------------------------------------------------------------------------- config
 
 @dataclass
 class CompareConfig:
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = tuple(METHODS)
     model: str | None = None          # HF-format dir; None = MiniLM-L6 (fetched on first use)
     train: str | None = None          # JSONL {"text", "label"}; None = the movie-review sentiment data
     dev: str | None = None

@@ -13,7 +13,8 @@ The training step the estimate models (the one ``minift.studies.bench`` runs and
     memory-efficient attention with an additive bias when a mask is present; a GPT prefix alone
     is causal flash attention over P zero queries + T real ones, no bias);
   - GPT's fused cross-entropy (``minift.fast.loss``): one chunk of logits at a time (1024
-    positions for a frozen head, 4096 for a trained one), and the loss's input gradients computed in forward and kept for backward;
+    positions for a frozen head, 4096 for a trained one), and the loss's input gradients
+    computed in forward and kept for backward;
   - AdamW (fused): exp_avg + exp_avg_sq in fp32 per trainable parameter; fp32 gradients for
     trainable parameters only; ``zero_grad(set_to_none=True)``, so gradients exist only from
     backward to the optimizer step;
@@ -37,13 +38,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minift.studies.memory_tape import Param, Tape
+from minift.studies.memory_tape import Forward, Net, Param, Projection, Tape
 from minift.models.bert import BertConfig
 from minift.models.gpt import GPTConfig
-from minift.fast.loss import loss_chunk
 
 GiB = 2 ** 30
-METHODS = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit", "probe")
+from minift.methods.registry import METHODS  # noqa: E402  (the one table of methods)
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 # cuBLAS workspace: allocated through PyTorch's caching allocator (so it counts in
 # max_memory_allocated), one per thread issuing matmuls: forward's and autograd's backward thread
@@ -51,16 +51,6 @@ CUBLAS_WORKSPACE = 32 * 2 ** 20
 
 
 # ============================================================================ estimate
-
-@dataclass
-class _Lin:
-    fin: int
-    fout: int
-    w: Param
-    b: Param | None
-    adapter: tuple[Param, ...] = ()  # LoRA (A, B[, magnitude]) or AdaLoRA (A, E, B)
-    kind: str = ""  # "", "lora", "dora", "adalora"
-
 
 @dataclass
 class MemoryEstimate:
@@ -131,19 +121,40 @@ class MethodOptions:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-def _dims(cfg) -> tuple[int, int, int, int, int]:
-    return cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_inner, cfg.vocab_size
-
-
 def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq_len: int, dtype: str = "bf16",
                     optimizer: str = "adamw", *, frozen_dtype: str | None = None, device: str = "cuda",
                     **method_options) -> MemoryEstimate:
     """Peak memory of one training step of ``method`` on a GPT (causal LM) or a
     BertClassifier (``num_labels``) of ``config``, at ``batch`` x ``seq_len`` positions; as in
-    the bench, prefix/prompt tuning spend P of them on virtual tokens (text = seq_len - P). ``dtype``: "bf16" (autocast) or
-    "fp32"; ``frozen_dtype``: storage of frozen weights, "bf16" or "fp32" (default: the
-    compute dtype); ``optimizer``: "adamw" (2 fp32 states) or "sgd" (none);
-    ``method_options``: fields of ``MethodOptions``."""
+    the bench, prefix/prompt tuning spend P of them on virtual tokens (text = seq_len - P).
+    ``dtype``: "bf16" (autocast) or "fp32"; ``frozen_dtype``: storage of frozen weights, "bf16"
+    or "fp32" (default: the compute dtype); ``optimizer``: "adamw" (2 fp32 states) or "sgd"
+    (none); ``method_options``: fields of ``MethodOptions``.
+
+    Steps: check the arguments, lay out every parameter (which train, in which dtype), run the
+    symbolic forward (``memory_tape.Forward``) for what backward keeps and the loss's buffers,
+    then add up weights, gradients and optimizer state."""
+    frozen_dtype = _check_args(config, method, batch, seq_len, dtype, optimizer, frozen_dtype, device)
+    opts = MethodOptions(**method_options)
+    P = opts.num_virtual_tokens if method in ("prefix", "prompt") else 0
+    _check_sizes(config, method, opts, seq_len, P)
+    net = _build(config, method, opts, _frozen_layers(method, opts, config.n_layer),
+                 P, frozen_bytes=2 if frozen_dtype == "bf16" else 4)
+    mask = opts.attention_mask if opts.attention_mask is not None else not isinstance(config, GPTConfig)
+    tape = Tape(autocast=dtype == "bf16", cuda=device == "cuda")
+    activations, logits = Forward(tape, net, config, method, batch, seq_len - P, P, mask=mask,
+                                  orth_penalty=opts.orth_penalty).run()
+    return _estimate(method, net, optimizer, device, activations, logits)
+
+
+def _dims(cfg) -> tuple[int, int, int, int, int]:
+    return cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.n_inner, cfg.vocab_size
+
+
+# ============================================================================ checks
+
+def _check_args(config, method, batch, seq_len, dtype, optimizer, frozen_dtype, device) -> str:
+    """ValueError for an argument out of range; returns the frozen weights' dtype."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if not isinstance(config, (GPTConfig, BertConfig)):
@@ -159,225 +170,126 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
         raise ValueError(f"device must be 'cuda' or 'cpu' (cpu with dtype='fp32'), got {device!r}")
     if batch < 1 or seq_len < 1:
         raise ValueError(f"batch and seq_len must be >= 1, got {batch} and {seq_len}")
-    opts = MethodOptions(**method_options)
-    gpt = isinstance(config, GPTConfig)
-    L, H, C, I, V = _dims(config)
-    P = opts.num_virtual_tokens if method in ("prefix", "prompt") else 0
-    max_pos = config.block_size if gpt else config.max_position_embeddings
+    return frozen_dtype
+
+
+def _check_sizes(config, method: str, opts: MethodOptions, seq_len: int, P: int) -> None:
+    """The sequence fits the model and leaves text after the virtual tokens; ranks fit their layers."""
+    _, _, C, I, _ = _dims(config)
+    max_pos = config.block_size if isinstance(config, GPTConfig) else config.max_position_embeddings
     if seq_len > max_pos:
         raise ValueError(f"seq_len ({seq_len}) exceeds the model's {max_pos} positions")
     if seq_len <= P:
         raise ValueError(f"seq_len ({seq_len}) leaves no text after {P} virtual tokens")
-    seq_len -= P  # text tokens
     for t in opts.targets if method in ("lora", "dora", "adalora") else ():
         r = opts.init_r if method == "adalora" else opts.r
         if r > (C if t != "up_proj" and t != "down_proj" else min(C, I)):
             raise ValueError(f"rank {r} is too large for {t}")
-    tape = Tape(autocast=dtype == "bf16", cuda=device == "cuda")
-    fb = 2 if frozen_dtype == "bf16" else 4
-    params: list[Param] = []
 
-    def param(n: int, trainable: bool) -> Param:
-        p = Param(n, 4 if trainable else fb, trainable)
-        params.append(p)
-        return p
 
-    # ---- which parameters train: mirrors full.apply, lora.apply, prefix/prompt.apply, freeze.apply/bitfit
+def _frozen_layers(method: str, opts: MethodOptions, L: int) -> int:
+    """How many bottom blocks layer-wise freezing freezes (0 for every other method)."""
     n_frozen = {"freeze": L // 2 if opts.frozen_layers is None else opts.frozen_layers}.get(method, 0)
     if not 0 <= n_frozen <= L:
         raise ValueError(f"frozen_layers must be in [0, {L}], got {n_frozen}")
-    bitfit = method == "bitfit"
+    return n_frozen
 
-    def w_train(layer: int | None) -> bool:  # weights (not biases) of a block, or None for embeddings
-        if method == "full":
+
+# ============================================================================ the parameters
+
+class _Params:
+    """Every parameter of the adapted model as the estimate sees it (elements, bytes, trains?).
+    Which ones train mirrors full.apply, lora.apply, prefix/prompt.apply and freeze.apply/bitfit."""
+
+    def __init__(self, method: str, opts: MethodOptions, n_frozen: int, frozen_bytes: int):
+        self.method, self.opts, self.n_frozen, self.fb = method, opts, n_frozen, frozen_bytes
+        self.all: list[Param] = []
+
+    def new(self, n: int, trainable: bool) -> Param:
+        p = Param(n, 4 if trainable else self.fb, trainable)
+        self.all.append(p)
+        return p
+
+    def w_train(self, layer: int | None) -> bool:
+        """Whether the weights (not biases) of block ``layer`` train; None: the embeddings."""
+        if self.method == "full":
             return True
-        if method == "freeze":
-            return not opts.freeze_embeddings if layer is None else layer >= n_frozen
+        if self.method == "freeze":
+            return not self.opts.freeze_embeddings if layer is None else layer >= self.n_frozen
         return False
 
-    def b_train(layer: int | None) -> bool:
-        return bitfit or w_train(layer)
+    def b_train(self, layer: int | None) -> bool:
+        return self.method == "bitfit" or self.w_train(layer)
 
-    def lin(fin, fout, layer, name, bias=True) -> _Lin:
-        li = _Lin(fin, fout, param(fin * fout, w_train(layer)), param(fout, b_train(layer)) if bias else None)
-        if method in ("lora", "dora", "adalora") and name in opts.targets:
-            r = opts.init_r if method == "adalora" else opts.r
+    def linear(self, fin: int, fout: int, layer: int, name: str) -> Projection:
+        """A projection of block ``layer``, with its adapter factors when ``name`` is a target."""
+        li = Projection(fin, fout, self.new(fin * fout, self.w_train(layer)), self.new(fout, self.b_train(layer)))
+        if self.method in ("lora", "dora", "adalora") and name in self.opts.targets:
+            r = self.opts.init_r if self.method == "adalora" else self.opts.r
             shapes = {"lora": (r * fin, fout * r), "dora": (r * fin, fout * r, fout),
-                      "adalora": (r * fin, r, fout * r)}[method]
-            li.adapter, li.kind = tuple(param(n, True) for n in shapes), method
+                      "adalora": (r * fin, r, fout * r)}[self.method]
+            li.adapter, li.kind = tuple(self.new(n, True) for n in shapes), self.method
+            li.dropout = self.opts.lora_dropout
         return li
 
-    def ln(layer):
-        return param(C, w_train(layer)), param(C, b_train(layer))
+    def layer_norm(self, C: int, layer: int | None) -> tuple[Param, Param]:
+        return self.new(C, self.w_train(layer)), self.new(C, self.b_train(layer))
 
+
+def _build(config, method: str, opts: MethodOptions, n_frozen: int, P: int, frozen_bytes: int) -> Net:
+    """Lay out every parameter of ``config``'s model with ``method`` applied."""
+    L, _, C, I, V = _dims(config)
+    ps = _Params(method, opts, n_frozen, frozen_bytes)
     blocks = []
     for i in range(L):
-        blk = {n: lin(C, C, i, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        blk["up_proj"], blk["down_proj"] = lin(C, I, i, "up_proj"), lin(I, C, i, "down_proj")
-        blk["ln_1"], blk["ln_2"] = ln(i), ln(i)
+        blk = {n: ps.linear(C, C, i, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        blk["up_proj"], blk["down_proj"] = ps.linear(C, I, i, "up_proj"), ps.linear(I, C, i, "down_proj")
+        blk["ln_1"], blk["ln_2"] = ps.layer_norm(C, i), ps.layer_norm(C, i)
         blocks.append(blk)
-    top = method == "full" or (method == "freeze" and n_frozen < L) or bitfit
-    if gpt:
-        emb = [param(V * C, w_train(None)), param(config.block_size * C, w_train(None))]
-        ln_f = (param(C, top and not bitfit), param(C, top))
+    top = method == "full" or (method == "freeze" and n_frozen < L) or method == "bitfit"
+    bitfit = method == "bitfit"
+    if isinstance(config, GPTConfig):
+        emb = [ps.new(V * C, ps.w_train(None)), ps.new(config.block_size * C, ps.w_train(None))]
+        net = Net(ps.all, blocks, emb, ln_f=(ps.new(C, top and not bitfit), ps.new(C, top)))
     else:
-        emb = [param(V * C, w_train(None)), param(max_pos * C, w_train(None)),
-               param(config.type_vocab_size * C, w_train(None)), *ln(None)]
-        pooler = _Lin(C, C, param(C * C, top and not bitfit), param(C, top))
-        head = _Lin(C, opts.num_labels, param(C * opts.num_labels, method != "probe"),
-                    param(opts.num_labels, method != "probe"))
+        emb = [ps.new(V * C, ps.w_train(None)), ps.new(config.max_position_embeddings * C, ps.w_train(None)),
+               ps.new(config.type_vocab_size * C, ps.w_train(None)), *ps.layer_norm(C, None)]
+        k = opts.num_labels
+        net = Net(ps.all, blocks, emb, pooler=Projection(C, C, ps.new(C * C, top and not bitfit), ps.new(C, top)),
+                  head=Projection(C, k, ps.new(C * k, method != "probe"), ps.new(k, method != "probe")))
     d = opts.projection_dim
     if method == "prefix":  # the (P, 2LC) table, or E (P, C) and the MLP C -> d -> 2LC
-        sizes = (P * 2 * L * C,) if d is None else (P * C, C * d, d, d * 2 * L * C, 2 * L * C)
-        for n in sizes:
-            param(n, True)
+        for n in (P * 2 * L * C,) if d is None else (P * C, C * d, d, d * 2 * L * C, 2 * L * C):
+            ps.new(n, True)
     if method == "prompt":
-        param(P * C, True)
-    # grad_from_layer (freeze.sync_grad_from_layer): first block with a trainable parameter
-    # when the embeddings are frozen; only freezing methods set it
-    emb_train = any(p.grad for p in emb)
-    first = next((i for i, blk in enumerate(blocks) if any(
-        p.grad for v in blk.values() for p in ((v.w, v.b, *v.adapter) if isinstance(v, _Lin) else v) if p)), L)
-    grad_from = first if method in ("freeze", "bitfit") and not emb_train else 0
+        ps.new(P * C, True)
+    net.grad_from = _grad_from(method, net)
+    return net
 
-    # ---- the forward, op by op
-    B, T = batch, seq_len
-    mask = opts.attention_mask if opts.attention_mask is not None else not gpt
-    Tq = T + (P if method == "prompt" else 0)  # positions the blocks see
-    S = Tq + (P if method == "prefix" else 0)  # keys per query
-    rows = B * Tq
-    if method == "probe":
-        tape.no_grad = True
 
-    def linear(x, li: _Lin):
-        if not li.kind:
-            return tape.linear(x, li.w, li.b, li.fin, li.fout)
-        if li.kind == "adalora":  # x @ (A * E)^T @ B^T: the product A*E is a small (r, in) tensor
-            a, _, bw = li.adapter
-            a = tape.new(a.n, 4, True)  # A * E keeps A and E (parameters: nothing new)
-        else:
-            a, bw = li.adapter[:2]
-        r = a.n // li.fin
-        lo = tape.linear(tape.linear(tape.dropout(x, opts.lora_dropout), a, None, li.fin, r), bw, None, r, li.fout)
-        lo = tape.new(lo.n, lo.b, lo.grad)  # * scaling (a Python float: nothing saved)
-        if li.kind != "dora":
-            return tape.add(tape.linear(x, li.w, li.b, li.fin, li.fout), lo)
-        # DoRA as lora.py writes it: base + (f - 1) * (base - b) + f * lora, f = m / ||W0 + sBA||, the norm
-        # computed without a graph; the division keeps the norm (out,) for m's gradient
-        tape.save(tape.new(li.fout, 4))
-        base = tape.linear(x, li.w, li.b, li.fin, li.fout)
-        # the factor (f - 1, f) and the bias are cast to the output's dtype
-        nobias = tape.new(base.n, base.b, base.grad) if li.b is not None else base
-        scaled = tape.mul(tape.new(li.fout, base.b, True), nobias)
-        return tape.add(tape.add(base, scaled), tape.mul(tape.new(li.fout, base.b, True), lo))
+def _grad_from(method: str, net: Net) -> int:
+    """freeze.sync_grad_from_layer: the first block with a trainable parameter when the embeddings
+    are frozen; only the freezing methods set it."""
+    emb_train = any(p.grad for p in net.emb)
+    first = next((i for i, blk in enumerate(net.blocks) if any(
+        p.grad for v in blk.values() for p in ((v.w, v.b, *v.adapter) if isinstance(v, Projection) else v) if p)),
+        len(net.blocks))
+    return first if method in ("freeze", "bitfit") and not emb_train else 0
 
-    ids_grad = emb[0].grad
-    if ids_grad:
-        tape.save(tape.new(B * T, 8))  # token ids kept by the embedding
-    if gpt:
-        if emb[1].grad:
-            tape.save(tape.new(T, 8))  # positions
-        tok = tape.new(B * T * C, emb[0].b, emb[0].grad)
-        if method == "prompt":
-            tok = tape.new(B * Tq * C, tok.b, True)  # cat([prompt.to(dtype), wte(ids)])
-        x = tape.dropout(tape.add(tok, tape.new(Tq * C, emb[1].b, emb[1].grad)), config.dropout)
-    else:
-        if emb[1].grad:
-            tape.save(tape.new(Tq, 8), tape.new(B * Tq, 8))  # position and token-type ids
-        x = tape.new(B * T * C, emb[0].b, emb[0].grad)
-        if method == "prompt":
-            x = tape.new(B * Tq * C, x.b, True)
-        x = tape.add(tape.add(x, tape.new(Tq * C, emb[1].b, emb[1].grad)), tape.new(rows * C, emb[2].b, emb[2].grad))
-        x = tape.dropout(tape.layer_norm(x, emb[3], emb[4], C), config.dropout)
-    bias = None
-    if mask:
-        bias = tape.new(B * Tq * S, x.b)  # additive bias in the residual's dtype
-    # a GPT prefix without a mask (gpt.prefix_attention): with P <= T, P zero queries in front and
-    # square causal attention; with P > T the bottom-right causal mask (flash on CUDA keeps no mask,
-    # the CPU kernel keeps the one it materializes in each layer)
-    lone = bool(P and gpt and method == "prefix" and not mask and Tq > 1)
-    padded, lower_right = lone and P <= Tq, lone and P > Tq and not tape.cuda
 
-    def attention(x, blk):
-        x = tape.cast_once(x)  # one bf16 copy for q, k, v and their adapters (BERT's residual keeps x)
-        q, k, v = (linear(x, blk[n]) for n in ("q_proj", "k_proj", "v_proj"))
-        if method == "prefix":  # cat([prefix.to(bf16), k]): (B, nh, P+T, hs), needs a gradient
-            k, v = tape.new(B * S * C, k.b, True), tape.new(B * S * C, v.b, True)
-        if padded:  # cat([zeros, q]) in, (B, nh, P+T, hs) out, the last T rows taken (a copy for o_proj)
-            out = tape.sdpa(tape.new(B * S * C, q.b, q.grad), k, v, None, B, H, S, C, config.dropout)
-            out = tape.new(B * Tq * C, out.b, out.grad)
-        else:
-            out = tape.sdpa(q, k, v, tape.new(Tq * S, x.b) if lower_right else bias, B, H, Tq, C, config.dropout)
-        return linear(out, blk["o_proj"])
+# ============================================================================ totals
 
-    def mlp(x, blk):
-        return linear(tape.pointwise(linear(tape.cast_once(x), blk["up_proj"])), blk["down_proj"])
-
-    hidden = [x]
-    for i, blk in enumerate(blocks):
-        tape.no_grad = method == "probe" or (i < grad_from and not x.grad and method != "prefix")
-        if gpt:
-            x = tape.add(x, tape.dropout(attention(tape.layer_norm(x, *blk["ln_1"], C), blk), config.dropout))
-            x = tape.add(x, tape.dropout(mlp(tape.layer_norm(x, *blk["ln_2"], C), blk), config.dropout))
-        else:
-            x = tape.layer_norm(tape.add(x, tape.dropout(attention(x, blk), config.dropout)), *blk["ln_1"], C)
-            x = tape.layer_norm(tape.add(x, tape.dropout(mlp(x, blk), config.dropout)), *blk["ln_2"], C)
-        hidden.append(x)
-    tape.no_grad = method == "probe"
-    act_b = 2 if tape.ac else 4
-    kept = sum(h.n * h.b for h in hidden)  # probing keeps every layer's hidden state
-    if gpt:
-        x = tape.layer_norm(x, *ln_f, C)
-        n_pos = B * (Tq - 1)
-        Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
-        head_grad = emb[0].grad and n_pos > 0  # with one position there is nothing to predict: a zero loss
-        x_grad = x.grad and n_pos > 0
-        if x_grad or head_grad:  # the division by the target count keeps the count (int64)
-            tape.save(tape.new(1, 8))
-        if x_grad:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
-            tape.save(tape.new(n_pos * C, 2 if tape.ac else x.b))
-        if head_grad:  # ... and d(loss)/d(head), accumulated in fp32 over the padded vocabulary
-            tape.save(tape.new(Vp * C, 4))
-        c = min(loss_chunk(head_grad), n_pos)
-        # inside the loss's forward, on top of what is kept: the shifted x (a copy unless B == 1), the
-        # head cast and/or padded (a copy), one chunk's logits (bf16 matmul output and its fp32 copy, then
-        # the bf16 d(logits) while the fp32 one is alive) and the head-gradient chunk
-        shifted = n_pos * C * act_b if B > 1 or tape.ac else 0
-        head = Vp * C * (2 if tape.ac else 4) if n_pos and (Vp != V or (tape.ac and emb[0].b == 4)) else 0
-        chunk = c * Vp * (6 if tape.ac else 4)
-        head_chunk = Vp * C * (2 if tape.ac else 4) if head_grad else 0
-        logits = shifted + head + chunk + head_chunk
-    else:
-        cls = tape.new(B * C, x.b, x.grad)  # x[:, 0]
-        pooled = tape.pointwise(tape.linear(cls, pooler.w, pooler.b, C, C), save_input=False)
-        if not tape.ac and tape.saved.pop(id(cls), None):  # fp32: the kept input is a view of x
-            tape.save(x)
-        out = tape.linear(tape.dropout(pooled, config.dropout), head.w, head.b, C, opts.num_labels)
-        if out.grad:
-            tape.save(tape.new(B * opts.num_labels, 4), tape.new(B, 8), tape.new(1, 4))  # log-softmax, labels, weight
-        logits = 0
-    adapters = [v.adapter for blk in blocks for v in blk.values() if isinstance(v, _Lin) and v.adapter]
-    if method == "adalora" and opts.orth_penalty:  # A A^T and B^T B over stacked copies of A and B
-        tape.save(*(tape.bf16(tape.new(p.n, 4, True)) for ad in adapters for p in (ad[0], ad[2])))
-        tape.save(*(tape.new(ad[1].n ** 2, 4) for ad in adapters for _ in "AB"))  # (. - I) ** 2 keeps its input
-    activations = sum(tape.saved.values())
-    # backward temporaries of a block: gradients of the residual (fp32 in, out) and of the MLP
-    logits = max(logits, 2 * rows * C * 4 + 2 * rows * I * act_b) if method != "probe" else 0
-    if method == "probe":  # forward only: every layer's hidden states kept, one block's temporaries
-        activations = kept + (rows * C * (x.b - hidden[-1].b) if gpt else 0)  # GPT: last one after ln_f
-        logits = rows * C * (4 + 2 + 2) + 2 * rows * I * act_b
-    seen, trainable, total, weights = set(), 0, 0, 0
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.n
-            weights += p.n * p.b
-            trainable += p.n if p.grad else 0
-    n_tensors = sum(1 for p in {id(p): p for p in params}.values() if p.grad)
+def _estimate(method: str, net: Net, optimizer: str, device: str, activations: int, logits: int) -> MemoryEstimate:
+    """Weights, gradients, optimizer state and extras from the parameters, with the forward's terms."""
+    params = list({id(p): p for p in net.params}.values())
+    total = sum(p.n for p in params)
+    weights = sum(p.n * p.b for p in params)
+    trainable = sum(p.n for p in params if p.grad)
+    n_tensors = sum(1 for p in params if p.grad)
     state = (8 * trainable + 4 * n_tensors) if optimizer == "adamw" else 0  # exp_avg, exp_avg_sq, step
     extras = CUBLAS_WORKSPACE * (1 if method == "probe" else 2) if device == "cuda" else 0
     if method == "adalora":  # RankAllocator: two fp32 EMAs per adapter tensor, two temporaries while updating
-        extras += 4 * 4 * sum(p.n for ad in adapters for p in ad)
+        extras += 4 * 4 * sum(p.n for ad in net.adapters() for p in ad)
     est = MemoryEstimate(method, weights, 4 * trainable, state, activations, logits, extras, trainable, total)
     if method == "probe":  # no backward, no optimizer: the peak is inside the forward
         est.phase = "forward"

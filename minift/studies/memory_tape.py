@@ -1,5 +1,6 @@
 """The memory estimator's symbolic forward: a tape that records, op by op, the bytes autograd
-saves for backward, without running anything (``minift.studies.memory`` drives it through a model).
+saves for backward, without running anything, and ``Forward``, one training step of a GPT or
+BertClassifier written in those ops (``minift.studies.memory`` lays out the parameters and runs it).
 
 Each op mirrors PyTorch's autograd and autocast rules: a matmul keeps its (bf16) input when its
 weight trains and its (bf16) weight when its input needs a gradient; LayerNorm keeps its fp32
@@ -12,6 +13,11 @@ math form, which keeps T x S tensors (``Tape.sdpa`` lists them); the tests check
 against ``torch.autograd.graph.saved_tensors_hooks`` byte for byte.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minift.fast.loss import loss_chunk
+from minift.models.gpt import GPTConfig
 
 
 class Tracked:
@@ -124,3 +130,198 @@ class Tape:
             if bias is not None:
                 self.save(self.bf16(bias))
         return out
+
+
+# ============================================================================ the model, op by op
+
+@dataclass
+class Projection:
+    """A linear layer: its weight and bias, and its adapter factors when it has one."""
+    fin: int
+    fout: int
+    w: Param
+    b: Param | None
+    adapter: tuple[Param, ...] = ()  # LoRA (A, B[, magnitude]) or AdaLoRA (A, E, B)
+    kind: str = ""  # "", "lora", "dora", "adalora"
+    dropout: float = 0.0  # on the adapter's input
+
+
+@dataclass
+class Net:
+    """The model the forward walks: blocks of projections and LayerNorms, embeddings, the top."""
+    params: list[Param]
+    blocks: list[dict]
+    emb: list[Param]  # wte, wpe (GPT); + token types, LayerNorm weight and bias (BERT)
+    ln_f: tuple[Param, Param] | None = None  # GPT
+    pooler: Projection | None = None  # BERT
+    head: Projection | None = None  # BERT's classifier
+    grad_from: int = 0  # freeze.sync_grad_from_layer: blocks below it run without autograd
+
+    def adapters(self) -> list[tuple[Param, ...]]:
+        return [v.adapter for blk in self.blocks for v in blk.values()
+                if isinstance(v, Projection) and v.adapter]
+
+
+class Forward:
+    """One training forward of ``net`` (a GPT or BertClassifier of ``config`` with ``method``
+    applied) on ``tape``: ``batch`` x ``T`` text tokens, P virtual ones, a padding ``mask`` or
+    none, AdaLoRA's ``orth_penalty`` or none."""
+
+    def __init__(self, tape: Tape, net: Net, config, method: str, batch: int, T: int, P: int, *,
+                 mask: bool, orth_penalty: bool):
+        self.tape, self.net, self.method, self.p = tape, net, method, config.dropout
+        self.gpt = isinstance(config, GPTConfig)
+        self.H, self.C, self.I, self.V = config.n_head, config.n_embd, config.n_inner, config.vocab_size
+        self.B, self.T, self.P = batch, T, P
+        self.mask, self.orth = mask, orth_penalty
+        self.Tq = T + (P if method == "prompt" else 0)  # positions the blocks see
+        self.S = self.Tq + (P if method == "prefix" else 0)  # keys per query
+        self.rows = batch * self.Tq
+        # a GPT prefix without a mask (gpt.prefix_attention): with P <= T, P zero queries in front and
+        # square causal attention; with P > T the bottom-right causal mask (flash on CUDA keeps no mask,
+        # the CPU kernel keeps the one it materializes in each layer)
+        lone = bool(P and self.gpt and method == "prefix" and not self.mask and self.Tq > 1)
+        self.padded, self.lower_right = lone and P <= self.Tq, lone and P > self.Tq and not tape.cuda
+        self.bias = None
+
+    def run(self) -> tuple[int, int]:
+        """(bytes saved for backward at the end of forward, bytes of the loss's buffers or of one
+        block's backward temporaries, whichever is larger)."""
+        tape, probe = self.tape, self.method == "probe"
+        tape.no_grad = probe
+        x = self.embed()
+        if self.mask:
+            self.bias = tape.new(self.B * self.Tq * self.S, x.b)  # additive bias in the residual's dtype
+        hidden = [x]
+        for i, blk in enumerate(self.net.blocks):
+            tape.no_grad = probe or (i < self.net.grad_from and not x.grad and self.method != "prefix")
+            x = self.block(x, blk)
+            hidden.append(x)
+        tape.no_grad = probe
+        if self.gpt:
+            x = tape.layer_norm(x, *self.net.ln_f, self.C)
+        logits = self.lm_loss(x) if self.gpt else self.classifier_loss(x)
+        if self.method == "adalora" and self.orth:
+            self.orth_penalty()
+        act_b, rows = 2 if tape.ac else 4, self.rows
+        if probe:  # forward only: every layer's hidden states kept, one block's temporaries
+            kept = sum(h.n * h.b for h in hidden) + (rows * self.C * (x.b - hidden[-1].b) if self.gpt else 0)
+            return kept, rows * self.C * (4 + 2 + 2) + 2 * rows * self.I * act_b  # GPT: the last one after ln_f
+        # backward temporaries of a block: gradients of the residual (fp32 in, out) and of the MLP
+        return sum(tape.saved.values()), max(logits, 2 * rows * self.C * 4 + 2 * rows * self.I * act_b)
+
+    def embed(self) -> Tracked:
+        """Token (+ position, + token type) embeddings, the soft prompt in front, dropout (BERT: LayerNorm)."""
+        tape, emb, B, T, Tq, C = self.tape, self.net.emb, self.B, self.T, self.Tq, self.C
+        if emb[0].grad:
+            tape.save(tape.new(B * T, 8))  # token ids kept by the embedding
+        if self.gpt:
+            if emb[1].grad:
+                tape.save(tape.new(T, 8))  # positions
+            tok = tape.new(B * T * C, emb[0].b, emb[0].grad)
+            if self.method == "prompt":
+                tok = tape.new(B * Tq * C, tok.b, True)  # cat([prompt.to(dtype), wte(ids)])
+            return tape.dropout(tape.add(tok, tape.new(Tq * C, emb[1].b, emb[1].grad)), self.p)
+        if emb[1].grad:
+            tape.save(tape.new(Tq, 8), tape.new(B * Tq, 8))  # position and token-type ids
+        x = tape.new(B * T * C, emb[0].b, emb[0].grad)
+        if self.method == "prompt":
+            x = tape.new(B * Tq * C, x.b, True)
+        x = tape.add(tape.add(x, tape.new(Tq * C, emb[1].b, emb[1].grad)), tape.new(self.rows * C, emb[2].b, emb[2].grad))
+        return tape.dropout(tape.layer_norm(x, emb[3], emb[4], C), self.p)
+
+    def block(self, x: Tracked, blk: dict) -> Tracked:
+        """GPT's pre-LayerNorm block or BERT's post-LayerNorm one."""
+        tape, ln, C = self.tape, self.tape.layer_norm, self.C
+        if self.gpt:
+            x = tape.add(x, tape.dropout(self.attention(ln(x, *blk["ln_1"], C), blk), self.p))
+            return tape.add(x, tape.dropout(self.mlp(ln(x, *blk["ln_2"], C), blk), self.p))
+        x = ln(tape.add(x, tape.dropout(self.attention(x, blk), self.p)), *blk["ln_1"], C)
+        return ln(tape.add(x, tape.dropout(self.mlp(x, blk), self.p)), *blk["ln_2"], C)
+
+    def attention(self, x: Tracked, blk: dict) -> Tracked:
+        tape, B, S, C = self.tape, self.B, self.S, self.C
+        x = tape.cast_once(x)  # one bf16 copy for q, k, v and their adapters (BERT's residual keeps x)
+        q, k, v = (self.linear(x, blk[n]) for n in ("q_proj", "k_proj", "v_proj"))
+        if self.method == "prefix":  # cat([prefix.to(bf16), k]): (B, nh, P+T, hs), needs a gradient
+            k, v = tape.new(B * S * C, k.b, True), tape.new(B * S * C, v.b, True)
+        if self.padded:  # cat([zeros, q]) in, (B, nh, P+T, hs) out, the last T rows taken (a copy for o_proj)
+            out = tape.sdpa(tape.new(B * S * C, q.b, q.grad), k, v, None, B, self.H, S, C, self.p)
+            out = tape.new(B * self.Tq * C, out.b, out.grad)
+        else:
+            bias = tape.new(self.Tq * S, x.b) if self.lower_right else self.bias
+            out = tape.sdpa(q, k, v, bias, B, self.H, self.Tq, C, self.p)
+        return self.linear(out, blk["o_proj"])
+
+    def mlp(self, x: Tracked, blk: dict) -> Tracked:
+        return self.linear(self.tape.pointwise(self.linear(self.tape.cast_once(x), blk["up_proj"])), blk["down_proj"])
+
+    def linear(self, x: Tracked, li: Projection) -> Tracked:
+        """A projection, plus its LoRA / DoRA / AdaLoRA update when it has one."""
+        tape = self.tape
+        if not li.kind:
+            return tape.linear(x, li.w, li.b, li.fin, li.fout)
+        if li.kind == "adalora":  # x @ (A * E)^T @ B^T: the product A*E is a small (r, in) tensor
+            a, _, bw = li.adapter
+            a = tape.new(a.n, 4, True)  # A * E keeps A and E (parameters: nothing new)
+        else:
+            a, bw = li.adapter[:2]
+        r = a.n // li.fin
+        lo = tape.linear(tape.linear(tape.dropout(x, li.dropout), a, None, li.fin, r), bw, None, r, li.fout)
+        lo = tape.new(lo.n, lo.b, lo.grad)  # * scaling (a Python float: nothing saved)
+        if li.kind != "dora":
+            return tape.add(tape.linear(x, li.w, li.b, li.fin, li.fout), lo)
+        # DoRA as lora.py writes it: base + (f - 1) * (base - b) + f * lora, f = m / ||W0 + sBA||, the norm
+        # computed without a graph; the division keeps the norm (out,) for m's gradient
+        tape.save(tape.new(li.fout, 4))
+        base = tape.linear(x, li.w, li.b, li.fin, li.fout)
+        # the factor (f - 1, f) and the bias are cast to the output's dtype
+        nobias = tape.new(base.n, base.b, base.grad) if li.b is not None else base
+        scaled = tape.mul(tape.new(li.fout, base.b, True), nobias)
+        return tape.add(tape.add(base, scaled), tape.mul(tape.new(li.fout, base.b, True), lo))
+
+    def lm_loss(self, x: Tracked) -> int:
+        """GPT's fused cross-entropy on the final hidden states ``x``: what it keeps for backward
+        goes on the tape; returns the bytes of its buffers inside the forward."""
+        tape, C, V = self.tape, self.C, self.V
+        act_b = 2 if tape.ac else 4
+        wte = self.net.emb[0]
+        n_pos = self.B * (self.Tq - 1)
+        Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
+        head_grad = wte.grad and n_pos > 0  # with one position there is nothing to predict: a zero loss
+        x_grad = x.grad and n_pos > 0
+        if x_grad or head_grad:  # the division by the target count keeps the count (int64)
+            tape.save(tape.new(1, 8))
+        if x_grad:  # lm_loss computes d(loss)/dx in forward and keeps it for backward
+            tape.save(tape.new(n_pos * C, 2 if tape.ac else x.b))
+        if head_grad:  # ... and d(loss)/d(head), accumulated in fp32 over the padded vocabulary
+            tape.save(tape.new(Vp * C, 4))
+        c = min(loss_chunk(head_grad), n_pos)
+        # inside the loss's forward, on top of what is kept: the shifted x (a copy unless B == 1), the
+        # head cast and/or padded (a copy), one chunk's logits (bf16 matmul output and its fp32 copy, then
+        # the bf16 d(logits) while the fp32 one is alive) and the head-gradient chunk
+        shifted = n_pos * C * act_b if self.B > 1 or tape.ac else 0
+        head = Vp * C * (2 if tape.ac else 4) if n_pos and (Vp != V or (tape.ac and wte.b == 4)) else 0
+        chunk = c * Vp * (6 if tape.ac else 4)
+        head_chunk = Vp * C * (2 if tape.ac else 4) if head_grad else 0
+        return shifted + head + chunk + head_chunk
+
+    def classifier_loss(self, x: Tracked) -> int:
+        """BertClassifier's pooler, dropout, head and cross-entropy; no buffers beyond what it keeps."""
+        tape, B, C = self.tape, self.B, self.C
+        pooler, head = self.net.pooler, self.net.head
+        k = head.fout  # num_labels
+        cls = tape.new(B * C, x.b, x.grad)  # x[:, 0]
+        pooled = tape.pointwise(tape.linear(cls, pooler.w, pooler.b, C, C), save_input=False)
+        if not tape.ac and tape.saved.pop(id(cls), None):  # fp32: the kept input is a view of x
+            tape.save(x)
+        out = tape.linear(tape.dropout(pooled, self.p), head.w, head.b, C, k)
+        if out.grad:
+            tape.save(tape.new(B * k, 4), tape.new(B, 8), tape.new(1, 4))  # log-softmax, labels, weight
+        return 0
+
+    def orth_penalty(self) -> None:
+        """AdaLoRA's orthogonality penalty: A A^T and B^T B over stacked copies of A and B."""
+        tape, adapters = self.tape, self.net.adapters()
+        tape.save(*(tape.bf16(tape.new(p.n, 4, True)) for ad in adapters for p in (ad[0], ad[2])))
+        tape.save(*(tape.new(ad[1].n ** 2, 4) for ad in adapters for _ in "AB"))  # (. - I) ** 2 keeps its input

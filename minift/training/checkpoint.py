@@ -14,9 +14,10 @@ It is written into ``last.tmp/`` and swapped in with ``os.replace``: a crash whi
 leaves ``last/`` untouched, a crash between the two renames of the swap leaves it as
 ``last.old/``, which ``latest_checkpoint`` falls back to.
 
-Loading reads and checks every file before it restores anything: a damaged checkpoint (a file
-unreadable, a field missing or of the wrong type, a tensor missing, unknown or of another shape,
-an optimizer of other groups) raises InputError naming the file and changes nothing.
+Loading reads and checks every file before it restores anything (the readers are in
+``minift.training.checkpoint_read``): a damaged checkpoint (a file unreadable, a field missing or
+of the wrong type, a tensor missing, unknown or of another shape, an optimizer of other groups)
+raises InputError naming the file and changes nothing.
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file  # noqa: F401 (load_file: kept importable from here)
+from safetensors.torch import save_file
 
-from minift.files import InputError, MissingKey, field, read_json, read_safetensors, read_text
+from minift.files import read_safetensors
+from minift.training.checkpoint_read import (read_allocator, read_optimizer, read_rng, read_state, trainable_keys,
+                                             trainable_pairs)
 
 
 def seed_everything(seed: int) -> None:
@@ -57,15 +60,8 @@ def set_rng_state(s: dict) -> None:
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold: every trainable parameter (the adapter for PEFT methods,
     all weights for full fine-tuning) plus adapter buffers (``lora_*``, prefix, soft prompt)."""
-    keys = set(_trainable_keys(model))
+    keys = set(trainable_keys(model))
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k in keys}
-
-
-def _trainable_keys(model: torch.nn.Module) -> list[str]:
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    adapter = ("prefix_encoder.", "soft_prompt.")
-    return [k for k in model.state_dict()
-            if k in names or ".lora_" in k or k.startswith("lora_") or k.startswith(adapter)]
 
 
 def load_trainable_state(model: torch.nn.Module, path) -> list[str]:
@@ -76,44 +72,15 @@ def load_trainable_state(model: torch.nn.Module, path) -> list[str]:
     adapter would be silently scored), or has a tensor of another shape or kind of dtype;
     nothing is copied unless every tensor fits."""
     path = Path(path)
-    pairs = _trainable_pairs(model, read_safetensors(path, "checkpoint weights", floating=False), path)
+    pairs = trainable_pairs(model, read_safetensors(path, "checkpoint weights", floating=False), path)
     _copy(pairs)
     return sorted(k for k, _, _ in pairs)
-
-
-def _trainable_pairs(model: torch.nn.Module, sd: dict, path: Path) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(key, model tensor, file tensor) for every tensor of ``sd``, all checked; copies nothing."""
-    own = model.state_dict()
-    unknown = [k for k in sd if k not in own]
-    if unknown:
-        raise InputError(f"{path}: tensor {unknown[0]!r}{_more(unknown)} does not exist in the model "
-                         f"(was it trained with another method or model?)")
-    missing = [k for k in _trainable_keys(model) if k not in sd]
-    if missing:
-        raise MissingKey(f"{path}: lacks {len(missing)} of the model's {len(_trainable_keys(model))} trainable "
-                         f"tensors: {', '.join(map(repr, missing[:3]))}{', ...' if len(missing) > 3 else ''} "
-                         f"(was it trained with another method or settings?)")
-    for k, v in sd.items():
-        dst = own[k]
-        if v.shape != dst.shape:
-            raise InputError(f"{path}: tensor {k!r} has shape {tuple(v.shape)}, the model has {tuple(dst.shape)}")
-        if v.is_floating_point() != dst.is_floating_point() or (not dst.is_floating_point() and v.dtype != dst.dtype):
-            raise InputError(f"{path}: tensor {k!r} has dtype {_dtype(v)}, the model's is {_dtype(dst)}")
-    return [(k, own[k], v) for k, v in sd.items()]
 
 
 def _copy(pairs) -> None:
     with torch.no_grad():
         for _, dst, src in pairs:
             dst.copy_(src)
-
-
-def _more(items: list) -> str:
-    return f" (and {len(items) - 1} more)" if len(items) > 1 else ""
-
-
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 def save_checkpoint(out_dir, model, opt, state: dict, allocator=None, rng: dict | None = None) -> Path:
@@ -155,14 +122,14 @@ def load_checkpoint(path, model, opt=None, allocator=None) -> dict:
     Every file is read and checked before anything is restored, so a damaged checkpoint leaves
     the model, optimizer, allocator and RNG as they were and raises InputError naming the file."""
     path = Path(path)
-    state, r = _read_state(path / "state.json")
+    state, r = read_state(path / "state.json")
     f = path / "model.safetensors"
-    weights = _trainable_pairs(model, read_safetensors(f, "checkpoint weights", floating=False), f)
-    opt_state = _read_optimizer(path, opt) if opt is not None else None
+    weights = trainable_pairs(model, read_safetensors(f, "checkpoint weights", floating=False), f)
+    opt_state = read_optimizer(path, opt) if opt is not None else None
     alloc_state = None
     if allocator is not None and hasattr(allocator, "load_state_dict") and (path / "allocator.json").is_file():
-        alloc_state = _read_allocator(path, allocator)
-    rng = _read_rng(path / "rng.safetensors", r, path / "state.json")
+        alloc_state = read_allocator(path, allocator)
+    rng = read_rng(path / "rng.safetensors", r, path / "state.json")
     # everything is read and checked: restore
     _copy(weights)
     if opt_state is not None:
@@ -171,180 +138,6 @@ def load_checkpoint(path, model, opt=None, allocator=None) -> dict:
         allocator.load_state_dict(alloc_state)
     set_rng_state(rng)
     return state
-
-
-def _read_state(f: Path) -> tuple[dict, dict]:
-    """``state.json`` checked field by field, and its ``rng`` entry taken out of it."""
-    text = read_text(f, "checkpoint state")
-    try:  # NaN may stand in a loss history (json.dumps writes it): not parse_json, which refuses it
-        state = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise InputError(f"{f}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except RecursionError:
-        raise InputError(f"{f}: JSON nested too deeply") from None
-    if not isinstance(state, dict):
-        raise InputError(f"{f}: checkpoint state must hold a JSON object, got {type(state).__name__}")
-    if field(state, "step", int, f) < 0:
-        raise InputError(f"{f}: field 'step' must be >= 0, got {state['step']}")
-    losses = field(state, "losses", list, f)
-    bad = [x for x in losses if isinstance(x, bool) or not isinstance(x, (int, float))]
-    if bad:
-        raise InputError(f"{f}: field 'losses' must be a list of numbers, it holds {json.dumps(bad[0]):.40}")
-    if not all(isinstance(e, dict) for e in field(state, "evals", list, f)):
-        raise InputError(f"{f}: field 'evals' must be a list of JSON objects")
-    field(state, "best", (dict, type(None)), f)
-    if field(state, "bad_evals", int, f) < 0:
-        raise InputError(f"{f}: field 'bad_evals' must be >= 0, got {state['bad_evals']}")
-    for name in ("stopped_early", "eval_pending"):
-        field(state, name, bool, f, default=False)
-    r = field(state, "rng", dict, f)
-    field(r, "python", list, f"{f}: field 'rng'")
-    field(r, "numpy", list, f"{f}: field 'rng'")
-    state.pop("rng")
-    return state, r
-
-
-def _read_rng(f: Path, r: dict, state_file: Path) -> dict:
-    """The RNG states of ``rng.safetensors`` and ``state.json``'s ``rng``, each tried on a
-    throwaway generator first: a state that would not load is an error naming its file."""
-    rt = read_safetensors(f, "RNG states", floating=False)
-    if "torch" not in rt:
-        raise MissingKey(f"{f}: has no 'torch' generator state (tensors: {', '.join(sorted(rt)) or 'none'})")
-    n_cuda = sum(k.startswith("cuda.") for k in rt)
-    cuda = [rt.get(f"cuda.{i}") for i in range(n_cuda)]
-    if any(t is None for t in cuda) or set(rt) - {"torch", *(f"cuda.{i}" for i in range(n_cuda))}:
-        raise InputError(f"{f}: tensors must be 'torch' and 'cuda.0' ... 'cuda.N-1', got {', '.join(sorted(rt))}")
-    for key, t in rt.items():
-        if t.dtype != torch.uint8 or t.dim() != 1:
-            raise InputError(f"{f}: generator state {key!r} must be a 1-D uint8 tensor, got {_dtype(t)} "
-                             f"of shape {tuple(t.shape)}")
-    try:
-        torch.Generator().set_state(rt["torch"])
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise InputError(f"{f}: 'torch' is not a CPU generator state ({str(e).splitlines()[0] if str(e) else e})") from None
-    try:
-        py, npy = r["python"], r["numpy"]
-        python = (py[0], tuple(py[1]), py[2])
-        numpy = (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:])
-        random.Random().setstate(python)
-        np.random.RandomState().set_state(numpy)
-    except (TypeError, ValueError, IndexError, KeyError, OverflowError) as e:
-        raise InputError(f"{state_file}: field 'rng' is not a python/numpy RNG state ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return {"torch": rt["torch"], "cuda": cuda, "python": python, "numpy": numpy}
-
-
-def _read_optimizer(path: Path, opt) -> dict:
-    """The optimizer state of ``optimizer.json`` + ``optimizer.safetensors``, checked against
-    ``opt``: the same groups of the same sizes, hyperparameters of the same kinds, and moments
-    of the shape of their parameters."""
-    f_json, f_st = path / "optimizer.json", path / "optimizer.safetensors"
-    meta = read_json(f_json, "optimizer state")
-    groups = field(meta, "param_groups", list, f_json)
-    saved_state = field(meta, "state", dict, f_json)
-    tensors = read_safetensors(f_st, "optimizer state", floating=False)
-    mine = opt.state_dict()["param_groups"]
-    if len(groups) != len(mine):
-        raise InputError(f"{f_json}: has {len(groups)} parameter groups, this optimizer has {len(mine)} "
-                         f"(was the checkpoint written for another method or settings?)")
-    params = {}  # saved param index -> this optimizer's parameter
-    live = [p for g in opt.param_groups for p in g["params"]]
-    for i, (g, m) in enumerate(zip(groups, mine)):
-        if not isinstance(g, dict):
-            raise InputError(f"{f_json}: param_groups[{i}] must be a JSON object")
-        ids = field(g, "params", list, f"{f_json}: param_groups[{i}]")
-        if len(ids) != len(m["params"]) or not all(type(x) is int for x in ids):
-            raise InputError(f"{f_json}: param_groups[{i}] has {len(ids)} parameters, this optimizer's has "
-                             f"{len(m['params'])}")
-        for k, v in g.items():
-            if k != "params" and k in m and not _same_kind(v, m[k]):
-                raise InputError(f"{f_json}: param_groups[{i}] has {k}={json.dumps(v):.40}, expected a value like "
-                                 f"{json.dumps(m[k], default=str):.40}")
-        params.update({saved: live[own] for saved, own in zip(ids, m["params"])})
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        idx, _, name = key.partition(".")
-        if not idx.isdigit() or not name or int(idx) not in params:
-            raise InputError(f"{f_st}: tensor {key!r} names no parameter of the optimizer "
-                             f"(keys are '<parameter index>.<name>')")
-        p = params[int(idx)]
-        if v.dim() and (v.shape != p.shape or not v.is_floating_point()):
-            raise InputError(f"{f_st}: tensor {key!r} has shape {tuple(v.shape)} and dtype {_dtype(v)}; its "
-                             f"parameter is {tuple(p.shape)} {_dtype(p)}")
-        state.setdefault(int(idx), {})[name] = v
-    for idx, d in saved_state.items():
-        if not idx.isdigit() or int(idx) not in params or not isinstance(d, dict):
-            raise InputError(f"{f_json}: state entry {idx!r} names no parameter of the optimizer")
-        state.setdefault(int(idx), {}).update(d)
-    groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g.get("betas"), list) else g for g in groups]
-    return {"state": state, "param_groups": groups}
-
-
-def _same_kind(saved, current) -> bool:
-    """Whether a saved hyperparameter can stand where the optimizer has ``current``."""
-    if current is None or isinstance(current, bool) and saved is None:  # e.g. fused: None on CPU, True on CUDA
-        return True
-    if isinstance(current, bool):
-        return isinstance(saved, bool)
-    if isinstance(current, (int, float)):
-        return isinstance(saved, (int, float)) and not isinstance(saved, bool)
-    if isinstance(current, (list, tuple)):
-        return (isinstance(saved, list) and len(saved) == len(current)
-                and all(_same_kind(s, c) for s, c in zip(saved, current)))
-    if isinstance(current, str):
-        return isinstance(saved, str)
-    return True
-
-
-def _read_allocator(path: Path, allocator) -> dict:
-    """The allocator state of ``allocator.json`` + ``allocator.safetensors``; when the allocator
-    has a state now, the saved one must have the same keys, and tensors of the same shapes."""
-    f_json, f_st = path / "allocator.json", path / "allocator.safetensors"
-    rest = read_json(f_json, "allocator state")
-    tensors = read_safetensors(f_st, "allocator state", floating=False)
-    try:
-        saved = _join(tensors, rest)
-    except (AttributeError, TypeError):  # a tensor key runs through a JSON value that is no object
-        raise InputError(f"{f_st}: its tensor keys do not fit {f_json.name}") from None
-    _check_like(saved, allocator.state_dict(), f_json, f_st, "")
-    params = allocator._params() if hasattr(allocator, "_params") else None  # AdaLoRA's RankAllocator
-    if params is not None and ("ipt" in saved or "unc" in saved):
-        want = {str(i): p for i, p in enumerate(params)}
-        for name in ("ipt", "unc"):
-            got = saved.get(name)
-            if not isinstance(got, dict) or set(got) != set(want):
-                raise InputError(f"{f_st}: {name!r} must hold {len(want)} tensors '{name}/0' ... "
-                                 f"(one per AdaLoRA factor of this model), got {len(got or {})}")
-            for i, p in want.items():
-                t = got[i]
-                if not torch.is_tensor(t) or t.shape != p.shape or not t.is_floating_point():
-                    what = f"{tuple(t.shape)} {_dtype(t)}" if torch.is_tensor(t) else type(t).__name__
-                    raise InputError(f"{f_st}: '{name}/{i}' is {what}, its factor is {tuple(p.shape)} {_dtype(p)}")
-    return saved
-
-
-def _check_like(saved, current, f_json: Path, f_st: Path, where: str) -> None:
-    """``saved`` has the structure of ``current``: for each key of ``current``, the same kind of
-    value (a tensor of the same shape and dtype kind, a dict checked likewise, a JSON value of
-    the same kind); dicts of tensors that are empty now (not yet filled) take any saved ones."""
-    for k, c in current.items():
-        name = f"{where}{k}"
-        if k not in saved:
-            if isinstance(c, dict) and not c:
-                continue
-            raise MissingKey(f"{f_st if torch.is_tensor(c) else f_json}: has no {name!r}")
-        s = saved[k]
-        if torch.is_tensor(c):
-            if not torch.is_tensor(s) or s.shape != c.shape or s.is_floating_point() != c.is_floating_point():
-                what = f"{tuple(s.shape)} {_dtype(s)}" if torch.is_tensor(s) else type(s).__name__
-                raise InputError(f"{f_st}: {name!r} is {what}, expected a tensor {tuple(c.shape)} {_dtype(c)}")
-        elif isinstance(c, dict):
-            if not isinstance(s, dict):
-                raise InputError(f"{f_json}: {name!r} must be a JSON object")
-            if c:
-                _check_like(s, c, f_json, f_st, name + "/")
-        elif not _same_kind(s, c):
-            raise InputError(f"{f_json}: {name!r} is {json.dumps(s, default=str):.40}, expected a value like {c!r:.40}")
 
 
 def latest_checkpoint(out_dir) -> Path | None:
@@ -397,17 +190,6 @@ def _split(obj, prefix: str = "") -> tuple[dict, dict]:
         else:
             rest[str(k)] = v
     return tensors, rest
-
-
-def _join(tensors: dict, rest: dict) -> dict:
-    out = json.loads(json.dumps(rest))
-    for key, v in tensors.items():
-        *path, last = key.split("/")
-        d = out
-        for p in path:
-            d = d.setdefault(p, {})
-        d[last] = v
-    return out
 
 
 def _plain(x):

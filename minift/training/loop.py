@@ -11,6 +11,10 @@
         allocator.step(model, step)               # AdaLoRA: after backward, before zero_grad
         optimizer.zero_grad(); eval / log / checkpoint
 
+In the code, ``_Run.steps`` is that loop: ``accumulate`` runs the micro-batches, ``update`` the
+optimizer step, ``after_step`` the evaluation and checkpoint when due; ``train`` sets the run up,
+resumes it, and on Ctrl-C or a failure saves where it stands (``_Run.end``).
+
 The method-specific hooks are explicit keyword arguments of ``train``; nothing is a
 subclass or a callback registry. Data order is a pure function of ``(seed, epoch)``, so the
 position in the stream is one integer and a resumed run sees exactly the batches an
@@ -22,7 +26,6 @@ so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,9 +34,9 @@ from pathlib import Path
 
 import torch
 
+from minift.training import metrics_log
 from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
-                               save_weights, seed_everything)
-from minift.files import InputError, read_text
+                                        save_weights, seed_everything)
 from minift.training.forward import check_device, model_forward, pick_device, to_device
 
 
@@ -156,163 +159,214 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     trace (no eval record, best or log line) and the checkpoint marks it pending, so
     ``resume`` runs it again, on the same weights and RNG, before the next step.
     """
-    if len(train_batches) == 0:
-        raise ValueError("train_batches is empty")
-    if cfg.device is None:
-        device = next(model.parameters()).device
-    else:
-        device = pick_device(cfg.device)
-        model.to(device)
-    total = cfg.total_steps(len(train_batches))
-    warmup = cfg.warmup_steps(total)
-    opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=device)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-    out = Path(cfg.out_dir) if cfg.out_dir else None
-    log_path = cfg.log_path or (str(out / "metrics.jsonl") if out else None)
-    res = TrainResult()
-    state = {"step": 0, "losses": [], "evals": [], "best": None, "bad_evals": 0}
-    ckpt = latest_checkpoint(out) if (cfg.resume and out) else None
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, opt, allocator)
-        # steps after the checkpoint are about to be redone, and so is a pending evaluation
-        _truncate_log(log_path, state["step"], drop_eval=state.get("eval_pending", False))
-    else:
-        seed_everything(cfg.seed)
-        if log_path and Path(log_path).is_file():
-            Path(log_path).write_text("")  # a fresh start: no lines of an earlier run
-    step = state["step"]
+    run = _Run(model, train_batches, cfg, param_groups, eval_fn=eval_fn, allocator=allocator, penalty=penalty,
+               unfreezer=unfreezer, forward_context=forward_context or _no_context, on_step=on_step)
+    run.resume()
     if on_start is not None:
-        on_start(step)
-    res.losses, res.evals, res.best = state["losses"], state["evals"], state["best"]
-    if state.get("stopped_early"):  # the run ended by early stopping: resuming it does nothing
-        res.steps, res.stopped_early, res.checkpoint = step, True, str(ckpt)
+        on_start(run.step)
+    if run.state.get("stopped_early"):  # the run ended by early stopping: resuming it does nothing
+        run.res.steps, run.res.stopped_early, run.res.checkpoint = run.step, True, str(run.ckpt)
         model.eval()
-        return res
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
-    bar = _progress(total, step, cfg.progress)
-    n_tokens, t0, updating = 0, time.perf_counter(), False
-    snap, snap_step, start_step, error = rng_state(), step, step, None
-    if cfg.compile:
-        model.compile()  # compiled on the first forward; evaluation after training uses it too
-    model.train()
-
-    def finish_step(step: int, step_loss: float) -> bool:
-        """Evaluate (when due), checkpoint (when due), call on_step; True means: stop early."""
-        if eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total):
-            if _evaluate(model, eval_fn, step, cfg, res, state, out, log_path):
-                return True
-        if out and cfg.save_every and step % cfg.save_every == 0 and step < total:
-            res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator))
-        if on_step is not None:
-            on_step(step, step_loss)
-        return False
-
+        return run.res
+    run.begin()
+    error = None
     try:
-        if state.pop("eval_pending", False) and eval_fn is not None:
-            # Ctrl-C stopped the evaluation of this step: finish the step as it would have been
-            res.stopped_early = finish_step(step, res.losses[-1])
-        while step < total and not res.stopped_early:
-            snap, snap_step = rng_state(), step  # what a checkpoint of `step` steps done restores
-            if unfreezer is not None:
-                unfreezer.step(step)
-            step_loss = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = to_device(batch_at(train_batches, step * cfg.grad_accum + micro, cfg), device)
-                with autocast, (forward_context or _no_context)(model):
-                    loss = model_forward(model, batch).loss
-                    if penalty is not None:
-                        loss = loss + penalty(model)
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
-                n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                    else batch["input_ids"].numel()
-            updating = True  # an interrupt from here to `step += 1` must not be checkpointed
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = base * lr_factor(step, total, warmup, cfg.schedule)
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                               cfg.max_grad_norm)
-            opt.step()
-            if allocator is not None:
-                allocator.step(model, step)  # AdaLoRA: reads the gradients, so before zero_grad
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            updating = False
-            res.losses.append(step_loss)
-            tok_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", tok_s=f"{tok_s:.0f}")
-            _log(log_path, {"step": step, "loss": step_loss, "lr": opt.param_groups[0]["lr"], "tok_s": tok_s})
-            res.stopped_early = finish_step(step, step_loss)
+        run.steps()
     except KeyboardInterrupt:
-        res.interrupted = True
-        if updating:  # weights may be half-updated: keep the previous checkpoint
+        run.res.interrupted = True
+        if run.updating:  # weights may be half-updated: keep the previous checkpoint
             raise
-        opt.zero_grad(set_to_none=True)  # drop the gradients of the step in flight
+        run.opt.zero_grad(set_to_none=True)  # drop the gradients of the step in flight
     except Exception as e:  # a failure: keep the steps done so far (unless weights are half-updated)
-        if updating:
+        if run.updating:
             raise
-        opt.zero_grad(set_to_none=True)
+        run.opt.zero_grad(set_to_none=True)
         error = e
     finally:
-        bar.close()
+        run.bar.close()
         model.eval()
-    res.steps = step
-    res.tokens_per_s = n_tokens / max(time.perf_counter() - t0, 1e-9)
-    if out and (error is None or step > start_step or state.get("eval_pending")):
-        # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
-        # resumed step must draw again, so the RNG is saved as it was when that step began.
-        # Likewise inside an evaluation (it may sample): as it was when the evaluation began.
-        rng = state["eval_rng"] if state.get("eval_pending") else snap if snap_step == step else None
-        res.checkpoint = str(save_checkpoint(out, model, opt, _state(step, res, state), allocator, rng=rng))
-        if cfg.plot:
-            plot_losses(res, out / "loss.png")
+    run.end(error)
     if error is not None:
         raise error
-    return res
+    return run.res
 
 
-def _evaluate(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
-    """Run ``eval_fn``; track the best; save ``best/`` weights. True means: stop early.
+class _Run:
+    """One call of ``train``: its setup, its steps, its evaluations and checkpoints."""
 
-    All or nothing: a KeyboardInterrupt or failure anywhere in it takes back what it recorded
-    (the eval record, the best, the log line) and marks it pending with the RNG it began with,
-    for the checkpoint: a resumed run evaluates this step again, exactly once."""
-    n_evals, best, bad_evals, rng = len(res.evals), res.best, state["bad_evals"], rng_state()
-    try:
-        return _evaluate_once(model, eval_fn, step, cfg, res, state, out, log_path)
-    except BaseException:
-        del res.evals[n_evals:]
-        res.best, state["bad_evals"] = best, bad_evals
-        _truncate_log(log_path, step, drop_eval=True)
-        state["eval_pending"], state["eval_rng"] = True, rng
-        raise
+    def __init__(self, model, batches: Sequence[dict], cfg: TrainConfig, param_groups, *,
+                 eval_fn, allocator, penalty, unfreezer, forward_context, on_step):
+        """Put the model on its device and build the optimizer (``resume`` then loads a checkpoint)."""
+        if len(batches) == 0:
+            raise ValueError("train_batches is empty")
+        self.model, self.batches, self.cfg, self.res = model, batches, cfg, TrainResult()
+        self.eval_fn, self.allocator, self.penalty = eval_fn, allocator, penalty
+        self.unfreezer, self.forward_context, self.on_step = unfreezer, forward_context, on_step
+        if cfg.device is None:
+            self.device = next(model.parameters()).device
+        else:
+            self.device = pick_device(cfg.device)
+            model.to(self.device)
+        self.total = cfg.total_steps(len(batches))
+        self.warmup = cfg.warmup_steps(self.total)
+        self.opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=self.device)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a checkpoint's scheduled lrs replace them
+        self.out = Path(cfg.out_dir) if cfg.out_dir else None
+        self.log_path = cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
+        self.updating = False  # inside the weight update: an interrupt must not be checkpointed
 
+    def resume(self) -> None:
+        """Load ``out_dir/last`` when resuming (and cut the log back to it), else seed every RNG."""
+        self.state = {"step": 0, "losses": [], "evals": [], "best": None, "bad_evals": 0}
+        self.ckpt = latest_checkpoint(self.out) if (self.cfg.resume and self.out) else None
+        if self.ckpt is not None:
+            self.state = load_checkpoint(self.ckpt, self.model, self.opt, self.allocator)
+            # steps after the checkpoint are about to be redone, and so is a pending evaluation
+            metrics_log.truncate(self.log_path, self.state["step"], drop_eval=self.state.get("eval_pending", False))
+        else:
+            seed_everything(self.cfg.seed)
+            if self.log_path and Path(self.log_path).is_file():
+                Path(self.log_path).write_text("")  # a fresh start: no lines of an earlier run
+        self.step = self.state["step"]  # optimizer steps done
+        self.res.losses, self.res.evals, self.res.best = self.state["losses"], self.state["evals"], self.state["best"]
 
-def _evaluate_once(model, eval_fn, step, cfg, res, state, out, log_path) -> bool:
-    model.eval()
-    with torch.no_grad():
-        metrics = {k: float(v) for k, v in eval_fn(model).items()}
-    model.train()
-    res.evals.append({"step": step, **metrics})
-    _log(log_path, {"step": step, "eval": metrics})
-    if cfg.metric not in metrics:
-        raise KeyError(f"eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
-    value = metrics[cfg.metric]
-    best = res.best
-    if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
-        res.best, state["bad_evals"] = {"step": step, **metrics}, 0
-        if out:
-            save_weights(model, out / "best")
+    def begin(self) -> None:
+        """Autocast, the progress bar, the throughput clock and the RNG snapshot; compile; train mode."""
+        cfg = self.cfg
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda")
+        self.bar = _progress(self.total, self.step, cfg.progress)
+        self.n_tokens, self.t0 = 0, time.perf_counter()
+        self.snap, self.snap_step, self.start_step = rng_state(), self.step, self.step
+        if cfg.compile:
+            self.model.compile()  # compiled on the first forward; evaluation after training uses it too
+        self.model.train()
+
+    def steps(self) -> None:
+        """The optimizer steps from ``self.step`` to the last one, or to an early stop."""
+        res = self.res
+        if self.state.pop("eval_pending", False) and self.eval_fn is not None:
+            # Ctrl-C stopped the evaluation of this step: finish the step as it would have been
+            res.stopped_early = self.after_step(res.losses[-1])
+        while self.step < self.total and not res.stopped_early:
+            self.snap, self.snap_step = rng_state(), self.step  # what a checkpoint of `step` steps done restores
+            if self.unfreezer is not None:
+                self.unfreezer.step(self.step)
+            loss = self.accumulate()
+            self.updating = True  # an interrupt from here to `step += 1` must not be checkpointed
+            self.update()
+            self.step += 1
+            self.updating = False
+            self.record(loss)
+            res.stopped_early = self.after_step(loss)
+
+    def accumulate(self) -> float:
+        """Forward and backward of the step's ``grad_accum`` micro-batches; returns their mean loss."""
+        cfg, model = self.cfg, self.model
+        step_loss = 0.0
+        for micro in range(cfg.grad_accum):
+            batch = to_device(batch_at(self.batches, self.step * cfg.grad_accum + micro, cfg), self.device)
+            with self.autocast, self.forward_context(model):
+                loss = model_forward(model, batch).loss
+                if self.penalty is not None:
+                    loss = loss + self.penalty(model)
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.item() / cfg.grad_accum
+            self.n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                else batch["input_ids"].numel()
+        return step_loss
+
+    def update(self) -> None:
+        """The scheduled lr, gradient clipping, the optimizer step, AdaLoRA's allocator, zero_grad."""
+        opt, cfg = self.opt, self.cfg
+        for g, base in zip(opt.param_groups, self.base_lrs):
+            g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+        opt.step()
+        if self.allocator is not None:
+            self.allocator.step(self.model, self.step)  # AdaLoRA: reads the gradients, so before zero_grad
+        opt.zero_grad(set_to_none=True)
+
+    def record(self, loss: float) -> None:
+        """The step's loss in the history, on the progress bar and in the metrics log."""
+        self.res.losses.append(loss)
+        tok_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
+        lr = self.opt.param_groups[0]["lr"]
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        metrics_log.append(self.log_path, {"step": self.step, "loss": loss, "lr": lr, "tok_s": tok_s})
+
+    def after_step(self, loss: float) -> bool:
+        """Evaluate (when due), checkpoint (when due), call on_step; True means: stop early."""
+        cfg, step = self.cfg, self.step
+        if self.eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == self.total):
+            if self.evaluate():
+                return True
+        if self.out and cfg.save_every and step % cfg.save_every == 0 and step < self.total:
+            self.res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, self.state_json(),
+                                                      self.allocator))
+        if self.on_step is not None:
+            self.on_step(step, loss)
         return False
-    state["bad_evals"] += 1
-    return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
 
+    def end(self, error: Exception | None) -> None:
+        """The run's totals; the last checkpoint (and loss plot) unless a failure came before any step."""
+        res, state = self.res, self.state
+        res.steps = self.step
+        res.tokens_per_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
+        if self.out and (error is None or self.step > self.start_step or state.get("eval_pending")):
+            # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
+            # resumed step must draw again, so the RNG is saved as it was when that step began.
+            # Likewise inside an evaluation (it may sample): as it was when the evaluation began.
+            rng = state["eval_rng"] if state.get("eval_pending") else self.snap if self.snap_step == self.step else None
+            res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, self.state_json(), self.allocator,
+                                                 rng=rng))
+            if self.cfg.plot:
+                metrics_log.plot_losses(res.losses, res.evals, self.out / "loss.png")
 
-def _state(step: int, res: TrainResult, state: dict) -> dict:
-    return {"step": step, "losses": res.losses, "evals": res.evals, "best": res.best,
-            "bad_evals": state["bad_evals"], "stopped_early": res.stopped_early,
-            "eval_pending": bool(state.get("eval_pending"))}
+    def evaluate(self) -> bool:
+        """Run ``eval_fn``; track the best; save ``best/`` weights. True means: stop early.
+
+        All or nothing: a KeyboardInterrupt or failure anywhere in it takes back what it recorded
+        (the eval record, the best, the log line) and marks it pending with the RNG it began with,
+        for the checkpoint: a resumed run evaluates this step again, exactly once."""
+        res, state = self.res, self.state
+        n_evals, best, bad_evals, rng = len(res.evals), res.best, state["bad_evals"], rng_state()
+        try:
+            return self._evaluate_once()
+        except BaseException:
+            del res.evals[n_evals:]
+            res.best, state["bad_evals"] = best, bad_evals
+            metrics_log.truncate(self.log_path, self.step, drop_eval=True)
+            state["eval_pending"], state["eval_rng"] = True, rng
+            raise
+
+    def _evaluate_once(self) -> bool:
+        model, cfg, res, state, step = self.model, self.cfg, self.res, self.state, self.step
+        model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in self.eval_fn(model).items()}
+        model.train()
+        res.evals.append({"step": step, **metrics})
+        metrics_log.append(self.log_path, {"step": step, "eval": metrics})
+        if cfg.metric not in metrics:
+            raise KeyError(f"eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
+        value = metrics[cfg.metric]
+        best = res.best
+        if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
+            res.best, state["bad_evals"] = {"step": step, **metrics}, 0
+            if self.out:
+                save_weights(model, self.out / "best")
+            return False
+        state["bad_evals"] += 1
+        return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+
+    def state_json(self) -> dict:
+        """A checkpoint's ``state.json``: the run as it stands."""
+        res = self.res
+        return {"step": self.step, "losses": res.losses, "evals": res.evals, "best": res.best,
+                "bad_evals": self.state["bad_evals"], "stopped_early": res.stopped_early,
+                "eval_pending": bool(self.state.get("eval_pending"))}
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -350,51 +404,3 @@ def batch_at(batches: Sequence[dict], position: int, cfg: TrainConfig) -> dict:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
-
-
-def _log(path, record: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path, step: int, drop_eval: bool = False) -> None:
-    """Keep the log lines up to ``step``; with ``drop_eval``, not the evaluation of ``step``.
-    A half-written last line (a crash mid-append) is dropped; a bad line before it is an error."""
-    if path and Path(path).is_file():
-        lines = [line for line in read_text(path, "metrics log").splitlines() if line.strip()]
-        records = []
-        for i, line in enumerate(lines, 1):
-            try:
-                r = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                r = None
-            if not isinstance(r, dict) or not isinstance(r.get("step", 0), int):
-                if i == len(lines):
-                    break  # the line a crash cut short
-                raise InputError(f"{path}:{i}: not a metrics record; move the file away to resume without it")
-            records.append((line, r))
-        keep = [line for line, r in records if r.get("step", 0) < step or r.get("step", 0) == step
-                and not (drop_eval and "eval" in r)]
-        Path(path).write_text("".join(line + "\n" for line in keep))
-
-
-def plot_losses(res: TrainResult, path) -> bool:
-    """Training (and eval) loss curves as a PNG; False if matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(res.losses) + 1), res.losses, label="train loss")
-    ev = [e for e in res.evals if "loss" in e]
-    if ev:
-        ax.plot([e["step"] for e in ev], [e["loss"] for e in ev], "o-", label="eval loss")
-    ax.set_xlabel("step"), ax.set_ylabel("loss"), ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True

@@ -142,12 +142,12 @@ def test_config_field_missing_or_of_the_wrong_type_names_file_and_field(tmp_path
 
 
 def test_config_readers_name_the_file_they_read(tmp_path):
-    from minift.models import hf
+    from minift.models import bert, hf
     _, d = hf_bert(tmp_path)
     edit_json(d / "config.json", hidden_size=...)
     raw = hf.read_config(d)
-    refused(lambda: hf.bert_config_from_hf(raw), d / "config.json", "'hidden_size'")
-    refused(lambda: hf.bert_config_from_hf(dict(raw), "elsewhere.json"), "elsewhere.json", "'hidden_size'")
+    refused(lambda: bert.config_from_hf(raw), d / "config.json", "'hidden_size'")
+    refused(lambda: bert.config_from_hf(dict(raw), "elsewhere.json"), "elsewhere.json", "'hidden_size'")
 
 
 def test_missing_model_files_are_input_errors_and_file_not_found(tmp_path):
@@ -590,7 +590,7 @@ def test_weights_with_an_unknown_tensor_or_another_shape_or_dtype_change_nothing
 
 
 def test_adalora_allocator_state_damaged_is_refused(tmp_path):
-    from minift.methods.build import build_method
+    from minift.methods.registry import build_method
 
     def make():
         torch.manual_seed(0)

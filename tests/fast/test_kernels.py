@@ -1,5 +1,5 @@
 """minift.fast.kernels: the Triton rebuild of W0 + sBA against addmm (on CUDA; run on the GPU machine
-with ``python -m pytest tests/test_kernels.py``), and the fallback everywhere else."""
+with ``python -m pytest tests/fast/test_kernels.py``), and the fallback everywhere else."""
 import pytest
 import torch
 
@@ -47,50 +47,3 @@ def test_triton_rebuild_fp32_and_large_rank_fallback():
     W, A, B = _operands(128, 128, kernels.MAX_RANK + 1, "cuda")
     torch.testing.assert_close(kernels.lora_merged_weight(W, A, B, 1.0), torch.addmm(W, B, A), rtol=0, atol=0)
 
-
-@cuda
-def test_merged_lora_on_cuda_matches_the_unmerged_layer():
-    """The merged forward (which rebuilds through the kernel) against the plain LoRA layer, bf16
-    autocast on CUDA: outputs and the gradients of x, A and B."""
-    import torch.nn as nn
-
-    from minift.methods import lora
-    torch.manual_seed(0)
-    layer = lora.LoRALinear(nn.Linear(256, 384).cuda().requires_grad_(False), r=8, alpha=16)
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.02)
-    x = torch.randn(4, 33, 256, device="cuda", requires_grad=True)
-    results = []
-    for merged in (False, True):
-        layer.merged_forward = merged
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = layer(x)
-        y.float().square().mean().backward()
-        results.append((y.float(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
-        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
-    for a, b in zip(*results):  # bf16 outputs and products: relative error of the whole tensor
-        assert ((a - b).norm() / b.norm()).item() < 1e-2
-
-
-@cuda
-def test_compiled_merged_lora_on_cuda_matches_eager():
-    """Under torch.compile dynamo traces the kernel's launch into the forward graph (the backward's
-    rebuild runs inside ``minift::lora_input_grad``): compiled and eager agree, bf16 autocast."""
-    import torch.nn as nn
-
-    from minift.methods import lora
-    torch.manual_seed(0)
-    layer = lora.LoRALinear(nn.Linear(256, 384).cuda().requires_grad_(False), r=8, alpha=16)
-    layer.merged_forward = True
-    with torch.no_grad():
-        layer.lora_B.normal_(0, 0.02)
-    x = torch.randn(4, 33, 256, device="cuda", requires_grad=True)
-    results = []
-    for fn in (layer, torch.compile(layer, fullgraph=True)):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y = fn(x)
-        y.float().square().mean().backward()
-        results.append((y.float(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
-        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
-    for a, b in zip(*results):
-        assert ((a - b).norm() / b.norm()).item() < 1e-2

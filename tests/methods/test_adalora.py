@@ -331,7 +331,7 @@ def test_batched_factors_give_the_same_loss_and_gradients(checkpointing):
 
 def test_training_with_batched_factors_equals_without():
     """Same losses, pattern and weights through pruning, with ``train``'s forward_context or without."""
-    from minift.methods.build import build_method
+    from minift.methods.registry import build_method
     opts = dict(init_r=4, target_r=2, targets=("q_proj", "v_proj", "up_proj"), tinit=1, tfinal=2, delta_t=1,
                 total_step=7, orth_reg_weight=0.1)
     runs = []
@@ -354,7 +354,7 @@ def test_adalora_overhead_over_lora_is_per_shape_group_not_per_module():
     group: going from 2 to 4 layers adds no kernel ops to that difference."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from minift.methods.build import build_method
+    from minift.methods.registry import build_method
 
     class Kernels(TorchDispatchMode):  # ops that run a kernel: views left out
         n = 0

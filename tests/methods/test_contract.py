@@ -1,18 +1,24 @@
-"""One contract for every method: the same checks, through the same ``build_method`` + ``train``.
+"""One contract for every method of the registry: the same checks, through the same
+``build_method`` + ``train``.
 
-Add a method by adding a row to ROWS: (id, model kind, method, options, expected trainable
-count as a function of the tiny model's sizes). Each row checks that
-  1. the trainable-parameter count matches the formula and only the promised tensors train,
+The rows come from ``minift.methods.registry.METHODS``: each method runs the rows CASES gives it
+(id, model kind, options, expected trainable count as a function of the tiny model's sizes, or
+None, and whether its init is a no-op), and a method CASES does not know yet runs with its
+defaults on both models. Each row checks that
+  1. the trainable-parameter count matches the formula (or is > 0) and only the promised tensors
+     train (a method that is not trained, the probe, trains nothing and changes no output),
   2. the method does not change the output before training where it promises a no-op init,
   3. a few steps of ``train`` on one batch lower the loss by a large factor (overfit),
   4. saving the trained weights and loading them into a freshly built model gives the same
      outputs (and, for PEFT methods with adapters.py support, through save/load_adapter).
 """
+from dataclasses import fields
+
 import pytest
 import torch
 
 from minift.training.checkpoint import load_trainable_state, save_weights
-from minift.methods.build import build_method
+from minift.methods.registry import METHODS, build_method, option_names, parse_method
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.loop import TrainConfig, model_forward, train
@@ -62,30 +68,33 @@ def bitfit_count(m):
     return numel(m, lambda n: n.endswith(".bias") or n == "bias") + D * C  # biases + head weight
 
 
-# id, model kind, method, options, expected trainable count (model -> int), promises a no-op init
-ROWS = [
-    ("full-gpt", "gpt", "full", {}, lambda m: sum(p.numel() for p in m.parameters()), True),
-    ("full-bert", "bert", "full", {}, lambda m: sum(p.numel() for p in m.parameters()), True),
-    ("lora-gpt", "gpt", "lora", {"r": 4, "alpha": 8, "targets": ("q_proj", "v_proj", "up_proj")},
-     lambda m: LORA_QV(4) + L * (4 * D + FF * 4), True),
-    ("lora-bert", "bert", "lora", {"r": 4, "alpha": 8, "targets": ("q_proj", "v_proj")},
-     lambda m: LORA_QV(4) + HEAD, True),
-    ("loraplus-bert", "bert", "lora", {"r": 4, "targets": ("q_proj", "v_proj", "up_proj"), "lr_ratio": 4.0},
-     lambda m: LORA_QV(4) + L * (4 * D + FF * 4) + HEAD, True),
-    ("dora-bert", "bert", "dora", {"r": 4, "targets": ("q_proj", "v_proj")},
-     lambda m: LORA_QV(4) + L * 2 * D + HEAD, True),
-    ("freeze-bert", "bert", "freeze", {"strategy": "bottom_up"},
-     lambda m: (L - L // 2) * LAYER + (D * D + D) + HEAD, True),
-    ("gradual-bert", "bert", "freeze", {"unfreeze_every": 100, "lr_decay": 2.6},
-     lambda m: LAYER + (D * D + D) + HEAD, True),
-    ("bitfit-bert", "bert", "bitfit", {}, bitfit_count, True),
-    ("adalora-bert", "bert", "adalora", {"init_r": 6, "target_r": 2, "targets": ("q_proj", "v_proj"),
-                                         "tinit": 2, "tfinal": 2, "delta_t": 2},
-     lambda m: L * 2 * (6 * D + 6 + D * 6) + HEAD, True),  # A (r x D), E (r x 1), B (D x r)
-    ("prefix-gpt", "gpt", "prefix", {"num_virtual_tokens": 4, "projection_dim": 32},
-     lambda m: 4 * D + (D * 32 + 32) + (32 * L * 2 * D + L * 2 * D), False),
-    ("prompt-gpt", "gpt", "prompt", {"num_virtual_tokens": 8}, lambda m: 8 * D, False),
-]
+# method -> rows: (id, model kind, options, expected trainable count (model -> int) or None, no-op init)
+CASES = {
+    "full": [("full-gpt", "gpt", {}, lambda m: sum(p.numel() for p in m.parameters()), True),
+             ("full-bert", "bert", {}, lambda m: sum(p.numel() for p in m.parameters()), True)],
+    "lora": [("lora-gpt", "gpt", {"r": 4, "alpha": 8, "targets": ("q_proj", "v_proj", "up_proj")},
+              lambda m: LORA_QV(4) + L * (4 * D + FF * 4), True),
+             ("lora-bert", "bert", {"r": 4, "alpha": 8, "targets": ("q_proj", "v_proj")},
+              lambda m: LORA_QV(4) + HEAD, True),
+             ("loraplus-bert", "bert", {"r": 4, "targets": ("q_proj", "v_proj", "up_proj"), "lr_ratio": 4.0},
+              lambda m: LORA_QV(4) + L * (4 * D + FF * 4) + HEAD, True)],
+    "dora": [("dora-bert", "bert", {"r": 4, "targets": ("q_proj", "v_proj")},
+              lambda m: LORA_QV(4) + L * 2 * D + HEAD, True)],
+    "freeze": [("freeze-bert", "bert", {"strategy": "bottom_up"},
+                lambda m: (L - L // 2) * LAYER + (D * D + D) + HEAD, True),
+               ("gradual-bert", "bert", {"unfreeze_every": 100, "lr_decay": 2.6},
+                lambda m: LAYER + (D * D + D) + HEAD, True)],
+    "bitfit": [("bitfit-bert", "bert", {}, bitfit_count, True)],
+    "adalora": [("adalora-bert", "bert", {"init_r": 6, "target_r": 2, "targets": ("q_proj", "v_proj"),
+                                          "tinit": 2, "tfinal": 2, "delta_t": 2},
+                 lambda m: L * 2 * (6 * D + 6 + D * 6) + HEAD, True)],  # A (r x D), E (r x 1), B (D x r)
+    "prefix": [("prefix-gpt", "gpt", {"num_virtual_tokens": 4, "projection_dim": 32},
+                lambda m: 4 * D + (D * 32 + 32) + (32 * L * 2 * D + L * 2 * D), False)],
+    "prompt": [("prompt-gpt", "gpt", {"num_virtual_tokens": 8}, lambda m: 8 * D, False)],
+    "probe": [("probe-bert", "bert", {}, lambda m: 0, True), ("probe-gpt", "gpt", {}, lambda m: 0, True)],
+}
+ROWS = [(row[0], row[1], method, *row[2:]) for method in METHODS
+        for row in CASES.get(method, [(f"{method}-{k}-defaults", k, {}, None, False) for k in ("gpt", "bert")])]
 LR = {"full": 3e-3, "freeze": 3e-3, "bitfit": 3e-2, "lora": 3e-2, "dora": 1e-1, "prefix": 3e-2, "prompt": 1e-1}
 # Prompt tuning only adds input vectors that the first LayerNorm rescales: on a tiny random
 # model it moves the loss less than the others in 40 steps (Lester et al. note it needs scale).
@@ -106,6 +115,11 @@ def test_method_contract(row, tmp_path):
     n_trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
     if expected is not None:
         assert n_trainable == expected(model)
+    if not METHODS[method].trained:  # the probe: the model stays frozen and unchanged
+        assert n_trainable == 0 and st.train_hooks() == dict.fromkeys(st.train_hooks())
+        with torch.no_grad():
+            assert torch.equal(model_forward(model.eval(), batch).loss, model_forward(base, batch).loss)
+        return
     assert 0 < n_trainable <= sum(p.numel() for p in model.parameters())
     if st.peft and method not in ("freeze", "bitfit"):  # adapters train; no base weight does
         base_names = {n for n, _ in base.named_parameters()}
@@ -136,3 +150,25 @@ def test_method_contract(row, tmp_path):
             fresh = load_adapter(make(kind), tmp_path / layout)
             with torch.no_grad():
                 assert torch.equal(model_forward(fresh.eval(), batch).loss, a), layout
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_parses_its_defaults_into_its_dataclasses(method):
+    spec = METHODS[method]
+    ms = parse_method(method, total_steps=2000)  # AdaLoRA's schedule needs the run's length
+    for cls, got in ((spec.config, ms.config), (spec.training, ms.training)):
+        assert (got is None) if cls is None else isinstance(got, cls)
+    assert set(option_names(method)) == {f.name for c in (spec.config, spec.training) if c for f in fields(c)}
+
+
+def test_an_option_of_another_method_names_where_it_was_given():
+    with pytest.raises(ValueError, match=r"^run.toml: \[method\] r does not apply to --method full"):
+        parse_method("full", {"r": 8}, origin={"r": "run.toml: [method] r"})
+    with pytest.raises(ValueError, match=r"^--num-virtual-tokens does not apply to --method lora \(its options: "):
+        parse_method("lora", {"num_virtual_tokens": 8})
+
+
+def test_every_cli_flag_is_an_option_of_some_method():
+    from minift.training.settings import METHOD_FLAGS
+    options = {n for m in METHODS for n in option_names(m)}
+    assert {name for name, _, _ in METHOD_FLAGS} <= options

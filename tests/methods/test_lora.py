@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from conftest import TINY_GPT
 from minift import adapters
 from minift.methods import lora
-from minift.methods.lora import LoRAConfig, LoRALinear
+from minift.methods.lora import DoRALinear, LoRAConfig, LoRALinear
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.loop import model_forward
 
@@ -155,7 +155,7 @@ def test_scaling_rslora_dropout_and_init_shapes():
     assert m.weight is lin.weight and m.bias is lin.bias  # same Parameter objects
     assert m.lora_A.shape == (4, 10) and m.lora_B.shape == (6, 4) and not m.lora_B.any()
     assert m.scaling == 2.0 and LoRALinear(lin, r=4, alpha=8.0, rslora=True).scaling == 4.0
-    assert LoRALinear(lin, r=4, alpha=8.0, dora=True).lora_magnitude.shape == (6,)
+    assert DoRALinear(lin, r=4, alpha=8.0).lora_magnitude.shape == (6,)
     d = LoRALinear(nn.Linear(10, 6), r=2, alpha=2.0, dropout=0.5).train()
     nn.init.normal_(d.lora_B)
     x = torch.randn(3, 10)
@@ -248,119 +248,11 @@ def test_merge_safe_refuses_non_finite(tiny_gpt):
     assert not any(m.merged for _, m in lora.lora_modules(tiny_gpt))
 
 
-@SETTINGS
-@given(case=toy_case, trained_bias=st.booleans())
-def test_merged_forward_gives_the_exact_path_loss_and_gradients(case, trained_bias):
-    """MergedLoRA (one GEMM through W0 + sBA, hand-written backward) against the exact path in
-    fp64: same loss, same gradients for x, A, B (and a trainable bias); DoRA layers keep the
-    exact path and are not counted."""
-    import copy
-    model, cfg, _ = _toy(case)
-    lora.apply(model, cfg)
-    model = model.double()
-    with torch.no_grad():
-        for _, m in lora.lora_modules(model):
-            m.lora_B.normal_()  # a non-zero update
-            if m.bias is not None:
-                m.bias.requires_grad_(trained_bias)
-    fast = copy.deepcopy(model)
-    n = lora.set_merged_forward(fast)
-    assert n == (0 if case["dora"] else 2)
-    x = torch.randn(5, 3, case["d_in"], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    grads = []
-    for m in (model, fast):
-        xi = x.clone().requires_grad_(True)
-        loss = m(xi).pow(2).mean()
-        params = [p for p in m.parameters() if p.requires_grad]
-        grads.append((loss, *torch.autograd.grad(loss, [xi, *params])))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-    assert lora.set_merged_forward(fast, on=False) == 0
-    assert not any(m.merged_forward for _, m in lora.lora_modules(fast))
-
-
-def test_merged_forward_refuses_double_backward():
-    """The hand-written backward builds no graph: create_graph=True must fail, not return
-    second derivatives that silently miss the terms through the saved tensors."""
-    lin = torch.nn.Linear(6, 4).double().requires_grad_(False)
-    layer = lora.LoRALinear(lin, r=2, alpha=4)
-    assert layer._can_merge_forward()
-    layer.merged_forward = True
-    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(layer(x).pow(2).sum(), x)  # first order works
-    assert g.shape == x.shape
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-
-
-def test_merged_forward_needs_lora_and_skips_dropout_in_training(tiny_gpt):
-    with pytest.raises(ValueError, match="no LoRA layers"):
-        lora.set_merged_forward(tiny_gpt)
-    lora.apply(tiny_gpt, LoRAConfig(r=2, dropout=0.1))
-    assert lora.set_merged_forward(tiny_gpt) == 0  # training with dropout: the exact path
-    tiny_gpt.eval()
-    assert all(m._can_merge_forward() for _, m in lora.lora_modules(tiny_gpt))  # eval: no dropout
-
-
-def test_compiled_merged_forward_keeps_no_copy_of_the_merged_weights(tiny_gpt):
-    """Under torch.compile the backward's rebuild of W0 + sBA must stay in the backward graph:
-    otherwise the partitioner computes it in forward and keeps a copy of every adapted weight
-    alive until backward (0.56 GiB for GPT-2 medium). Checked on what autograd holds."""
-    lora.apply(tiny_gpt, LoRAConfig(r=2, targets=("q_proj", "v_proj", "up_proj", "down_proj")))
-    lora.set_merged_forward(tiny_gpt.train())
-    for p in tiny_gpt.parameters():
-        if not p.requires_grad:
-            p.data = p.data.to(torch.bfloat16)
-    tiny_gpt.compile()
-    params = {p.untyped_storage().data_ptr() for p in tiny_gpt.parameters()}
-    weight_shapes = {tuple(m.weight.shape) for _, m in lora.lora_modules(tiny_gpt)}
-    held = []
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            held.append(tuple(t.shape))
-        return t
-
-    ids = torch.randint(0, TINY_GPT["vocab_size"], (2, 7))
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model_forward(tiny_gpt, {"input_ids": ids, "labels": ids}).loss
-    loss.backward()
-    assert held and not weight_shapes & set(held), held
-    assert all(m.lora_A.grad is not None and m.lora_B.grad is not None for _, m in lora.lora_modules(tiny_gpt))
-
-
-def test_compiled_merged_forward_matches_eager(tiny_gpt):
-    """Compiled, the forward rebuilds W0 + sBA in the traced graph and the backward inside
-    ``minift::lora_input_grad`` (on the CPU both through addmm); in fp32 the loss and every gradient
-    match the eager path."""
-    lora.apply(tiny_gpt, LoRAConfig(r=3, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")))
-    lora.set_merged_forward(tiny_gpt.train())
-    with torch.no_grad():  # B != 0, so the rebuilt W0 + sBA differs from W0
-        for _, m in lora.lora_modules(tiny_gpt):
-            m.lora_B.normal_(0, 0.1)
-    ids = torch.randint(0, TINY_GPT["vocab_size"], (2, 7))
-
-    def loss_and_grads():
-        loss = model_forward(tiny_gpt, {"input_ids": ids, "labels": ids}).loss
-        loss.backward()
-        grads = [p.grad.clone() for p in tiny_gpt.parameters() if p.requires_grad]
-        tiny_gpt.zero_grad(set_to_none=True)
-        return loss.detach(), grads
-
-    eager_loss, eager_grads = loss_and_grads()
-    tiny_gpt.compile()
-    compiled_loss, compiled_grads = loss_and_grads()
-    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
-    assert len(compiled_grads) == len(eager_grads) == 2 * 12
-    for got, want in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-
-
 def test_dora_keeps_no_weight_sized_tensor_for_backward():
     """DoRA's row norm ||W0 + sBA|| is a constant (no graph): nothing of the weight's size stays
     alive for backward, and the magnitude still gets its gradient."""
     import weakref
-    layer = LoRALinear(nn.Linear(12, 10).requires_grad_(False), r=2, alpha=4, dora=True)
+    layer = DoRALinear(nn.Linear(12, 10).requires_grad_(False), r=2, alpha=4)
     with torch.no_grad():
         layer.lora_B.normal_()
     refs = []
@@ -387,7 +279,7 @@ def test_dora_under_autocast_stays_in_the_activation_dtype():
     (f - 1 is formed in fp32 before it is rounded)."""
     torch.manual_seed(0)
     base = nn.Linear(32, 24).requires_grad_(False)
-    layer = LoRALinear(base, r=4, alpha=8, dora=True)
+    layer = DoRALinear(base, r=4, alpha=8)
     x = torch.randn(6, 32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y0, want0 = layer(x), base(x)

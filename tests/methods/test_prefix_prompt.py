@@ -456,7 +456,7 @@ def test_eval_perplexity_weights_each_batch_by_its_real_targets(kind, tiny_gpt):
     soft prompt the first real token becomes a target (predicted by the last virtual token) and
     the virtual positions never are: each batch's mean loss must be weighted by the targets
     the model scored, not by those of the batch before the prompt was prepended."""
-    from minift.training.run import evaluate
+    from minift.training.evaluate import evaluate
     (prompt.apply if kind == "prompt" else prefix.apply)(
         tiny_gpt, (prompt.PromptConfig if kind == "prompt" else prefix.PrefixConfig)(num_virtual_tokens=P))
     with torch.no_grad():

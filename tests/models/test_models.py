@@ -55,10 +55,10 @@ def test_gpt2_loss_matches_hf(tmp_path):
         out = m(x, labels)
     torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=0)
     assert out.logits is None  # training needs only the loss
-    # the chunked loss gives the same value and gradient as the plain one
+    # the loss is the cross-entropy of the logits the model returns, -100 ignored
     m2 = GPT(GPTConfig(**TINY_GPT))
     y = m2(x, labels, compute_logits=True)
-    plain = torch.nn.functional.cross_entropy(y.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1))
+    plain = torch.nn.functional.cross_entropy(y.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1))  # (B*(T-1), V)
     torch.testing.assert_close(y.loss, plain, atol=1e-6, rtol=0)
 
 
@@ -213,9 +213,9 @@ def test_gpt2_config_asking_for_what_minift_lacks_is_refused(tmp_path, field, va
     _edit_config(d, **{field: value})
     msg = _refused_in_one_line(GPT.from_pretrained, d, field, value)
     assert str(d) in msg
-    from minift.models.hf import gpt_config_from_hf  # the reader itself (the advisor uses it too)
+    from minift.models.gpt import config_from_hf  # the reader itself (the advisor uses it too)
     with pytest.raises(ValueError, match=field):
-        gpt_config_from_hf(json.loads((d / "config.json").read_text()))
+        config_from_hf(json.loads((d / "config.json").read_text()))
 
 
 @pytest.mark.parametrize("classifier", [False, True])
@@ -327,68 +327,11 @@ def test_no_grad_forward_keeps_no_earlier_block_outputs(kind):
         assert alive[-1] > 0 and len(out.hidden_states) == len(model.layers) + 1
 
 
-@pytest.mark.parametrize("V,chunk,head_trained", [(97, 5, True), (128, 7, False), (64, 1000, True)])
-def test_fused_lm_loss_matches_plain_cross_entropy(V, chunk, head_trained):
-    """Loss and both gradients equal the naive loss's (fp64): vocabulary padded to 64 or not,
-    several chunks or one, targets -100 ignored, the head trained or frozen, and the gradient
-    computed in forward scaled by whatever multiplies the loss afterwards."""
-    from minift.fast.loss import lm_loss
-    g = torch.Generator().manual_seed(V)
-    x = torch.randn(3, 11, 16, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(V, 16, dtype=torch.float64, generator=g, requires_grad=head_trained)
-    t = torch.randint(0, V, (3, 11), generator=g)
-    t[0, :5] = -100
-    wanted = (x, w) if head_trained else (x,)
-    got = torch.autograd.grad(-2.5 * lm_loss(x, w, t, chunk=chunk), wanted)
-    plain = torch.nn.functional.cross_entropy((x[:, :-1] @ w.t()).reshape(-1, V), t[:, 1:].reshape(-1))
-    ref = torch.autograd.grad(-2.5 * plain, wanted)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    with torch.no_grad():  # evaluation: the loss alone
-        torch.testing.assert_close(lm_loss(x, w, t, chunk=chunk), plain.detach(), atol=1e-12, rtol=0)
-    t[:] = -100  # nothing to predict: a zero loss that still backpropagates (zeros)
-    empty = lm_loss(x, w, t, chunk=chunk)
-    assert empty.item() == 0.0
-    assert not torch.autograd.grad(empty, x)[0].any()
-
-
-def test_fused_lm_loss_frees_each_chunk_and_checks_targets(monkeypatch):
-    """Only one chunk's logits are alive at a time (the memory estimate counts one); target ids
-    outside the vocabulary are an error, not a clamped or infinite loss; double backward fails."""
-    import weakref
-    from minift.fast import loss as L
-    previous, calls = [], []
-    original = L._chunk_loss
-
-    def spy(logits, t, V):
-        calls.append(all(r() is None for r in previous))  # the last chunk's log-probs are gone
-        out = original(logits, t, V)
-        previous.append(weakref.ref(out[1]))
-        return out
-
-    monkeypatch.setattr(L, "_chunk_loss", spy)
-    x = torch.randn(2, 9, 8, requires_grad=True)
-    w = torch.randn(70, 8, requires_grad=True)
-    t = torch.randint(0, 70, (2, 9))
-    L.lm_loss(x, w, t, chunk=3).backward()
-    assert len(calls) == 6 and all(calls)
-    for bad in (70, -1, -101):
-        t2 = t.clone()
-        t2[1, 4] = bad
-        with pytest.raises(ValueError, match=r"outside the vocabulary: allowed are 0\.\.69, or -100"):
-            L.lm_loss(x, w, t2, chunk=3)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(L.lm_loss(x, w, t, chunk=3), x, create_graph=True)
-    one = L.lm_loss(torch.randn(2, 1, 8), w, t[:, :1])  # one position: nothing to predict
-    assert one.item() == 0.0 and one.dtype == torch.float32 and one.requires_grad  # the head alone is trained
-    one.backward()
-
-
 @pytest.mark.parametrize("P,T", [(3, 7), (7, 7), (9, 4), (5, 1)])
 def test_prefix_attention_sees_every_prefix_slot_and_is_causal_on_tokens(P, T):
-    """All three paths of gpt.prefix_attention (zero-query padding, bottom-right mask, one
+    """All three paths of layers.prefix_attention (zero-query padding, bottom-right mask, one
     query) equal SDPA with the explicit mask, values and gradients."""
-    from minift.models.gpt import prefix_attention
+    from minift.models.layers import prefix_attention
     g = torch.Generator().manual_seed(P * 10 + T)
     q = torch.randn(2, 3, T, 4, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 3, P + T, 4, generator=g, requires_grad=True) for _ in range(2))

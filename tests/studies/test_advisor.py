@@ -9,6 +9,7 @@ import torch
 
 from minift.studies import advisor as A
 from minift.cli import main
+from minift.fast import loss as fast_loss
 from minift.methods import adalora, freeze, full, lora, prefix, prompt
 from minift.methods.common import count_trainable
 from minift.models.bert import BertClassifier, BertConfig
@@ -96,6 +97,7 @@ def build(kind: str, method: str, dropout: float = 0.0):
     if kind == "gpt":
         cfg = GPTConfig(**GPT_CFG, dropout=dropout)
         model = GPT(cfg)
+        fast_loss.enable(model)  # the estimate models the fused loss, which bench and train switch on
     else:
         cfg = BertConfig(**BERT_CFG, dropout=dropout)
         model = BertClassifier(cfg, num_labels=3)

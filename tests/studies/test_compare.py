@@ -7,6 +7,8 @@ import torch
 
 from minift.studies import compare
 from minift.cli import main
+from minift.methods.registry import METHODS, parse_method
+from minift.training.recipes import available_recipes, load_recipe, recipe_options
 from minift.models.bert import Bert, BertConfig
 
 WORDS = {"positive": ["good", "great", "fine", "lovely", "superb", "fun"],
@@ -79,7 +81,7 @@ def test_every_method_end_to_end(setup, capsys):
     header = next(ln for ln in out.splitlines() if ln.startswith("method "))
     assert [c for c in (h.strip() for h in header.split("  ")) if c] == list(compare.COLUMNS)
     rows = _table(out)
-    assert [r[0] for r in rows] == list(compare.METHODS)
+    assert [r[0] for r in rows] == list(METHODS)
     col = {c: i for i, c in enumerate(compare.COLUMNS)}
     for r in rows:
         assert len(r) >= len(compare.COLUMNS) - 1  # the note may be empty
@@ -96,12 +98,12 @@ def test_every_method_end_to_end(setup, capsys):
     assert "AdaLoRA init_r=24 -> target_r=16" in out and "matches LoRA r=16" in out
 
     saved = json.loads((d / "out" / "t.json").read_text())
-    assert [r["method"] for r in saved["rows"]] == list(compare.METHODS)
+    assert [r["method"] for r in saved["rows"]] == list(METHODS)
     assert saved["meta"]["steps"] == 3 and saved["meta"]["examples"] == {"train": 24, "dev": 8, "test": 8}
     assert all(r["steps"] == 3 for r in saved["rows"] if r["method"] != "probe")
     assert all(r["peak_mib"] > 0 and r["wall_s"] > 0 for r in saved["rows"])
     md = (d / "out" / "t.md").read_text()
-    assert "| method | trainable |" in md and all(f"| {m} |" in md for m in compare.METHODS)
+    assert "| method | trainable |" in md and all(f"| {m} |" in md for m in METHODS)
     pytest.importorskip("matplotlib")
     assert (d / "out" / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -145,19 +147,19 @@ def test_partial_data_and_unknown_recipe_are_errors(setup, capsys):
     assert main(["compare", "--model", model_dir, "--train", data["train"], "--methods", "lora"]) == 2
     assert "give all three of --train, --dev and --test" in _one_error_line(capsys)
     with pytest.raises(ValueError, match="unknown recipe 'nope'; available: .*sentiment-lora"):
-        compare.load_recipe("nope")
+        load_recipe("nope")
 
 
 def test_recipes_parse_and_lora_recipe_is_the_classic_setup():
-    names = compare.available_recipes()
-    assert {f"sentiment-{m}" for m in compare.METHODS} <= set(names)
-    r = compare.load_recipe("sentiment-lora")
+    names = available_recipes()
+    assert {f"sentiment-{m}" for m in METHODS} <= set(names)
+    r = load_recipe("sentiment-lora")
     assert r["method"] == {"name": "lora", "r": 16, "alpha": 32, "dropout": 0.1, "targets": ["q_proj", "v_proj"],
                            "modules_to_save": ["classifier"]}
     assert {k: r["train"][k] for k in ("epochs", "batch_size", "lr", "warmup", "weight_decay")} == \
         {"epochs": 5, "batch_size": 8, "lr": 2e-4, "warmup": 0.1, "weight_decay": 0.01}
-    opts = compare.method_options(compare.load_recipe("sentiment-adalora"), total_steps=200)
-    assert opts["total_step"] == 200 and opts["tinit"] == 20 and opts["tfinal"] == 40 and opts["delta_t"] == 10
+    c = parse_method("adalora", recipe_options(load_recipe("sentiment-adalora")), total_steps=200).config
+    assert c.total_step == 200 and c.tinit == 20 and c.tfinal == 40 and c.delta_t == 10
 
 
 def _narrow_bert(setup, tmp_path):

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minift.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from minift.models.gpt import GPT, GPTConfig
@@ -176,7 +177,7 @@ def test_checkpoint_is_pickle_free_and_adapter_only_when_base_is_frozen(tmp_path
     train(model, batches(), cfg(tmp_path, steps=1, grad_accum=1))
     files = sorted(os.listdir(tmp_path / "last"))
     assert all(f.endswith((".safetensors", ".json")) for f in files), files
-    saved = ckpt.load_file(str(tmp_path / "last" / "model.safetensors"))
+    saved = load_file(str(tmp_path / "last" / "model.safetensors"))
     assert sorted(saved) == ["ln_f.bias", "ln_f.weight"]
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["step"] == 1 and {"loss", "lr", "tok_s"} <= set(log[0])
@@ -257,7 +258,7 @@ def test_config_validation():
 ])
 def test_resume_is_exact_with_method_hooks(method, opts, tmp_path):
     """AdaLoRA (allocator state + penalty), gradual unfreezing + discriminative groups, prefix."""
-    from minift.methods.build import build_method
+    from minift.methods.registry import build_method
     from minift.models.bert import BertClassifier, BertConfig
 
     def fresh():

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Every GPU measurement minift's docs cite, as named stages of one script.
+#
+#   benchmarks/gpu.sh [--out DIR] [--tag NAME] [--tree DIR] [--dry-run] STAGE [STAGE ...]
+#
+# Results go to --out (default: $OUT when set, else runs/gpu, which git ignores); copy the ones
+# the docs cite into benchmarks/results/ and commit them. File names end in the device tag
+# (h200, h100, ... from nvidia-smi; --tag overrides it). Every command has its own time limit
+# (SIGINT: `minift bench` saves after each method, so a run cut short keeps what finished) and
+# logs to OUT/<name>.log; a failure is reported on stderr and the next command runs. env.txt
+# (device, driver, versions, commit) is written first. --tree runs another checkout's minift
+# and scripts (an A/B of two commits: the same stage twice, with --tag telling them apart).
+# --dry-run prints the commands instead of running them.
+#
+# Stages (GPT-2 medium config, batch 8 x 1024, bf16 autocast, unless named otherwise):
+#   tests          the whole test suite on the GPU                      test-suite-gpu.log      ~4 min
+#   bench-eager    every method, eager; LoRA through the merged forward  bench-gpt2-medium-eager[-merged]-TAG
+#   bench-best     best-lora + best-full + best-prompt (up to ~10 min; run the parts separately
+#                  under a 10-minute command limit)
+#     best-lora    LoRA, merged forward, torch.compile + CUDA graphs, 5 windows of 10 steps
+#                  (benchmarks/timing_check.py)                        bench-gpt2-medium-graphs-lora-TAG
+#     best-full    full fine-tuning under CUDA graphs (MFU)             bench-gpt2-medium-graphs-full-TAG
+#     best-prompt  prompt and prefix tuning under CUDA graphs           bench-gpt2-medium-graphs-prompt-TAG
+#   peft           peft-eager + peft-compile: the peer, transformers + peft (benchmarks/peft_baseline.py)
+#     peft-eager   full, LoRA, AdaLoRA, prefix, prompt, eager           peft-gpt2-medium-eager-TAG
+#     peft-compile LoRA under torch.compile, 5 windows of 10 steps      peft-gpt2-medium-compile-TAG
+#   adalora        LoRA and AdaLoRA eager in one process (the step ratio) bench-gpt2-medium-adalora-TAG
+#   bert           BERT-base, batch 32 x 128, LoRA on q,v: minift and PEFT  bench-bert-base-TAG, peft-bert-base-TAG
+#   flags          one optimization off (or on) at a time, full and LoRA eager  bench-gpt2-medium-flag-*-TAG
+#   advisor-check  the memory estimator against max_memory_allocated    advisor_check.{md,json}
+#   gemm-shapes    LoRA's GEMMs one by one, the rebuild kernel's tiles   lora-gemm-shapes.json
+#   profile        top CUDA kernels of an eager step: merged LoRA, prompt  profile-*-TAG.log
+#   rebuild-ab     LoRA under CUDA graphs with W0 + sBA rebuilt three ways: the Triton kernel, addmm,
+#                  elementwise for inductor (benchmarks/rebuild_ab.py)  bench-gpt2-medium-rebuild-*-TAG
+#   compare-full   `minift compare --full`: MiniLM-L6 on movie-review sentiment  compare-full-TAG
+#                  (needs weights/ from the `prep` stage, carried to the GPU machine)
+#   codegen        codegen-pretrain then codegen-case (MINUTES of pretraining, default 4.0)
+#     codegen-pretrain  tokenizer + ~23M GPT on the standard library minus asyncio  codegen-pretrain-corpus.json,
+#                  codegen-roundtrip.json (transformers loads it: same logits)
+#     codegen-case AdaLoRA, LoRA, full adapted to asyncio             codegen-cuda.{md,json}, -ranks.png
+#   targets        bench-best, peft, adalora: the headline ratios, minift and the peer on one card
+#   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
+#                  weights/cache/sentiment for compare-full
+#
+# Run the pairs whose ratio a doc reports (bench-best with peft, bench-eager with peft-eager) on
+# the same machine: each lent machine is a fresh one, and numbers compare within a machine.
+set -u
+here=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-}
+tag=
+tree=$here
+dry=0
+stages=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --out) out=$2; shift 2 ;;
+    --tag) tag=$2; shift 2 ;;
+    --tree) tree=$(cd "$2" && pwd); shift 2 ;;
+    --dry-run) dry=1; shift ;;
+    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
+    *) stages+=("$1"); shift ;;
+  esac
+done
+if [ ${#stages[@]} -eq 0 ]; then
+  echo "usage: benchmarks/gpu.sh [--out DIR] [--tag NAME] [--tree DIR] [--dry-run] STAGE [STAGE ...] (see --help)" >&2
+  exit 2
+fi
+out=${out:-$here/runs/gpu}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$tree"  # `python3 -m minift` and benchmarks/*.py run this checkout's code
+if [ -z "$tag" ]; then
+  tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed -E 's/^NVIDIA //; s/ .*//' \
+        | tr '[:upper:]' '[:lower:]')
+  tag=${tag:-gpu}
+fi
+M="python3 -m minift"
+G2M="--model gpt2-medium"
+GRAPHS="--compile --compile-mode reduce-overhead"
+
+# go SECONDS NAME COMMAND...: COMMAND under its own time limit, output to $out/NAME.log
+go() {
+  local s=$1 name=$2; shift 2
+  if [ "$dry" = 1 ]; then echo "[$s s] $*"; return 0; fi
+  echo "== $name ($(date +%H:%M:%S), limit $s s)" >&2
+  timeout -s INT "$s" "$@" > "$out/$name.log" 2>&1 || echo "FAILED ($?): $name, see $out/$name.log" >&2
+}
+
+env_txt() {
+  [ "$dry" = 1 ] && return 0
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+    python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__)"
+    python3 -c "import transformers, peft; print('transformers', transformers.__version__, '| peft', peft.__version__)" \
+      2>/dev/null || echo "transformers/peft: not installed"
+    git -C "$tree" log -1 --format='commit %H %s' 2>/dev/null || echo "commit: unknown (no .git here)"
+    echo "tree $tree | tag $tag | $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  } > "$out/env.txt"
+}
+
+stage() {
+  case $1 in
+  tests)
+    go 560 test-suite-gpu python3 -m pytest -q -p no:cacheprovider -rfEs ;;
+  bench-eager)
+    go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
+      --name bench-gpt2-medium-eager-$tag
+    go 70 bench-eager-merged $M bench --out "$out" $G2M --methods lora --lora-merged-forward \
+      --name bench-gpt2-medium-eager-merged-$tag ;;
+  best-lora)
+    go 170 best-lora python3 benchmarks/timing_check.py lora-graphs-$tag minift "$out" --out "$out" $G2M \
+      --methods lora $GRAPHS --lora-merged-forward --no-isolate --name bench-gpt2-medium-graphs-lora-$tag ;;
+  best-full)
+    go 200 best-full $M bench --out "$out" $G2M --methods full $GRAPHS --name bench-gpt2-medium-graphs-full-$tag ;;
+  best-prompt)
+    go 230 best-prompt $M bench --out "$out" $G2M --methods prompt,prefix $GRAPHS \
+      --name bench-gpt2-medium-graphs-prompt-$tag ;;
+  bench-best)
+    stage best-lora; stage best-full; stage best-prompt ;;
+  peft-eager)
+    go 200 peft-eager python3 benchmarks/peft_baseline.py --out "$out" $G2M --methods full,lora,adalora,prefix,prompt \
+      --name peft-gpt2-medium-eager-$tag ;;
+  peft-compile)
+    go 240 peft-compile python3 benchmarks/timing_check.py peft-compile-$tag peft "$out" --out "$out" $G2M \
+      --methods lora --compile --no-eager --name peft-gpt2-medium-compile-$tag ;;
+  peft)
+    stage peft-eager; stage peft-compile ;;
+  adalora)
+    go 90 adalora $M bench --out "$out" $G2M --methods lora,adalora --name bench-gpt2-medium-adalora-$tag ;;
+  bert)
+    local bert="--model bert-base --batch 32 --seq-len 128 --lora-targets q_proj,v_proj --methods full,lora,prefix"
+    go 90 bert $M bench --out "$out" $bert --lora-merged-forward --name bench-bert-base-$tag
+    go 120 peft-bert python3 benchmarks/peft_baseline.py --out "$out" $bert --name peft-bert-base-$tag ;;
+  flags)
+    local f
+    go 70 flag-default $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-flag-default-$tag
+    for f in no-fused-adamw sdpa-math checkpointing plain-ce no-frozen-bf16; do
+      go 80 "flag-$f" $M bench --out "$out" $G2M --methods full,lora "--$f" --name "bench-gpt2-medium-flag-$f-$tag"
+    done ;;
+  advisor-check)
+    go 120 advisor-check python3 benchmarks/advisor_check.py --out "$out" ;;
+  gemm-shapes)
+    go 90 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out" --sweep ;;
+  profile)
+    go 90 "profile-lora-merged-eager-$tag" python3 benchmarks/profile_step.py $G2M --method lora --lora-merged-forward \
+      --rows 40
+    go 90 "profile-prompt-eager-$tag" python3 benchmarks/profile_step.py $G2M --method prompt --rows 25 ;;
+  rebuild-ab)
+    local v
+    for v in kernel addmm elementwise; do
+      go 170 "rebuild-$v" python3 benchmarks/rebuild_ab.py $v --out "$out" $G2M --methods lora $GRAPHS \
+        --lora-merged-forward --no-isolate --name "bench-gpt2-medium-rebuild-$v-$tag"
+    done ;;
+  compare-full)
+    go 580 compare-full env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M compare --full \
+      --model weights/minilm-fp16 --device cuda --no-progress --out "$out" --name compare-full-$tag ;;
+  codegen-pretrain)
+    go 420 codegen-pretrain $M pretrain --corpus stdlib --held-out asyncio --out runs/codegen-pretrained \
+      --minutes "${MINUTES:-4.0}" --device cuda --no-progress
+    go 60 codegen-corpus cp runs/codegen-pretrained/corpus.json "$out/codegen-pretrain-corpus.json"
+    go 120 codegen-roundtrip python3 benchmarks/codegen_roundtrip.py runs/codegen-pretrained \
+      "$out/codegen-roundtrip.json" ;;
+  codegen-case)
+    go 480 codegen-case $M codegen-case --pretrained runs/codegen-pretrained --out "$out" --device cuda --no-progress ;;
+  codegen)
+    stage codegen-pretrain; stage codegen-case ;;
+  targets)
+    stage bench-best; stage peft; stage adalora ;;
+  prep)
+    go 600 prep-minilm python3 benchmarks/pack_weights.py --out weights/minilm-fp16
+    go 600 prep-sentiment env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M fetch sentiment ;;
+  *)
+    echo "unknown stage '$1' (see benchmarks/gpu.sh --help)" >&2; return 2 ;;
+  esac
+}
+
+env_txt
+rc=0
+for s in "${stages[@]}"; do
+  stage "$s" || rc=2
+done
+[ "$dry" = 1 ] || echo "results in $out" >&2
+exit $rc

@@ -1,0 +1,183 @@
+"""Faster forwards for plain LoRA layers (``minift.methods.lora.LoRALinear``), switched on by ``enable``.
+
+The reference layer computes h = W0 x + b + s B (A x) as written. Two forwards give the same values
+faster (tests/fast/test_lora.py checks outputs and gradients against the reference):
+
+- addmm (``AddmmLoRALinear``): "+ s B (.)" is one ``torch.addmm`` into the (N, out) output, so the
+  scaling and the sum happen inside the GEMM instead of as two more passes over the output.
+- merged (``MergedLoRALinear``, ``MergedLoRA``): one GEMM through W = W0 + sBA, rebuilt every step,
+  and a hand-written backward: one GEMM per layer instead of W0 x, A x and the rank-r update added
+  to the output, and one input-gradient GEMM instead of two summed. Gradients of A and B are exact;
+  the forward rounds W0 + sBA once to the matmul dtype (bf16 under autocast), like any bf16 weight.
+  The rebuild is one Triton pass on CUDA (``minift.fast.kernels``), ``torch.addmm`` elsewhere.
+
+``enable`` changes the class of each layer object in place to one of these subclasses, which
+override ``forward`` only (``torch.nn.utils.parametrize`` swaps classes the same way): the
+Parameters, their state-dict keys and ``isinstance(m, LoRALinear)`` all stay, so merging, saving
+and loading adapters work as before. ``disable`` puts the reference class back. DoRA layers keep
+the reference forward.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minift.fast import kernels
+from minift.methods.lora import LoRALinear, lora_modules
+
+__all__ = ["AddmmLoRALinear", "MergedLoRALinear", "MergedLoRA", "enable", "disable"]
+
+
+def addmm_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+    """W0 x + b + s B (A x), with "+ s B (.)" done by one addmm."""
+    base = F.linear(x, layer.weight, layer.bias)  # (..., out)
+    ax = F.linear(layer.dropout(x), layer.lora_A)  # (..., r)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), ax.reshape(-1, layer.r), layer.lora_B.t(),
+                      alpha=layer.scaling)  # (N, out)
+    return out.view(base.shape)
+
+
+class AddmmLoRALinear(LoRALinear):
+    """``LoRALinear`` with the update added inside one addmm (``addmm_forward``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return addmm_forward(self, x)
+
+
+class MergedLoRALinear(LoRALinear):
+    """``LoRALinear`` through the merged weight W0 + sBA (``MergedLoRA``) whenever ``merges()``;
+    otherwise the addmm forward."""
+
+    def merges(self) -> bool:
+        """True when the merged forward applies: W0 frozen (``MergedLoRA`` computes no gradient for
+        it) and no dropout acting (it hits the adapter's input only, which a merged weight cannot do)."""
+        return not self.weight.requires_grad and (isinstance(self.dropout, nn.Identity) or not self.training)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        if not self.merges():
+            return addmm_forward(self, x)
+        return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+
+
+FAST_LAYERS = (AddmmLoRALinear, MergedLoRALinear)
+
+
+def enable(model: nn.Module, *, merged: bool = True) -> list[str]:
+    """Put every plain LoRA layer of ``model`` on a fast forward. DoRA layers are left as they are.
+
+    Args:
+        model: a model with or without LoRA layers.
+        merged: the merged forward (``MergedLoRALinear``); False: the addmm forward (``AddmmLoRALinear``).
+    Returns:
+        The names of the layers switched (``[]`` when there are no plain LoRA layers, or all are
+        already on that forward).
+    """
+    fast = MergedLoRALinear if merged else AddmmLoRALinear
+    names = []
+    for name, m in lora_modules(model):
+        if type(m) in (LoRALinear, *FAST_LAYERS) and type(m) is not fast:
+            m.__class__ = fast
+            names.append(name)
+    return names
+
+
+def disable(model: nn.Module) -> list[str]:
+    """Put every LoRA layer that ``enable`` switched back on the reference forward.
+
+    Returns:
+        The names of the layers switched back.
+    """
+    names = []
+    for name, m in lora_modules(model):
+        if type(m) in FAST_LAYERS:
+            m.__class__ = LoRALinear
+            names.append(name)
+    return names
+
+
+class MergedLoRA(torch.autograd.Function):
+    """y = x (W0 + s B A)^T + b with W0 frozen: forward and backward written out by hand.
+
+    Forward: W0 + sBA is rebuilt in the matmul dtype (``_merged_weight``), one GEMM applies it;
+    A x (N x r) is kept for B's gradient. Backward, with g = dL/dy (N x out):
+        dx = g (W0 + sBA)        (W0 + sBA rebuilt: cheaper than keeping it for every layer)
+        dA = s (g B)^T x         dB = s g^T (A x)         db = sum of g over rows
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling: float):
+        dev = x.device.type
+        # autocast's matmul dtype, except for fp64 inputs (autocast leaves those alone too)
+        autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
+        x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
+        A_, B_ = A.to(dt), B.to(dt)
+        w = _merged_weight(weight, A_, B_, scaling)  # (out, in)
+        y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
+        ax = x2 @ A_.t()  # (N, r)
+        ctx.save_for_backward(x2, weight, A_, B_, ax)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():  # create_graph=True: this backward builds no graph of its own
+            raise RuntimeError("double backward (create_graph=True) through LoRA's merged forward is not "
+                               "supported; call minift.fast.lora.disable(model) first")
+        x2, weight, A_, B_, ax = ctx.saved_tensors
+        s, (a_dt, b_dt, bias_dt) = ctx.scaling, ctx.dtypes
+        g2 = g.reshape(-1, g.shape[-1]).to(x2.dtype)  # (N, out)
+        need = ctx.needs_input_grad
+        dx = dA = dB = db = None
+        if need[0]:
+            grad_fn = _input_grad_op if torch.compiler.is_compiling() else _input_grad
+            dx = grad_fn(g2, weight, A_, B_, s).view(ctx.x_shape).to(ctx.x_dtype)
+        if need[3]:
+            dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
+        if need[4]:
+            dB = (g2.t() @ ax).to(b_dt).mul_(s)  # (out, r)
+        if need[2]:
+            db = g2.sum(0).to(bias_dt)
+        return dx, None, db, dA, dB, None
+
+
+def _merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """W0 + sBA in A's dtype (the matmul dtype) through ``kernels.lora_merged_weight``.
+
+    ``torch.addmm`` would do, but cuBLAS runs it as two kernels (a copy of W0 into the output, then
+    a rank-r GEMM that adds into it), twice per layer and step. On CUDA (ranks up to
+    ``kernels.MAX_RANK``, Triton installed) ``kernels`` has it as one pass over W0 with an fp32 sum,
+    eager and under torch.compile alike (dynamo traces the Triton launch); elsewhere it is addmm.
+    Written elementwise instead, W0 + s * sum_k B[:, k] A[k, :], for inductor to fuse, a compiled
+    GPT-2 medium LoRA step under CUDA graphs ran about 13% slower than through the kernel
+    (``benchmarks/rebuild_ab.py`` times the three ways).
+    """
+    return kernels.lora_merged_weight(weight, A, B, scaling)
+
+
+def _input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
+                ) -> torch.Tensor:
+    """dx = g (W0 + sBA), the merged weight rebuilt from W0, A and B in g's dtype."""
+    return g @ _merged_weight(weight, A.to(g.dtype), B.to(g.dtype), scaling)
+
+
+# The same, as one opaque operator for torch.compile. Written out inline, the rebuild of W0 + sBA
+# depends on parameters only, so the compiler's forward/backward partitioner moves it into the
+# forward graph and keeps its result until backward: a bf16 copy of every adapted weight (0.56 GiB
+# for GPT-2 medium with all six projections adapted). Inside an operator that takes g, it has to
+# wait for the backward pass.
+@torch.library.custom_op("minift::lora_input_grad", mutates_args=())
+def _input_grad_op(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
+                   ) -> torch.Tensor:
+    return _input_grad(g, weight, A, B, scaling)
+
+
+@_input_grad_op.register_fake
+def _(g, weight, A, B, scaling):
+    return g.new_empty(g.shape[0], weight.shape[1])

@@ -1,0 +1,46 @@
+"""Recipes: a method's settings for a task, as ``minift/recipes/<name>.toml``.
+
+A recipe has the tables of a ``minift train --config`` file: ``[method]`` (``name`` and the
+method's options), ``[train]`` and ``[data]``; ``minift compare`` also reads a ``[compare]``
+table where a recipe has one. ``minift train --recipe NAME`` and ``minift compare`` both read
+them here.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).parents[1] / "recipes"
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def recipe_path(name: str) -> Path:
+    return RECIPES_DIR / f"{name}.toml"
+
+
+def load_recipe(name: str) -> dict:
+    """The recipe ``minift/recipes/<name>.toml`` as a dict with ``method``, ``train`` and
+    ``data`` tables.
+
+    Raises:
+        ValueError: an unknown name (the message lists the recipes there are), or a recipe
+            without a ``[method]`` or ``[train]`` table.
+    """
+    path = recipe_path(name)
+    if not path.is_file() or "/" in name or "\\" in name:
+        raise ValueError(f"unknown recipe {name!r}; available: {', '.join(available_recipes())}")
+    with open(path, "rb") as f:
+        recipe = tomllib.load(f)
+    for table in ("method", "train"):
+        if not isinstance(recipe.get(table), dict):
+            raise ValueError(f"recipe {name!r} ({path}) has no [{table}] table")
+    return recipe
+
+
+def recipe_options(recipe: dict) -> dict:
+    """The ``[method]`` options of a recipe as ``parse_method`` / ``build_method`` take them:
+    every key but ``name``."""
+    return {k: v for k, v in recipe["method"].items() if k != "name"}
