@@ -46,9 +46,8 @@ if triton is not None:
         tl.store(out_ptr + offs, (acc + scaling * upd).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# tile (rows, columns) and warps per program, chosen by ``benchmarks/lora_gemm_shapes.py --sweep``:
-# on an H200, 64 x 64 with 4 warps was the fastest of ten tiles for all three GPT-2 medium shapes
-# (1024 x 1024, 4096 x 1024, 1024 x 4096), 1.7 to 1.9 times as fast as addmm on each
+# tile (rows, columns) and warps per program, chosen by ``benchmarks/lora_gemm_shapes.py --sweep``
+# over GPT-2 medium's three shapes (docs/benchmarks.md has the sweep)
 TILE = (64, 64, 4)
 
 

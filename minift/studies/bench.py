@@ -22,7 +22,7 @@ the naive loss, for comparison with the fused cross-entropy of ``minift.fast.los
 ``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head),
 ``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
 ``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
-``sync_each_step`` (wait for the GPU after every timed step, as results up to H200 call g did).
+``sync_each_step`` (wait for the GPU after every timed step, as older results did).
 ``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
 fails to compile a second model in one process under CUDA graphs, and a fresh process
 starts each method with an empty allocator).
@@ -126,12 +126,11 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks]:
         else:
             model = GPT(mc)
     hooks = build_method(model, method, method_options(cfg, method), total_steps=cfg.warmup + cfg.steps + 1).hooks
-    if method == "lora":  # the addmm forward; with lora_merged_forward the merged one
-        from minift.fast import lora as fast_lora
-        fast_lora.enable(model, merged=cfg.lora_merged_forward)
+    from minift import fast  # every speed piece; LoRA's merged forward with lora_merged_forward
+    fast.enable(model, merged_lora=cfg.lora_merged_forward, loss_chunk=cfg.loss_chunk)
+    if cfg.plain_ce:
+        fast.loss.disable(model)
     model.checkpointing = cfg.checkpointing if isinstance(model, GPT) else False
-    if isinstance(model, GPT):
-        model.loss_chunk = cfg.loss_chunk
     if isinstance(model, BertClassifier):
         model.bert.checkpointing = cfg.checkpointing
     model.to(cfg.device)

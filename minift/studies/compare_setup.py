@@ -12,8 +12,8 @@ import torch
 from minift.methods.registry import METHODS
 
 # The CPU default: 1,000 training sentences (a seeded random subset), the first 500 dev and 500
-# test sentences, max_len 64, 150 steps of batch 16 (2.4 epochs). Measured: 9 min 25 s for all
-# nine methods on a 2-core CPU (benchmarks/results/compare-cpu.md).
+# test sentences, max_len 64, 150 steps of batch 16 (2.4 epochs); its run time on a 2-core CPU is
+# in docs/benchmarks.md.
 CPU_DEFAULTS = dict(train_limit=1000, eval_limit=500, max_len=64, batch_size=16, steps=150)
 # --full: every sentence (8,456 / 1,056 / 1,056), max_len 128, 3 epochs of batch 16 (1,587 steps).
 FULL_DEFAULTS = dict(train_limit=None, eval_limit=None, max_len=128, batch_size=16, epochs=3)

@@ -50,12 +50,17 @@ def examples(path, task: str, tok, max_len: int, label2id=None):
 
 
 def build(model, method: str, options: dict, *, tokenizer=None, lr: float, weight_decay: float = 0.0,
-          total_steps: int | None = None, origin: dict | None = None) -> MethodState:
-    """``method``'s typed settings for a run of ``total_steps`` steps, applied to ``model``; LoRA's
-    merged forward (``minift.fast``) switched on when the settings ask for it."""
+          total_steps: int | None = None, origin: dict | None = None, fast: bool = False) -> MethodState:
+    """``method``'s typed settings for a run of ``total_steps`` steps, applied to ``model``. With
+    ``fast`` (the commands pass it on CUDA) every speed piece of ``minift.fast`` is switched on;
+    LoRA's merged forward only when the settings ask for it (it needs dropout 0)."""
     ms = parse_method(method, options, total_steps=total_steps, origin=origin)
     st = build_method(model, method, ms, tokenizer=tokenizer, lr=lr, weight_decay=weight_decay)
-    if getattr(ms.training, "merged_forward", False):
+    merged = getattr(ms.training, "merged_forward", False)
+    if fast:
+        from minift import fast as fast_path
+        fast_path.enable(model, merged_lora=merged)
+    elif merged:
         enable_merged_forward(model)
     return st
 
@@ -86,8 +91,9 @@ def train_command(args) -> int:
     tok, batches, dev, label2id = load_data(data, task, max_len, cfg)
     model = load_model(data["model"], task, len(label2id) if label2id else None, cfg.seed)
     total = cfg.total_steps(len(batches))
+    from minift.training.forward import pick_device
     st = build(model, s.method, s.options, tokenizer=tok, lr=cfg.lr, weight_decay=cfg.weight_decay,
-               total_steps=total, origin=s.origin)
+               total_steps=total, origin=s.origin, fast=pick_device(cfg.device).type == "cuda")
     start_run(out, {"method": s.method, "options": jsonable(st.options), "task": task, "max_len": max_len,
                     "label2id": label2id, "model": str(Path(data["model"]).resolve()), "train": vars(cfg),
                     "given": identity(s.method, s.options, task, max_len, data, cfg)}, args.resume, overwrite)

@@ -370,6 +370,9 @@ def test_adalora_overhead_over_lora_is_per_shape_group_not_per_module():
         opts = dict(targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"),
                     **({"tinit": 1, "tfinal": 1, "total_step": 10} if method == "adalora" else {}))
         hooks = build_method(model, method, opts).train_hooks()
+        if method == "lora":  # LoRA's one-addmm forward (minift.fast), as AdaLoRA's SVDLinear does
+            from minift.fast import lora as fast_lora
+            fast_lora.enable(model, merged=False)
         with Kernels() as k:
             with (hooks["forward_context"] or (lambda m: contextlib.nullcontext()))(model):
                 loss = model_forward(model, batch()).loss
