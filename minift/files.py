@@ -128,7 +128,7 @@ def read_safetensors(path, what: str = "weights file", *, floating: bool = True)
     return tensors
 
 
-def check_floating(path, tensors: dict[str, torch.Tensor], skip=lambda key: False) -> None:
+def check_floating(path, tensors: dict, skip=lambda key: False) -> None:
     """InputError naming ``path`` and the first tensor (``skip(key)`` false) that is not floating
     point: copied into a float weight, an integer or boolean tensor would be silently cast."""
     for key, t in tensors.items():

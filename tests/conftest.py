@@ -1,6 +1,10 @@
 """Shared fixtures: tiny randomly initialized models, and the Hugging Face oracles saved to disk."""
+import random
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn as nn
 
 from minift.models.bert import Bert, BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
@@ -56,3 +60,66 @@ def hf_bert(tmp_path, seed=0, classifier=False, num_labels=3, **config):
     model = cls(cfg).eval()
     model.save_pretrained(tmp_path)
     return model, tmp_path
+
+
+# ---------------------------------------------------------------------------- CLI fixtures
+
+WORDS = "good great fun bad awful dull movie plot film the a was is very not and".split()
+
+def tokenizer_json(path: Path, specials: list[str], bert: bool) -> int:
+    """A word-level tokenizer.json over WORDS (BERT: with [CLS] ... [SEP]); returns its vocabulary size."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers, processors
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if bert else specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(specials)
+    if bert:
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tok.save(str(path / "tokenizer.json"))
+    return len(vocab)
+
+
+# ---------------------------------------------------------------------------- damage: each leaves a broken file at p
+
+def garbage(p: Path) -> None:
+    p.write_bytes(random.Random(p.name).randbytes(max(p.stat().st_size, 64)))
+
+
+def truncate(p: Path) -> None:
+    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
+
+
+def empty(p: Path) -> None:
+    p.write_bytes(b"")
+
+
+def text_file(p: Path) -> None:
+    p.write_text("my notes: this is not a weights file\n" * 4)
+
+
+def not_json(p: Path) -> None:
+    p.write_text('{"step": 2, "losses": [0.5, ')
+
+
+def json_list(p: Path) -> None:
+    p.write_text("[1, 2, 3]\n")
+
+
+def not_utf8(p: Path) -> None:
+    p.write_bytes(b"\xff\xfe" + p.read_bytes())
+
+
+# ---------------------------------------------------------------------------- a toy network for LoRA
+
+class Toy(nn.Module):
+    def __init__(self, d_in, d_hid, d_out, bias):
+        super().__init__()
+        self.up = nn.Linear(d_in, d_hid, bias=bias)
+        self.down = nn.Linear(d_hid, d_out, bias=bias)
+        self.head = nn.Linear(d_out, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.down(torch.tanh(self.up(x)))))

@@ -9,28 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import WORDS, tokenizer_json
 from minift.cli import main
 from minift.methods.registry import METHODS
 from minift.models.bert import Bert, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 
-WORDS = "good great fun bad awful dull movie plot film the a was is very not and".split()
 POS, NEG = ["good", "great", "fun"], ["bad", "awful", "dull"]
 
 
-def tokenizer_json(path: Path, specials: list[str], bert: bool) -> int:
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, processors
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if bert else specials[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(specials)
-    if bert:
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tok.save(str(path / "tokenizer.json"))
-    return len(vocab)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ truncates and corrupts every file `minift train` writes, then resumes.
 import importlib
 import importlib.util
 import json
-import random
 import re
 import shutil
 from pathlib import Path
@@ -18,28 +17,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import hf_bert, hf_gpt2
+from conftest import (WORDS, empty, garbage, hf_bert, hf_gpt2, json_list, not_json, not_utf8, text_file,
+                      tokenizer_json, truncate)
 from minift.cli import main
 
-WORDS = "good great fun bad awful dull movie plot film the a was is very not and".split()
 POS, NEG = ["good", "great", "fun"], ["bad", "awful", "dull"]
 LORA = ("--method", "lora", "--targets", "q_proj,v_proj")
 
 
 # ---------------------------------------------------------------------------- fixtures and helpers
 
-def _tokenizer_json(path: Path, specials: list[str], bert: bool) -> None:
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import models, pre_tokenizers, processors
-    vocab = {t: i for i, t in enumerate(specials + WORDS)}
-    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token=specials[1] if bert else specials[0]))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(specials)
-    if bert:
-        tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    tok.save(str(path / "tokenizer.json"))
 
 
 def _jsonl(rows) -> str:
@@ -55,9 +42,9 @@ def env(tmp_path_factory):
                         dev=d / "dev.jsonl", lm=d / "lm.txt", run=d / "run")
     e.bert.mkdir(), e.gpt.mkdir()
     hf_bert(e.bert)
-    _tokenizer_json(e.bert, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], bert=True)
+    tokenizer_json(e.bert, ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], bert=True)
     hf_gpt2(e.gpt)
-    _tokenizer_json(e.gpt, ["<|endoftext|>"], bert=False)
+    tokenizer_json(e.gpt, ["<|endoftext|>"], bert=False)
     rows = [{"text": f"the movie was {w} and {v}", "label": "pos" if w in POS else "neg"}
             for w in POS + NEG for v in ("very", "not")]
     e.train.write_text(_jsonl(rows + rows[:4]))  # 16 lines
@@ -124,32 +111,6 @@ def copy_run(e, dst: Path) -> Path:
 
 
 # damage: each takes a path and leaves a broken file there
-def garbage(p: Path) -> None:
-    p.write_bytes(random.Random(p.name).randbytes(max(p.stat().st_size, 64)))
-
-
-def truncate(p: Path) -> None:
-    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
-
-
-def empty(p: Path) -> None:
-    p.write_bytes(b"")
-
-
-def text_file(p: Path) -> None:
-    p.write_text("my notes: this is not a weights file\n" * 4)
-
-
-def not_json(p: Path) -> None:
-    p.write_text('{"step": 2, "losses": [0.5, ')
-
-
-def json_list(p: Path) -> None:
-    p.write_text("[1, 2, 3]\n")
-
-
-def not_utf8(p: Path) -> None:
-    p.write_bytes(b"\xff\xfe" + p.read_bytes())
 
 
 def edit_json(**changes):

@@ -48,7 +48,8 @@ from minift.studies.bench_report import Row, add_ratios, save, to_markdown  # no
 from minift.studies.mfu import flops_per_token, matmul_params, measure_matmul_tflops  # noqa: F401
 from minift.studies.presets import PRESETS
 from minift.methods.common import count_trainable
-from minift.methods.registry import METHODS, TrainHooks, build_method
+from minift.methods.registry import METHODS, build_method
+from minift.methods.spec import TrainHooks
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.forward import model_forward

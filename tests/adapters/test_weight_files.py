@@ -3,7 +3,6 @@ InputError that names the file, never a SafetensorError, JSONDecodeError, KeyErr
 TypeError, and never a silently wrong model (a cast integer weight, a half-loaded adapter,
 a rank the config contradicts)."""
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY_BERT, TINY_GPT, hf_bert, hf_gpt2
+from conftest import (TINY_BERT, TINY_GPT, empty, garbage, hf_bert, hf_gpt2, json_list, not_json, not_utf8,
+                      text_file, truncate)
 from minift import adapters
 from minift.training.checkpoint import load_checkpoint, load_trainable_state, save_weights
 from minift.files import InputError
@@ -37,32 +37,6 @@ def refused(call, path, *fragments) -> str:
     return msg
 
 
-def garbage(p: Path) -> None:
-    p.write_bytes(random.Random(p.name).randbytes(max(p.stat().st_size, 64)))
-
-
-def truncate(p: Path) -> None:
-    p.write_bytes(p.read_bytes()[:p.stat().st_size // 2])
-
-
-def empty(p: Path) -> None:
-    p.write_bytes(b"")
-
-
-def text_file(p: Path) -> None:
-    p.write_text("my notes: this is not a weights file\n" * 4)
-
-
-def not_json(p: Path) -> None:
-    p.write_text('{"step": 2, "losses": [0.5, ')
-
-
-def json_list(p: Path) -> None:
-    p.write_text("[1, 2, 3]\n")
-
-
-def not_utf8(p: Path) -> None:
-    p.write_bytes(b"\xff\xfe" + p.read_bytes())
 
 
 WEIGHT_DAMAGE = [garbage, truncate, empty, text_file]

@@ -8,7 +8,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_GPT
+from conftest import TINY_GPT, Toy
 from minift import adapters, fast
 from minift.fast import kernels
 from minift.fast import lora as fast_lora
@@ -20,15 +20,6 @@ cuda = pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton is n
                           reason="the merged rebuild's Triton kernel needs CUDA and Triton (checked on the GPU machine)")
 
 
-class Toy(nn.Module):
-    def __init__(self, d_in, d_hid, d_out, bias):
-        super().__init__()
-        self.up = nn.Linear(d_in, d_hid, bias=bias)
-        self.down = nn.Linear(d_hid, d_out, bias=bias)
-        self.head = nn.Linear(d_out, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.down(torch.tanh(self.up(x)))))
 
 
 toy_case = st.fixed_dictionaries(dict(

@@ -5,7 +5,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_GPT
+from conftest import TINY_GPT, Toy
 from minift import adapters
 from minift.methods import lora
 from minift.methods.lora import DoRALinear, LoRAConfig, LoRALinear
@@ -15,15 +15,6 @@ from minift.training.loop import model_forward
 SETTINGS = settings(max_examples=20, deadline=None)
 
 
-class Toy(nn.Module):
-    def __init__(self, d_in, d_hid, d_out, bias):
-        super().__init__()
-        self.up = nn.Linear(d_in, d_hid, bias=bias)
-        self.down = nn.Linear(d_hid, d_out, bias=bias)
-        self.head = nn.Linear(d_out, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.down(torch.tanh(self.up(x)))))
 
 
 toy_case = st.fixed_dictionaries(dict(
