@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's minift
+
 
 def corpus(limit_bytes: int = 24_000_000) -> str:
     """Standard-library Python sources, sorted by path, up to ``limit_bytes``."""

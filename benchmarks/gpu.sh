@@ -26,6 +26,7 @@
 #     peft-compile LoRA under torch.compile, 5 windows of 10 steps      peft-gpt2-medium-compile-TAG
 #   adalora        LoRA and AdaLoRA eager in one process (the step ratio) bench-gpt2-medium-adalora-TAG
 #   bert           BERT-base, batch 32 x 128, LoRA on q,v: minift and PEFT  bench-bert-base-TAG, peft-bert-base-TAG
+#   flag-default   full and LoRA eager, no flags (the first row of `flags`)
 #   flags          one optimization off (or on) at a time, full and LoRA eager  bench-gpt2-medium-flag-*-TAG
 #   advisor-check  the memory estimator against max_memory_allocated    advisor_check.{md,json}
 #   gemm-shapes    LoRA's GEMMs one by one, the rebuild kernel's tiles   lora-gemm-shapes.json
@@ -39,6 +40,9 @@
 #                  codegen-roundtrip.json (transformers loads it: same logits)
 #     codegen-case AdaLoRA, LoRA, full adapted to asyncio             codegen-cuda.{md,json}, -ranks.png
 #   targets        bench-best, peft, adalora: the headline ratios, minift and the peer on one card
+#   train          `minift train` itself, full and LoRA r=8 on all six projections, 40 steps, on a
+#                  GPT-2-medium-shaped random model (benchmarks/ab_setup.py, built once in
+#                  runs/train-model by this checkout)      train-{full,lora}-TAG/, train-speed-TAG.md
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
 #
@@ -131,9 +135,11 @@ stage() {
     local bert="--model bert-base --batch 32 --seq-len 128 --lora-targets q_proj,v_proj --methods full,lora,prefix"
     go 90 bert $M bench --out "$out" $bert --lora-merged-forward --name bench-bert-base-$tag
     go 120 peft-bert python3 benchmarks/peft_baseline.py --out "$out" $bert --name peft-bert-base-$tag ;;
+  flag-default)
+    go 70 flag-default $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-flag-default-$tag ;;
   flags)
     local f
-    go 70 flag-default $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-flag-default-$tag
+    stage flag-default
     for f in no-fused-adamw sdpa-math checkpointing plain-ce no-frozen-bf16; do
       go 80 "flag-$f" $M bench --out "$out" $G2M --methods full,lora "--$f" --name "bench-gpt2-medium-flag-$f-$tag"
     done ;;
@@ -164,6 +170,16 @@ stage() {
     go 480 codegen-case $M codegen-case --pretrained runs/codegen-pretrained --out "$out" --device cuda --no-progress ;;
   codegen)
     stage codegen-pretrain; stage codegen-case ;;
+  train)
+    local d=$here/runs/train-model m extra
+    [ -f "$d/corpus.txt" ] || go 300 train-setup python3 "$here/benchmarks/ab_setup.py" "$d"
+    for m in full lora; do
+      extra=; [ $m = lora ] && extra="--r 8 --targets q_proj,k_proj,v_proj,o_proj,up_proj,down_proj"
+      go 240 "train-$m-$tag" $M train --model "$d" --train "$d/corpus.txt" --task causal-lm --method $m $extra \
+        --steps 40 --batch-size 8 --max-len 1024 --device cuda --no-progress --overwrite --out "$out/train-$m-$tag"
+    done
+    [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/train-full-$tag" "$out/train-lora-$tag" \
+      > "$out/train-speed-$tag.md" ;;
   targets)
     stage bench-best; stage peft; stage adalora ;;
   prep)
