@@ -2,6 +2,14 @@
 
 transformers and peft are oracles and baselines only, so this lives here, not in minift/.
 
+The fair peer is the one PEFT users run: for adapter methods the frozen base is loaded in bf16
+(``--base-dtype bf16``, the default) and the trainable weights are fp32, under bf16 autocast like
+minift. ``--base-dtype fp32`` keeps the older, slower and larger peer (an fp32 base); its rows are
+labelled ``fp32-base``. Full fine-tuning trains an fp32 model either way. LoRA targets follow
+minift's names: q/k/v_proj -> GPT-2's fused ``c_attn``, o_proj -> ``attn.c_proj``,
+up_proj -> ``c_fc``, down_proj -> ``mlp.c_proj`` (BERT: query, key, value, attention.output.dense,
+intermediate.dense, output.dense).
+
     python benchmarks/peft_baseline.py --model gpt2-medium --methods full,lora,adalora,prefix,prompt \\
         [--compile [--compile-mode reduce-overhead] [--no-eager]] [--batch 8 --seq-len 1024] --out benchmarks/results --name peft-gpt2-medium
 """
@@ -20,7 +28,20 @@ from minift.studies import bench, bench_report  # noqa: E402
 from minift.studies import bench_timing  # noqa: E402
 
 
-def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: str = "default") -> bench_report.Row:
+GPT2_TARGETS = {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "attn.c_proj",
+                "up_proj": "c_fc", "down_proj": "mlp.c_proj"}
+BERT_TARGETS = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attention.output.dense",
+                "up_proj": "intermediate.dense", "down_proj": r"layer\.\d+\.output\.dense"}
+
+
+def peft_targets(minift_targets, gpt: bool) -> list[str]:
+    """transformers' module names for minift's LoRA targets (order kept, duplicates dropped)."""
+    names = GPT2_TARGETS if gpt else BERT_TARGETS
+    return list(dict.fromkeys(names[t] for t in minift_targets))
+
+
+def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: str = "default",
+             base_dtype: str = "bf16") -> bench_report.Row:
     """The same shapes through transformers + peft (imported only here, only when asked)."""
     import peft
     import transformers
@@ -34,14 +55,22 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
                                        embd_pdrop=0.0, attn_pdrop=0.0)
         model = transformers.GPT2LMHeadModel(hcfg)
         task = peft.TaskType.CAUSAL_LM
-        targets = ["c_attn", "c_proj", "c_fc"] if set(cfg.lora_targets) == set(bench.ALL_PROJ) else ["c_attn"]
     else:
-        hcfg = transformers.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                       num_labels=2)
+        hcfg = transformers.BertConfig(vocab_size=mc.vocab_size, max_position_embeddings=mc.max_position_embeddings,
+                                       type_vocab_size=mc.type_vocab_size, num_hidden_layers=mc.n_layer,
+                                       num_attention_heads=mc.n_head, hidden_size=mc.n_embd,
+                                       intermediate_size=mc.n_inner, layer_norm_eps=mc.layer_norm_eps,
+                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
         model = transformers.BertForSequenceClassification(hcfg)
         task = peft.TaskType.SEQ_CLS
-        names = {"q_proj": "query", "k_proj": "key", "v_proj": "value"}
-        targets = [names[t] for t in cfg.lora_targets if t in names]
+    targets = peft_targets(cfg.lora_targets, gpt)
+    if not gpt and any(t == BERT_TARGETS["down_proj"] for t in targets):  # a regex must match whole names
+        targets = r".*(" + "|".join(targets) + ")$"
+    # bf16 needs autocast, which bench runs on CUDA only: on the CPU the base stays fp32
+    base_dtype = base_dtype if cfg.device.startswith("cuda") else "fp32"
+    frozen_base = method != "full" and base_dtype == "bf16"
+    if frozen_base:
+        model.to(torch.bfloat16)  # what PEFT users load; get_peft_model keeps the adapter in fp32
     if method == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets,
                                                            task_type=task))
@@ -58,6 +87,9 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
     elif method != "full":
         raise ValueError(f"no PEFT counterpart for {method!r}")
     model.to(cfg.device).train()
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable weights in fp32 (AdamW's master copy)
     T = cfg.seq_len - (bench.VIRTUAL_TOKENS if method in ("prefix", "prompt") else 0)
     g = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, mc.vocab_size, (cfg.batch, T), generator=g).to(cfg.device)
@@ -81,6 +113,8 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
     ms, peak, times = bench_timing.time_steps(step, replace(cfg, compile=compile_, compile_mode=mode))
     trainable, total = bench.count_trainable(model)
     variant = ("compile" if mode == "default" else f"compile:{mode}") if compile_ else "eager"
+    if method != "full":
+        variant += f"+{base_dtype}-base"
     if cfg.sync_each_step and cfg.device.startswith("cuda"):
         variant += "+sync_each_step"
     row = bench_report.Row("peft", cfg.model, method, variant, bench._device_name(cfg.device),
@@ -110,6 +144,8 @@ def main() -> None:
                    help="CUDA timing: wait for the GPU after every step (as minift bench --sync-each-step)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None)
+    p.add_argument("--base-dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="the frozen base's dtype for adapter methods (default bf16: what PEFT users load)")
     a = p.parse_args()
     cfg = bench.BenchConfig(model=a.model, methods=(), batch=a.batch, seq_len=a.seq_len, steps=a.steps,
                             warmup=a.warmup, device="cuda" if torch.cuda.is_available() else "cpu",
@@ -118,7 +154,7 @@ def main() -> None:
     for m in a.methods.split(","):
         for c in ((True,) if a.no_eager else (False, True)) if a.compile else (False,):
             print(f"peft {cfg.model} {m}{' compiled' if c else ''}", file=sys.stderr)
-            rows.append(run_peft(cfg, m, compile_=c, mode=a.compile_mode))
+            rows.append(run_peft(cfg, m, compile_=c, mode=a.compile_mode, base_dtype=a.base_dtype))
             bench.add_ratios(rows)  # saved after each row: a run cut off by a time limit keeps what finished
             bench.save(rows, Path(a.out), a.name or f"peft-{a.model}", bench.meta(cfg))
     print(bench.to_markdown(rows))

@@ -96,6 +96,28 @@ def test_compiled_training_with_merged_lora_matches_eager(files, tmp_path, capsy
     assert json.loads((tmp_path / "fast" / "run.json").read_text())["options"]["merged_forward"] is True
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the default fast path is CUDA's")
+@pytest.mark.parametrize("method, task, data", [("lora", "causal-lm", "lm.txt"), ("full", "causal-lm", "lm.txt"),
+                                                ("prefix", "prompt-completion", "pc.jsonl"),
+                                                ("lora", "classification", "train.jsonl")])
+def test_the_cuda_default_path_matches_eager(method, task, data, files, tmp_path, capsys):
+    """On CUDA, minift train with no speed flags compiles the step under CUDA graphs (batches
+    padded to --max-len where lengths vary) with minift.fast on: its losses follow the eager
+    run's (--fast false --compile false), both bf16 autocast."""
+    model = files / ("bert" if task == "classification" else "gpt")
+    base = ["train", "--model", model, "--train", files / data, "--task", task, "--method", method,
+            "--max-len", "16", "--device", "cuda", *FAST, *METHOD_FLAGS[method]]
+    losses = []
+    for name, extra in (("default", []), ("eager", ["--fast", "false", "--compile", "false"])):
+        rc, stdout, err = run_cli([*base, "--out", tmp_path / name, *extra], capsys)
+        assert rc == 0, err
+        assert ("CUDA graphs" in err) == (name == "default"), err
+        lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        losses.append([x["loss"] for x in lines if "loss" in x])
+    assert len(losses[0]) == 3
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2)
+
+
 def test_gpt_tasks_and_full_model_export(files, tmp_path, capsys):
     rc, stdout, err = run_cli(["train", "--model", files / "gpt", "--train", files / "lm.txt", "--task",
                                "causal-lm", "--method", "lora", "--targets", "q_proj,v_proj", "--max-len", "16",

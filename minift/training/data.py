@@ -310,6 +310,25 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     return batch
 
 
+def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` padded on the right to ``length`` tokens, as ``collate`` pads: ``pad_id`` in
+    ``input_ids``, 0 in ``attention_mask`` and ``token_type_ids``, IGNORE in per-token labels.
+    A batch already that long is returned as it is; a longer one is a ValueError."""
+    B, T = batch["input_ids"].shape
+    if T > length:
+        raise ValueError(f"a batch of {T} tokens cannot be padded to {length}")
+    if T == length:
+        return batch
+    fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE}
+    out = dict(batch)
+    if "attention_mask" not in batch:
+        out["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+    for k, v in out.items():
+        if k in fill and v.dim() == 2:
+            out[k] = torch.cat([v, v.new_full((B, length - T), fill[k])], dim=1)
+    return out
+
+
 def batches(examples: list[dict], batch_size: int, shuffle: bool = False, seed: int = 0,
             pad_id: int = 0) -> list[dict]:
     """Collate ``examples`` into a list of batch dicts (the last one may be smaller). With

@@ -43,6 +43,7 @@ from minift.training.forward import check_device, model_forward, pick_device, to
 # ---------------------------------------------------------------------------- config
 
 SCHEDULES = ("linear", "cosine", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -65,10 +66,13 @@ class TrainConfig:
     device: str | None = None         # None: train where the model is; auto | cpu | cuda | cuda:N: move it there
     bf16: bool = True                 # bf16 autocast, on CUDA only
     compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
+    compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    fast: bool = True                 # minift train on CUDA: minift.fast's speed pieces (training/speed.py)
     out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
     save_every: int = 0               # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False              # continue from out_dir/last if it exists
     log_path: str | None = None       # JSONL metrics; default out_dir/metrics.jsonl
+    log_every: int = 10               # optimizer steps between reads of the loss (one host sync each)
     progress: bool = True             # tqdm bar
     plot: bool = True                 # loss curve PNG in out_dir when matplotlib is installed
 
@@ -79,11 +83,15 @@ class TrainConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode {self.compile_mode!r} is unknown; choose one of {', '.join(COMPILE_MODES)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         for name in ("batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be >= 1, got {self.log_every}")
         for name in ("eval_every", "patience", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -126,6 +134,7 @@ class TrainResult:
     evals: list[dict] = field(default_factory=list)     # {"step": s, **metrics}
     steps: int = 0                                      # optimizer steps done
     tokens_per_s: float = 0.0                           # this process's throughput
+    first_step_s: float = 0.0                           # the first step's time on the host (compiling, if any)
     interrupted: bool = False
     stopped_early: bool = False
     best: dict | None = None
@@ -235,18 +244,19 @@ class _Run:
         cfg = self.cfg
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda")
         self.bar = _progress(self.total, self.step, cfg.progress)
-        self.n_tokens, self.t0 = 0, time.perf_counter()
+        self.n_tokens, self.t0, self.pending = 0, time.perf_counter(), []
         self.snap, self.snap_step, self.start_step = rng_state(), self.step, self.step
-        if cfg.compile:
-            self.model.compile()  # compiled on the first forward; evaluation after training uses it too
+        self.graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and self.device.type == "cuda"
+        if cfg.compile:  # compiled on the first forward; evaluations run eager (``_evaluate_once``)
+            self.model.compile(mode=cfg.compile_mode)
         self.model.train()
 
     def steps(self) -> None:
         """The optimizer steps from ``self.step`` to the last one, or to an early stop."""
-        res = self.res
+        res, cfg = self.res, self.cfg
         if self.state.pop("eval_pending", False) and self.eval_fn is not None:
             # Ctrl-C stopped the evaluation of this step: finish the step as it would have been
-            res.stopped_early = self.after_step(res.losses[-1])
+            res.stopped_early = self.after_step()
         while self.step < self.total and not res.stopped_early:
             self.snap, self.snap_step = rng_state(), self.step  # what a checkpoint of `step` steps done restores
             if self.unfreezer is not None:
@@ -256,23 +266,33 @@ class _Run:
             self.update()
             self.step += 1
             self.updating = False
-            self.record(loss)
-            res.stopped_early = self.after_step(loss)
+            self.pending.append((self.step, loss, self.opt.param_groups[0]["lr"]))
+            if self.step == self.start_step + 1:
+                res.first_step_s = time.perf_counter() - self.t0
+            self.bar.update(1)
+            if self.on_step is not None or self.step % cfg.log_every == 0 or self.step == self.total:
+                self.read_back()
+            res.stopped_early = self.after_step()
 
-    def accumulate(self) -> float:
-        """Forward and backward of the step's ``grad_accum`` micro-batches; returns their mean loss."""
+    def accumulate(self) -> torch.Tensor:
+        """Forward and backward of the step's ``grad_accum`` micro-batches; returns their mean loss,
+        a 0-d tensor left on the device (``read_back`` brings it to the host)."""
         cfg, model = self.cfg, self.model
         step_loss = 0.0
         for micro in range(cfg.grad_accum):
-            batch = to_device(batch_at(self.batches, self.step * cfg.grad_accum + micro, cfg), self.device)
+            batch = batch_at(self.batches, self.step * cfg.grad_accum + micro, cfg)
+            # counted on the host copy: a sum on the device would wait for the GPU
+            self.n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+                else batch["input_ids"].numel()
+            batch = to_device(batch, self.device)
+            if self.graphs:  # a new forward: CUDA-graph outputs of the last one may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             with self.autocast, self.forward_context(model):
                 loss = model_forward(model, batch).loss
                 if self.penalty is not None:
                     loss = loss + self.penalty(model)
             (loss / cfg.grad_accum).backward()
-            step_loss += loss.item() / cfg.grad_accum
-            self.n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                else batch["input_ids"].numel()
+            step_loss = step_loss + loss.detach().float() / cfg.grad_accum  # a new tensor, outside any graph
         return step_loss
 
     def update(self) -> None:
@@ -287,31 +307,41 @@ class _Run:
             self.allocator.step(self.model, self.step)  # AdaLoRA: reads the gradients, so before zero_grad
         opt.zero_grad(set_to_none=True)
 
-    def record(self, loss: float) -> None:
-        """The step's loss in the history, on the progress bar and in the metrics log."""
-        self.res.losses.append(loss)
+    def read_back(self) -> None:
+        """The losses of the steps since the last read, brought to the host in one synchronization,
+        into the history, the progress bar and the metrics log (one line per step; the last line
+        also has the tokens/s so far, exact because the GPU has caught up)."""
+        if not self.pending:
+            return
+        losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()
         tok_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
-        lr = self.opt.param_groups[0]["lr"]
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        metrics_log.append(self.log_path, {"step": self.step, "loss": loss, "lr": lr, "tok_s": tok_s})
+        last = self.pending[-1][0]
+        for (step, _, lr), loss in zip(self.pending, losses):
+            self.res.losses.append(loss)
+            metrics_log.append(self.log_path, {"step": step, "loss": loss, "lr": lr,
+                                               **({"tok_s": tok_s} if step == last else {})})
+        self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.pending[-1][2]:.2e}", tok_s=f"{tok_s:.0f}")
+        self.pending = []
 
-    def after_step(self, loss: float) -> bool:
+    def after_step(self) -> bool:
         """Evaluate (when due), checkpoint (when due), call on_step; True means: stop early."""
         cfg, step = self.cfg, self.step
         if self.eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == self.total):
+            self.read_back()  # the log's step lines come before the evaluation's
             if self.evaluate():
                 return True
         if self.out and cfg.save_every and step % cfg.save_every == 0 and step < self.total:
+            self.read_back()
             self.res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, self.state_json(),
                                                       self.allocator))
         if self.on_step is not None:
-            self.on_step(step, loss)
+            self.on_step(step, self.res.losses[-1])  # read back every step when there is an on_step
         return False
 
     def end(self, error: Exception | None) -> None:
         """The run's totals; the last checkpoint (and loss plot) unless a failure came before any step."""
         res, state = self.res, self.state
+        self.read_back()
         res.steps = self.step
         res.tokens_per_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
         if self.out and (error is None or self.step > self.start_step or state.get("eval_pending")):
@@ -344,7 +374,9 @@ class _Run:
     def _evaluate_once(self) -> bool:
         model, cfg, res, state, step = self.model, self.cfg, self.res, self.state, self.step
         model.eval()
-        with torch.no_grad():
+        # eager: evaluation batches have other shapes, each of which would compile again
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.compile else contextlib.nullcontext()
+        with torch.no_grad(), eager:
             metrics = {k: float(v) for k, v in self.eval_fn(model).items()}
         model.train()
         res.evals.append({"step": step, **metrics})

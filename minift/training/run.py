@@ -50,19 +50,34 @@ def examples(path, task: str, tok, max_len: int, label2id=None):
 
 
 def build(model, method: str, options: dict, *, tokenizer=None, lr: float, weight_decay: float = 0.0,
-          total_steps: int | None = None, origin: dict | None = None, fast: bool = False) -> MethodState:
-    """``method``'s typed settings for a run of ``total_steps`` steps, applied to ``model``. With
-    ``fast`` (the commands pass it on CUDA) every speed piece of ``minift.fast`` is switched on;
-    LoRA's merged forward only when the settings ask for it (it needs dropout 0)."""
+          total_steps: int | None = None, origin: dict | None = None) -> MethodState:
+    """``method``'s typed settings for a run of ``total_steps`` steps, applied to ``model`` (with
+    LoRA's merged forward when the settings ask for it)."""
     ms = parse_method(method, options, total_steps=total_steps, origin=origin)
     st = build_method(model, method, ms, tokenizer=tokenizer, lr=lr, weight_decay=weight_decay)
-    merged = getattr(ms.training, "merged_forward", False)
-    if fast:
-        from minift import fast as fast_path
-        fast_path.enable(model, merged_lora=merged)
-    elif merged:
+    if merged_forward(st):
         enable_merged_forward(model)
     return st
+
+
+def merged_forward(st: MethodState) -> bool:
+    return bool(getattr(st.settings.training, "merged_forward", False))
+
+
+def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, max_len: int,
+             batches: list[dict], tok) -> tuple[list[dict], str]:
+    """Apply the run's speed plan (``speed.py``): ``minift.fast`` on the model, torch.compile in
+    ``cfg``. Returns the training batches (padded when the plan says so) and the plan in words."""
+    from minift.training import data as D
+    from minift.training.forward import pick_device
+    from minift.training.speed import plan
+    p = plan(device_type=pick_device(cfg.device).type, method=s.method, hooks=st.hooks, task=task,
+             max_len=max_len, given=s.train, merged_forward=merged_forward(st))
+    if p.fast:
+        from minift import fast
+        fast.enable(model, merged_lora=p.merged_lora)
+    cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
+    return ([D.pad_batch(b, p.pad_to, D.pad_id(tok)) for b in batches] if p.pad_to else batches), p.describe()
 
 
 def enable_merged_forward(model) -> None:
@@ -91,9 +106,9 @@ def train_command(args) -> int:
     tok, batches, dev, label2id = load_data(data, task, max_len, cfg)
     model = load_model(data["model"], task, len(label2id) if label2id else None, cfg.seed)
     total = cfg.total_steps(len(batches))
-    from minift.training.forward import pick_device
     st = build(model, s.method, s.options, tokenizer=tok, lr=cfg.lr, weight_decay=cfg.weight_decay,
-               total_steps=total, origin=s.origin, fast=pick_device(cfg.device).type == "cuda")
+               total_steps=total, origin=s.origin)
+    batches, speed = speed_up(model, st, s, cfg, task, max_len, batches, tok)
     start_run(out, {"method": s.method, "options": jsonable(st.options), "task": task, "max_len": max_len,
                     "label2id": label2id, "model": str(Path(data["model"]).resolve()), "train": vars(cfg),
                     "given": identity(s.method, s.options, task, max_len, data, cfg)}, args.resume, overwrite)
@@ -101,7 +116,8 @@ def train_command(args) -> int:
 
     def started(step: int) -> None:  # once a checkpoint to resume has loaded: no line before an error
         print(f"minift train: {s.method} on {task}: {t:,} of {n:,} parameters trainable ({100 * t / n:.2f}%), "
-              f"{total} steps" + (f", resuming after step {step}" if step else ""), file=sys.stderr)
+              f"{total} steps" + (f", resuming after step {step}" if step else "") + f"; speed: {speed}",
+              file=sys.stderr)
     eval_fn = (lambda m: evaluate(m, dev, task)) if dev else None
     res = train(model, batches, cfg, eval_fn=eval_fn, on_start=started, **st.train_hooks())
     if res.interrupted:
@@ -110,7 +126,8 @@ def train_command(args) -> int:
         return 130
     save_outputs(model, out, s.method, st.peft, data["model"])
     summary = {"steps": res.steps, "final_loss": res.losses[-1] if res.losses else None,
-               "tokens_per_s": round(res.tokens_per_s, 1), "eval": res.evals[-1] if res.evals else None,
+               "tokens_per_s": round(res.tokens_per_s, 1),
+               "first_step_s": round(res.first_step_s, 2), "eval": res.evals[-1] if res.evals else None,
                "stopped_early": res.stopped_early, "out": str(out)}
     print(json.dumps(summary))
     return 0

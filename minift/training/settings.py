@@ -59,10 +59,15 @@ TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over t
               "patience": "early stopping: evaluations without improvement (0: off)",
               "save_every": "steps between checkpoints (0: at the end)", "device": "auto | cpu | cuda",
               "bf16": "bf16 autocast on CUDA (default true)",
-              "compile": "torch.compile the model (default false; first steps slower while it compiles)",
+              "compile": "torch.compile the model (default on CUDA: true where the method and the batch "
+                         "shapes allow, see docs/speed.md; first steps slower while it compiles)",
+              "compile_mode": "default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs "
+                              "(default on CUDA: reduce-overhead)",
+              "fast": "minift.fast's speed pieces on CUDA (default true; see docs/speed.md)",
+              "log_every": "steps between reads of the loss back from the GPU and metrics lines (default 10)",
               "metric": "dev metric early stopping and best/ track: loss, accuracy, macro_f1, perplexity",
               "higher_is_better": "true for accuracy/F1 (default false: loss)"}
-INT_KEYS = ("steps", "batch_size", "grad_accum", "eval_every", "patience", "seed", "save_every")
+INT_KEYS = ("steps", "batch_size", "grad_accum", "eval_every", "patience", "seed", "save_every", "log_every")
 TRAINED = [name for name, spec in METHODS.items() if spec.trained]
 
 
@@ -87,10 +92,10 @@ def add_train_flags(p) -> None:
         if f.name in SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("shuffle", "bf16", "compile", "higher_is_better"):
+        if f.name in ("shuffle", "bf16", "compile", "fast", "higher_is_better"):
             g.add_argument(flag, dest=f.name, type=_bool, metavar="true|false", help=TRAIN_HELP.get(f.name))
         else:
-            g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device", "metric") else
+            g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device", "metric", "compile_mode") else
                            int if f.name in INT_KEYS else float, help=TRAIN_HELP.get(f.name))
     g = p.add_argument_group("method options (fields of the method's config)")
     for name, kind, text in METHOD_FLAGS:

@@ -1,0 +1,83 @@
+"""What ``minift train`` runs by default on CUDA: the fast path, chosen per run, each choice with an opt-out.
+
+On the CPU a run takes the reference path as written (eager, no ``minift.fast`` piece, nothing
+compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked for:
+
+    choice                        when                                        opt-out
+    minift.fast's pieces          always (cast once, fused loss, LoRA's       --fast false
+                                  faster forwards)
+    LoRA's merged forward         plain LoRA layers; a layer with dropout      --fast false
+                                  takes the addmm forward while training
+    torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
+    (mode reduce-overhead)        steps (AdaLoRA's allocator and penalty,      --compile-mode default
+                                  gradual unfreezing run eager)                (compiled, no graphs)
+    batches padded to --max-len   compiled runs of classification and          --compile false
+                                  prompt-completion: one sequence length, so
+                                  the graphs are captured once, not once per
+                                  length (causal-lm blocks already have one)
+
+Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kernels (it ran slower
+than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
+kernels at once, and the merged forward runs one GEMM per adapted layer instead of three.
+Each piece is tied to the reference path by an equivalence test (tests/fast/), and padding by
+``tests/training/test_speed.py`` (padded positions are masked and carry no target).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minift.methods.spec import TrainHooks
+
+
+@dataclass
+class SpeedPlan:
+    fast: bool = False                # minift.fast.enable(model)
+    merged_lora: bool = False         # ... with LoRA's merged forward
+    compile: bool = False
+    compile_mode: str = "default"
+    pad_to: int | None = None         # pad every training batch to this sequence length
+    notes: list[str] = field(default_factory=list)  # one line per choice, for the run's log
+
+    def describe(self) -> str:
+        return "; ".join(self.notes) if self.notes else "reference path (eager)"
+
+
+# the hooks that run between a model's forward passes or change the graph from step to step
+EAGER_HOOKS = ("allocator", "penalty", "forward_context", "unfreezer")
+
+
+def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len: int, given: dict,
+         merged_forward: bool = False) -> SpeedPlan:
+    """The speed choices for one run.
+
+    Args:
+        device_type: "cuda" or "cpu".
+        method: the method's name (for the notes).
+        hooks: the method's training hooks (``MethodState.hooks``).
+        task: classification | causal-lm | prompt-completion.
+        max_len: the run's tokens per example.
+        given: the run's [train] settings as given (flags, config, recipe): ``fast``, ``compile``
+            and ``compile_mode`` there override the defaults.
+        merged_forward: the method's settings ask for LoRA's merged forward (on any device).
+    """
+    p = SpeedPlan()
+    cuda = device_type == "cuda"
+    p.fast = cuda and given.get("fast", True)
+    p.merged_lora = merged_forward or p.fast
+    if p.fast:
+        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward)")
+    hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
+    if "compile" in given:
+        p.compile = bool(given["compile"])
+    elif cuda and hooked:
+        p.notes.append(f"eager: {method}'s {' and '.join(hooked)} run between steps")
+    else:
+        p.compile = cuda
+    if p.compile:
+        p.compile_mode = given.get("compile_mode", "reduce-overhead" if cuda else "default")
+        graphs = p.compile_mode == "reduce-overhead" and cuda
+        if graphs and task != "causal-lm":
+            p.pad_to = max_len
+        p.notes.append(f"torch.compile mode {p.compile_mode}" + (" (CUDA graphs)" if graphs else "")
+                       + (f", batches padded to {max_len} tokens" if p.pad_to else ""))
+    return p

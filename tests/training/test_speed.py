@@ -1,0 +1,143 @@
+"""minift train's default path: which speed choices a run gets (training/speed.py), that padding
+for CUDA graphs computes the same loss, and that reading the loss back once per log interval
+records exactly what reading it every step did."""
+import json
+
+import pytest
+import torch
+
+from minift.methods.spec import TrainHooks
+from minift.models.bert import BertClassifier, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+from minift.training.data import pad_batch
+from minift.training.forward import model_forward
+from minift.training.loop import TrainConfig, train
+from minift.training.speed import plan
+
+from tests.training.test_train import BombBatches, batches, cfg, gpt
+
+
+def choose(device="cuda", method="lora", hooks=None, task="classification", given=None, merged=False):
+    return plan(device_type=device, method=method, hooks=hooks or TrainHooks(), task=task, max_len=64,
+                given=given or {}, merged_forward=merged)
+
+
+# ---------------------------------------------------------------------------- which mode when
+
+def test_the_cpu_default_is_the_reference_path():
+    p = choose("cpu")
+    assert (p.fast, p.merged_lora, p.compile, p.pad_to) == (False, False, False, None)
+    assert p.describe() == "reference path (eager)"
+
+
+def test_cuda_default_is_fast_merged_and_graphed_with_static_shapes():
+    p = choose()
+    assert p.fast and p.merged_lora and p.compile and p.compile_mode == "reduce-overhead"
+    assert p.pad_to == 64  # classification: one sequence length, so the graphs are captured once
+    assert "CUDA graphs" in p.describe() and "padded to 64" in p.describe()
+
+
+def test_causal_lm_blocks_are_not_padded():
+    p = choose(task="causal-lm")
+    assert p.compile and p.pad_to is None
+
+
+@pytest.mark.parametrize("hook", ["allocator", "penalty", "forward_context", "unfreezer"])
+def test_methods_with_hooks_between_steps_stay_eager(hook):
+    p = choose(method="adalora", hooks=TrainHooks(**{hook: object()}))
+    assert p.fast and not p.compile and p.pad_to is None
+    assert f"adalora's {hook}" in p.describe()
+
+
+def test_parameter_groups_do_not_stop_compilation():
+    assert choose(hooks=TrainHooks(param_groups=[{"params": []}])).compile  # LoRA+: still graphed
+
+
+@pytest.mark.parametrize("given, want", [
+    ({"compile": False}, dict(fast=True, compile=False, pad_to=None)),
+    ({"fast": False}, dict(fast=False, merged_lora=False, compile=True)),
+    ({"compile_mode": "default"}, dict(compile=True, compile_mode="default", pad_to=None)),
+    ({"compile": True}, dict(compile=True, compile_mode="reduce-overhead", pad_to=64)),
+])
+def test_every_choice_has_an_opt_out(given, want):
+    p = choose(given=given)
+    assert {k: getattr(p, k) for k in want} == want
+
+
+def test_compile_asked_for_on_the_cpu_compiles_without_graphs_or_padding():
+    p = choose("cpu", given={"compile": True})
+    assert p.compile and p.compile_mode == "default" and p.pad_to is None and not p.fast
+
+
+def test_merged_forward_asked_for_applies_on_the_cpu_too():
+    assert choose("cpu", merged=True).merged_lora
+
+
+# ---------------------------------------------------------------------------- padding is exact
+
+def test_padding_leaves_the_gpt_loss_unchanged():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)).eval()
+    batch = batches(n=1, B=3, T=11)[0]
+    padded = pad_batch(batch, 32, pad_id=5)
+    assert padded["input_ids"].shape == (3, 32) and (padded["labels"][:, 11:] == -100).all()
+    torch.testing.assert_close(model_forward(model, padded).loss, model_forward(model, batch).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_padding_leaves_the_classifier_loss_unchanged():
+    torch.manual_seed(0)
+    model = BertClassifier(BertConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, n_inner=32,
+                                      max_position_embeddings=40, dropout=0.0), num_labels=3).eval()
+    ids = torch.randint(1, 50, (4, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    batch = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+             "labels": torch.tensor([0, 2, 1, 1])}
+    padded = pad_batch(batch, 24)
+    assert padded["labels"].shape == (4,) and padded["token_type_ids"].shape == (4, 24)
+    torch.testing.assert_close(model_forward(model, padded).loss, model_forward(model, batch).loss,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_without_mask_gets_one_when_padded_and_a_long_one_is_refused():
+    b = {"input_ids": torch.ones(2, 4, dtype=torch.long)}
+    p = pad_batch(b, 6)
+    assert p["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0]] * 2
+    assert pad_batch(p, 6) is p
+    with pytest.raises(ValueError, match="a batch of 6 tokens cannot be padded to 4"):
+        pad_batch(p, 4)
+
+
+# ---------------------------------------------------------------------------- one read per interval
+
+def log_lines(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_reading_the_loss_back_per_interval_records_every_step_as_before(tmp_path):
+    data = batches()
+    every = train(gpt(), data, cfg(tmp_path / "a", log_every=1))
+    interval = train(gpt(), data, cfg(tmp_path / "b", log_every=3))
+    assert interval.losses == every.losses and len(interval.losses) == 8
+    a, b = log_lines(tmp_path / "a"), log_lines(tmp_path / "b")
+    assert [(r["step"], r["loss"], r["lr"]) for r in a] == [(r["step"], r["loss"], r["lr"]) for r in b]
+    assert all("tok_s" in r for r in a)
+    assert [r["step"] for r in b if "tok_s" in r] == [3, 6, 8]  # the steps read back (and the last)
+
+
+def test_an_interrupt_between_reads_keeps_every_finished_step(tmp_path):
+    """Steps 1-4 are done but not yet read back (log_every 10) when Ctrl-C comes inside step 5:
+    the checkpoint holds their losses, and the resumed run equals an uninterrupted one."""
+    data = batches()
+    full = train(gpt(), data, cfg(tmp_path / "full", log_every=10))
+    part = train(gpt(), BombBatches(data, 2 * 4 + 2), cfg(tmp_path / "run", log_every=10))
+    assert part.interrupted and part.steps == 4 and len(part.losses) == 4
+    assert [r["step"] for r in log_lines(tmp_path / "run")] == [1, 2, 3, 4]
+    resumed = train(gpt(), data, cfg(tmp_path / "run", resume=True, log_every=10))
+    assert resumed.losses == full.losses
+
+
+def test_log_every_must_be_positive():
+    with pytest.raises(ValueError, match="log_every must be >= 1, got 0"):
+        TrainConfig(steps=1, log_every=0)
