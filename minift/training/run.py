@@ -77,7 +77,10 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
         from minift import fast
         fast.enable(model, merged_lora=p.merged_lora)
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
-    return ([D.pad_batch(b, p.pad_to, D.pad_id(tok)) for b in batches] if p.pad_to else batches), p.describe()
+    if p.pad:
+        longest = max(b["input_ids"].shape[1] for b in batches)
+        batches = [D.pad_batch(b, longest, D.pad_id(tok)) for b in batches]
+    return batches, p.describe()
 
 
 def enable_merged_forward(model) -> None:
@@ -186,6 +189,9 @@ def eval_command(args) -> int:
     device = torch.device(args.device if args.device not in (None, "auto") else
                           "cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    if device.type == "cuda":  # as minift train evaluates on CUDA: the same numbers
+        from minift import fast
+        fast.enable(model)
     metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task)
     print(json.dumps({"method": run["method"], "task": task, "examples": len(ex), **metrics}))
     return 0

@@ -11,8 +11,8 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
     torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
     (mode reduce-overhead)        steps (AdaLoRA's allocator and penalty,      --compile-mode default
                                   gradual unfreezing run eager)                (compiled, no graphs)
-    batches padded to --max-len   compiled runs of classification and          --compile false
-                                  prompt-completion: one sequence length, so
+    batches padded to the         graphed runs of classification and           --compile false
+    longest training batch        prompt-completion: one sequence length, so
                                   the graphs are captured once, not once per
                                   length (causal-lm blocks already have one)
 
@@ -35,12 +35,14 @@ class SpeedPlan:
     merged_lora: bool = False         # ... with LoRA's merged forward
     compile: bool = False
     compile_mode: str = "default"
-    pad_to: int | None = None         # pad every training batch to this sequence length
+    pad: bool = False                 # pad every training batch to the longest one's length
     notes: list[str] = field(default_factory=list)  # one line per choice, for the run's log
 
     def describe(self) -> str:
         return "; ".join(self.notes) if self.notes else "reference path (eager)"
 
+
+_graphed = [False]  # a model was compiled under CUDA graphs in this process
 
 # the hooks that run between a model's forward passes or change the graph from step to step
 EAGER_HOOKS = ("allocator", "penalty", "forward_context", "unfreezer")
@@ -76,8 +78,13 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     if p.compile:
         p.compile_mode = given.get("compile_mode", "reduce-overhead" if cuda else "default")
         graphs = p.compile_mode == "reduce-overhead" and cuda
-        if graphs and task != "causal-lm":
-            p.pad_to = max_len
+        if graphs and _graphed[0]:
+            # torch 2.11 fails (or crashes) compiling a second model under CUDA graphs in one
+            # process (minift bench runs each method in its own process for that reason)
+            p.compile_mode, graphs = "default", False
+            p.notes.append("no CUDA graphs: this process already captured another model's")
+        _graphed[0] = _graphed[0] or graphs
+        p.pad = graphs and task != "causal-lm"
         p.notes.append(f"torch.compile mode {p.compile_mode}" + (" (CUDA graphs)" if graphs else "")
-                       + (f", batches padded to {max_len} tokens" if p.pad_to else ""))
+                       + (", batches padded to the longest" if p.pad else ""))
     return p

@@ -12,6 +12,7 @@ from minift.models.gpt import GPT, GPTConfig
 from minift.training.data import pad_batch
 from minift.training.forward import model_forward
 from minift.training.loop import TrainConfig, train
+from minift.training import speed
 from minift.training.speed import plan
 
 from tests.training.test_train import BombBatches, batches, cfg, gpt
@@ -26,26 +27,38 @@ def choose(device="cuda", method="lora", hooks=None, task="classification", give
 
 def test_the_cpu_default_is_the_reference_path():
     p = choose("cpu")
-    assert (p.fast, p.merged_lora, p.compile, p.pad_to) == (False, False, False, None)
+    assert (p.fast, p.merged_lora, p.compile, p.pad) == (False, False, False, False)
     assert p.describe() == "reference path (eager)"
+
+
+@pytest.fixture(autouse=True)
+def no_graphs_yet(monkeypatch):
+    monkeypatch.setattr(speed, "_graphed", [False])  # as in a fresh process
 
 
 def test_cuda_default_is_fast_merged_and_graphed_with_static_shapes():
     p = choose()
     assert p.fast and p.merged_lora and p.compile and p.compile_mode == "reduce-overhead"
-    assert p.pad_to == 64  # classification: one sequence length, so the graphs are captured once
-    assert "CUDA graphs" in p.describe() and "padded to 64" in p.describe()
+    assert p.pad  # classification: one sequence length, so the graphs are captured once
+    assert "CUDA graphs" in p.describe() and "padded to the longest" in p.describe()
+
+
+def test_a_second_graphed_model_in_one_process_compiles_without_graphs():
+    choose()
+    p = choose()
+    assert p.compile and p.compile_mode == "default" and not p.pad
+    assert "already captured" in p.describe()
 
 
 def test_causal_lm_blocks_are_not_padded():
     p = choose(task="causal-lm")
-    assert p.compile and p.pad_to is None
+    assert p.compile and not p.pad
 
 
 @pytest.mark.parametrize("hook", ["allocator", "penalty", "forward_context", "unfreezer"])
 def test_methods_with_hooks_between_steps_stay_eager(hook):
     p = choose(method="adalora", hooks=TrainHooks(**{hook: object()}))
-    assert p.fast and not p.compile and p.pad_to is None
+    assert p.fast and not p.compile and not p.pad
     assert f"adalora's {hook}" in p.describe()
 
 
@@ -54,10 +67,10 @@ def test_parameter_groups_do_not_stop_compilation():
 
 
 @pytest.mark.parametrize("given, want", [
-    ({"compile": False}, dict(fast=True, compile=False, pad_to=None)),
+    ({"compile": False}, dict(fast=True, compile=False, pad=False)),
     ({"fast": False}, dict(fast=False, merged_lora=False, compile=True)),
-    ({"compile_mode": "default"}, dict(compile=True, compile_mode="default", pad_to=None)),
-    ({"compile": True}, dict(compile=True, compile_mode="reduce-overhead", pad_to=64)),
+    ({"compile_mode": "default"}, dict(compile=True, compile_mode="default", pad=False)),
+    ({"compile": True}, dict(compile=True, compile_mode="reduce-overhead", pad=True)),
 ])
 def test_every_choice_has_an_opt_out(given, want):
     p = choose(given=given)
@@ -66,7 +79,7 @@ def test_every_choice_has_an_opt_out(given, want):
 
 def test_compile_asked_for_on_the_cpu_compiles_without_graphs_or_padding():
     p = choose("cpu", given={"compile": True})
-    assert p.compile and p.compile_mode == "default" and p.pad_to is None and not p.fast
+    assert p.compile and p.compile_mode == "default" and not p.pad and not p.fast
 
 
 def test_merged_forward_asked_for_applies_on_the_cpu_too():
