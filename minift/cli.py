@@ -175,6 +175,10 @@ def _add_eval(sub) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-len", type=int, default=None, help="default: as at training")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--predictions", metavar="FILE", default=None,
+                   help="classification: also write one JSON line per example (id: its position in --data, "
+                        "gold and pred labels, score: the probability of pred) to FILE")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 
 

@@ -124,3 +124,70 @@ def perplexity(mean_loss: float) -> float:
     if math.isnan(mean_loss):
         raise ValueError("mean_loss is NaN")
     return math.exp(mean_loss) if mean_loss < 709.0 else math.inf
+
+
+# ---------------------------------------------------------------------------- intervals over seeds
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile of Student's t distribution with ``df`` degrees of freedom (0 < p < 1).
+
+    Found by bisection on the CDF, which is written with the regularized incomplete beta function:
+    for t >= 0, P(T <= t) = 1 - I_x(df/2, 1/2) / 2 with x = df / (df + t^2).
+    """
+    if not 0.0 < p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _t_cdf(t: float, df: int) -> float:
+    """P(T <= t) for t >= 0."""
+    return 1.0 - 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast on this side only
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return front * (f - 1.0)
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float | None]:
+    """(mean, half-width of the ``level`` confidence interval of the mean) of independent runs:
+    t_{(1+level)/2, n-1} * s / sqrt(n), with s the sample standard deviation. The half-width is
+    None for a single value (no spread to estimate)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, t_quantile((1 + level) / 2, n - 1) * s / math.sqrt(n)

@@ -81,6 +81,30 @@ def test_train_then_eval_classification(method, files, tmp_path, capsys):
     assert metrics["examples"] == 4 and "macro_f1" in metrics
 
 
+def test_eval_predictions_reproduce_its_metrics_with_scikit_learn(files, tmp_path, capsys):
+    from sklearn.metrics import accuracy_score, f1_score
+    out = tmp_path / "out"
+    rc, _, err = run_cli(["train", "--model", files / "bert", "--train", files / "train.jsonl", "--method", "lora",
+                          "--out", out, *FAST, *METHOD_FLAGS["lora"]], capsys)
+    assert rc == 0, err
+    preds = tmp_path / "preds.jsonl"
+    rc, stdout, err = run_cli(["eval", "--adapter", out / "adapter", "--data", files / "train.jsonl",
+                               "--predictions", preds, "--no-progress"], capsys)
+    assert rc == 0, err
+    metrics = json.loads(stdout)
+    records = [json.loads(line) for line in preds.read_text().splitlines()]
+    rows = [json.loads(line) for line in (files / "train.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == list(range(len(rows)))
+    assert [r["gold"] for r in records] == [r["label"] for r in rows]  # ids are positions in --data
+    assert all(0.0 <= r["score"] <= 1.0 and r["pred"] in ("pos", "neg") for r in records)
+    gold, pred = [r["gold"] for r in records], [r["pred"] for r in records]
+    assert metrics["accuracy"] == accuracy_score(gold, pred)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(gold, pred, average="macro"), abs=1e-12)
+    rc, _, err = run_cli(["eval", "--adapter", out / "adapter", "--data", files / "train.jsonl",
+                          "--predictions", tmp_path / "no" / "p.jsonl"], capsys)
+    assert rc == 2 and "directory" in err and "does not exist" in err
+
+
 def test_compiled_training_with_merged_lora_matches_eager(files, tmp_path, capsys):
     """--compile true and --merged-forward change how the step runs, not what it computes: the
     logged losses equal the eager exact-path run's (fp32, CPU)."""

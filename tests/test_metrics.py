@@ -97,3 +97,22 @@ def test_perplexity():
     assert metrics.perplexity(1e4) == math.inf
     with pytest.raises(ValueError, match="NaN"):
         metrics.perplexity(float("nan"))
+
+
+def test_t_quantile_matches_scipy():
+    from scipy import stats
+
+    from minift.metrics import t_quantile
+    for df in (1, 2, 3, 5, 10, 30, 120):
+        for p in (0.5, 0.6, 0.9, 0.95, 0.975, 0.995, 0.025):
+            assert t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-10, abs=1e-12)
+
+
+def test_mean_interval_by_hand():
+    from minift.metrics import mean_interval
+    mean, half = mean_interval([0.80, 0.90, 0.85])
+    # s = 0.05, t(0.975, 2) = 4.302652729749464: 4.302652729749464 * 0.05 / sqrt(3)
+    assert mean == pytest.approx(0.85) and half == pytest.approx(0.1242068, abs=1e-7)
+    assert mean_interval([0.7]) == (0.7, None)
+    with pytest.raises(ValueError):
+        mean_interval([])

@@ -50,6 +50,7 @@ from minift.training.recipes import load_recipe, recipe_options
 @dataclass
 class Row:
     method: str
+    seed: int                         # the run seed: new parameters' init, data order, dropout
     trainable: int
     total: int
     trainable_pct: float
@@ -65,6 +66,7 @@ class Row:
     test_f1: float
     note: str = ""
     extra: dict = field(default_factory=dict)
+    predictions: dict = field(default_factory=dict)  # split -> evaluate's records (saved on their own)
 
 
 # ---------------------------------------------------------------------------- one method
@@ -79,8 +81,10 @@ def _load_model(task: Task, seed: int):
     return BertClassifier.from_pretrained(task.model_dir, num_labels=len(task.labels))
 
 
-def run_method(task: Task, method: str, cfg: CompareConfig) -> Row:
-    """Train (or probe) one fresh copy of the model with ``method`` and evaluate it."""
+def run_method(task: Task, method: str, cfg: CompareConfig, seed: int | None = None) -> Row:
+    """Train (or probe) one fresh copy of the model with ``method`` and run seed ``seed``
+    (default ``cfg.seed``) and evaluate it. The data (``task``) is the same for every seed."""
+    seed = cfg.seed if seed is None else seed
     from minift.methods.common import count_trainable
     from minift.training.forward import pick_device
     device = pick_device(cfg.device)
@@ -90,18 +94,20 @@ def run_method(task: Task, method: str, cfg: CompareConfig) -> Row:
         torch.cuda.reset_peak_memory_stats(device)
     recipe = load_recipe(f"sentiment-{method}")
     steps = total_steps(cfg, len(task.train))
-    model = _load_model(task, cfg.seed)
+    model = _load_model(task, seed)  # also seeds what the method draws (LoRA's A, a prompt's init)
     if method == "probe":
         row = _run_probe(model, task, cfg, recipe, device)
     else:
-        row = _run_trained(model, task, cfg, recipe, method, steps, device)
+        row = _run_trained(model, task, cfg, recipe, method, steps, device, seed)
+    row.seed = seed
     row.trainable, row.total = count_trainable(model) if method != "probe" else (row.trainable, row.total)
     row.trainable_pct = 100 * row.trainable / row.total
     row.peak_mib = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()) / 2 ** 20
     return row
 
 
-def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: str, steps: int, device) -> Row:
+def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: str, steps: int, device,
+                 seed: int) -> Row:
     from minift.methods.registry import build_method
     from minift.training.evaluate import evaluate
     from minift.training.loop import TrainConfig, train
@@ -111,23 +117,26 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
                          weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
     tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
                      schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),
-                     seed=cfg.seed, device=cfg.device, progress=cfg.progress, plot=False)
+                     seed=seed, device=cfg.device, progress=cfg.progress, plot=False)
     t0 = time.perf_counter()
     res = train(model, task.train, tc, **state.train_hooks())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     t0 = time.perf_counter()
-    dev, test = (evaluate(model, b, "classification", device) for b in (task.dev, task.test))
+    preds = {"dev": [], "test": []}
+    dev, test = (evaluate(model, getattr(task, s), "classification", device, predictions=preds[s])
+                 for s in ("dev", "test"))
     note = ""
     if method == "adalora":
         c = state.config
         note = (f"r {c.init_r} -> {c.target_r} per matrix; {state.allocator.budget} live ranks "
                 f"at the end")
-    return Row(method, 0, 0, 0.0, lr, res.steps, wall, time.perf_counter() - t0, res.tokens_per_s,
+    return Row(method, seed, 0, 0, 0.0, lr, res.steps, wall, time.perf_counter() - t0, res.tokens_per_s,
                0.0, dev["accuracy"], dev["macro_f1"], test["accuracy"], test["macro_f1"], note,
                extra={"final_loss": res.losses[-1] if res.losses else float("nan"),
-                      "options": {k: list(v) if isinstance(v, tuple) else v for k, v in state.options.items()}})
+                      "options": {k: list(v) if isinstance(v, tuple) else v for k, v in state.options.items()}},
+               predictions=preds)
 
 
 def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> Row:
@@ -152,23 +161,27 @@ def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> R
     k = len(task.labels)
     best = None
     per_layer = []
+    gd, gt = ys["dev"].tolist(), ys["test"].tolist()
     for layer, (ftr, fdev, fte) in enumerate(zip(feats["train"], feats["dev"], feats["test"])):
         probe = fit_probe(ftr, ys["train"], k, l2=t.get("l2", 1e-3), max_iter=t.get("max_iter", 100))
         with torch.no_grad():
-            pd, pt = probe(fdev).argmax(-1).tolist(), probe(fte).argmax(-1).tolist()
-        gd, gt = ys["dev"].tolist(), ys["test"].tolist()
+            (sd, pd), (st, pt) = (probe(f).float().softmax(-1).max(-1) for f in (fdev, fte))
+        pd, pt = pd.tolist(), pt.tolist()
         r = {"layer": layer, "dev_acc": accuracy(gd, pd), "dev_f1": precision_recall_f1(gd, pd)[2],
              "test_acc": accuracy(gt, pt), "test_f1": precision_recall_f1(gt, pt)[2]}
         per_layer.append(r)
         if best is None or r["dev_acc"] > best["dev_acc"]:
             best = r
+            preds = {s: [{"id": i, "gold": g, "pred": p, "score": round(sc, 6)}
+                         for i, (g, p, sc) in enumerate(zip(gold, pred, score.tolist()))]
+                     for s, gold, pred, score in (("dev", gd, pd, sd), ("test", gt, pt, st))}
     wall = time.perf_counter() - t0
     C = feats["train"][0].shape[1]
     total = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.classifier.parameters())
-    return Row("probe", C * k + k, total + C * k + k, 0.0, None, 0, wall, 0.0, tok_s, 0.0,
+    return Row("probe", 0, C * k + k, total + C * k + k, 0.0, None, 0, wall, 0.0, tok_s, 0.0,
                best["dev_acc"], best["dev_f1"], best["test_acc"], best["test_f1"],
                f"layer {best['layer']} of {len(per_layer) - 1} ({pooling} pooling)",
-               extra={"per_layer": per_layer, "pooling": pooling})
+               extra={"per_layer": per_layer, "pooling": pooling}, predictions=preds)
 
 
 def _peak_rss() -> float:
@@ -185,7 +198,7 @@ def _device_name(device: str) -> str:
     return name(device)
 
 
-def _run_isolated(cfg: CompareConfig, method: str) -> Row:
+def _run_isolated(cfg: CompareConfig, method: str, seed: int) -> Row:
     """Run one method in a fresh worker process (``python -m minift.studies.compare``), so the peak
     RSS it reports is that method's own."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +206,8 @@ def _run_isolated(cfg: CompareConfig, method: str) -> Row:
         cfg_path.write_text(json.dumps(asdict(cfg)))
         root = str(Path(__file__).resolve().parent.parent)  # the worker imports this same minift
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
-        proc = subprocess.Popen([sys.executable, "-m", "minift.studies.compare", str(cfg_path), method, str(out_path)],
+        proc = subprocess.Popen([sys.executable, "-m", "minift.studies.compare", str(cfg_path), method, str(out_path),
+                                 str(seed)],
                                 env=env, stderr=subprocess.PIPE)
         tail = b""
         for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):
@@ -217,36 +231,42 @@ def _run_isolated(cfg: CompareConfig, method: str) -> Row:
 
 
 def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
-    """Every method of ``cfg`` on the same task; returns (rows, meta). ``on_row(rows, meta)``,
-    when given, is called after each method with the rows so far (``meta["partial"]`` says how
-    many of the methods are done), so a caller can save them before a later method fails."""
+    """Every method of ``cfg``, each with ``cfg.seeds`` run seeds, on the same task; returns
+    (rows: one per method and seed, meta). ``on_row(rows, meta)``, when given, is called after
+    each run with the rows so far (``meta["partial"]`` says what is not done yet), so a caller
+    can save them before a later run fails."""
     cfg = resolve(cfg, log)
     t_start = time.perf_counter()
     task = load_task(cfg)  # also validates the data before any worker starts
     isolate = cfg.isolate and not cfg.device.startswith("cuda")
     steps = total_steps(cfg, len(task.train))
-    log(f"compare: {len(cfg.methods)} methods x {steps} steps of batch {cfg.batch_size} on {task.sizes} "
-        f"examples, max_len {cfg.max_len}, {cfg.device}")
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    runs = [(m, s) for m in cfg.methods for s in seeds]
+    log(f"compare: {len(cfg.methods)} methods x {len(seeds)} seed(s) x {steps} steps of batch {cfg.batch_size} "
+        f"on {task.sizes} examples, max_len {cfg.max_len}, {cfg.device}")
     if not isolate:
         _warm_up(task, cfg)
     rows = []
-    for i, method in enumerate(cfg.methods, 1):
+    for i, (method, seed) in enumerate(runs, 1):
         what = "frozen features + a probe per layer" if method == "probe" else f"{steps} steps"
-        log(f"compare: [{i}/{len(cfg.methods)}] {method} ({what})")
+        tag = f"[{i}/{len(runs)}] {method}" + (f" seed {seed}" if len(seeds) > 1 else "")
+        log(f"compare: {tag} ({what})")
         if isolate:
-            rows.append(_run_isolated(cfg, method))
+            rows.append(_run_isolated(cfg, method, seed))
         else:
             try:
-                rows.append(run_method(task, method, cfg))
+                rows.append(run_method(task, method, cfg, seed))
             except (ValueError, KeyError, FileNotFoundError) as e:
                 msg = e.args[0] if isinstance(e, KeyError) and e.args else e
                 raise ValueError(f"method {method}: {msg}") from None
-        r = rows[-1]
-        log(f"compare: [{i}/{len(cfg.methods)}] {method}: dev acc {100 * r.dev_acc:.1f}, "
-            f"test acc {100 * r.test_acc:.1f}, {r.wall_s:.0f} s")
-        if on_row is not None and i < len(cfg.methods):
+        r, elapsed = rows[-1], time.perf_counter() - t_start
+        left = f", about {elapsed / i * (len(runs) - i):.0f} s left" if i < len(runs) else ""
+        log(f"compare: {tag}: dev acc {100 * r.dev_acc:.1f}, test acc {100 * r.test_acc:.1f}, "
+            f"{r.wall_s:.0f} s ({elapsed:.0f} s in all{left})")
+        if on_row is not None and i < len(runs):
             meta = _meta(cfg, task, steps, isolate, t_start)
-            meta["partial"] = f"{i} of {len(cfg.methods)} methods done ({', '.join(cfg.methods[i:])} not run)"
+            rest = [m + (f" seed {sd}" if len(seeds) > 1 else "") for m, sd in runs[i:]]
+            meta["partial"] = f"{i} of {len(runs)} runs done ({', '.join(rest)} not run)"
             on_row(list(rows), meta)
     return rows, _meta(cfg, task, steps, isolate, t_start)
 
@@ -255,6 +275,7 @@ def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: fl
     return {"device": _device_name(cfg.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "model": cfg.model, "labels": [str(y) for y in task.labels], "examples": task.sizes,
             "steps": steps, "batch_size": cfg.batch_size, "max_len": cfg.max_len, "seed": cfg.seed,
+            "seeds": [cfg.seed + k for k in range(cfg.seeds)], "reference": cfg.reference,
             "dtype": "bf16 autocast" if cfg.device.startswith("cuda") else "fp32",
             "memory": ("CUDA max_memory_allocated" if cfg.device.startswith("cuda") else
                        "peak RSS of a fresh worker process per method (includes Python, torch and the data)"
@@ -302,14 +323,14 @@ def budget_note(methods, steps: int) -> str:
 
 
 def _worker(argv: list[str]) -> int:
-    """``python -m minift.studies.compare CONFIG.json METHOD OUT.json``: one method, one fresh process."""
-    cfg_path, method, out_path = argv
+    """``python -m minift.studies.compare CONFIG.json METHOD OUT.json SEED``: one run, one fresh process."""
+    cfg_path, method, out_path, seed = argv
     raw = json.loads(Path(cfg_path).read_text())
     try:
         cfg = CompareConfig(**{f.name: raw[f.name] for f in fields(CompareConfig)})
         task = load_task(cfg)
         _warm_up_optimizer()
-        row = run_method(task, method, cfg)
+        row = run_method(task, method, cfg, int(seed))
     except (ValueError, KeyError, FileNotFoundError) as e:  # the parent reports it in one line, exit 2
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         Path(out_path).write_text(json.dumps({"error": str(msg)}))

@@ -35,7 +35,9 @@ class CompareConfig:
     train_limit: int | None = 1000    # seeded random subset of the train split; None = all
     eval_limit: int | None = 500      # first N of dev and of test; None = all
     device: str = "cpu"
-    seed: int = 0
+    seed: int = 0                     # the train subset's seed, and the first run seed
+    seeds: int = 1                    # runs per method, with run seeds seed, seed + 1, ...
+    reference: str | None = None      # paired differences to this method (None: full if run, else the first)
     isolate: bool = True              # CPU: one worker process per method (its own peak RSS)
     progress: bool = True
 
@@ -56,6 +58,13 @@ class CompareConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.reference is None:
+            self.reference = "full" if "full" in self.methods else self.methods[0]
+        elif self.reference not in self.methods:
+            raise ValueError(f"reference method {self.reference!r} is not among the methods run "
+                             f"({','.join(self.methods)})")
         for name in ("batch_size", "max_len", "train_limit", "eval_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:

@@ -15,24 +15,37 @@ TASK_METRICS = {"classification": ("loss", "accuracy", *(f"{a}_{m}" for a in AVE
 TASKS = tuple(TASK_METRICS)
 
 
-def evaluate(model: torch.nn.Module, batches, task: str, device=None) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, batches, task: str, device=None, *, predictions: list | None = None,
+             progress: bool = False) -> dict[str, float]:
     """Mean loss (per example, or per predicted token for GPT) and the task's metrics
     (``TASK_METRICS``) of ``model`` in eval mode on ``batches``.
 
     Args:
         device: where the batches go; None: the device the model is on.
+        predictions: classification only: a list that gets one record per example, in order:
+            ``{"id": position, "gold": label id, "pred": label id, "score": probability of pred}``,
+            from which every reported metric can be recomputed.
+        progress: a progress bar over the batches.
     """
+    if predictions is not None and task != "classification":
+        raise ValueError(f"predictions are written for classification only, not {task}")
     device = device if device is not None else next(model.parameters()).device
     model.eval()
     total, n, gold, pred = 0.0, 0, [], []
     with torch.no_grad():
-        for b in batches:
+        for b in _bar(batches, progress):
             b = extend_batch(model, to_device(b, device))  # the batch the model reads (soft prompt included)
             out = forward_extended(model, b)
             if task == "classification":
                 k = b["labels"].numel()
+                probs = out.logits.float().softmax(-1)
+                score, label = probs.max(-1)
+                if predictions is not None:
+                    predictions += [{"id": len(gold) + i, "gold": g, "pred": p, "score": round(sc, 6)}
+                                    for i, (g, p, sc) in enumerate(zip(b["labels"].tolist(), label.tolist(),
+                                                                       score.tolist()))]
                 gold += b["labels"].tolist()
-                pred += out.logits.argmax(-1).tolist()
+                pred += label.tolist()
             else:
                 k = lm_targets(b)  # the targets out.loss is the mean over
             total, n = total + out.loss.item() * k, n + k
@@ -40,3 +53,10 @@ def evaluate(model: torch.nn.Module, batches, task: str, device=None) -> dict[st
     if task == "classification":
         return {"loss": loss, **classification_metrics(gold, pred)}
     return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+def _bar(batches, enabled: bool):
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+    return tqdm(batches, desc="evaluate", leave=False, dynamic_ncols=True)

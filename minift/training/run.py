@@ -121,7 +121,7 @@ def train_command(args) -> int:
         print(f"minift train: {s.method} on {task}: {t:,} of {n:,} parameters trainable ({100 * t / n:.2f}%), "
               f"{total} steps" + (f", resuming after step {step}" if step else "") + f"; speed: {speed}",
               file=sys.stderr)
-    eval_fn = (lambda m: evaluate(m, dev, task)) if dev else None
+    eval_fn = (lambda m: evaluate(m, dev, task, progress=cfg.progress)) if dev else None
     res = train(model, batches, cfg, eval_fn=eval_fn, on_start=started, **st.train_hooks())
     if res.interrupted:
         print(f"minift train: interrupted at step {res.steps}; checkpoint in {res.checkpoint}; "
@@ -181,6 +181,12 @@ def eval_command(args) -> int:
     run = read_run(adapter / "run.json")
     model_dir = args.model or run["model"]
     task, max_len = run["task"], args.max_len or run["max_len"]
+    preds_path = Path(args.predictions) if getattr(args, "predictions", None) else None
+    if preds_path is not None:
+        if task != "classification":
+            raise InputError(f"--predictions is for classification adapters; {adapter} was trained for {task}")
+        if not preds_path.parent.is_dir():
+            raise InputError(f"--predictions {preds_path}: directory {preds_path.parent} does not exist")
     tok = D.load_tokenizer(model_dir)
     ex = examples(args.data, task, tok, max_len, run["label2id"])[0]
     model = load_model(model_dir, task, len(run["label2id"]) if run["label2id"] else None)
@@ -192,9 +198,20 @@ def eval_command(args) -> int:
     if device.type == "cuda":  # as minift train evaluates on CUDA: the same numbers
         from minift import fast
         fast.enable(model)
-    metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task)
+    preds = [] if preds_path is not None else None
+    metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task, predictions=preds,
+                       progress=not getattr(args, "no_progress", True))
+    if preds is not None:
+        write_predictions(preds_path, preds, run["label2id"])
     print(json.dumps({"method": run["method"], "task": task, "examples": len(ex), **metrics}))
     return 0
+
+
+def write_predictions(path: Path, records: list[dict], label2id: dict) -> None:
+    """``evaluate``'s prediction records as JSON lines, label ids replaced by their names."""
+    names = {i: name for name, i in label2id.items()}
+    path.write_text("".join(json.dumps({**r, "gold": names[r["gold"]], "pred": names[r["pred"]]}) + "\n"
+                            for r in records))
 
 
 def read_run(path) -> dict:

@@ -200,8 +200,80 @@ def test_a_failing_method_is_exit_2_and_keeps_the_finished_rows(setup, tmp_path,
     assert "Traceback" not in err
     errors = [ln for ln in err.splitlines() if ln.startswith("minift compare:")]
     assert len(errors) == 1 and errors[0] == err.strip().splitlines()[-1]
-    assert "error: method adalora:" in errors[0] and "finished methods are saved" in errors[0]
+    assert "error: method adalora:" in errors[0] and "finished runs are saved" in errors[0]
     saved = json.loads((tmp_path / "out" / "t.json").read_text())
     assert [r["method"] for r in saved["rows"]] == ["bitfit"]
-    assert saved["meta"]["partial"].startswith("1 of 2 methods done")
+    assert saved["meta"]["partial"].startswith("1 of 2 runs done")
     assert "| bitfit |" in (tmp_path / "out" / "t.md").read_text()
+
+
+# ---------------------------------------------------------------------------- seeds, intervals, predictions
+
+def test_seeds_change_the_runs_and_nothing_else(setup, tmp_path, capsys):
+    """Two run seeds: the same data (subset and evaluation sets), other initial adapters and data
+    order; the first seed's run is the one a single-seed comparison makes, bit for bit."""
+    assert main(_args(setup, "--seeds", "2", methods="full,lora", out=tmp_path / "two")) == 0
+    out = capsys.readouterr().out
+    assert main(_args(setup, methods="full,lora", out=tmp_path / "one")) == 0
+    capsys.readouterr()
+    two = json.loads((tmp_path / "two" / "t.json").read_text())
+    one = json.loads((tmp_path / "one" / "t.json").read_text())
+    assert [(r["method"], r["seed"]) for r in two["rows"]] == [("full", 0), ("full", 1), ("lora", 0), ("lora", 1)]
+    assert two["meta"]["seeds"] == [0, 1] and two["meta"]["examples"] == one["meta"]["examples"]
+    for r1 in one["rows"]:  # seed 0 of the two-seed run == the one-seed run
+        r2 = next(r for r in two["rows"] if r["method"] == r1["method"] and r["seed"] == 0)
+        assert r2["extra"]["final_loss"] == r1["extra"]["final_loss"]
+        assert (r2["dev_acc"], r2["test_acc"]) == (r1["dev_acc"], r1["test_acc"])
+    lora = [r for r in two["rows"] if r["method"] == "lora"]
+    assert lora[0]["extra"]["final_loss"] != lora[1]["extra"]["final_loss"]  # the seed does change the run
+    preds = [json.loads(ln) for ln in (tmp_path / "two" / "t-predictions.jsonl").read_text().splitlines()]
+    gold = {(p["split"], p["id"]): p["gold"] for p in preds if p["method"] == "full" and p["seed"] == 0}
+    assert all(gold[(p["split"], p["id"])] == p["gold"] for p in preds)  # the same examples for every run
+    assert "±" in out and "method - full" in out  # intervals, and the paired differences to full
+
+
+def test_saved_predictions_reproduce_the_reported_metrics_with_scikit_learn(setup, tmp_path, capsys):
+    from sklearn.metrics import accuracy_score, f1_score
+    assert main(_args(setup, "--seeds", "2", methods="lora,prompt,probe", out=tmp_path)) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "t.json").read_text())
+    preds = [json.loads(ln) for ln in (tmp_path / "t-predictions.jsonl").read_text().splitlines()]
+    assert {p["gold"] for p in preds} <= {"positive", "negative"}
+    for r in saved["rows"]:
+        for split in ("dev", "test"):
+            ps = sorted((p for p in preds if (p["method"], p["seed"], p["split"]) == (r["method"], r["seed"], split)),
+                        key=lambda p: p["id"])
+            assert [p["id"] for p in ps] == list(range(8))
+            gold, pred = [p["gold"] for p in ps], [p["pred"] for p in ps]
+            assert r[f"{split}_acc"] == accuracy_score(gold, pred)
+            assert r[f"{split}_f1"] == pytest.approx(f1_score(gold, pred, average="macro", zero_division=0),
+                                                     abs=1e-12)
+
+
+def test_the_summary_is_the_t_interval_of_the_seeds_and_the_paired_differences(setup, tmp_path, capsys):
+    from scipy import stats
+    assert main(_args(setup, "--seeds", "3", "--reference", "lora", methods="lora,bitfit", out=tmp_path)) == 0
+    capsys.readouterr()
+    saved = json.loads((tmp_path / "t.json").read_text())
+    rows = {(r["method"], r["seed"]): r for r in saved["rows"]}
+    for s in saved["summary"]:
+        acc = [rows[(s["method"], seed)]["test_acc"] for seed in (0, 1, 2)]
+        mean = sum(acc) / 3
+        sd = (sum((a - mean) ** 2 for a in acc) / 2) ** 0.5
+        assert s["test_acc"]["mean"] == pytest.approx(mean, abs=1e-12)
+        assert s["test_acc"]["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * sd / 3 ** 0.5, abs=1e-9)
+    bitfit = next(s for s in saved["summary"] if s["method"] == "bitfit")
+    d = [rows[("bitfit", k)]["test_acc"] - rows[("lora", k)]["test_acc"] for k in (0, 1, 2)]
+    got = bitfit["diff_to_reference"]["test_acc"]
+    assert got["mean"] == pytest.approx(sum(d) / 3, abs=1e-12)
+    half = stats.t.ppf(0.975, 2) * stats.tstd(d) / 3 ** 0.5 if len(set(d)) > 1 else 0.0
+    assert got["ci95"] == pytest.approx(half, abs=1e-9)
+    assert got["significant"] == (abs(got["mean"]) > got["ci95"])
+    assert next(s for s in saved["summary"] if s["method"] == "lora")["diff_to_reference"] == {}
+
+
+def test_bad_seeds_and_reference_are_one_line_errors(setup, tmp_path, capsys):
+    assert main(_args(setup, "--seeds", "0", methods="lora", out=tmp_path)) == 2
+    assert "seeds must be >= 1, got 0" in capsys.readouterr().err
+    assert main(_args(setup, "--reference", "full", methods="lora", out=tmp_path)) == 2
+    assert "reference method 'full' is not among the methods run (lora)" in capsys.readouterr().err
