@@ -135,6 +135,8 @@ class TrainResult:
     steps: int = 0                                      # optimizer steps done
     tokens_per_s: float = 0.0                           # this process's throughput
     first_step_s: float = 0.0                           # the first step's time on the host (compiling, if any)
+    steady_tokens_per_s: float = 0.0                    # after the first step (without compiling)
+    peak_gib: float | None = None                       # CUDA: torch.cuda.max_memory_allocated over the run
     interrupted: bool = False
     stopped_early: bool = False
     best: dict | None = None
@@ -244,7 +246,9 @@ class _Run:
         cfg = self.cfg
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda")
         self.bar = _progress(self.total, self.step, cfg.progress)
-        self.n_tokens, self.t0, self.pending = 0, time.perf_counter(), []
+        self.n_tokens, self.t0, self.pending, self.first = 0, time.perf_counter(), [], None
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.snap, self.snap_step, self.start_step = rng_state(), self.step, self.step
         self.graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and self.device.type == "cuda"
         if cfg.compile:  # compiled on the first forward; evaluations run eager (``_evaluate_once``)
@@ -269,6 +273,7 @@ class _Run:
             self.pending.append((self.step, loss, self.opt.param_groups[0]["lr"]))
             if self.step == self.start_step + 1:
                 res.first_step_s = time.perf_counter() - self.t0
+                self.first = (self.n_tokens, time.perf_counter())
             self.bar.update(1)
             if self.on_step is not None or self.step % cfg.log_every == 0 or self.step == self.total:
                 self.read_back()
@@ -344,6 +349,10 @@ class _Run:
         self.read_back()
         res.steps = self.step
         res.tokens_per_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
+        if self.first is not None and self.step > self.start_step + 1:
+            res.steady_tokens_per_s = (self.n_tokens - self.first[0]) / max(time.perf_counter() - self.first[1], 1e-9)
+        if self.device.type == "cuda":
+            res.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if self.out and (error is None or self.step > self.start_step or state.get("eval_pending")):
             # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
             # resumed step must draw again, so the RNG is saved as it was when that step began.

@@ -130,7 +130,8 @@ def train_command(args) -> int:
     save_outputs(model, out, s.method, st.peft, data["model"])
     summary = {"steps": res.steps, "final_loss": res.losses[-1] if res.losses else None,
                "tokens_per_s": round(res.tokens_per_s, 1),
-               "first_step_s": round(res.first_step_s, 2), "eval": res.evals[-1] if res.evals else None,
+               "first_step_s": round(res.first_step_s, 2), "steady_tokens_per_s": round(res.steady_tokens_per_s, 1),
+               **({"peak_gib": round(res.peak_gib, 2)} if res.peak_gib is not None else {}), "eval": res.evals[-1] if res.evals else None,
                "stopped_early": res.stopped_early, "out": str(out)}
     print(json.dumps(summary))
     return 0
