@@ -13,7 +13,10 @@
 
 In the code, ``_Run.steps`` is that loop: ``accumulate`` runs the micro-batches, ``update`` the
 optimizer step, ``after_step`` the evaluation and checkpoint when due; ``train`` sets the run up,
-resumes it, and on Ctrl-C or a failure saves where it stands (``_Run.end``).
+resumes it, and on Ctrl-C or a failure saves where it stands (``_Run.end``). Each step's loss
+stays on the device until ``read_back`` fetches the losses of ``log_every`` steps at once: on
+a GPU, reading a number back waits for every queued kernel, so one read per step would stall
+the host that queues the next step's kernels.
 
 The method-specific hooks are explicit keyword arguments of ``train``; nothing is a
 subclass or a callback registry. Data order is a pure function of ``(seed, epoch)``, so the
