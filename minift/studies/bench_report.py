@@ -67,20 +67,28 @@ def to_markdown(rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def save(rows: list[Row], out: Path, name: str, meta: dict) -> None:
+def save(rows: list[Row], out: Path, name: str, meta: dict) -> list[Path]:
+    """Write ``<name>.json``, ``<name>.md`` and, with matplotlib and a minift row to draw,
+    ``<name>.png`` under ``out`` (a ``<name>.png`` of an earlier run is removed otherwise).
+
+    Returns:
+        The paths written, in that order: only the files that exist now.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
     md = f"# {name}\n\n" + "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n" + to_markdown(rows)
     (out / f"{name}.md").write_text(md)
+    written = [out / f"{name}.json", out / f"{name}.md"]
+    (out / f"{name}.png").unlink(missing_ok=True)  # an earlier run's plot never stands beside these rows
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return written  # the PNG needs the plot extra (matplotlib)
     mine = [r for r in rows if r.impl == "minift"]
     if not mine:
-        return
+        return written
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
     labels = [f"{r.model}\n{r.method}" if len({x.model for x in mine}) > 1 else r.method for r in mine]
     ax[0].bar(range(len(mine)), [r.tokens_per_s for r in mine])
@@ -92,3 +100,4 @@ def save(rows: list[Row], out: Path, name: str, meta: dict) -> None:
     fig.tight_layout()
     fig.savefig(out / f"{name}.png", dpi=110)
     plt.close(fig)
+    return written + [out / f"{name}.png"]

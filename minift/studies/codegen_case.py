@@ -101,7 +101,7 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
                           f"{rec['time_s'] / 60:.1f} min, final loss {rec['final_loss']:.3f})"}
     name = name or ("codegen-smoke" if smoke else f"codegen-{'cuda' if device.startswith('cuda') else 'cpu'}")
     result = {"meta": meta, "rows": rows, "rank_pattern": ranks}
-    save(result, out, name)
+    log(f"wrote {', '.join(str(p) for p in save(result, out, name))}")
     return result
 
 
@@ -180,17 +180,25 @@ def to_markdown(result: dict) -> str:
     return md
 
 
-def save(result: dict, out: Path, name: str) -> None:
+def save(result: dict, out: Path, name: str) -> list[Path]:
+    """Write ``<name>.json``, ``<name>.md`` and, with matplotlib and an AdaLoRA rank pattern,
+    ``<name>-ranks.png`` under ``out`` (a ``<name>-ranks.png`` of an earlier run is removed otherwise).
+
+    Returns:
+        The paths written, in that order: only the files that exist now.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     meta = "".join(f"- {k}: {v}\n" for k, v in result["meta"].items())
     (out / f"{name}.md").write_text(f"# {name}\n\n{meta}\n{to_markdown(result)}")
+    written = [out / f"{name}.json", out / f"{name}.md"]
+    (out / f"{name}-ranks.png").unlink(missing_ok=True)  # an earlier run's ranks never stand beside these rows
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
+        return written  # the PNG needs the plot extra (matplotlib)
     if result["rank_pattern"]:
         layers, grid = rank_table(result["rank_pattern"])
         fig, ax = plt.subplots(figsize=(6, 1 + 0.45 * len(layers)))
@@ -205,3 +213,5 @@ def save(result: dict, out: Path, name: str) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{name}-ranks.png", dpi=110)
         plt.close(fig)
+        written.append(out / f"{name}-ranks.png")
+    return written

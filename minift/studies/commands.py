@@ -57,7 +57,8 @@ def add_bench(sub) -> None:
                    help="CUDA timing: wait for the GPU after every step instead of once after the window")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="each method in a fresh process (default: on with --compile)")
-    p.add_argument("--out", default="benchmarks/results", help="directory for JSON, Markdown and PNG")
+    p.add_argument("--out", default="runs/bench", help="directory for JSON, Markdown and PNG (with matplotlib); "
+                                                       "default: runs/bench under the working directory")
     p.add_argument("--name", default=None, help="file name stem (default: bench-<model>)")
     p.set_defaults(func=_cmd_bench)
 
@@ -86,9 +87,9 @@ def _cmd_bench(args) -> int:
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731
     rows = bench.run(cfg, progress=lambda s: print(s, file=sys.stderr), on_row=save)  # saved after each method
-    save(rows)
+    written = save(rows)
     print(bench.to_markdown(rows))
-    print(f"wrote {Path(args.out) / name}.{{json,md,png}}", file=sys.stderr)
+    print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     return 0
 
 
@@ -119,8 +120,15 @@ def add_compare(sub) -> None:
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev and test sentences")
     p.add_argument("--full", action="store_true", help="the whole data, more steps (meant for a GPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results", help="directory for the JSON, Markdown and PNG")
+    p.add_argument("--seed", type=int, default=0, help="the train subset's seed and the first run seed")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="runs per method, with run seeds SEED, SEED+1, ... (new parameters' init, data order, "
+                        "dropout); the table shows means and 95%% intervals (default: 3 with --full, else 1)")
+    p.add_argument("--reference", default=None,
+                   help="report paired differences to this method (default: full if run, else the first)")
+    p.add_argument("--out", default="runs/compare",
+                   help="directory for the JSON, Markdown, predictions and PNG (default: runs/compare under "
+                        "the current directory)")
     p.add_argument("--name", default=None, help="file name stem (default: compare[-full]-<cpu|cuda>)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: run every method in this process (faster start; peak RSS is then process-wide)")
@@ -145,6 +153,8 @@ def _cmd_compare(args) -> int:
     cfg = compare.CompareConfig(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                                 model=args.model, train=args.train, dev=args.dev, test=args.test,
                                 device=device, seed=args.seed, isolate=not args.in_process,
+                                seeds=args.seeds if args.seeds is not None else 3 if args.full else 1,
+                                reference=args.reference,
                                 progress=not args.no_progress, **d)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     name = args.name or f"compare{'-full' if args.full else ''}-{'cuda' if device.startswith('cuda') else 'cpu'}"
@@ -158,15 +168,15 @@ def _cmd_compare(args) -> int:
     except Exception as e:
         if not saved:
             raise
-        note = f" (the {saved[1]} finished methods are saved in {', '.join(str(p) for p in saved[0][:2])})"
+        note = f" (the {saved[1]} finished runs are saved in {', '.join(str(p) for p in saved[0][:2])})"
         msg = (e.args[0] if isinstance(e, KeyError) and e.args else str(e)) + note
         if isinstance(e, (ValueError, KeyError, FileNotFoundError)):
             raise ValueError(msg) from None
         raise RuntimeError(msg) from None
     paths = compare.save(rows, meta, Path(args.out), name)
     print(f"minift compare on {meta['device']}: {meta['examples']} examples, {meta['steps']} steps x "
-          f"batch {meta['batch_size']}, max_len {meta['max_len']}, seed {meta['seed']}")
-    print(compare.to_text(rows), end="")
+          f"batch {meta['batch_size']}, max_len {meta['max_len']}, seeds {', '.join(map(str, meta['seeds']))}")
+    print(compare.to_text(rows, meta["reference"]), end="")
     print(f"budget: {meta['budget']}")
     print(f"memory: {meta['memory']}")
     log(f"wrote {', '.join(str(p) for p in paths)} ({meta['total_s']:.0f} s in all)")
@@ -220,7 +230,8 @@ def add_pretrain(sub) -> None:
                                    "directory of .py files) minus the held-out packages; writes an HF directory "
                                    "(config.json, model.safetensors, tokenizer.json) and corpus.json.")
     p.add_argument("--corpus", default="stdlib", help="stdlib (this Python's standard library) or a directory")
-    p.add_argument("--out", required=True, help="the model directory to write")
+    p.add_argument("--out", default="runs/pretrain", help="the model directory to write (default: runs/pretrain "
+                                                          "under the working directory)")
     p.add_argument("--held-out", default="asyncio", help="comma-separated packages kept out for fine-tuning")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: what fits in --minutes)")
     p.add_argument("--minutes", type=float, default=7.0, help="training time budget when --steps is not given")
@@ -265,8 +276,11 @@ def add_codegen_case(sub) -> None:
                        description="Pretrain (or load --pretrained, a `minift pretrain` directory), adapt it to "
                                    "the held-out package with AdaLoRA, LoRA and full fine-tuning, and write a table "
                                    "(trainable parameters, time, perplexity, next-line exact match and ROUGE-L) "
-                                   "and the final AdaLoRA rank per layer as JSON, Markdown and PNG under --out.")
-    p.add_argument("--out", required=True, help="directory for the results (and pretrained/ when pretraining)")
+                                   "and the final AdaLoRA rank per layer as JSON, Markdown and (with matplotlib) "
+                                   "PNG under --out.")
+    p.add_argument("--out", default="runs/codegen-case", help="directory for the results (and pretrained/ when "
+                                                              "pretraining; default: runs/codegen-case under the "
+                                                              "working directory)")
     p.add_argument("--pretrained", default=None, help="a directory written by `minift pretrain`")
     p.add_argument("--corpus", default="stdlib", help="stdlib or a directory (when pretraining here)")
     p.add_argument("--held-out", default=None, help="comma-separated packages to adapt to (default: those "

@@ -2,6 +2,7 @@
 check of the CUDA timing itself against GPU work of known length."""
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 
@@ -70,6 +71,24 @@ def test_cpu_smoke_run(tmp_path, capsys):
     assert by["full"]["ratio_tokens_vs_full"] == pytest.approx(1.0)
     assert data["meta"]["device"].startswith("cpu")
     assert "| minift | tiny-gpt | lora |" in (tmp_path / "bench-tiny-gpt.md").read_text()
+
+
+@pytest.mark.parametrize("plot", [False, True], ids=["without-matplotlib", "with-matplotlib"])
+def test_bench_names_only_the_files_it_wrote(plot, tmp_path, monkeypatch, capsys):
+    """`minift bench` names the files it wrote and only those: no PNG without matplotlib (the plot
+    extra), and an earlier run's PNG never stays beside the new table."""
+    if plot:
+        pytest.importorskip("matplotlib")
+    else:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    (tmp_path / "b.png").write_bytes(b"an earlier run's plot")
+    assert main(["bench", "--device", "cpu", "--methods", "full", "--steps", "1", "--warmup", "0",
+                 "--out", str(tmp_path), "--name", "b"]) == 0
+    wrote = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1
+    named = wrote[0].removeprefix("wrote ").split(", ")
+    assert sorted(named) == sorted(str(p) for p in tmp_path.iterdir())
+    assert [n.rsplit(".", 1)[1] for n in named] == ["json", "md", "png"][:3 if plot else 2]
 
 
 def test_bench_cli_bad_input(capsys):

@@ -1,6 +1,7 @@
 """The code generation case: corpus split, tokenizer, pretrained directory, smoke case, CLI errors."""
 import json
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 
 from minift.studies import codegen
 from minift.studies import codegen_case
-from minift.cli import main
+from minift.cli import build_parser, main
 from minift.training.data import load_tokenizer
 from minift.models.gpt import GPT
 
@@ -131,6 +132,30 @@ def test_case_on_a_pretrained_dir_adapts_to_what_it_held_out(smoke, capsys):
     res = json.loads((out / "t.json").read_text())
     assert [r["method"] for r in res["rows"]] == ["pretrained", "lora"] and res["meta"]["held_out"] == "json"
     assert res["rank_pattern"] is None and not (out / "pretrained").exists()
+
+
+def test_studies_write_under_runs_in_the_working_directory_by_default():
+    """Without --out, results go to ./runs (which git ignores), never into the package's own files."""
+    parse = build_parser().parse_args
+    assert parse(["codegen-case", "--smoke"]).out == "runs/codegen-case"
+    assert parse(["pretrain", "--smoke"]).out == "runs/pretrain"
+    assert parse(["bench"]).out == "runs/bench"
+
+
+def test_smoke_case_without_out_names_only_the_files_it_wrote(corpus, tmp_path, monkeypatch, capsys):
+    """`minift codegen-case --smoke` as the README gives it (no --out), without matplotlib: it writes
+    under runs/codegen-case, names its JSON and Markdown and no PNG, and leaves no earlier PNG."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out = tmp_path / "runs" / "codegen-case"
+    out.mkdir(parents=True)
+    (out / "codegen-smoke-ranks.png").write_bytes(b"an earlier run's plot")
+    assert main(["codegen-case", "--smoke", "--corpus", str(corpus), "--held-out", "json", "--methods", "adalora",
+                 "--steps", "3", "--device", "cpu", "--no-progress"]) == 0
+    wrote = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wrote ")]
+    assert wrote == ["wrote runs/codegen-case/codegen-smoke.json, runs/codegen-case/codegen-smoke.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["codegen-smoke.json", "codegen-smoke.md", "pretrained"]
+    assert json.loads((out / "codegen-smoke.json").read_text())["rank_pattern"]  # a PNG would have had ranks
 
 
 def test_case_refuses_a_model_that_saw_the_package(smoke, capsys):
