@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from minift.models.bert import Bert, BertClassifier, hf_key_map as bert_key_map
 from minift.models.gpt import GPT, HF_LAYER as _GPT_LAYER
+from minift.models.llama import Llama
 
 PEFT_PREFIX = "base_model.model."
 
@@ -26,9 +27,15 @@ def module_map(model: nn.Module) -> dict[str, tuple[str, int | None]]:
     fuses into one ``c_attn`` (rows [slot*C, (slot+1)*C) of its output), else None.
 
     GPT -> GPT2LMHeadModel (``transformer.h.{i}...``); Bert -> BertModel (``encoder.layer.{i}...``);
-    BertClassifier -> BertForSequenceClassification (``bert.encoder.layer.{i}...``, ``classifier``).
+    BertClassifier -> BertForSequenceClassification (``bert.encoder.layer.{i}...``, ``classifier``);
+    Llama -> LlamaForCausalLM (minift's names under ``model.``, ``lm_head`` as it is).
     """
     out: dict[str, tuple[str, int | None]] = {}
+    if isinstance(model, Llama):
+        for name, _ in model.named_modules():
+            if name:
+                out[name] = (name if name == "lm_head" or name.startswith("lm_head.") else f"model.{name}", None)
+        return out
     if isinstance(model, GPT):
         for name in ("wte", "wpe", "ln_f"):
             out[name] = (f"transformer.{name}", None)
@@ -47,7 +54,7 @@ def module_map(model: nn.Module) -> dict[str, tuple[str, int | None]]:
         if cls:
             out["classifier"] = ("classifier", None)
         return out
-    raise TypeError(f"the PEFT layout knows minift's GPT, Bert and BertClassifier, not {type(model).__name__}; "
+    raise TypeError(f"the PEFT layout knows minift's GPT, Llama, Bert and BertClassifier, not {type(model).__name__}; "
                     f"use layout='minift' for other models")
 
 
@@ -65,7 +72,7 @@ def is_conv1d(model: nn.Module, hf_module: str) -> bool:
 
 
 def task_type(model: nn.Module) -> str:
-    if isinstance(model, GPT):
+    if isinstance(model, (GPT, Llama)):
         return "CAUSAL_LM"
     return "SEQ_CLS" if isinstance(model, BertClassifier) else "FEATURE_EXTRACTION"
 

@@ -32,8 +32,12 @@ def load_model(model_dir, task: str, num_labels: int | None = None, seed: int = 
         if kind != "bert":
             raise InputError(f"task classification needs a BERT model (model_type 'bert'); {model_dir} is {kind!r}")
         return BertClassifier.from_pretrained(model_dir, num_labels=num_labels)
+    if kind in ("llama", "qwen2"):
+        from minift.models.llama import Llama
+        return Llama.from_pretrained(model_dir)
     if kind != "gpt2":
-        raise InputError(f"task {task} needs a GPT-2 model (model_type 'gpt2'); {model_dir} is {kind!r}")
+        raise InputError(f"task {task} needs a GPT-2 or Llama model (model_type 'gpt2', 'llama' or 'qwen2'); "
+                         f"{model_dir} is {kind!r}")
     return GPT.from_pretrained(model_dir)
 
 

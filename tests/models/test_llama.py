@@ -304,3 +304,64 @@ def test_lora_through_the_registry_and_the_training_forward_lowers_the_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+# ---------------------------------------------------------------------------- PEFT adapter files
+
+@pytest.mark.parametrize("case", ["gqa", "mqa-tied"])
+def test_lora_adapter_files_both_ways_with_peft(tmp_path, case):
+    """minift's LoRA on Llama saved in PEFT's layout loads in PEFT with the same logits, and a
+    PEFT-written Llama LoRA loads into minift: PEFT's module names are minift's under ``model.``."""
+    peft = pytest.importorskip("peft")
+    from minift import adapters
+    from minift.methods import lora
+    hf, d = hf_llama(tmp_path / "base", case)
+    ids = _ids()
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    model = Llama.from_pretrained(d).eval()
+    lora.apply(model, lora.LoRAConfig(r=2, alpha=5, targets=targets))
+    _perturb_b(model)
+    adapters.save_adapter(model, tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        want, got = pm(input_ids=ids).logits, model(ids).logits
+        assert (Llama.from_pretrained(d)(ids).logits - want).abs().max() > 1e-3  # the adapter is not a no-op
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    hf2, _ = hf_llama(tmp_path / "base2", case)
+    theirs = peft.get_peft_model(hf2, peft.LoraConfig(r=3, lora_alpha=7, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                      task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    theirs.eval().save_pretrained(tmp_path / "theirs")
+    loaded = adapters.load_adapter(Llama.from_pretrained(tmp_path / "base2").eval(), tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, theirs(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_minift_train_and_eval_a_llama_lora_from_the_cli(tmp_path, capsys):
+    """`minift train --task causal-lm` on an HF Llama directory: it trains, writes minift's and
+    PEFT's adapter files, and `minift eval` scores the adapter."""
+    import json
+
+    from conftest import WORDS, tokenizer_json
+    from minift.cli import main
+    d = tmp_path / "llama"
+    d.mkdir()
+    n = tokenizer_json(d, ["<|endoftext|>"], bert=False)
+    torch.manual_seed(0)
+    Llama(LlamaConfig(vocab_size=n, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
+                      max_position_embeddings=64)).save_pretrained(d)
+    (tmp_path / "lm.txt").write_text(" ".join(WORDS * 6))
+    argv = ["train", "--model", d, "--train", tmp_path / "lm.txt", "--task", "causal-lm", "--method", "lora",
+            "--targets", "q_proj,v_proj,gate_proj", "--r", "2", "--max-len", "16", "--steps", "3", "--batch-size",
+            "4", "--lr", "1e-2", "--device", "cpu", "--no-progress", "--out", tmp_path / "run"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 3
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    assert main(["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(tmp_path / "lm.txt"),
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["perplexity"] > 1.0
