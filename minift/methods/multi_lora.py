@@ -1,0 +1,218 @@
+"""Many LoRA adapters on one frozen base: named adapters, switching, and mixed batches.
+
+LoRA's promise is cheap task switching: the base W0 is shared, each task owns only its A and B.
+Here one layer holds any number of named adapters, each with its own rank, alpha and dropout
+(and each adapter chooses its own target layers):
+
+    h = W0 x + b + s_k B_k A_k x          for the adapter k the example uses (none: base only)
+
+    x ──► [ W0 (frozen, shared) ] ─────────────────────────┐
+    │                                                       (+) ──► h
+    └─► rows of adapter "sst2" ─► A_sst2 ─► B_sst2 (x s) ──┤
+    └─► rows of adapter "imdb" ─► A_imdb ─► B_imdb (x s) ──┘
+
+- **Switching** (``set_active``) changes which adapter every row uses: a name, no weight moves, no
+  copy of the base. Switching to another adapter and back gives bit-identical outputs.
+- **Mixed batches** (``with mixed_batch(model, names):``): each example of the batch names its
+  adapter (or None: the base alone). The base GEMM runs once for the whole batch; the batch is
+  then segmented by adapter, and each adapter's update is computed on its own rows only and
+  added there (``index_add``). Every example gets exactly what it would get alone with its
+  adapter active (tests/methods/test_multi_lora.py checks that), and generation with a KV cache
+  works inside the same ``with``: the rows keep their adapters step after step.
+- **Merging** one adapter (``merge_adapter``) folds s B A into W0 for inference at base cost;
+  the other adapters stay usable only after ``unmerge_adapter`` (a mixed batch refuses to run
+  while one is merged, as its rows would all see the merged update).
+
+A layer stores its adapters as ``lora_A.<name>`` (r, in) and ``lora_B.<name>`` (out, r), the
+names PEFT uses for its multi-adapter models. Every adapter starts as ``LoRALinear`` does (A
+Kaiming-uniform, B zero), so adding one changes no output until it trains.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minift.methods.common import find_modules, set_submodule
+from minift.methods.lora import LoRAConfig, lora_scaling
+
+__all__ = ["MultiLoRALinear", "add_adapter", "set_active", "delete_adapter", "adapter_names", "merge_adapter",
+           "unmerge_adapter", "mixed_batch", "multi_lora_modules"]
+
+
+class MultiLoRALinear(nn.Module):
+    """An ``nn.Linear`` (frozen; its Parameters and state-dict keys kept) with named LoRA adapters."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        self.dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.active: str | None = None                          # the adapter of every row
+        self.rows: dict[str, torch.Tensor] | None = None        # mixed batch: adapter -> its row indices
+        self.merged: str | None = None                          # the adapter folded into W0, if any
+
+    def add(self, name: str, cfg: LoRAConfig) -> None:
+        if not 1 <= cfg.r <= min(self.in_features, self.out_features):
+            raise ValueError(f"rank r={cfg.r} does not fit a {self.out_features}x{self.in_features} layer")
+        w = self.weight
+        A = torch.empty(cfg.r, self.in_features, dtype=w.dtype, device=w.device)
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(A)                                                          # (r, in)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.r, dtype=w.dtype, device=w.device))
+        self.dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.scaling[name] = lora_scaling(cfg.r, cfg.alpha, cfg.rslora)
+
+    def delete(self, name: str) -> None:
+        if self.merged == name:
+            self.unmerge()
+        for table in (self.lora_A, self.lora_B, self.dropout):
+            del table[name]
+        del self.scaling[name]
+        if self.active == name:
+            self.active = None
+
+    def update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """s B A x for adapter ``name``."""
+        return self.scaling[name] * F.linear(F.linear(self.dropout[name](x), self.lora_A[name]), self.lora_B[name])
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return self.scaling[name] * self.lora_B[name] @ self.lora_A[name]  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.weight, self.bias)  # the shared base, once for every row
+        if self.rows is not None:  # a mixed batch: each adapter on its own rows (dim 0 of x)
+            if self.merged is not None:
+                raise RuntimeError(f"adapter {self.merged!r} is merged into the base weight; unmerge it "
+                                   f"before running a mixed batch")
+            for name, rows in self.rows.items():
+                if name in self.lora_A:  # an adapter that does not target this layer adds nothing here
+                    h = h.index_add(0, rows, self.update(name, x.index_select(0, rows)))
+            return h
+        if self.merged is not None and self.active != self.merged:  # W0 holds another adapter: take it out
+            h = h - F.linear(x, self.delta_weight(self.merged))
+        if self.active is None or self.active == self.merged:
+            return h
+        return h + self.update(self.active, x)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if self.merged == name:
+            return
+        if self.merged is not None:
+            self.unmerge()
+        self.weight.add_(self.delta_weight(name))
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged is not None:
+            self.weight.sub_(self.delta_weight(self.merged))
+            self.merged = None
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, adapters="
+                f"{ {n: self.lora_A[n].shape[0] for n in self.lora_A} }, active={self.active!r}")
+
+
+def multi_lora_modules(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Every adapter on ``model``, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, m in multi_lora_modules(model):
+        names.update(dict.fromkeys(m.lora_A))
+    return list(names)
+
+
+def add_adapter(model: nn.Module, name: str, cfg: LoRAConfig) -> list[str]:
+    """Add adapter ``name`` (``cfg``: rank, alpha, dropout, rsLoRA, targets) to ``model``.
+
+    The first call wraps each target ``nn.Linear`` in a ``MultiLoRALinear``; the base weights
+    stay the same Parameters. The new adapter's A and B are trainable, nothing else changes:
+    freeze the base first (``minift.methods.common.freeze_all``) to train adapters only.
+    Returns the names of the layers that got it.
+    Raises:
+        ValueError: ``name`` is taken or not a plain identifier; the config asks for DoRA,
+            PiSSA or modules_to_save (one adapter per model covers those: ``lora.apply``);
+            a target matches no layer.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"adapter name {name!r} must be a plain identifier (letters, digits, _)")
+    if name in adapter_names(model):
+        raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it first")
+    if cfg.dora or cfg.init != "default" or cfg.modules_to_save:
+        raise ValueError("named adapters are plain LoRA (init 'default', no DoRA, no modules_to_save)")
+    found = find_modules(model, cfg.targets, (nn.Linear, MultiLoRALinear))  # none: a ValueError naming them
+    for n, m in found:
+        if not isinstance(m, MultiLoRALinear):
+            m = MultiLoRALinear(m)
+            set_submodule(model, n, m)
+        m.add(name, cfg)
+    return [n for n, _ in found]
+
+
+def set_active(model: nn.Module, name: str | None) -> None:
+    """Every row uses adapter ``name`` from now on (None: the base alone). Moves no weight."""
+    _check(model, [name])
+    for _, m in multi_lora_modules(model):
+        m.active = name if name in m.lora_A else None
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` (unmerging it first if it is merged) from every layer."""
+    _check(model, [name])
+    for _, m in multi_lora_modules(model):
+        if name in m.lora_A:
+            m.delete(name)
+
+
+def merge_adapter(model: nn.Module, name: str) -> None:
+    """Fold adapter ``name`` into the base weights (another merged adapter is unmerged first)."""
+    _check(model, [name])
+    for _, m in multi_lora_modules(model):
+        if name in m.lora_A:
+            m.merge(name)
+        else:
+            m.unmerge()
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Take the merged adapter, if any, back out of the base weights."""
+    for _, m in multi_lora_modules(model):
+        m.unmerge()
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, names: list[str | None]):
+    """Inside the ``with``, example i of every batch uses adapter ``names[i]`` (None: base only).
+
+    The batch's first dimension must be ``len(names)``, for every forward inside (generation
+    with a KV cache keeps its rows, so it works too).
+    """
+    _check(model, names)
+    layers = multi_lora_modules(model)
+    device = layers[0][1].weight.device if layers else None
+    rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
+            for n in dict.fromkeys(names) if n is not None}
+    try:
+        for _, m in layers:
+            m.rows = rows
+        yield model
+    finally:
+        for _, m in layers:
+            m.rows = None
+
+
+def _check(model: nn.Module, names) -> None:
+    known = adapter_names(model)
+    bad = [n for n in names if n is not None and n not in known]
+    if bad:
+        raise ValueError(f"no adapter named {bad[0]!r}; the model has {', '.join(known) or 'none'}")

@@ -1,0 +1,150 @@
+"""Named LoRA adapters on one base: switching, mixed batches, merging (methods/multi_lora.py)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_GPT
+from minift.methods import lora
+from minift.methods.lora import LoRAConfig
+from minift.methods.multi_lora import (MultiLoRALinear, add_adapter, adapter_names, delete_adapter, merge_adapter,
+                                       mixed_batch, set_active, unmerge_adapter)
+from minift.models.gpt import GPT, GPTConfig
+
+ADAPTERS = {"a": LoRAConfig(r=2, alpha=4, targets=("q_proj", "v_proj")),
+            "b": LoRAConfig(r=4, alpha=3, targets=("v_proj", "up_proj", "down_proj"), rslora=True),
+            "c": LoRAConfig(r=1, alpha=8, targets=("o_proj",))}
+
+
+def model_with_adapters(seed=0):
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).eval()
+    for name, cfg in ADAPTERS.items():
+        add_adapter(model, name, cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # every adapter moved off its zero start, so each one changes the output
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_adapters_have_their_own_ranks_and_targets():
+    model = model_with_adapters()
+    assert adapter_names(model) == ["a", "b", "c"]
+    v = model.layers[0].attn.v_proj
+    assert isinstance(v, MultiLoRALinear) and set(v.lora_A) == {"a", "b"}
+    assert v.lora_A["a"].shape == (2, 32) and v.lora_B["b"].shape == (32, 4)
+    assert set(model.layers[1].attn.o_proj.lora_A) == {"c"}
+    keys = set(model.state_dict())
+    assert "layers.0.attn.v_proj.lora_A.b" in keys and "layers.0.attn.v_proj.weight" in keys
+
+
+def test_one_active_adapter_equals_plain_lora_with_the_same_factors():
+    model = model_with_adapters()
+    plain = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k})
+    lora.apply(plain, ADAPTERS["b"])
+    with torch.no_grad():
+        for n, m in lora.lora_modules(plain):
+            multi = model.get_submodule(n)
+            m.lora_A.copy_(multi.lora_A["b"])
+            m.lora_B.copy_(multi.lora_B["b"])
+    set_active(model, "b")
+    ids = torch.randint(0, 97, (2, 7))
+    torch.testing.assert_close(logits(model, ids), logits(plain, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_switching_away_and_back_is_bit_exact_and_no_adapter_is_the_base():
+    model = model_with_adapters()
+    ids = torch.randint(0, 97, (2, 7))
+    set_active(model, None)
+    base = logits(model, ids)
+    set_active(model, "a")
+    first = logits(model, ids)
+    assert (first - base).abs().max() > 1e-3
+    for other in ("b", "c", None, "b"):
+        set_active(model, other)
+        logits(model, ids)
+    set_active(model, "a")
+    assert torch.equal(logits(model, ids), first)
+    w = model.layers[0].attn.q_proj.weight
+    assert w.data_ptr() == model.layers[0].attn.q_proj.weight.data_ptr()  # no copy of the base
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=6), st.integers(0, 3))
+def test_a_mixed_batch_equals_each_example_alone_with_its_adapter(names, seed):
+    model = model_with_adapters(seed % 2)
+    ids = torch.randint(0, 97, (len(names), 6), generator=torch.Generator().manual_seed(seed))
+    with mixed_batch(model, names):
+        mixed = logits(model, ids)
+    for i, name in enumerate(names):
+        set_active(model, name)
+        torch.testing.assert_close(mixed[i], logits(model, ids[i:i + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_generation_with_a_kv_cache_equals_each_row_alone():
+    model = model_with_adapters()
+    names = ["b", None, "a"]
+    prompt = torch.randint(0, 97, (3, 4), generator=torch.Generator().manual_seed(5))
+    with mixed_batch(model, names):
+        mixed = model.generate(prompt, max_new_tokens=6, temperature=0)
+    for i, name in enumerate(names):
+        set_active(model, name)
+        assert torch.equal(model.generate(prompt[i:i + 1], max_new_tokens=6, temperature=0)[0], mixed[i])
+
+
+def test_gradients_of_a_mixed_batch_reach_each_adapter_only_from_its_rows():
+    model = model_with_adapters()
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n)
+    ids = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(2))
+    with mixed_batch(model, ["a", "a", "b"]):
+        model(ids, ids).loss.backward()
+    assert model.layers[0].attn.q_proj.lora_B["a"].grad.abs().sum() > 0
+    assert model.layers[0].attn.v_proj.lora_B["b"].grad.abs().sum() > 0
+    assert model.layers[0].attn.o_proj.lora_B["c"].grad is None  # no row used c
+
+
+def test_merge_and_unmerge_by_name():
+    model = model_with_adapters()
+    ids = torch.randint(0, 97, (2, 7))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_active(model, "b")
+    want_b = logits(model, ids)
+    set_active(model, "a")
+    want_a = logits(model, ids)
+    merge_adapter(model, "a")
+    torch.testing.assert_close(logits(model, ids), want_a, rtol=1e-5, atol=1e-5)
+    set_active(model, "b")  # a is merged: b's rows take it back out
+    torch.testing.assert_close(logits(model, ids), want_b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="'a' is merged into the base weight; unmerge it"):
+        with mixed_batch(model, ["a", "b"]):
+            model(ids)
+    unmerge_adapter(model)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=1e-6)
+
+
+def test_delete_and_bad_names():
+    model = model_with_adapters()
+    delete_adapter(model, "b")
+    assert adapter_names(model) == ["a", "c"]
+    assert not any(".b" in k for k in model.state_dict() if "lora_" in k)
+    with pytest.raises(ValueError, match="no adapter named 'b'; the model has a, c"):
+        set_active(model, "b")
+    with pytest.raises(ValueError, match="no adapter named 'zz'"):
+        with mixed_batch(model, ["a", "zz"]):
+            pass
+    with pytest.raises(ValueError, match="already has an adapter named 'a'"):
+        add_adapter(model, "a", ADAPTERS["a"])
+    with pytest.raises(ValueError, match="plain identifier"):
+        add_adapter(model, "x.y", ADAPTERS["a"])
+    with pytest.raises(ValueError, match="named adapters are plain LoRA"):
+        add_adapter(model, "d", LoRAConfig(r=2, dora=True))
