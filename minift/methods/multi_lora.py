@@ -53,6 +53,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         self.dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.settings: dict[str, tuple[float, bool]] = {}     # name -> (alpha, rslora), for its files
         self.active: str | None = None                          # the adapter of every row
         self.rows: dict[str, torch.Tensor] | None = None        # mixed batch: adapter -> its row indices
         self.merged: str | None = None                          # the adapter folded into W0, if any
@@ -67,13 +68,14 @@ class MultiLoRALinear(nn.Module):
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.r, dtype=w.dtype, device=w.device))
         self.dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.scaling[name] = lora_scaling(cfg.r, cfg.alpha, cfg.rslora)
+        self.settings[name] = (cfg.alpha, cfg.rslora)
 
     def delete(self, name: str) -> None:
         if self.merged == name:
             self.unmerge()
         for table in (self.lora_A, self.lora_B, self.dropout):
             del table[name]
-        del self.scaling[name]
+        del self.scaling[name], self.settings[name]
         if self.active == name:
             self.active = None
 

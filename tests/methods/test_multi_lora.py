@@ -148,3 +148,63 @@ def test_delete_and_bad_names():
         add_adapter(model, "x.y", ADAPTERS["a"])
     with pytest.raises(ValueError, match="named adapters are plain LoRA"):
         add_adapter(model, "d", LoRAConfig(r=2, dora=True))
+
+
+# ---------------------------------------------------------------------------- files, both ways with PEFT
+
+def test_named_adapters_round_trip_and_load_in_peft(tmp_path):
+    from conftest import hf_gpt2
+    from minift.adapters.multi import load_adapters, save_adapters
+    peft = pytest.importorskip("peft")
+    hf, d = hf_gpt2(tmp_path / "base")
+    model = GPT.from_pretrained(d).eval()
+    for name, cfg in ADAPTERS.items():
+        add_adapter(model, name, cfg)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    ids = torch.randint(0, 97, (2, 7))
+    dirs = save_adapters(model, tmp_path / "ads")
+    assert [p.name for p in dirs] == ["a", "b", "c"]
+    again = GPT.from_pretrained(d).eval()
+    assert load_adapters(again, tmp_path / "ads") == ["a", "b", "c"]
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ads" / "a"), adapter_name="a").eval()
+    for name in ("b", "c"):
+        pm.load_adapter(str(tmp_path / "ads" / name), adapter_name=name)
+    for name in ADAPTERS:
+        set_active(model, name)
+        set_active(again, name)
+        pm.set_adapter(name)
+        want = logits(model, ids)
+        # minift -> files -> minift (GPT-2's q, k, v travel through the fused c_attn: rounding only)
+        torch.testing.assert_close(logits(again, ids), want, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_peft_multi_adapter_directory_loads_as_named_adapters(tmp_path):
+    from conftest import hf_gpt2
+    from minift.adapters.multi import load_adapters
+    peft = pytest.importorskip("peft")
+    hf, d = hf_gpt2(tmp_path / "base")
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                 task_type="CAUSAL_LM"))
+    pm.add_adapter("other", peft.LoraConfig(r=3, lora_alpha=5, target_modules=["c_fc"], fan_in_fan_out=True,
+                                            task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    pm.eval().save_pretrained(tmp_path / "theirs")  # "default" at the top, "other" in a subdirectory
+    model = GPT.from_pretrained(d).eval()
+    assert load_adapters(model, tmp_path / "theirs") == ["default", "other"]
+    ids = torch.randint(0, 97, (2, 7))
+    for name in ("default", "other"):
+        pm.set_adapter(name)
+        set_active(model, name)
+        with torch.no_grad():
+            torch.testing.assert_close(logits(model, ids), pm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="already has an adapter named 'default'"):
+        load_adapters(model, tmp_path / "theirs", names=["default"])

@@ -1,0 +1,131 @@
+"""Files of a model's named adapters (``minift.methods.multi_lora``): one directory per adapter.
+
+    DIR/<name>/adapter_config.json + adapter_model.safetensors     (layout="peft", the default)
+    DIR/<name>/minift_adapter.json + adapter.safetensors            (layout="minift")
+
+PEFT keeps a multi-adapter model the same way: ``save_pretrained`` writes its adapter named
+"default" at the top of the directory and every other adapter in a subdirectory of its name, so
+``PeftModel.from_pretrained(model, "DIR/<name>", adapter_name="<name>")`` loads what
+``save_adapters`` writes, and ``load_adapters`` reads PEFT's directory (the top-level adapter
+as "default"). Each adapter's files are those of a single-adapter model: for each named adapter
+the model is shown to ``save_adapter`` / ``load_adapter`` as a plain LoRA model (its
+``MultiLoRALinear`` layers swapped, for the call, for ``LoRALinear`` / ``nn.Linear`` views that
+share the same Parameters), so the name mapping and file checks of ``adapters/lora.py`` are used
+as they are.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch.nn as nn
+
+from minift.adapters import load_adapter, save_adapter
+from minift.adapters.io import LAYOUTS, adapter_files
+from minift.files import InputError
+from minift.methods import lora
+from minift.methods.common import set_submodule
+from minift.methods.multi_lora import MultiLoRALinear, adapter_names, multi_lora_modules
+
+__all__ = ["save_adapters", "load_adapters"]
+
+
+def save_adapters(model: nn.Module, path, *, layout: str = "peft") -> list[Path]:
+    """Write every named adapter of ``model`` to ``path/<name>``; returns those directories."""
+    names = adapter_names(model)
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no named adapters (minift.methods.multi_lora.add_adapter)")
+    out = []
+    for name in names:
+        with _as_single(model, name):
+            save_adapter(model, Path(path) / name, layout=layout)
+        out.append(Path(path) / name)
+    return out
+
+
+def load_adapters(model: nn.Module, path, names: list[str] | None = None) -> list[str]:
+    """Add the adapters stored under directory ``path`` to ``model`` as named adapters.
+
+    Each subdirectory holding a LoRA adapter (either layout) is one adapter, named after it; an
+    adapter at the top of ``path`` (PEFT's "default") is named "default". ``names`` picks some.
+    Returns the names added, in order. A name the model already has, a file that is not plain
+    LoRA (DoRA, AdaLoRA, modules_to_save, prefix or prompt) or a bad file is an error (InputError
+    naming the file, or ValueError); adapters added before the error stay.
+    """
+    path = Path(path)
+    found = {}
+    if _is_adapter_dir(path):
+        found["default"] = path
+    if path.is_dir():
+        found.update({d.name: d for d in sorted(path.iterdir()) if d.is_dir() and _is_adapter_dir(d)})
+    if not found:
+        raise InputError(f"{path}: no adapter directory in it (adapter_config.json or minift_adapter.json, "
+                         f"at the top or in subdirectories named after the adapters)")
+    if names is not None:
+        missing = [n for n in names if n not in found]
+        if missing:
+            raise InputError(f"{path}: no adapter named {missing[0]!r}; it has {', '.join(found)}")
+        found = {n: found[n] for n in names}
+    taken = [n for n in found if n in adapter_names(model)]
+    if taken:
+        raise ValueError(f"the model already has an adapter named {taken[0]!r}")
+    for name, d in found.items():
+        _load_one(model, name, d)
+    return list(found)
+
+
+def _is_adapter_dir(d: Path) -> bool:
+    return any(adapter_files(d, layout)[0].is_file() for layout in LAYOUTS)
+
+
+def _load_one(model: nn.Module, name: str, d: Path) -> None:
+    with _as_single(model, None):  # every adapted layer a plain nn.Linear view for the call
+        load_adapter(model, d)
+        layers = lora.lora_modules(model)
+        odd = [n for n, m in layers if m.dora] + [n for n, p in model.named_parameters()
+                                                 if p.requires_grad and "lora_" not in n]
+        if odd or not layers:
+            for n, m in layers:
+                set_submodule(model, n, _linear(m))
+            raise ValueError(f"{d}: a named adapter must be plain LoRA (no DoRA, AdaLoRA or modules_to_save)")
+        loaded = {n: m for n, m in layers}
+        for n, m in layers:  # the LoRALinear layers become plain again; their factors move below
+            set_submodule(model, n, _linear(m))
+    for n, m in loaded.items():
+        multi = model.get_submodule(n)
+        if not isinstance(multi, MultiLoRALinear):
+            multi = MultiLoRALinear(multi)
+            set_submodule(model, n, multi)
+        multi.lora_A[name], multi.lora_B[name] = m.lora_A, m.lora_B
+        multi.dropout[name], multi.scaling[name], multi.settings[name] = m.dropout, m.scaling, (m.alpha, m.rslora)
+
+
+@contextlib.contextmanager
+def _as_single(model: nn.Module, name: str | None):
+    """Within the ``with``, every ``MultiLoRALinear`` of ``model`` is a ``LoRALinear`` holding
+    adapter ``name``'s own Parameters (layers without it, or ``name`` None: an ``nn.Linear``);
+    afterwards the multi-adapter layers are back as they were."""
+    swapped = multi_lora_modules(model)
+    try:
+        for n, m in swapped:
+            set_submodule(model, n, _view(m, name) if name in m.lora_A else _linear(m))
+        yield model
+    finally:
+        for n, m in swapped:
+            set_submodule(model, n, m)
+
+
+def _linear(m) -> nn.Linear:
+    """An nn.Linear holding ``m``'s own weight and bias Parameters (nothing copied)."""
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    lin.weight, lin.bias = m.weight, m.bias
+    return lin
+
+
+def _view(m: MultiLoRALinear, name: str) -> lora.LoRALinear:
+    """A LoRALinear holding adapter ``name``'s Parameters of ``m`` (nothing copied)."""
+    A, B = m.lora_A[name], m.lora_B[name]
+    alpha, rslora = m.settings[name]
+    view = lora.LoRALinear(_linear(m), A.shape[0], alpha, rslora=rslora)
+    view.lora_A, view.lora_B, view.dropout, view.scaling = A, B, m.dropout[name], m.scaling[name]
+    return view
