@@ -1,0 +1,65 @@
+"""K LoRA jobs trained together (training/many.py) follow K separate `train` runs step by step."""
+import pytest
+import torch
+
+from minift.methods import lora
+from minift.methods.lora import LoRAConfig
+from minift.models.gpt import GPT, GPTConfig
+from minift.training.loop import TrainConfig, train
+from minift.training.many import Job, add_jobs, train_many
+
+TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
+
+
+def base(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**TINY))
+
+
+def data(n, B, T, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, 97, (B, T), generator=g)
+        mask = torch.ones_like(x)
+        mask[0, -2:] = 0
+        out.append({"input_ids": x, "attention_mask": mask, "labels": x.masked_fill(mask == 0, -100)})
+    return out
+
+
+def jobs():
+    kw = dict(progress=False, plot=False)
+    return [Job("a", LoRAConfig(r=2, alpha=4, targets=("q_proj", "v_proj")), data(3, 2, 12, 1),
+                TrainConfig(lr=1e-2, steps=6, warmup=2, schedule="cosine", weight_decay=0.1, seed=1, **kw)),
+            Job("b", LoRAConfig(r=4, alpha=3, targets=("up_proj", "down_proj"), rslora=True), data(2, 3, 9, 2),
+                TrainConfig(lr=5e-3, steps=4, schedule="linear", seed=2, max_grad_norm=0.05, **kw)),
+            Job("c", LoRAConfig(r=1, alpha=8, targets=("q_proj", "o_proj")), data(4, 1, 16, 3),
+                TrainConfig(lr=2e-2, steps=5, schedule="constant", seed=3, **kw))]
+
+
+def test_jobs_trained_together_equal_each_trained_alone():
+    model, js = base(), jobs()
+    add_jobs(model, js)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    together = train_many(model, js)
+    for j in js:
+        alone = base()
+        lora.apply(alone, j.lora)
+        with torch.no_grad():
+            for name, m in lora.lora_modules(alone):
+                m.lora_A.copy_(start[f"{name}.lora_A.{j.name}"])  # the same starting adapter
+        want = train(alone, j.batches, j.cfg).losses
+        assert len(together.losses[j.name]) == len(want) == j.cfg.steps
+        assert together.losses[j.name] == pytest.approx(want, rel=1e-5, abs=1e-6)
+        for name, m in lora.lora_modules(alone):  # and the adapters end where the separate runs end
+            got = model.get_submodule(name).lora_B[j.name]
+            torch.testing.assert_close(got, m.lora_B, rtol=1e-4, atol=1e-5)
+
+
+def test_job_names_must_differ_and_grad_accum_is_one():
+    js = jobs()
+    with pytest.raises(ValueError, match="job names must differ"):
+        add_jobs(base(), [js[0], js[0]])
+    js[1].cfg = TrainConfig(lr=1e-3, steps=2, grad_accum=2, progress=False)
+    with pytest.raises(ValueError, match="job b: train_many runs grad_accum 1"):
+        add_jobs(base(), js)
