@@ -14,12 +14,18 @@ from minift.files import InputError, field
 from minift.methods import prefix, prompt
 
 
-# Both learn one table: prefix tuning (P, 2 * n_layer * n_embd) — per virtual token, layer by
-# layer, the key then the value, each n_head x head_dim — and prompt tuning (P, n_embd). PEFT
-# stores it as the single tensor "prompt_embeddings" (for a reparameterized prefix: the table
-# the MLP computes, as prefix.export does) and modules to save under "base_model.<HF name>"
-# (no ".model": a prompt-learning PeftModel wraps the transformers model directly). The
-# minift layout keeps the module's own tensors (the MLP too, so training can resume).
+# Both learn one table: prefix tuning (P, 2 * n_layer * n_kv_head * head_dim) — per virtual
+# token, layer by layer, the key then the value, each n_kv_head x head_dim — and prompt tuning
+# (P, n_embd). PEFT stores it as the single tensor "prompt_embeddings" (for a reparameterized
+# prefix: the table the MLP computes, as prefix.export does) and modules to save under
+# "base_model.<HF name>" (no ".model": a prompt-learning PeftModel wraps the transformers model
+# directly). The minift layout keeps the module's own tensors (the MLP too, so training can resume).
+#
+# PEFT's config describes the table by token_dim and num_attention_heads. For a prompt they are
+# the model's width and query heads; for a prefix on a model with grouped-query attention
+# (transformers' config has num_key_value_heads) PEFT sets them to the key/value heads and
+# their width (head_dim * num_key_value_heads), the shape of its cache: so minift's prefix writes
+# and checks n_kv_head and n_kv_head * head_dim, which for GPT-2 and BERT are n_head and n_embd.
 
 PEFT_PROMPT_PREFIX = "base_model."
 _PEFT_PROMPT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}  # "text": see prompt_learning_to_peft
@@ -27,6 +33,14 @@ _PEFT_PROMPT_INIT = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB"}  # "text": see
 
 def _virtual_module(model: nn.Module, kind: str):
     return model.prefix_encoder if kind == "PREFIX_TUNING" else model.soft_prompt
+
+
+def _peft_dims(model: nn.Module, kind: str) -> dict:
+    """The shape fields of PEFT's config for a ``kind`` table on ``model`` (see above)."""
+    d = prefix.model_dims(model)
+    if kind == "PREFIX_TUNING":
+        return {"num_layers": d.n_layer, "token_dim": d.n_kv_head * d.head_dim, "num_attention_heads": d.n_kv_head}
+    return {"num_layers": d.n_layer, "token_dim": d.n_embd, "num_attention_heads": d.n_head}
 
 
 def prompt_learning_check_config(config: dict, layout: str, where) -> None:
@@ -46,10 +60,10 @@ def prompt_learning_check_config(config: dict, layout: str, where) -> None:
 
 
 def prompt_learning_to_peft(model: nn.Module, kind: str) -> tuple[dict, dict]:
-    n_layer, n_head, n_embd, _ = prefix.model_dims(model)
+    dims = _peft_dims(model, kind)
     mod = _virtual_module(model, kind)
     cfg = mod.config
-    table = mod.table() if kind == "PREFIX_TUNING" else mod.embedding  # (P, 2LC) or (P, C)
+    table = mod.table() if kind == "PREFIX_TUNING" else mod.embedding  # (P, 2LD) or (P, C)
     tensors = {"prompt_embeddings": table.detach()}
     mmap, to_save = module_map(model), set()
     for key, p in modules_to_save_params(model, cfg.modules_to_save).items():
@@ -57,12 +71,11 @@ def prompt_learning_to_peft(model: nn.Module, kind: str) -> tuple[dict, dict]:
         tensors[PEFT_PROMPT_PREFIX + hk] = p.t() if transpose else p
         to_save.add(hk.rpartition(".")[0])
     config = {"peft_type": kind, "task_type": task_type(model), "num_virtual_tokens": mod.num_virtual_tokens,
-              "token_dim": n_embd, "num_transformer_submodules": 1, "num_attention_heads": n_head,
-              "num_layers": n_layer, "modules_to_save": sorted(to_save) or None, "inference_mode": True,
-              "base_model_name_or_path": None, "revision": None}
+              **dims, "num_transformer_submodules": 1, "modules_to_save": sorted(to_save) or None,
+              "inference_mode": True, "base_model_name_or_path": None, "revision": None}
     if kind == "PREFIX_TUNING":
         config.update(prefix_projection=cfg.projection_dim is not None, init_weights=None,
-                      encoder_hidden_size=cfg.projection_dim or n_embd)
+                      encoder_hidden_size=cfg.projection_dim or dims["token_dim"])
     else:  # PEFT's TEXT init needs a tokenizer it can load by name; the init no longer matters once trained
         config.update(prompt_tuning_init=_PEFT_PROMPT_INIT.get(cfg.init, "RANDOM"), prompt_tuning_init_text=None,
                       tokenizer_name_or_path=None, tokenizer_kwargs=None)
@@ -71,11 +84,9 @@ def prompt_learning_to_peft(model: nn.Module, kind: str) -> tuple[dict, dict]:
 
 def prompt_learning_from_peft(model: nn.Module, config: dict, tensors: dict) -> None:
     kind = config["peft_type"]
-    n_layer, n_head, n_embd, _ = prefix.model_dims(model)
     if (config.get("num_transformer_submodules") or 1) != 1:
         raise ConfigError("adapter was saved for an encoder-decoder model (num_transformer_submodules=2)")
-    want = {"num_layers": n_layer, "token_dim": n_embd, "num_attention_heads": n_head}
-    for k, v in want.items():
+    for k, v in _peft_dims(model, kind).items():
         if config.get(k) is not None and config[k] != v:
             raise ConfigError(f"adapter has {k}={config[k]}, this model has {v}: saved for a model of another shape")
     if "prompt_embeddings" not in tensors:

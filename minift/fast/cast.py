@@ -13,8 +13,9 @@ backward. Casting once makes one bf16 copy that all of them read:
              --cast--> lora_A (each)                                      --> lora_A ...
 
 The mechanism is PyTorch's documented forward pre-hook (``nn.Module.register_forward_pre_hook``)
-on every ``layers.SelfAttention`` and every GPT / BERT ``MLP``: the hook returns the module's
-first input cast to the autocast dtype, and the module's own ``forward`` runs unchanged on it.
+on every ``layers.SelfAttention``, Llama ``Attention`` and GPT / BERT / Llama ``MLP`` (Llama's
+SwiGLU reads its input twice, by gate_proj and up_proj): the hook returns the module's first
+input cast to the autocast dtype, and the module's own ``forward`` runs unchanged on it.
 Nothing is replaced or patched: the module tree, the state-dict keys and the reference
 ``forward`` code stay exactly as they are, and the hook does nothing outside autocast. In BERT
 the attention and MLP read the residual stream itself; the cast copy lives only inside the
@@ -33,10 +34,11 @@ import weakref
 import torch
 import torch.nn as nn
 
-from minift.models import bert, gpt
+from minift.models import bert, gpt, llama
 from minift.models.layers import SelfAttention
 
-CAST_INPUT = (SelfAttention, gpt.MLP, bert.MLP)  # the modules whose first input is cast once
+# the modules whose first input is cast once
+CAST_INPUT = (SelfAttention, gpt.MLP, bert.MLP, llama.Attention, llama.MLP)
 
 _handles: weakref.WeakKeyDictionary[nn.Module, torch.utils.hooks.RemovableHandle] = weakref.WeakKeyDictionary()
 
@@ -55,7 +57,7 @@ def enable(model: nn.Module) -> list[str]:
     """Cast the input of every attention and MLP in ``model`` once per forward under autocast.
 
     Args:
-        model: a GPT, Bert or BertClassifier (any module holding them).
+        model: a GPT, Llama, Bert or BertClassifier (any module holding them).
     Returns:
         The names of the modules that got the hook (``[]`` when it is already on everywhere).
     """

@@ -9,6 +9,10 @@ ULMFiT (Howard & Ruder 2018): *gradual unfreezing* starts with the top group tra
 unfreezes one more group downward every k steps; *discriminative fine-tuning* gives layer ℓ
 of L the learning rate  η_ℓ = η / decay^(L-1-ℓ)  (decay = 2.6 in the paper).
 BitFit (Ben Zaken et al. 2021): train only the bias terms  b  of every layer (and the head).
+Llama has no bias terms by default (Qwen2's q/k/v biases, or ``attention_bias`` /
+``mlp_bias``, add some); a model without any leaves BitFit nothing to train, and ``bitfit``
+refuses it rather than train something else under BitFit's name (the RMSNorm weights, say,
+which are scales, not biases).
 
     bottom_up (L=4)   top_down      alternating    ratio=0.75    (* trainable, · frozen)
     head     *        head     *    head     *     head     *
@@ -18,9 +22,10 @@ BitFit (Ben Zaken et al. 2021): train only the bias terms  b  of every layer (an
     block 0  ·        block 0  *    block 0  ·     block 0  ·
     embed    ·        embed    ·    embed    ·     embed    ·
 
-The final LayerNorm (GPT) and the pooler (BERT) sit on top of the last block and follow it;
-the classification head (``modules_to_save``) always stays trainable. GPT's LM head is tied
-to the token embedding, so it follows ``freeze_embeddings``.
+The final norm (GPT's LayerNorm, Llama's RMSNorm), the pooler (BERT) and an untied LM head
+(Llama's ``lm_head``) sit on top of the last block and follow it; the classification head
+(``modules_to_save``) always stays trainable. A tied LM head (GPT-2's, a tied Llama's) is the
+token embedding, so it follows ``freeze_embeddings``.
 
 Frozen layers cost less, not only train less. When the embeddings and every block below the
 first trainable one are frozen, nothing below that block needs a gradient, so the model runs
@@ -41,6 +46,7 @@ import torch.nn as nn
 from minift.methods.common import freeze_all, unfreeze_modules
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
+from minift.models.llama import Llama
 
 STRATEGIES = ("bottom_up", "top_down", "alternating", "ratio", "adaptive", "layers")
 _NEEDS = {"ratio": "ratio", "adaptive": "task_similarity", "layers": "layers"}
@@ -115,21 +121,26 @@ def frozen_layers(cfg: FreezeConfig, n_layer: int) -> list[int]:
 
 @dataclass
 class _Parts:
-    backbone: nn.Module  # the GPT or Bert that carries grad_from_layer
+    backbone: nn.Module  # the GPT, Llama or Bert that carries grad_from_layer
     embeddings: list[tuple[str, nn.Parameter]]
     layers: list[list[tuple[str, nn.Parameter]]]  # one list per block, bottom to top
     rest: list[tuple[str, nn.Parameter]]  # final norm / pooler, head and anything else
 
 
 def _parts(model: nn.Module) -> _Parts:
-    """Split the parameters of a GPT, Bert or BertClassifier into embeddings, blocks and the rest."""
+    """Split the parameters of a GPT, Llama, Bert or BertClassifier into embeddings, blocks and the rest."""
     if isinstance(model, BertClassifier):
         bb = model.bert
-    elif isinstance(model, (GPT, Bert)):
+    elif isinstance(model, (GPT, Llama, Bert)):
         bb = model
     else:
-        raise ValueError(f"freezing works on GPT, Bert and BertClassifier models, got {type(model).__name__}")
-    emb_modules = (bb.wte, bb.wpe) if isinstance(bb, GPT) else (bb.embeddings,)
+        raise ValueError(f"freezing works on GPT, Llama, Bert and BertClassifier models, got {type(model).__name__}")
+    if isinstance(bb, GPT):
+        emb_modules = (bb.wte, bb.wpe)
+    elif isinstance(bb, Llama):
+        emb_modules = (bb.embed_tokens,)  # no position table: RoPE turns q and k inside attention
+    else:
+        emb_modules = (bb.embeddings,)  # words, positions, token types and their LayerNorm
     emb_ids = {id(p) for m in emb_modules for p in m.parameters()}
     layer_of = {id(p): i for i, block in enumerate(bb.layers) for p in block.parameters()}
     parts = _Parts(bb, [], [[] for _ in bb.layers], [])
@@ -194,14 +205,21 @@ def apply(model: nn.Module, cfg: FreezeConfig) -> list[str]:
 
 def bitfit(model: nn.Module, modules_to_save=("classifier",)) -> list[str]:
     """BitFit: train only parameters named exactly ``bias`` (every Linear and LayerNorm bias,
-    embeddings' LayerNorm included) plus the head; return the trainable names."""
+    embeddings' LayerNorm included) plus the head; return the trainable names.
+
+    Raises:
+        ValueError: the model has no bias terms (a Llama without attention or MLP biases).
+    """
     if isinstance(modules_to_save, str):
         modules_to_save = (modules_to_save,)
     _parts(model)  # checks the model type
+    biases = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
+    if not biases:
+        raise ValueError(f"BitFit trains bias terms and this {type(model).__name__} has none (no attention or MLP "
+                         f"biases); choose another method, e.g. lora")
     freeze_all(model)
-    for name, p in model.named_parameters():
-        if name.rsplit(".", 1)[-1] == "bias":
-            p.requires_grad_(True)
+    for p in biases:
+        p.requires_grad_(True)
     _unfreeze_head(model, modules_to_save)
     sync_grad_from_layer(model)
     return _trainable(model)

@@ -24,7 +24,7 @@ def apply(model: nn.Module) -> list[str]:
     for name, p in model.named_parameters():
         p.requires_grad_(True)
         names.append(name)
-    for m in model.modules():  # GPT / Bert (also the Bert inside a BertClassifier)
+    for m in model.modules():  # GPT / Llama / Bert (also the Bert inside a BertClassifier)
         if hasattr(m, "grad_from_layer"):
             m.grad_from_layer = 0
     return names

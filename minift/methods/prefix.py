@@ -8,18 +8,22 @@ all weights of the model stay frozen:
 
     layer l:   keys    [ Pk_1 .. Pk_P | k_1 .. k_T ]     (P learned + T computed)
                values  [ Pv_1 .. Pv_P | v_1 .. v_T ]
-                          ▲ seen by every query      ▲ causal (GPT) or full (BERT)
+                          ▲ seen by every query      ▲ causal (GPT, Llama) or full (BERT)
 
 The real tokens take positions P, P+1, ... (the KV-cache convention: a prefix is exactly a
-cache of P tokens nobody wrote). So on GPT a prefix initialized from the activations of P
-real tokens ("tokens" init, the paper's better init) reproduces running those tokens first
-(not on BERT, where those tokens would also have attended to the text).
+cache of P tokens nobody wrote; Llama's prefix keys count as already turned by RoPE). So on
+GPT and Llama a prefix initialized from the activations of P real tokens ("tokens" init, the
+paper's better init) reproduces running those tokens first (not on BERT, where those tokens
+would also have attended to the text).
 
-The learned table has PEFT's layout: one row per virtual token, (2 * n_layer * n_embd)
-wide, read as (n_layer, k|v, n_head, head_dim). With ``projection_dim`` the table is
-reparameterized, as the paper found direct optimization unstable:
+The learned table has PEFT's layout: one row per virtual token, (2 * n_layer * D) wide,
+read as (n_layer, k|v, n_kv_head, head_dim), with D = n_kv_head * head_dim the width of one
+layer's keys. On GPT-2 and BERT D is the model width C; Llama's grouped-query attention has
+fewer key/value heads than query heads (each shared by a group of queries), and a prefix is
+keys and values, so it has only n_kv_head heads: a smaller table. With ``projection_dim``
+the table is reparameterized, as the paper found direct optimization unstable:
 
-    table = Linear(projection_dim -> 2 L C)( tanh( Linear(C -> projection_dim)(E) ) ),  E: (P, C)
+    table = Linear(projection_dim -> 2 L D)( tanh( Linear(D -> projection_dim)(E) ) ),  E: (P, D)
 
 and ``export`` replaces the MLP by the table it computes (identical outputs; no MLP left to run).
 """
@@ -35,6 +39,7 @@ from minift.methods.common import (base_model_only, check_virtual_tokens, freeze
                                    unfreeze_modules)
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
+from minift.models.llama import Llama
 
 INITS = ("random", "tokens")
 RANDOM_STD = 0.02  # the initializer range of GPT-2 and BERT
@@ -69,20 +74,21 @@ class PrefixConfig:
 
 
 class PrefixEncoder(nn.Module):
-    """P virtual tokens -> one (k, v) pair per layer, each (B, n_head, P, head_dim)."""
+    """P virtual tokens -> one (k, v) pair per layer, each (B, n_kv_head, P, head_dim)."""
 
-    def __init__(self, cfg: PrefixConfig, n_layer: int, n_head: int, n_embd: int, max_positions: int):
+    def __init__(self, cfg: PrefixConfig, n_layer: int, n_kv_head: int, head_dim: int, max_positions: int):
         super().__init__()
         self.config = cfg
-        self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
+        self.n_layer, self.n_kv_head, self.head_dim = n_layer, n_kv_head, head_dim
         self.max_positions = max_positions
-        P, width = cfg.num_virtual_tokens, 2 * n_layer * n_embd
+        D = n_kv_head * head_dim  # one layer's keys (or values) per token
+        P, width = cfg.num_virtual_tokens, 2 * n_layer * D
         if cfg.projection_dim is None:
-            self.embedding = nn.Parameter(torch.randn(P, width) * RANDOM_STD)  # (P, 2LC)
+            self.embedding = nn.Parameter(torch.randn(P, width) * RANDOM_STD)  # (P, 2LD)
             self.transform = None
         else:
-            self.embedding = nn.Parameter(torch.randn(P, n_embd))  # (P, C), the MLP's input
-            self.transform = nn.Sequential(nn.Linear(n_embd, cfg.projection_dim), nn.Tanh(),
+            self.embedding = nn.Parameter(torch.randn(P, D))  # (P, D), the MLP's input (PEFT's token_dim)
+            self.transform = nn.Sequential(nn.Linear(D, cfg.projection_dim), nn.Tanh(),
                                            nn.Linear(cfg.projection_dim, width))
 
     @property
@@ -90,14 +96,14 @@ class PrefixEncoder(nn.Module):
         return self.embedding.shape[0]
 
     def table(self) -> torch.Tensor:
-        """The (P, 2 * n_layer * n_embd) prefix table (PEFT's ``prompt_embeddings``)."""
+        """The (P, 2 * n_layer * n_kv_head * head_dim) prefix table (PEFT's ``prompt_embeddings``)."""
         return self.embedding if self.transform is None else self.transform(self.embedding)
 
     def forward(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        P, L, nh = self.num_virtual_tokens, self.n_layer, self.n_head
-        t = self.table().view(P, 2 * L, nh, self.n_embd // nh)  # (P, 2L, nh, hs); row 2l = k, 2l+1 = v
-        t = t.permute(1, 2, 0, 3)  # (2L, nh, P, hs)
-        return [(t[2 * i][None].expand(batch_size, -1, -1, -1),  # (B, nh, P, hs)
+        P, L, nkv = self.num_virtual_tokens, self.n_layer, self.n_kv_head
+        t = self.table().view(P, 2 * L, nkv, self.head_dim)  # (P, 2L, nkv, hs); row 2l = k, 2l+1 = v
+        t = t.permute(1, 2, 0, 3)  # (2L, nkv, P, hs)
+        return [(t[2 * i][None].expand(batch_size, -1, -1, -1),  # (B, nkv, P, hs)
                  t[2 * i + 1][None].expand(batch_size, -1, -1, -1)) for i in range(L)]
 
     def extend(self, batch: dict) -> dict:
@@ -118,21 +124,51 @@ class PrefixEncoder(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"P={self.num_virtual_tokens}, layers={self.n_layer}, heads={self.n_head}, "
+        return (f"P={self.num_virtual_tokens}, layers={self.n_layer}, kv_heads={self.n_kv_head}, "
                 f"projection_dim={None if self.transform is None else self.config.projection_dim}")
 
 
-# ---------------------------------------------------------------------------- apply / export
+# ---------------------------------------------------------------------------- what they read of a model
 
-def model_dims(model: nn.Module) -> tuple[int, int, int, int]:
-    """(n_layer, n_head, n_embd, max_positions) of a GPT, Bert or BertClassifier."""
+@dataclass(frozen=True)
+class ModelDims:
+    """The shape prefix and prompt tuning read of a model (``model_dims``)."""
+    n_layer: int
+    n_head: int  # query heads
+    n_kv_head: int  # key/value heads: a prefix has this many (Llama's GQA: fewer than n_head)
+    head_dim: int
+    n_embd: int  # the width of a token embedding: a soft prompt's rows
+    max_positions: int  # prefix or prompt + text must fit (Llama: the context it was trained for)
+
+
+def _unsupported(model: nn.Module) -> TypeError:
+    return TypeError(f"prefix and prompt tuning support GPT, Llama, Bert and BertClassifier, got "
+                     f"{type(model).__name__}")
+
+
+def model_dims(model: nn.Module) -> ModelDims:
+    """The ``ModelDims`` of a GPT, Llama, Bert or BertClassifier."""
     c = model.config
     if isinstance(model, GPT):
-        return c.n_layer, c.n_head, c.n_embd, c.block_size
+        return ModelDims(c.n_layer, c.n_head, c.n_head, c.n_embd // c.n_head, c.n_embd, c.block_size)
+    if isinstance(model, Llama):
+        return ModelDims(c.n_layer, c.n_head, c.n_kv_head, c.head_dim, c.n_embd, c.max_position_embeddings)
     if isinstance(model, (Bert, BertClassifier)):
-        return c.n_layer, c.n_head, c.n_embd, c.max_position_embeddings
-    raise TypeError(f"prefix tuning supports GPT, Bert and BertClassifier, got {type(model).__name__}")
+        return ModelDims(c.n_layer, c.n_head, c.n_head, c.n_embd // c.n_head, c.n_embd, c.max_position_embeddings)
+    raise _unsupported(model)
 
+
+def token_embedding(model: nn.Module) -> nn.Embedding:
+    """The table a model looks its input ids up in: Llama's ``embed_tokens`` (transformers'
+    name), GPT's ``wte`` (BERT's ``embeddings.word_embeddings``, under GPT's name)."""
+    if isinstance(model, Llama):
+        return model.embed_tokens
+    if isinstance(model, (GPT, Bert, BertClassifier)):
+        return model.wte
+    raise _unsupported(model)
+
+
+# ---------------------------------------------------------------------------- apply / export
 
 def apply(model: nn.Module, cfg: PrefixConfig, tokenizer=None) -> list[str]:
     """Freeze ``model`` (except ``cfg.modules_to_save``) and attach ``model.prefix_encoder``.
@@ -141,24 +177,24 @@ def apply(model: nn.Module, cfg: PrefixConfig, tokenizer=None) -> list[str]:
         raise ValueError("model already has a prefix_encoder; delete it before applying prefix tuning again")
     if getattr(model, "soft_prompt", None) is not None:
         raise ValueError("model has a soft_prompt; prefix and prompt tuning are not combined here")
-    n_layer, n_head, n_embd, max_positions = model_dims(model)
+    d = model_dims(model)
     P = cfg.num_virtual_tokens
-    if P >= max_positions:
+    if P >= d.max_positions:
         raise ValueError(f"num_virtual_tokens ({P}) leaves no room for text: the model has "
-                         f"{max_positions} positions")
+                         f"{d.max_positions} positions")
     ids = init_token_ids(cfg, tokenizer, model.config.vocab_size) if cfg.init == "tokens" else None
-    device = model.wte.weight.device
-    enc = PrefixEncoder(cfg, n_layer, n_head, n_embd, max_positions).to(device)
+    device = token_embedding(model).weight.device
+    enc = PrefixEncoder(cfg, d.n_layer, d.n_kv_head, d.head_dim, d.max_positions).to(device)
     if ids is not None:
-        table = token_kv_table(model, ids.to(device))  # (P, 2LC)
+        table = token_kv_table(model, ids.to(device))  # (P, 2LD)
         with torch.no_grad():
             if enc.transform is None:
                 enc.embedding.copy_(table)
             else:  # solve the last Linear so the MLP outputs the table (exact if projection_dim >= P - 1)
                 h = enc.transform[1](enc.transform[0](enc.embedding)).double()  # (P, d)
                 a = torch.cat([h, h.new_ones(P, 1)], dim=1)  # (P, d + 1): weight columns, then bias
-                sol = torch.linalg.lstsq(a, table.double()).solution  # (d + 1, 2LC)
-                enc.transform[2].weight.copy_(sol[:-1].t())  # (2LC, d)
+                sol = torch.linalg.lstsq(a, table.double()).solution  # (d + 1, 2LD)
+                enc.transform[2].weight.copy_(sol[:-1].t())  # (2LD, d)
                 enc.transform[2].bias.copy_(sol[-1])
     freeze_all(model)
     model.prefix_encoder = enc
@@ -177,7 +213,7 @@ def export(model: nn.Module) -> PrefixEncoder:
         raise ValueError("model has no prefix_encoder; call prefix.apply first")
     if enc.transform is not None:
         with torch.no_grad():
-            table = enc.table().detach().clone()  # (P, 2LC)
+            table = enc.table().detach().clone()  # (P, 2LD)
         enc.embedding = nn.Parameter(table, requires_grad=enc.embedding.requires_grad)
         enc.transform = None
         enc.config = dataclasses.replace(enc.config, projection_dim=None)
@@ -216,14 +252,15 @@ def init_token_ids(cfg: PrefixConfig, tokenizer, vocab_size: int) -> torch.Tenso
 @torch.no_grad()
 def token_kv_table(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The keys and values the frozen model computes at each layer for the tokens ``ids``
-    (positions 0 .. P-1), as a (P, 2 * n_layer * n_embd) table in the prefix layout."""
+    (positions 0 .. P-1), as a (P, 2 * n_layer * D) table in the prefix layout. Llama's keys
+    come rotated to their positions, as its KV cache holds them."""
     base = model.bert if isinstance(model, BertClassifier) else model
     was_training = base.training
     base.eval()  # no dropout in the activations we copy
     try:
-        if isinstance(base, GPT):
+        if isinstance(base, (GPT, Llama)):
             with base_model_only(base):  # the base model's activations, prefix or not
-                kvs = base(ids[None], return_kv=True).kv  # per layer ((1, nh, P, hs), (1, nh, P, hs))
+                kvs = base(ids[None], return_kv=True).kv  # per layer ((1, nkv, P, hs), (1, nkv, P, hs))
         else:  # BERT's attention reads the layer's input directly (post-LN blocks)
             hidden = base(ids[None], output_hidden_states=True).hidden_states
             kvs = []
@@ -234,6 +271,6 @@ def token_kv_table(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
                 kvs.append((k, v))
     finally:
         base.train(was_training)
-    rows = [t[0].transpose(0, 1) for kv in kvs for t in kv]  # 2L tensors (P, nh, hs), k before v
+    rows = [t[0].transpose(0, 1) for kv in kvs for t in kv]  # 2L tensors (P, nkv, hs), k before v
     P = ids.shape[0]
-    return torch.stack(rows, dim=1).reshape(P, -1)  # (P, 2L, nh, hs) -> (P, 2LC)
+    return torch.stack(rows, dim=1).reshape(P, -1)  # (P, 2L, nkv, hs) -> (P, 2LD)

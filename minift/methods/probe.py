@@ -15,10 +15,11 @@ not reading the representation, so report
                   ▼             ▼           ▼                  ▼
                probe_0       probe_1     probe_2     ...    probe_L    (one linear layer each)
 
-Hidden state 0 is the embeddings' output and h_ℓ the output of block ℓ-1 (for GPT the last
-one is after the final LayerNorm). Pooling: ``cls`` the first token ([CLS] for BERT),
-``last`` the last real token (the GPT analogue), ``mean`` the mean over real tokens,
-``token`` every labelled token (token tasks: labels (B, T), -100 where none).
+Hidden state 0 is the embeddings' output and h_ℓ the output of block ℓ-1 (for GPT and Llama
+the last one is after the final norm). Pooling: ``cls`` the first token ([CLS] for BERT),
+``last`` the last real token (the analogue for GPT and Llama, which read left to right),
+``mean`` the mean over real tokens, ``token`` every labelled token (token tasks: labels
+(B, T), -100 where none).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from minift.metrics import accuracy, precision_recall_f1
 from minift.models.bert import Bert, BertClassifier
 from minift.models.gpt import GPT
+from minift.models.llama import Llama
 
 POOLINGS = ("cls", "mean", "last", "token")
 
@@ -41,9 +43,9 @@ POOLINGS = ("cls", "mean", "last", "token")
 def _encoder(model: nn.Module) -> nn.Module:
     if isinstance(model, BertClassifier):
         return model.bert
-    if isinstance(model, (GPT, Bert)):
+    if isinstance(model, (GPT, Llama, Bert)):
         return model
-    raise ValueError(f"probing works on GPT, Bert and BertClassifier models, got {type(model).__name__}")
+    raise ValueError(f"probing works on GPT, Llama, Bert and BertClassifier models, got {type(model).__name__}")
 
 
 def _check_layers(layers, n_hidden: int) -> list[int]:
@@ -85,7 +87,7 @@ def extract_features(model: nn.Module, batches, pooling: str = "cls", layers=Non
         with torch.no_grad():
             for batch in batches:
                 ids, mask = batch["input_ids"], batch.get("attention_mask")
-                if isinstance(enc, GPT):
+                if isinstance(enc, (GPT, Llama)):  # causal LMs: no token types, no logits needed
                     hs = enc(ids, attention_mask=mask, output_hidden_states=True, compute_logits=False).hidden_states
                 else:
                     hs = enc(ids, mask, batch.get("token_type_ids"), output_hidden_states=True).hidden_states

@@ -8,8 +8,10 @@ model reads them like words:
 
       p_1 .. p_P   x_1 ........ x_T
       [ soft ]     [ wte (frozen) ] ──► frozen transformer ──► logits (P + T positions)
-      labels:  -100 .. -100  y_1 .. y_T          (GPT: no loss on prompt slots)
+      labels:  -100 .. -100  y_1 .. y_T          (GPT, Llama: no loss on prompt slots)
 
+``wte`` is the model's token embedding (``prefix.token_embedding``: Llama's ``embed_tokens``;
+Llama adds no ``wpe``, RoPE turns q and k by the same positions 0 .. P+T-1 instead).
 Unlike prefix tuning (``prefix.py``) the prompt occupies real positions 0 .. P-1 and only
 the first layer sees it directly. Inits (``PromptConfig.init``): "random" (N(0, s^2) with s
 the std of the model's own token embeddings), "vocab" (the embeddings of P tokens sampled
@@ -26,7 +28,7 @@ import torch
 import torch.nn as nn
 
 from minift.methods.common import check_virtual_tokens, freeze_all, require_method_inputs, unfreeze_modules
-from minift.methods.prefix import encode_text, fill_ids, model_dims
+from minift.methods.prefix import encode_text, fill_ids, model_dims, token_embedding
 
 INITS = ("random", "vocab", "text")
 
@@ -107,12 +109,12 @@ def apply(model: nn.Module, cfg: PromptConfig, tokenizer=None) -> list[str]:
         raise ValueError("model already has a soft_prompt; delete it before applying prompt tuning again")
     if getattr(model, "prefix_encoder", None) is not None:
         raise ValueError("model has a prefix_encoder; prefix and prompt tuning are not combined here")
-    max_positions = model_dims(model)[3]
+    max_positions = model_dims(model).max_positions
     P = cfg.num_virtual_tokens
     if P >= max_positions:
         raise ValueError(f"num_virtual_tokens ({P}) leaves no room for text: the model has "
                          f"{max_positions} positions")
-    wte = model.wte
+    wte = token_embedding(model)
     sp = SoftPrompt(cfg, wte, max_positions).to(wte.weight.device)
     with torch.no_grad():
         if cfg.init == "random":

@@ -11,6 +11,7 @@ from minift.fast import cast as fast_cast
 from minift.fast import loss as fast_loss
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig, LMLoss
+from minift.models.llama import Llama, LlamaConfig
 
 
 def _ids(B=3, T=12, vocab=97, seed=1):
@@ -189,6 +190,9 @@ def _tiny(kind: str, lora: bool):
     torch.manual_seed(0)
     if kind == "gpt":
         model = GPT(GPTConfig(**TINY_GPT))
+    elif kind == "llama":  # grouped-query attention: 2 key/value heads for 4 query heads
+        model = Llama(LlamaConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
+                                  max_position_embeddings=64))
     else:
         model = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3)
     if lora:
@@ -204,7 +208,7 @@ def _run(model, kind: str, autocast: bool):
     ids = _ids(vocab=97)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
     with ctx:
-        if kind == "gpt":
+        if kind in ("gpt", "llama"):
             out = model(ids, ids, compute_logits=True)
         else:
             mask = torch.ones_like(ids)
@@ -213,7 +217,7 @@ def _run(model, kind: str, autocast: bool):
     return out.logits.detach(), _grads(model, out.loss)
 
 
-@pytest.mark.parametrize("kind", ["gpt", "bert"])
+@pytest.mark.parametrize("kind", ["gpt", "bert", "llama"])
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("autocast", [False, True])
 def test_cast_once_equals_plain_autocast(kind, lora, autocast):
@@ -227,7 +231,7 @@ def test_cast_once_equals_plain_autocast(kind, lora, autocast):
     ref_logits, ref = _run(copy.deepcopy(model), kind, autocast)
     fast = copy.deepcopy(model)
     names = fast_cast.enable(fast)
-    assert len(names) == 2 * len(fast.layers) and all(n.endswith((".attn", ".mlp")) for n in names)
+    assert len(names) == 2 * len(fast.layers) and all(n.endswith((".attn", ".self_attn", ".mlp")) for n in names)
     got_logits, got = _run(fast, kind, autocast)
     if not autocast:
         assert torch.equal(got_logits, ref_logits)

@@ -126,7 +126,7 @@ def test_bad_input_at_apply():
         freeze.apply(model, FreezeConfig("layers", layers=(3, 12)))
     with pytest.raises(ValueError, match="matches no Module.*available names"):
         freeze.apply(model, FreezeConfig(modules_to_save=("score",)))
-    with pytest.raises(ValueError, match="GPT, Bert and BertClassifier"):
+    with pytest.raises(ValueError, match="GPT, Llama, Bert and BertClassifier"):
         freeze.apply(torch.nn.Linear(2, 2), FreezeConfig())
 
 

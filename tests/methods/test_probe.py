@@ -139,7 +139,7 @@ def test_bad_input(tiny_bert):
         probe.run_probe(tiny_bert, bs, pooling="token")
     with pytest.raises(ValueError, match="batches is empty"):
         probe.extract_features(tiny_bert, [])
-    with pytest.raises(ValueError, match="GPT, Bert and BertClassifier"):
+    with pytest.raises(ValueError, match="GPT, Llama, Bert and BertClassifier"):
         probe.extract_features(torch.nn.Linear(2, 2), bs)
     with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\)"):
         probe.probe_features([torch.randn(10, 2)], torch.arange(10) % 2, test_fraction=1.0)

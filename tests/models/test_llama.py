@@ -10,37 +10,9 @@ from minift.methods import lora
 from minift.models.llama import Llama, LlamaConfig
 from minift.models.rope import RopeScaling
 
-V = 97
-TINY = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
-CASES = {  # the transformers config fields of each variant, on top of TINY
-    "gqa": dict(num_key_value_heads=2),
-    "mqa-tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
-    "rope-linear": dict(num_key_value_heads=2, rope_theta=500.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "rope-llama3-tied-head_dim": dict(num_key_value_heads=2, tie_word_embeddings=True, head_dim=16,
-                                      rope_scaling=LLAMA3),
-    "biases": dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True),
-}
+from conftest import LLAMA_CASES as CASES, hf_llama
 
-
-def hf_llama(tmp_path, case="gqa", seed=0, qwen2=False, **config):
-    """A tiny random transformers LlamaForCausalLM (Qwen2ForCausalLM) saved to tmp_path; (model, dir).
-    initializer_range 0.2: weights big enough that a wrong detail shows in the logits; every
-    parameter moved off its init, so biases (init 0) and norm weights (init 1) are tested too."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    fields = TINY | CASES[case] | dict(initializer_range=0.2) | config
-    if qwen2:
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**fields))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model.eval().save_pretrained(tmp_path)
-    return model, tmp_path
+V = 97  # LLAMA_HF's vocabulary
 
 
 def _ids(B=2, T=10, seed=1):
