@@ -40,6 +40,8 @@
 #                  codegen-roundtrip.json (transformers loads it: same logits)
 #     codegen-case AdaLoRA, LoRA, full adapted to asyncio             codegen-cuda.{md,json}, -ranks.png
 #   targets        bench-best, peft, adalora: the headline ratios, minift and the peer on one card
+#   default-path   train (minift train's default on CUDA), then the bf16-base peer eager (full, LoRA)
+#                  and compiled (LoRA): issue 21's rows      (~8 min with compiling)
 #   train          `minift train` itself, full and LoRA r=8 on all six projections, 60 steps, on a
 #                  GPT-2-medium-shaped random model (benchmarks/ab_setup.py, built once in
 #                  runs/train-model by this checkout); $TRAIN_ARGS is added to both commands
@@ -99,6 +101,8 @@ env_txt() {
     python3 -c "import transformers, peft; print('transformers', transformers.__version__, '| peft', peft.__version__)" \
       2>/dev/null || echo "transformers/peft: not installed"
     git -C "$tree" log -1 --format='commit %H %s' 2>/dev/null || echo "commit: unknown (no .git here)"
+    # a copied working tree may carry an older .git: say how far the files measured differ from it
+    echo "tracked files differing from that commit: $(git -C "$tree" status --porcelain --untracked-files=no 2>/dev/null | wc -l)"
     echo "tree $tree | tag $tag | $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   } > "$out/env.txt"
 }
@@ -185,6 +189,11 @@ stage() {
       > "$out/train-speed-$tag.md" ;;
   targets)
     stage bench-best; stage peft; stage adalora ;;
+  default-path)
+    stage train
+    go 120 peft-default-eager python3 benchmarks/peft_baseline.py --out "$out" $G2M --methods full,lora \
+      --name peft-gpt2-medium-eager-$tag
+    stage peft-compile ;;
   prep)
     go 600 prep-minilm python3 benchmarks/pack_weights.py --out weights/minilm-fp16
     go 600 prep-sentiment env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M fetch sentiment ;;
