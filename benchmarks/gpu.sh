@@ -45,7 +45,8 @@
 #   train          `minift train` itself, full and LoRA r=8 on all six projections, 60 steps, on a
 #                  GPT-2-medium-shaped random model (benchmarks/ab_setup.py, built once in
 #                  runs/train-model by this checkout); $TRAIN_ARGS is added to both commands
-#                  (e.g. "--compile false")                train-{full,lora}-TAG/, train-speed-TAG.md
+#                  (e.g. "--compile false"); checkpoints and adapters are deleted after each run
+#                                                          train-{full,lora}-TAG/, train-speed-TAG.md
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
 #
@@ -183,7 +184,7 @@ stage() {
       go 240 "train-$m-$tag" $M train --model "$d" --train "$d/corpus.txt" --task causal-lm --method $m $extra \
         --steps 60 --batch-size 8 --max-len 1024 --device cuda --no-progress --overwrite --out "$out/train-$m-$tag" \
         ${TRAIN_ARGS:-}
-      rm -rf "$out/train-$m-$tag/last" "$out/train-$m-$tag/adapter" "$out/train-$m-$tag/model"
+      [ "$dry" = 1 ] || rm -rf "$out/train-$m-$tag/last" "$out/train-$m-$tag/adapter" "$out/train-$m-$tag/model"
     done
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/train-full-$tag" "$out/train-lora-$tag" \
       > "$out/train-speed-$tag.md" ;;
