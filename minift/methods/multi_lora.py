@@ -17,7 +17,7 @@ Here one layer holds any number of named adapters, each with its own rank, alpha
   adapter (or None: the base alone). The base GEMM runs once for the whole batch; the batch is
   then segmented by adapter, and each adapter's update is computed on its own rows only and
   added there (``index_add``). Every example gets exactly what it would get alone with its
-  adapter active (tests/methods/test_multi_lora.py checks that), and generation with a KV cache
+  adapter active (in eval mode or without dropout: in training, dropout draws its masks per call) (tests/methods/test_multi_lora.py checks that), and generation with a KV cache
   works inside the same ``with``: the rows keep their adapters step after step.
 - **Merging** one adapter (``merge_adapter``) folds s B A into W0 for inference at base cost;
   the other adapters stay usable only after ``unmerge_adapter`` (a mixed batch refuses to run

@@ -241,7 +241,8 @@ def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
     isolate = cfg.isolate and not cfg.device.startswith("cuda")
     steps = total_steps(cfg, len(task.train))
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    runs = [(m, s) for m in cfg.methods for s in seeds]
+    # the probe fits frozen features deterministically: one run, whatever the seeds
+    runs = [(m, s) for m in cfg.methods for s in (seeds[:1] if m == "probe" else seeds)]
     log(f"compare: {len(cfg.methods)} methods x {len(seeds)} seed(s) x {steps} steps of batch {cfg.batch_size} "
         f"on {task.sizes} examples, max_len {cfg.max_len}, {cfg.device}")
     if not isolate:

@@ -65,7 +65,7 @@ def summarize(rows: list, reference: str | None = None) -> list[Summary]:
             if s.method == reference:
                 continue
             pairs = [(r, ref_by_seed[r.seed]) for r in by_method[s.method] if r.seed in ref_by_seed]
-            for m in DIFF_METRICS if len(pairs) >= 2 else ():  # one seed: a difference, no interval
+            for m in DIFF_METRICS if len(pairs) >= 2 else ():  # fewer than two paired seeds: no difference
                 d, half = mean_interval([getattr(a, m) - getattr(b, m) for a, b in pairs])
                 s.diffs[m] = (d, half, half is not None and abs(d) > half)
     return out

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from minift.training import metrics_log
+from minift.training import metrics_log, speed
 from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                         save_weights, seed_everything)
 from minift.training.forward import check_device, model_forward, pick_device, to_device
@@ -70,7 +70,7 @@ class TrainConfig:
     bf16: bool = True                 # bf16 autocast, on CUDA only
     compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
     compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
-    fast: bool = True                 # minift train on CUDA: minift.fast's speed pieces (training/speed.py)
+    fast: bool = True                 # read by minift train's speed plan (training/speed.py), not by train()
     out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
     save_every: int = 0               # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False              # continue from out_dir/last if it exists
@@ -256,6 +256,8 @@ class _Run:
         self.graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and self.device.type == "cuda"
         if cfg.compile:  # compiled on the first forward; evaluations run eager (``_evaluate_once``)
             self.model.compile(mode=cfg.compile_mode)
+            if self.graphs:
+                speed.GRAPHED[0] = True
         self.model.train()
 
     def steps(self) -> None:
@@ -275,6 +277,8 @@ class _Run:
             self.updating = False
             self.pending.append((self.step, loss, self.opt.param_groups[0]["lr"]))
             if self.step == self.start_step + 1:
+                if self.device.type == "cuda":  # once per run: the first step's GPU work counts in it
+                    torch.cuda.synchronize(self.device)
                 res.first_step_s = time.perf_counter() - self.t0
                 self.first = (self.n_tokens, time.perf_counter())
             self.bar.update(1)
@@ -349,7 +353,12 @@ class _Run:
     def end(self, error: Exception | None) -> None:
         """The run's totals; the last checkpoint (and loss plot) unless a failure came before any step."""
         res, state = self.res, self.state
-        self.read_back()
+        try:
+            self.read_back()
+        except Exception:  # noqa: BLE001  (the GPU failed: keep the steps already read, raise the first error)
+            if error is None:
+                raise
+            self.pending = []
         res.steps = self.step
         res.tokens_per_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
         if self.first is not None and self.step > self.start_step + 1:

@@ -58,6 +58,13 @@ def add_jobs(model: nn.Module, jobs: list[Job]) -> None:
     for j in jobs:
         if j.cfg.grad_accum != 1:
             raise ValueError(f"job {j.name}: train_many runs grad_accum 1 (give a larger batch instead)")
+        if j.lora.dropout > 0:  # its rows would draw other dropout masks than the job alone
+            raise ValueError(f"job {j.name}: train_many runs adapters without dropout, got dropout {j.lora.dropout}")
+        if j.cfg.bf16 != jobs[0].cfg.bf16:
+            raise ValueError(f"job {j.name}: every job must agree on bf16 (one forward runs them all)")
+    kinds = {j.batches[0]["labels"].dim() for j in jobs}
+    if len(kinds) > 1:
+        raise ValueError("the jobs mix tasks: every job's labels must be per token (causal LM) or per example")
     freeze_all(model)
     for j in jobs:
         torch.manual_seed(j.cfg.seed)
@@ -76,7 +83,7 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu") -> ManyRe
         totals[j.name] = j.cfg.total_steps(len(j.batches))
         base_lrs[j.name] = j.cfg.lr
     seed_everything(jobs[0].cfg.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and jobs[0].cfg.bf16)
     res = ManyResult({j.name: [] for j in jobs})
     step = 0
     while True:
@@ -106,6 +113,7 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu") -> ManyRe
 def _concat(parts: list[dict]) -> dict:
     """The jobs' batches as one: each padded to the longest (masked; no target on padding)."""
     T = max(b["input_ids"].shape[1] for b in parts)
+    parts = [b if "attention_mask" in b else {**b, "attention_mask": torch.ones_like(b["input_ids"])} for b in parts]
     padded = [pad_batch(b, T) for b in parts]
     keys = set.intersection(*(set(b) for b in padded))
     return {k: torch.cat([b[k] for b in padded]) for k in keys}

@@ -200,7 +200,7 @@ def eval_command(args) -> int:
     device = torch.device(args.device if args.device not in (None, "auto") else
                           "cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    if device.type == "cuda":  # as minift train evaluates on CUDA: the same numbers
+    if device.type == "cuda" and run["train"].get("fast", True):  # as minift train evaluated on CUDA
         from minift import fast
         fast.enable(model)
     preds = [] if preds_path is not None else None

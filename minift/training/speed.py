@@ -42,7 +42,7 @@ class SpeedPlan:
         return "; ".join(self.notes) if self.notes else "reference path (eager)"
 
 
-_graphed = [False]  # a model was compiled under CUDA graphs in this process
+GRAPHED = [False]  # a model was compiled under CUDA graphs in this process (set by the loop)
 
 # the hooks that run between a model's forward passes or change the graph from step to step
 EAGER_HOOKS = ("allocator", "penalty", "forward_context", "unfreezer")
@@ -78,12 +78,11 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     if p.compile:
         p.compile_mode = given.get("compile_mode", "reduce-overhead" if cuda else "default")
         graphs = p.compile_mode == "reduce-overhead" and cuda
-        if graphs and _graphed[0]:
+        if graphs and GRAPHED[0]:
             # torch 2.11 fails (or crashes) compiling a second model under CUDA graphs in one
             # process (minift bench runs each method in its own process for that reason)
             p.compile_mode, graphs = "default", False
             p.notes.append("no CUDA graphs: this process already captured another model's")
-        _graphed[0] = _graphed[0] or graphs
         p.pad = graphs and task != "causal-lm"
         p.notes.append(f"torch.compile mode {p.compile_mode}" + (" (CUDA graphs)" if graphs else "")
                        + (", batches padded to the longest" if p.pad else ""))

@@ -63,3 +63,14 @@ def test_job_names_must_differ_and_grad_accum_is_one():
     js[1].cfg = TrainConfig(lr=1e-3, steps=2, grad_accum=2, progress=False)
     with pytest.raises(ValueError, match="job b: train_many runs grad_accum 1"):
         add_jobs(base(), js)
+
+
+def test_jobs_with_dropout_or_mixed_tasks_are_refused():
+    js = jobs()
+    js[0].lora = LoRAConfig(r=2, dropout=0.1, targets=("q_proj",))
+    with pytest.raises(ValueError, match="job a: train_many runs adapters without dropout"):
+        add_jobs(base(), js)
+    js = jobs()
+    js[2].batches = [{**b, "labels": b["labels"][:, 0]} for b in js[2].batches]
+    with pytest.raises(ValueError, match="the jobs mix tasks"):
+        add_jobs(base(), js)
