@@ -329,6 +329,12 @@ def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int = 0) -> d
     return out
 
 
+def pad_to_longest(batches: list[dict], pad_id: int = 0) -> list[dict]:
+    """Every batch padded (``pad_batch``) to the longest one's sequence length: one shape for all."""
+    longest = max(b["input_ids"].shape[1] for b in batches)
+    return [pad_batch(b, longest, pad_id) for b in batches]
+
+
 def batches(examples: list[dict], batch_size: int, shuffle: bool = False, seed: int = 0,
             pad_id: int = 0) -> list[dict]:
     """Collate ``examples`` into a list of batch dicts (the last one may be smaller). With

@@ -31,7 +31,7 @@ from minift.methods.lora import LoRAConfig
 from minift.methods.multi_lora import add_adapter, mixed_batch
 from minift.models.gpt import GPT
 from minift.training.checkpoint import seed_everything
-from minift.training.data import pad_batch
+from minift.training.data import pad_to_longest
 from minift.training.forward import model_forward, pick_device, to_device
 from minift.training.loop import TrainConfig, batch_at, lr_factor, make_optimizer
 
@@ -112,9 +112,8 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu") -> ManyRe
 
 def _concat(parts: list[dict]) -> dict:
     """The jobs' batches as one: each padded to the longest (masked; no target on padding)."""
-    T = max(b["input_ids"].shape[1] for b in parts)
     parts = [b if "attention_mask" in b else {**b, "attention_mask": torch.ones_like(b["input_ids"])} for b in parts]
-    padded = [pad_batch(b, T) for b in parts]
+    padded = pad_to_longest(parts)
     keys = set.intersection(*(set(b) for b in padded))
     return {k: torch.cat([b[k] for b in padded]) for k in keys}
 

@@ -82,8 +82,7 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
         fast.enable(model, merged_lora=p.merged_lora)
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     if p.pad:
-        longest = max(b["input_ids"].shape[1] for b in batches)
-        batches = [D.pad_batch(b, longest, D.pad_id(tok)) for b in batches]
+        batches = D.pad_to_longest(batches, D.pad_id(tok))
     return batches, p.describe()
 
 
