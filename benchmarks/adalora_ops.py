@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minift.methods.registry import build_method  # noqa: E402
 from minift.models.gpt import GPT, GPTConfig  # noqa: E402
-from minift.training.loop import TrainConfig, make_optimizer, model_forward  # noqa: E402
+from minift.training.loop import make_optimizer, model_forward  # noqa: E402
+from minift.training.config import TrainConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 PHASES = ("forward", "penalty", "backward", "clip", "optimizer", "allocator", "zero_grad")

@@ -23,7 +23,7 @@ _EXPORTS = {  # public name -> the module that defines it
     **dict.fromkeys(("Bert", "BertClassifier", "BertConfig"), "minift.models.bert"),
     **dict.fromkeys(("GPT", "GPTConfig"), "minift.models.gpt"),
     "model_forward": "minift.training.forward",
-    **dict.fromkeys(("TrainConfig", "TrainResult"), "minift.training.loop"),
+    "TrainConfig": "minift.training.config", "TrainResult": "minift.training.loop",
 }
 _METHOD_MODULES = ("adalora", "freeze", "full", "lora", "prefix", "probe", "prompt")  # minift.lora etc.
 

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from minift.files import InputError, field
 from minift.models import hf
-from minift.models.layers import KV, SelfAttention, attention_bias, frozen_below, run_block
+from minift.models.layers import (KV, SelfAttention, attention_bias, check_generate, frozen_below, next_token,
+                                  run_block)
 
 
 @dataclass
@@ -187,14 +188,7 @@ class GPT(nn.Module):
         seeds the cache. Returns the prompt ids followed by the new ones (only the new ones when the
         prompt came as ``inputs_embeds``).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        check_generate(max_new_tokens, temperature, top_k, input_ids, inputs_embeds)
         P = 0 if prefix is None else prefix[0][0].shape[2]
         B, T0 = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         if use_cache and P + T0 + max_new_tokens > self.config.block_size:
@@ -213,15 +207,7 @@ class GPT(nn.Module):
             else:  # recompute the whole sequence every step (the reference the cache must match)
                 prompt = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
                 out = self(inputs_embeds=torch.cat([prompt, self.wte(new)], dim=1), prefix=prefix)
-            logits = out.logits[:, -1, :]  # (B, vocab)
-            if temperature == 0:
-                step = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-                step = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            step = next_token(out.logits[:, -1, :], temperature, top_k)  # (B, 1)
             new = torch.cat([new, step], dim=1)
         return new if input_ids is None else torch.cat([input_ids, new], dim=1)
 

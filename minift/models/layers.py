@@ -1,6 +1,6 @@
-"""What GPT and BERT share: self-attention by SDPA over optional prefix keys/values, the
-attention mask as an additive bias, and how a stack of blocks runs (frozen layers without
-autograd, activation checkpointing).
+"""What the models share: self-attention by SDPA over optional prefix keys/values, the
+attention mask as an additive bias, how a stack of blocks runs (frozen layers without
+autograd, activation checkpointing), and the next-token choice of GPT's and Llama's ``generate``.
 
 A prefix is one ``(k, v)`` pair per layer, each (B or 1, n_head, P, head_dim), prepended to
 that layer's keys/values and visible to every query (prefix tuning; for GPT also the KV cache).
@@ -112,3 +112,29 @@ def run_block(model, block, *args):
     if model.checkpointing and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
     return block(*args)
+
+
+# ---------------------------------------------------------------------------- generation
+
+def check_generate(max_new_tokens: int, temperature: float, top_k: int | None, input_ids, inputs_embeds) -> None:
+    """The arguments ``generate`` takes (GPT and Llama alike), each checked: one-line ValueErrors."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids and inputs_embeds")
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """The next token of each row (B, 1) from the last position's logits (B, vocab): the argmax
+    at temperature 0, else a sample from softmax(logits / temperature), over the top_k if given."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
+        logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

@@ -1,7 +1,8 @@
 """A minimal Llama in plain PyTorch: the block of the models people fine-tune today.
 
 Reads top to bottom: config, RMSNorm, attention with grouped-query heads, SwiGLU MLP,
-block, model (forward, generation), loading. What changes from GPT-2 (``gpt.py``):
+block, model (forward, generation); its checkpoint files are ``llama_hf.py``. What changes from
+GPT-2 (``gpt.py``):
 
     GPT-2 block                               Llama block
     x = x + Attn(LayerNorm(x))                x = x + Attn(RMSNorm(x))       RMSNorm: no mean, no bias
@@ -24,23 +25,21 @@ query: prefix tuning, and the KV cache, whose keys are stored rotated; real toke
 position P) and
 ``output_hidden_states`` (probing). The loss and the output dataclass are GPT's too.
 
-Loading reads Hugging Face Llama checkpoints (SmolLM, TinyLlama, Llama 2 and 3 are of this layout)
+``from_pretrained`` (``llama_hf.py``) reads Hugging Face Llama checkpoints (SmolLM, TinyLlama, Llama 2 and 3 are of this layout)
 and Qwen2's, which is Llama with biases on q, k and v.
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.files import InputError, field
-from minift.models import hf, rope
+from minift.models import rope
 from minift.models.gpt import GPTOutput, LMLoss
-from minift.models.layers import KV, attention_bias, frozen_below, prefix_attention, run_block
+from minift.models.layers import (KV, attention_bias, check_generate, frozen_below, next_token, prefix_attention,
+                                  run_block)
 from minift.models.rope import RopeScaling
 
 
@@ -268,14 +267,7 @@ class Llama(nn.Module):
         feeding back the keys/values so far as the next ``prefix`` (``use_cache``) or recomputing
         the whole sequence. Returns the prompt ids and the new ones (only the new ones when the
         prompt came as ``inputs_embeds``)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        check_generate(max_new_tokens, temperature, top_k, input_ids, inputs_embeds)
         prompt = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T0, C)
         new = torch.zeros(prompt.shape[0], 0, dtype=torch.long, device=prompt.device)
         cache, step = prefix, None
@@ -286,137 +278,17 @@ class Llama(nn.Module):
                 cache = out.kv
             else:  # recompute the whole sequence every step (the reference the cache must match)
                 out = self(inputs_embeds=torch.cat([prompt, self.embed_tokens(new)], dim=1), prefix=prefix)
-            logits = out.logits[:, -1, :]  # (B, vocab)
-            if temperature == 0:
-                step = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.shape[-1]))
-                    logits = logits.masked_fill(logits < v[:, [-1]], float("-inf"))
-                step = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            step = next_token(out.logits[:, -1, :], temperature, top_k)  # (B, 1)
             new = torch.cat([new, step], dim=1)
         return new if input_ids is None else torch.cat([input_ids, new], dim=1)
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "Llama":
         """A Llama (or Qwen2) from a Hugging Face directory (``config.json``, ``model.safetensors``)."""
+        from minift.models.llama_hf import load_hf  # the file layout, beside this module
         return load_hf(path, dtype)
 
     def save_pretrained(self, path) -> None:
         """Write a Hugging Face ``LlamaForCausalLM`` directory (``Qwen2ForCausalLM`` for q/k/v-only biases)."""
+        from minift.models.llama_hf import save_hf
         save_hf(self, path)
-
-
-# ---------------------------------------------------------------------------- loading
-
-# Config fields that change what a checkpoint computes and the only values implemented here
-# (field, default when absent, allowed values, what minift does instead); see ``hf.check_fields``.
-HF_FIELDS = (
-    ("hidden_act", "silu", ("silu",), "minift's Llama MLP is SwiGLU: silu(gate) * up"),
-    ("use_sliding_window", False, (False,), "minift's Llama attends to the whole context"),
-)
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-
-
-def rope_from_hf(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, rope_scaling) of a config.json: transformers 5 writes them in ``rope_parameters``,
-    earlier versions as ``rope_theta`` and ``rope_scaling`` (whose kind was once called ``type``)."""
-    r = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    if not isinstance(r, dict):
-        raise InputError(f"{source}: field 'rope_scaling' must be an object or null, got {r!r:.60}")
-    theta = field(r, "rope_theta", float, source, default=None)
-    theta = field(raw, "rope_theta", float, source, default=10000.0) if theta is None else theta
-    kind = r.get("rope_type", r.get("type", "default"))
-    if field(r, "partial_rotary_factor", float, source, default=1.0) != 1.0:
-        raise InputError(f"{source}: partial_rotary_factor is not supported (minift's RoPE turns the whole head)")
-    if kind == "default":
-        return float(theta), None
-    if kind not in rope.ROPE_TYPES:
-        raise InputError(f"{source}: rope scaling {json.dumps(kind)} is not supported for Llama "
-                         f"(supported: default, {', '.join(rope.ROPE_TYPES)})")
-    kw = dict(type=kind, factor=float(field(r, "factor", float, source)))
-    if kind == "llama3":
-        kw.update(low_freq_factor=float(field(r, "low_freq_factor", float, source)),
-                  high_freq_factor=float(field(r, "high_freq_factor", float, source)),
-                  original_max_position_embeddings=field(
-                      r, "original_max_position_embeddings", int, source,
-                      default=field(raw, "max_position_embeddings", int, source, default=2048)))
-    return float(theta), hf.build_config(RopeScaling, source, **kw)
-
-
-def config_from_hf(raw: dict, source: str | None = None) -> LlamaConfig:
-    """The LlamaConfig of a Llama or Qwen2 config.json. ``source`` names the file in errors."""
-    source = source or getattr(raw, "source", "config.json")
-    hf.check_fields(raw, HF_FIELDS, "Llama", source)
-    qwen2 = raw.get("model_type") == "qwen2"
-    if qwen2 and any(t != "full_attention" for t in raw.get("layer_types") or []):
-        raise InputError(f"{source}: layer_types other than 'full_attention' are not supported "
-                         f"(minift's Llama attends to the whole context)")
-    n_head = hf.size_field(raw, "num_attention_heads", source, "Llama")
-    theta, scaling = rope_from_hf(raw, source)
-    tok = (int, list, type(None))
-    return hf.build_config(
-        LlamaConfig, source, vocab_size=hf.size_field(raw, "vocab_size", source, "Llama"),
-        n_layer=hf.size_field(raw, "num_hidden_layers", source, "Llama"), n_head=n_head,
-        n_kv_head=hf.size_field(raw, "num_key_value_heads", source, "Llama", default=n_head),
-        n_embd=hf.size_field(raw, "hidden_size", source, "Llama"),
-        n_inner=hf.size_field(raw, "intermediate_size", source, "Llama"),
-        head_dim=field(raw, "head_dim", int, source, default=None),
-        max_position_embeddings=hf.size_field(raw, "max_position_embeddings", source, "Llama", default=2048),
-        rms_norm_eps=hf.rate_field(raw, "rms_norm_eps", source, 1e-6, 0.0, math.inf),
-        rope_theta=theta, rope_scaling=scaling,
-        tie_word_embeddings=field(raw, "tie_word_embeddings", bool, source, default=False),
-        attention_bias=not qwen2 and field(raw, "attention_bias", bool, source, default=False),
-        qkv_bias=qwen2, mlp_bias=not qwen2 and field(raw, "mlp_bias", bool, source, default=False),
-        attention_dropout=hf.rate_field(raw, "attention_dropout", source, 0.0, 0.0, 1.0),
-        bos_token_id=field(raw, "bos_token_id", tok, source, default=None),
-        eos_token_id=field(raw, "eos_token_id", tok, source, default=None),
-        pad_token_id=field(raw, "pad_token_id", tok, source, default=None))
-
-
-def state_from_hf(sd: dict, tied: bool) -> dict:
-    """An HF Llama state dict in minift's names: the ``model.`` prefix dropped (and a tied
-    ``lm_head``, and the RoPE buffers old checkpoints saved); unknown keys are passed through."""
-    sd = hf.strip_prefix(sd, "model.")
-    if tied:
-        sd.pop("lm_head.weight", None)
-    return {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
-
-
-def state_to_hf(sd: dict) -> dict:
-    """minift's Llama state dict in HF's names (inverse of ``state_from_hf``)."""
-    return {(k if k.startswith("lm_head.") else f"model.{k}"): v.detach().contiguous() for k, v in sd.items()}
-
-
-def load_hf(path, dtype=torch.float32) -> Llama:
-    raw = hf.read_config(path)
-    if raw.get("model_type") not in MODEL_TYPES:
-        hf.expect_type(raw, "llama", path)
-    cfg = config_from_hf(raw, raw.source)
-    model = Llama(cfg)
-    hf.load_into(model, state_from_hf(hf.read_weights(path), cfg.tie_word_embeddings), path, dtype)
-    return model
-
-
-def save_hf(model: Llama, path) -> None:
-    c = model.config
-    qwen2 = c.qkv_bias and not c.attention_bias
-    if qwen2 and c.mlp_bias:
-        raise ValueError("q/k/v-only biases with MLP biases fit neither HF Llama nor Qwen2; cannot save_pretrained")
-    s, scaling = c.rope_scaling, None
-    if s is not None:
-        scaling = {"rope_type": s.type, "factor": s.factor}
-        if s.type == "llama3":
-            scaling |= {"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                        "original_max_position_embeddings": s.original_max_position_embeddings}
-    kind = "qwen2" if qwen2 else "llama"
-    raw = {"model_type": kind, "architectures": [MODEL_TYPES[kind]], "vocab_size": c.vocab_size,
-           "hidden_size": c.n_embd, "intermediate_size": c.n_inner, "num_hidden_layers": c.n_layer,
-           "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-           "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings,
-           "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": scaling,
-           "tie_word_embeddings": c.tie_word_embeddings, "attention_dropout": c.attention_dropout,
-           "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
-    raw |= {"use_sliding_window": False} if qwen2 else {"attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias}
-    hf.write(path, raw, state_to_hf(hf.base_state(model)))

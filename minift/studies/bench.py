@@ -53,7 +53,7 @@ from minift.methods.spec import TrainHooks
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.forward import model_forward
-from minift.training.loop import COMPILE_MODES
+from minift.training.config import COMPILE_MODES
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 VIRTUAL_TOKENS = 20

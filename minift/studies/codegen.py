@@ -35,7 +35,8 @@ from minift.training.data import batches, eos_id, pad_id
 from minift.metrics import perplexity, rouge_l
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.forward import extend_batch, forward_extended, lm_targets
-from minift.training.loop import TrainConfig, train
+from minift.training.loop import train
+from minift.training.config import TrainConfig
 
 SKIP_DIRS = frozenset({"test", "tests", "site-packages", "idlelib", "lib2to3", "__pycache__"})
 EOT = "<|endoftext|>"

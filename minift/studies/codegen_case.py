@@ -27,7 +27,8 @@ from minift.methods import adalora
 from minift.methods.registry import build_method
 from minift.models.gpt import GPT
 from minift.models.hf import read_config
-from minift.training.loop import TrainConfig, train
+from minift.training.loop import train
+from minift.training.config import TrainConfig
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
 ADALORA_REF_STEPS = 2000  # runs this long use tinit 200 / tfinal 1000 as given; shorter ones scale both

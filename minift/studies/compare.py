@@ -110,7 +110,8 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
                  seed: int) -> Row:
     from minift.methods.registry import build_method
     from minift.training.evaluate import evaluate
-    from minift.training.loop import TrainConfig, train
+    from minift.training.loop import train
+    from minift.training.config import TrainConfig
     t = recipe["train"]
     lr = recipe.get("compare", {}).get("lr", t["lr"])  # a recipe may set its own lr for the short shared budget
     state = build_method(model, method, recipe_options(recipe), lr=lr,

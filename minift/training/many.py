@@ -33,7 +33,8 @@ from minift.models.gpt import GPT
 from minift.training.checkpoint import seed_everything
 from minift.training.data import pad_to_longest
 from minift.training.forward import model_forward, pick_device, to_device
-from minift.training.loop import TrainConfig, batch_at, lr_factor, make_optimizer
+from minift.training.loop import batch_at, make_optimizer
+from minift.training.config import TrainConfig, lr_factor
 
 
 @dataclass

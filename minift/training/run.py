@@ -15,7 +15,7 @@ import torch
 from minift.files import InputError, field, read_json
 from minift.methods.registry import MethodState, build_method, parse_method
 from minift.training.evaluate import TASK_METRICS, TASKS, evaluate
-from minift.training.loop import TrainConfig
+from minift.training.config import TrainConfig
 from minift.training.run_dir import check_out, identity, jsonable, save_outputs, start_run
 from minift.training.settings import Settings, resolve_paths, settings
 

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from minift.files import InputError, read_json
-from minift.training.loop import TrainConfig
+from minift.training.config import TrainConfig
 
 # TrainConfig fields a --resume may change: the length of the run, when it evaluates and saves,
 # and where and how fast it runs. Everything else must match the run being continued.

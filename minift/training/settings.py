@@ -24,7 +24,7 @@ from pathlib import Path
 from minift.files import InputError, read_text
 from minift.methods.registry import METHODS, check_options
 from minift.training.evaluate import TASKS
-from minift.training.loop import TrainConfig
+from minift.training.config import TrainConfig
 from minift.training.recipes import load_recipe, recipe_path
 
 # flag name, type, help: every flag is a field of a method's config or training options (registry.py)

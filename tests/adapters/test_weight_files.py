@@ -20,7 +20,8 @@ from minift.files import InputError
 from minift.methods import adalora, lora, prefix
 from minift.models.bert import Bert, BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
-from minift.training.loop import TrainConfig, make_optimizer, train
+from minift.training.loop import make_optimizer, train
+from minift.training.config import TrainConfig
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -16,7 +16,8 @@ from minift.methods import adalora
 from minift.methods.adalora import AdaLoRAConfig, SVDLinear
 from minift.methods.adalora_alloc import RankAllocator
 from minift.models.gpt import GPT, GPTConfig
-from minift.training.loop import TrainConfig, model_forward, train
+from minift.training.loop import model_forward, train
+from minift.training.config import TrainConfig
 
 from conftest import TINY_GPT
 

@@ -27,7 +27,8 @@ from minift.methods.registry import METHODS, build_method, option_names, parse_m
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.models.llama import Llama, LlamaConfig
-from minift.training.loop import TrainConfig, model_forward, train
+from minift.training.loop import model_forward, train
+from minift.training.config import TrainConfig
 
 L, D, FF, V, C = 2, 32, 64, 61, 3  # layers, width, MLP width, vocab, classes
 GPT_SIZES = dict(vocab_size=V, block_size=32, n_layer=L, n_head=4, n_embd=D, n_inner=FF)

@@ -5,7 +5,8 @@ import torch
 from minift.methods import lora
 from minift.methods.lora import LoRAConfig
 from minift.models.gpt import GPT, GPTConfig
-from minift.training.loop import TrainConfig, train
+from minift.training.loop import train
+from minift.training.config import TrainConfig
 from minift.training.many import Job, add_jobs, train_many
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)

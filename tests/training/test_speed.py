@@ -11,7 +11,8 @@ from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.data import pad_batch
 from minift.training.forward import model_forward
-from minift.training.loop import TrainConfig, train
+from minift.training.loop import train
+from minift.training.config import TrainConfig
 from minift.training import speed
 from minift.training.speed import plan
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from minift.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from minift.models.gpt import GPT, GPTConfig
-from minift.training.loop import TrainConfig, lr_factor, make_optimizer, train
+from minift.training.loop import make_optimizer, train
+from minift.training.config import TrainConfig, lr_factor
 
 ckpt = importlib.import_module("minift.training.checkpoint")  # the module (minift re-exports functions by name)
 
