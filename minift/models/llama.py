@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.models import rope
+from minift.models import hf, llama_hf, rope
 from minift.models.gpt import GPTOutput, LMLoss
 from minift.models.layers import (KV, attention_bias, check_generate, frozen_below, next_token, prefix_attention,
                                   run_block)
@@ -285,10 +285,14 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32) -> "Llama":
         """A Llama (or Qwen2) from a Hugging Face directory (``config.json``, ``model.safetensors``)."""
-        from minift.models.llama_hf import load_hf  # the file layout, beside this module
-        return load_hf(path, dtype)
+        raw = hf.read_config(path)
+        if raw.get("model_type") not in llama_hf.MODEL_TYPES:
+            hf.expect_type(raw, "llama", path)
+        cfg = hf.build_config(LlamaConfig, raw.source, **llama_hf.config_from_hf(raw, raw.source))
+        model = cls(cfg)
+        hf.load_into(model, llama_hf.state_from_hf(hf.read_weights(path), cfg.tie_word_embeddings), path, dtype)
+        return model
 
     def save_pretrained(self, path) -> None:
         """Write a Hugging Face ``LlamaForCausalLM`` directory (``Qwen2ForCausalLM`` for q/k/v-only biases)."""
-        from minift.models.llama_hf import save_hf
-        save_hf(self, path)
+        hf.write(path, llama_hf.config_to_hf(self.config), llama_hf.state_to_hf(hf.base_state(self)))

@@ -1,5 +1,6 @@
 """Llama's Hugging Face checkpoint layout: ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` directories
-(``config.json`` + ``model.safetensors``) to and from ``minift.models.llama``.
+(``config.json`` + ``model.safetensors``) in minift's terms, for ``Llama.from_pretrained`` and
+``save_pretrained`` (``llama.py``, which imports this module, never the other way round).
 
 The architecture is in ``llama.py``; here is only what the files say and how it maps: the config
 fields (with the two ways transformers has written RoPE's parameters), the fields minift refuses,
@@ -10,11 +11,8 @@ from __future__ import annotations
 import json
 import math
 
-import torch
-
 from minift.files import InputError, field
 from minift.models import hf, rope
-from minift.models.llama import Llama, LlamaConfig
 from minift.models.rope import RopeScaling
 
 # Config fields that change what a checkpoint computes and the only values implemented here
@@ -52,8 +50,9 @@ def rope_from_hf(raw: dict, source: str) -> tuple[float, RopeScaling | None]:
     return float(theta), hf.build_config(RopeScaling, source, **kw)
 
 
-def config_from_hf(raw: dict, source: str | None = None) -> LlamaConfig:
-    """The LlamaConfig of a Llama or Qwen2 config.json. ``source`` names the file in errors."""
+def config_from_hf(raw: dict, source: str | None = None) -> dict:
+    """The ``LlamaConfig`` fields of a Llama or Qwen2 config.json, checked (``hf.build_config``
+    makes the config of them). ``source`` names the file in errors."""
     source = source or getattr(raw, "source", "config.json")
     hf.check_fields(raw, HF_FIELDS, "Llama", source)
     qwen2 = raw.get("model_type") == "qwen2"
@@ -63,8 +62,8 @@ def config_from_hf(raw: dict, source: str | None = None) -> LlamaConfig:
     n_head = hf.size_field(raw, "num_attention_heads", source, "Llama")
     theta, scaling = rope_from_hf(raw, source)
     tok = (int, list, type(None))
-    return hf.build_config(
-        LlamaConfig, source, vocab_size=hf.size_field(raw, "vocab_size", source, "Llama"),
+    return dict(
+        vocab_size=hf.size_field(raw, "vocab_size", source, "Llama"),
         n_layer=hf.size_field(raw, "num_hidden_layers", source, "Llama"), n_head=n_head,
         n_kv_head=hf.size_field(raw, "num_key_value_heads", source, "Llama", default=n_head),
         n_embd=hf.size_field(raw, "hidden_size", source, "Llama"),
@@ -96,18 +95,9 @@ def state_to_hf(sd: dict) -> dict:
     return {(k if k.startswith("lm_head.") else f"model.{k}"): v.detach().contiguous() for k, v in sd.items()}
 
 
-def load_hf(path, dtype=torch.float32) -> Llama:
-    raw = hf.read_config(path)
-    if raw.get("model_type") not in MODEL_TYPES:
-        hf.expect_type(raw, "llama", path)
-    cfg = config_from_hf(raw, raw.source)
-    model = Llama(cfg)
-    hf.load_into(model, state_from_hf(hf.read_weights(path), cfg.tie_word_embeddings), path, dtype)
-    return model
-
-
-def save_hf(model: Llama, path) -> None:
-    c = model.config
+def config_to_hf(c) -> dict:
+    """The config.json of a ``LlamaConfig`` ``c``: ``LlamaForCausalLM``'s, or ``Qwen2ForCausalLM``'s
+    for q/k/v-only biases."""
     qwen2 = c.qkv_bias and not c.attention_bias
     if qwen2 and c.mlp_bias:
         raise ValueError("q/k/v-only biases with MLP biases fit neither HF Llama nor Qwen2; cannot save_pretrained")
@@ -125,5 +115,5 @@ def save_hf(model: Llama, path) -> None:
            "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "rope_scaling": scaling,
            "tie_word_embeddings": c.tie_word_embeddings, "attention_dropout": c.attention_dropout,
            "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
-    raw |= {"use_sliding_window": False} if qwen2 else {"attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias}
-    hf.write(path, raw, state_to_hf(hf.base_state(model)))
+    return raw | ({"use_sliding_window": False} if qwen2 else
+                  {"attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias})
