@@ -155,3 +155,17 @@ class Toy(nn.Module):
 
     def forward(self, x):
         return self.head(torch.tanh(self.down(torch.tanh(self.up(x)))))
+
+
+def llama_dir(tmp_path):
+    """A tiny random minift Llama saved with a word-level tokenizer in ``tmp_path/llama``, and a
+    causal-LM text file ``tmp_path/lm.txt``: what ``minift train`` needs; returns (dir, text file)."""
+    from minift.models.llama import Llama, LlamaConfig
+    d = tmp_path / "llama"
+    d.mkdir()
+    n = tokenizer_json(d, ["<|endoftext|>"], bert=False)
+    torch.manual_seed(0)
+    Llama(LlamaConfig(vocab_size=n, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
+                      max_position_embeddings=64)).save_pretrained(d)
+    (tmp_path / "lm.txt").write_text(" ".join(WORDS * 6))
+    return d, tmp_path / "lm.txt"

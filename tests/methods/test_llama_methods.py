@@ -282,15 +282,9 @@ def test_minift_train_prefix_on_a_llama_and_bitfit_refused(tmp_path, capsys):
     and `minift eval` scores it; `--method bitfit` exits 2 with the one-line reason."""
     import json
 
-    from conftest import WORDS, tokenizer_json
+    from conftest import llama_dir
     from minift.cli import main
-    d = tmp_path / "llama"
-    d.mkdir()
-    n = tokenizer_json(d, ["<|endoftext|>"], bert=False)
-    torch.manual_seed(0)
-    Llama(LlamaConfig(vocab_size=n, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
-                      max_position_embeddings=64)).save_pretrained(d)
-    (tmp_path / "lm.txt").write_text(" ".join(WORDS * 6))
+    d, _ = llama_dir(tmp_path)
     argv = ["train", "--model", d, "--train", tmp_path / "lm.txt", "--task", "causal-lm", "--max-len", "16",
             "--steps", "2", "--batch-size", "4", "--lr", "1e-2", "--device", "cpu", "--no-progress"]
     assert main([str(a) for a in argv + ["--method", "prefix", "--num-virtual-tokens", "4",

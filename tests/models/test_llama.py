@@ -318,15 +318,9 @@ def test_minift_train_and_eval_a_llama_lora_from_the_cli(tmp_path, capsys):
     PEFT's adapter files, and `minift eval` scores the adapter."""
     import json
 
-    from conftest import WORDS, tokenizer_json
+    from conftest import llama_dir
     from minift.cli import main
-    d = tmp_path / "llama"
-    d.mkdir()
-    n = tokenizer_json(d, ["<|endoftext|>"], bert=False)
-    torch.manual_seed(0)
-    Llama(LlamaConfig(vocab_size=n, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
-                      max_position_embeddings=64)).save_pretrained(d)
-    (tmp_path / "lm.txt").write_text(" ".join(WORDS * 6))
+    d, _ = llama_dir(tmp_path)
     argv = ["train", "--model", d, "--train", tmp_path / "lm.txt", "--task", "causal-lm", "--method", "lora",
             "--targets", "q_proj,v_proj,gate_proj", "--r", "2", "--max-len", "16", "--steps", "3", "--batch-size",
             "4", "--lr", "1e-2", "--device", "cpu", "--no-progress", "--out", tmp_path / "run"]
