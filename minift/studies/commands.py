@@ -43,8 +43,9 @@ def add_bench(sub) -> None:
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
-    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj",
-                   help="modules LoRA/DoRA/AdaLoRA adapt (default: attention and MLP projections)")
+    p.add_argument("--lora-targets", default="",
+                   help="modules LoRA/DoRA/AdaLoRA adapt (default: every attention and MLP projection, "
+                        "q,k,v,o,up,down_proj, and gate_proj on Llama)")
     p.add_argument("--lora-merged-forward", action="store_true",
                    help="LoRA rows through the merged weight W0 + sBA (minift.fast.lora.enable)")
     p.add_argument("--loss-chunk", type=int, default=None,
@@ -130,6 +131,10 @@ def add_compare(sub) -> None:
                    help="directory for the JSON, Markdown, predictions and PNG (default: runs/compare under "
                         "the current directory)")
     p.add_argument("--name", default=None, help="file name stem (default: compare[-full]-<cpu|cuda>)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at once, each in its own worker process on the same device (a GPU with spare "
+                        "capacity: a small model's runs are bound by the host); the table's wall s and tokens/s "
+                        "are then measured on shared hardware (default: 1)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: run every method in this process (faster start; peak RSS is then process-wide)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -143,6 +148,8 @@ def _cmd_compare(args) -> int:
     from minift.studies.compare_setup import CPU_DEFAULTS, FULL_DEFAULTS
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_cuda(device)
+    if args.jobs > 1 and args.in_process:
+        raise ValueError("--jobs N runs each run in its own worker process; drop --in-process (or use --jobs 1)")
     d = dict(FULL_DEFAULTS if args.full else CPU_DEFAULTS)
     for k in ("batch_size", "max_len", "train_limit", "eval_limit"):
         if getattr(args, k) is not None:
@@ -154,8 +161,8 @@ def _cmd_compare(args) -> int:
                                 model=args.model, train=args.train, dev=args.dev, test=args.test,
                                 device=device, seed=args.seed, isolate=not args.in_process,
                                 seeds=args.seeds if args.seeds is not None else 3 if args.full else 1,
-                                reference=args.reference,
-                                progress=not args.no_progress, **d)
+                                reference=args.reference, jobs=args.jobs,
+                                progress=not args.no_progress and args.jobs == 1, **d)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     name = args.name or f"compare{'-full' if args.full else ''}-{'cuda' if device.startswith('cuda') else 'cpu'}"
     saved = []

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import subprocess
+from concurrent.futures import ThreadPoolExecutor, as_completed
 import sys
 import tempfile
 import time
@@ -239,37 +240,52 @@ def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
     cfg = resolve(cfg, log)
     t_start = time.perf_counter()
     task = load_task(cfg)  # also validates the data before any worker starts
-    isolate = cfg.isolate and not cfg.device.startswith("cuda")
+    isolate = cfg.jobs > 1 or (cfg.isolate and not cfg.device.startswith("cuda"))
     steps = total_steps(cfg, len(task.train))
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     # the probe fits frozen features deterministically: one run, whatever the seeds
     runs = [(m, s) for m in cfg.methods for s in (seeds[:1] if m == "probe" else seeds)]
     log(f"compare: {len(cfg.methods)} methods x {len(seeds)} seed(s) x {steps} steps of batch {cfg.batch_size} "
-        f"on {task.sizes} examples, max_len {cfg.max_len}, {cfg.device}")
+        f"on {task.sizes} examples, max_len {cfg.max_len}, {cfg.device}"
+        + (f", {cfg.jobs} runs at once" if cfg.jobs > 1 else ""))
     if not isolate:
         _warm_up(task, cfg)
-    rows = []
-    for i, (method, seed) in enumerate(runs, 1):
+    tags = [f"{m}" + (f" seed {s}" if len(seeds) > 1 else "") for m, s in runs]
+
+    def one(i: int) -> Row:
+        method, seed = runs[i]
         what = "frozen features + a probe per layer" if method == "probe" else f"{steps} steps"
-        tag = f"[{i}/{len(runs)}] {method}" + (f" seed {seed}" if len(seeds) > 1 else "")
-        log(f"compare: {tag} ({what})")
+        log(f"compare: [{i + 1}/{len(runs)}] {tags[i]} ({what})")
         if isolate:
-            rows.append(_run_isolated(cfg, method, seed))
-        else:
-            try:
-                rows.append(run_method(task, method, cfg, seed))
-            except (ValueError, KeyError, FileNotFoundError) as e:
-                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-                raise ValueError(f"method {method}: {msg}") from None
-        r, elapsed = rows[-1], time.perf_counter() - t_start
-        left = f", about {elapsed / i * (len(runs) - i):.0f} s left" if i < len(runs) else ""
-        log(f"compare: {tag}: dev acc {100 * r.dev_acc:.1f}, test acc {100 * r.test_acc:.1f}, "
+            return _run_isolated(cfg, method, seed)
+        try:
+            return run_method(task, method, cfg, seed)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            raise ValueError(f"method {method}: {msg}") from None
+
+    done: dict[int, Row] = {}
+
+    def finished(i: int, r: Row) -> None:
+        done[i] = r
+        elapsed, n = time.perf_counter() - t_start, len(done)
+        left = f", about {elapsed / n * (len(runs) - n):.0f} s left" if n < len(runs) else ""
+        log(f"compare: {tags[i]}: dev acc {100 * r.dev_acc:.1f}, test acc {100 * r.test_acc:.1f}, "
             f"{r.wall_s:.0f} s ({elapsed:.0f} s in all{left})")
-        if on_row is not None and i < len(runs):
+        if on_row is not None and n < len(runs):
             meta = _meta(cfg, task, steps, isolate, t_start)
-            rest = [m + (f" seed {sd}" if len(seeds) > 1 else "") for m, sd in runs[i:]]
-            meta["partial"] = f"{i} of {len(runs)} runs done ({', '.join(rest)} not run)"
-            on_row(list(rows), meta)
+            meta["partial"] = f"{n} of {len(runs)} runs done ({', '.join(tags[j] for j in range(len(runs)) if j not in done)} not run)"
+            on_row([done[j] for j in sorted(done)], meta)
+
+    if cfg.jobs == 1:
+        for i in range(len(runs)):
+            finished(i, one(i))
+    else:  # each run is its own worker process; threads only wait on them
+        with ThreadPoolExecutor(cfg.jobs) as pool:
+            futures = {pool.submit(one, i): i for i in range(len(runs))}
+            for f in as_completed(futures):
+                finished(futures[f], f.result())
+    rows = [done[i] for i in range(len(runs))]
     return rows, _meta(cfg, task, steps, isolate, t_start)
 
 
@@ -283,6 +299,9 @@ def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: fl
                        "peak RSS of a fresh worker process per method (includes Python, torch and the data)"
                        if isolate else "peak RSS of the process so far (in-process run: only grows)"),
             "budget": budget_note(cfg.methods, steps),
+            "jobs": cfg.jobs, "timing": ("wall s and tokens/s of each run were measured with "
+                                          f"{cfg.jobs} runs sharing the device" if cfg.jobs > 1 else
+                                          "one run at a time"),
             "total_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -331,7 +350,10 @@ def _worker(argv: list[str]) -> int:
     try:
         cfg = CompareConfig(**{f.name: raw[f.name] for f in fields(CompareConfig)})
         task = load_task(cfg)
-        _warm_up_optimizer()
+        if cfg.device.startswith("cuda"):
+            _warm_up(task, cfg)  # the CUDA context and cuBLAS set-up are not charged to the run
+        else:
+            _warm_up_optimizer()
         row = run_method(task, method, cfg, int(seed))
     except (ValueError, KeyError, FileNotFoundError) as e:  # the parent reports it in one line, exit 2
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)

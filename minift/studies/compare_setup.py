@@ -41,6 +41,7 @@ class CompareConfig:
     seeds: int = 1                    # runs per method, with run seeds seed, seed + 1, ...
     reference: str | None = None      # paired differences to this method (None: full if run, else the first)
     isolate: bool = True              # CPU: one worker process per method (its own peak RSS)
+    jobs: int = 1                     # runs at once, each in its own worker process (shared device)
     progress: bool = True
 
     def __post_init__(self):
@@ -60,6 +61,8 @@ class CompareConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs is not None and self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
         if self.reference is None:

@@ -277,3 +277,21 @@ def test_bad_seeds_and_reference_are_one_line_errors(setup, tmp_path, capsys):
     assert "seeds must be >= 1, got 0" in capsys.readouterr().err
     assert main(_args(setup, "--reference", "full", methods="lora", out=tmp_path)) == 2
     assert "reference method 'full' is not among the methods run (lora)" in capsys.readouterr().err
+
+
+def test_runs_at_once_give_the_rows_of_runs_one_at_a_time(setup, tmp_path, capsys):
+    """--jobs 2: each run in its own worker process, two at a time; the rows (in the table's order)
+    are those of the sequential comparison, only the timing note differs."""
+    par = [a for a in _args(setup, "--seeds", "2", "--jobs", "2", methods="lora,bitfit", out=tmp_path / "par")
+           if a != "--in-process"]
+    assert main(par) == 0
+    assert main(_args(setup, "--seeds", "2", methods="lora,bitfit", out=tmp_path / "seq")) == 0
+    capsys.readouterr()
+    par, seq = (json.loads((tmp_path / d / "t.json").read_text()) for d in ("par", "seq"))
+    assert [(r["method"], r["seed"]) for r in par["rows"]] == [(r["method"], r["seed"]) for r in seq["rows"]]
+    for a, b in zip(par["rows"], seq["rows"]):
+        assert a["extra"]["final_loss"] == pytest.approx(b["extra"]["final_loss"], abs=1e-6)
+        assert (a["dev_acc"], a["test_acc"]) == (b["dev_acc"], b["test_acc"])
+    assert par["meta"]["jobs"] == 2 and "2 runs sharing the device" in par["meta"]["timing"]
+    assert main(_args(setup, "--jobs", "2", methods="lora", out=tmp_path)) == 2  # with --in-process
+    assert "drop --in-process" in capsys.readouterr().err
