@@ -26,6 +26,15 @@
 #     peft-compile LoRA under torch.compile, 5 windows of 10 steps      peft-gpt2-medium-compile-TAG
 #   adalora        LoRA and AdaLoRA eager in one process (the step ratio) bench-gpt2-medium-adalora-TAG
 #   bert           BERT-base, batch 32 x 128, LoRA on q,v: minift and PEFT  bench-bert-base-TAG, peft-bert-base-TAG
+#   llama          llama-minift + llama-peft: TinyLlama-1.1B's shape (llama-1b), batch 8 x 1024, LoRA on all
+#                  seven projections (gate_proj too); ~7 min expected, limits adding up to 13.5 min (run the two
+#                  parts as two commands where a command may take 10 minutes at most)
+#     llama-minift llama-eager + llama-best                            (~4 min expected, limits 8 min)
+#     llama-eager  every method eager (BitFit skipped: no biases)      bench-llama-1b-eager-TAG
+#     llama-best   LoRA (merged forward, 5 windows of 10 steps) and full fine-tuning under CUDA graphs
+#                  bench-llama-1b-graphs-{lora,full}-TAG, timing-check-llama-lora-graphs-TAG.json
+#     llama-peft   the peer: full, LoRA, AdaLoRA, prefix, prompt eager, then LoRA under torch.compile
+#                  (5 windows)  (~3 min expected, limits 5.5 min)  peft-llama-1b-{eager,compile}-TAG
 #   flag-default   full and LoRA eager, no flags (the first row of `flags`)
 #   flags          one optimization off (or on) at a time, full and LoRA eager  bench-gpt2-medium-flag-*-TAG
 #   advisor-check  the memory estimator against max_memory_allocated    advisor_check.{md,json}
@@ -85,6 +94,7 @@ if [ -z "$tag" ]; then
 fi
 M="python3 -m minift"
 G2M="--model gpt2-medium"
+L1B="--model llama-1b --batch 8 --seq-len 1024"
 GRAPHS="--compile --compile-mode reduce-overhead"
 
 # go SECONDS NAME COMMAND...: COMMAND under its own time limit, output to $out/NAME.log
@@ -141,6 +151,22 @@ stage() {
     local bert="--model bert-base --batch 32 --seq-len 128 --lora-targets q_proj,v_proj --methods full,lora,prefix"
     go 90 bert $M bench --out "$out" $bert --lora-merged-forward --name bench-bert-base-$tag
     go 120 peft-bert python3 benchmarks/peft_baseline.py --out "$out" $bert --name peft-bert-base-$tag ;;
+  llama-eager)
+    go 150 llama-eager $M bench --out "$out" $L1B --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
+      --name bench-llama-1b-eager-$tag ;;
+  llama-best)
+    go 180 llama-best-lora python3 benchmarks/timing_check.py llama-lora-graphs-$tag minift "$out" --out "$out" $L1B \
+      --methods lora $GRAPHS --lora-merged-forward --no-isolate --name bench-llama-1b-graphs-lora-$tag
+    go 150 llama-best-full $M bench --out "$out" $L1B --methods full $GRAPHS --name bench-llama-1b-graphs-full-$tag ;;
+  llama-peft)
+    go 150 llama-peft-eager python3 benchmarks/peft_baseline.py --out "$out" $L1B \
+      --methods full,lora,adalora,prefix,prompt --name peft-llama-1b-eager-$tag
+    go 180 llama-peft-compile python3 benchmarks/timing_check.py llama-peft-compile-$tag peft "$out" --out "$out" $L1B \
+      --methods lora --compile --no-eager --name peft-llama-1b-compile-$tag ;;
+  llama-minift)
+    stage llama-eager; stage llama-best ;;
+  llama)
+    stage llama-minift; stage llama-peft ;;
   flag-default)
     go 70 flag-default $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-flag-default-$tag ;;
   flags)

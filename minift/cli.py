@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from minift.studies import commands as studies
     p = _Parser(prog="minift", description="Fine-tuning methods for transformers, from scratch.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    subcommands = (_add_train, _add_eval, _add_fetch, _add_probe,  # work with one model: below
+    subcommands = (_add_train, _add_train_many, _add_eval, _add_fetch, _add_probe,  # work with one model: below
                    studies.add_compare, studies.add_recommend, studies.add_bench,  # study methods side by side
                    studies.add_pretrain, studies.add_codegen_case)
     for add in subcommands:
@@ -159,6 +159,25 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     from minift.training import run
     return run.train_command(args)
+
+
+# ---------------------------------------------------------------------------- train-many
+
+def _add_train_many(sub) -> None:
+    from minift.training import many_run
+    p = sub.add_parser("train-many", help="train K LoRA adapters at once on one frozen base (one [[job]] each)",
+                       description="Train every [[job]] of --config (the keys of minift train's --config, per "
+                                   "job, over top-level defaults) as its own LoRA adapter, all in one forward "
+                                   "and backward per step over the shared base; job NAME writes OUT/NAME as "
+                                   "minift train --out would. Ctrl-C saves every job; --resume continues them "
+                                   "exactly. See docs/methods.md (Many adapters on one base).")
+    many_run.add_flags(p)
+    p.set_defaults(func=_cmd_train_many)
+
+
+def _cmd_train_many(args) -> int:
+    from minift.training import many_run
+    return many_run.train_many_command(args)
 
 
 # ---------------------------------------------------------------------------- eval

@@ -37,7 +37,7 @@ def save_adapters(model: nn.Module, path, *, layout: str = "peft") -> list[Path]
         raise ValueError(f"{type(model).__name__} has no named adapters (minift.methods.multi_lora.add_adapter)")
     out = []
     for name in names:
-        with _as_single(model, name):
+        with as_single(model, name):
             save_adapter(model, Path(path) / name, layout=layout)
         out.append(Path(path) / name)
     return out
@@ -79,7 +79,7 @@ def _is_adapter_dir(d: Path) -> bool:
 
 
 def _load_one(model: nn.Module, name: str, d: Path) -> None:
-    with _as_single(model, None):  # every adapted layer a plain nn.Linear view for the call
+    with as_single(model, None):  # every adapted layer a plain nn.Linear view for the call
         load_adapter(model, d)
         layers = lora.lora_modules(model)
         odd = [n for n, m in layers if m.dora] + [n for n, p in model.named_parameters()
@@ -101,7 +101,7 @@ def _load_one(model: nn.Module, name: str, d: Path) -> None:
 
 
 @contextlib.contextmanager
-def _as_single(model: nn.Module, name: str | None):
+def as_single(model: nn.Module, name: str | None):
     """Within the ``with``, every ``MultiLoRALinear`` of ``model`` is a ``LoRALinear`` holding
     adapter ``name``'s own Parameters (layers without it, or ``name`` None: an ``nn.Linear``);
     afterwards the multi-adapter layers are back as they were."""
@@ -115,10 +115,12 @@ def _as_single(model: nn.Module, name: str | None):
             set_submodule(model, n, m)
 
 
-def _linear(m) -> nn.Linear:
-    """An nn.Linear holding ``m``'s own weight and bias Parameters (nothing copied)."""
+def _linear(m, meta: bool = False) -> nn.Linear:
+    """An nn.Linear holding ``m``'s own weight and bias Parameters (nothing copied); ``meta``:
+    one with no storage, for a constructor to read shapes from."""
     lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-    lin.weight, lin.bias = m.weight, m.bias
+    if not meta:
+        lin.weight, lin.bias = m.weight, m.bias
     return lin
 
 
@@ -126,6 +128,7 @@ def _view(m: MultiLoRALinear, name: str) -> lora.LoRALinear:
     """A LoRALinear holding adapter ``name``'s Parameters of ``m`` (nothing copied)."""
     A, B = m.lora_A[name], m.lora_B[name]
     alpha, rslora = m.settings[name]
-    view = lora.LoRALinear(_linear(m), A.shape[0], alpha, rslora=rslora)
+    view = lora.LoRALinear(_linear(m, meta=True), A.shape[0], alpha, rslora=rslora)  # meta: no init drawn
+    view.weight, view.bias = m.weight, m.bias
     view.lora_A, view.lora_B, view.dropout, view.scaling = A, B, m.dropout[name], m.scaling[name]
     return view

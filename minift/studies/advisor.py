@@ -14,12 +14,13 @@ import math
 from dataclasses import dataclass, field
 
 # the estimator's names stay importable from here (minift.studies.advisor.estimate_memory, ...)
-from minift.studies.memory import (CUBLAS_WORKSPACE, PROJ,  # noqa: F401
-                           GiB, MemoryEstimate, MethodOptions, estimate_memory)
+from minift.studies.memory import (CUBLAS_WORKSPACE, LLAMA_PROJ, PROJ,  # noqa: F401
+                           GiB, MemoryEstimate, MethodOptions, estimate_memory, refusal)
 from minift.studies.presets import PRESETS, preset  # noqa: F401  (the model shapes: --preset)
 from minift.methods.registry import METHODS  # noqa: F401
 from minift.models.bert import BertConfig
 from minift.models.gpt import GPTConfig
+from minift.models.llama import LlamaConfig
 
 TASKS = ("classification", "generation", "qa", "code", "other")
 LEVELS = ("low", "medium", "high")
@@ -152,13 +153,15 @@ class Recommendation:
 CAPACITY = ("full", "freeze", "dora", "lora", "adalora", "prefix", "prompt", "bitfit")
 
 
-def recommend(config: GPTConfig | BertConfig, gpu_mem_gb: float, batch: int, seq_len: int, task: str = "other",
+def recommend(config: GPTConfig | BertConfig | LlamaConfig, gpu_mem_gb: float, batch: int, seq_len: int,
+              task: str = "other",
               complexity: str = "medium", data_size: int | None = None, similarity: float | None = None,
               data_quality: str = "medium", *, dtype: str = "bf16", frozen_dtype: str = "bf16",
               headroom: float = 0.1, **method_options) -> Recommendation:
     """The rule tables' answer, then every method whose estimated peak fits in
     ``gpu_mem_gb`` GiB less ``headroom`` (CUDA context, fragmentation), ranked: the rule
-    tables' picks first (task rule, then resource rule) when they fit, then by capacity."""
+    tables' picks first (task rule, then resource rule) when they fit, then by capacity. A method
+    the model refuses (BitFit on a Llama without biases) is left out, and the summary says why."""
     if not isinstance(gpu_mem_gb, (int, float)) or not math.isfinite(gpu_mem_gb) or gpu_mem_gb <= 0:
         raise ValueError(f"GPU memory must be a positive number of GB, got {gpu_mem_gb!r}")
     if not 0.0 <= headroom < 1.0:
@@ -166,8 +169,11 @@ def recommend(config: GPTConfig | BertConfig, gpu_mem_gb: float, batch: int, seq
     res = rule_by_resources(gpu_mem_gb, complexity, data_size)
     tsk = rule_by_task(task, similarity, data_quality)
     budget = gpu_mem_gb * GiB * (1 - headroom)
-    cands = []
+    cands, refused = [], []
     for m in CAPACITY:
+        if refusal(config, m) is not None:
+            refused.append(f"{m} left out: {refusal(config, m)}")
+            continue
         e = estimate_memory(config, m, batch, seq_len, dtype, frozen_dtype=frozen_dtype, **method_options)
         cands.append(Candidate(m, e.peak, e.trainable_params, e.peak <= budget))
     picks = [RULE_METHODS[tsk.method], RULE_METHODS[res.method]]
@@ -180,7 +186,7 @@ def recommend(config: GPTConfig | BertConfig, gpu_mem_gb: float, batch: int, seq
         tags = [f"the {r.rule.split(':')[0]} rule's pick" for r in (tsk, res) if RULE_METHODS[r.method] == c.method]
         c.why = f"{what}; {c.trainable_params:,} trainable" + (f"; {' and '.join(tags)}" if tags else "")
     rules_method = picks[0]
-    notes = []
+    notes = list(refused)
     for r in (tsk, res):
         m = RULE_METHODS[r.method]
         c = next(x for x in cands if x.method == m)

@@ -27,6 +27,13 @@ the naive loss, for comparison with the fused cross-entropy of ``minift.fast.los
 fails to compile a second model in one process under CUDA graphs, and a fresh process
 starts each method with an empty allocator).
 
+Models are the shapes of ``minift.studies.presets``: GPT-2 and Llama as causal LMs, BERT as a
+two-class classifier. The low-rank methods adapt every projection of a block by default
+(``default_lora_targets``): q, k, v, o, up and down, and on Llama gate_proj too, the third
+matrix of its SwiGLU MLP, so that "all projections" means all of them on every model, as
+PEFT's ``target_modules="all-linear"`` does. A method a model refuses (BitFit on a Llama
+without biases: nothing to train) is skipped with a note (``skip_reason``), not run.
+
 The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG) by
 ``minift.studies.bench_report``.
 """
@@ -46,19 +53,32 @@ from minift.studies import bench_timing
 # the report's names stay importable from here (minift.studies.bench.save, ...)
 from minift.studies.bench_report import Row, add_ratios, save, to_markdown  # noqa: F401
 from minift.studies.mfu import flops_per_token, matmul_params, measure_matmul_tflops  # noqa: F401
+from minift.studies.memory import refusal
 from minift.studies.presets import PRESETS
 from minift.methods.common import count_trainable
 from minift.methods.registry import METHODS, build_method
 from minift.methods.spec import TrainHooks
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
+from minift.models.llama import Llama, LlamaConfig
 from minift.training.forward import model_forward
 from minift.training.config import COMPILE_MODES
 
-ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # GPT-2 and BERT: every projection
+LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # + SwiGLU's gate
 VIRTUAL_TOKENS = 20
+CAUSAL_LM = (GPT, Llama)  # the models bench trains as language models (BERT: a classifier)
 
 
+def default_lora_targets(model: str) -> tuple[str, ...]:
+    """Every projection of a block of the preset ``model``: ``LLAMA_PROJ`` on Llama, else ``ALL_PROJ``."""
+    return LLAMA_PROJ if isinstance(PRESETS[model], LlamaConfig) else ALL_PROJ
+
+
+def skip_reason(model: str, method: str) -> str | None:
+    """Why the preset ``model`` refuses ``method`` (None: it takes it; ``memory.refusal``: BitFit on a
+    Llama without biases)."""
+    return refusal(PRESETS[model], method)
 
 
 @dataclass
@@ -81,7 +101,7 @@ class BenchConfig:
     sdpa_math: bool = False
     sync_each_step: bool = False  # CUDA timing: wait for the GPU after every step (bench_timing)
     isolate: bool | None = None  # each method in its own process; None: only with compile
-    lora_targets: tuple[str, ...] = ALL_PROJ
+    lora_targets: tuple[str, ...] = ()  # empty: default_lora_targets(model)
     seed: int = 0
 
     def __post_init__(self):
@@ -100,8 +120,7 @@ class BenchConfig:
             raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
         if self.isolate is None:
             self.isolate = self.compile
-
-
+        self.lora_targets = tuple(self.lora_targets) or default_lora_targets(self.model)
 
 
 # ---------------------------------------------------------------------------- minift runs
@@ -124,6 +143,8 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks]:
         if isinstance(mc, BertConfig):
             mc.dropout = 0.0
             model = BertClassifier(mc, num_labels=2)
+        elif isinstance(mc, LlamaConfig):
+            model = Llama(mc)
         else:
             model = GPT(mc)
     hooks = build_method(model, method, method_options(cfg, method), total_steps=cfg.warmup + cfg.steps + 1).hooks
@@ -131,7 +152,7 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks]:
     fast.enable(model, merged_lora=cfg.lora_merged_forward, loss_chunk=cfg.loss_chunk)
     if cfg.plain_ce:
         fast.loss.disable(model)
-    model.checkpointing = cfg.checkpointing if isinstance(model, GPT) else False
+    model.checkpointing = cfg.checkpointing if isinstance(model, CAUSAL_LM) else False
     if isinstance(model, BertClassifier):
         model.bert.checkpointing = cfg.checkpointing
     model.to(cfg.device)
@@ -149,7 +170,7 @@ def make_batch(model, cfg: BenchConfig, method: str) -> dict:
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (cfg.batch, T), generator=g).to(cfg.device)
     mask = torch.ones_like(ids)
-    if isinstance(model, GPT):
+    if isinstance(model, CAUSAL_LM):
         return {"input_ids": ids, "attention_mask": None, "labels": ids}
     return {"input_ids": ids, "attention_mask": mask,
             "labels": torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)}
@@ -174,7 +195,7 @@ def _loss(model, batch, cfg: BenchConfig, hooks: TrainHooks):
 
 
 def _forward_loss(model, batch, cfg: BenchConfig, hooks: TrainHooks):
-    if cfg.plain_ce and isinstance(model, GPT):  # the naive loss: full fp32 logits
+    if cfg.plain_ce and isinstance(model, CAUSAL_LM):  # the naive loss: full fp32 logits
         b = {k: v for k, v in batch.items() if k != "labels"}
         out = model_forward(model, b | {"compute_logits": True})
         logits = out.logits[:, :-1].float()  # (B, T-1, vocab) fp32
@@ -216,7 +237,7 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
         def step(i):  # probing: one forward pass that keeps every layer's features
             with _autocast(cfg.device):
                 extra = {"output_hidden_states": True}
-                if isinstance(model, GPT):
+                if isinstance(model, CAUSAL_LM):
                     extra["compute_logits"] = False  # features only, no vocabulary projection
                 model_forward(model, {k: v for k, v in batch.items() if k != "labels"} | extra)
 
@@ -227,7 +248,8 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     n, nt = matmul_params(model, lm_head=train)
     inner = model.bert if isinstance(model, BertClassifier) else model
     bl = mc.n_layer - inner.grad_from_layer
-    fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, mc.n_embd, backward_layers=bl, train=train)
+    d = mc.n_head * mc.head_dim if isinstance(mc, LlamaConfig) else mc.n_embd  # the query heads' width
+    fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, d, backward_layers=bl, train=train)
     tps = cfg.batch * cfg.seq_len / (ms / 1e3)
     mfu = fpt * tps / (peak_tflops * 1e12) if peak_tflops else float("nan")
     variant = variant_name(cfg, method)
@@ -252,7 +274,7 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
         flags.append("sdpa_math")
     if cfg.sync_each_step and cfg.device.startswith("cuda"):
         flags.append("sync_each_step")
-    gpt_loss = isinstance(PRESETS[cfg.model], GPTConfig) and not cfg.plain_ce and method != "probe"
+    gpt_loss = isinstance(PRESETS[cfg.model], (GPTConfig, LlamaConfig)) and not cfg.plain_ce and method != "probe"
     if cfg.loss_chunk is not None and gpt_loss:  # the fused loss's option
         flags.append(f"loss_chunk={cfg.loss_chunk}")
     return "+".join(flags) or "eager-fp32-base"
@@ -281,6 +303,10 @@ def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
     peak = measure_matmul_tflops(cfg.device) if cuda else None
     rows = []
     for m in cfg.methods:
+        why = skip_reason(cfg.model, m)
+        if why is not None:
+            progress(f"minift {cfg.model} {m}: skipped ({why})")
+            continue
         progress(f"minift {cfg.model} {m}")
         row = (_run_isolated if cfg.isolate else run_minift)(cfg, m, peak)
         row.extra.setdefault("matmul_tflops", peak)
@@ -291,8 +317,14 @@ def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
 
 
 def meta(cfg: BenchConfig) -> dict:
-    return {"device": _device_name(cfg.device), "torch": torch.__version__,
-            "dtype": "bf16 autocast" if cfg.device != "cpu" else "fp32", "batch": cfg.batch,
-            "seq_len": cfg.seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
-            "timing": bench_timing.describe(cfg),
-            "date": time.strftime("%Y-%m-%d")}
+    """The run's settings, written above its table; the methods skipped, with why, when any was."""
+    m = {"device": _device_name(cfg.device), "torch": torch.__version__,
+         "dtype": "bf16 autocast" if cfg.device != "cpu" else "fp32", "batch": cfg.batch,
+         "seq_len": cfg.seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
+         "lora_targets": ",".join(cfg.lora_targets),
+         "timing": bench_timing.describe(cfg),
+         "date": time.strftime("%Y-%m-%d")}
+    skipped = [f"{k} ({why})" for k in cfg.methods if (why := skip_reason(cfg.model, k)) is not None]
+    if skipped:
+        m["skipped"] = "; ".join(skipped)
+    return m

@@ -7,12 +7,13 @@ The training step the estimate models (the one ``minift.studies.bench`` runs and
     residual stream bf16, the estimate follows those dtypes op by op);
   - forward under ``torch.autocast("cuda", dtype=torch.bfloat16)``: matmuls and SDPA in bf16
     (the models cast the attention input and the MLP input once (``cast_once``), one bf16
-    copy shared by q, k, v, up_proj and their LoRA A / AdaLoRA factors; any other fp32 input
-    is cast anew for every matmul; fp32 trainable weights once per forward through
-    autocast's cache), LayerNorm in fp32; SDPA flash attention (no T x T matrix kept;
-    memory-efficient attention with an additive bias when a mask is present; a GPT prefix alone
-    is causal flash attention over P zero queries + T real ones, no bias);
-  - GPT's fused cross-entropy (``minift.fast.loss``): one chunk of logits at a time (1024
+    copy shared by q, k, v, up_proj (Llama: gate_proj too) and their LoRA A / AdaLoRA factors;
+    any other fp32 input is cast anew for every matmul; fp32 trainable weights once per forward
+    through autocast's cache), LayerNorm and RMSNorm in fp32; SDPA flash attention (no T x T
+    matrix kept; memory-efficient attention with an additive bias when a mask is present; a
+    GPT or Llama prefix alone is causal flash attention over P zero queries + T real ones, no
+    bias; Llama's grouped key/value heads are copied out to one per query head first);
+  - GPT's fused cross-entropy (``minift.fast.loss``, Llama's too): one chunk of logits at a time (1024
     positions for a frozen head, 4096 for a trained one), and the loss's input gradients
     computed in forward and kept for backward;
   - AdamW (fused): exp_avg + exp_avg_sq in fp32 per trainable parameter; fp32 gradients for
@@ -23,7 +24,7 @@ The training step the estimate models (the one ``minift.studies.bench`` runs and
 What backward keeps is derived from PyTorch's autograd rules by a small symbolic forward that
 ``estimate_memory`` runs through the model op by op (``minift.studies.memory_tape``, whose docstring
 lists the rules; on CPU, ``device="cpu"``, fp32 only, the tests check it byte for byte, with
-and without dropout). Attention dropout (``config.dropout``, as the models apply it) is fused
+and without dropout). Attention dropout (``config.dropout``; Llama: ``attention_dropout``) is fused
 into the CUDA kernels, which keep only its RNG state; on CPU, SDPA with dropout runs its math
 form, which keeps the T x T attention probabilities, the dropout mask and the dropped
 probabilities (plus scaled copies of q and k) in every layer, and the estimate counts them.
@@ -41,10 +42,12 @@ from dataclasses import dataclass
 from minift.studies.memory_tape import Forward, Net, Param, Projection, Tape
 from minift.models.bert import BertConfig
 from minift.models.gpt import GPTConfig
+from minift.models.llama import LlamaConfig
 
 GiB = 2 ** 30
 from minift.methods.registry import METHODS  # noqa: E402  (the one table of methods)
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # every model's projections
+LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # + SwiGLU's gate
 # cuBLAS workspace: allocated through PyTorch's caching allocator (so it counts in
 # max_memory_allocated), one per thread issuing matmuls: forward's and autograd's backward thread
 CUBLAS_WORKSPACE = 32 * 2 ** 20
@@ -111,9 +114,10 @@ class MethodOptions:
 
     def __post_init__(self):
         self.targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        bad = [t for t in self.targets if t not in PROJ]
+        bad = [t for t in self.targets if t not in LLAMA_PROJ]
         if bad or not self.targets:
-            raise ValueError(f"targets must be a non-empty subset of {', '.join(PROJ)}; got {self.targets!r}")
+            raise ValueError(f"targets must be a non-empty subset of {', '.join(PROJ)} (and gate_proj on "
+                             f"Llama); got {self.targets!r}")
         for k in ("r", "init_r", "num_virtual_tokens", "num_labels"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
@@ -121,10 +125,10 @@ class MethodOptions:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
-def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq_len: int, dtype: str = "bf16",
-                    optimizer: str = "adamw", *, frozen_dtype: str | None = None, device: str = "cuda",
-                    **method_options) -> MemoryEstimate:
-    """Peak memory of one training step of ``method`` on a GPT (causal LM) or a
+def estimate_memory(config: GPTConfig | BertConfig | LlamaConfig, method: str, batch: int, seq_len: int,
+                    dtype: str = "bf16", optimizer: str = "adamw", *, frozen_dtype: str | None = None,
+                    device: str = "cuda", **method_options) -> MemoryEstimate:
+    """Peak memory of one training step of ``method`` on a GPT or Llama (causal LMs) or a
     BertClassifier (``num_labels``) of ``config``, at ``batch`` x ``seq_len`` positions; as in
     the bench, prefix/prompt tuning spend P of them on virtual tokens (text = seq_len - P).
     ``dtype``: "bf16" (autocast) or "fp32"; ``frozen_dtype``: storage of frozen weights, "bf16"
@@ -133,14 +137,18 @@ def estimate_memory(config: GPTConfig | BertConfig, method: str, batch: int, seq
 
     Steps: check the arguments, lay out every parameter (which train, in which dtype), run the
     symbolic forward (``memory_tape.Forward``) for what backward keeps and the loss's buffers,
-    then add up weights, gradients and optimizer state."""
+    then add up weights, gradients and optimizer state.
+
+    Raises:
+        ValueError: an argument out of range, or a method the model refuses (BitFit on a Llama
+            without biases, as ``freeze.bitfit`` does)."""
     frozen_dtype = _check_args(config, method, batch, seq_len, dtype, optimizer, frozen_dtype, device)
     opts = MethodOptions(**method_options)
     P = opts.num_virtual_tokens if method in ("prefix", "prompt") else 0
     _check_sizes(config, method, opts, seq_len, P)
     net = _build(config, method, opts, _frozen_layers(method, opts, config.n_layer),
                  P, frozen_bytes=2 if frozen_dtype == "bf16" else 4)
-    mask = opts.attention_mask if opts.attention_mask is not None else not isinstance(config, GPTConfig)
+    mask = opts.attention_mask if opts.attention_mask is not None else isinstance(config, BertConfig)
     tape = Tape(autocast=dtype == "bf16", cuda=device == "cuda")
     activations, logits = Forward(tape, net, config, method, batch, seq_len - P, P, mask=mask,
                                   orth_penalty=opts.orth_penalty).run()
@@ -157,8 +165,10 @@ def _check_args(config, method, batch, seq_len, dtype, optimizer, frozen_dtype, 
     """ValueError for an argument out of range; returns the frozen weights' dtype."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if not isinstance(config, (GPTConfig, BertConfig)):
-        raise ValueError(f"config must be a GPTConfig or BertConfig, got {type(config).__name__}")
+    if not isinstance(config, (GPTConfig, BertConfig, LlamaConfig)):
+        raise ValueError(f"config must be a GPTConfig, BertConfig or LlamaConfig, got {type(config).__name__}")
+    if refusal(config, method) is not None:
+        raise ValueError(refusal(config, method))
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
     frozen_dtype = frozen_dtype or dtype
@@ -174,17 +184,47 @@ def _check_args(config, method, batch, seq_len, dtype, optimizer, frozen_dtype, 
 
 
 def _check_sizes(config, method: str, opts: MethodOptions, seq_len: int, P: int) -> None:
-    """The sequence fits the model and leaves text after the virtual tokens; ranks fit their layers."""
-    _, _, C, I, _ = _dims(config)
+    """The sequence fits the model and leaves text after the virtual tokens; the targets exist
+    in the model and their ranks fit them."""
     max_pos = config.block_size if isinstance(config, GPTConfig) else config.max_position_embeddings
     if seq_len > max_pos:
         raise ValueError(f"seq_len ({seq_len}) exceeds the model's {max_pos} positions")
     if seq_len <= P:
         raise ValueError(f"seq_len ({seq_len}) leaves no text after {P} virtual tokens")
+    shapes = _proj_shapes(config)
     for t in opts.targets if method in ("lora", "dora", "adalora") else ():
+        if t not in shapes:
+            raise ValueError(f"targets: {t} is not a projection of this model ({', '.join(shapes)})")
         r = opts.init_r if method == "adalora" else opts.r
-        if r > (C if t != "up_proj" and t != "down_proj" else min(C, I)):
+        if r > min(shapes[t]):
             raise ValueError(f"rank {r} is too large for {t}")
+
+
+def _proj_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection of a block, by name."""
+    _, H, C, I, _ = _dims(config)
+    if not isinstance(config, LlamaConfig):
+        return {"q_proj": (C, C), "k_proj": (C, C), "v_proj": (C, C), "o_proj": (C, C), "up_proj": (C, I),
+                "down_proj": (I, C)}
+    A, KV = H * config.head_dim, config.n_kv_head * config.head_dim  # query heads' width, keys' width
+    return {"q_proj": (C, A), "k_proj": (C, KV), "v_proj": (C, KV), "o_proj": (A, C), "gate_proj": (C, I),
+            "up_proj": (C, I), "down_proj": (I, C)}
+
+
+def _llama_biases(cfg: LlamaConfig) -> dict[str, bool]:
+    """Which of a Llama block's projections have a bias (none by default; Qwen2: q, k, v)."""
+    qkv = cfg.attention_bias or cfg.qkv_bias
+    return {n: b for n, b in (("q_proj", qkv), ("k_proj", qkv), ("v_proj", qkv), ("o_proj", cfg.attention_bias),
+                              ("gate_proj", cfg.mlp_bias), ("up_proj", cfg.mlp_bias),
+                              ("down_proj", cfg.mlp_bias)) if b}
+
+
+def refusal(config, method: str) -> str | None:
+    """Why a model of ``config`` refuses ``method`` (None: it takes it): BitFit trains bias terms,
+    and a Llama without attention or MLP biases has none (``freeze.bitfit`` refuses it too)."""
+    if method == "bitfit" and isinstance(config, LlamaConfig) and not _llama_biases(config):
+        return "BitFit trains bias terms and this Llama has none (no attention or MLP biases)"
+    return None
 
 
 def _frozen_layers(method: str, opts: MethodOptions, L: int) -> int:
@@ -221,9 +261,10 @@ class _Params:
     def b_train(self, layer: int | None) -> bool:
         return self.method == "bitfit" or self.w_train(layer)
 
-    def linear(self, fin: int, fout: int, layer: int, name: str) -> Projection:
+    def linear(self, fin: int, fout: int, layer: int, name: str, bias: bool = True) -> Projection:
         """A projection of block ``layer``, with its adapter factors when ``name`` is a target."""
-        li = Projection(fin, fout, self.new(fin * fout, self.w_train(layer)), self.new(fout, self.b_train(layer)))
+        li = Projection(fin, fout, self.new(fin * fout, self.w_train(layer)),
+                        self.new(fout, self.b_train(layer)) if bias else None)
         if self.method in ("lora", "dora", "adalora") and name in self.opts.targets:
             r = self.opts.init_r if self.method == "adalora" else self.opts.r
             shapes = {"lora": (r * fin, fout * r), "dora": (r * fin, fout * r, fout),
@@ -240,15 +281,23 @@ def _build(config, method: str, opts: MethodOptions, n_frozen: int, P: int, froz
     """Lay out every parameter of ``config``'s model with ``method`` applied."""
     L, _, C, I, V = _dims(config)
     ps = _Params(method, opts, n_frozen, frozen_bytes)
+    llama = isinstance(config, LlamaConfig)
+    biases = _llama_biases(config) if llama else dict.fromkeys(PROJ, True)
     blocks = []
     for i in range(L):
-        blk = {n: ps.linear(C, C, i, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
-        blk["up_proj"], blk["down_proj"] = ps.linear(C, I, i, "up_proj"), ps.linear(I, C, i, "down_proj")
-        blk["ln_1"], blk["ln_2"] = ps.layer_norm(C, i), ps.layer_norm(C, i)
+        blk = {n: ps.linear(fin, fout, i, n, biases.get(n, False)) for n, (fin, fout) in _proj_shapes(config).items()}
+        if llama:  # RMSNorm: a weight (a scale), no bias
+            blk["ln_1"], blk["ln_2"] = (ps.new(C, ps.w_train(i)),), (ps.new(C, ps.w_train(i)),)
+        else:
+            blk["ln_1"], blk["ln_2"] = ps.layer_norm(C, i), ps.layer_norm(C, i)
         blocks.append(blk)
     top = method == "full" or (method == "freeze" and n_frozen < L) or method == "bitfit"
     bitfit = method == "bitfit"
-    if isinstance(config, GPTConfig):
+    if llama:  # the final norm and an untied head follow the top block; a tied head is embed_tokens
+        emb = [ps.new(V * C, ps.w_train(None))]
+        net = Net(ps.all, blocks, emb, ln_f=(ps.new(C, top and not bitfit),),
+                  lm_head=None if config.tie_word_embeddings else ps.new(V * C, top and not bitfit))
+    elif isinstance(config, GPTConfig):
         emb = [ps.new(V * C, ps.w_train(None)), ps.new(config.block_size * C, ps.w_train(None))]
         net = Net(ps.all, blocks, emb, ln_f=(ps.new(C, top and not bitfit), ps.new(C, top)))
     else:
@@ -257,9 +306,9 @@ def _build(config, method: str, opts: MethodOptions, n_frozen: int, P: int, froz
         k = opts.num_labels
         net = Net(ps.all, blocks, emb, pooler=Projection(C, C, ps.new(C * C, top and not bitfit), ps.new(C, top)),
                   head=Projection(C, k, ps.new(C * k, method != "probe"), ps.new(k, method != "probe")))
-    d = opts.projection_dim
-    if method == "prefix":  # the (P, 2LC) table, or E (P, C) and the MLP C -> d -> 2LC
-        for n in (P * 2 * L * C,) if d is None else (P * C, C * d, d, d * 2 * L * C, 2 * L * C):
+    d, D = opts.projection_dim, _proj_shapes(config)["k_proj"][1]  # D: one layer's keys per token
+    if method == "prefix":  # the (P, 2LD) table, or E (P, D) and the MLP D -> d -> 2LD
+        for n in (P * 2 * L * D,) if d is None else (P * D, D * d, d, d * 2 * L * D, 2 * L * D):
             ps.new(n, True)
     if method == "prompt":
         ps.new(P * C, True)

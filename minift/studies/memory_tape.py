@@ -1,10 +1,13 @@
 """The memory estimator's symbolic forward: a tape that records, op by op, the bytes autograd
-saves for backward, without running anything, and ``Forward``, one training step of a GPT or
-BertClassifier written in those ops (``minift.studies.memory`` lays out the parameters and runs it).
+saves for backward, without running anything, and ``Forward``, one training step of a GPT, Llama
+or BertClassifier written in those ops (``minift.studies.memory`` lays out the parameters and runs it).
 
 Each op mirrors PyTorch's autograd and autocast rules: a matmul keeps its (bf16) input when its
 weight trains and its (bf16) weight when its input needs a gradient; LayerNorm keeps its fp32
-input, mean and rstd; GELU its input; SDPA q, k, v, out and logsumexp (+ the bias), its
+input, mean and rstd; RMSNorm as Llama writes it (x.float(), pow, mean, rsqrt, two products) its
+fp32 input and 1/rms, and its normalized input when its weight trains; GELU and SiLU their
+input; a product each factor the other's gradient needs (RoPE: the cos and sin tables, once for
+the whole model); SDPA q, k, v, out and logsumexp (+ the bias), its
 attention dropout fused into the kernel, which keeps only its RNG state (a few bytes, not
 counted); dropout with p > 0 its mask (bool on CUDA). Views share storage and are counted once
 (the caller saves the tensor a view is of). On CPU (``cuda=False``, no autocast) the same rules
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 
 from minift.fast.loss import loss_chunk
 from minift.models.gpt import GPTConfig
+from minift.models.llama import LlamaConfig
 
 
 class Tracked:
@@ -79,6 +83,15 @@ class Tape:
         if grad:
             self.save(cast(x), cast(w), cast(b), self.new(x.n // C, 4), self.new(x.n // C, 4))
         return self.new(x.n, 4 if self.ac else x.b, grad)
+
+    def rms_norm(self, x: Tracked, w: Param, C: int) -> Tracked:
+        """Llama's RMSNorm: h = x.float() (x itself when fp32); h * rsqrt(mean(h^2) + eps) keeps h
+        (pow's input) and 1/rms (one fp32 per row); cast back to x's dtype, times the weight."""
+        h = x if x.b == 4 else self.new(x.n, 4, x.grad)
+        if x.grad:
+            self.save(h, self.new(x.n // C, 4))
+        hn = self.new(x.n, 4, x.grad)
+        return self.mul(w, hn if x.b == 4 else self.new(x.n, x.b, x.grad))
 
     def pointwise(self, x: Tracked, save_input: bool = True) -> Tracked:  # GELU saves its input, tanh its output
         out = self.new(x.n, x.b, x.grad)
@@ -151,8 +164,9 @@ class Net:
     """The model the forward walks: blocks of projections and LayerNorms, embeddings, the top."""
     params: list[Param]
     blocks: list[dict]
-    emb: list[Param]  # wte, wpe (GPT); + token types, LayerNorm weight and bias (BERT)
-    ln_f: tuple[Param, Param] | None = None  # GPT
+    emb: list[Param]  # wte, wpe (GPT); + token types, LayerNorm weight and bias (BERT); embed_tokens (Llama)
+    ln_f: tuple[Param, ...] | None = None  # GPT: LayerNorm weight, bias; Llama: RMSNorm weight
+    lm_head: Param | None = None  # an untied LM head (Llama); None: the token embedding
     pooler: Projection | None = None  # BERT
     head: Projection | None = None  # BERT's classifier
     grad_from: int = 0  # freeze.sync_grad_from_layer: blocks below it run without autograd
@@ -163,24 +177,31 @@ class Net:
 
 
 class Forward:
-    """One training forward of ``net`` (a GPT or BertClassifier of ``config`` with ``method``
+    """One training forward of ``net`` (a GPT, Llama or BertClassifier of ``config`` with ``method``
     applied) on ``tape``: ``batch`` x ``T`` text tokens, P virtual ones, a padding ``mask`` or
     none, AdaLoRA's ``orth_penalty`` or none."""
 
     def __init__(self, tape: Tape, net: Net, config, method: str, batch: int, T: int, P: int, *,
                  mask: bool, orth_penalty: bool):
-        self.tape, self.net, self.method, self.p = tape, net, method, config.dropout
+        self.llama = isinstance(config, LlamaConfig)  # Llama: no hidden dropout, attention's own
+        self.p = 0.0 if self.llama else config.dropout  # dropout on hidden states
+        self.p_attn = config.attention_dropout if self.llama else config.dropout  # inside SDPA
+        self.tape, self.net, self.method = tape, net, method
         self.gpt = isinstance(config, GPTConfig)
+        self.causal = self.gpt or self.llama  # causal attention, GPT's LM loss
         self.H, self.C, self.I, self.V = config.n_head, config.n_embd, config.n_inner, config.vocab_size
+        self.hs = config.head_dim if self.llama else self.C // self.H
+        self.A = self.H * self.hs  # the query heads' width: C, unless a Llama's head_dim says otherwise
+        self.KV = config.n_kv_head * self.hs if self.llama else self.C  # keys per token (GQA: fewer)
         self.B, self.T, self.P = batch, T, P
         self.mask, self.orth = mask, orth_penalty
         self.Tq = T + (P if method == "prompt" else 0)  # positions the blocks see
         self.S = self.Tq + (P if method == "prefix" else 0)  # keys per query
         self.rows = batch * self.Tq
-        # a GPT prefix without a mask (gpt.prefix_attention): with P <= T, P zero queries in front and
+        # a GPT or Llama prefix without a mask (layers.prefix_attention): with P <= T, P zero queries in front and
         # square causal attention; with P > T the bottom-right causal mask (flash on CUDA keeps no mask,
         # the CPU kernel keeps the one it materializes in each layer)
-        lone = bool(P and self.gpt and method == "prefix" and not self.mask and self.Tq > 1)
+        lone = bool(P and self.causal and method == "prefix" and not self.mask and self.Tq > 1)
         self.padded, self.lower_right = lone and P <= self.Tq, lone and P > self.Tq and not tape.cuda
         self.bias = None
 
@@ -198,23 +219,33 @@ class Forward:
             x = self.block(x, blk)
             hidden.append(x)
         tape.no_grad = probe
-        if self.gpt:
+        if self.llama:
+            x = tape.rms_norm(x, *self.net.ln_f, self.C)
+        elif self.gpt:
             x = tape.layer_norm(x, *self.net.ln_f, self.C)
-        logits = self.lm_loss(x) if self.gpt else self.classifier_loss(x)
+        logits = self.lm_loss(x) if self.causal else self.classifier_loss(x)
         if self.method == "adalora" and self.orth:
             self.orth_penalty()
         act_b, rows = 2 if tape.ac else 4, self.rows
+        mlp = (3 if self.llama else 2) * rows * self.I * act_b  # SwiGLU: gate, up and their product
         if probe:  # forward only: every layer's hidden states kept, one block's temporaries
-            kept = sum(h.n * h.b for h in hidden) + (rows * self.C * (x.b - hidden[-1].b) if self.gpt else 0)
-            return kept, rows * self.C * (4 + 2 + 2) + 2 * rows * self.I * act_b  # GPT: the last one after ln_f
+            kept = sum(h.n * h.b for h in hidden) + (rows * self.C * (x.b - hidden[-1].b) if self.causal else 0)
+            return kept, rows * self.C * (4 + 2 + 2) + mlp  # GPT, Llama: the last one after the final norm
         # backward temporaries of a block: gradients of the residual (fp32 in, out) and of the MLP
-        return sum(tape.saved.values()), max(logits, 2 * rows * self.C * 4 + 2 * rows * self.I * act_b)
+        return sum(tape.saved.values()), max(logits, 2 * rows * self.C * 4 + mlp)
 
     def embed(self) -> Tracked:
-        """Token (+ position, + token type) embeddings, the soft prompt in front, dropout (BERT: LayerNorm)."""
+        """Token (+ position, + token type) embeddings, the soft prompt in front, dropout (BERT: LayerNorm);
+        Llama: RoPE's cos and sin tables (Tq, hs) in the embeddings' dtype, made once for every layer."""
         tape, emb, B, T, Tq, C = self.tape, self.net.emb, self.B, self.T, self.Tq, self.C
         if emb[0].grad:
             tape.save(tape.new(B * T, 8))  # token ids kept by the embedding
+        if self.llama:
+            x = tape.new(B * T * C, emb[0].b, emb[0].grad)
+            if self.method == "prompt":
+                x = tape.new(B * Tq * C, x.b, True)  # cat([prompt.to(dtype), embed_tokens(ids)])
+            self.cos, self.sin = tape.new(Tq * self.hs, x.b), tape.new(Tq * self.hs, x.b)
+            return x
         if self.gpt:
             if emb[1].grad:
                 tape.save(tape.new(T, 8))  # positions
@@ -231,8 +262,11 @@ class Forward:
         return tape.dropout(tape.layer_norm(x, emb[3], emb[4], C), self.p)
 
     def block(self, x: Tracked, blk: dict) -> Tracked:
-        """GPT's pre-LayerNorm block or BERT's post-LayerNorm one."""
+        """GPT's pre-LayerNorm block, Llama's pre-RMSNorm one or BERT's post-LayerNorm one."""
         tape, ln, C = self.tape, self.tape.layer_norm, self.C
+        if self.llama:
+            x = tape.add(x, self.attention(tape.rms_norm(x, *blk["ln_1"], C), blk))
+            return tape.add(x, self.mlp(tape.rms_norm(x, *blk["ln_2"], C), blk))
         if self.gpt:
             x = tape.add(x, tape.dropout(self.attention(ln(x, *blk["ln_1"], C), blk), self.p))
             return tape.add(x, tape.dropout(self.mlp(ln(x, *blk["ln_2"], C), blk), self.p))
@@ -240,21 +274,35 @@ class Forward:
         return ln(tape.add(x, tape.dropout(self.mlp(x, blk), self.p)), *blk["ln_2"], C)
 
     def attention(self, x: Tracked, blk: dict) -> Tracked:
-        tape, B, S, C = self.tape, self.B, self.S, self.C
+        tape, B, S, A, KV = self.tape, self.B, self.S, self.A, self.KV
         x = tape.cast_once(x)  # one bf16 copy for q, k, v and their adapters (BERT's residual keeps x)
         q, k, v = (self.linear(x, blk[n]) for n in ("q_proj", "k_proj", "v_proj"))
-        if self.method == "prefix":  # cat([prefix.to(bf16), k]): (B, nh, P+T, hs), needs a gradient
-            k, v = tape.new(B * S * C, k.b, True), tape.new(B * S * C, v.b, True)
+        if self.llama:
+            q, k = self.rope(q), self.rope(k)
+        if self.method == "prefix":  # cat([prefix.to(k's dtype), k]): (B, nkv, P+T, hs), needs a gradient
+            k, v = tape.new(B * S * KV, k.b, True), tape.new(B * S * KV, v.b, True)
+        if KV != A:  # GQA's repeat_kv: each key/value head copied for its group of query heads
+            k, v = tape.new(B * S * A, k.b, k.grad), tape.new(B * S * A, v.b, v.grad)
         if self.padded:  # cat([zeros, q]) in, (B, nh, P+T, hs) out, the last T rows taken (a copy for o_proj)
-            out = tape.sdpa(tape.new(B * S * C, q.b, q.grad), k, v, None, B, self.H, S, C, self.p)
-            out = tape.new(B * self.Tq * C, out.b, out.grad)
+            out = tape.sdpa(tape.new(B * S * A, q.b, q.grad), k, v, None, B, self.H, S, A, self.p_attn)
+            out = tape.new(B * self.Tq * A, out.b, out.grad)
         else:
             bias = tape.new(self.Tq * S, x.b) if self.lower_right else self.bias
-            out = tape.sdpa(q, k, v, bias, B, self.H, self.Tq, C, self.p)
+            out = tape.sdpa(q, k, v, bias, B, self.H, self.Tq, A, self.p_attn)
         return self.linear(out, blk["o_proj"])
 
+    def rope(self, t: Tracked) -> Tracked:
+        """t * cos + rotate_half(t) * sin: the products keep the tables, not t."""
+        if t.grad:
+            self.tape.save(self.cos, self.sin)
+        return self.tape.new(t.n, max(t.b, self.cos.b), t.grad)
+
     def mlp(self, x: Tracked, blk: dict) -> Tracked:
-        return self.linear(self.tape.pointwise(self.linear(self.tape.cast_once(x), blk["up_proj"])), blk["down_proj"])
+        tape, x = self.tape, self.tape.cast_once(x)
+        if self.llama:  # SwiGLU: down(silu(gate(x)) * up(x))
+            gate = tape.pointwise(self.linear(x, blk["gate_proj"]))
+            return self.linear(tape.mul(gate, self.linear(x, blk["up_proj"])), blk["down_proj"])
+        return self.linear(tape.pointwise(self.linear(x, blk["up_proj"])), blk["down_proj"])
 
     def linear(self, x: Tracked, li: Projection) -> Tracked:
         """A projection, plus its LoRA / DoRA / AdaLoRA update when it has one."""
@@ -285,7 +333,7 @@ class Forward:
         goes on the tape; returns the bytes of its buffers inside the forward."""
         tape, C, V = self.tape, self.C, self.V
         act_b = 2 if tape.ac else 4
-        wte = self.net.emb[0]
+        wte = self.net.lm_head or self.net.emb[0]  # the head's matrix: tied (the token embedding) or not
         n_pos = self.B * (self.Tq - 1)
         Vp = -(-V // 64) * 64  # lm_loss pads the vocabulary to a multiple of 64
         head_grad = wte.grad and n_pos > 0  # with one position there is nothing to predict: a zero loss

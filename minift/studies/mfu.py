@@ -1,11 +1,15 @@
 """Model FLOPs utilization: FLOPs per token of a training step and the card's measured matmul rate.
 
 Model FLOPs per token (the MFU numerator), with N the parameters used in matmuls:
-  forward 2N + 4·L·T·d (attention scores and weighted sum),
+  forward 2N + 4·L·T·d (attention scores and weighted sum, d the width of the query heads),
   backward 2N_in + 8·L_b·T·d for input gradients through the L_b layers backward runs in,
   plus 2N_w for weight gradients of the trainable weights.
 Full fine-tuning gives the familiar 6N + 12·L·T·d; a frozen base (LoRA, prefix, ...) gives
 4N + 12·L·T·d; frozen bottom layers that run without autograd cost forward only.
+N counts every matmul as it is: on Llama the SwiGLU MLP's three matrices (gate, up, down:
+3·d·d_ff), grouped-query attention's narrower k and v projections (2·d·n_kv·hs) and an untied
+LM head; RoPE (a few elementwise products per query and key) and the norms are left out, as
+GELU and LayerNorm are on GPT-2: under 1% of the total.
 MFU divides achieved FLOP/s by the bf16 matmul rate measured on the same card in the same run
 (``measure_matmul_tflops``).
 """
@@ -15,23 +19,28 @@ import torch
 import torch.nn as nn
 
 from minift.models.gpt import GPT
+from minift.models.llama import Llama
 
 
 def matmul_params(model: nn.Module, lm_head: bool = True) -> tuple[int, int]:
     """(N, N_trainable): parameters of every matmul weight — the 2-D ``weight`` of any module
-    that is not an embedding (nn.Linear, LoRALinear, SVDLinear, ...) plus GPT's tied LM head
-    when it is used (``lm_head``: feature extraction for probing never projects to the vocabulary).
+    that is not an embedding (nn.Linear, LoRALinear, SVDLinear, ...) — with the LM head when it
+    is used (``lm_head``: feature extraction for probing never projects to the vocabulary): GPT's
+    and a tied Llama's are their token embedding, added here; an untied Llama's ``lm_head`` is
+    an nn.Linear, left out without ``lm_head``.
     Adapter factors (``lora_*``) are left out: their FLOPs are a rounding error at small r."""
     n = nt = 0
+    untied = model.lm_head if isinstance(model, Llama) else None
     for m in model.modules():
         w = m._parameters.get("weight")
-        if w is None or w.dim() != 2 or isinstance(m, nn.Embedding):
+        if w is None or w.dim() != 2 or isinstance(m, nn.Embedding) or (m is untied and not lm_head):
             continue
         n += w.numel()
         nt += w.numel() if w.requires_grad else 0
-    if isinstance(model, GPT) and lm_head:
-        n += model.wte.weight.numel()
-        nt += model.wte.weight.numel() if model.wte.weight.requires_grad else 0
+    tied = model.wte if isinstance(model, GPT) else model.embed_tokens if isinstance(model, Llama) else None
+    if lm_head and tied is not None and untied is None:
+        n += tied.weight.numel()
+        nt += tied.weight.numel() if tied.weight.requires_grad else 0
     return n, nt
 
 

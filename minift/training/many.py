@@ -1,40 +1,56 @@
 """K LoRA jobs trained together on one frozen base: one forward and backward per step for all.
 
 Each job is what ``minift train`` would run alone: its own adapter (rank, alpha, targets), data,
-data order (its seed), learning rate, schedule, warmup, weight decay, gradient clipping and
-AdamW state. A step of ``train_many``:
+data order (its seed), learning rate (LoRA+ ratio too), schedule, warmup, weight decay, gradient
+clipping, AdamW state, dev evaluations, early stopping and files. A step of ``train_many``:
 
     rows = [job 1's micro-batch | job 2's | ... | job K's]     (padded to one length, masked)
     with mixed_batch(model, [name of each row's job]):          (methods/multi_lora.py)
         logits = model(rows)                                    the base runs once for all rows
     loss = sum over jobs of job k's mean loss on its own rows   (what job k alone would compute)
     loss.backward()                                             job k's A, B get only its rows' gradient
-    for each job: clip its gradients, its lr, its AdamW step
+    for each job: its lr, clip its gradients, its AdamW step; then its evaluation and checkpoint
 
 Because the rows are disjoint and each adapter acts only on its own rows, the gradient that
 reaches job k's adapter is exactly the gradient of job k's loss alone: the K trajectories are
 those of K separate runs (tests/training/test_many.py checks them against ``train``, step by
 step). What is shared is the work on the base: one pass of W0 over all rows instead of K.
+A base with dropout is the exception: its masks are drawn over the mixed batch, so each job
+then sees other (equally random) masks than it would alone.
 
-This is the library function; it keeps every job's losses in memory and writes no checkpoint.
+Each job keeps its own position: a job that has done its steps (or stopped early) adds no rows
+to later steps, and the others go on. Its files, under ``cfg.out_dir``, are those ``train``
+writes: ``metrics.jsonl``, ``last/`` (a checkpoint in ``train``'s format, over the job's adapter
+seen as a plain LoRA model, so its keys are ``lora.apply``'s), ``best/`` and ``loss.png``. Resume
+is per job (``cfg.resume``: from its ``last/``), so jobs saved at different steps still continue
+exactly. Ctrl-C saves every unfinished job where it stands, as ``train`` does; an interrupt
+inside the weight updates saves nothing (the previous checkpoints stay) and propagates.
 """
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.adapters.multi import as_single  # the one-adapter view save_adapters writes files through
+from minift.methods import lora
 from minift.methods.common import freeze_all
 from minift.methods.lora import LoRAConfig
-from minift.methods.multi_lora import add_adapter, mixed_batch
+from minift.methods.multi_lora import add_adapter, mixed_batch, set_active
 from minift.models.gpt import GPT
-from minift.training.checkpoint import seed_everything
+from minift.training import metrics_log
+from minift.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights, \
+    seed_everything
+from minift.training.config import TrainConfig, lr_factor
 from minift.training.data import pad_to_longest
 from minift.training.forward import model_forward, pick_device, to_device
-from minift.training.loop import batch_at, make_optimizer
-from minift.training.config import TrainConfig, lr_factor
+from minift.training.loop import TrainResult, batch_at, make_optimizer
 
 
 @dataclass
@@ -42,17 +58,26 @@ class Job:
     name: str                    # the adapter's name on the model
     lora: LoRAConfig
     batches: list[dict]          # this job's training batches (``data.batches``)
-    cfg: TrainConfig             # lr, steps, schedule, warmup, weight decay, clipping, seed
+    cfg: TrainConfig             # lr, steps, schedule, ..., out_dir, resume, save_every, eval_every, patience
+    lr_ratio: float | None = None                                  # LoRA+: lr of B / lr of A
+    eval_fn: Callable[[nn.Module], dict] | None = None             # dev metrics, with this job's adapter active
+    init_rng: torch.Tensor | None = None  # CPU RNG state A is drawn from (None: torch.manual_seed(cfg.seed))
 
 
 @dataclass
 class ManyResult:
-    losses: dict[str, list[float]] = field(default_factory=dict)   # job -> one loss per optimizer step
+    jobs: dict[str, TrainResult] = field(default_factory=dict)    # job -> what ``train`` would return
+    interrupted: bool = False
+    tokens_per_s: float = 0.0                                      # every job's tokens, per second of the run
+
+    @property
+    def losses(self) -> dict[str, list[float]]:                    # job -> one loss per optimizer step
+        return {n: r.losses for n, r in self.jobs.items()}
 
 
 def add_jobs(model: nn.Module, jobs: list[Job]) -> None:
     """Freeze the base and add each job's adapter. Every adapter starts as ``lora.apply`` makes
-    one (A Kaiming-uniform from the job's seed, B zero), so adding them changes no output."""
+    one (A Kaiming-uniform from the job's RNG, B zero), so adding them changes no output."""
     names = [j.name for j in jobs]
     if len(set(names)) != len(names):
         raise ValueError(f"job names must differ, got {', '.join(names)}")
@@ -68,47 +93,231 @@ def add_jobs(model: nn.Module, jobs: list[Job]) -> None:
         raise ValueError("the jobs mix tasks: every job's labels must be per token (causal LM) or per example")
     freeze_all(model)
     for j in jobs:
-        torch.manual_seed(j.cfg.seed)
-        add_adapter(model, j.name, j.lora)
+        if j.init_rng is None:
+            torch.manual_seed(j.cfg.seed)
+        else:
+            torch.set_rng_state(j.init_rng)
+        try:
+            add_adapter(model, j.name, j.lora)
+        except ValueError as e:  # a target that matches nothing, a rank too large for a layer
+            raise ValueError(f"job {j.name}: {e}") from None
 
 
-def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu") -> ManyResult:
-    """Train every job's adapter (``add_jobs`` first) until each has done its ``cfg`` steps."""
+def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progress: bool = False,
+               on_start: Callable[[dict[str, int]], None] | None = None) -> ManyResult:
+    """Train every job's adapter (``add_jobs`` first) until each has done its ``cfg`` steps or
+    stopped early. ``on_start(steps done per job)`` runs once the checkpoints to resume are loaded.
+    A KeyboardInterrupt returns with ``interrupted=True`` after saving the unfinished jobs; any
+    other exception saves the jobs that moved, then propagates."""
+    if not jobs:
+        raise ValueError("train_many needs at least one job")
     dev = pick_device(device)
-    model.to(dev).train()
-    opts, totals, base_lrs = {}, {}, {}
-    for j in jobs:
-        params = [p for n, p in model.named_parameters() if n.endswith(f".{j.name}") and "lora_" in n]
-        opts[j.name] = make_optimizer(model, j.cfg, [{"params": params, "weight_decay": j.cfg.weight_decay}],
-                                      device=dev)
-        totals[j.name] = j.cfg.total_steps(len(j.batches))
-        base_lrs[j.name] = j.cfg.lr
-    seed_everything(jobs[0].cfg.seed)
+    model.to(dev)
+    runs = [_JobRun(model, j, dev) for j in jobs]
+    if not [r for r in runs if r.resume()]:  # every checkpoint read and checked before any log changes
+        seed_everything(jobs[0].cfg.seed)  # only a base with dropout draws from it
+    for r in runs:
+        r.start_log()
+    if on_start is not None:
+        on_start({r.job.name: r.step for r in runs})
+    res = ManyResult({r.job.name: r.res for r in runs})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and jobs[0].cfg.bf16)
-    res = ManyResult({j.name: [] for j in jobs})
-    step = 0
-    while True:
-        live = [j for j in jobs if step < totals[j.name]]
-        if not live:
-            return res
-        parts = [batch_at(j.batches, step, j.cfg) for j in live]
-        rows = [j.name for j, b in zip(live, parts) for _ in range(b["input_ids"].shape[0])]
-        batch = to_device(_concat(parts), dev)
-        with autocast, mixed_batch(model, rows):
-            logits = model_forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits
-        losses = _job_losses(model, logits, batch["labels"], [b["input_ids"].shape[0] for b in parts])
-        torch.stack(losses).sum().backward()
-        for j, loss in zip(live, losses):
-            opt = opts[j.name]
-            for g in opt.param_groups:
-                g["lr"] = base_lrs[j.name] * lr_factor(step, totals[j.name], j.cfg.warmup_steps(totals[j.name]),
-                                                       j.cfg.schedule)
-            if j.cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], j.cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            res.losses[j.name].append(loss.item())
-        step += 1
+    bar = _progress(sum(r.total for r in runs), sum(r.step for r in runs), progress)
+    t0, tokens, snap, updating, error = time.perf_counter(), 0, rng_state(), False, None
+    try:
+        model.train()
+        for r in runs:
+            if r.state.get("eval_pending"):  # Ctrl-C stopped this evaluation: finish the step first
+                r.after_step()
+        while live := [r for r in runs if r.live]:
+            snap = rng_state()  # what a checkpoint of the steps done so far restores
+            parts = [batch_at(r.job.batches, r.step, r.cfg) for r in live]
+            rows = [r.job.name for r, b in zip(live, parts) for _ in range(b["input_ids"].shape[0])]
+            batch = _concat(parts)
+            tokens += int(batch["attention_mask"].sum())
+            batch = to_device(batch, dev)
+            with autocast, mixed_batch(model, rows):
+                logits = model_forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits
+            losses = _job_losses(model, logits, batch["labels"], [b["input_ids"].shape[0] for b in parts])
+            torch.stack(losses).sum().backward()
+            updating = True  # from here until every job has recorded its step: no checkpoint
+            for r in live:
+                r.update()
+            for r, loss in zip(live, torch.stack([x.detach().float() for x in losses]).tolist()):
+                r.record(loss)
+            updating, snap = False, rng_state()
+            bar.update(len(live))
+            bar.set_postfix(jobs=len(live))
+            for r in live:  # every evaluation due is pending until it has run (a Ctrl-C in one keeps the rest)
+                r.state["eval_pending"] = r.eval_due()
+            for r in live:
+                r.after_step()
+    except KeyboardInterrupt:
+        res.interrupted = True
+        if updating:  # some adapters may be half-updated: keep the previous checkpoints
+            raise
+    except Exception as e:  # a failure: keep the steps done so far (unless adapters are half-updated)
+        if updating:
+            raise
+        error = e
+    finally:
+        bar.close()
+        model.eval()
+    res.tokens_per_s = tokens / max(time.perf_counter() - t0, 1e-9)
+    for r in runs:
+        r.end(snap, error)
+    if error is not None:
+        raise error
+    return res
+
+
+class _JobRun:
+    """One job inside ``train_many``: its optimizer, schedule, position, history and files."""
+
+    def __init__(self, model: nn.Module, job: Job, device: torch.device):
+        if len(job.batches) == 0:
+            raise ValueError(f"job {job.name}: no training batches")
+        self.model, self.job, self.cfg, self.res = model, job, job.cfg, TrainResult()
+        self.total = job.cfg.total_steps(len(job.batches))
+        self.warmup = job.cfg.warmup_steps(self.total)
+        with alone(model, job.name):  # the optimizer ``train`` builds for this adapter alone
+            groups = lora.param_groups(model, job.cfg.lr, job.lr_ratio, job.cfg.weight_decay) if job.lr_ratio else None
+            self.opt = make_optimizer(model, job.cfg, groups, device=device)
+        self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.out = Path(job.cfg.out_dir) if job.cfg.out_dir else None
+        self.log_path = job.cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
+
+    def resume(self) -> bool:
+        """Load ``out_dir/last`` when resuming; True if one loaded."""
+        self.state = {"step": 0, "losses": [], "evals": [], "best": None, "bad_evals": 0}
+        ckpt = latest_checkpoint(self.out) if (self.cfg.resume and self.out) else None
+        if ckpt is not None:
+            with alone(self.model, self.job.name):
+                self.state = load_checkpoint(ckpt, self.model, self.opt)
+            self.res.checkpoint = str(ckpt)
+        self.resumed = ckpt is not None
+        self.step = self.start_step = self.state["step"]
+        self.res.losses, self.res.evals, self.res.best = self.state["losses"], self.state["evals"], self.state["best"]
+        self.res.stopped_early = bool(self.state.get("stopped_early"))
+        self.finished = not self.live and not self.state.get("eval_pending")  # nothing left: no file to rewrite
+        return self.resumed
+
+    def start_log(self) -> None:
+        """The metrics log cut back to the checkpoint (steps after it are redone), or emptied."""
+        if self.resumed:
+            metrics_log.truncate(self.log_path, self.step, drop_eval=self.state.get("eval_pending", False))
+        elif self.log_path and Path(self.log_path).is_file():
+            Path(self.log_path).write_text("")  # a fresh start: no lines of an earlier run
+
+    @property
+    def live(self) -> bool:
+        return self.step < self.total and not self.res.stopped_early
+
+    def update(self) -> None:
+        """The scheduled lr, gradient clipping, the AdamW step, zero_grad; the step is done."""
+        opt, cfg = self.opt, self.cfg
+        for g, base in zip(opt.param_groups, self.base_lrs):
+            g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def record(self, loss: float) -> None:
+        self.res.losses.append(loss)
+        metrics_log.append(self.log_path, {"step": self.step, "loss": loss, "lr": self.opt.param_groups[0]["lr"]})
+
+    def eval_due(self) -> bool:
+        every = self.cfg.eval_every
+        return self.job.eval_fn is not None and (bool(every and self.step % every == 0) or self.step == self.total)
+
+    def after_step(self) -> None:
+        """The pending evaluation (early stopping), a checkpoint when due, and the job's end."""
+        if self.state.get("eval_pending") and self.job.eval_fn is not None:
+            self.res.stopped_early = self.evaluate()
+            self.state["eval_pending"] = False
+        if self.out and self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.live:
+            self.save()
+        if not self.live:  # done: its final checkpoint and loss curve, as ``train`` leaves them
+            self.finish()
+
+    def evaluate(self) -> bool:
+        """``eval_fn`` with this job's adapter active; the best (``best/``); True: stop early.
+        All or nothing, as in ``train``: an interrupted evaluation leaves no record and stays pending."""
+        res, state, cfg = self.res, self.state, self.cfg
+        n_evals, best, bad_evals = len(res.evals), res.best, state["bad_evals"]
+        try:
+            self.model.eval()
+            set_active(self.model, self.job.name)
+            with torch.no_grad():
+                metrics = {k: float(v) for k, v in self.job.eval_fn(self.model).items()}
+            res.evals.append({"step": self.step, **metrics})
+            metrics_log.append(self.log_path, {"step": self.step, "eval": metrics})
+            if cfg.metric not in metrics:
+                raise KeyError(f"job {self.job.name}: eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
+            value = metrics[cfg.metric]
+            if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
+                res.best, state["bad_evals"] = {"step": self.step, **metrics}, 0
+                if self.out:
+                    with alone(self.model, self.job.name):
+                        save_weights(self.model, self.out / "best")
+                return False
+            state["bad_evals"] += 1
+            return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+        except BaseException:
+            del res.evals[n_evals:]
+            res.best, state["bad_evals"] = best, bad_evals
+            metrics_log.truncate(self.log_path, self.step, drop_eval=True)
+            raise
+        finally:
+            set_active(self.model, None)
+            self.model.train()
+
+    def save(self, rng: dict | None = None) -> None:
+        state = {"step": self.step, "losses": self.res.losses, "evals": self.res.evals, "best": self.res.best,
+                 "bad_evals": self.state["bad_evals"], "stopped_early": self.res.stopped_early,
+                 "eval_pending": bool(self.state.get("eval_pending"))}
+        with alone(self.model, self.job.name):
+            self.res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, state, rng=rng))
+
+    def finish(self) -> None:
+        self.finished = True
+        self.save_last()
+
+    def save_last(self, rng: dict | None = None) -> None:
+        """The checkpoint and loss curve ``train`` leaves at the end of a run."""
+        if self.out:
+            self.save(rng)
+            if self.cfg.plot:
+                metrics_log.plot_losses(self.res.losses, self.res.evals, self.out / "loss.png")
+
+    def end(self, snap: dict, error: Exception | None) -> None:
+        """After the run: an unfinished job saves where it stands, with the RNG of ``snap``
+        (after a failure, only a job that moved since it started)."""
+        self.opt.zero_grad(set_to_none=True)  # the gradients of a step in flight, if any
+        self.res.steps = self.step
+        self.res.interrupted = not self.finished
+        if not self.finished and (error is None or self.step > self.start_step or self.state.get("eval_pending")):
+            self.save_last(snap)
+
+
+@contextlib.contextmanager
+def alone(model: nn.Module, name: str, cfg: LoRAConfig | None = None):
+    """Within the ``with``, ``model`` shows adapter ``name`` alone, as the plain LoRA model that
+    ``lora.apply(model, cfg)`` makes (the same Parameters; ``cfg`` recorded as ``lora.apply`` records
+    it, for the adapter files): ``train``'s optimizer groups, checkpoints and adapter files."""
+    had = getattr(model, "lora_config", None)
+    with as_single(model, name):
+        if cfg is not None:
+            model.lora_config = cfg
+        try:
+            yield model
+        finally:
+            if cfg is not None and had is not None:
+                model.lora_config = had
+            elif cfg is not None:
+                del model.lora_config
 
 
 def _concat(parts: list[dict]) -> dict:
@@ -134,4 +343,9 @@ def _job_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, si
     return out
 
 
-__all__ = ["Job", "ManyResult", "add_jobs", "train_many"]
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train-many (job steps)", dynamic_ncols=True)
+
+
+__all__ = ["Job", "ManyResult", "add_jobs", "train_many", "alone"]

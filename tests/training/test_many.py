@@ -75,3 +75,20 @@ def test_jobs_with_dropout_or_mixed_tasks_are_refused():
     js[2].batches = [{**b, "labels": b["labels"][:, 0]} for b in js[2].batches]
     with pytest.raises(ValueError, match="the jobs mix tasks"):
         add_jobs(base(), js)
+
+
+def test_a_job_that_stops_early_leaves_the_others_as_they_were():
+    model, js = base(), jobs()
+    add_jobs(model, js)
+    full = train_many(model, js)
+    model, js = base(), jobs()
+    js[0].cfg = TrainConfig(**{**vars(js[0].cfg), "eval_every": 1, "patience": 1})
+    js[0].eval_fn = lambda m: {"loss": 1.0}  # never better than the first: stops after its second evaluation
+    add_jobs(model, js)
+    res = train_many(model, js)
+    a = res.jobs["a"]
+    assert a.stopped_early and a.steps == 2 and [e["step"] for e in a.evals] == [1, 2]
+    assert a.losses == full.losses["a"][:2]
+    for name in ("b", "c"):  # each job's rows are its own: the others train exactly as before
+        assert res.losses[name] == pytest.approx(full.losses[name], rel=1e-6, abs=1e-7)
+        assert res.jobs[name].steps == len(full.losses[name])
