@@ -12,6 +12,8 @@ where it rounds differently); its equivalence test checks that:
                                 hidden states, without full fp32 logits
     LoRA forward  fast.lora     plain LoRA layers through W0 + sBA in one GEMM     tests/fast/test_lora.py
                                 (merged) or with the update inside one addmm
+    many LoRAs    fast.multi_lora  a mixed batch of many adapters in a fixed number   tests/fast/test_multi_lora.py
+                                of kernels: each row's factors gathered, two bmm
     Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
                                 by the merged LoRA forward
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from minift.fast import cast, lora, loss
+from minift.fast import cast, lora, loss, multi_lora
 
 
 def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None = None) -> list[str]:
@@ -41,10 +43,11 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
     """
     on = [("cast once", cast.enable(model), "modules"),
           ("fused loss", loss.enable(model, loss_chunk), "modules"),
-          (f"LoRA {'merged' if merged_lora else 'addmm'} forward", lora.enable(model, merged=merged_lora), "layers")]
+          (f"LoRA {'merged' if merged_lora else 'addmm'} forward", lora.enable(model, merged=merged_lora), "layers"),
+          ("gathered mixed-batch LoRA", multi_lora.enable(model), "layers")]
     return [f"{piece}: {len(names)} {what}" for piece, names, what in on if names]
 
 
 def disable(model: nn.Module) -> list[str]:
     """Put every piece back on the reference path; returns the names of the modules switched back."""
-    return cast.disable(model) + loss.disable(model) + lora.disable(model)
+    return cast.disable(model) + loss.disable(model) + lora.disable(model) + multi_lora.disable(model)

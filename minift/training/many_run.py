@@ -24,9 +24,10 @@ Every job is checked before the model loads and nothing under --out changes befo
 data, targets and directory have passed: a bad job is one line naming the job (index and name),
 the key and what is allowed (exit 2). Settings that one shared forward cannot honour are refused:
 a method other than plain LoRA (name "lora"; no dropout, DoRA, PiSSA/gaussian init,
-modules_to_save or merged_forward), grad_accum > 1, compile or fast (train-many runs the reference
-eager path), classification (each job would need its own new head), and a per-job model, device
-or bf16. Each job's adapter A is drawn as `minift train` draws it (the CPU RNG seeded with the
+modules_to_save or merged_forward), grad_accum > 1, compile (train-many runs eager), classification
+(each job would need its own new head), and a per-job model, device, bf16 or fast. On CUDA the
+shared model takes minift.fast (cast once, fused loss, each row's adapter factors gathered: one
+batched GEMM pair per layer for every job; `fast = false` at the top level: the reference path). Each job's adapter A is drawn as `minift train` draws it (the CPU RNG seeded with the
 job's seed, then advanced by building the model), so a job trains exactly as
 `minift train --config` with its tables would (tests/training/test_many_cli.py; CPU, fp32).
 
@@ -52,14 +53,14 @@ from minift.methods.lora import LoRAConfig
 from minift.methods.registry import option_names, parse_method
 from minift.training.config import TrainConfig
 from minift.training.evaluate import TASK_METRICS, evaluate
-from minift.training.forward import check_device
+from minift.training.forward import check_device, pick_device
 from minift.training.many import Job, add_jobs, alone, train_many
 from minift.training.run import load_data, load_model
 from minift.training.run_dir import check_out, check_resume, identity, jsonable, save_outputs, start_run
 from minift.training.settings import DATA_KEYS, KEY_TYPES, TRAIN_KEYS, TYPE_WORDS
 
 TOP_KEYS = ("model", "device", "bf16", "method", "train", "data", "job")
-SHARED = {"model": "data", "device": "train", "bf16": "train"}   # one value for all jobs: key -> its table
+SHARED = {"model": "data", "device": "train", "bf16": "train", "fast": "train"}   # one value for all jobs: key -> its table
 TASKS = ("causal-lm", "prompt-completion")
 # settings a shared forward cannot honour: (table, key) -> (is the value fine?, why not)
 REFUSED = {
@@ -73,7 +74,6 @@ REFUSED = {
                                                 "batch_size"),
     ("train", "compile"): (lambda v: not v, "train-many runs the reference eager path"),
     ("train", "compile_mode"): (lambda v: False, "train-many does not compile"),
-    ("train", "fast"): (lambda v: not v, "train-many runs the reference path, without minift.fast"),
 }
 
 
@@ -259,6 +259,9 @@ def train_many_command(args) -> int:
         _as_job(s, check_out, s.out, args.resume, args.overwrite)
     model, jobs = _load(specs)
     _start_runs(specs, args)  # every check has passed: the job directories change from here on
+    if pick_device(specs[0].cfg.device).type == "cuda" and specs[0].cfg.fast:
+        from minift import fast
+        fast.enable(model)
 
     def started(steps: dict[str, int]) -> None:  # once the checkpoints to resume have loaded
         parts = [f"{s.name} ({j.cfg.total_steps(len(j.batches))} steps" +

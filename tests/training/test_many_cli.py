@@ -235,6 +235,7 @@ def _bad(**change) -> dict:
     (_bad(train={"grad_accum": 2}), "[job.train] grad_accum = 2"),
     (_bad(train={"compile": True}), "[job.train] compile = true"),
     (_bad(train={"device": "cpu"}), "[job.train] device is shared by every job"),
+    (_bad(train={"fast": False}), "[job.train] fast is shared by every job"),
     (_bad(train={"lr": -1.0}), "lr must be > 0"),
     (_bad(train={"metric": "accuracy"}), "[job.train] metric = 'accuracy' is not reported"),
     (_bad(data={"task": "classification"}), "new classification head"),

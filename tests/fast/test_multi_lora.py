@@ -1,0 +1,105 @@
+"""fast.multi_lora (gathered mixed batches) against the reference MultiLoRALinear: outputs and gradients."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY_GPT
+from minift import fast
+from minift.fast.multi_lora import GatheredMultiLoRALinear
+from minift.methods.lora import LoRAConfig
+from minift.methods.multi_lora import add_adapter, mixed_batch, multi_lora_modules, set_active
+from minift.models.gpt import GPT, GPTConfig
+
+# different ranks, alphas, rsLoRA and targets: a layer holds 1-3 adapters, padded to its largest rank
+ADAPTERS = {"a": LoRAConfig(r=2, alpha=4, targets=("q_proj", "v_proj", "up_proj")),
+            "b": LoRAConfig(r=4, alpha=3, targets=("q_proj", "v_proj", "up_proj", "down_proj"), rslora=True),
+            "c": LoRAConfig(r=1, alpha=8, targets=("q_proj", "up_proj"))}
+
+
+def pair(seed=0):
+    torch.manual_seed(seed)
+    ref = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
+    for name, cfg in ADAPTERS.items():
+        add_adapter(ref, name, cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fst = copy.deepcopy(ref)
+    switched = fast.multi_lora.enable(fst)
+    assert switched and all(type(m) is GatheredMultiLoRALinear for _, m in multi_lora_modules(fst))
+    return ref, fst
+
+
+@settings(max_examples=12, deadline=None)
+@given(rows=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=6), seed=st.integers(0, 3))
+def test_gathered_mixed_batch_equals_the_reference_outputs_and_gradients(rows, seed):
+    ref, fst = pair(seed)
+    ids = torch.randint(0, TINY_GPT["vocab_size"], (len(rows), 7), generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for m in (ref, fst):
+        with mixed_batch(m, rows):
+            logits = m(ids).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if "lora_" in n and p.grad is not None})
+        m.out = logits.detach()
+    torch.testing.assert_close(fst.out, ref.out, atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-5)
+
+
+def test_rows_without_an_adapter_here_dropout_and_one_adapter_take_the_reference_forward():
+    ref, fst = pair()
+    ids = torch.randint(0, TINY_GPT["vocab_size"], (3, 5))
+    for rows in (["a", None, "b"], ["c", "c", "a"]):  # None: base only; c does not target v_proj
+        with torch.no_grad(), mixed_batch(ref, rows), mixed_batch(fst, rows):
+            torch.testing.assert_close(fst(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    set_active(ref, "b"), set_active(fst, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(fst(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+    layer = dict(multi_lora_modules(fst))["layers.0.attn.q_proj"]
+    layer.dropout["a"] = torch.nn.Dropout(0.5)
+    layer.train()
+    with mixed_batch(fst, ["a", "b", "c"]):
+        assert layer._slots(3) is None  # dropout while training: the reference draws its masks
+    layer.eval()
+    with mixed_batch(fst, ["a", "b", "c"]):
+        assert layer._slots(3) is not None
+
+
+def test_generation_with_a_kv_cache_and_a_new_mixed_batch_each_time():
+    ref, fst = pair()
+    prompt = torch.randint(0, TINY_GPT["vocab_size"], (4, 3))
+    for rows in (["a", "b", "c", "a"], ["b", "b", "a", "c"]):  # a second batch must not reuse the first's slots
+        outs = []
+        for m in (ref, fst):
+            m.eval()
+            with mixed_batch(m, rows):
+                outs.append(m.generate(prompt, max_new_tokens=4, temperature=0))
+        assert torch.equal(outs[0], outs[1])
+
+
+def test_enable_and_disable_through_fast():
+    _, fst = pair()
+    ref = copy.deepcopy(fst)
+    fast.multi_lora.disable(ref)
+    assert not any(type(m) is GatheredMultiLoRALinear for _, m in multi_lora_modules(ref))
+    assert any("gathered mixed-batch LoRA" in line for line in fast.enable(ref))
+    assert fast.multi_lora.enable(ref) == []  # already on
+    assert fast.disable(ref) and not any(type(m) is GatheredMultiLoRALinear for _, m in multi_lora_modules(ref))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_gathered_mixed_batch_on_cuda_under_autocast():
+    ref, fst = pair()
+    ref, fst = ref.cuda(), fst.cuda()
+    ids = torch.randint(0, TINY_GPT["vocab_size"], (6, 9), device="cuda")
+    rows = ["a", "b", "c", "c", "b", "a"]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with mixed_batch(ref, rows), mixed_batch(fst, rows):
+            torch.testing.assert_close(fst(ids).logits.float(), ref(ids).logits.float(), atol=3e-2, rtol=3e-2)
