@@ -49,7 +49,7 @@ def method_options(method: str, cfg: bench.BenchConfig) -> dict:
 def check(model: str, method: str, args) -> dict | None:
     cfg = bench.BenchConfig(model=model, methods=(method,), batch=args.batch, seq_len=args.seq_len, steps=1,
                             warmup=2, device=args.device, frozen_bf16=args.device != "cpu",
-                            lora_targets=bench.ALL_PROJ)
+                            lora_targets=bench.ALL_PROJ, speed="eager")
     cuda = args.device.startswith("cuda")
     est = advisor.estimate_memory(replace(bench.PRESETS[model]), method, cfg.batch, cfg.seq_len,
                                   "bf16" if cuda else "fp32", frozen_dtype="bf16" if cfg.frozen_bf16 else None,

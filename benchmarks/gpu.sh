@@ -56,6 +56,15 @@
 #                  runs/train-model by this checkout); $TRAIN_ARGS is added to both commands
 #                  (e.g. "--compile false"); checkpoints and adapters are deleted after each run
 #                                                          train-{full,lora}-TAG/, train-speed-TAG.md
+#   issue21        (~4.5-5 min expected, limits adding up to ~7 min; weights/ from `prep` carried) the default
+#                  path where users run it: `minift bench` with no speed flag (minift train's plan), full and
+#                  LoRA r=8 on all six projections, GPT-2 medium 8 x 1024   bench-gpt2-medium-default-TAG;
+#                  `minift train` default on MiniLM-L6 sentiment, --recipe sentiment-{full,lora}, 300 steps,
+#                  then the summary lines (steady tokens/s)              issue21-train-{full,lora}-TAG.log,
+#                  issue21-train-TAG.md; a profile of one default-path LoRA and full step (GPT-2 medium,
+#                  top CUDA kernels, host time per step)                 issue21-profile-{lora,full}-TAG.log;
+#                  bench's MiniLM rows at the recipes' batches (8 x 128 LoRA on q,v r=8; 16 x 128 full)
+#                                                                        bench-minilm-{lora,full}-TAG
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
 #
@@ -124,8 +133,8 @@ stage() {
     go 560 test-suite-gpu python3 -m pytest -q -p no:cacheprovider -rfEs ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
-      --name bench-gpt2-medium-eager-$tag
-    go 70 bench-eager-merged $M bench --out "$out" $G2M --methods lora --lora-merged-forward \
+      --speed eager --name bench-gpt2-medium-eager-$tag
+    go 70 bench-eager-merged $M bench --out "$out" $G2M --methods lora --lora-merged-forward --speed eager \
       --name bench-gpt2-medium-eager-merged-$tag ;;
   best-lora)
     go 170 best-lora python3 benchmarks/timing_check.py lora-graphs-$tag minift "$out" --out "$out" $G2M \
@@ -146,14 +155,14 @@ stage() {
   peft)
     stage peft-eager; stage peft-compile ;;
   adalora)
-    go 90 adalora $M bench --out "$out" $G2M --methods lora,adalora --name bench-gpt2-medium-adalora-$tag ;;
+    go 90 adalora $M bench --out "$out" $G2M --methods lora,adalora --speed eager --name bench-gpt2-medium-adalora-$tag ;;
   bert)
     local bert="--model bert-base --batch 32 --seq-len 128 --lora-targets q_proj,v_proj --methods full,lora,prefix"
-    go 90 bert $M bench --out "$out" $bert --lora-merged-forward --name bench-bert-base-$tag
+    go 90 bert $M bench --out "$out" $bert --lora-merged-forward --speed eager --name bench-bert-base-$tag
     go 120 peft-bert python3 benchmarks/peft_baseline.py --out "$out" $bert --name peft-bert-base-$tag ;;
   llama-eager)
     go 150 llama-eager $M bench --out "$out" $L1B --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
-      --name bench-llama-1b-eager-$tag ;;
+      --speed eager --name bench-llama-1b-eager-$tag ;;
   llama-best)
     go 180 llama-best-lora python3 benchmarks/timing_check.py llama-lora-graphs-$tag minift "$out" --out "$out" $L1B \
       --methods lora $GRAPHS --lora-merged-forward --no-isolate --name bench-llama-1b-graphs-lora-$tag
@@ -168,12 +177,12 @@ stage() {
   llama)
     stage llama-minift; stage llama-peft ;;
   flag-default)
-    go 70 flag-default $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-flag-default-$tag ;;
+    go 70 flag-default $M bench --out "$out" $G2M --methods full,lora --speed eager --name bench-gpt2-medium-flag-default-$tag ;;
   flags)
     local f
     stage flag-default
     for f in no-fused-adamw sdpa-math checkpointing plain-ce no-frozen-bf16; do
-      go 80 "flag-$f" $M bench --out "$out" $G2M --methods full,lora "--$f" --name "bench-gpt2-medium-flag-$f-$tag"
+      go 80 "flag-$f" $M bench --out "$out" $G2M --methods full,lora --speed eager "--$f" --name "bench-gpt2-medium-flag-$f-$tag"
     done ;;
   advisor-check)
     go 120 advisor-check python3 benchmarks/advisor_check.py --out "$out" ;;
@@ -181,8 +190,8 @@ stage() {
     go 90 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out" --sweep ;;
   profile)
     go 90 "profile-lora-merged-eager-$tag" python3 benchmarks/profile_step.py $G2M --method lora --lora-merged-forward \
-      --rows 40
-    go 90 "profile-prompt-eager-$tag" python3 benchmarks/profile_step.py $G2M --method prompt --rows 25 ;;
+      --speed eager --rows 40
+    go 90 "profile-prompt-eager-$tag" python3 benchmarks/profile_step.py $G2M --method prompt --speed eager --rows 25 ;;
   rebuild-ab)
     local v
     for v in kernel addmm elementwise; do
@@ -221,6 +230,22 @@ stage() {
     go 120 peft-default-eager python3 benchmarks/peft_baseline.py --out "$out" $G2M --methods full,lora \
       --name peft-gpt2-medium-eager-$tag
     stage peft-compile ;;
+  issue21)
+    local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
+    go 165 issue21-bench-gpt2 $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-default-$tag
+    for m in full lora; do
+      go 45 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
+        --steps 300 --device cuda --no-progress --overwrite --out "$out/issue21-train-$m-$tag"
+      [ "$dry" = 1 ] || rm -rf "$out/issue21-train-$m-$tag"  # the summary line is in the log
+    done
+    [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/issue21-train-full-$tag.log" \
+      "$out/issue21-train-lora-$tag.log" > "$out/issue21-train-$tag.md"
+    go 50 "issue21-profile-lora-$tag" python3 benchmarks/profile_step.py $G2M --method lora --rows 30
+    go 40 "issue21-profile-full-$tag" python3 benchmarks/profile_step.py $G2M --method full --rows 30
+    go 35 issue21-bench-minilm-lora $M bench --out "$out" --model minilm --batch 8 --seq-len 128 --methods lora \
+      --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-lora-$tag
+    go 35 issue21-bench-minilm-full $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full \
+      --steps 20 --name bench-minilm-full-$tag ;;
   prep)
     go 600 prep-minilm python3 benchmarks/pack_weights.py --out weights/minilm-fp16
     go 600 prep-sentiment env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M fetch sentiment ;;

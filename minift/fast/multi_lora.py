@@ -68,8 +68,8 @@ class GatheredMultiLoRALinear(MultiLoRALinear):
         """The adapters' scalings as a (K, 1, 1) tensor on the device, built once per set of values."""
         values = tuple(self.scaling[n] for n in names)
         cached = getattr(self, "_scale_cache", None)
-        if cached is None or cached[0] != values or cached[1].device != like.device:
-            self._scale_cache = (values, torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, 1, 1))
+        if cached is None or cached[0] != values or cached[1].device != like.device or cached[1].dtype != like.dtype:
+            self._scale_cache = (values, torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1))
         return self._scale_cache[1]
 
 

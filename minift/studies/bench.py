@@ -14,6 +14,17 @@ is P = 20 virtual positions plus seq_len - P text tokens (the PEFT baseline coun
 The peer (transformers + peft) runs the same shapes in ``benchmarks/peft_baseline.py``: the
 oracles are never imported from ``minift/``.
 
+**Speed: what ``minift train`` runs.** With no speed setting, each method runs the speed plan
+``minift train`` picks for it (``minift.training.speed.plan``, the same function): on CUDA
+``minift.fast``, LoRA's merged forward for plain LoRA, and torch.compile under CUDA graphs (mode
+reduce-overhead) unless the method runs a hook between steps (AdaLoRA's allocator and penalty stay
+eager); on the CPU the eager path as before (``minift.fast``'s pieces on, as bench always had them,
+nothing compiled). Each row records its plan (``Row.speed``, the ``describe()`` line) and its
+first step's time (``Row.first_step_s``: compiling and capturing the graphs, on the host clock)
+apart from the steady median. ``speed="eager"`` runs the bench's former default (eager,
+``minift.fast`` on, LoRA's addmm forward) on any device; ``compile``, ``compile_mode`` and
+``lora_merged_forward`` (None: the plan decides) and ``fast`` override one choice each.
+
 Each optimization is a flag so its effect is measured, not assumed:
 ``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
 ``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
@@ -23,8 +34,8 @@ the naive loss, for comparison with the fused cross-entropy of ``minift.fast.los
 ``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
 ``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
 ``sync_each_step`` (wait for the GPU after every timed step, as older results did).
-``isolate`` runs each method in a fresh process (on by default with ``compile``: torch 2.11
-fails to compile a second model in one process under CUDA graphs, and a fresh process
+``isolate`` runs each method in a fresh process (on by default whenever a method may be compiled:
+torch 2.11 fails to compile a second model in one process under CUDA graphs, and a fresh process
 starts each method with an empty allocator).
 
 Models are the shapes of ``minift.studies.presets``: GPT-2 and Llama as causal LMs, BERT as a
@@ -44,7 +55,8 @@ import contextlib
 import multiprocessing
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +74,16 @@ from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.models.llama import Llama, LlamaConfig
 from minift.training.forward import model_forward
+from minift.training import speed
 from minift.training.config import COMPILE_MODES
+from minift.training.speed import SpeedPlan
+from minift.studies.bench_speed import resolved, speed_meta, speed_plan, task_of  # noqa: F401
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # GPT-2 and BERT: every projection
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # + SwiGLU's gate
 VIRTUAL_TOKENS = 20
 CAUSAL_LM = (GPT, Llama)  # the models bench trains as language models (BERT: a classifier)
+SPEEDS = ("default", "eager")  # default: minift train's speed plan per method; eager: no compile, addmm LoRA
 
 
 def default_lora_targets(model: str) -> tuple[str, ...]:
@@ -91,16 +107,18 @@ class BenchConfig:
     warmup: int = 3
     device: str = "cuda"
     frozen_bf16: bool = True
-    compile: bool = False
-    compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    speed: str = "default"            # SPEEDS: minift train's plan per method (speed_plan), or "eager"
+    fast: bool = True                 # minift.fast's pieces (False: the reference modules)
+    compile: bool | None = None       # torch.compile; None: the plan decides
+    compile_mode: str | None = None   # None: the plan decides; "reduce-overhead" adds CUDA graphs
     checkpointing: bool = False
     plain_ce: bool = False
-    lora_merged_forward: bool = False
+    lora_merged_forward: bool | None = None  # None: the plan decides (on CUDA with minift.fast)
     loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
     fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
     sdpa_math: bool = False
     sync_each_step: bool = False  # CUDA timing: wait for the GPU after every step (bench_timing)
-    isolate: bool | None = None  # each method in its own process; None: only with compile
+    isolate: bool | None = None  # each method in its own process; None: when a method may be compiled
     lora_targets: tuple[str, ...] = ()  # empty: default_lora_targets(model)
     seed: int = 0
 
@@ -112,14 +130,17 @@ class BenchConfig:
             raise ValueError(f"unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
         if self.batch < 1 or self.seq_len <= VIRTUAL_TOKENS or self.steps < 1 or self.warmup < 0:
             raise ValueError(f"need batch >= 1, seq_len > {VIRTUAL_TOKENS}, steps >= 1, warmup >= 0")
-        if self.compile_mode not in COMPILE_MODES:
+        if self.speed not in SPEEDS:
+            raise ValueError(f"unknown speed {self.speed!r}; choose from {', '.join(SPEEDS)}")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
         if self.device == "cpu":
             self.frozen_bf16 = False  # CPU runs are fp32 smoke tests
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
-        if self.isolate is None:
-            self.isolate = self.compile
+        if self.isolate is None:  # torch 2.11: one model under CUDA graphs per process
+            self.isolate = bool(self.compile) or (self.compile is None and self.speed == "default"
+                                                   and self.device.startswith("cuda"))
         self.lora_targets = tuple(self.lora_targets) or default_lora_targets(self.model)
 
 
@@ -136,8 +157,13 @@ def method_options(cfg: BenchConfig, method: str) -> dict:
             "prompt": {"num_virtual_tokens": VIRTUAL_TOKENS}}.get(method, {})
 
 
-def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks]:
-    """Model with ``method`` applied (``minift.methods.registry``); returns (model, its training hooks)."""
+def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, SpeedPlan]:
+    """Model with ``method`` applied (``minift.methods.registry``) and ``minift.fast``'s pieces as
+    the speed plan says (``speed_plan``; compiling is the caller's, ``prepare``'s).
+
+    Returns:
+        (model, its training hooks, its speed plan).
+    """
     mc = replace(PRESETS[cfg.model])
     with torch.device(cfg.device):  # initialize on the device: much faster for large models
         if isinstance(mc, BertConfig):
@@ -148,8 +174,12 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks]:
         else:
             model = GPT(mc)
     hooks = build_method(model, method, method_options(cfg, method), total_steps=cfg.warmup + cfg.steps + 1).hooks
-    from minift import fast  # every speed piece; LoRA's merged forward with lora_merged_forward
-    fast.enable(model, merged_lora=cfg.lora_merged_forward, loss_chunk=cfg.loss_chunk)
+    p = speed_plan(cfg, method, hooks)
+    from minift import fast  # every speed piece; LoRA's merged forward where the plan says
+    if p.fast:
+        fast.enable(model, merged_lora=p.merged_lora, loss_chunk=cfg.loss_chunk)
+    elif p.merged_lora:
+        fast.lora.enable(model, merged=True)
     if cfg.plain_ce:
         fast.loss.disable(model)
     model.checkpointing = cfg.checkpointing if isinstance(model, CAUSAL_LM) else False
@@ -157,10 +187,10 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks]:
         model.bert.checkpointing = cfg.checkpointing
     model.to(cfg.device)
     if cfg.frozen_bf16:
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    return model, hooks
+        for q in model.parameters():
+            if not q.requires_grad:
+                q.data = q.data.to(torch.bfloat16)
+    return model, hooks, p
 
 
 def make_batch(model, cfg: BenchConfig, method: str) -> dict:
@@ -207,24 +237,40 @@ def _forward_loss(model, batch, cfg: BenchConfig, hooks: TrainHooks):
     return loss
 
 
-def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
+@dataclass
+class Prepared:
+    """One method ready to time: its model, the step function ``time_steps`` calls, and what it ran with."""
+    model: torch.nn.Module
+    hooks: TrainHooks
+    batch: dict
+    step: Callable[[int], None]  # step(i): one training step (probing: one forward pass)
+    plan: SpeedPlan
+    cfg: BenchConfig      # ``resolved``: the plan's choices filled in
+    train: bool
+
+
+def prepare(cfg: BenchConfig, method: str) -> Prepared:
+    """Build ``method``'s model (``build``), compile it as its plan says, and define its step."""
     torch.manual_seed(cfg.seed)
-    model, hooks = build(cfg, method)
-    batch = make_batch(model, cfg, method)
+    model, hooks, p = build(cfg, method)
+    rc = resolved(cfg, p)
+    batch = make_batch(model, rc, method)
     train = method != "probe"
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and cfg.device.startswith("cuda")
-    if cfg.compile:
-        model.compile(mode=cfg.compile_mode)
+    graphs = rc.compile and rc.compile_mode == "reduce-overhead" and rc.device.startswith("cuda")
+    if rc.compile:
+        model.compile(mode=rc.compile_mode)
+        if graphs:
+            speed.GRAPHED[0] = True  # a second model in this process compiles without graphs (speed.plan)
     if train:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=cfg.device.startswith("cuda") and cfg.fused_adamw)
+        params = [q for q in model.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=rc.device.startswith("cuda") and rc.fused_adamw)
         model.train()
 
         def step(i):
             if graphs:  # a new step: CUDA-graph outputs of the last one may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
-            with _autocast(cfg.device):
-                loss = _loss(model, batch, cfg, hooks)
+            with _autocast(rc.device):
+                loss = _loss(model, batch, rc, hooks)
             loss.backward()
             opt.step()
             if hooks.allocator is not None:  # AdaLoRA: after the update, before zero_grad (as PEFT)
@@ -235,38 +281,67 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
 
         @torch.no_grad()
         def step(i):  # probing: one forward pass that keeps every layer's features
-            with _autocast(cfg.device):
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            with _autocast(rc.device):
                 extra = {"output_hidden_states": True}
                 if isinstance(model, CAUSAL_LM):
                     extra["compute_logits"] = False  # features only, no vocabulary projection
                 model_forward(model, {k: v for k, v in batch.items() if k != "labels"} | extra)
+    return Prepared(model, hooks, batch, step, p, rc, train)
 
-    with _attention_backend(cfg):
-        ms, peak, times = bench_timing.time_steps(step, cfg)
+
+def timed_first(step, device: str, first: list[float]):
+    """``step`` whose first call is timed on the host clock, the GPU synchronized before and after
+    (compiling and capturing CUDA graphs happen there), its seconds appended to ``first``."""
+    cuda = device.startswith("cuda")
+
+    def wrapped(i):
+        if first:
+            return step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(i)
+        if cuda:
+            torch.cuda.synchronize()
+        first.append(time.perf_counter() - t0)
+    return wrapped
+
+
+def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
+    pr = prepare(cfg, method)
+    model, rc, train = pr.model, pr.cfg, pr.train
+    first: list[float] = []
+    with _attention_backend(rc):
+        ms, peak, times = bench_timing.time_steps(timed_first(pr.step, rc.device, first), rc)
     trainable, total = count_trainable(model)
     mc = model.config
     n, nt = matmul_params(model, lm_head=train)
     inner = model.bert if isinstance(model, BertClassifier) else model
     bl = mc.n_layer - inner.grad_from_layer
     d = mc.n_head * mc.head_dim if isinstance(mc, LlamaConfig) else mc.n_embd  # the query heads' width
-    fpt = flops_per_token(n, nt, mc.n_layer, cfg.seq_len, d, backward_layers=bl, train=train)
-    tps = cfg.batch * cfg.seq_len / (ms / 1e3)
+    fpt = flops_per_token(n, nt, mc.n_layer, rc.seq_len, d, backward_layers=bl, train=train)
+    tps = rc.batch * rc.seq_len / (ms / 1e3)
     mfu = fpt * tps / (peak_tflops * 1e12) if peak_tflops else float("nan")
-    variant = variant_name(cfg, method)
-    row = Row("minift", cfg.model, method, variant, _device_name(cfg.device), "bf16-autocast"
-              if cfg.device != "cpu" else "fp32", cfg.batch, cfg.seq_len, trainable, total, ms, tps, peak, mfu,
-              extra={"step_ms_each": [round(t, 2) for t in times]})
-    del model, batch, hooks
-    if cfg.device.startswith("cuda"):
+    variant = variant_name(rc, method)
+    row = Row("minift", rc.model, method, variant, _device_name(rc.device), "bf16-autocast"
+              if rc.device != "cpu" else "fp32", rc.batch, rc.seq_len, trainable, total, ms, tps, peak, mfu,
+              extra={"step_ms_each": [round(t, 2) for t in times]},
+              first_step_s=round(first[0], 3) if first else float("nan"), speed=pr.plan.describe())
+    del model, pr
+    if rc.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return row
 
 
 def variant_name(cfg: BenchConfig, method: str) -> str:
     """The optimization flags a row ran with, e.g. ``frozen_bf16+compile:reduce-overhead``."""
-    flags = [k if k != "compile" or cfg.compile_mode == "default" else f"compile:{cfg.compile_mode}"
+    flags = [k if k != "compile" or cfg.compile_mode in (None, "default") else f"compile:{cfg.compile_mode}"
              for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
-    if cfg.lora_merged_forward and method == "lora":
+    if not cfg.fast:
+        flags.append("no_fast")
+    if cfg.lora_merged_forward and method == "lora":  # (``resolved``: the plan's choice)
         flags.append("merged_forward")
     if not cfg.fused_adamw and cfg.device.startswith("cuda") and method != "probe":
         flags.append("foreach_adamw")
@@ -324,6 +399,8 @@ def meta(cfg: BenchConfig) -> dict:
          "lora_targets": ",".join(cfg.lora_targets),
          "timing": bench_timing.describe(cfg),
          "date": time.strftime("%Y-%m-%d")}
+    if cfg.methods:  # minift rows (benchmarks/peft_baseline.py's config has none: no minift speed line)
+        m["speed"] = speed_meta(cfg)
     skipped = [f"{k} ({why})" for k in cfg.methods if (why := skip_reason(cfg.model, k)) is not None]
     if skipped:
         m["skipped"] = "; ".join(skipped)

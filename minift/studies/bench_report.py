@@ -29,6 +29,8 @@ class Row:
     ratio_tokens_vs_full: float = float("nan")
     ratio_mem_vs_full: float = float("nan")
     extra: dict = field(default_factory=dict)
+    first_step_s: float = float("nan")  # the first step on the host clock: compiling, capturing CUDA graphs
+    speed: str = ""                     # the speed plan the row ran (``SpeedPlan.describe()``); PEFT: empty
 
 
 METHOD_FLAGS = ("merged_forward",)  # variant flags that change one method only (LoRA's merged forward)
@@ -40,10 +42,17 @@ def shared_variant(variant: str) -> str:
 
 
 def add_ratios(rows: list[Row]) -> list[Row]:
-    """Ratio of tokens/s and peak memory to minift full fine-tuning of the same model and variant."""
+    """Ratio of tokens/s and peak memory to minift full fine-tuning of the same model and variant.
+
+    A method whose speed plan differs from full fine-tuning's in the same run (AdaLoRA runs eager
+    where full fine-tuning is compiled) compares with full fine-tuning as its plan ran it: the
+    ratio of what ``minift train`` runs by default for each."""
     base = {(r.model, r.variant): r for r in rows if r.impl == "minift" and r.method == "full"}
+    planned = {r.model: r for r in rows if r.impl == "minift" and r.method == "full" and r.speed}
     for r in rows:
         b = base.get((r.model, shared_variant(r.variant)))
+        if b is None and r.impl == "minift" and r.speed:
+            b = planned.get(r.model)
         if b is None and r.impl == "peft":  # PEFT rows compare with PEFT's own full run
             b = next((x for x in rows if x.impl == "peft" and x.method == "full" and x.model == r.model
                       and x.variant == r.variant), None)
@@ -55,16 +64,20 @@ def add_ratios(rows: list[Row]) -> list[Row]:
 
 def to_markdown(rows: list[Row]) -> str:
     head = ("| impl | model | method | variant | batch x seq | trainable | tokens/s | step ms | peak GiB "
-            "| MFU | tok/s vs full | mem vs full |\n|" + "---|" * 12 + "\n")
+            "| MFU | tok/s vs full | mem vs full | first step s |\n|" + "---|" * 13 + "\n")
     lines = []
     for r in rows:
         mfu = "-" if math.isnan(r.mfu) else f"{100 * r.mfu:.1f}%"
         pk = "-" if math.isnan(r.peak_gib) else f"{r.peak_gib:.2f}"
         rt = "-" if math.isnan(r.ratio_tokens_vs_full) else f"{r.ratio_tokens_vs_full:.2f}x"
         rm = "-" if math.isnan(r.ratio_mem_vs_full) else f"{r.ratio_mem_vs_full:.2f}x"
+        fs = "-" if math.isnan(r.first_step_s) else f"{r.first_step_s:.1f}"
         lines.append(f"| {r.impl} | {r.model} | {r.method} | {r.variant} | {r.batch}x{r.seq_len} | "
-                     f"{r.trainable:,} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | {pk} | {mfu} | {rt} | {rm} |")
-    return head + "\n".join(lines) + "\n"
+                     f"{r.trainable:,} | {r.tokens_per_s:,.0f} | {r.step_ms:.1f} | {pk} | {mfu} | {rt} | {rm} | {fs} |")
+    plans = [f"- {r.model} {r.method}: {r.speed}" for r in rows if r.speed]
+    return (head + "\n".join(lines) + "\n"
+            + ("\nSpeed plan per row (step ms: the steady median; first step s: compiling included):\n\n"
+               + "\n".join(plans) + "\n" if plans else ""))
 
 
 def save(rows: list[Row], out: Path, name: str, meta: dict) -> list[Path]:

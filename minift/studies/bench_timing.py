@@ -14,8 +14,8 @@ class TimingSettings(Protocol):
     device: str
     steps: int
     warmup: int
-    compile: bool
-    compile_mode: str
+    compile: bool | None        # None (a bench config before its plan): not compiled
+    compile_mode: str | None
     sync_each_step: bool
 
 

@@ -26,9 +26,18 @@ def _check_cuda(device: str) -> None:
 
 def add_bench(sub) -> None:
     from minift.methods.registry import METHODS
-    from minift.studies.bench import COMPILE_MODES
+    from minift.studies.bench import COMPILE_MODES, SPEEDS
     from minift.studies.presets import PRESETS
-    p = sub.add_parser("bench", help="memory/throughput of every method against full fine-tuning")
+    p = sub.add_parser(
+        "bench", help="memory/throughput of every method against full fine-tuning",
+        description="Every method against full fine-tuning on one model preset: tokens/s, step time, peak memory. "
+                    "Speed: with no speed flag each method runs what `minift train` runs by default "
+                    "(minift.training.speed.plan): on CUDA minift.fast, LoRA's merged forward and torch.compile "
+                    "under CUDA graphs (mode reduce-overhead), except methods with a hook between steps (AdaLoRA) "
+                    "which run eager; on the CPU the eager path. Each method runs in its own process when one may "
+                    "be compiled. --speed eager, --no-compile, --compile-mode, --[no-]lora-merged-forward and "
+                    "--no-fast override the plan; each row records its plan and its first step's time "
+                    "(compiling) apart from the steady step time (docs/speed.md).")
     p.add_argument("--model", default=None, help=f"preset: {', '.join(PRESETS)} (default: gpt2-medium on "
                                                   "CUDA, tiny-gpt on CPU)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
@@ -38,16 +47,24 @@ def add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-frozen-bf16", action="store_true", help="keep frozen base weights in fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
-                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
+    p.add_argument("--speed", default="default", choices=SPEEDS,
+                   help="default: minift train's speed plan per method (CUDA: minift.fast, LoRA merged forward, "
+                        "torch.compile under CUDA graphs where the method has no hook between steps; CPU: eager); "
+                        "eager: no compile and LoRA's addmm forward on any device (bench's default before)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile every method, or (--no-compile) none (default: the plan decides)")
+    p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
+                   help="torch.compile mode (default: the plan's, reduce-overhead on CUDA: CUDA graphs)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="minift.fast's pieces off: the reference modules (cast once, fused loss, LoRA forwards)")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
     p.add_argument("--lora-targets", default="",
                    help="modules LoRA/DoRA/AdaLoRA adapt (default: every attention and MLP projection, "
                         "q,k,v,o,up,down_proj, and gate_proj on Llama)")
-    p.add_argument("--lora-merged-forward", action="store_true",
-                   help="LoRA rows through the merged weight W0 + sBA (minift.fast.lora.enable)")
+    p.add_argument("--lora-merged-forward", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA rows through the merged weight W0 + sBA (minift.fast.lora.enable), or "
+                        "(--no-lora-merged-forward) the addmm forward (default: the plan decides, merged on CUDA)")
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="GPT loss: positions per vocabulary projection (default 1024, 4096 with a trained head)")
     p.add_argument("--no-fused-adamw", action="store_true",
@@ -57,7 +74,8 @@ def add_bench(sub) -> None:
     p.add_argument("--sync-each-step", action="store_true",
                    help="CUDA timing: wait for the GPU after every step instead of once after the window")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="each method in a fresh process (default: on with --compile)")
+                   help="each method in a fresh process (default: on when a method may be compiled, as on CUDA "
+                        "with no --no-compile / --speed eager)")
     p.add_argument("--out", default="runs/bench", help="directory for JSON, Markdown and PNG (with matplotlib); "
                                                        "default: runs/bench under the working directory")
     p.add_argument("--name", default=None, help="file name stem (default: bench-<model>)")
@@ -78,8 +96,8 @@ def _cmd_bench(args) -> int:
                             batch=(2 if tiny else 8) if args.batch is None else args.batch,
                             seq_len=(64 if tiny else 1024) if args.seq_len is None else args.seq_len,
                             steps=args.steps, warmup=args.warmup, device=device,
-                            frozen_bf16=not args.no_frozen_bf16, compile=args.compile,
-                            compile_mode=args.compile_mode,
+                            frozen_bf16=not args.no_frozen_bf16, speed=args.speed, fast=not args.no_fast,
+                            compile=args.compile, compile_mode=args.compile_mode,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
                             loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,

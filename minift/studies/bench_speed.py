@@ -1,0 +1,81 @@
+"""Which speed plan a ``minift bench`` row runs: ``minift train``'s (``training/speed.py``), per method.
+
+On CUDA with no speed flag, bench runs each method as ``minift train`` would by default
+(``minift.fast``, LoRA's merged forward, torch.compile under CUDA graphs where no hook runs
+between steps); ``--speed eager`` and the compile/merged-forward flags override it. Each row
+records its plan's ``describe()`` line. ``cfg`` below is a ``bench.BenchConfig`` (bench.py
+imports this module, so this one does not import it back).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from minift.methods.spec import TrainHooks
+from minift.models.bert import BertConfig
+from minift.studies.presets import PRESETS
+from minift.training import speed
+from minift.training.speed import SpeedPlan
+
+
+def task_of(model: str) -> str:
+    """The task bench trains the preset ``model`` on: a BERT classifies, GPT and Llama are causal LMs."""
+    return "classification" if isinstance(PRESETS[model], BertConfig) else "causal-lm"
+
+
+def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
+    """The speed choices of one method's row: ``minift.training.speed.plan``, called as ``minift
+    train`` calls it on ``cfg.device``, with bench's explicit settings as the given ones.
+
+    Bench keeps ``minift.fast``'s pieces on on every device, the CPU included, as it always has
+    (``fast=False`` turns them off); ``speed="eager"`` asks for no compile and LoRA's addmm
+    forward; ``compile``, ``compile_mode`` and ``lora_merged_forward``, when not None, override
+    the plan's choice. Bench's batches have one shape already, so none is padded.
+
+    Args:
+        cfg: the bench's settings.
+        method: the method's name.
+        hooks: the method's training hooks (``build_method(...).hooks``): a method with a hook
+            between steps (AdaLoRA's allocator) runs eager unless ``compile`` says otherwise.
+    Returns:
+        The plan; ``describe()`` is the line each row records.
+    """
+    given = {}
+    if cfg.speed == "eager":
+        given["compile"] = False
+    if cfg.compile is not None:
+        given["compile"] = cfg.compile
+    if cfg.compile_mode is not None:
+        given["compile_mode"] = cfg.compile_mode
+    if not cfg.fast:
+        given["fast"] = False
+    cuda = cfg.device.startswith("cuda")
+    p = speed.plan(device_type="cuda" if cuda else "cpu", method=method, hooks=hooks, task=task_of(cfg.model),
+                   max_len=cfg.seq_len, given=given, merged_forward=bool(cfg.lora_merged_forward))
+    if cfg.fast and not p.fast:  # the CPU: bench has always measured with minift.fast's pieces on
+        p.fast = True
+        p.notes.insert(0, "minift.fast on (cast once, fused loss, LoRA addmm forward)")
+    merged = False if cfg.lora_merged_forward is None and cfg.speed == "eager" else cfg.lora_merged_forward
+    if merged is not None:
+        p.merged_lora = merged
+        if method == "lora":
+            p.notes.append(f"LoRA {'merged' if merged else 'addmm'} forward"
+                           + (" (asked for)" if cfg.lora_merged_forward is not None else ""))
+    if not p.compile and not any(n.startswith("eager") for n in p.notes):
+        p.notes.append("eager, not compiled" + (" (asked for)" if "compile" in given else ""))
+    if p.pad:
+        p.pad = False
+        p.notes = [n.replace(", batches padded to the longest", "") for n in p.notes]
+    return p
+
+
+def resolved(cfg, p: SpeedPlan):
+    """``cfg`` with the plan's choices filled in: what one method's row ran with."""
+    return replace(cfg, fast=p.fast, compile=p.compile, compile_mode=p.compile_mode, lora_merged_forward=p.merged_lora)
+
+
+def speed_meta(cfg) -> str:
+    """The speed settings as given (each row records its method's plan)."""
+    asked = [f"{k}={getattr(cfg, k)}" for k in ("fast", "compile", "compile_mode", "lora_merged_forward")
+             if getattr(cfg, k) is not None and (k != "fast" or not cfg.fast)]
+    what = ("minift train's speed plan per method (minift.training.speed.plan)" if cfg.speed == "default"
+            else "eager (no compile, LoRA addmm forward)")
+    return what + (f"; set: {', '.join(asked)}" if asked else "")
