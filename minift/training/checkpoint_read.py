@@ -118,15 +118,17 @@ def read_rng(f: Path, r: dict, state_file: Path) -> dict:
     return {"torch": rt["torch"], "cuda": cuda, "python": python, "numpy": numpy}
 
 
-def read_optimizer(path: Path, opt) -> dict:
-    """The optimizer state of ``optimizer.json`` + ``optimizer.safetensors``, checked against
-    ``opt``: the same groups of the same sizes, hyperparameters of the same kinds, and moments
-    of the shape of their parameters."""
-    f_json, f_st = path / "optimizer.json", path / "optimizer.safetensors"
+def read_optimizer(path: Path, opt, tensors: dict | None = None) -> dict:
+    """The optimizer state of ``optimizer.json`` + ``optimizer.safetensors`` (or ``tensors``, those
+    ``read_distributed`` lists), checked against ``opt``: the same groups of the same sizes,
+    hyperparameters of the same kinds, and moments of the shape of their parameters."""
+    f_json = path / "optimizer.json"
+    f_st = path / ("optimizer.safetensors" if tensors is None else ".metadata")
     meta = read_json(f_json, "optimizer state")
     groups = field(meta, "param_groups", list, f_json)
     saved_state = field(meta, "state", dict, f_json)
-    tensors = read_safetensors(f_st, "optimizer state", floating=False)
+    if tensors is None:
+        tensors = read_safetensors(f_st, "optimizer state", floating=False)
     mine = opt.state_dict()["param_groups"]
     if len(groups) != len(mine):
         raise InputError(f"{f_json}: has {len(groups)} parameter groups, this optimizer has {len(mine)} "
@@ -162,6 +164,26 @@ def read_optimizer(path: Path, opt) -> dict:
         state.setdefault(int(idx), {}).update(d)
     groups = [dict(g, betas=tuple(g["betas"])) if isinstance(g.get("betas"), list) else g for g in groups]
     return {"state": state, "param_groups": groups}
+
+
+def read_distributed(path: Path) -> tuple[dict, dict]:
+    """The tensors of a checkpoint written by several ranks, as its index ``.metadata`` lists them:
+    (weights by state-dict key, optimizer tensors by '<param index>.<name>'), each a meta tensor (its
+    shape and dtype, no data) for the checks; ``checkpoint.load_checkpoint`` loads the data."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    f = path / ".metadata"
+    try:
+        md = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001  (unpickling a damaged file raises anything)
+        raise InputError(f"{f}: not a readable torch.distributed.checkpoint index ({type(e).__name__})") from None
+    weights, optim = {}, {}
+    for key, m in getattr(md, "state_dict_metadata", {}).items():
+        part, _, name = key.partition("/")
+        if not isinstance(m, TensorStorageMetadata) or part not in ("model", "optim") or not name:
+            raise InputError(f"{f}: entry {key!r} is not a tensor 'model/<key>' or 'optim/<index>.<name>'")
+        (weights if part == "model" else optim)[name] = torch.empty(m.size, dtype=m.properties.dtype, device="meta")
+    return weights, optim
 
 
 def _same_kind(saved, current) -> bool:

@@ -19,7 +19,8 @@ class TrainConfig:
     lr: float = 1e-4
     steps: int | None = None          # optimizer steps; or give epochs
     epochs: float | None = None       # passes over the batches (steps = ceil(epochs * n / grad_accum))
-    batch_size: int = 8               # examples per micro-batch (used by whoever builds the batches)
+    batch_size: int = 8               # examples per micro-batch (used by whoever builds the batches); on
+                                      # several ranks the global micro-batch, split over them (distributed.py)
     grad_accum: int = 1               # micro-batches per optimizer step
     warmup: float = 0.0               # >= 1: warmup steps; in [0, 1): a fraction of all steps
     schedule: str = "linear"          # decay after warmup: linear | cosine | constant

@@ -24,7 +24,14 @@ position in the stream is one integer and a resumed run sees exactly the batches
 uninterrupted one would. Checkpoints hold the trainable weights (the adapter for
 parameter-efficient methods, everything for full fine-tuning), the optimizer, the
 schedule position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/``
-so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled.
+so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled (but the index
+of a checkpoint of several ranks, which torch.distributed.checkpoint writes as a pickle).
+
+Under torchrun (``distributed.py``) the same loop runs on every rank, with four calls that are the
+identity for one process: ``split`` deals each global micro-batch's rows over the ranks,
+``sum_gradients`` sums the gradients before the update, ``sum_losses`` the losses before they are
+logged, and ``stop_requested`` makes every rank stop after the same step on Ctrl-C. Only rank 0
+writes the log, the progress bar and the plot; checkpoints hold every rank's part.
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from minift.training import metrics_log, speed
+from minift.training import distributed, metrics_log, speed
 from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                         save_weights, seed_everything)
 from minift.training.config import TrainConfig, lr_factor
@@ -48,7 +55,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)   # one per optimizer step, whole run
     evals: list[dict] = field(default_factory=list)     # {"step": s, **metrics}
     steps: int = 0                                      # optimizer steps done
-    tokens_per_s: float = 0.0                           # this process's throughput
+    tokens_per_s: float = 0.0                           # the run's throughput (every rank's tokens)
     first_step_s: float = 0.0                           # the first step's time on the host (compiling, if any)
     steady_tokens_per_s: float = 0.0                    # after the first step (without compiling)
     peak_gib: float | None = None                       # CUDA: torch.cuda.max_memory_allocated over the run
@@ -84,6 +91,10 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     too, then propagates. An evaluation is all or nothing: one interrupted midway leaves no
     trace (no eval record, best or log line) and the checkpoint marks it pending, so
     ``resume`` runs it again, on the same weights and RNG, before the next step.
+
+    On several ranks (``distributed.py``), every rank calls it with the same batches, settings and
+    hooks (they decide when the ranks meet); an interrupt is a Ctrl-C they agree on, at the end of
+    a step, and a failure on one rank raises there without a checkpoint.
     """
     run = _Run(model, train_batches, cfg, param_groups, eval_fn=eval_fn, allocator=allocator, penalty=penalty,
                unfreezer=unfreezer, forward_context=forward_context or _no_context, on_step=on_step)
@@ -97,14 +108,15 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     run.begin()
     error = None
     try:
-        run.steps()
-    except KeyboardInterrupt:
+        with distributed.stop_together():  # several ranks: Ctrl-C stops every rank after the same step
+            run.steps()
+    except KeyboardInterrupt as e:
         run.res.interrupted = True
-        if run.updating:  # weights may be half-updated: keep the previous checkpoint
-            raise
+        if run.updating or not distributed.agreed(e):  # weights may be half-updated, or the ranks not
+            raise                                      # at the same point: keep the previous checkpoint
         run.opt.zero_grad(set_to_none=True)  # drop the gradients of the step in flight
     except Exception as e:  # a failure: keep the steps done so far (unless weights are half-updated)
-        if run.updating:
+        if run.updating or distributed.world_size() > 1:  # (or other ranks may be elsewhere)
             raise
         run.opt.zero_grad(set_to_none=True)
         error = e
@@ -139,6 +151,9 @@ class _Run:
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a checkpoint's scheduled lrs replace them
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.log_path = cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
+        self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
+        if not self.main:
+            self.log_path = None
         self.updating = False  # inside the weight update: an interrupt must not be checkpointed
 
     def resume(self) -> None:
@@ -160,7 +175,7 @@ class _Run:
         """Autocast, the progress bar, the throughput clock and the RNG snapshot; compile; train mode."""
         cfg = self.cfg
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda")
-        self.bar = _progress(self.total, self.step, cfg.progress)
+        self.bar = _progress(self.total, self.step, cfg.progress and self.main)
         self.n_tokens, self.t0, self.pending, self.first = 0, time.perf_counter(), [], None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -197,6 +212,8 @@ class _Run:
             if self.on_step is not None or self.step % cfg.log_every == 0 or self.step == self.total:
                 self.read_back()
             res.stopped_early = self.after_step()
+            if distributed.stop_requested():  # several ranks: a Ctrl-C reached one of them
+                raise distributed.Stop
 
     def accumulate(self) -> torch.Tensor:
         """Forward and backward of the step's ``grad_accum`` micro-batches; returns their mean loss,
@@ -208,6 +225,7 @@ class _Run:
             # counted on the host copy: a sum on the device would wait for the GPU
             self.n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
                 else batch["input_ids"].numel()
+            batch, share = distributed.split(batch, model)  # this rank's rows, its share of the loss (1: all)
             batch = to_device(batch, self.device)
             if self.graphs:  # a new forward: CUDA-graph outputs of the last one may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
@@ -215,8 +233,8 @@ class _Run:
                 loss = model_forward(model, batch).loss
                 if self.penalty is not None:
                     loss = loss + self.penalty(model)
-            (loss / cfg.grad_accum).backward()
-            step_loss = step_loss + loss.detach().float() / cfg.grad_accum  # a new tensor, outside any graph
+            (loss * share / cfg.grad_accum).backward()
+            step_loss = step_loss + loss.detach().float() * share / cfg.grad_accum  # a new tensor, outside any graph
         return step_loss
 
     def update(self) -> None:
@@ -224,8 +242,10 @@ class _Run:
         opt, cfg = self.opt, self.cfg
         for g, base in zip(opt.param_groups, self.base_lrs):
             g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        distributed.sum_gradients(params)  # several ranks: each now holds the global batch's gradient
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         if self.allocator is not None:
             self.allocator.step(self.model, self.step)  # AdaLoRA: reads the gradients, so before zero_grad
@@ -237,7 +257,7 @@ class _Run:
         also has the tokens/s so far, exact because the GPU has caught up)."""
         if not self.pending:
             return
-        losses = torch.stack([loss for _, loss, _ in self.pending]).tolist()
+        losses = distributed.sum_losses(torch.stack([loss for _, loss, _ in self.pending])).tolist()
         tok_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
         last = self.pending[-1][0]
         for (step, _, lr), loss in zip(self.pending, losses):
@@ -284,7 +304,7 @@ class _Run:
             rng = state["eval_rng"] if state.get("eval_pending") else self.snap if self.snap_step == self.step else None
             res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, self.state_json(), self.allocator,
                                                  rng=rng))
-            if self.cfg.plot:
+            if self.cfg.plot and self.main:
                 metrics_log.plot_losses(res.losses, res.evals, self.out / "loss.png")
 
     def evaluate(self) -> bool:

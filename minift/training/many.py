@@ -44,6 +44,7 @@ from minift.methods.common import freeze_all
 from minift.methods.lora import LoRAConfig
 from minift.methods.multi_lora import add_adapter, mixed_batch, set_active
 from minift.models.gpt import GPT
+from minift.models.llama import Llama
 from minift.training import metrics_log
 from minift.training.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, save_weights, \
     seed_everything
@@ -137,8 +138,7 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
             tokens += int(batch["attention_mask"].sum())
             batch = to_device(batch, dev)
             with autocast, mixed_batch(model, rows):
-                logits = model_forward(model, {k: v for k, v in batch.items() if k != "labels"}).logits
-            losses = _job_losses(model, logits, batch["labels"], [b["input_ids"].shape[0] for b in parts])
+                losses = _job_losses(model, batch, [b["input_ids"].shape[0] for b in parts])
             torch.stack(losses).sum().backward()
             updating = True  # from here until every job has recorded its step: no checkpoint
             for r in live:
@@ -328,17 +328,25 @@ def _concat(parts: list[dict]) -> dict:
     return {k: torch.cat([b[k] for b in padded]) for k in keys}
 
 
-def _job_losses(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
-    """Each job's mean loss on its own rows, as ``model``'s own loss would compute it alone."""
+def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> list[torch.Tensor]:
+    """One forward over every job's rows; each job's mean loss on its own rows, as ``model``'s own
+    loss computes it alone. A language model's loss is taken from the final hidden states, job by
+    job, through the model's ``lm_loss`` (fused by ``minift.fast``: no full logits are formed)."""
+    lm = isinstance(model, (GPT, Llama))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if lm:
+        x = model(**inputs, output_hidden_states=True, compute_logits=False).hidden_states[-1]
+    else:
+        logits = model_forward(model, inputs).logits
     out, start = [], 0
     for n in sizes:
-        lg, y = logits[start:start + n].float(), labels[start:start + n]
-        if isinstance(model, GPT) or lg.dim() == 3:  # next-token: position t predicts y[:, t + 1]
-            t = y[:, 1:]
-            loss = F.cross_entropy(lg[:, :-1].flatten(0, 1), t.flatten(), ignore_index=-100, reduction="sum")
-            out.append(loss / (t != -100).sum().clamp_min(1))
+        rows, y = slice(start, start + n), batch["labels"][start:start + n]
+        if isinstance(model, GPT):
+            out.append(model.lm_loss(x[rows], model.wte.weight, y))
+        elif lm:
+            out.append(model.head(x[rows], y, False)[1])
         else:
-            out.append(F.cross_entropy(lg, y))
+            out.append(F.cross_entropy(logits[rows].float(), y))
         start += n
     return out
 

@@ -14,9 +14,10 @@ import torch
 
 from minift.files import InputError, field, read_json
 from minift.methods.registry import MethodState, build_method, parse_method
+from minift.training import distributed
 from minift.training.evaluate import TASK_METRICS, TASKS, evaluate
 from minift.training.config import TrainConfig
-from minift.training.run_dir import check_out, identity, jsonable, save_outputs, start_run
+from minift.training.run_dir import check_out, check_resume, identity, jsonable, save_outputs, start_run
 from minift.training.settings import Settings, resolve_paths, settings
 
 
@@ -97,7 +98,8 @@ def enable_merged_forward(model) -> None:
 
 def train_command(args) -> int:
     """``minift train``: check every setting and file, then prepare --out, train and save.
-    Nothing in --out changes until every check has passed."""
+    Nothing in --out changes until every check has passed. Under torchrun every rank runs it
+    (``distributed.py``); rank 0 alone writes --out's files and prints."""
     from minift.training.loop import train
     s = settings(args)
     if args.out is None:
@@ -109,35 +111,70 @@ def train_command(args) -> int:
     if max_len < 1:
         raise InputError(f"--max-len must be >= 1, got {max_len}")
     cfg = train_config(s, out, args, task)
+    shard = getattr(args, "shard", False)
+    distributed.check(s.method, cfg.batch_size, shard)
+    distributed.init()  # under torchrun: join the other ranks
     tok, batches, dev, label2id = load_data(data, task, max_len, cfg)
     model = load_model(data["model"], task, len(label2id) if label2id else None, cfg.seed)
     total = cfg.total_steps(len(batches))
     st = build(model, s.method, s.options, tokenizer=tok, lr=cfg.lr, weight_decay=cfg.weight_decay,
                total_steps=total, origin=s.origin)
-    batches, speed = speed_up(model, st, s, cfg, task, max_len, batches, tok)
-    start_run(out, {"method": s.method, "options": jsonable(st.options), "task": task, "max_len": max_len,
-                    "label2id": label2id, "model": str(Path(data["model"]).resolve()), "train": vars(cfg),
-                    "given": identity(s.method, s.options, task, max_len, data, cfg)}, args.resume, overwrite)
-    t, n = st.trainable(model)
+    t, n = st.trainable(model)  # counted before sharding splits the weights
+    batches, speed, twin = spread(model, st, s, cfg, task, max_len, batches, tok, shard)
+    record = {"method": s.method, "options": jsonable(st.options), "task": task, "max_len": max_len,
+              "label2id": label2id, "model": str(Path(data["model"]).resolve()), "train": vars(cfg),
+              "given": identity(s.method, s.options, task, max_len, data, cfg)}
+    if distributed.is_main():
+        start_run(out, record, args.resume, overwrite)
+    elif args.resume:
+        check_resume(out, record["given"])  # as rank 0 does, so that every rank stops on a mismatch
+    distributed.barrier()  # --out is ready for every rank
 
     def started(step: int) -> None:  # once a checkpoint to resume has loaded: no line before an error
-        print(f"minift train: {s.method} on {task}: {t:,} of {n:,} parameters trainable ({100 * t / n:.2f}%), "
-              f"{total} steps" + (f", resuming after step {step}" if step else "") + f"; speed: {speed}",
-              file=sys.stderr)
-    eval_fn = (lambda m: evaluate(m, dev, task, progress=cfg.progress)) if dev else None
+        if distributed.is_main():
+            print(f"minift train: {s.method} on {task}: {t:,} of {n:,} parameters trainable ({100 * t / n:.2f}%), "
+                  f"{total} steps" + (f", resuming after step {step}" if step else "") + f"; speed: {speed}",
+                  file=sys.stderr)
+    eval_fn = (lambda m: evaluate(m, dev, task, progress=cfg.progress and distributed.is_main())) if dev else None
     res = train(model, batches, cfg, eval_fn=eval_fn, on_start=started, **st.train_hooks())
     if res.interrupted:
-        print(f"minift train: interrupted at step {res.steps}; checkpoint in {res.checkpoint}; "
-              f"continue with --resume", file=sys.stderr)
+        if distributed.is_main():
+            print(f"minift train: interrupted at step {res.steps}; checkpoint in {res.checkpoint}; "
+                  f"continue with --resume", file=sys.stderr)
         return 130
-    save_outputs(model, out, s.method, st.peft, data["model"])
+    plain = distributed.gather(model, twin)  # rank 0: the model to save (a sharded one's weights gathered)
+    if plain is None:
+        return 0
+    save_outputs(plain, out, s.method, st.peft, data["model"])
     summary = {"steps": res.steps, "final_loss": res.losses[-1] if res.losses else None,
                "tokens_per_s": round(res.tokens_per_s, 1),
                "first_step_s": round(res.first_step_s, 2), "steady_tokens_per_s": round(res.steady_tokens_per_s, 1),
                **({"peak_gib": round(res.peak_gib, 2)} if res.peak_gib is not None else {}), "eval": res.evals[-1] if res.evals else None,
-               "stopped_early": res.stopped_early, "out": str(out)}
+               "stopped_early": res.stopped_early, "out": str(out),
+               **({"ranks": distributed.world_size()} if distributed.world_size() > 1 else {})}
     print(json.dumps(summary))
     return 0
+
+
+def spread(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, max_len: int, batches: list[dict],
+           tok, shard: bool) -> tuple[list[dict], str, torch.nn.Module | None]:
+    """The model laid out over the ranks (``distributed.py``), with the run's speed plan: sharded
+    (FSDP2, eager: neither ``minift.fast`` nor torch.compile), or replicated with the speed plan of
+    one process (``speed_up``). Returns the training batches, the plan in words and, when sharded,
+    the structure ``distributed.gather`` fills to save the model (else None)."""
+    from minift.training.forward import pick_device
+    n = distributed.world_size()
+    if shard:
+        cfg.compile = False
+        twin = distributed.shard(model, pick_device(cfg.device), cfg.bf16)
+        return batches, f"FSDP2-sharded over {n} ranks, eager (--batch-size {cfg.batch_size}: {cfg.batch_size // n} " \
+                        f"per rank)", twin
+    batches, speed = speed_up(model, st, s, cfg, task, max_len, batches, tok)
+    if n > 1:
+        model.to(pick_device(cfg.device))  # where train() would move it: rank 0's copy goes out from there
+        distributed.replicate(model)
+        speed += f"; data parallel over {n} ranks (--batch-size {cfg.batch_size}: {cfg.batch_size // n} per rank)"
+    return batches, speed, None
 
 
 def train_config(s: Settings, out: Path, args, task: str) -> TrainConfig:

@@ -54,6 +54,7 @@ SKIP = {"out_dir", "resume", "log_path", "progress", "plot"}
 TRAIN_KEYS = [f.name for f in fields(TrainConfig) if f.name not in SKIP]
 DATA_KEYS = ["model", "train", "dev", "task", "max_len"]
 TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over the data (default 1)",
+              "batch_size": "examples per micro-batch (default 8); under torchrun the global one, split over the ranks",
               "grad_accum": "micro-batches per optimizer step", "warmup": ">= 1: steps; < 1: fraction of the run",
               "schedule": "linear | cosine | constant", "eval_every": "steps between dev evaluations (0: at the end)",
               "patience": "early stopping: evaluations without improvement (0: off)",
@@ -87,6 +88,9 @@ def add_train_flags(p) -> None:
     p.add_argument("--recipe", help="a recipe in minift/recipes, e.g. sentiment-lora")
     p.add_argument("--max-len", dest="max_len", type=int, help="tokens per example (causal-lm: block size)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--shard", action="store_true",
+                   help="under torchrun: shard full fine-tuning's weights, gradients and AdamW moments over the "
+                        "ranks (FSDP2) instead of replicating the model (docs/distributed.md)")
     g = p.add_argument_group("training (TrainConfig)")
     for f in fields(TrainConfig):
         if f.name in SKIP:

@@ -14,7 +14,7 @@ from conftest import WORDS, llama_dir, tokenizer_json
 from minift.cli import main
 from minift.models.gpt import GPT, GPTConfig
 
-many = importlib.import_module("minift.training.many")  # the module (its model_forward is patched below)
+many = importlib.import_module("minift.training.many")  # the module (its _job_losses is patched below)
 many_run = importlib.import_module("minift.training.many_run")
 
 
@@ -139,15 +139,15 @@ def test_ctrl_c_then_resume_continues_every_job_exactly(files, tmp_path, capsys,
     cfg = jobs_toml(files)
     base = ["train-many", "--config", cfg, "--no-progress"]
     assert run_cli([*base, "--out", tmp_path / "a"], capsys)[0] == 0
-    real, calls = many.model_forward, []
+    real, calls = many._job_losses, []
 
-    def interrupted(model, batch):
+    def interrupted(model, batch, sizes):
         calls.append(1)
         if len(calls) == 4:  # Ctrl-C in the middle of step 4: job b has done its 3 steps and stopped
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, sizes)
 
-    monkeypatch.setattr(many, "model_forward", interrupted)
+    monkeypatch.setattr(many, "_job_losses", interrupted)
     rc, _, err = run_cli([*base, "--out", tmp_path / "b"], capsys)
     assert rc == 130 and "--resume" in err and "a at step 3" in err and "b at step" not in err, err
     assert json.loads((tmp_path / "b" / "b" / "last" / "state.json").read_text())["step"] == 3
@@ -160,7 +160,7 @@ def test_ctrl_c_then_resume_continues_every_job_exactly(files, tmp_path, capsys,
     assert rc == 2 and "job 2 (b): --resume: --lr differs" in err, err
     assert {p: p.read_bytes() for p in (tmp_path / "b").rglob("*") if p.is_file()} == before  # nothing changed
     jobs_toml(files)
-    monkeypatch.setattr(many, "model_forward", real)
+    monkeypatch.setattr(many, "_job_losses", real)
     rc, _, err = run_cli([*base, "--out", tmp_path / "b", "--resume"], capsys)
     assert rc == 0, err
     for name in JOBS:
@@ -174,21 +174,21 @@ def test_jobs_resume_from_checkpoints_of_different_steps(files, tmp_path, capsys
     cfg = jobs_toml(files, {**JOBS, "c": {**JOBS["c"], "train": {**JOBS["c"]["train"], "save_every": 2}}})
     base = ["train-many", "--config", cfg, "--no-progress"]
     assert run_cli([*base, "--out", tmp_path / "a"], capsys)[0] == 0
-    real, calls, c = many.model_forward, [], tmp_path / "b" / "c"
+    real, calls, c = many._job_losses, [], tmp_path / "b" / "c"
 
-    def interrupted(model, batch):
+    def interrupted(model, batch, sizes):
         calls.append(1)
         if len(calls) == 3:  # step 3 begins: job c's checkpoint of step 2 is on disk
             shutil.copytree(c / "last", tmp_path / "c_step2")
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, sizes)
 
-    monkeypatch.setattr(many, "model_forward", interrupted)
+    monkeypatch.setattr(many, "_job_losses", interrupted)
     assert run_cli([*base, "--out", tmp_path / "b"], capsys)[0] == 130
     shutil.rmtree(c / "last")
     shutil.copytree(tmp_path / "c_step2", c / "last")  # c as if the crash came before its step-3 checkpoint
-    monkeypatch.setattr(many, "model_forward", real)
+    monkeypatch.setattr(many, "_job_losses", real)
     rc, _, err = run_cli([*base, "--out", tmp_path / "b", "--resume"], capsys)
     assert rc == 0 and "a (6 steps, resuming after 3)" in err and "c (8 steps, resuming after 2)" in err, err
     for name in JOBS:
