@@ -39,7 +39,6 @@ on; its files are final as soon as it ends, its adapter/ is written when the com
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tomllib
@@ -57,7 +56,7 @@ from minift.training.forward import check_device, pick_device
 from minift.training.many import Job, add_jobs, alone, train_many
 from minift.training.run import load_data, load_model
 from minift.training.run_dir import check_out, check_resume, identity, jsonable, save_outputs, start_run
-from minift.training.settings import DATA_KEYS, KEY_TYPES, TRAIN_KEYS, TYPE_WORDS
+from minift.training.settings import DATA_KEYS, TRAIN_KEYS, check_value
 
 TOP_KEYS = ("model", "device", "bf16", "method", "train", "data", "job")
 SHARED = {"model": "data", "device": "train", "bf16": "train", "fast": "train"}   # one value for all jobs: key -> its table
@@ -219,20 +218,7 @@ def _table(values, table: str, where: str, here: Path, prefix: str = "") -> dict
 
 
 def _typed(value, table: str, key: str, where: str, prefix: str):
-    kind = KEY_TYPES[table].get(key)
-    if kind is not None and not _is(value, kind):
-        raise InputError(f"{where} [{prefix}{table}] {key} must be {TYPE_WORDS[kind]}, got {value!r}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise InputError(f"{where} [{prefix}{table}] {key} must be a finite number, got {value}")
-    return value
-
-
-def _is(value, kind) -> bool:
-    if kind in ("csv", "ints"):
-        return isinstance(value, list) and all(_is(x, str if kind == "csv" else int) for x in value)
-    if kind in (int, float):
-        return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
-    return isinstance(value, kind)
+    return check_value(value, table, key, f"{where} [{prefix}{table}] {key}")
 
 
 def _near(p: str, here: Path) -> str:

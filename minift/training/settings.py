@@ -146,12 +146,19 @@ def read_toml(path, what: str = "config") -> dict:
         if bad:
             raise InputError(f"{path}: unknown key {bad[0]!r} in [{table}]; known: {', '.join(known[table])}")
         for k, value in v.items():
-            kind = KEY_TYPES[table].get(k)
-            if kind is not None and not _is(value, kind):
-                raise InputError(f"{path}: [{table}] {k} must be {TYPE_WORDS[kind]}, got {value!r}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise InputError(f"{path}: [{table}] {k} must be a finite number, got {value}")
+            check_value(value, table, k, f"{path}: [{table}] {k}")
     return doc
+
+
+def check_value(value, table: str, key: str, label: str):
+    """``value`` of ``key`` in a ``table`` of a TOML file, checked against ``KEY_TYPES`` (InputError
+    "LABEL must be ..."); returns it."""
+    kind = KEY_TYPES[table].get(key)
+    if kind is not None and not _is(value, kind):
+        raise InputError(f"{label} must be {TYPE_WORDS[kind]}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{label} must be a finite number, got {value}")
+    return value
 
 
 # the type of each key of a TOML file: int, float (an int is fine), bool, str, or a list of str / int
