@@ -109,7 +109,7 @@ def test_compiled_training_with_merged_lora_matches_eager(files, tmp_path, capsy
     """--compile true and --merged-forward change how the step runs, not what it computes: the
     logged losses equal the eager exact-path run's (fp32, CPU)."""
     base = ["train", "--model", files / "gpt", "--train", files / "lm.txt", "--task", "causal-lm", "--method",
-            "lora", "--targets", "q_proj,v_proj,up_proj,down_proj", "--max-len", "16", *FAST]
+            "lora", "--targets", "q_proj,v_proj,up_proj,down_proj", "--max-len", "16", "--device", "cpu", *FAST]
     losses = []
     for name, extra in (("eager", []), ("fast", ["--merged-forward", "--compile", "true"])):
         rc, stdout, err = run_cli([*base, "--out", tmp_path / name, *extra], capsys)

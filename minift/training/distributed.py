@@ -64,11 +64,17 @@ def launched_ranks() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check(method: str, batch_size: int, shard: bool) -> None:
+def check(method: str, batch_size: int, shard: bool, device: str = "cpu") -> None:
     """The launch's settings, before anything starts. Raises InputError (exit 2) for --shard with a
-    method other than full fine-tuning or without several processes, and for a global batch that
-    does not divide evenly over the ranks."""
+    method other than full fine-tuning or without several processes, for a global batch that
+    does not divide evenly over the ranks, and for more ranks on a host than it has GPUs when the
+    run is on CUDA (``device``: the run's --device)."""
     n = launched_ranks()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if n > 1 and cuda and torch.cuda.device_count() < local:
+        raise InputError(f"{local} ranks on this host but {torch.cuda.device_count()} GPU(s): launch at most "
+                         f"one rank per GPU (--nproc-per-node), or train on the CPU with --device cpu")
     if shard and method != "full":
         raise InputError(f"--shard shards full fine-tuning; --method {method} trains a small part of the "
                          f"weights, and its replicas train data parallel without --shard")
@@ -81,10 +87,12 @@ def check(method: str, batch_size: int, shard: bool) -> None:
 
 def init() -> None:
     """Join the process group torchrun describes in the environment: NCCL for CUDA tensors (each
-    rank on GPU LOCAL_RANK), gloo for CPU ones. Nothing for one process or a group already joined."""
+    rank on GPU LOCAL_RANK) when the host has a GPU for each of its ranks, gloo for CPU ones (and
+    for every rank otherwise). Nothing for one process or a group already joined."""
     if launched_ranks() == 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", launched_ranks()))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks:  # one GPU a rank
         local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(local)
         dist.init_process_group("cpu:gloo,cuda:nccl", device_id=local)

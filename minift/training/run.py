@@ -112,7 +112,7 @@ def train_command(args) -> int:
         raise InputError(f"--max-len must be >= 1, got {max_len}")
     cfg = train_config(s, out, args, task)
     shard = getattr(args, "shard", False)
-    distributed.check(s.method, cfg.batch_size, shard)
+    distributed.check(s.method, cfg.batch_size, shard, cfg.device)
     distributed.init()  # under torchrun: join the other ranks
     tok, batches, dev, label2id = load_data(data, task, max_len, cfg)
     model = load_model(data["model"], task, len(label2id) if label2id else None, cfg.seed)

@@ -76,7 +76,7 @@ CASES = [("lora", "lora", False), ("prompt", "prompt", False), ("adalora", "adal
 
 def _rank(rank: int, port: int, tmp: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), CUDA_VISIBLE_DEVICES="")  # gloo on the CPU, GPUs or not
     torch.set_num_threads(1)
     distributed.init()
     tmp, got = Path(tmp), {}
@@ -191,7 +191,7 @@ def test_torchrun_sharded_then_one_process_resume(lm, tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minift",
            *map(str, train_args(lm, tmp_path / "two", 2, "--shard"))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count('"steps": 2') == 1  # one summary line: rank 0's
     assert main([str(a) for a in train_args(lm, tmp_path / "one", 2)]) == 0
@@ -216,7 +216,7 @@ def test_torchrun_data_parallel_lora_with_evaluations(lm, tmp_path, capsys):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minift",
            *map(str, train_args(lm, tmp_path / "two", 3, *extra))]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2],
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("data parallel over 2 ranks") == 1  # rank 0 alone prints
     assert main([str(a) for a in train_args(lm, tmp_path / "one", 3, *extra)]) == 0
@@ -258,3 +258,13 @@ def test_a_damaged_or_foreign_checkpoint_of_two_ranks_is_one_error_naming_its_fi
     with pytest.raises(InputError, match=r"last/\.metadata: not a readable torch.distributed.checkpoint index"):
         load_checkpoint(tmp_path / "last", m, make_optimizer(m, cfg(tmp_path)))
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+def test_more_ranks_than_gpus_on_a_cuda_run_exits_2(lm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    rc = main([str(a) for a in train_args(lm, tmp_path / "o", 2)] + ["--device", "cuda"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "2 ranks on this host but 1 GPU(s)" in err and len(err.strip().splitlines()) == 1, err
