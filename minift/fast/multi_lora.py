@@ -37,13 +37,21 @@ class GatheredMultiLoRALinear(MultiLoRALinear):
             return super().forward(x)
         names, ids = slots
         h = F.linear(x, self.weight, self.bias)  # the shared base, once for every row
-        r = max(self.lora_A[n].shape[0] for n in names)
-        A = torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r - self.lora_A[n].shape[0])) for n in names])
-        B = torch.stack([F.pad(self.lora_B[n], (0, r - self.lora_B[n].shape[1])) for n in names])
+        A, B = self._stacked(names)
         B = B * self._scales(names, B)
         x3 = x.reshape(x.shape[0], -1, self.in_features)                          # (N, T, in)
         u = torch.bmm(x3, A[ids].transpose(1, 2))                                 # (N, T, r)
         return h + torch.bmm(u, B[ids].transpose(1, 2)).view(h.shape)             # (N, T, out)
+
+    def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapters' A (K, r, in) and B (K, out, r), ranks zero-padded to the largest (no padding,
+        one stack each, when every rank is the same)."""
+        ranks = [self.lora_A[n].shape[0] for n in names]
+        if len(set(ranks)) == 1:
+            return torch.stack([self.lora_A[n] for n in names]), torch.stack([self.lora_B[n] for n in names])
+        r = max(ranks)
+        return (torch.stack([F.pad(self.lora_A[n], (0, 0, 0, r - k)) for n, k in zip(names, ranks)]),
+                torch.stack([F.pad(self.lora_B[n], (0, r - k)) for n, k in zip(names, ranks)]))
 
     def _slots(self, n_rows: int):
         """(adapter names in slot order, each row's slot as a device tensor), or None when the

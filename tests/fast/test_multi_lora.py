@@ -103,3 +103,20 @@ def test_gathered_mixed_batch_on_cuda_under_autocast():
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         with mixed_batch(ref, rows), mixed_batch(fst, rows):
             torch.testing.assert_close(fst(ids).logits.float(), ref(ids).logits.float(), atol=3e-2, rtol=3e-2)
+
+
+def test_adapters_of_one_rank_stack_without_padding_and_match_the_reference():
+    torch.manual_seed(0)
+    ref = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
+    for name, alpha in (("x", 4), ("y", 16), ("z", 2)):  # one rank, three scalings
+        add_adapter(ref, name, LoRAConfig(r=3, alpha=alpha, targets=("q_proj", "v_proj")))
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    fst = copy.deepcopy(ref)
+    fast.multi_lora.enable(fst)
+    ids = torch.randint(0, TINY_GPT["vocab_size"], (5, 6))
+    rows = ["z", "x", "y", "x", "z"]
+    with torch.no_grad(), mixed_batch(ref, rows), mixed_batch(fst, rows):
+        torch.testing.assert_close(fst(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
