@@ -48,6 +48,9 @@
 #     codegen-pretrain  tokenizer + ~23M GPT on the standard library minus asyncio  codegen-pretrain-corpus.json,
 #                  codegen-roundtrip.json (transformers loads it: same logits)
 #     codegen-case AdaLoRA, LoRA, full adapted to asyncio             codegen-cuda.{md,json}, -ranks.png
+#   codegen-llama  codegen-pretrain-llama then codegen-case-llama: the same on a ~23M Llama (pretrain --arch
+#                  llama, to runs/codegen-pretrained-llama)  codegen-pretrain-llama-corpus.json,
+#                  codegen-roundtrip-llama.json, codegen-cuda-llama.{md,json}, -ranks.png
 #   targets        bench-best, peft, adalora: the headline ratios, minift and the peer on one card
 #   default-path   train (minift train's default on CUDA), then the bf16-base peer eager (full, LoRA)
 #                  and compiled (LoRA): issue 21's rows      (~8 min with compiling)
@@ -211,6 +214,17 @@ stage() {
     go 480 codegen-case $M codegen-case --pretrained runs/codegen-pretrained --out "$out" --device cuda --no-progress ;;
   codegen)
     stage codegen-pretrain; stage codegen-case ;;
+  codegen-pretrain-llama)
+    go 420 codegen-pretrain-llama $M pretrain --arch llama --corpus stdlib --held-out asyncio \
+      --out runs/codegen-pretrained-llama --minutes "${MINUTES:-4.0}" --device cuda --no-progress
+    go 60 codegen-corpus-llama cp runs/codegen-pretrained-llama/corpus.json "$out/codegen-pretrain-llama-corpus.json"
+    go 120 codegen-roundtrip-llama python3 benchmarks/codegen_roundtrip.py runs/codegen-pretrained-llama \
+      "$out/codegen-roundtrip-llama.json" ;;
+  codegen-case-llama)
+    go 480 codegen-case-llama $M codegen-case --pretrained runs/codegen-pretrained-llama --out "$out" \
+      --name codegen-cuda-llama --device cuda --no-progress ;;
+  codegen-llama)
+    stage codegen-pretrain-llama; stage codegen-case-llama ;;
   train)
     local d=$here/runs/train-model m extra
     [ -f "$d/corpus.txt" ] || go 300 train-setup python3 "$here/benchmarks/ab_setup.py" "$d"

@@ -1,14 +1,15 @@
-"""A small GPT pretrained on Python code (the standard library), and next-line completion to
-score it on a package it never saw (the adaptation itself: ``minift/codegen_case.py``).
+"""A small GPT or Llama pretrained on Python code (the standard library), and next-line completion
+to score it on a package it never saw (the adaptation itself: ``minift/studies/codegen_case.py``).
 
-    stdlib *.py ─ by top-level package ─┬─ pretraining packages ─► byte-level BPE ─► GPT ─► HF dir
+    stdlib *.py ─ by top-level package ─┬─ pretraining packages ─► byte-level BPE ─► GPT | Llama ─► HF dir
                                         └─ held-out package ─┬─ adapt-train files ─► AdaLoRA | LoRA | full
                                                              └─ eval files ─► perplexity, next-line EM, ROUGE-L
 
 The held-out package is removed before the tokenizer and the model see anything, and its
 files are split again (seeded) into files to adapt on and files to evaluate on, so no eval
 line was ever trained on. The pretrained directory (``config.json``, ``model.safetensors``,
-``tokenizer.json``) loads with ``GPT.from_pretrained`` and with ``transformers``; its
+``tokenizer.json``) loads with ``GPT.from_pretrained`` (``Llama.from_pretrained`` for ``arch="llama"``)
+and with ``transformers`` (``GPT2LMHeadModel``, ``LlamaForCausalLM``); its
 ``corpus.json`` records the split, and ``minift.studies.codegen_case.run_case`` (the adaptation and
 the results table) refuses a directory whose pretraining saw the package it is to adapt to.
 
@@ -34,6 +35,7 @@ import torch
 from minift.training.data import batches, eos_id, pad_id
 from minift.metrics import perplexity, rouge_l
 from minift.models.gpt import GPT, GPTConfig
+from minift.models.llama import Llama, LlamaConfig
 from minift.training.forward import extend_batch, forward_extended, lm_targets
 from minift.training.loop import train
 from minift.training.config import TrainConfig
@@ -164,10 +166,16 @@ def device_name(device: str) -> str:
     return name(resolve_device(device))
 
 
+ARCHS = ("gpt2", "llama")
+
+
 @dataclass
 class PretrainConfig:
-    """Defaults: the GPU model. 6 layers of width 512 (8 heads) hold 12 * 6 * 512^2 = 18.9M
-    weights, the tied 8,192 x 512 embedding 4.2M and 512 positions 0.26M: ~23.4M parameters."""
+    """Defaults: the GPU model. GPT-2: 6 layers of width 512 (8 heads) hold 12 * 6 * 512^2 = 18.9M
+    weights, the tied 8,192 x 512 embedding 4.2M and 512 positions 0.26M: ~23.4M parameters.
+    Llama (``build_model``): the same layers, width and heads with 4 key/value heads, SwiGLU 1,536
+    wide, RoPE, RMSNorm, the tied embedding and no position table: ~23.1M."""
+    arch: str = "gpt2"                # "gpt2" or "llama"
     vocab_size: int = 8192
     n_layer: int = 6
     n_head: int = 8
@@ -186,18 +194,42 @@ class PretrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         if not self.minutes > 0:  # also rejects nan
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
-# The CPU smoke run: ~40k parameters, at most 150k characters of code, 30 steps.
+# The CPU smoke run: ~40k parameters (either arch), at most 150k characters of code, 30 steps.
 SMOKE_PRETRAIN = dict(vocab_size=384, n_layer=2, n_head=4, n_embd=32, block_size=64, dropout=0.0,
                       steps=30, batch_size=8, lr=3e-3, max_chars=150_000)
 
 
-def _steps_for(minutes: float, model: GPT, data: list[dict], cfg: PretrainConfig) -> int:
+def build_model(cfg: PretrainConfig, vocab_size: int) -> GPT | Llama:
+    """The untrained model of ``cfg.arch``. The Llama matches GPT-2's parameter count at the same
+    depth and width: per layer, grouped-query attention with n_head // 2 key/value heads holds
+    3C^2 (GPT-2: 4C^2) and a SwiGLU of width 3C holds 9C^2 (GPT-2's MLP: 8C^2), 12C^2 in all.
+    Its LM head is tied to the embedding, as GPT-2's is. Its one dropout, on the attention
+    probabilities, is ``cfg.dropout`` (GPT-2 drops out its residuals and embeddings too)."""
+    if cfg.arch == "gpt2":
+        return GPT(GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    eot = vocab_size - 1  # <|endoftext|>, the bos/eos id GPT-2's save_pretrained writes too
+    return Llama(LlamaConfig(vocab_size=vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_kv_head=max(1, cfg.n_head // 2), n_embd=cfg.n_embd, n_inner=3 * cfg.n_embd,
+                             max_position_embeddings=cfg.block_size, tie_word_embeddings=True,
+                             attention_dropout=cfg.dropout, bos_token_id=eot, eos_token_id=eot))
+
+
+def context_size(model: GPT | Llama) -> int:
+    """The positions ``model`` was built for (GPT-2's block, Llama's max_position_embeddings)."""
+    c = model.config
+    return c.block_size if isinstance(c, GPTConfig) else c.max_position_embeddings
+
+
+def _steps_for(minutes: float, model: GPT | Llama, data: list[dict], cfg: PretrainConfig) -> int:
     """Optimizer steps that fit in ``minutes``: 12 steps of a throwaway copy, the last 8 timed."""
     stamps: list[float] = []
     probe = TrainConfig(lr=cfg.lr, steps=12, device=cfg.device, progress=False, plot=False)
@@ -208,8 +240,8 @@ def _steps_for(minutes: float, model: GPT, data: list[dict], cfg: PretrainConfig
 
 
 def pretrain(corpus, out, held_out=DEFAULT_HELD_OUT, cfg: PretrainConfig | None = None, log=print) -> dict:
-    """Tokenizer + GPT pretrained on ``corpus`` ("stdlib" or a directory) minus ``held_out``,
-    written to ``out`` as an HF directory with ``corpus.json``. Returns that record."""
+    """Tokenizer + GPT-2 or Llama (``cfg.arch``) pretrained on ``corpus`` ("stdlib" or a directory) minus
+    ``held_out``, written to ``out`` as an HF directory with ``corpus.json``. Returns that record."""
     cfg = cfg or PretrainConfig()
     root = None if corpus in (None, "stdlib") else Path(corpus)
     split = split_corpus(stdlib_corpus(root), held_out, seed=cfg.seed)
@@ -219,11 +251,11 @@ def pretrain(corpus, out, held_out=DEFAULT_HELD_OUT, cfg: PretrainConfig | None 
     ids = encode_files(tok, files)
     data = batches(blocks(ids, cfg.block_size), cfg.batch_size, shuffle=True, seed=cfg.seed, pad_id=pad_id(tok))
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), block_size=cfg.block_size, n_layer=cfg.n_layer,
-                          n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+    model = build_model(cfg, tok.get_vocab_size())
     n_params = sum(p.numel() for p in model.parameters())
     steps = cfg.steps or _steps_for(cfg.minutes, model, data, cfg)
-    log(f"pretrain: {len(files)} files, {len(ids):,} tokens, {n_params / 1e6:.2f}M parameters, {steps} steps")
+    log(f"pretrain: {cfg.arch}, {len(files)} files, {len(ids):,} tokens, {n_params / 1e6:.2f}M parameters, "
+        f"{steps} steps")
     t0 = time.perf_counter()
     res = train(model, data, TrainConfig(lr=cfg.lr, steps=steps, warmup=cfg.warmup, schedule="cosine",
                                          weight_decay=cfg.weight_decay, device=cfg.device, seed=cfg.seed,
@@ -231,7 +263,8 @@ def pretrain(corpus, out, held_out=DEFAULT_HELD_OUT, cfg: PretrainConfig | None 
     model.to("cpu").save_pretrained(out)
     root = Path(sysconfig.get_paths()["stdlib"]) if root is None else root
     rel = lambda fs: [str(f.relative_to(root)) for f in fs]  # noqa: E731
-    record = {"corpus": str(root), "pretrain_packages": split.pretrain_groups, "held_out": list(split.held_out),
+    record = {"arch": cfg.arch, "corpus": str(root), "pretrain_packages": split.pretrain_groups,
+              "held_out": list(split.held_out),
               "adapt_train": rel(split.adapt_train), "adapt_eval": rel(split.adapt_eval),
               "pretrain_files": len(files), "pretrain_tokens": len(ids), "params": n_params,
               "config": asdict(cfg), "steps": steps, "time_s": time.perf_counter() - t0,
@@ -244,7 +277,8 @@ def pretrain(corpus, out, held_out=DEFAULT_HELD_OUT, cfg: PretrainConfig | None 
 # ---------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def lm_perplexity(model: GPT, examples: list[dict], batch_size: int = 16, device: str = "cpu", pad: int = 0) -> float:
+def lm_perplexity(model: GPT | Llama, examples: list[dict], batch_size: int = 16, device: str = "cpu",
+                  pad: int = 0) -> float:
     """exp(mean next-token loss over every predicted token of ``examples``)."""
     model.eval()
     total, n = 0.0, 0
@@ -272,12 +306,12 @@ def line_cuts(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int,
 
 
 @torch.no_grad()
-def next_line_eval(model: GPT, tok, files, n_lines: int = 200, max_new_tokens: int = 64, seed: int = 0,
+def next_line_eval(model: GPT | Llama, tok, files, n_lines: int = 200, max_new_tokens: int = 64, seed: int = 0,
                    device: str = "cpu", batch_size: int = 16, max_eval_blocks: int | None = None) -> dict:
     """Greedy next-line completion on ``n_lines`` sampled non-blank lines of ``files``
     (exact match, ROUGE-L) and perplexity on the files' blocks. Returns means and examples."""
     model.eval().to(device)
-    block = model.config.block_size
+    block = context_size(model)
     if max_new_tokens >= block:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no context in a block of {block}")
     eot, cands, encoded = eos_id(tok), [], []

@@ -10,6 +10,10 @@ AdaLoRA runs with fixed settings (init_r 12, target_r 8, alpha 32, beta1 = beta2
 tinit 200, tfinal 1000, deltaT 10) on every attention and MLP projection; a run shorter than
 2000 steps scales tinit and tfinal by steps / 2000 (the table says so). LoRA: r 8, alpha 16 on
 the same targets. Every method gets the same steps, batches and seed.
+
+The pretrained directory may hold a GPT-2 or a Llama (``minift pretrain --arch``): it is loaded
+as ``minift train`` loads it, by config.json's model_type. The targets are the six projections
+GPT-2 has (``TARGETS``), and Llama's seven with its gate (``LLAMA_TARGETS``).
 """
 from __future__ import annotations
 
@@ -20,17 +24,18 @@ from pathlib import Path
 
 import torch
 
-from minift.studies.codegen import (DEFAULT_HELD_OUT, SMOKE_PRETRAIN, PretrainConfig, blocks, device_name,
-                            encode_files, next_line_eval, pretrain, resolve_device)
+from minift.studies.codegen import (DEFAULT_HELD_OUT, SMOKE_PRETRAIN, PretrainConfig, blocks, context_size,
+                                    device_name, encode_files, next_line_eval, pretrain, resolve_device)
 from minift.training.data import batches, load_tokenizer, pad_id
 from minift.methods import adalora
 from minift.methods.registry import build_method
-from minift.models.gpt import GPT
-from minift.models.hf import read_config
+from minift.models.llama import Llama
 from minift.training.loop import train
 from minift.training.config import TrainConfig
+from minift.training.run import load_model
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # GPT-2's projections
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADALORA_REF_STEPS = 2000  # runs this long use tinit 200 / tfinal 1000 as given; shorter ones scale both
 
 
@@ -53,11 +58,16 @@ SMOKE_CASE = dict(steps=30, batch_size=4, block_size=64, eval_lines=6, max_new_t
                   lr={"adalora": 3e-3, "lora": 3e-3, "full": 1e-3})
 
 
-def adalora_options(steps: int) -> tuple[dict, str]:
+def targets_for(model) -> tuple[str, ...]:
+    """The projections the methods adapt: ``LLAMA_TARGETS`` on a Llama, else ``TARGETS``."""
+    return LLAMA_TARGETS if isinstance(model, Llama) else TARGETS
+
+
+def adalora_options(steps: int, targets=TARGETS) -> tuple[dict, str]:
     """The case's AdaLoRA settings; under ADALORA_REF_STEPS, tinit and tfinal scale by steps / 2000."""
     f = min(1.0, steps / ADALORA_REF_STEPS)
     opts = dict(init_r=12, target_r=8, alpha=32, beta1=0.85, beta2=0.85, tinit=int(200 * f),
-                tfinal=int(1000 * f), delta_t=10, targets=TARGETS)
+                tfinal=int(1000 * f), delta_t=10, targets=tuple(targets))
     note = "as given" if f == 1.0 else f"scaled by {steps}/{ADALORA_REF_STEPS} for a short run"
     return opts, f"tinit {opts['tinit']}, tfinal {opts['tfinal']}, deltaT 10 ({note})"
 
@@ -80,14 +90,16 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
     train_files, eval_files = [root / f for f in rec["adapt_train"]], [root / f for f in rec["adapt_eval"]]
     tok = load_tokenizer(pretrained)
     device = resolve_device(case.device)
-    block = min(case.block_size, read_config(pretrained)["n_positions"])
+    probe = load_model(pretrained, "causal-lm")  # GPT-2 or Llama, by config.json's model_type
+    block, targets, arch = min(case.block_size, context_size(probe)), targets_for(probe), type(probe).__name__
+    del probe
     data = batches(blocks(encode_files(tok, train_files), block), case.batch_size, shuffle=True,
                    seed=case.seed, pad_id=pad_id(tok))
     evaluate = lambda m: next_line_eval(m, tok, eval_files, case.eval_lines, case.max_new_tokens,  # noqa: E731
                                         case.seed, device, max_eval_blocks=case.max_eval_blocks)
     rows, ranks = [], None
     for method in ("pretrained",) + tuple(case.methods):
-        row, method_ranks = _adapt(method, pretrained, data, case, device, evaluate, log)
+        row, method_ranks = _adapt(method, pretrained, data, case, device, evaluate, targets, log)
         rows.append(row)
         if method == "adalora":
             ranks = method_ranks
@@ -96,8 +108,8 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
             "held_out": ", ".join(held), "adapt_train_files": len(train_files), "eval_files": len(eval_files),
             "adapt_batches": len(data), "steps": case.steps, "batch": f"{case.batch_size} x {block} tokens",
             "lr": case.lr, "adalora": f"init_r 12, target_r 8, alpha 32, b1 = b2 = 0.85, {ada_note}",
-            "lora": "r 8, alpha 16", "targets": ", ".join(TARGETS), "eval_lines": rows[0]["lines"],
-            "pretrained": f"{rec['params']:,} params, {rec['steps']} steps on {rec['pretrain_tokens']:,} "
+            "lora": "r 8, alpha 16", "targets": ", ".join(targets), "eval_lines": rows[0]["lines"],
+            "pretrained": f"{arch}, {rec['params']:,} params, {rec['steps']} steps on {rec['pretrain_tokens']:,} "
                           f"tokens of {len(rec['pretrain_packages'])} packages ({rec['device']}, "
                           f"{rec['time_s'] / 60:.1f} min, final loss {rec['final_loss']:.3f})"}
     name = name or ("codegen-smoke" if smoke else f"codegen-{'cuda' if device.startswith('cuda') else 'cpu'}")
@@ -123,18 +135,17 @@ def _read_split(pretrained: Path, held_out) -> tuple[dict, tuple[str, ...]]:
     return rec, held
 
 
-def _adapt(method: str, pretrained: Path, data, case: CaseConfig, device: str, evaluate,
+def _adapt(method: str, pretrained: Path, data, case: CaseConfig, device: str, evaluate, targets,
            log) -> tuple[dict, dict | None]:
     """A fresh copy of the pretrained model, adapted with ``method`` ("pretrained": as it is) and
     evaluated: its results row, and its final rank pattern (AdaLoRA; else None)."""
-    torch.manual_seed(case.seed)
-    model = GPT.from_pretrained(pretrained)
+    model = load_model(pretrained, "causal-lm", seed=case.seed)  # seeds torch with case.seed first
     row = {"method": method, "trainable": 0, "params": sum(p.numel() for p in model.parameters()),
            "steps": 0, "time_s": 0.0, "train_loss": None}
     ranks = None
     if method != "pretrained":
         log(f"codegen-case: {method}")
-        opts = {"adalora": adalora_options(case.steps)[0], "lora": dict(r=8, alpha=16, targets=TARGETS),
+        opts = {"adalora": adalora_options(case.steps, targets)[0], "lora": dict(r=8, alpha=16, targets=targets),
                 "full": {}}[method]
         st = build_method(model, method, opts, lr=case.lr[method], total_steps=case.steps)
         row["trainable"], row["params"] = st.trainable(model)
@@ -156,12 +167,13 @@ def _adapt(method: str, pretrained: Path, data, case: CaseConfig, device: str, e
 
 # ---------------------------------------------------------------------------- reporting
 
-def rank_table(ranks: dict[str, list[bool]]) -> tuple[list[int], list[list[int]]]:
-    """(layers, kept rank per layer x target) from ``adalora.rank_pattern``'s {name: flags}."""
-    layers = sorted({int(n.split(".")[1]) for n in ranks})  # names are "layers.<i>.<attn|mlp>.<target>"
-    grid = [[sum(ranks.get(f"layers.{i}.{'mlp' if t in ('up_proj', 'down_proj') else 'attn'}.{t}", []))
-             for t in TARGETS] for i in layers]
-    return layers, grid
+def rank_table(ranks: dict[str, list[bool]]) -> tuple[list[int], list[str], list[list[int]]]:
+    """(layers, targets, kept rank per layer x target) from ``adalora.rank_pattern``'s {name: flags}.
+    Names are "layers.<i>.<block>.<target>" (GPT-2: attn / mlp; Llama: self_attn / mlp)."""
+    kept = {(int(n.split(".")[1]), n.rsplit(".", 1)[1]): sum(f) for n, f in ranks.items()}
+    layers = sorted({i for i, _ in kept})
+    targets = [t for t in LLAMA_TARGETS if t in {k for _, k in kept}]  # in the models' order
+    return layers, targets, [[kept.get((i, t), 0) for t in targets] for i in layers]
 
 
 def to_markdown(result: dict) -> str:
@@ -174,9 +186,9 @@ def to_markdown(result: dict) -> str:
                     f"{r['perplexity']:.2f} | {100 * r['exact_match']:.1f}% | {r['rouge_l']:.3f} |")
     md = "\n".join(rows) + "\n"
     if result["rank_pattern"]:
-        layers, grid = rank_table(result["rank_pattern"])
+        layers, targets, grid = rank_table(result["rank_pattern"])
         md += ("\nFinal AdaLoRA rank per layer (kept singular values of init_r 12; budget: target_r 8 on "
-               "average):\n\n| layer | " + " | ".join(TARGETS) + " | total |\n|" + "---|" * (len(TARGETS) + 2) + "\n")
+               "average):\n\n| layer | " + " | ".join(targets) + " | total |\n|" + "---|" * (len(targets) + 2) + "\n")
         md += "".join(f"| {i} | " + " | ".join(map(str, g)) + f" | {sum(g)} |\n" for i, g in zip(layers, grid))
     return md
 
@@ -201,10 +213,10 @@ def save(result: dict, out: Path, name: str) -> list[Path]:
     except ImportError:
         return written  # the PNG needs the plot extra (matplotlib)
     if result["rank_pattern"]:
-        layers, grid = rank_table(result["rank_pattern"])
+        layers, targets, grid = rank_table(result["rank_pattern"])
         fig, ax = plt.subplots(figsize=(6, 1 + 0.45 * len(layers)))
         im = ax.imshow(grid, vmin=0, vmax=12, cmap="viridis")
-        ax.set_xticks(range(len(TARGETS)), TARGETS, fontsize=8)
+        ax.set_xticks(range(len(targets)), targets, fontsize=8)
         ax.set_yticks(range(len(layers)), [f"layer {i}" for i in layers], fontsize=8)
         for i, g in enumerate(grid):
             for j, v in enumerate(g):

@@ -13,6 +13,7 @@ from minift.studies import codegen_case
 from minift.cli import build_parser, main
 from minift.training.data import load_tokenizer
 from minift.models.gpt import GPT
+from minift.models.llama import Llama
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL_MODULES = ("bisect", "heapq", "colorsys", "keyword", "textwrap", "fnmatch", "glob", "shlex", "copy",
@@ -132,6 +133,42 @@ def test_case_on_a_pretrained_dir_adapts_to_what_it_held_out(smoke, capsys):
     res = json.loads((out / "t.json").read_text())
     assert [r["method"] for r in res["rows"]] == ["pretrained", "lora"] and res["meta"]["held_out"] == "json"
     assert res["rank_pattern"] is None and not (out / "pretrained").exists()
+
+
+def test_llama_pretrain_and_case_smoke(corpus, tmp_path, capsys):
+    """`pretrain --smoke --arch llama`, then the case on that directory: a Llama config.json that
+    minift and transformers load alike, and every method adapting Llama's seven projections."""
+    d, out = tmp_path / "llama", tmp_path / "case"
+    assert main(["pretrain", "--smoke", "--arch", "llama", "--corpus", str(corpus), "--held-out", "json",
+                 "--out", str(d), "--device", "cpu", "--no-progress"]) == 0
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["num_key_value_heads"] * 2 == cfg["num_attention_heads"] and cfg["tie_word_embeddings"]
+    assert json.loads((d / "corpus.json").read_text())["arch"] == "llama"
+    model = Llama.from_pretrained(d).eval()
+    ids = torch.tensor([load_tokenizer(d).encode("def f(x):\n    return x + 1\n").ids])
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaForCausalLM.from_pretrained(d).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+    assert main(["codegen-case", "--smoke", "--pretrained", str(d), "--out", str(out), "--device", "cpu",
+                 "--no-progress"]) == 0
+    res = json.loads((out / "codegen-smoke.json").read_text())
+    assert [r["method"] for r in res["rows"]] == ["pretrained", "adalora", "lora", "full"]
+    assert res["meta"]["targets"] == ", ".join(codegen_case.LLAMA_TARGETS) and "Llama" in res["meta"]["pretrained"]
+    rows = {r["method"]: r for r in res["rows"]}
+    assert rows["full"]["trainable"] == rows["full"]["params"] > rows["lora"]["trainable"] > 0
+    assert len(res["rank_pattern"]) == 2 * len(codegen_case.LLAMA_TARGETS)  # 2 layers x 7 targets
+    md = (out / "codegen-smoke.md").read_text()
+    assert "| adalora |" in md and "| layer | q_proj | k_proj | v_proj | o_proj | gate_proj |" in md
+
+
+def test_pretrain_unknown_arch_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--arch", "foo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "invalid choice: 'foo'" in err
 
 
 def test_studies_write_under_runs_in_the_working_directory_by_default():
