@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 # the estimator's names stay importable from here (minift.studies.advisor.estimate_memory, ...)
 from minift.studies.memory import (CUBLAS_WORKSPACE, LLAMA_PROJ, PROJ,  # noqa: F401
                            GiB, MemoryEstimate, MethodOptions, estimate_memory, refusal)
+from minift.studies.memory_ranks import check_ranks, estimate_per_rank
 from minift.studies.presets import PRESETS, preset  # noqa: F401  (the model shapes: --preset)
 from minift.methods.registry import METHODS  # noqa: F401
 from minift.models.bert import BertConfig
@@ -157,15 +158,21 @@ def recommend(config: GPTConfig | BertConfig | LlamaConfig, gpu_mem_gb: float, b
               task: str = "other",
               complexity: str = "medium", data_size: int | None = None, similarity: float | None = None,
               data_quality: str = "medium", *, dtype: str = "bf16", frozen_dtype: str = "bf16",
-              headroom: float = 0.1, **method_options) -> Recommendation:
+              headroom: float = 0.1, nproc: int = 1, shard: bool = False, **method_options) -> Recommendation:
     """The rule tables' answer, then every method whose estimated peak fits in
     ``gpu_mem_gb`` GiB less ``headroom`` (CUDA context, fragmentation), ranked: the rule
     tables' picks first (task rule, then resource rule) when they fit, then by capacity. A method
-    the model refuses (BitFit on a Llama without biases) is left out, and the summary says why."""
+    the model refuses (BitFit on a Llama without biases) is left out, and the summary says why.
+
+    ``nproc`` > 1: the peak of one rank of ``nproc`` GPUs (``minift.studies.memory_ranks``), ``batch``
+    being the global batch; with ``shard``, full fine-tuning is FSDP2-sharded and every other method
+    data parallel (as ``minift train --shard`` takes full fine-tuning only). ``gpu_mem_gb`` is then
+    each GPU's memory."""
     if not isinstance(gpu_mem_gb, (int, float)) or not math.isfinite(gpu_mem_gb) or gpu_mem_gb <= 0:
         raise ValueError(f"GPU memory must be a positive number of GB, got {gpu_mem_gb!r}")
     if not 0.0 <= headroom < 1.0:
         raise ValueError(f"headroom must be in [0, 1), got {headroom}")
+    check_ranks("full", batch, nproc, shard)
     res = rule_by_resources(gpu_mem_gb, complexity, data_size)
     tsk = rule_by_task(task, similarity, data_quality)
     budget = gpu_mem_gb * GiB * (1 - headroom)
@@ -174,15 +181,17 @@ def recommend(config: GPTConfig | BertConfig | LlamaConfig, gpu_mem_gb: float, b
         if refusal(config, m) is not None:
             refused.append(f"{m} left out: {refusal(config, m)}")
             continue
-        e = estimate_memory(config, m, batch, seq_len, dtype, frozen_dtype=frozen_dtype, **method_options)
+        e = estimate_per_rank(config, m, batch, seq_len, dtype, frozen_dtype=frozen_dtype, nproc=nproc,
+                              shard=shard and m == "full", **method_options)
         cands.append(Candidate(m, e.peak, e.trainable_params, e.peak <= budget))
     picks = [RULE_METHODS[tsk.method], RULE_METHODS[res.method]]
     order = {m: (picks.index(m) if m in picks else len(picks), CAPACITY.index(m)) for m in CAPACITY}
     fit = sorted((c for c in cands if c.fits), key=lambda c: order[c.method])
     rejected = [c for c in cands if not c.fits]
     gib = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
+    per = " per rank" if nproc > 1 else ""
     for c in cands:
-        what = f"estimated peak {gib(c.peak_bytes)} {'<=' if c.fits else '>'} {gib(budget)} usable"
+        what = f"estimated peak{per} {gib(c.peak_bytes)} {'<=' if c.fits else '>'} {gib(budget)} usable"
         tags = [f"the {r.rule.split(':')[0]} rule's pick" for r in (tsk, res) if RULE_METHODS[r.method] == c.method]
         c.why = f"{what}; {c.trainable_params:,} trainable" + (f"; {' and '.join(tags)}" if tags else "")
     rules_method = picks[0]
@@ -206,19 +215,23 @@ def recommend(config: GPTConfig | BertConfig | LlamaConfig, gpu_mem_gb: float, b
         notes.append(f"nothing fits in {gpu_mem_gb} GB at batch {batch} x {seq_len}: lower the batch or the "
                      f"sequence length")
     best = fit[0].method if fit else "none"
+    on = (f" on {nproc} GPUs ({'full fine-tuning sharded, the others ' if shard else ''}data parallel, "
+          f"{batch // nproc} rows per rank)" if nproc > 1 else "")
     summary = (f"rules: {tsk.method} (by task) / {res.method} (by resources); grounded: {best} at batch {batch} x "
-               f"{seq_len}" + ("; " + "; ".join(notes) if notes else ""))
+               f"{seq_len}{on}" + ("; " + "; ".join(notes) if notes else ""))
     inputs = dict(gpu_mem_gb=gpu_mem_gb, batch=batch, seq_len=seq_len, task=task, complexity=complexity,
                   data_size=data_size, similarity=similarity, data_quality=data_quality, dtype=dtype,
-                  frozen_dtype=frozen_dtype, headroom=headroom)
+                  frozen_dtype=frozen_dtype, headroom=headroom, nproc=nproc, shard=shard)
     return Recommendation(res, tsk, rules_method, fit, rejected, summary, inputs)
 
 
 def format_recommendation(rec: Recommendation) -> str:
+    n = rec.inputs.get("nproc", 1)
+    per = f" per rank of {n} GPUs" if n > 1 else ""
     lines = [f"rule table, by resources: {rec.by_resources.method}  [{rec.by_resources.rule}]",
              f"rule table, by task:      {rec.by_task.method}  [{rec.by_task.rule}]",
              "summary table: " + "; ".join(f"{s} -> {' or '.join(m)}" for s, m in SUMMARY_RULES),
-             "", "grounded (estimated peak of one training step; fits, ranked):"]
+             "", f"grounded (estimated peak of one training step{per}; fits, ranked):"]
     lines += [f"  {i + 1}. {c.method:<8} {c.peak_bytes / GiB:7.2f} GiB  {c.trainable_params:>13,} trainable  ({c.why})"
               for i, c in enumerate(rec.grounded)] or ["  (none)"]
     if rec.rejected:

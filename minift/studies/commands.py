@@ -79,6 +79,12 @@ def add_bench(sub) -> None:
     p.add_argument("--out", default="runs/bench", help="directory for JSON, Markdown and PNG (with matplotlib); "
                                                        "default: runs/bench under the working directory")
     p.add_argument("--name", default=None, help="file name stem (default: bench-<model>)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="N >= 2: run under torchrun on N GPUs of this machine (CUDA only; --batch is the global "
+                        "batch) the rows full (data parallel), full-shard (FSDP2) and lora (data parallel), eager, "
+                        "and report tokens/s of all ranks and each rank's peak memory (minift.studies.bench_dist; "
+                        "--methods picks among full and lora)")
+    p.add_argument("--dry-run", action="store_true", help="with --nproc: print the torchrun command, run nothing")
     p.set_defaults(func=_cmd_bench)
 
 
@@ -86,6 +92,9 @@ def _cmd_bench(args) -> int:
     import torch
 
     from minift.studies import bench
+    if args.nproc != 1 or args.dry_run:  # on N GPUs under torchrun
+        from minift.studies import bench_dist
+        return bench_dist.cli(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_cuda(device)
     if not [m for m in args.methods.split(",") if m]:
@@ -224,6 +233,12 @@ def add_recommend(sub) -> None:
     p.add_argument("--data-size", type=int, default=None, help="number of training examples")
     p.add_argument("--similarity", type=float, default=None, help="domain similarity to pre-training, in [0, 1]")
     p.add_argument("--data-quality", default="medium", help=f"one of: {', '.join(LEVELS)}")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="GPUs (torchrun ranks) to train on: the estimate is then each rank's peak, --batch the "
+                        "global batch (batch/N rows per rank), --gpu-mem each GPU's memory (default: 1)")
+    p.add_argument("--shard", action="store_true",
+                   help="with --nproc N >= 2: full fine-tuning FSDP2-sharded (minift train --shard), the other "
+                        "methods data parallel")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(func=_cmd_recommend)
 
@@ -239,9 +254,17 @@ def _cmd_recommend(args) -> int:
         raise UsageError(f"--gpu-mem must be a positive number of GB, got {args.gpu_mem}")
     if args.batch < 1 or args.seq_len < 1:
         raise UsageError(f"--batch and --seq-len must be >= 1, got {args.batch} and {args.seq_len}")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.shard and args.nproc == 1:
+        raise UsageError("--shard needs several GPUs: give --nproc N (N >= 2)")
+    if args.batch % args.nproc:
+        raise UsageError(f"--batch {args.batch} is the global batch and must divide evenly over --nproc "
+                         f"{args.nproc}; use a multiple of {args.nproc}")
     cfg = preset(args.preset) if args.preset else advisor.config_from_dir(args.model)
     rec = advisor.recommend(cfg, args.gpu_mem, args.batch, args.seq_len, args.task, args.complexity,
-                            args.data_size, args.similarity, args.data_quality)
+                            args.data_size, args.similarity, args.data_quality, nproc=args.nproc,
+                            shard=args.shard)
     print(json.dumps(rec.to_dict(), indent=1) if args.json else advisor.format_recommendation(rec))
     return 0
 
@@ -249,11 +272,13 @@ def _cmd_recommend(args) -> int:
 # ---------------------------------------------------------------------------- pretrain / codegen-case
 
 def add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="train a BPE tokenizer and pretrain a small GPT on Python code",
-                       description="Byte-level BPE + a small GPT (default ~23M parameters, see "
+    p = sub.add_parser("pretrain", help="train a BPE tokenizer and pretrain a small GPT or Llama on Python code",
+                       description="Byte-level BPE + a small GPT-2 or Llama (default ~23M parameters, see "
                                    "minift.studies.codegen.PretrainConfig) pretrained on the standard library (or a "
                                    "directory of .py files) minus the held-out packages; writes an HF directory "
                                    "(config.json, model.safetensors, tokenizer.json) and corpus.json.")
+    p.add_argument("--arch", choices=("gpt2", "llama"), default="gpt2",
+                   help="gpt2 (default) or llama (GQA, RoPE, SwiGLU, RMSNorm; transformers' LlamaForCausalLM layout)")
     p.add_argument("--corpus", default="stdlib", help="stdlib (this Python's standard library) or a directory")
     p.add_argument("--out", default="runs/pretrain", help="the model directory to write (default: runs/pretrain "
                                                           "under the working directory)")
@@ -288,7 +313,7 @@ def _cmd_pretrain(args) -> int:
     if not args.minutes > 0:
         raise UsageError(f"--minutes must be > 0, got {args.minutes}")
     kw = dict(codegen.SMOKE_PRETRAIN) if args.smoke else {}
-    kw.update(minutes=args.minutes, device=device, seed=args.seed, progress=not args.no_progress,
+    kw.update(arch=args.arch, minutes=args.minutes, device=device, seed=args.seed, progress=not args.no_progress,
               **({"steps": args.steps} if args.steps else {}))
     rec = codegen.pretrain(args.corpus, args.out, held, codegen.PretrainConfig(**kw),
                            log=lambda s: print(s, file=sys.stderr))
@@ -306,7 +331,8 @@ def add_codegen_case(sub) -> None:
     p.add_argument("--out", default="runs/codegen-case", help="directory for the results (and pretrained/ when "
                                                               "pretraining; default: runs/codegen-case under the "
                                                               "working directory)")
-    p.add_argument("--pretrained", default=None, help="a directory written by `minift pretrain`")
+    p.add_argument("--pretrained", default=None, help="a directory written by `minift pretrain` (GPT-2 or "
+                                                      "Llama, read from its config.json)")
     p.add_argument("--corpus", default="stdlib", help="stdlib or a directory (when pretraining here)")
     p.add_argument("--held-out", default=None, help="comma-separated packages to adapt to (default: those "
                                                     "--pretrained held out; asyncio when pretraining here)")

@@ -68,11 +68,17 @@ class MemoryEstimate:
     trainable_params: int
     total_params: int
     phase: str = ""
+    # several ranks (``minift.studies.memory_ranks``; 0 for one process): FSDP2's gathered weights and
+    # unsharded gradients during the backward, and data parallel's flat all-reduce buckets before the step
+    gathered: int = 0
+    comm: int = 0
+    ranks: int = 1  # the estimate is of one rank of this many
 
     @property
     def total(self) -> int:
         """Every term added up, as if all coexisted (an upper bound of the peak)."""
-        return self.weights + self.gradients + self.optimizer_state + self.activations + self.logits + self.extras
+        return (self.weights + self.gradients + self.optimizer_state + self.activations + self.logits + self.extras
+                + self.gathered + self.comm)
 
     @property
     def peak(self) -> int:
@@ -81,18 +87,20 @@ class MemoryEstimate:
 
     @property
     def backward_peak(self) -> int:
-        return self.weights + self.optimizer_state + self.activations + self.logits + self.extras
+        return self.weights + self.optimizer_state + self.activations + self.logits + self.extras + self.gathered
 
     @property
     def step_peak(self) -> int:
-        return self.weights + self.gradients + self.optimizer_state + self.extras
+        return self.weights + self.gradients + self.optimizer_state + self.extras + self.comm
 
     def table(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients), ("optimizer state", self.optimizer_state),
                 ("activations", self.activations), ("logits/loss buffers", self.logits), ("extras", self.extras),
-                ("peak", self.peak)]
+                *((("gathered (FSDP2)", self.gathered),) if self.gathered else ()),
+                *((("all-reduce buckets", self.comm),) if self.comm else ()), ("peak", self.peak)]
         when = "start of backward" if self.backward_peak >= self.step_peak else "optimizer step"
-        return (f"{self.method}: {self.trainable_params:,} trainable of {self.total_params:,} params\n"
+        per = f" (per rank of {self.ranks})" if self.ranks > 1 else ""
+        return (f"{self.method}{per}: {self.trainable_params:,} trainable of {self.total_params:,} params\n"
                 + "\n".join(f"  {k:<20} {v / GiB:9.3f} GiB" for k, v in rows) + f"  ({when})")
 
 
