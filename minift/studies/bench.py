@@ -14,16 +14,10 @@ is P = 20 virtual positions plus seq_len - P text tokens (the PEFT baseline coun
 The peer (transformers + peft) runs the same shapes in ``benchmarks/peft_baseline.py``: the
 oracles are never imported from ``minift/``.
 
-**Speed: what ``minift train`` runs.** With no speed setting, each method runs the speed plan
-``minift train`` picks for it (``minift.training.speed.plan``, the same function): on CUDA
-``minift.fast``, LoRA's merged forward for plain LoRA, and torch.compile under CUDA graphs (mode
-reduce-overhead) unless the method runs a hook between steps (AdaLoRA's allocator and penalty stay
-eager); on the CPU the eager path as before (``minift.fast``'s pieces on, as bench always had them,
-nothing compiled). Each row records its plan (``Row.speed``, the ``describe()`` line) and its
-first step's time (``Row.first_step_s``: compiling and capturing the graphs, on the host clock)
-apart from the steady median. ``speed="eager"`` runs the bench's former default (eager,
-``minift.fast`` on, LoRA's addmm forward) on any device; ``compile``, ``compile_mode`` and
-``lora_merged_forward`` (None: the plan decides) and ``fast`` override one choice each.
+**Speed: what ``minift train`` runs.** With no speed setting each method runs the plan
+``minift train`` picks for it (``bench_speed.py``; ``speed="eager"`` and the flags below override
+it); each row records its plan (``Row.speed``) and its first step's time (``Row.first_step_s``,
+compiling included) apart from the steady median.
 
 Each optimization is a flag so its effect is measured, not assumed:
 ``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
@@ -34,9 +28,8 @@ the naive loss, for comparison with the fused cross-entropy of ``minift.fast.los
 ``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
 ``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
 ``sync_each_step`` (wait for the GPU after every timed step, as older results did).
-``isolate`` runs each method in a fresh process (on by default whenever a method may be compiled:
-torch 2.11 fails to compile a second model in one process under CUDA graphs, and a fresh process
-starts each method with an empty allocator).
+``isolate`` runs each method in a fresh process (by default whenever a method may be compiled:
+torch 2.11 fails to compile a second model in one process under CUDA graphs).
 
 Models are the shapes of ``minift.studies.presets``: GPT-2 and Llama as causal LMs, BERT as a
 two-class classifier. The low-rank methods adapt every projection of a block by default
