@@ -10,6 +10,7 @@ clipping, AdamW state, dev evaluations, early stopping and files. A step of ``tr
     loss = sum over jobs of job k's mean loss on its own rows   (what job k alone would compute)
     loss.backward()                                             job k's A, B get only its rows' gradient
     for each job: its lr, clip its gradients, its AdamW step; then its evaluation and checkpoint
+    (the losses stay on the device until a job's log interval, evaluation or checkpoint reads them)
 
 Because the rows are disjoint and each adapter acts only on its own rows, the gradient that
 reaches job k's adapter is exactly the gradient of job k's loss alone: the K trajectories are
@@ -125,6 +126,7 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and jobs[0].cfg.bf16)
     bar = _progress(sum(r.total for r in runs), sum(r.step for r in runs), progress)
     t0, tokens, snap, updating, error = time.perf_counter(), 0, rng_state(), False, None
+    pending: list = []  # (jobs, their (step, lr), their losses on the device) of steps not yet read back
     try:
         model.train()
         for r in runs:
@@ -143,8 +145,11 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
             updating = True  # from here until every job has recorded its step: no checkpoint
             for r in live:
                 r.update()
-            for r, loss in zip(live, torch.stack([x.detach().float() for x in losses]).tolist()):
-                r.record(loss)
+            # the losses stay on the device until a job needs them on the host (one read for all)
+            pending.append((live, [(r.step, r.opt.param_groups[0]["lr"]) for r in live],
+                            torch.stack([x.detach().float() for x in losses])))
+            if any(r.reads_losses() for r in live):
+                _read_back(pending)
             updating, snap = False, rng_state()
             bar.update(len(live))
             bar.set_postfix(jobs=len(live))
@@ -163,12 +168,27 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
     finally:
         bar.close()
         model.eval()
+    if not updating:
+        _read_back(pending)
     res.tokens_per_s = tokens / max(time.perf_counter() - t0, 1e-9)
     for r in runs:
         r.end(snap, error)
     if error is not None:
         raise error
     return res
+
+
+def _read_back(pending: list) -> None:
+    """Record the losses of the steps in ``pending`` (one device-to-host copy for all), then clear it."""
+    if not pending:
+        return
+    values = torch.cat([t for _, _, t in pending]).tolist()
+    i = 0
+    for runs, at, _ in pending:
+        for r, (step, lr) in zip(runs, at):
+            r.record(values[i], step, lr)
+            i += 1
+    pending.clear()
 
 
 class _JobRun:
@@ -224,9 +244,16 @@ class _JobRun:
         opt.zero_grad(set_to_none=True)
         self.step += 1
 
-    def record(self, loss: float) -> None:
+    def record(self, loss: float, step: int, lr: float) -> None:
         self.res.losses.append(loss)
-        metrics_log.append(self.log_path, {"step": self.step, "loss": loss, "lr": self.opt.param_groups[0]["lr"]})
+        metrics_log.append(self.log_path, {"step": step, "loss": loss, "lr": lr})
+
+    def reads_losses(self) -> bool:
+        """Whether this step needs the job's losses on the host: its log interval, an evaluation,
+        a checkpoint or its last step."""
+        c = self.cfg
+        return (self.step % c.log_every == 0 or self.eval_due() or not self.live
+                or bool(self.out and c.save_every and self.step % c.save_every == 0))
 
     def eval_due(self) -> bool:
         every = self.cfg.eval_every
