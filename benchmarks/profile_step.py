@@ -4,7 +4,7 @@ time, and what the host spends per step.
     python benchmarks/profile_step.py --model gpt2-medium --method lora [--speed default|eager]
         [--[no-]compile] [--compile-mode MODE] [--[no-]lora-merged-forward] [--no-frozen-bf16] [--rows N]
 
-With no speed flag the step is the default path (``minift train``'s speed plan, ``bench.speed_plan``:
+With no speed flag the step is the default path (``minift train``'s speed plan, ``bench_speed.speed_plan``:
 on CUDA minift.fast, LoRA's merged forward, torch.compile under CUDA graphs where the method has
 no hook between steps); ``--speed eager`` is the eager step. Printed, in order: the plan, the first
 step's seconds (compiling, capturing the graphs), then over ``--steps`` steps after the warm-up:

@@ -56,7 +56,7 @@ class GatheredMultiLoRALinear(MultiLoRALinear):
     def _slots(self, n_rows: int):
         """(adapter names in slot order, each row's slot as a device tensor), or None when the
         reference forward must run (a row without an adapter here, or dropout while training)."""
-        key = (tuple(self.lora_A.keys()), self.training)
+        key = (tuple(self.lora_A.keys()), self.training, n_rows)
         cached = getattr(self, "_slot_cache", None)  # (the rows dict itself, key, slots): one per mixed batch
         if cached is not None and cached[0] is self.rows and cached[1] == key:
             return cached[2]

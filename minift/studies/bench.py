@@ -70,7 +70,7 @@ from minift.training.forward import model_forward
 from minift.training import speed
 from minift.training.config import COMPILE_MODES
 from minift.training.speed import SpeedPlan
-from minift.studies.bench_speed import resolved, speed_meta, speed_plan, task_of  # noqa: F401
+from minift.studies.bench_speed import resolved, speed_meta, speed_plan
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # GPT-2 and BERT: every projection
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # + SwiGLU's gate

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -51,13 +50,14 @@ def run_row(cfg, row: str) -> dict:
     method = row.split("-")[0]
     rc = replace(cfg, methods=(method,), batch=cfg.batch // n, speed="eager", compile=False, isolate=False,
                  fast=cfg.fast and not shard)
-    torch.manual_seed(rc.seed + distributed.rank())  # each rank its own rows
+    torch.manual_seed(rc.seed)  # one base on every rank (replicate syncs only the trainable weights)
     model, hooks, _ = bench.build(rc, method)
     trainable, total = count_trainable(model)
     if shard:
         distributed.shard(model, torch.device(rc.device), bf16=True)
     else:
         distributed.replicate(model)
+    torch.manual_seed(rc.seed + distributed.rank())  # each rank its own rows
     batch = bench.make_batch(model, rc, method)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=rc.device.startswith("cuda") and not shard)  # not on DTensors

@@ -25,7 +25,7 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
     """The speed choices of one method's row: ``minift.training.speed.plan``, called as ``minift
     train`` calls it on ``cfg.device``, with bench's explicit settings as the given ones.
 
-    Bench keeps ``minift.fast``'s pieces on on every device, the CPU included, as it always has
+    Bench keeps ``minift.fast``'s pieces on on every device, the CPU included
     (``fast=False`` turns them off); ``speed="eager"`` asks for no compile and LoRA's addmm
     forward; ``compile``, ``compile_mode`` and ``lora_merged_forward``, when not None, override
     the plan's choice. Bench's batches have one shape already, so none is padded.
@@ -50,7 +50,7 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
     cuda = cfg.device.startswith("cuda")
     p = speed.plan(device_type="cuda" if cuda else "cpu", method=method, hooks=hooks, task=task_of(cfg.model),
                    max_len=cfg.seq_len, given=given, merged_forward=bool(cfg.lora_merged_forward))
-    if cfg.fast and not p.fast:  # the CPU: bench has always measured with minift.fast's pieces on
+    if cfg.fast and not p.fast:  # the CPU: bench measures with minift.fast's pieces on
         p.fast = True
         p.notes.insert(0, "minift.fast on (cast once, fused loss, LoRA addmm forward)")
     merged = False if cfg.lora_merged_forward is None and cfg.speed == "eager" else cfg.lora_merged_forward

@@ -50,7 +50,7 @@ def add_bench(sub) -> None:
     p.add_argument("--speed", default="default", choices=SPEEDS,
                    help="default: minift train's speed plan per method (CUDA: minift.fast, LoRA merged forward, "
                         "torch.compile under CUDA graphs where the method has no hook between steps; CPU: eager); "
-                        "eager: no compile and LoRA's addmm forward on any device (bench's default before)")
+                        "eager: no compile and LoRA's addmm forward on any device")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile every method, or (--no-compile) none (default: the plan decides)")
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,

@@ -200,6 +200,9 @@ def _device_name(device: str) -> str:
     return name(device)
 
 
+_WORKERS: set = set()  # the worker processes running now (--jobs: stopped when another run fails)
+
+
 def _run_isolated(cfg: CompareConfig, method: str, seed: int) -> Row:
     """Run one method in a fresh worker process (``python -m minift.studies.compare``), so the peak
     RSS it reports is that method's own."""
@@ -211,6 +214,7 @@ def _run_isolated(cfg: CompareConfig, method: str, seed: int) -> Row:
         proc = subprocess.Popen([sys.executable, "-m", "minift.studies.compare", str(cfg_path), method, str(out_path),
                                  str(seed)],
                                 env=env, stderr=subprocess.PIPE)
+        _WORKERS.add(proc)
         tail = b""
         for chunk in iter(lambda: os.read(proc.stderr.fileno(), 4096), b""):
             sys.stderr.write(chunk.decode(errors="replace"))  # progress bars stay live
@@ -218,6 +222,7 @@ def _run_isolated(cfg: CompareConfig, method: str, seed: int) -> Row:
             tail = (tail + chunk)[-4096:]
         proc.stderr.close()
         code = proc.wait()
+        _WORKERS.discard(proc)
         result = json.loads(out_path.read_text()) if out_path.exists() else None
         if isinstance(result, dict) and "error" in result:
             if code == 2:  # a usage or data error: one line, exit 2
@@ -281,10 +286,17 @@ def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
         for i in range(len(runs)):
             finished(i, one(i))
     else:  # each run is its own worker process; threads only wait on them
-        with ThreadPoolExecutor(cfg.jobs) as pool:
+        pool = ThreadPoolExecutor(cfg.jobs)
+        try:
             futures = {pool.submit(one, i): i for i in range(len(runs))}
             for f in as_completed(futures):
                 finished(futures[f], f.result())
+        except BaseException:  # a failed run or Ctrl-C: start no other run, stop the running ones
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list(_WORKERS):
+                proc.kill()
+            raise
+        pool.shutdown()
     rows = [done[i] for i in range(len(runs))]
     return rows, _meta(cfg, task, steps, isolate, t_start)
 

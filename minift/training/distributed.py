@@ -71,6 +71,9 @@ def check(method: str, batch_size: int, shard: bool, device: str = "cpu") -> Non
     run is on CUDA (``device``: the run's --device)."""
     n = launched_ranks()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", n))
+    if n > 1 and device.startswith("cuda:"):
+        raise InputError(f"--device {device} would put every rank on one GPU; under torchrun give --device cuda "
+                         f"(rank r takes GPU LOCAL_RANK) or auto")
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if n > 1 and cuda and torch.cuda.device_count() < local:
         raise InputError(f"{local} ranks on this host but {torch.cuda.device_count()} GPU(s): launch at most "

@@ -165,7 +165,7 @@ class _Run:
             # steps after the checkpoint are about to be redone, and so is a pending evaluation
             metrics_log.truncate(self.log_path, self.state["step"], drop_eval=self.state.get("eval_pending", False))
         else:
-            seed_everything(self.cfg.seed)
+            seed_everything(self.cfg.seed + distributed.rank())  # several ranks: each its own dropout masks
             if self.log_path and Path(self.log_path).is_file():
                 Path(self.log_path).write_text("")  # a fresh start: no lines of an earlier run
         self.step = self.state["step"]  # optimizer steps done

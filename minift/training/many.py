@@ -6,8 +6,8 @@ clipping, AdamW state, dev evaluations, early stopping and files. A step of ``tr
 
     rows = [job 1's micro-batch | job 2's | ... | job K's]     (padded to one length, masked)
     with mixed_batch(model, [name of each row's job]):          (methods/multi_lora.py)
-        logits = model(rows)                                    the base runs once for all rows
-    loss = sum over jobs of job k's mean loss on its own rows   (what job k alone would compute)
+        h = model(rows).hidden_states[-1]                       the base runs once for all rows
+    loss = sum over jobs k of lm_loss(h[rows of k], labels k)   job k's mean loss, as it alone computes it
     loss.backward()                                             job k's A, B get only its rows' gradient
     for each job: its lr, clip its gradients, its AdamW step; then its evaluation and checkpoint
     (the losses stay on the device until a job's log interval, evaluation or checkpoint reads them)
@@ -88,6 +88,9 @@ def add_jobs(model: nn.Module, jobs: list[Job]) -> None:
             raise ValueError(f"job {j.name}: train_many runs grad_accum 1 (give a larger batch instead)")
         if j.lora.dropout > 0:  # its rows would draw other dropout masks than the job alone
             raise ValueError(f"job {j.name}: train_many runs adapters without dropout, got dropout {j.lora.dropout}")
+        if "lm_head" in j.lora.targets:  # each job's loss is taken from the hidden states, the head per job
+            raise ValueError(f"job {j.name}: train_many does not adapt lm_head (each job's loss reads the "
+                             f"shared head); leave lm_head out of the targets")
         if j.cfg.bf16 != jobs[0].cfg.bf16:
             raise ValueError(f"job {j.name}: every job must agree on bf16 (one forward runs them all)")
     kinds = {j.batches[0]["labels"].dim() for j in jobs}

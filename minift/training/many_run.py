@@ -58,7 +58,7 @@ from minift.training.run import load_data, load_model
 from minift.training.run_dir import check_out, check_resume, identity, jsonable, save_outputs, start_run
 from minift.training.settings import DATA_KEYS, TRAIN_KEYS, check_value
 
-TOP_KEYS = ("model", "device", "bf16", "method", "train", "data", "job")
+TOP_KEYS = ("model", "device", "bf16", "fast", "method", "train", "data", "job")
 SHARED = {"model": "data", "device": "train", "bf16": "train", "fast": "train"}   # one value for all jobs: key -> its table
 TASKS = ("causal-lm", "prompt-completion")
 # settings a shared forward cannot honour: (table, key) -> (is the value fine?, why not)
@@ -68,10 +68,10 @@ REFUSED = {
     ("method", "dora"): (lambda v: not v, "named adapters are plain LoRA; train DoRA with minift train"),
     ("method", "init"): (lambda v: v == "default", "named adapters start as LoRA's default (Kaiming A, zero B)"),
     ("method", "modules_to_save"): (lambda v: not v, "a module trained in full would be shared by every job"),
-    ("method", "merged_forward"): (lambda v: not v, "train-many runs the reference eager path"),
+    ("method", "merged_forward"): (lambda v: not v, "train-many does not compile or merge LoRA weights"),
     ("train", "grad_accum"): (lambda v: v == 1, "train-many runs one micro-batch per step; give a larger "
                                                 "batch_size"),
-    ("train", "compile"): (lambda v: not v, "train-many runs the reference eager path"),
+    ("train", "compile"): (lambda v: not v, "train-many does not compile or merge LoRA weights"),
     ("train", "compile_mode"): (lambda v: False, "train-many does not compile"),
 }
 
@@ -245,14 +245,16 @@ def train_many_command(args) -> int:
         _as_job(s, check_out, s.out, args.resume, args.overwrite)
     model, jobs = _load(specs)
     _start_runs(specs, args)  # every check has passed: the job directories change from here on
+    speed = "reference path (eager)"
     if pick_device(specs[0].cfg.device).type == "cuda" and specs[0].cfg.fast:
         from minift import fast
-        fast.enable(model)
+        speed = "; ".join(fast.enable(model)) or speed
 
     def started(steps: dict[str, int]) -> None:  # once the checkpoints to resume have loaded
         parts = [f"{s.name} ({j.cfg.total_steps(len(j.batches))} steps" +
                  (f", resuming after {steps[s.name]}" if steps[s.name] else "") + ")" for s, j in zip(specs, jobs)]
-        print(f"minift train-many: {len(jobs)} LoRA jobs on one base: {', '.join(parts)}", file=sys.stderr)
+        print(f"minift train-many: {len(jobs)} LoRA jobs on one base: {', '.join(parts)}; speed: {speed}",
+              file=sys.stderr)
     res = train_many(model, jobs, specs[0].cfg.device, progress=not args.no_progress, on_start=started)
     if res.interrupted:
         where = ", ".join(f"{n} at step {r.steps}" for n, r in res.jobs.items() if r.interrupted)

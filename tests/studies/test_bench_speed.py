@@ -10,7 +10,7 @@ from minift.cli import build_parser, main
 from minift.methods.registry import build_method
 from minift.methods.spec import TrainHooks
 from minift.models.gpt import GPT
-from minift.studies import bench, bench_report
+from minift.studies import bench, bench_report, bench_speed
 from minift.studies.presets import PRESETS
 from minift.training import speed
 
@@ -28,8 +28,8 @@ def hooks_of(method: str) -> TrainHooks:
 
 def plan_for(method: str, **kw):
     cfg = bench.BenchConfig(model=kw.pop("model", "gpt2-medium"), device=kw.pop("device", "cuda"), **kw)
-    p = bench.speed_plan(cfg, method, hooks_of(method))
-    return p, bench.resolved(cfg, p)
+    p = bench_speed.speed_plan(cfg, method, hooks_of(method))
+    return p, bench_speed.resolved(cfg, p)
 
 
 GRAPHED_METHODS = ("full", "lora", "dora", "prefix", "prompt", "freeze", "bitfit", "probe")

@@ -295,3 +295,20 @@ def test_runs_at_once_give_the_rows_of_runs_one_at_a_time(setup, tmp_path, capsy
     assert par["meta"]["jobs"] == 2 and "2 runs sharing the device" in par["meta"]["timing"]
     assert main(_args(setup, "--jobs", "2", methods="lora", out=tmp_path)) == 2  # with --in-process
     assert "drop --in-process" in capsys.readouterr().err
+
+
+def test_a_failing_run_with_jobs_starts_no_other_run(setup, tmp_path, capsys, monkeypatch):
+    """--jobs 2: when a run fails, the queued runs are cancelled (not run and thrown away)."""
+    real, started = compare._run_isolated, []
+
+    def counted(cfg, method, seed):
+        started.append((method, seed))
+        return real(cfg, method, seed)
+
+    monkeypatch.setattr(compare, "_run_isolated", counted)
+    args = [a for a in _args(setup, "--seeds", "3", "--jobs", "2", methods="adalora,bitfit", out=tmp_path / "out")
+            if a != "--in-process"]
+    args[args.index("--model") + 1] = _narrow_bert(setup, tmp_path)
+    assert main(args) == 2
+    assert "method adalora:" in capsys.readouterr().err
+    assert len(started) <= 3 and ("bitfit", 2) not in started, started

@@ -268,3 +268,12 @@ def test_more_ranks_than_gpus_on_a_cuda_run_exits_2(lm, tmp_path, capsys, monkey
     rc = main([str(a) for a in train_args(lm, tmp_path / "o", 2)] + ["--device", "cuda"])
     err = capsys.readouterr().err
     assert rc == 2 and "2 ranks on this host but 1 GPU(s)" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_explicit_gpu_under_torchrun_exits_2(lm, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    rc = main([str(a) for a in train_args(lm, tmp_path / "o", 2)] + ["--device", "cuda:0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--device cuda:0 would put every rank on one GPU" in err, err

@@ -92,3 +92,14 @@ def test_a_job_that_stops_early_leaves_the_others_as_they_were():
     for name in ("b", "c"):  # each job's rows are its own: the others train exactly as before
         assert res.losses[name] == pytest.approx(full.losses[name], rel=1e-6, abs=1e-7)
         assert res.jobs[name].steps == len(full.losses[name])
+
+
+def test_an_adapter_on_the_lm_head_is_refused():
+    """Each job's loss reads the shared head from the hidden states, so the head takes no adapter."""
+    from minift.models.llama import Llama, LlamaConfig
+    model = Llama(LlamaConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, n_inner=32,
+                              tie_word_embeddings=False))
+    js = jobs()
+    js[1].lora = LoRAConfig(r=2, targets=("q_proj", "lm_head"))
+    with pytest.raises(ValueError, match="job b: train_many does not adapt lm_head"):
+        add_jobs(model, js)

@@ -272,3 +272,10 @@ def test_real_process_exit_code_and_no_traceback(files, tmp_path):
     r = subprocess.run([sys.executable, "-m", "minift", "train-many", "--config", str(cfg), "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=Path(__file__).parent.parent.parent, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_fast_is_one_top_level_switch(files, tmp_path, capsys):
+    cfg = jobs_toml(files)
+    cfg.write_text("fast = false\n" + cfg.read_text())  # the reference path on CUDA; nothing changes on the CPU
+    rc, _, err = run_cli(["train-many", "--config", cfg, "--out", tmp_path / "o", "--no-progress"], capsys)
+    assert rc == 0 and "speed: reference path (eager)" in err, err
