@@ -179,6 +179,18 @@ def _unfreeze_head(model: nn.Module, modules_to_save) -> None:
         unfreeze_modules(model, names)
 
 
+def head_param_groups(model: nn.Module, lr: float, ratio: float, modules_to_save) -> list[dict]:
+    """Optimizer groups: the trainable parameters of ``modules_to_save`` (a new head, which starts
+    from random) at ``lr * ratio``, every other trainable parameter at ``lr``."""
+    names = (modules_to_save,) if isinstance(modules_to_save, str) else tuple(modules_to_save)
+    in_head = {id(p) for k, m in model.named_modules() if any(k == n or k.endswith("." + n) for n in names)
+               for p in m.parameters()}
+    ps = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in ps if id(p) not in in_head], "lr": lr, "name": "other"},
+              {"params": [p for p in ps if id(p) in in_head], "lr": lr * ratio, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
 def _trainable(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 

@@ -27,8 +27,8 @@ import torch.nn as nn
 
 from minift.methods import adalora, adalora_alloc, freeze, full, lora, prefix, prompt
 from minift.methods.common import count_trainable, freeze_all
-from minift.methods.spec import (Allocator, Apply, BitFitConfig, Config, Context, Discriminative, FreezeTraining,
-                                 LoRAPlus, LoRATraining, MethodModule, MethodSettings, MethodSpec, ProbeConfig,
+from minift.methods.spec import (Allocator, Apply, BitFitConfig, BitFitTraining, Config, Context, Discriminative,
+                                 FreezeTraining, LoRAPlus, LoRATraining, MethodModule, MethodSettings, MethodSpec, ProbeConfig,
                                  TextInitModule, TrainHooks)
 from minift.models.bert import BertClassifier
 
@@ -62,6 +62,12 @@ def _apply_bitfit(model, ms, ctx):
 def _apply_probe(model, ms, ctx):
     freeze_all(model)  # the model only runs forward; the probes are fit on its features
     return []
+
+
+def _bitfit_hooks(model, ms, ctx):
+    r = ms.training.head_lr_ratio
+    return TrainHooks(param_groups=None if r is None else
+                      freeze.head_param_groups(model, ctx.lr, r, ms.config.modules_to_save))
 
 
 def _discriminative_hooks(model, ms, ctx):
@@ -154,7 +160,7 @@ METHODS: dict[str, MethodSpec] = {
     "prefix": MethodSpec(prefix.PrefixConfig, _apply_with_text(prefix)),
     "prompt": MethodSpec(prompt.PromptConfig, _apply_with_text(prompt)),
     "freeze": MethodSpec(freeze.FreezeConfig, _apply_freeze, FreezeTraining, _freeze_hooks, check=_check_gradual),
-    "bitfit": MethodSpec(BitFitConfig, _apply_bitfit),
+    "bitfit": MethodSpec(BitFitConfig, _apply_bitfit, BitFitTraining, _bitfit_hooks),
     "probe": MethodSpec(ProbeConfig, _apply_probe, trained=False),
 }
 

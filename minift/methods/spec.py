@@ -135,6 +135,16 @@ class BitFitConfig:
 
 
 @dataclass
+class BitFitTraining:
+    head_lr_ratio: float | None = None  # the modules_to_save (a new head) learn at lr x this ratio
+
+    def __post_init__(self):
+        r = self.head_lr_ratio
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0):
+            raise ValueError(f"BitFitTraining.head_lr_ratio must be a number > 0, got {r!r}")
+
+
+@dataclass
 class ProbeConfig:
     pooling: str = "cls"                # a sentence's features: cls | mean | last (token: per token)
     layer: str = "best"                 # the layer reported: the best on dev

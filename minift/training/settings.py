@@ -35,6 +35,7 @@ METHOD_FLAGS = [
     ("init", str, "LoRA: default|gaussian|pissa; prefix: random|tokens; prompt: random|vocab|text"),
     ("init_text", str, "prefix/prompt init text"), ("modules_to_save", "csv", "modules trained in full, e.g. classifier"),
     ("lr_ratio", float, "LoRA+: lr of B / lr of A"),
+    ("head_lr_ratio", float, "BitFit: lr of the modules_to_save (the head) / lr of the biases"),
     ("merged_forward", "flag", "LoRA: forward through W0 + sBA, one GEMM per layer (needs dropout 0)"),
     ("init_r", int, "AdaLoRA initial rank"), ("target_r", int, "AdaLoRA average final rank"),
     ("tinit", float, "AdaLoRA warmup steps (< 1: fraction of the run)"),

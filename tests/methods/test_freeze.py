@@ -276,3 +276,19 @@ def test_adapters_added_after_freezing_still_get_gradients():
     m(ids, ids).loss.backward()
     for i, layer in enumerate(m.layers):
         assert layer.attn.q_proj.lora_A.grad is not None, f"layer {i} got no gradient"
+
+
+def test_bitfit_head_lr_ratio_puts_the_head_in_its_own_group():
+    from minift.methods.registry import build_method
+    model = bert12(2)
+    st = build_method(model, "bitfit", {"head_lr_ratio": 10}, lr=1e-3)
+    groups = st.train_hooks()["param_groups"]
+    by_name = {g["name"]: g for g in groups}
+    head = {id(p) for p in model.classifier.parameters()}
+    assert by_name["head"]["lr"] == pytest.approx(1e-2) and by_name["other"]["lr"] == pytest.approx(1e-3)
+    assert {id(p) for p in by_name["head"]["params"]} == head
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in groups for p in g["params"]} == trainable  # every trainable tensor, once
+    assert build_method(bert12(2), "bitfit", {}, lr=1e-3).train_hooks().get("param_groups") is None
+    with pytest.raises(ValueError, match="head_lr_ratio must be a number > 0"):
+        build_method(bert12(2), "bitfit", {"head_lr_ratio": 0}, lr=1e-3)
