@@ -9,7 +9,9 @@ state, as one process does; its activations are those of ``batch / N`` rows. So 
 and the optimizer step: it sums the gradients in buckets of ``BUCKET`` elements through a flat copy
 of each bucket (``torch.cat``), and the previous bucket's flat copy is still referenced while the
 next one is made. The buckets are counted at the step's moment (``comm``), over the trainable
-parameters in the model's order (embeddings first, then the blocks, then the top).
+parameters in the model's order (embeddings first, then the blocks, then the top); the loop sums
+them in its optimizer's order (matrices first, then biases and norms), so the two largest
+consecutive buckets are an approximation, within one bucket (``BUCKET`` fp32 elements).
 
 **Sharded** (``--shard``, full fine-tuning; FSDP2's ``fully_shard`` on every block and on the
 root): each rank keeps 1/N of every fp32 weight, fp32 gradient and AdamW moment (each tensor's
