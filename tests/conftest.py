@@ -157,6 +157,17 @@ class Toy(nn.Module):
         return self.head(torch.tanh(self.down(torch.tanh(self.up(x)))))
 
 
+def tiny_lm_dir(d: Path) -> Path:
+    """``d/gpt``: a tiny GPT-2 (2 layers, 16 wide, 32 positions) with a word-level tokenizer, and
+    ``d/lm.txt``, a causal-LM text over WORDS; returns ``d``."""
+    (d / "gpt").mkdir()
+    n = tokenizer_json(d / "gpt", ["<|endoftext|>"], bert=False)
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=n, block_size=32, n_layer=2, n_head=2, n_embd=16)).save_pretrained(d / "gpt")
+    (d / "lm.txt").write_text(" ".join(WORDS * 6))
+    return d
+
+
 def llama_dir(tmp_path):
     """A tiny random minift Llama saved with a word-level tokenizer in ``tmp_path/llama``, and a
     causal-LM text file ``tmp_path/lm.txt``: what ``minift train`` needs; returns (dir, text file)."""

@@ -165,14 +165,8 @@ def test_one_process_resumes_a_checkpoint_of_two_ranks(two_ranks, one_process, t
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     """A tiny GPT-2 directory with a word-level tokenizer, and a causal-LM text file."""
-    from conftest import WORDS, tokenizer_json
-    d = tmp_path_factory.mktemp("lm")
-    (d / "gpt").mkdir()
-    n = tokenizer_json(d / "gpt", ["<|endoftext|>"], bert=False)
-    torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=n, block_size=32, n_layer=2, n_head=2, n_embd=16)).save_pretrained(d / "gpt")
-    (d / "lm.txt").write_text(" ".join(WORDS * 6))
-    return d
+    from conftest import tiny_lm_dir
+    return tiny_lm_dir(tmp_path_factory.mktemp("lm"))
 
 
 def train_args(lm, out, steps, *extra):

@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import WORDS, llama_dir, tokenizer_json
+from conftest import WORDS, llama_dir, tiny_lm_dir
 from minift.cli import main
-from minift.models.gpt import GPT, GPTConfig
 
 many = importlib.import_module("minift.training.many")  # the module (its _job_losses is patched below)
 many_run = importlib.import_module("minift.training.many_run")
@@ -20,12 +19,7 @@ many_run = importlib.import_module("minift.training.many_run")
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("many")
-    (d / "gpt").mkdir()
-    n = tokenizer_json(d / "gpt", ["<|endoftext|>"], bert=False)
-    torch.manual_seed(0)
-    GPT(GPTConfig(vocab_size=n, block_size=32, n_layer=2, n_head=2, n_embd=16)).save_pretrained(d / "gpt")
-    (d / "lm.txt").write_text(" ".join(WORDS * 6))
+    d = tiny_lm_dir(tmp_path_factory.mktemp("many"))
     (d / "lm2.txt").write_text(" ".join(reversed(WORDS * 5)))
     pc = [{"prompt": f"the film was {w}", "completion": " good" if w in ("good", "great", "fun") else " bad"}
           for w in ("good", "great", "fun", "bad", "awful", "dull")]
