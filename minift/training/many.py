@@ -119,7 +119,8 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
     dev = pick_device(device)
     model.to(dev)
     runs = [_JobRun(model, j, dev) for j in jobs]
-    if not [r for r in runs if r.resume()]:  # every checkpoint read and checked before any log changes
+    resumed = [r.resume() for r in runs]  # every checkpoint read and checked before any log changes
+    if not any(resumed):
         seed_everything(jobs[0].cfg.seed)  # only a base with dropout draws from it
     for r in runs:
         r.start_log()
