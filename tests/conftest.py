@@ -180,3 +180,33 @@ def llama_dir(tmp_path):
                       max_position_embeddings=64)).save_pretrained(d)
     (tmp_path / "lm.txt").write_text(" ".join(WORDS * 6))
     return d, tmp_path / "lm.txt"
+
+
+def saved_bytes(model, batch, loss_extra=None) -> tuple[int, torch.Tensor]:
+    """Bytes of the storages autograd still holds for backward once the forward is done
+    (parameters excluded; each storage once), and the loss (which keeps the graph alive)."""
+    import weakref
+
+    from minift.training.forward import model_forward
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    refs = []
+
+    class Box:  # a weak reference to the box tells whether autograd still holds it
+        def __init__(self, t):
+            self.t = t
+
+    def pack(t):
+        box = Box(t)
+        refs.append(weakref.ref(box))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        loss = model_forward(model, batch).loss
+        if loss_extra is not None:
+            loss = loss + loss_extra(model)
+    held = {}
+    for r in refs:
+        box = r()
+        if box is not None and box.t.untyped_storage().data_ptr() not in params:
+            held[box.t.untyped_storage().data_ptr()] = box.t.untyped_storage().nbytes()
+    return sum(held.values()), loss

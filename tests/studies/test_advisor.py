@@ -2,7 +2,6 @@
 really holds on CPU (parameters, gradients, AdamW state, tensors saved for backward), and
 ``recommend`` / ``minift recommend``."""
 import json
-import weakref
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from minift.methods.common import count_trainable
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.loop import model_forward
+from conftest import saved_bytes
 
 # ---------------------------------------------------------------------------- rule tables
 
@@ -135,33 +135,6 @@ def estimate(kind, method, cfg, B, T, **kw):
     extra = {**OPTS.get(method, {}), **kw}
     return A.estimate_memory(cfg, method, B, T + (P if method in ("prefix", "prompt") else 0), "fp32",
                              device="cpu", num_labels=3, **extra)
-
-
-def saved_bytes(model, batch, loss_extra=None) -> tuple[int, torch.Tensor]:
-    """Bytes of the storages autograd still holds for backward once the forward is done
-    (parameters excluded; each storage once)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    refs = []
-
-    class Box:  # a weak reference to the box tells whether autograd still holds it
-        def __init__(self, t):
-            self.t = t
-
-    def pack(t):
-        box = Box(t)
-        refs.append(weakref.ref(box))
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
-        loss = model_forward(model, batch).loss
-        if loss_extra is not None:
-            loss = loss + loss_extra(model)
-    held = {}
-    for r in refs:
-        box = r()
-        if box is not None and box.t.untyped_storage().data_ptr() not in params:
-            held[box.t.untyped_storage().data_ptr()] = box.t.untyped_storage().nbytes()
-    return sum(held.values()), loss
 
 
 TRAINED = ("full", "lora", "dora", "adalora", "prefix", "prompt", "freeze", "bitfit")

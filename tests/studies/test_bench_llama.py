@@ -4,7 +4,6 @@ estimate against what PyTorch really holds on CPU (parameters, gradients, AdamW 
 saved for backward, byte for byte), the advisor, and the PEFT peer's script on the same shapes."""
 import importlib.util
 import json
-import weakref
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from minift.models.llama import Llama, LlamaConfig
 from minift.studies import advisor as A
 from minift.studies import bench
 from minift.training.forward import model_forward
+from conftest import saved_bytes
 
 P = 5  # virtual tokens in the estimate's tests
 SEVEN = A.LLAMA_PROJ
@@ -124,27 +124,6 @@ def estimate(method, cfg, B, T, **kw):
                              device="cpu", **(OPTS.get(method, {}) | kw))
 
 
-def saved_bytes(model, batch) -> int:
-    """Bytes of the storages autograd still holds for backward once the forward is done
-    (parameters excluded; each storage once), as in test_advisor.py."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    refs = []
-
-    class Box:  # a weak reference to the box tells whether autograd still holds it
-        def __init__(self, t):
-            self.t = t
-
-    def pack(t):
-        refs.append(weakref.ref(box := Box(t)))
-        return box
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
-        loss = model_forward(model, batch).loss  # the graph lives as long as the loss
-    held = {b.t.untyped_storage().data_ptr(): b.t.untyped_storage().nbytes() for r in refs if (b := r())}
-    del loss
-    return sum(n for ptr, n in held.items() if ptr not in params)
-
-
 @pytest.mark.parametrize("method", TRAINED)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("B, T", [(3, 12), (2, 3)])  # T = 3 < P: prefix attention takes the bottom-right mask
@@ -153,7 +132,7 @@ def test_saved_activations_match_autograd_byte_for_byte(method, dropout, B, T):
     exactly what autograd keeps (fp32, CPU; attention dropout sends SDPA down its math path).
     BitFit needs biases: it runs on a Llama with Qwen2's q/k/v biases."""
     cfg, model = build(method, dropout, qkv_bias=method == "bitfit")
-    assert saved_bytes(model, batch_for(B, T)) == estimate(method, cfg, B, T).activations
+    assert saved_bytes(model, batch_for(B, T))[0] == estimate(method, cfg, B, T).activations
 
 
 @pytest.mark.parametrize("shape", [dict(n_kv_head=4), dict(head_dim=6), dict(attention_bias=True, mlp_bias=True),
@@ -163,7 +142,7 @@ def test_saved_activations_match_autograd_byte_for_byte(method, dropout, B, T):
 def test_other_llama_shapes_and_a_padding_mask(shape, method):
     cfg, model = build(method, 0.1, **shape)
     for mask in (False, True):
-        got = saved_bytes(model, batch_for(3, 10, mask))
+        got = saved_bytes(model, batch_for(3, 10, mask))[0]
         assert got == estimate(method, cfg, 3, 10, attention_mask=mask).activations
 
 
