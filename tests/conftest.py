@@ -210,3 +210,25 @@ def saved_bytes(model, batch, loss_extra=None) -> tuple[int, torch.Tensor]:
         if box is not None and box.t.untyped_storage().data_ptr() not in params:
             held[box.t.untyped_storage().data_ptr()] = box.t.untyped_storage().nbytes()
     return sum(held.values()), loss
+
+
+def peft_adalora_pruned(hf, tmp_path, **config):
+    """A PEFT AdaLoRA on a copy of ``hf`` (init_r 4 -> target_r 2, the whole schedule in 4 steps),
+    its factors and gradients random, pruned by PEFT's own allocator and saved by
+    ``save_pretrained`` to ``tmp_path/peft``; returned in eval mode."""
+    import copy
+
+    import peft
+    pm = peft.get_peft_model(copy.deepcopy(hf), peft.AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, tinit=0, tfinal=1, deltaT=1, total_step=4, **config))
+    g = torch.Generator().manual_seed(1)
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            p.grad = torch.randn(p.shape, generator=g)
+    for t in range(4):
+        pm.base_model.update_and_allocate(t)
+    pm.save_pretrained(tmp_path / "peft")
+    pm.eval()
+    return pm

@@ -19,7 +19,7 @@ from minift.models.gpt import GPT, GPTConfig
 from minift.training.loop import model_forward, train
 from minift.training.config import TrainConfig
 
-from conftest import TINY_GPT
+from conftest import TINY_GPT, peft_adalora_pruned
 
 
 class Block(nn.Module):
@@ -496,18 +496,7 @@ def test_peft_layout_both_ways(kind, tmp_path):
     torch.testing.assert_close(hf_out(theirs), mine_out(model), atol=1e-5, rtol=1e-5)
     # PEFT -> minift: a PEFT AdaLoRA, pruned by its own allocator, saved by save_pretrained
     targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["query", "value", "intermediate.dense"]
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.AdaLoraConfig(
-        target_modules=targets, init_r=4, target_r=2, lora_alpha=8, tinit=0, tfinal=1, deltaT=1, total_step=4))
-    g = torch.Generator().manual_seed(1)
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            p.grad = torch.randn(p.shape, generator=g)
-    for t in range(4):
-        pm.base_model.update_and_allocate(t)
-    pm.save_pretrained(tmp_path / "peft")
-    pm.eval()
+    pm = peft_adalora_pruned(hf, tmp_path, target_modules=targets)
     mine = load_adapter(load(), tmp_path / "peft")
     torch.testing.assert_close(mine_out(mine), hf_out(pm), atol=1e-5, rtol=1e-5)
     assert sum(m.r for _, m in adalora.svd_modules(mine)) > 0

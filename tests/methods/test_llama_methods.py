@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import hf_llama
+from conftest import hf_llama, peft_adalora_pruned
 from minift import adapters
 from minift.methods import adalora, freeze, prefix, probe, prompt
 from minift.methods.adalora import AdaLoRAConfig
@@ -217,19 +217,7 @@ def test_adalora_on_all_seven_projections_peft_files_both_ways(tmp_path):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
     # PEFT -> minift: a PEFT AdaLoRA, pruned by its own allocator, saved by save_pretrained
-    pm = peft.get_peft_model(copy.deepcopy(hf), peft.AdaLoraConfig(
-        target_modules=list(SEVEN), init_r=4, target_r=2, lora_alpha=8, tinit=0, tfinal=1, deltaT=1,
-        total_step=4, task_type="CAUSAL_LM"))
-    g = torch.Generator().manual_seed(1)
-    for n, p in pm.named_parameters():
-        if "lora_" in n:
-            with torch.no_grad():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-            p.grad = torch.randn(p.shape, generator=g)
-    for t in range(4):
-        pm.base_model.update_and_allocate(t)
-    pm.save_pretrained(tmp_path / "peft")
-    pm.eval()
+    pm = peft_adalora_pruned(hf, tmp_path, target_modules=list(SEVEN), task_type="CAUSAL_LM")
     mine = adapters.load_adapter(Llama.from_pretrained(d).eval(), tmp_path / "peft")
     assert {n.rsplit(".", 1)[1] for n, _ in adalora.svd_modules(mine)} == set(SEVEN)
     with torch.no_grad():
