@@ -18,20 +18,19 @@ stays on the device until ``read_back`` fetches the losses of ``log_every`` step
 a GPU, reading a number back waits for every queued kernel, so one read per step would stall
 the host that queues the next step's kernels.
 
-The run's settings are a ``TrainConfig`` (``config.py``). The method-specific hooks are explicit keyword arguments of ``train``; nothing is a
-subclass or a callback registry. Data order is a pure function of ``(seed, epoch)``, so the
+The run's settings are a ``TrainConfig`` (``config.py``); the method-specific hooks are explicit
+keyword arguments of ``train``, not subclasses or callbacks. Data order is a pure function of ``(seed, epoch)``, so the
 position in the stream is one integer and a resumed run sees exactly the batches an
 uninterrupted one would. Checkpoints hold the trainable weights (the adapter for
 parameter-efficient methods, everything for full fine-tuning), the optimizer, the
 schedule position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/``
-so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled (but the index
-of a checkpoint of several ranks, which torch.distributed.checkpoint writes as a pickle).
+so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled but the index
+torch.distributed.checkpoint writes for a checkpoint of several ranks.
 
-Under torchrun (``distributed.py``) the same loop runs on every rank, with four calls that are the
-identity for one process: ``split`` deals each global micro-batch's rows over the ranks,
-``sum_gradients`` sums the gradients before the update, ``sum_losses`` the losses before they are
-logged, and ``stop_requested`` makes every rank stop after the same step on Ctrl-C. Only rank 0
-writes the log, the progress bar and the plot; checkpoints hold every rank's part.
+Under torchrun (``distributed.py``) every rank runs this loop, with four calls that are the identity
+for one process: ``split`` deals each global micro-batch's rows over the ranks, ``sum_gradients``
+and ``sum_losses`` sum over them, ``stop_requested`` stops every rank after the same step on
+Ctrl-C. Rank 0 alone writes the log, bar and plot; checkpoints hold every rank's part.
 """
 from __future__ import annotations
 
@@ -175,7 +174,7 @@ class _Run:
         """Autocast, the progress bar, the throughput clock and the RNG snapshot; compile; train mode."""
         cfg = self.cfg
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda")
-        self.bar = _progress(self.total, self.step, cfg.progress and self.main)
+        self.bar = progress_bar(self.total, self.step, cfg.progress and self.main)
         self.n_tokens, self.t0, self.pending, self.first = 0, time.perf_counter(), [], None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -276,8 +275,8 @@ class _Run:
                 return True
         if self.out and cfg.save_every and step % cfg.save_every == 0 and step < self.total:
             self.read_back()
-            self.res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, self.state_json(),
-                                                      self.allocator))
+            state = state_json(self.step, self.res, self.state)
+            self.res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, state, self.allocator))
         if self.on_step is not None:
             self.on_step(step, self.res.losses[-1])  # read back every step when there is an on_step
         return False
@@ -302,8 +301,8 @@ class _Run:
             # resumed step must draw again, so the RNG is saved as it was when that step began.
             # Likewise inside an evaluation (it may sample): as it was when the evaluation began.
             rng = state["eval_rng"] if state.get("eval_pending") else self.snap if self.snap_step == self.step else None
-            res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, self.state_json(), self.allocator,
-                                                 rng=rng))
+            res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, state_json(self.step, res, state),
+                                                 self.allocator, rng=rng))
             if self.cfg.plot and self.main:
                 metrics_log.plot_losses(res.losses, res.evals, self.out / "loss.png")
 
@@ -332,26 +331,9 @@ class _Run:
         with torch.no_grad(), eager:
             metrics = {k: float(v) for k, v in self.eval_fn(model).items()}
         model.train()
-        res.evals.append({"step": step, **metrics})
-        metrics_log.append(self.log_path, {"step": step, "eval": metrics})
-        if cfg.metric not in metrics:
-            raise KeyError(f"eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
-        value = metrics[cfg.metric]
-        best = res.best
-        if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
-            res.best, state["bad_evals"] = {"step": step, **metrics}, 0
-            if self.out:
-                save_weights(model, self.out / "best")
-            return False
-        state["bad_evals"] += 1
-        return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+        save_best = (lambda: save_weights(model, self.out / "best")) if self.out else None
+        return record_eval(res, state, step, metrics, cfg, self.log_path, save_best)
 
-    def state_json(self) -> dict:
-        """A checkpoint's ``state.json``: the run as it stands."""
-        res = self.res
-        return {"step": self.step, "losses": res.losses, "evals": res.evals, "best": res.best,
-                "bad_evals": self.state["bad_evals"], "stopped_early": res.stopped_early,
-                "eval_pending": bool(self.state.get("eval_pending"))}
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -375,6 +357,31 @@ def make_optimizer(model, cfg: TrainConfig, param_groups=None, all_params=False,
     return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+def record_eval(res: TrainResult, state: dict, step: int, metrics: dict, cfg: TrainConfig, log_path,
+                save_best: Callable[[], None] | None, who: str = "") -> bool:
+    """One evaluation's ``metrics`` into the history and log; the best (``save_best()`` when it
+    improves) and patience. True: stop early. ``who`` prefixes a missing metric's error."""
+    res.evals.append({"step": step, **metrics})
+    metrics_log.append(log_path, {"step": step, "eval": metrics})
+    if cfg.metric not in metrics:
+        raise KeyError(f"{who}eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
+    value, best = metrics[cfg.metric], res.best
+    if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
+        res.best, state["bad_evals"] = {"step": step, **metrics}, 0
+        if save_best is not None:
+            save_best()
+        return False
+    state["bad_evals"] += 1
+    return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+
+
+def state_json(step: int, res: TrainResult, state: dict) -> dict:
+    """A checkpoint's ``state.json``: a run (or a ``train_many`` job) as it stands at ``step``."""
+    return {"step": step, "losses": res.losses, "evals": res.evals, "best": res.best,
+            "bad_evals": state["bad_evals"], "stopped_early": res.stopped_early,
+            "eval_pending": bool(state.get("eval_pending"))}
+
+
 def batch_at(batches: Sequence[dict], position: int, cfg: TrainConfig) -> dict:
     """The micro-batch at ``position`` of the endless stream: epoch e is a permutation of the
     batches seeded by (seed, e), so the position alone determines the data order."""
@@ -386,6 +393,6 @@ def batch_at(batches: Sequence[dict], position: int, cfg: TrainConfig) -> dict:
     return batches[int(torch.randperm(n, generator=g)[i])]
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):
     from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)

@@ -52,7 +52,7 @@ from minift.training.checkpoint import latest_checkpoint, load_checkpoint, rng_s
 from minift.training.config import TrainConfig, lr_factor
 from minift.training.data import pad_to_longest
 from minift.training.forward import model_forward, pick_device, to_device
-from minift.training.loop import TrainResult, batch_at, make_optimizer
+from minift.training.loop import TrainResult, batch_at, make_optimizer, progress_bar, record_eval, state_json
 
 
 @dataclass
@@ -128,7 +128,7 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
         on_start({r.job.name: r.step for r in runs})
     res = ManyResult({r.job.name: r.res for r in runs})
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and jobs[0].cfg.bf16)
-    bar = _progress(sum(r.total for r in runs), sum(r.step for r in runs), progress)
+    bar = progress_bar(sum(r.total for r in runs), sum(r.step for r in runs), progress, "train-many (job steps)")
     t0, tokens, snap, updating, error = time.perf_counter(), 0, rng_state(), False, None
     pending: list = []  # (jobs, their (step, lr), their losses on the device) of steps not yet read back
     try:
@@ -283,19 +283,8 @@ class _JobRun:
             set_active(self.model, self.job.name)
             with torch.no_grad():
                 metrics = {k: float(v) for k, v in self.job.eval_fn(self.model).items()}
-            res.evals.append({"step": self.step, **metrics})
-            metrics_log.append(self.log_path, {"step": self.step, "eval": metrics})
-            if cfg.metric not in metrics:
-                raise KeyError(f"job {self.job.name}: eval_fn returned {sorted(metrics)}, no {cfg.metric!r} to track")
-            value = metrics[cfg.metric]
-            if best is None or (value > best[cfg.metric] if cfg.higher_is_better else value < best[cfg.metric]):
-                res.best, state["bad_evals"] = {"step": self.step, **metrics}, 0
-                if self.out:
-                    with alone(self.model, self.job.name):
-                        save_weights(self.model, self.out / "best")
-                return False
-            state["bad_evals"] += 1
-            return bool(cfg.patience) and state["bad_evals"] >= cfg.patience
+            return record_eval(res, state, self.step, metrics, cfg, self.log_path,
+                               self._save_best if self.out else None, who=f"job {self.job.name}: ")
         except BaseException:
             del res.evals[n_evals:]
             res.best, state["bad_evals"] = best, bad_evals
@@ -305,10 +294,12 @@ class _JobRun:
             set_active(self.model, None)
             self.model.train()
 
+    def _save_best(self) -> None:
+        with alone(self.model, self.job.name):
+            save_weights(self.model, self.out / "best")
+
     def save(self, rng: dict | None = None) -> None:
-        state = {"step": self.step, "losses": self.res.losses, "evals": self.res.evals, "best": self.res.best,
-                 "bad_evals": self.state["bad_evals"], "stopped_early": self.res.stopped_early,
-                 "eval_pending": bool(self.state.get("eval_pending"))}
+        state = state_json(self.step, self.res, self.state)
         with alone(self.model, self.job.name):
             self.res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, state, rng=rng))
 
@@ -380,11 +371,6 @@ def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> list[torch.T
             out.append(F.cross_entropy(logits[rows].float(), y))
         start += n
     return out
-
-
-def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train-many (job steps)", dynamic_ncols=True)
 
 
 __all__ = ["Job", "ManyResult", "add_jobs", "train_many", "alone"]
