@@ -43,7 +43,7 @@ import torch
 
 from minift.studies.compare_report import COLUMNS, plot, save, to_markdown, to_text  # noqa: F401  (the report)
 from minift.studies.compare_setup import CompareConfig, Task, load_task, resolve
-from minift.training.recipes import load_recipe, recipe_options
+from minift.training.recipes import compare_settings, load_recipe, recipe_options
 
 
 # ---------------------------------------------------------------------------- rows
@@ -113,9 +113,10 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
     from minift.training.evaluate import evaluate
     from minift.training.loop import train
     from minift.training.config import TrainConfig
+    from minift.training.data import load_tokenizer
     t = recipe["train"]
-    lr = recipe.get("compare", {}).get("lr", t["lr"])  # a recipe may set its own lr for the short shared budget
-    state = build_method(model, method, recipe_options(recipe), lr=lr,
+    lr, options = compare_settings(recipe)  # a recipe may set its own lr and options for the short budget
+    state = build_method(model, method, options, tokenizer=load_tokenizer(task.model_dir), lr=lr,
                          weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
     tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
                      schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),

@@ -2,8 +2,9 @@
 
 A recipe has the tables of a ``minift train --config`` file: ``[method]`` (``name`` and the
 method's options), ``[train]`` and ``[data]``; ``minift compare`` also reads a ``[compare]``
-table where a recipe has one. ``minift train --recipe NAME`` and ``minift compare`` both read
-them here.
+table where a recipe has one: its ``lr`` replaces ``[train]``'s and its other keys replace
+``[method]`` options, for compare's short shared budget (``compare_settings``). ``minift train
+--recipe NAME`` and ``minift compare`` both read them here.
 """
 from __future__ import annotations
 
@@ -44,3 +45,12 @@ def recipe_options(recipe: dict) -> dict:
     """The ``[method]`` options of a recipe as ``parse_method`` / ``build_method`` take them:
     every key but ``name``."""
     return {k: v for k, v in recipe["method"].items() if k != "name"}
+
+
+def compare_settings(recipe: dict) -> tuple[float | None, dict]:
+    """The peak lr and the method options ``minift compare`` trains a recipe's method with: the
+    ``[compare]`` table's ``lr`` (else ``[train]``'s) and the ``[method]`` options with
+    ``[compare]``'s other keys laid over them."""
+    compare = dict(recipe.get("compare", {}))
+    lr = compare.pop("lr", recipe["train"].get("lr"))
+    return lr, {**recipe_options(recipe), **compare}

@@ -8,7 +8,7 @@ import torch
 from minift.studies import compare
 from minift.cli import main
 from minift.methods.registry import METHODS, parse_method
-from minift.training.recipes import available_recipes, load_recipe, recipe_options
+from minift.training.recipes import available_recipes, compare_settings, load_recipe, recipe_options
 from minift.models.bert import Bert, BertConfig
 
 WORDS = {"positive": ["good", "great", "fine", "lovely", "superb", "fun"],
@@ -160,6 +160,18 @@ def test_recipes_parse_and_lora_recipe_is_the_classic_setup():
         {"epochs": 5, "batch_size": 8, "lr": 2e-4, "warmup": 0.1, "weight_decay": 0.01}
     c = parse_method("adalora", recipe_options(load_recipe("sentiment-adalora")), total_steps=200).config
     assert c.total_step == 200 and c.tinit == 20 and c.tfinal == 40 and c.delta_t == 10
+
+
+def test_compare_settings_lay_the_compare_table_over_the_recipe():
+    r = {"method": {"name": "prompt", "num_virtual_tokens": 20, "modules_to_save": ["classifier"]},
+         "train": {"lr": 3e-2}, "compare": {"lr": 1e-1, "num_virtual_tokens": 4}}
+    assert compare_settings(r) == (1e-1, {"num_virtual_tokens": 4, "modules_to_save": ["classifier"]})
+    assert compare_settings({"method": {"name": "lora", "r": 8}, "train": {"lr": 1e-3}}) == (1e-3, {"r": 8})
+    for name in available_recipes():  # what compare trains with parses, for every shipped recipe
+        recipe = load_recipe(name)
+        lr, options = compare_settings(recipe)
+        assert (lr is None) if recipe["method"]["name"] == "probe" else lr > 0
+        parse_method(recipe["method"]["name"], options, total_steps=100)
 
 
 def _narrow_bert(setup, tmp_path):
