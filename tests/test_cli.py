@@ -52,7 +52,14 @@ METHOD_FLAGS = {"full": [], "lora": ["--r", "2", "--targets", "q_proj,v_proj"], 
 
 
 def run_cli(argv, capsys):
-    rc = main([str(a) for a in argv])
+    """``minift ARGV`` in this process: (exit code, stdout, stderr). A ``train`` that chooses neither
+    the device nor the compile setting runs on the CPU: on a GPU machine minift train's default
+    compiles under CUDA graphs, and torch crashes on a second model graphed in one process (each
+    CUDA default-path test runs its own process instead)."""
+    argv = [str(a) for a in argv]
+    if argv[:1] == ["train"] and "--device" not in argv and "--compile" not in argv:
+        argv += ["--device", "cpu"]
+    rc = main(argv)
     out, err = capsys.readouterr()
     return rc, out, err
 
