@@ -170,10 +170,12 @@ def lm(tmp_path_factory):
 
 
 def train_args(lm, out, steps, *extra):
-    # constant lr: a run of 2 steps continued to 4 takes the steps of a run of 4
+    # constant lr: a run of 2 steps continued to 4 takes the steps of a run of 4. On the CPU, as the
+    # torchrun runs (GPUs hidden) are, so that one-process runs compare with them on a GPU machine
+    # too (a later --device in extra wins)
     return ["train", "--model", lm / "gpt", "--train", lm / "lm.txt", "--task", "causal-lm", "--max-len", "8",
             "--method", "full", "--steps", str(steps), "--batch-size", "4", "--lr", "1e-2", "--schedule", "constant",
-            "--no-progress", "--out", out, *extra]
+            "--no-progress", "--device", "cpu", "--out", out, *extra]
 
 
 def logged(out: Path) -> list[float]:
