@@ -188,7 +188,7 @@ def _cmd_compare(args) -> int:
                                 model=args.model, train=args.train, dev=args.dev, test=args.test,
                                 device=device, seed=args.seed, isolate=not args.in_process,
                                 seeds=args.seeds if args.seeds is not None else 3 if args.full else 1,
-                                reference=args.reference, jobs=args.jobs,
+                                reference=args.reference, jobs=args.jobs, full=args.full,
                                 progress=not args.no_progress and args.jobs == 1, **d)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     name = args.name or f"compare{'-full' if args.full else ''}-{'cuda' if device.startswith('cuda') else 'cpu'}"

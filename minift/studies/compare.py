@@ -115,7 +115,7 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
     from minift.training.config import TrainConfig
     from minift.training.data import load_tokenizer
     t = recipe["train"]
-    lr, options = compare_settings(recipe)  # a recipe may set its own lr and options for the short budget
+    lr, options = compare_settings(recipe, full=cfg.full)  # a recipe's own lr and options for compare
     state = build_method(model, method, options, tokenizer=load_tokenizer(task.model_dir), lr=lr,
                          weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
     tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),

@@ -43,6 +43,7 @@ class CompareConfig:
     isolate: bool = True              # CPU: one worker process per method (its own peak RSS)
     jobs: int = 1                     # runs at once, each in its own worker process (shared device)
     progress: bool = True
+    full: bool = False                # --full: a recipe's [compare.full] table applies (compare_settings)
 
     def __post_init__(self):
         self.methods = tuple(self.methods)

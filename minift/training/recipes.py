@@ -3,8 +3,9 @@
 A recipe has the tables of a ``minift train --config`` file: ``[method]`` (``name`` and the
 method's options), ``[train]`` and ``[data]``; ``minift compare`` also reads a ``[compare]``
 table where a recipe has one: its ``lr`` replaces ``[train]``'s and its other keys replace
-``[method]`` options, for compare's short shared budget (``compare_settings``). ``minift train
---recipe NAME`` and ``minift compare`` both read them here.
+``[method]`` options in ``minift compare``, and a ``[compare.full]`` table's keys replace those
+under ``compare --full`` (``compare_settings``). ``minift train --recipe NAME`` and ``minift
+compare`` both read them here.
 """
 from __future__ import annotations
 
@@ -47,10 +48,14 @@ def recipe_options(recipe: dict) -> dict:
     return {k: v for k, v in recipe["method"].items() if k != "name"}
 
 
-def compare_settings(recipe: dict) -> tuple[float | None, dict]:
+def compare_settings(recipe: dict, full: bool = False) -> tuple[float | None, dict]:
     """The peak lr and the method options ``minift compare`` trains a recipe's method with: the
     ``[compare]`` table's ``lr`` (else ``[train]``'s) and the ``[method]`` options with
-    ``[compare]``'s other keys laid over them."""
+    ``[compare]``'s other keys laid over them; with ``full`` (``compare --full``) the
+    ``[compare.full]`` table's keys are laid over those. The lr is None for a recipe that trains
+    no gradient step (probe)."""
     compare = dict(recipe.get("compare", {}))
+    compare.update(compare.pop("full", {}) if full else {})
+    compare.pop("full", None)
     lr = compare.pop("lr", recipe["train"].get("lr"))
     return lr, {**recipe_options(recipe), **compare}

@@ -167,11 +167,28 @@ def test_compare_settings_lay_the_compare_table_over_the_recipe():
          "train": {"lr": 3e-2}, "compare": {"lr": 1e-1, "num_virtual_tokens": 4}}
     assert compare_settings(r) == (1e-1, {"num_virtual_tokens": 4, "modules_to_save": ["classifier"]})
     assert compare_settings({"method": {"name": "lora", "r": 8}, "train": {"lr": 1e-3}}) == (1e-3, {"r": 8})
+    r["compare"]["full"] = {"num_virtual_tokens": 20}  # compare --full lays [compare.full] over [compare]
+    assert compare_settings(r, full=True) == (1e-1, {"num_virtual_tokens": 20, "modules_to_save": ["classifier"]})
+    assert compare_settings(r) == (1e-1, {"num_virtual_tokens": 4, "modules_to_save": ["classifier"]})
+    assert compare_settings(load_recipe("sentiment-adalora"), full=True)[0] == 5e-3
     for name in available_recipes():  # what compare trains with parses, for every shipped recipe
         recipe = load_recipe(name)
-        lr, options = compare_settings(recipe)
-        assert (lr is None) if recipe["method"]["name"] == "probe" else lr > 0
-        parse_method(recipe["method"]["name"], options, total_steps=100)
+        for full in (False, True):
+            lr, options = compare_settings(recipe, full=full)
+            assert (lr is None) if recipe["method"]["name"] == "probe" else lr > 0
+            parse_method(recipe["method"]["name"], options, total_steps=100)
+
+
+def test_full_runs_with_the_compare_full_table(setup, tmp_path, capsys):
+    """--full reaches each run: prompt tuning trains 20 virtual tokens there, 4 on the short budget
+    (sentiment-prompt.toml's [compare] and [compare.full] tables)."""
+    tokens = {}
+    for mode, extra in (("short", []), ("full", ["--full", "--seeds", "1"])):
+        assert main(_args(setup, *extra, methods="prompt", out=tmp_path / mode)) == 0
+        rows = json.loads((tmp_path / mode / "t.json").read_text())["rows"]
+        tokens[mode] = rows[0]["extra"]["options"]["num_virtual_tokens"]
+    capsys.readouterr()
+    assert tokens == {"short": 4, "full": 20}
 
 
 def _narrow_bert(setup, tmp_path):
