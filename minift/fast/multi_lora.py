@@ -15,8 +15,17 @@ The zero padding is exact: a padded row of A makes a zero column of u, which mee
 reference (each row meets only its own adapter). Gathering copies each row's factors
 (N r (in + out) numbers a layer: at 32 rows, r = 8 and GPT-2 medium's widest layer, 1.3M).
 
-A layer takes this path for a mixed batch in which every row has an adapter that targets the
-layer and no adapter applies dropout (in training); otherwise the reference forward runs.
+When the batch is K equal blocks of rows, one block per adapter in order (``mixed_batch`` sees
+that layout on the host; ``train_many`` builds it: each job's rows together), no row needs its
+own copy of the factors: x viewed as (K, n T, in) meets the stacked factors directly,
+
+    h  += bmm(bmm(x_blocks, A^T), B^T)      (K, n T, out)
+
+with no gather in the forward and no scatter-add of per-row factor gradients in the backward.
+
+A layer takes one of these paths for a mixed batch in which every row has an adapter that
+targets the layer and no adapter applies dropout (in training); otherwise the reference forward
+runs.
 ``tests/fast/test_multi_lora.py`` ties it to the reference, outputs and gradients.
 """
 from __future__ import annotations
@@ -32,7 +41,15 @@ class GatheredMultiLoRALinear(MultiLoRALinear):
     """``MultiLoRALinear`` whose mixed-batch forward gathers each row's factors (see above)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        slots = self._slots(x.shape[0]) if self.rows is not None and self.merged is None else None
+        mixed = self.rows is not None and self.merged is None
+        blocks = self._blocks() if mixed else None
+        if blocks is not None:  # row block k is adapter k's: one GEMM per block, no gather
+            h = F.linear(x, self.weight, self.bias)
+            A, B = self._stacked(blocks)
+            B = B * self._scales(blocks, B)
+            xk = x.reshape(len(blocks), -1, self.in_features)                     # (K, n T, in)
+            return h + torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)).view(h.shape)
+        slots = self._slots(x.shape[0]) if mixed else None
         if slots is None:
             return super().forward(x)
         names, ids = slots
@@ -42,6 +59,17 @@ class GatheredMultiLoRALinear(MultiLoRALinear):
         x3 = x.reshape(x.shape[0], -1, self.in_features)                          # (N, T, in)
         u = torch.bmm(x3, A[ids].transpose(1, 2))                                 # (N, T, r)
         return h + torch.bmm(u, B[ids].transpose(1, 2)).view(h.shape)             # (N, T, out)
+
+    def _blocks(self) -> tuple[str, ...] | None:
+        """The mixed batch's adapters when its rows are equal blocks, one per adapter and every one
+        targeting this layer (``mixed_batch`` finds the layout on the host), and no adapter applies
+        dropout (in training); else None."""
+        blocks = self.blocks
+        if blocks is None or any(n not in self.lora_A for n in blocks):
+            return None
+        if self.training and any(not isinstance(self.dropout[n], nn.Identity) for n in blocks):
+            return None
+        return blocks
 
     def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters' A (K, r, in) and B (K, out, r), ranks zero-padded to the largest (no padding,

@@ -120,3 +120,46 @@ def test_adapters_of_one_rank_stack_without_padding_and_match_the_reference():
     rows = ["z", "x", "y", "x", "z"]
     with torch.no_grad(), mixed_batch(ref, rows), mixed_batch(fst, rows):
         torch.testing.assert_close(fst(ids).logits, ref(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(order=st.permutations(["a", "b", "c"]), k=st.integers(1, 3), n=st.integers(1, 3), seed=st.integers(0, 3))
+def test_equal_blocks_of_rows_take_the_block_path_and_equal_the_reference(order, k, n, seed):
+    """k adapters' rows as equal blocks (train_many's layout): the layers that every block's adapter
+    targets run the block GEMMs, and outputs and gradients equal the reference's."""
+    ref, fst = pair(seed)
+    rows = [name for name in order[:k] for _ in range(n)]
+    ids = torch.randint(0, TINY_GPT["vocab_size"], (len(rows), 6), generator=torch.Generator().manual_seed(seed))
+    grads = []
+    for m in (ref, fst):
+        with mixed_batch(m, rows):
+            logits = m(ids).logits
+            if m is fst:
+                q = dict(multi_lora_modules(fst))["layers.0.attn.q_proj"]  # every adapter targets q_proj
+                assert q._blocks() == tuple(order[:k])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+        grads.append({p: t.grad for p, t in m.named_parameters() if "lora_" in p and t.grad is not None})
+        m.out = logits.detach()
+    torch.testing.assert_close(fst.out, ref.out, atol=1e-5, rtol=1e-5)
+    assert grads[0].keys() == grads[1].keys()
+    for p in grads[0]:
+        torch.testing.assert_close(grads[1][p], grads[0][p], atol=1e-5, rtol=1e-5)
+
+
+def test_only_equal_runs_of_distinct_adapters_are_blocks():
+    from minift.methods.multi_lora import _blocks
+    assert _blocks(["a", "a", "b", "b"]) == ("a", "b")
+    assert _blocks(["b", "a"]) == ("b", "a")
+    assert _blocks(["a", "b", "b"]) is None      # unequal runs
+    assert _blocks(["a", "b", "a", "b"]) is None  # an adapter in two runs
+    assert _blocks(["a", None]) is None           # a row of the base alone
+    _, fst = pair()
+    layer = dict(multi_lora_modules(fst))["layers.0.attn.v_proj"]  # c does not target v_proj
+    with mixed_batch(fst, ["a", "c"]):
+        assert layer._blocks() is None
+    layer.dropout["a"] = torch.nn.Dropout(0.5)
+    with mixed_batch(fst, ["a", "b"]):
+        layer.train()
+        assert layer._blocks() is None  # dropout while training: the reference draws its masks
+        layer.eval()
+        assert layer._blocks() == ("a", "b")
