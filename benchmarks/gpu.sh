@@ -59,8 +59,8 @@
 #                  runs/train-model by this checkout); $TRAIN_ARGS is added to both commands
 #                  (e.g. "--compile false"); checkpoints and adapters are deleted after each run
 #                                                          train-{full,lora}-TAG/, train-speed-TAG.md
-#   issue21        issue21-gpt2 + issue21-cls: issue 21's rows, minift and the bf16-base peer (~9 + ~8 min
-#                  expected: run the two parts as two commands, back to back on one held card)
+#   issue21        issue21-gpt2 + issue21-cls + issue21-profile: issue 21's rows, minift and the bf16-base peer
+#                  (limits 8.75 + 6.7 + 4.5 min: run the parts as commands back to back on one held card)
 #     issue21-gpt2 GPT-2 medium 8 x 1024, full and LoRA r=8 on all six projections: `minift bench` with no
 #                  speed flag (minift train's plan; MFU against the matmul rate measured in the run), then the
 #                  peer eager (full, LoRA) and compiled (LoRA, 5 windows)   bench-gpt2-medium-default-TAG,
@@ -69,9 +69,9 @@
 #                  sentiment-{full,lora}, 300 steps, and its summary lines   issue21-train-{full,lora}-TAG.log,
 #                  issue21-train-TAG.md; bench at the recipes' batches (8 x 128 LoRA on q,v; 16 x 128 full)
 #                  bench-minilm-{lora,full}-TAG; bench default full and LoRA at one shape, MiniLM 16 x 128 and
-#                  BERT-base 32 x 128   bench-{minilm,bert-base}-default-TAG; a profile of one default-path
-#                  LoRA and full step, GPT-2 medium (top CUDA kernels, host time per step)
-#                  issue21-profile-{lora,full}-TAG.log (that part alone: issue21-profile)
+#                  BERT-base 32 x 128   bench-{minilm,bert-base}-default-TAG
+#     issue21-profile  a profile of one default-path LoRA and full step, GPT-2 medium (top CUDA kernels,
+#                  host time per step; each compiles first: ~80 s for LoRA)  issue21-profile-{lora,full}-TAG.log
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
 #
@@ -266,16 +266,15 @@ stage() {
       --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-lora-$tag
     go 35 issue21-bench-minilm-full $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full \
       --steps 20 --name bench-minilm-full-$tag
-    go 60 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full,lora \
+    go 120 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full,lora \
       --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-default-$tag
     go 120 issue21-bench-bert $M bench --out "$out" --model bert-base --batch 32 --seq-len 128 --methods full,lora \
-      --lora-targets q_proj,v_proj --name bench-bert-base-default-$tag
-    stage issue21-profile ;;
+      --lora-targets q_proj,v_proj --name bench-bert-base-default-$tag ;;
   issue21-profile)
-    go 60 "issue21-profile-lora-$tag" python3 benchmarks/profile_step.py $G2M --method lora --rows 30
-    go 50 "issue21-profile-full-$tag" python3 benchmarks/profile_step.py $G2M --method full --rows 30 ;;
+    go 150 "issue21-profile-lora-$tag" python3 benchmarks/profile_step.py $G2M --method lora --rows 30
+    go 120 "issue21-profile-full-$tag" python3 benchmarks/profile_step.py $G2M --method full --rows 30 ;;
   issue21)
-    stage issue21-gpt2; stage issue21-cls ;;
+    stage issue21-gpt2; stage issue21-cls; stage issue21-profile ;;
   prep)
     go 600 prep-minilm python3 benchmarks/pack_weights.py --out weights/minilm-fp16
     go 600 prep-sentiment env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M fetch sentiment ;;
