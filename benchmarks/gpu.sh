@@ -60,7 +60,7 @@
 #                  (e.g. "--compile false"); checkpoints and adapters are deleted after each run
 #                                                          train-{full,lora}-TAG/, train-speed-TAG.md
 #   issue21        issue21-gpt2 + issue21-cls + issue21-profile: issue 21's rows, minift and the bf16-base peer
-#                  (limits 8.75 + 6.7 + 4.5 min: run the parts as commands back to back on one held card)
+#                  (limits 8.75 + 8.2 + 4.5 min: run the parts as commands back to back on one held card)
 #     issue21-gpt2 GPT-2 medium 8 x 1024, full and LoRA r=8 on all six projections: `minift bench` with no
 #                  speed flag (minift train's plan; MFU against the matmul rate measured in the run), then the
 #                  peer eager (full, LoRA) and compiled (LoRA, 5 windows)   bench-gpt2-medium-default-TAG,
@@ -256,7 +256,7 @@ stage() {
   issue21-cls)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
     for m in full lora; do
-      go 45 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
+      go 90 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
         --steps 300 --device cuda --no-progress --overwrite --out "$out/issue21-train-$m-$tag"
       [ "$dry" = 1 ] || rm -rf "$out/issue21-train-$m-$tag"  # the summary line is in the log
     done
