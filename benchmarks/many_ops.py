@@ -5,8 +5,9 @@
 A 4-layer, 256-wide GPT with LoRA r=8 on all six projections, minift.fast on. Counts the aten
 operations ``torch.profiler`` records for one step's forward and backward (the optimizers left
 out): ``jobs`` adapters on a mixed batch of ``jobs`` x ``rows`` rows laid out as train_many lays
-them (each job's rows together), against one adapter on the same rows. An eager GPU step is
-bound by the host issuing these, so their count is a device-free measure of its overhead.
+them (each job's rows together), against one adapter on the same rows. The count (nested
+operations and views included, so not a count of GPU kernels) measures the host's work per step
+without a device; what it costs in GPU time needs a GPU.
 """
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ def test_the_cuda_default_path_matches_eager(method, task, data, files, tmp_path
     losses = []
     for name, extra in (("default", []), ("eager", ["--fast", "false", "--compile", "false"])):
         r = subprocess.run([sys.executable, "-m", "minift", *map(str, [*base, "--out", tmp_path / name, *extra])],
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
         rc, err = r.returncode, r.stderr
         assert rc == 0, err
         assert ("torch.compile" in err) == (name == "default"), err

@@ -1,4 +1,5 @@
-"""Mixed batches of many LoRA adapters in a fixed number of kernels: factors gathered per row.
+"""Mixed batches of many LoRA adapters in a fixed number of kernels: factors gathered per row, or
+taken block by block when each adapter's rows come together.
 
 The reference (``methods/multi_lora.py``) segments a mixed batch by adapter: for each of the K
 adapters it selects its rows, runs s_k B_k A_k on them and adds the result back, about five
@@ -30,6 +31,8 @@ runs.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,13 +40,24 @@ import torch.nn.functional as F
 from minift.methods.multi_lora import MultiLoRALinear, multi_lora_modules
 
 
+def blocks(names: list[str | None]) -> tuple[str, ...] | None:
+    """The adapters in order when ``names`` (each row's adapter) is K runs of equal length, one run
+    per adapter (the layout ``train_many`` builds: each job's rows together), else None."""
+    runs = [(n, len(list(g))) for n, g in itertools.groupby(names)]
+    order = tuple(n for n, _ in runs)
+    if None in order or len(set(order)) != len(order) or len({k for _, k in runs}) != 1:
+        return None
+    return order
+
+
 class GatheredMultiLoRALinear(MultiLoRALinear):
-    """``MultiLoRALinear`` whose mixed-batch forward gathers each row's factors (see above)."""
+    """``MultiLoRALinear`` whose mixed-batch forward takes the factors block by block when the rows
+    come in equal blocks, one per adapter, and gathers each row's otherwise (see above)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixed = self.rows is not None and self.merged is None
-        blocks = self._blocks() if mixed else None
-        if blocks is not None:  # row block k is adapter k's: one GEMM per block, no gather
+        blocks = self._blocks(x.shape[0]) if mixed else None
+        if blocks is not None:  # row block k is adapter k's: two batched GEMMs over the blocks, no gather
             h = F.linear(x, self.weight, self.bias)
             A, B = self._stacked(blocks)
             B = B * self._scales(blocks, B)
@@ -60,16 +74,22 @@ class GatheredMultiLoRALinear(MultiLoRALinear):
         u = torch.bmm(x3, A[ids].transpose(1, 2))                                 # (N, T, r)
         return h + torch.bmm(u, B[ids].transpose(1, 2)).view(h.shape)             # (N, T, out)
 
-    def _blocks(self) -> tuple[str, ...] | None:
-        """The mixed batch's adapters when its rows are equal blocks, one per adapter and every one
-        targeting this layer (``mixed_batch`` finds the layout on the host), and no adapter applies
-        dropout (in training); else None."""
-        blocks = self.blocks
-        if blocks is None or any(n not in self.lora_A for n in blocks):
+    def _blocks(self, n_rows: int) -> tuple[str, ...] | None:
+        """The mixed batch's adapters in order when its ``n_rows`` rows are equal blocks, one per
+        adapter (``blocks``) and every one targeting this layer, and no adapter applies dropout (in
+        training); else None."""
+        names = self.row_names
+        if names is None or len(names) != n_rows:  # a batch of another size: the other paths say so
             return None
-        if self.training and any(not isinstance(self.dropout[n], nn.Identity) for n in blocks):
+        cached = getattr(self, "_block_cache", None)  # (the names list itself, its blocks): one per mixed batch
+        if cached is None or cached[0] is not names:
+            self._block_cache = cached = (names, blocks(names))
+        blocks_ = cached[1]
+        if blocks_ is None or any(n not in self.lora_A for n in blocks_):
             return None
-        return blocks
+        if self.training and any(not isinstance(self.dropout[n], nn.Identity) for n in blocks_):
+            return None
+        return blocks_
 
     def _stacked(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapters' A (K, r, in) and B (K, out, r), ranks zero-padded to the largest (no padding,
@@ -126,7 +146,7 @@ def disable(model: nn.Module) -> list[str]:
     for name, m in multi_lora_modules(model):
         if type(m) is GatheredMultiLoRALinear:
             m.__class__ = MultiLoRALinear
-            for attr in ("_slot_cache", "_scale_cache"):
+            for attr in ("_slot_cache", "_scale_cache", "_block_cache"):
                 m.__dict__.pop(attr, None)
             names.append(name)
     return names

@@ -30,7 +30,6 @@ Kaiming-uniform, B zero), so adding one changes no output until it trains.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 
 import torch
@@ -57,7 +56,7 @@ class MultiLoRALinear(nn.Module):
         self.settings: dict[str, tuple[float, bool]] = {}     # name -> (alpha, rslora), for its files
         self.active: str | None = None                          # the adapter of every row
         self.rows: dict[str, torch.Tensor] | None = None        # mixed batch: adapter -> its row indices
-        self.blocks: tuple[str, ...] | None = None              # ... laid out as equal runs, one per adapter
+        self.row_names: list[str | None] | None = None          # mixed batch: each row's adapter, as given
         self.merged: str | None = None                          # the adapter folded into W0, if any
 
     def add(self, name: str, cfg: LoRAConfig) -> None:
@@ -206,25 +205,14 @@ def mixed_batch(model: nn.Module, names: list[str | None]):
     device = layers[0][1].weight.device if layers else None
     rows = {n: torch.tensor([i for i, m in enumerate(names) if m == n], device=device)
             for n in dict.fromkeys(names) if n is not None}
-    blocks = _blocks(names)
+    names = list(names)
     try:
         for _, m in layers:
-            m.rows, m.blocks = rows, blocks
+            m.rows, m.row_names = rows, names
         yield model
     finally:
         for _, m in layers:
-            m.rows = m.blocks = None
-
-
-def _blocks(names: list[str | None]) -> tuple[str, ...] | None:
-    """The adapters in order when ``names`` is K runs of equal length, one run per adapter (the
-    layout ``train_many`` builds: each job's rows together), else None. ``fast.multi_lora`` then
-    needs no per-row gather: row block k is adapter k's."""
-    runs = [(n, len(list(g))) for n, g in itertools.groupby(names)]
-    order = tuple(n for n, _ in runs)
-    if None in order or len(set(order)) != len(order) or len({k for _, k in runs}) != 1:
-        return None
-    return order
+            m.rows = m.row_names = None
 
 
 def _check(model: nn.Module, names) -> None:

@@ -12,9 +12,10 @@ The question it answers: "for my task, which method, at what cost, with what qua
             method | trainable (%) | wall s | tokens/s | peak memory | dev/test acc, macro-F1
 
 Each method's hyperparameters come from its recipe, ``minift/recipes/sentiment-<method>.toml``
-(the ``[method]`` options, the ``warmup``/``weight_decay`` of ``[train]``, and the ``lr`` of
-``[compare]`` where a recipe has one for this short shared budget, else of ``[train]``); the
-step budget, batch size and sequence length are the comparison's own and shared by all.
+(the ``[method]`` options and the ``lr`` of ``[train]``, with a ``[compare]`` table's keys laid
+over them where a recipe has one, and a ``[compare.full]`` table's under ``--full``:
+``recipes.compare_settings``; the ``warmup``/``weight_decay`` of ``[train]``); the step budget,
+batch size and sequence length are the comparison's own and shared by all.
 The linear probe trains a logistic-regression probe on every layer's frozen features and
 reports the layer with the best dev accuracy.
 
@@ -43,7 +44,7 @@ import torch
 
 from minift.studies.compare_report import COLUMNS, plot, save, to_markdown, to_text  # noqa: F401  (the report)
 from minift.studies.compare_setup import CompareConfig, Task, load_task, resolve
-from minift.training.recipes import compare_settings, load_recipe, recipe_options
+from minift.training.recipes import compare_settings, load_recipe
 
 
 # ---------------------------------------------------------------------------- rows
@@ -149,7 +150,7 @@ def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> R
     from minift.methods.registry import parse_method
     from minift.metrics import accuracy, precision_recall_f1
     from minift.training.forward import to_device
-    pooling, t = parse_method("probe", recipe_options(recipe)).config.pooling, recipe["train"]
+    pooling, t = parse_method("probe", compare_settings(recipe, cfg.full)[1]).config.pooling, recipe["train"]
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(device)
@@ -311,7 +312,7 @@ def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: fl
             "memory": ("CUDA max_memory_allocated" if cfg.device.startswith("cuda") else
                        "peak RSS of a fresh worker process per method (includes Python, torch and the data)"
                        if isolate else "peak RSS of the process so far (in-process run: only grows)"),
-            "budget": budget_note(cfg.methods, steps),
+            "budget": budget_note(cfg.methods, steps, cfg.full),
             "jobs": cfg.jobs, "timing": ("wall s and tokens/s of each run were measured with "
                                           f"{cfg.jobs} runs sharing the device" if cfg.jobs > 1 else
                                           "one run at a time"),
@@ -343,11 +344,12 @@ def _warm_up_optimizer() -> None:
     torch.optim.AdamW([p], lr=1e-9).step()
 
 
-def budget_note(methods, steps: int) -> str:
-    """How the comparison's budgets match, in words (from the recipes)."""
+def budget_note(methods, steps: int, full: bool = False) -> str:
+    """How the comparison's budgets match, in words (from the recipes, as ``compare_settings`` reads
+    them; ``full``: under ``--full``)."""
     parts = [f"every method: the same {steps} optimizer steps, batches, order and seed"]
     if "adalora" in methods:
-        a, lo = load_recipe("sentiment-adalora")["method"], load_recipe("sentiment-lora")["method"]
+        a, lo = (compare_settings(load_recipe(f"sentiment-{m}"), full)[1] for m in ("adalora", "lora"))
         same = a.get("target_r") == lo.get("r") and list(a.get("targets", ())) == list(lo.get("targets", ()))
         parts.append(f"AdaLoRA init_r={a.get('init_r')} -> target_r={a.get('target_r')} on "
                      f"{','.join(a.get('targets', ()))} {'matches' if same else 'differs from'} "

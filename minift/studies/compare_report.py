@@ -27,7 +27,8 @@ DIFF_METRICS = ("test_acc", "test_f1")
 
 LEGEND = ("wall s: training time (probe: feature extraction of every split + one probe per layer); "
           "tokens/s: real (unpadded) training tokens per second (probe: forward tokens per second); "
-          "lr: peak learning rate (the recipe's [compare] lr, else its [train] lr); peak MiB: see memory above; "
+          "lr: peak learning rate (the recipe's [compare.full] lr under --full, else its [compare] lr, else its "
+          "[train] lr); peak MiB: see memory above; "
           "accuracy and macro-F1 in %, of the final weights (no early stopping); with several seeds: the mean "
           "over seeds +- the half-width of its 95% t interval, and wall s, tokens/s the mean, peak MiB the "
           "largest; trainable % of all parameters, classification head included.\n")

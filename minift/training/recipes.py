@@ -52,8 +52,15 @@ def compare_settings(recipe: dict, full: bool = False) -> tuple[float | None, di
     """The peak lr and the method options ``minift compare`` trains a recipe's method with: the
     ``[compare]`` table's ``lr`` (else ``[train]``'s) and the ``[method]`` options with
     ``[compare]``'s other keys laid over them; with ``full`` (``compare --full``) the
-    ``[compare.full]`` table's keys are laid over those. The lr is None for a recipe that trains
-    no gradient step (probe)."""
+    ``[compare.full]`` table's keys are laid over those.
+
+    Args:
+        recipe: a recipe as ``load_recipe`` returns it.
+        full: ``compare --full``'s settings (the ``[compare.full]`` table applies).
+    Returns:
+        (lr, options): the lr is None for a recipe that trains no gradient step (probe); the
+        options as ``parse_method`` / ``build_method`` take them.
+    """
     compare = dict(recipe.get("compare", {}))
     compare.update(compare.pop("full", {}) if full else {})
     compare.pop("full", None)

@@ -75,7 +75,8 @@ def test_rows_without_an_adapter_here_dropout_and_one_adapter_take_the_reference
 def test_generation_with_a_kv_cache_and_a_new_mixed_batch_each_time():
     ref, fst = pair()
     prompt = torch.randint(0, TINY_GPT["vocab_size"], (4, 3))
-    for rows in (["a", "b", "c", "a"], ["b", "b", "a", "c"]):  # a second batch must not reuse the first's slots
+    # a second batch must not reuse the first's slots; the last two are blocks
+    for rows in (["a", "b", "c", "a"], ["b", "b", "a", "c"], ["a", "a", "b", "b"], ["c", "c", "b", "b"]):
         outs = []
         for m in (ref, fst):
             m.eval()
@@ -99,10 +100,10 @@ def test_gathered_mixed_batch_on_cuda_under_autocast():
     ref, fst = pair()
     ref, fst = ref.cuda(), fst.cuda()
     ids = torch.randint(0, TINY_GPT["vocab_size"], (6, 9), device="cuda")
-    rows = ["a", "b", "c", "c", "b", "a"]
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        with mixed_batch(ref, rows), mixed_batch(fst, rows):
-            torch.testing.assert_close(fst(ids).logits.float(), ref(ids).logits.float(), atol=3e-2, rtol=3e-2)
+    for rows in (["a", "b", "c", "c", "b", "a"], ["b", "b", "c", "c", "a", "a"]):  # gathered, then blocks
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with mixed_batch(ref, rows), mixed_batch(fst, rows):
+                torch.testing.assert_close(fst(ids).logits.float(), ref(ids).logits.float(), atol=3e-2, rtol=3e-2)
 
 
 def test_adapters_of_one_rank_stack_without_padding_and_match_the_reference():
@@ -126,17 +127,18 @@ def test_adapters_of_one_rank_stack_without_padding_and_match_the_reference():
 @given(order=st.permutations(["a", "b", "c"]), k=st.integers(1, 3), n=st.integers(1, 3), seed=st.integers(0, 3))
 def test_equal_blocks_of_rows_take_the_block_path_and_equal_the_reference(order, k, n, seed):
     """k adapters' rows as equal blocks (train_many's layout): the layers that every block's adapter
-    targets run the block GEMMs, and outputs and gradients equal the reference's."""
+    targets run the block GEMMs (no per-row slots built), and outputs and gradients equal the
+    reference's."""
     ref, fst = pair(seed)
     rows = [name for name in order[:k] for _ in range(n)]
     ids = torch.randint(0, TINY_GPT["vocab_size"], (len(rows), 6), generator=torch.Generator().manual_seed(seed))
+    q = dict(multi_lora_modules(fst))["layers.0.attn.q_proj"]  # every adapter targets q_proj
     grads = []
     for m in (ref, fst):
         with mixed_batch(m, rows):
             logits = m(ids).logits
             if m is fst:
-                q = dict(multi_lora_modules(fst))["layers.0.attn.q_proj"]  # every adapter targets q_proj
-                assert q._blocks() == tuple(order[:k])
+                assert q._blocks(len(rows)) == tuple(order[:k]) and not hasattr(q, "_slot_cache")
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
         grads.append({p: t.grad for p, t in m.named_parameters() if "lora_" in p and t.grad is not None})
         m.out = logits.detach()
@@ -146,20 +148,24 @@ def test_equal_blocks_of_rows_take_the_block_path_and_equal_the_reference(order,
         torch.testing.assert_close(grads[1][p], grads[0][p], atol=1e-5, rtol=1e-5)
 
 
-def test_only_equal_runs_of_distinct_adapters_are_blocks():
-    from minift.methods.multi_lora import _blocks
-    assert _blocks(["a", "a", "b", "b"]) == ("a", "b")
-    assert _blocks(["b", "a"]) == ("b", "a")
-    assert _blocks(["a", "b", "b"]) is None      # unequal runs
-    assert _blocks(["a", "b", "a", "b"]) is None  # an adapter in two runs
-    assert _blocks(["a", None]) is None           # a row of the base alone
-    _, fst = pair()
+def test_only_equal_runs_of_distinct_adapters_are_blocks_and_the_batch_must_have_their_rows():
+    from minift.fast.multi_lora import blocks
+    assert blocks(["a", "a", "b", "b"]) == ("a", "b")
+    assert blocks(["b", "a"]) == ("b", "a")
+    assert blocks(["a", "b", "b"]) is None      # unequal runs
+    assert blocks(["a", "b", "a", "b"]) is None  # an adapter in two runs
+    assert blocks(["a", None]) is None           # a row of the base alone
+    ref, fst = pair()
     layer = dict(multi_lora_modules(fst))["layers.0.attn.v_proj"]  # c does not target v_proj
     with mixed_batch(fst, ["a", "c"]):
-        assert layer._blocks() is None
+        assert layer._blocks(2) is None
+    two = torch.randint(0, TINY_GPT["vocab_size"], (2, 5))
+    for m in (ref, fst):  # names for 4 rows, a batch of 2: an error on both paths, never a silent guess
+        with torch.no_grad(), mixed_batch(m, ["a", "a", "b", "b"]), pytest.raises(IndexError):
+            m(two)
     layer.dropout["a"] = torch.nn.Dropout(0.5)
     with mixed_batch(fst, ["a", "b"]):
         layer.train()
-        assert layer._blocks() is None  # dropout while training: the reference draws its masks
+        assert layer._blocks(2) is None  # dropout while training: the reference draws its masks
         layer.eval()
-        assert layer._blocks() == ("a", "b")
+        assert layer._blocks(2) == ("a", "b")
