@@ -23,6 +23,11 @@ builds the full logits) is replaced by a ``FusedLMLoss``, which takes the same a
 (final hidden states, head weight, targets) and gives the same loss and gradients (tested
 in ``tests/fast/test_loss_cast.py``). The replacement holds no tensors, so the model's
 state-dict keys do not change; ``disable(model)`` puts the reference back.
+
+``grouped_lm_loss`` takes the loss of several groups of rows in the same single pass, each
+group's mean over its own targets (``train_many``: one group per job): every position's
+gradient is weighted by 1 / (its group's target count), so the sum of the groups' losses
+backpropagates exactly as K separate calls would, with one set of kernels instead of K.
 """
 from __future__ import annotations
 
@@ -68,7 +73,7 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
     _check_targets(t, valid, V)
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if grads:
-        total = LinearCrossEntropy.apply(x, weight, t, chunk)
+        total = LinearCrossEntropy.apply(x, weight, t, chunk, None)[0]
     else:
         w = _padded(weight, x.dtype)
         total = sum(_chunk_loss(F.linear(x[s:s + chunk], w), t[s:s + chunk], V)[0]
@@ -76,6 +81,41 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
     # mean over the targets; with none (all -100) the sum is 0 and so is the loss, without
     # reading the count back to the host (a sync would stall the CPU until the GPU catches up)
     return total / valid.sum().clamp_min(1)
+
+
+def grouped_lm_loss(x, weight, targets, sizes: list[int], chunk: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lm_loss`` of each group of rows, in one pass over the vocabulary: rows 0 .. sizes[0]-1
+    are group 0, and so on (``train_many``: one group per job).
+
+    Returns:
+        (the sum of the groups' losses, differentiable: its gradients equal those of summing K
+        ``lm_loss`` calls; each group's loss (K,), fp32, without gradient). Needs gradients on ``x``
+        or ``weight`` (a training step).
+    """
+    if chunk is None:
+        chunk = loss_chunk(weight.requires_grad)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        raise ValueError("grouped_lm_loss is for a training step: x or weight must require grad")
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(f"the groups' sizes {sizes} do not add up to the {x.shape[0]} rows")
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        x = x.to(torch.get_autocast_dtype("cuda"))  # the matmul dtype
+    B, T1 = x.shape[0], x.shape[1] - 1  # positions that predict a next token, per row
+    x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (B*T1, C)
+    t = targets[:, 1:].reshape(-1)  # (B*T1,)
+    valid = t != -100
+    _check_targets(t, valid, weight.shape[0])
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (B,) each row's group
+    if x.is_cuda:  # a copy from pinned memory: the host does not wait for the GPU's queue
+        group = group.pin_memory().to(x.device, non_blocking=True)
+    counts = torch.zeros(len(sizes), device=x.device).index_add_(0, group, valid.view(B, T1).sum(1).float())
+    inv = 1.0 / counts.clamp_min(1)  # a group with no target: loss 0, no gradient, no host read
+    acc = torch.promote_types(x.dtype, torch.float32)
+    pw = (valid.view(B, T1) * inv[group][:, None]).reshape(-1).to(acc)  # (B*T1,)
+    total, ce = LinearCrossEntropy.apply(x, weight, t, chunk, pw)
+    per_group = torch.zeros(len(sizes), dtype=acc, device=x.device).index_add_(0, group, ce.view(B, T1).sum(1))
+    return total, per_group * inv
 
 
 def _check_targets(t, valid, V):
@@ -115,10 +155,13 @@ def _chunk_loss(logits, t, V):
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(x W^T, t), with both gradients computed in forward (see module doc)."""
+    """(sum over rows of CE(x W^T, t), with both gradients computed in forward (see module doc);
+    per-row CE). With per-row weights ``pw`` (zero on ignored rows) the sum is weighted, sum_i
+    pw_i CE_i, and the per-row CE (fp32, no gradient) is the second output; without, that output
+    is empty."""
 
     @staticmethod
-    def forward(ctx, x, weight, t, chunk):
+    def forward(ctx, x, weight, t, chunk, pw):
         V = weight.shape[0]
         w = _padded(weight, x.dtype)  # (V', C)
         need_x, need_w = x.requires_grad, weight.requires_grad
@@ -126,13 +169,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)  # accumulate in fp32 (or fp64 for fp64 inputs)
         gw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
         total = torch.zeros((), dtype=acc, device=x.device)
+        ce = torch.empty(x.shape[0] if pw is not None else 0, dtype=acc, device=x.device)
         for s in range(0, x.shape[0], chunk):
             xs, ts = x[s:s + chunk], t[s:s + chunk]
             loss, logp, valid = _chunk_loss(F.linear(xs, w), ts, V)
-            total = total + loss
+            if pw is None:
+                total = total + loss
+                scale = valid[:, None]  # ignored rows get no gradient
+            else:
+                ce[s:s + chunk] = -logp.gather(1, ts.clamp_min(0)[:, None]).squeeze(1) * valid
+                total = total + (ce[s:s + chunk] * pw[s:s + chunk]).sum()
+                scale = pw[s:s + chunk, None]
             dlogits = logp.exp_()  # softmax; padded columns are exp(-inf) = 0
             dlogits.scatter_add_(1, ts.clamp_min(0)[:, None], -valid[:, None].to(dlogits.dtype))
-            dlogits.mul_(valid[:, None])  # ignored rows get no gradient
+            dlogits.mul_(scale)
             dlogits = dlogits.to(x.dtype)
             if need_x:
                 gx[s:s + chunk] = dlogits @ w
@@ -141,15 +191,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             del loss, logp, dlogits  # free this chunk's logits before the next chunk's are built
         ctx.save_for_backward(gx, None if gw is None else gw[:V])
         ctx.weight_dtype = weight.dtype
-        return total
+        ctx.mark_non_differentiable(ce)
+        return total, ce
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _):
         if torch.is_grad_enabled():  # create_graph=True: the kept gradients carry no graph
             raise RuntimeError("double backward (create_graph=True) through the fused LM loss is not supported")
         gx, gw = ctx.saved_tensors
         return (None if gx is None else gx * grad.to(gx.dtype),
-                None if gw is None else (gw * grad).to(ctx.weight_dtype), None, None)
+                None if gw is None else (gw * grad).to(ctx.weight_dtype), None, None, None)
 
 
 # ---------------------------------------------------------------------------- switching it on
@@ -169,6 +220,10 @@ class FusedLMLoss(nn.Module):
 
     def forward(self, x, weight, targets):
         return lm_loss(x, weight, targets, self.chunk)
+
+    def grouped(self, x, weight, targets, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``grouped_lm_loss`` with this module's chunk."""
+        return grouped_lm_loss(x, weight, targets, sizes, self.chunk)
 
     def extra_repr(self) -> str:
         return f"chunk={self.chunk}"

@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minift.adapters.multi import as_single  # the one-adapter view save_adapters writes files through
+from minift.fast.loss import FusedLMLoss
 from minift.methods import lora
 from minift.methods.common import freeze_all
 from minift.methods.lora import LoRAConfig
@@ -144,14 +145,13 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
             tokens += int(batch["attention_mask"].sum())
             batch = to_device(batch, dev)
             with autocast, mixed_batch(model, rows):
-                losses = _job_losses(model, batch, [b["input_ids"].shape[0] for b in parts])
-            torch.stack(losses).sum().backward()
+                total, losses = _job_losses(model, batch, [b["input_ids"].shape[0] for b in parts])
+            total.backward()
             updating = True  # from here until every job has recorded its step: no checkpoint
             for r in live:
                 r.update()
             # the losses stay on the device until a job needs them on the host (one read for all)
-            pending.append((live, [(r.step, r.opt.param_groups[0]["lr"]) for r in live],
-                            torch.stack([x.detach().float() for x in losses])))
+            pending.append((live, [(r.step, r.opt.param_groups[0]["lr"]) for r in live], losses))
             if any(r.reads_losses() for r in live):
                 _read_back(pending)
             updating, snap = False, rng_state()
@@ -350,16 +350,20 @@ def _concat(parts: list[dict]) -> dict:
     return {k: torch.cat([b[k] for b in padded]) for k in keys}
 
 
-def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> list[torch.Tensor]:
-    """One forward over every job's rows; each job's mean loss on its own rows, as ``model``'s own
-    loss computes it alone. A language model's loss is taken from the final hidden states, job by
-    job, through the model's ``lm_loss`` (fused by ``minift.fast``: no full logits are formed)."""
+def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over every job's rows: (the sum of the jobs' losses, to backpropagate; each job's
+    mean loss on its own rows (K,), fp32, detached), each as ``model``'s own loss computes it alone.
+    A language model's loss is taken from the final hidden states through the model's ``lm_loss``;
+    fused by ``minift.fast`` (no full logits formed), a GPT's is one pass for every job
+    (``fast.loss.grouped_lm_loss``), otherwise one call per job."""
     lm = isinstance(model, (GPT, Llama))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if lm:
         x = model(**inputs, output_hidden_states=True, compute_logits=False).hidden_states[-1]
     else:
         logits = model_forward(model, inputs).logits
+    if isinstance(model, GPT) and isinstance(model.lm_loss, FusedLMLoss) and torch.is_grad_enabled():
+        return model.lm_loss.grouped(x, model.wte.weight, batch["labels"], sizes)
     out, start = [], 0
     for n in sizes:
         rows, y = slice(start, start + n), batch["labels"][start:start + n]
@@ -370,7 +374,8 @@ def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> list[torch.T
         else:
             out.append(F.cross_entropy(logits[rows].float(), y))
         start += n
-    return out
+    losses = torch.stack(out)
+    return losses.sum(), losses.detach().float()
 
 
 __all__ = ["Job", "ManyResult", "add_jobs", "train_many", "alone"]

@@ -102,6 +102,51 @@ def _gpt_loss_and_grads(model, fused: bool, **batch):
     return out.loss.detach(), _grads(model, -1.5 * out.loss)
 
 
+@pytest.mark.parametrize("sizes", [[2, 2, 2], [1, 3], [4], [3, 1, 2]])
+def test_grouped_loss_equals_one_fused_loss_per_group(sizes):
+    """grouped_lm_loss: each group's loss and the gradients of their sum equal K lm_loss calls,
+    a group with no target included (loss 0, no gradient)."""
+    torch.manual_seed(0)
+    V, C, T, B = 50, 16, 7, sum(sizes)
+    w = torch.randn(V, C, requires_grad=True)
+    x = torch.randn(B, T, C, requires_grad=True)
+    t = torch.randint(0, V, (B, T))
+    t[0, :4] = -100
+    if len(sizes) > 1:
+        t[sizes[0]:sizes[0] + sizes[1]] = -100  # the second group predicts nothing
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    want = torch.stack([fast_loss.lm_loss(x[a:b], w, t[a:b], chunk=5) for a, b in zip(bounds, bounds[1:])])
+    want.sum().backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    total, per_group = fast_loss.grouped_lm_loss(x, w, t, sizes, chunk=5)
+    total.backward()
+    assert not per_group.requires_grad
+    torch.testing.assert_close(per_group, want.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(total, want.sum(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(x.grad, gx, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(w.grad, gw, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="do not add up"):
+        fast_loss.grouped_lm_loss(x, w, t, sizes + [1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")
+def test_grouped_loss_on_cuda_under_autocast():
+    torch.manual_seed(0)
+    w = torch.randn(50, 16, device="cuda", requires_grad=True)
+    x = torch.randn(5, 7, 16, device="cuda", requires_grad=True)
+    t = torch.randint(0, 50, (5, 7), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = torch.stack([fast_loss.lm_loss(x[a:b], w, t[a:b]) for a, b in ((0, 2), (2, 5))])
+        total, per_group = fast_loss.grouped_lm_loss(x, w, t, [2, 3])
+    torch.testing.assert_close(per_group, want.detach().float(), atol=1e-5, rtol=1e-5)
+    want.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
+    total.backward()
+    torch.testing.assert_close(x.grad, gx, atol=1e-3, rtol=1e-3)
+
+
 @pytest.mark.parametrize("chunk", [None, 5])
 def test_fused_loss_equals_plain_loss_in_the_model(chunk):
     """GPT with the fused loss switched on: the same loss and the same gradient for every

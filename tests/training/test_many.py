@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from minift import fast
 from minift.methods import lora
 from minift.methods.lora import LoRAConfig
 from minift.models.gpt import GPT, GPTConfig
@@ -38,9 +39,14 @@ def jobs():
                 TrainConfig(lr=2e-2, steps=5, schedule="constant", seed=3, **kw))]
 
 
-def test_jobs_trained_together_equal_each_trained_alone():
+@pytest.mark.parametrize("fast_on", [False, True])
+def test_jobs_trained_together_equal_each_trained_alone(fast_on):
+    """On the reference path, and with minift.fast on (gathered mixed batch, one fused loss pass
+    for every job: fast.loss.grouped_lm_loss) against the separate runs' reference path."""
     model, js = base(), jobs()
     add_jobs(model, js)
+    if fast_on:
+        assert "fused loss: 1 modules" in fast.enable(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
     together = train_many(model, js)
     for j in js:
