@@ -57,10 +57,7 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
     aligned with the input ids (position t predicts ``targets[:, t + 1]``); ``chunk``
     positions per vocabulary projection (default: ``loss_chunk``).
     """
-    if chunk is None:
-        chunk = loss_chunk(weight.requires_grad)
-    if chunk < 1:
-        raise ValueError(f"loss chunk must be >= 1 position, got {chunk}")
+    chunk = _chunk(chunk, weight)
     if x.is_cuda and torch.is_autocast_enabled("cuda"):
         x = x.to(torch.get_autocast_dtype("cuda"))  # the matmul dtype
     x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (N, C), N = B*(T-1)
@@ -90,11 +87,10 @@ def grouped_lm_loss(x, weight, targets, sizes: list[int], chunk: int | None = No
 
     Returns:
         (the sum of the groups' losses, differentiable: its gradients equal those of summing K
-        ``lm_loss`` calls; each group's loss (K,), fp32, without gradient). Needs gradients on ``x``
-        or ``weight`` (a training step).
+        ``lm_loss`` calls; each group's loss (K,) in fp32 (fp64 for fp64 inputs), without
+        gradient). Needs gradients on ``x`` or ``weight`` (a training step).
     """
-    if chunk is None:
-        chunk = loss_chunk(weight.requires_grad)
+    chunk = _chunk(chunk, weight)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         raise ValueError("grouped_lm_loss is for a training step: x or weight must require grad")
     if sum(sizes) != x.shape[0]:
@@ -107,15 +103,25 @@ def grouped_lm_loss(x, weight, targets, sizes: list[int], chunk: int | None = No
     valid = t != -100
     _check_targets(t, valid, weight.shape[0])
     group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (B,) each row's group
-    if x.is_cuda:  # a copy from pinned memory: the host does not wait for the GPU's queue
-        group = group.pin_memory().to(x.device, non_blocking=True)
-    counts = torch.zeros(len(sizes), device=x.device).index_add_(0, group, valid.view(B, T1).sum(1).float())
-    inv = 1.0 / counts.clamp_min(1)  # a group with no target: loss 0, no gradient, no host read
+    # to the device; from pinned memory on a GPU, so that the host does not wait for the GPU's queue
+    group = group.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else group.to(x.device)
     acc = torch.promote_types(x.dtype, torch.float32)
-    pw = (valid.view(B, T1) * inv[group][:, None]).reshape(-1).to(acc)  # (B*T1,)
+    counts = torch.zeros(len(sizes), dtype=acc, device=x.device).index_add_(
+        0, group, valid.view(B, T1).sum(1).to(acc))
+    inv = 1.0 / counts.clamp_min(1)  # a group with no target: loss 0, no gradient, no host read
+    pw = (valid.view(B, T1) * inv[group][:, None]).reshape(-1)  # (B*T1,)
     total, ce = LinearCrossEntropy.apply(x, weight, t, chunk, pw)
     per_group = torch.zeros(len(sizes), dtype=acc, device=x.device).index_add_(0, group, ce.view(B, T1).sum(1))
     return total, per_group * inv
+
+
+def _chunk(chunk: int | None, weight) -> int:
+    """The positions per vocabulary projection: ``chunk``, or ``loss_chunk``'s default when None."""
+    if chunk is None:
+        return loss_chunk(weight.requires_grad)
+    if chunk < 1:
+        raise ValueError(f"loss chunk must be >= 1 position, got {chunk}")
+    return chunk
 
 
 def _check_targets(t, valid, V):
@@ -142,23 +148,24 @@ def _padded(weight, dtype):
 
 
 def _chunk_loss(logits, t, V):
-    """(summed loss, fp32 logits shifted by their logsumexp) of one chunk; padded columns
-    (index >= V) are excluded; rows with target -100 contribute 0."""
+    """(summed loss, fp32 logits shifted by their logsumexp, the valid rows, each row's loss) of
+    one chunk; padded columns (index >= V) are excluded; rows with target -100 contribute 0."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (c, V'), at least fp32
     if logits.shape[1] > V:
         logits[:, V:] = float("-inf")
     lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (c, 1)
     logp = logits.sub_(lse)  # log-softmax, in place
     valid = t != -100
-    picked = logp.gather(1, t.clamp_min(0)[:, None]).squeeze(1)  # (c,)
-    return -(picked * valid).sum(), logp, valid
+    rows = -logp.gather(1, t.clamp_min(0)[:, None]).squeeze(1) * valid  # (c,)
+    return rows.sum(), logp, valid, rows
 
 
 class LinearCrossEntropy(torch.autograd.Function):
     """(sum over rows of CE(x W^T, t), with both gradients computed in forward (see module doc);
     per-row CE). With per-row weights ``pw`` (zero on ignored rows) the sum is weighted, sum_i
-    pw_i CE_i, and the per-row CE (fp32, no gradient) is the second output; without, that output
-    is empty."""
+    pw_i CE_i, and the per-row CE (fp32, or fp64 for fp64 inputs; no gradient) is the second
+    output; without, that output is empty. ``pw`` scales each row's gradient before it is cast to
+    the matmul dtype: fine for bf16, whose range is fp32's (fp16 could lose tiny values)."""
 
     @staticmethod
     def forward(ctx, x, weight, t, chunk, pw):
@@ -172,14 +179,14 @@ class LinearCrossEntropy(torch.autograd.Function):
         ce = torch.empty(x.shape[0] if pw is not None else 0, dtype=acc, device=x.device)
         for s in range(0, x.shape[0], chunk):
             xs, ts = x[s:s + chunk], t[s:s + chunk]
-            loss, logp, valid = _chunk_loss(F.linear(xs, w), ts, V)
+            loss, logp, valid, rows = _chunk_loss(F.linear(xs, w), ts, V)
             if pw is None:
                 total = total + loss
                 scale = valid[:, None]  # ignored rows get no gradient
             else:
-                ce[s:s + chunk] = -logp.gather(1, ts.clamp_min(0)[:, None]).squeeze(1) * valid
-                total = total + (ce[s:s + chunk] * pw[s:s + chunk]).sum()
-                scale = pw[s:s + chunk, None]
+                ce[s:s + chunk] = rows
+                total = total + (rows * pw[s:s + chunk]).sum()
+                scale = pw[s:s + chunk, None]  # zero on ignored rows
             dlogits = logp.exp_()  # softmax; padded columns are exp(-inf) = 0
             dlogits.scatter_add_(1, ts.clamp_min(0)[:, None], -valid[:, None].to(dlogits.dtype))
             dlogits.mul_(scale)
@@ -188,7 +195,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 gx[s:s + chunk] = dlogits @ w
             if need_w:
                 gw += dlogits.t() @ xs  # the bf16 product added into fp32
-            del loss, logp, dlogits  # free this chunk's logits before the next chunk's are built
+            del loss, logp, rows, dlogits  # free this chunk's logits before the next chunk's are built
         ctx.save_for_backward(gx, None if gw is None else gw[:V])
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(ce)

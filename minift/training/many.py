@@ -352,7 +352,7 @@ def _concat(parts: list[dict]) -> dict:
 
 def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over every job's rows: (the sum of the jobs' losses, to backpropagate; each job's
-    mean loss on its own rows (K,), fp32, detached), each as ``model``'s own loss computes it alone.
+    mean loss on its own rows (K,), fp32 or wider, detached), each as ``model``'s own loss computes it alone.
     A language model's loss is taken from the final hidden states through the model's ``lm_loss``;
     fused by ``minift.fast`` (no full logits formed), a GPT's is one pass for every job
     (``fast.loss.grouped_lm_loss``), otherwise one call per job."""
