@@ -69,7 +69,8 @@ def test_merge_equals_unmerged_and_unmerge_restores(case):
     lora.unmerge(model)
     for n in ("up.weight", "down.weight"):
         torch.testing.assert_close(model.get_parameter(n), w0[n], atol=1e-6 * scale[n], rtol=1e-6)
-    torch.testing.assert_close(model(x), y, atol=1e-6, rtol=1e-5)
+    # the restored weights carry that cancellation error into the output: bound it as the merge's
+    assert (model(x).detach() - y).abs().max() <= 1e-5 * y.abs().max().clamp(min=1.0)
 
 
 @SETTINGS
