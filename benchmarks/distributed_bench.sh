@@ -33,36 +33,24 @@ out=${OUT:-}
 gpus="2 4"
 dry=0
 stages=()
-while [ $# -gt 0 ]; do
+source "$here/benchmarks/stages.sh"  # parse_stage_args, out_dir, go
+script_option() {
   case $1 in
-    --out) out=$2; shift 2 ;;
-    --gpus) gpus=$2; shift 2 ;;
-    --dry-run) dry=1; shift ;;
-    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
-    *) stages+=("$1"); shift ;;
+    --gpus) gpus=$2 ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_stage_args "$@"
 if [ ${#stages[@]} -eq 0 ]; then
   echo "usage: benchmarks/distributed_bench.sh [--out DIR] [--gpus \"2 4\"] [--dry-run] STAGE [STAGE ...]" >&2
   exit 2
 fi
-out=${out:-$here/runs/distributed}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+out_dir "$here/runs/distributed"
 cd "$here"
 model=$here/runs/dist-gpt2-large
 largest=${gpus##* }
 M="python3 -m minift"
 T="python3 -m torch.distributed.run --standalone"
-
-# go SECONDS NAME COMMAND...: COMMAND under its own time limit, output to $out/NAME.log
-go() {
-  local s=$1 name=$2; shift 2
-  if [ "$dry" = 1 ]; then echo "[$s s] $*"; return 0; fi
-  echo "== $name ($(date +%H:%M:%S), limit $s s)" >&2
-  timeout -s INT "$s" "$@" > "$out/$name.log" 2>&1 || echo "FAILED ($?): $name, see $out/$name.log" >&2
-}
 
 # train NAME GPUS SECONDS ARGS...: minift train of the GPT-2 large shape on GPUS GPUs (1: no torchrun)
 train() {

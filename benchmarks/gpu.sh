@@ -84,24 +84,20 @@ tag=
 tree=$here
 dry=0
 stages=()
-while [ $# -gt 0 ]; do
+source "$here/benchmarks/stages.sh"  # parse_stage_args, out_dir, go
+script_option() {
   case $1 in
-    --out) out=$2; shift 2 ;;
-    --tag) tag=$2; shift 2 ;;
-    --tree) tree=$(cd "$2" && pwd); shift 2 ;;
-    --dry-run) dry=1; shift ;;
-    -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    -*) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
-    *) stages+=("$1"); shift ;;
+    --tag) tag=$2 ;;
+    --tree) tree=$(cd "$2" && pwd) ;;
+    *) return 1 ;;
   esac
-done
+}
+parse_stage_args "$@"
 if [ ${#stages[@]} -eq 0 ]; then
   echo "usage: benchmarks/gpu.sh [--out DIR] [--tag NAME] [--tree DIR] [--dry-run] STAGE [STAGE ...] (see --help)" >&2
   exit 2
 fi
-out=${out:-$here/runs/gpu}
-mkdir -p "$out"
-out=$(cd "$out" && pwd)
+out_dir "$here/runs/gpu"
 cd "$tree"  # `python3 -m minift` and benchmarks/*.py run this checkout's code
 if [ -z "$tag" ]; then
   tag=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed -E 's/^NVIDIA //; s/ .*//' \
@@ -112,14 +108,6 @@ M="python3 -m minift"
 G2M="--model gpt2-medium"
 L1B="--model llama-1b --batch 8 --seq-len 1024"
 GRAPHS="--compile --compile-mode reduce-overhead"
-
-# go SECONDS NAME COMMAND...: COMMAND under its own time limit, output to $out/NAME.log
-go() {
-  local s=$1 name=$2; shift 2
-  if [ "$dry" = 1 ]; then echo "[$s s] $*"; return 0; fi
-  echo "== $name ($(date +%H:%M:%S), limit $s s)" >&2
-  timeout -s INT "$s" "$@" > "$out/$name.log" 2>&1 || echo "FAILED ($?): $name, see $out/$name.log" >&2
-}
 
 env_txt() {
   [ "$dry" = 1 ] && return 0

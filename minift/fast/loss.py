@@ -58,16 +58,11 @@ def lm_loss(x, weight, targets, chunk: int | None = None):
     positions per vocabulary projection (default: ``loss_chunk``).
     """
     chunk = _chunk(chunk, weight)
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        x = x.to(torch.get_autocast_dtype("cuda"))  # the matmul dtype
-    x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (N, C), N = B*(T-1)
-    t = targets[:, 1:].reshape(-1)  # (N,)
+    x, t, valid = _positions(x, weight, targets)
     V = weight.shape[0]
     if x.shape[0] == 0:  # one position per sequence: nothing to predict (a static shape, no sync)
         return torch.zeros((), device=x.device, requires_grad=torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad))  # a zero loss that backpropagates nothing
-    valid = t != -100
-    _check_targets(t, valid, V)
     grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if grads:
         total = LinearCrossEntropy.apply(x, weight, t, chunk, None)[0]
@@ -95,13 +90,8 @@ def grouped_lm_loss(x, weight, targets, sizes: list[int], chunk: int | None = No
         raise ValueError("grouped_lm_loss is for a training step: x or weight must require grad")
     if sum(sizes) != x.shape[0]:
         raise ValueError(f"the groups' sizes {sizes} do not add up to the {x.shape[0]} rows")
-    if x.is_cuda and torch.is_autocast_enabled("cuda"):
-        x = x.to(torch.get_autocast_dtype("cuda"))  # the matmul dtype
     B, T1 = x.shape[0], x.shape[1] - 1  # positions that predict a next token, per row
-    x = x[:, :-1, :].reshape(-1, x.shape[-1])  # (B*T1, C)
-    t = targets[:, 1:].reshape(-1)  # (B*T1,)
-    valid = t != -100
-    _check_targets(t, valid, weight.shape[0])
+    x, t, valid = _positions(x, weight, targets)  # (B*T1, C), (B*T1,), (B*T1,)
     group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (B,) each row's group
     # to the device; from pinned memory on a GPU, so that the host does not wait for the GPU's queue
     group = group.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else group.to(x.device)
@@ -113,6 +103,18 @@ def grouped_lm_loss(x, weight, targets, sizes: list[int], chunk: int | None = No
     total, ce = LinearCrossEntropy.apply(x, weight, t, chunk, pw)
     per_group = torch.zeros(len(sizes), dtype=acc, device=x.device).index_add_(0, group, ce.view(B, T1).sum(1))
     return total, per_group * inv
+
+
+def _positions(x, weight, targets):
+    """(x, t, valid): the hidden states of the positions that predict a next token, (B*(T-1), C) in
+    the matmul dtype, their targets (B*(T-1),) (checked against the vocabulary) and which count."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        x = x.to(torch.get_autocast_dtype("cuda"))  # the matmul dtype
+    x = x[:, :-1, :].reshape(-1, x.shape[-1])  # position t predicts targets[:, t + 1]
+    t = targets[:, 1:].reshape(-1)
+    valid = t != -100
+    _check_targets(t, valid, weight.shape[0])
+    return x, t, valid
 
 
 def _chunk(chunk: int | None, weight) -> int:
