@@ -59,19 +59,21 @@
 #                  runs/train-model by this checkout); $TRAIN_ARGS is added to both commands
 #                  (e.g. "--compile false"); checkpoints and adapters are deleted after each run
 #                                                          train-{full,lora}-TAG/, train-speed-TAG.md
-#   issue21        issue21-gpt2 + issue21-cls + issue21-profile: issue 21's rows, minift and the bf16-base peer
-#                  (limits 8.75 + 8.2 + 4.5 min: run the parts as commands back to back on one held card)
+#   issue21        issue21-gpt2 + issue21-peer + issue21-cls + issue21-bert: issue 21's rows, minift and the
+#                  bf16-base peer (limits 9.6 + 6 + 8 + 5.5 min, set for compiling on a cold card: run the parts as
+#                  commands back to back on one held card)
 #     issue21-gpt2 GPT-2 medium 8 x 1024, full and LoRA r=8 on all six projections: `minift bench` with no
-#                  speed flag (minift train's plan; MFU against the matmul rate measured in the run), then the
-#                  peer eager (full, LoRA) and compiled (LoRA, 5 windows)   bench-gpt2-medium-default-TAG,
+#                  speed flag (minift train's plan; MFU against the matmul rate measured in the run), then a
+#                  profile of one default-path LoRA and full step (top CUDA kernels, host time per step)
+#                  bench-gpt2-medium-default-TAG, issue21-profile-{lora,full}-TAG.log
+#     issue21-peer the peer on the same shapes: eager (full, LoRA) and compiled (LoRA, 5 windows)
 #                  peft-gpt2-medium-eager-TAG, peft-gpt2-medium-compile-TAG
 #     issue21-cls  (weights/ from `prep` carried) `minift train` default on MiniLM-L6 sentiment, --recipe
 #                  sentiment-{full,lora}, 300 steps, and its summary lines   issue21-train-{full,lora}-TAG.log,
 #                  issue21-train-TAG.md; bench at the recipes' batches (8 x 128 LoRA on q,v; 16 x 128 full)
-#                  bench-minilm-{lora,full}-TAG; bench default full and LoRA at one shape, MiniLM 16 x 128 and
-#                  BERT-base 32 x 128   bench-{minilm,bert-base}-default-TAG
-#     issue21-profile  a profile of one default-path LoRA and full step, GPT-2 medium (top CUDA kernels,
-#                  host time per step; each compiles first: ~80 s for LoRA)  issue21-profile-{lora,full}-TAG.log
+#                  bench-minilm-{lora,full}-TAG
+#     issue21-bert bench default full and LoRA at one shape, MiniLM 16 x 128 and BERT-base 32 x 128
+#                  bench-{minilm,bert-base}-default-TAG
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
 #
@@ -237,32 +239,33 @@ stage() {
       --name peft-gpt2-medium-eager-$tag
     stage peft-compile ;;
   issue21-gpt2)
-    go 165 issue21-bench-gpt2 $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-default-$tag
+    go 300 issue21-bench-gpt2 $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-default-$tag
+    go 150 "issue21-profile-lora-$tag" python3 benchmarks/profile_step.py $G2M --method lora --rows 30
+    go 125 "issue21-profile-full-$tag" python3 benchmarks/profile_step.py $G2M --method full --rows 30 ;;
+  issue21-peer)
     go 120 issue21-peft-eager python3 benchmarks/peft_baseline.py --out "$out" $G2M --methods full,lora \
       --name peft-gpt2-medium-eager-$tag
     stage peft-compile ;;
   issue21-cls)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
     for m in full lora; do
-      go 90 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
+      go 150 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
         --steps 300 --device cuda --no-progress --overwrite --out "$out/issue21-train-$m-$tag"
       [ "$dry" = 1 ] || rm -rf "$out/issue21-train-$m-$tag"  # the summary line is in the log
     done
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/issue21-train-full-$tag.log" \
       "$out/issue21-train-lora-$tag.log" > "$out/issue21-train-$tag.md"
-    go 35 issue21-bench-minilm-lora $M bench --out "$out" --model minilm --batch 8 --seq-len 128 --methods lora \
+    go 90 issue21-bench-minilm-lora $M bench --out "$out" --model minilm --batch 8 --seq-len 128 --methods lora \
       --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-lora-$tag
-    go 35 issue21-bench-minilm-full $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full \
-      --steps 20 --name bench-minilm-full-$tag
-    go 120 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full,lora \
+    go 90 issue21-bench-minilm-full $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full \
+      --steps 20 --name bench-minilm-full-$tag ;;
+  issue21-bert)
+    go 150 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full,lora \
       --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-default-$tag
-    go 120 issue21-bench-bert $M bench --out "$out" --model bert-base --batch 32 --seq-len 128 --methods full,lora \
+    go 180 issue21-bench-bert $M bench --out "$out" --model bert-base --batch 32 --seq-len 128 --methods full,lora \
       --lora-targets q_proj,v_proj --name bench-bert-base-default-$tag ;;
-  issue21-profile)
-    go 150 "issue21-profile-lora-$tag" python3 benchmarks/profile_step.py $G2M --method lora --rows 30
-    go 120 "issue21-profile-full-$tag" python3 benchmarks/profile_step.py $G2M --method full --rows 30 ;;
   issue21)
-    stage issue21-gpt2; stage issue21-cls; stage issue21-profile ;;
+    stage issue21-gpt2; stage issue21-peer; stage issue21-cls; stage issue21-bert ;;
   prep)
     go 600 prep-minilm python3 benchmarks/pack_weights.py --out weights/minilm-fp16
     go 600 prep-sentiment env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M fetch sentiment ;;
