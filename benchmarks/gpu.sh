@@ -70,8 +70,8 @@
 #                  peft-gpt2-medium-eager-TAG, peft-gpt2-medium-compile-TAG
 #     issue21-cls  (weights/ from `prep` carried) `minift train` default on MiniLM-L6 sentiment, --recipe
 #                  sentiment-{full,lora}, 300 steps, and its summary lines   issue21-train-{full,lora}-TAG.log,
-#                  issue21-train-TAG.md; bench at the recipes' batches: LoRA on q,v 8 x 128, and full and
-#                  LoRA 16 x 128 (LoRA against full at one shape)   bench-minilm-{lora,default}-TAG
+#                  issue21-train-TAG.md; bench at the runs' shapes: LoRA on q,v 8 x 79, and full and
+#                  LoRA 16 x 79 (LoRA against full at one shape)   bench-minilm-{lora,default}-TAG
 #     issue21-bert bench default full and LoRA on q,v, BERT-base 32 x 128   bench-bert-base-default-TAG
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
@@ -254,10 +254,11 @@ stage() {
     done
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/issue21-train-full-$tag.log" \
       "$out/issue21-train-lora-$tag.log" > "$out/issue21-train-$tag.md"
-    # bench at the recipes' shapes: LoRA (q, v) 8 x 128; full 16 x 128 with LoRA beside it (LoRA against full)
-    go 70 issue21-bench-minilm-lora $M bench --out "$out" --model minilm --batch 8 --seq-len 128 --methods lora \
+    # bench at the runs' shapes (their speed line says the length they pad to: 79 tokens for this data):
+    # LoRA (q, v) 8 x 79; full 16 x 79 with LoRA beside it (LoRA against full)
+    go 70 issue21-bench-minilm-lora $M bench --out "$out" --model minilm --batch 8 --seq-len 79 --methods lora \
       --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-lora-$tag
-    go 110 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full,lora \
+    go 110 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 79 --methods full,lora \
       --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-default-$tag ;;
   issue21-bert)
     go 150 issue21-bench-bert $M bench --out "$out" --model bert-base --batch 32 --seq-len 128 --methods full,lora \

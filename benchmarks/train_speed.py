@@ -3,9 +3,10 @@
     python3 benchmarks/train_speed.py RUN_DIR|LOG [RUN_DIR|LOG ...] [--skip N] > table.md
 
 A LOG (a file: what `minift train` printed, as benchmarks/gpu.sh keeps it in OUT/NAME.log) gives
-the run's summary line, the JSON object it prints last: ``steady_tokens_per_s`` (after the first
-step), ``first_step_s`` (compiling included), ``tokens_per_s`` (the whole run), ``peak_gib``, the
-final evaluation's accuracy where there is one, and the speed plan from the run's first line.
+the run's summary line, the JSON object it prints last: ``steady_step_ms`` and
+``steady_tokens_per_s`` (after the first step, evaluations and checkpoints left out),
+``first_step_s`` (compiling included), ``tokens_per_s`` (the whole run), ``peak_gib``, the final
+evaluation's accuracy where there is one, and the speed plan from the run's first line.
 ``minift train`` counts the tokens of a batch's attention mask (padding left out), so a
 classification run's tokens/s is of real tokens. One Markdown table of those, then, for the
 RUN_DIRs, the table below.
@@ -49,15 +50,17 @@ def summary(log: Path) -> tuple[dict | None, str]:
 
 
 def summaries(logs: list[Path]) -> None:
-    print("| run | steps | steady tokens/s | first step s | tokens/s (whole run) | peak GiB | accuracy | speed plan |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | steps | steady step ms | steady tokens/s | first step s | tokens/s (whole run) | peak GiB | accuracy "
+          "| speed plan |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for log in logs:
         s, plan = summary(log)
         if s is None:
-            print(f"| {log.stem} | no summary line (failed or cut short: see the log) | | | | | | {plan} |")
+            print(f"| {log.stem} | no summary line (failed or cut short: see the log) | | | | | | | {plan} |")
             continue
         acc = (s.get("eval") or {}).get("accuracy")
-        print(f"| {log.stem} | {s.get('steps')} | {s.get('steady_tokens_per_s', 0):,.0f} | {s.get('first_step_s')} "
+        print(f"| {log.stem} | {s.get('steps')} | {s.get('steady_step_ms', '-')} | {s.get('steady_tokens_per_s', 0):,.0f} "
+              f"| {s.get('first_step_s')} "
               f"| {s.get('tokens_per_s', 0):,.0f} | {s.get('peak_gib', '-')} | "
               f"{'-' if acc is None else f'{acc:.4f}'} | {plan} |")
     print()

@@ -19,12 +19,12 @@ a GPU, reading a number back waits for every queued kernel, so one read per step
 the host that queues the next step's kernels.
 
 The run's settings are a ``TrainConfig`` (``config.py``); the method-specific hooks are explicit
-keyword arguments of ``train``, not subclasses or callbacks. Data order is a pure function of ``(seed, epoch)``, so the
-position in the stream is one integer and a resumed run sees exactly the batches an
-uninterrupted one would. Checkpoints hold the trainable weights (the adapter for
-parameter-efficient methods, everything for full fine-tuning), the optimizer, the
-schedule position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/``
-so a crash mid-write leaves the previous checkpoint intact. Nothing is unpickled but the index
+keyword arguments of ``train``, not subclasses or callbacks. Data order is a pure function of
+``(seed, epoch)``, so the position in the stream is one integer and a resumed run sees exactly
+the batches an uninterrupted one would. Checkpoints hold the trainable weights (the adapter for
+parameter-efficient methods, everything for full fine-tuning), the optimizer, the schedule
+position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/`` so a crash
+mid-write leaves the previous checkpoint intact. Nothing is unpickled but the index
 torch.distributed.checkpoint writes for a checkpoint of several ranks.
 
 Under torchrun (``distributed.py``) every rank runs this loop, with four calls that are the identity
@@ -56,7 +56,8 @@ class TrainResult:
     steps: int = 0                                      # optimizer steps done
     tokens_per_s: float = 0.0                           # the run's throughput (every rank's tokens)
     first_step_s: float = 0.0                           # the first step's time on the host (compiling, if any)
-    steady_tokens_per_s: float = 0.0                    # after the first step (without compiling)
+    steady_tokens_per_s: float = 0.0                    # after the first step (compiling), evaluations and
+    steady_step_ms: float = 0.0                         # checkpoints left out; and the mean step time there
     peak_gib: float | None = None                       # CUDA: torch.cuda.max_memory_allocated over the run
     interrupted: bool = False
     stopped_early: bool = False
@@ -139,10 +140,8 @@ class _Run:
         self.model, self.batches, self.cfg, self.res = model, batches, cfg, TrainResult()
         self.eval_fn, self.allocator, self.penalty = eval_fn, allocator, penalty
         self.unfreezer, self.forward_context, self.on_step = unfreezer, forward_context, on_step
-        if cfg.device is None:
-            self.device = next(model.parameters()).device
-        else:
-            self.device = pick_device(cfg.device)
+        self.device = next(model.parameters()).device if cfg.device is None else pick_device(cfg.device)
+        if cfg.device is not None:
             model.to(self.device)
         self.total = cfg.total_steps(len(batches))
         self.warmup = cfg.warmup_steps(self.total)
@@ -151,8 +150,7 @@ class _Run:
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.log_path = cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
         self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
-        if not self.main:
-            self.log_path = None
+        self.log_path = self.log_path if self.main else None
         self.updating = False  # inside the weight update: an interrupt must not be checkpointed
 
     def resume(self) -> None:
@@ -175,7 +173,7 @@ class _Run:
         cfg = self.cfg
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and self.device.type == "cuda")
         self.bar = progress_bar(self.total, self.step, cfg.progress and self.main)
-        self.n_tokens, self.t0, self.pending, self.first = 0, time.perf_counter(), [], None
+        self.n_tokens, self.t0, self.pending, self.first, self.paused = 0, time.perf_counter(), [], None, 0.0
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.snap, self.snap_step, self.start_step = rng_state(), self.step, self.step
@@ -270,13 +268,16 @@ class _Run:
         """Evaluate (when due), checkpoint (when due), call on_step; True means: stop early."""
         cfg, step = self.cfg, self.step
         if self.eval_fn is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == self.total):
-            self.read_back()  # the log's step lines come before the evaluation's
-            if self.evaluate():
+            self.read_back()  # the log's step lines come before the evaluation's (and the GPU has caught up)
+            t, stop = time.perf_counter(), self.evaluate()  # (left to right: the clock starts first)
+            self.paused += time.perf_counter() - t  # not training: the steady throughput leaves it out
+            if stop:
                 return True
         if self.out and cfg.save_every and step % cfg.save_every == 0 and step < self.total:
             self.read_back()
-            state = state_json(self.step, self.res, self.state)
+            t, state = time.perf_counter(), state_json(self.step, self.res, self.state)
             self.res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, state, self.allocator))
+            self.paused += time.perf_counter() - t
         if self.on_step is not None:
             self.on_step(step, self.res.losses[-1])  # read back every step when there is an on_step
         return False
@@ -293,7 +294,9 @@ class _Run:
         res.steps = self.step
         res.tokens_per_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
         if self.first is not None and self.step > self.start_step + 1:
-            res.steady_tokens_per_s = (self.n_tokens - self.first[0]) / max(time.perf_counter() - self.first[1], 1e-9)
+            train_s = max(time.perf_counter() - self.first[1] - self.paused, 1e-9)
+            res.steady_tokens_per_s = (self.n_tokens - self.first[0]) / train_s
+            res.steady_step_ms = 1000 * train_s / (self.step - self.start_step - 1)
         if self.device.type == "cuda":
             res.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if self.out and (error is None or self.step > self.start_step or state.get("eval_pending")):
@@ -333,7 +336,6 @@ class _Run:
         model.train()
         save_best = (lambda: save_weights(model, self.out / "best")) if self.out else None
         return record_eval(res, state, step, metrics, cfg, self.log_path, save_best)
-
 
 
 # ---------------------------------------------------------------------------- pieces

@@ -84,6 +84,7 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     if p.pad:
         batches = D.pad_to_longest(batches, D.pad_id(tok))
+        p.notes[-1] += f" ({batches[0]['input_ids'].shape[1]} tokens)"  # the shape to bench it at
     return batches, p.describe()
 
 
@@ -149,6 +150,7 @@ def train_command(args) -> int:
     summary = {"steps": res.steps, "final_loss": res.losses[-1] if res.losses else None,
                "tokens_per_s": round(res.tokens_per_s, 1),
                "first_step_s": round(res.first_step_s, 2), "steady_tokens_per_s": round(res.steady_tokens_per_s, 1),
+               "steady_step_ms": round(res.steady_step_ms, 2),
                **({"peak_gib": round(res.peak_gib, 2)} if res.peak_gib is not None else {}), "eval": res.evals[-1] if res.evals else None,
                "stopped_early": res.stopped_early, "out": str(out),
                **({"ranks": distributed.world_size()} if distributed.world_size() > 1 else {})}
