@@ -330,9 +330,38 @@ def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int = 0) -> d
 
 
 def pad_to_longest(batches: list[dict], pad_id: int = 0) -> list[dict]:
-    """Every batch padded (``pad_batch``) to the longest one's sequence length: one shape for all."""
+    """Every batch padded (``pad_batch``) to the longest one's sequence length."""
     longest = max(b["input_ids"].shape[1] for b in batches)
     return [pad_batch(b, longest, pad_id) for b in batches]
+
+
+def pad_to_one_shape(batches: list[dict], pad_id: int = 0) -> list[dict]:
+    """Every batch padded to the longest one's length and, with ``pad_rows``, to the most rows:
+    one shape for all, so that a compiled step is captured once (an epoch's last, short batch
+    would otherwise compile and capture again). Batches with float labels keep their rows."""
+    rows = max(b["input_ids"].shape[0] for b in batches)
+    return [pad_rows(b, rows, pad_id) for b in pad_to_longest(batches, pad_id)]
+
+
+def pad_rows(batch: dict[str, torch.Tensor], rows: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` with rows added up to ``rows``, each one attended ``pad_id`` token with no label
+    (IGNORE): the mean loss over labelled rows or tokens, and so every gradient, is unchanged
+    (a mean squared error over float labels would not be: such a batch is returned as it is)."""
+    B, T = batch["input_ids"].shape
+    labels = batch.get("labels")
+    if B >= rows or (labels is not None and labels.is_floating_point()):
+        return batch
+    out = dict(batch)
+    if "attention_mask" not in batch:
+        out["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+    fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE}
+    for k, v in out.items():
+        if k in fill:
+            extra = v.new_full((rows - B, *v.shape[1:]), fill[k])
+            if k == "attention_mask":
+                extra[:, 0] = 1  # one token to attend to: no row of the attention is fully masked
+            out[k] = torch.cat([v, extra])
+    return out
 
 
 def batches(examples: list[dict], batch_size: int, shuffle: bool = False, seed: int = 0,

@@ -83,8 +83,8 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
         fast.enable(model, merged_lora=p.merged_lora)
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     if p.pad:
-        batches = D.pad_to_longest(batches, D.pad_id(tok))
-        p.notes[-1] += f" ({batches[0]['input_ids'].shape[1]} tokens)"  # the shape to bench it at
+        batches = D.pad_to_one_shape(batches, D.pad_id(tok))
+        p.notes[-1] += " ({} x {})".format(*batches[0]["input_ids"].shape)  # the shape to bench it at
     return batches, p.describe()
 
 

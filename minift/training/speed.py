@@ -11,10 +11,11 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
     torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
     (mode reduce-overhead)        steps (AdaLoRA's allocator and penalty,      --compile-mode default
                                   gradual unfreezing run eager)                (compiled, no graphs)
-    batches padded to the         graphed runs of classification and           --compile false
-    longest training batch        prompt-completion: one sequence length, so
-                                  the graphs are captured once, not once per
-                                  length (causal-lm blocks already have one)
+    batches padded to one shape   graphed runs of classification and           --compile false
+    (the longest, the most rows)  prompt-completion: one shape, so the graphs
+                                  are captured once, not once per length or
+                                  for an epoch's short last batch (causal-lm
+                                  blocks already have one shape)
 
 Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kernels (it ran slower
 than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
@@ -35,7 +36,7 @@ class SpeedPlan:
     merged_lora: bool = False         # ... with LoRA's merged forward
     compile: bool = False
     compile_mode: str = "default"
-    pad: bool = False                 # pad every training batch to the longest one's length
+    pad: bool = False                 # pad every training batch to one shape (data.pad_to_one_shape)
     notes: list[str] = field(default_factory=list)  # one line per choice, for the run's log
 
     def describe(self) -> str:
@@ -85,5 +86,5 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
             p.notes.append("no CUDA graphs: this process already captured another model's")
         p.pad = graphs and task != "causal-lm"
         p.notes.append(f"torch.compile mode {p.compile_mode}" + (" (CUDA graphs)" if graphs else "")
-                       + (", batches padded to the longest" if p.pad else ""))
+                       + (", batches padded to one shape" if p.pad else ""))
     return p

@@ -9,7 +9,7 @@ import torch
 from minift.methods.spec import TrainHooks
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
-from minift.training.data import pad_batch
+from minift.training.data import pad_batch, pad_rows, pad_to_one_shape
 from minift.training.forward import model_forward
 from minift.training.loop import train
 from minift.training.config import TrainConfig
@@ -41,7 +41,7 @@ def test_cuda_default_is_fast_merged_and_graphed_with_static_shapes():
     p = choose()
     assert p.fast and p.merged_lora and p.compile and p.compile_mode == "reduce-overhead"
     assert p.pad  # classification: one sequence length, so the graphs are captured once
-    assert "CUDA graphs" in p.describe() and "padded to the longest" in p.describe()
+    assert "CUDA graphs" in p.describe() and "padded to one shape" in p.describe()
 
 
 def test_a_second_graphed_model_in_one_process_compiles_without_graphs():
@@ -90,6 +90,19 @@ def test_merged_forward_asked_for_applies_on_the_cpu_too():
 
 # ---------------------------------------------------------------------------- padding is exact
 
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model_forward(model, batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_classifier(num_labels=3):
+    torch.manual_seed(0)
+    return BertClassifier(BertConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, n_inner=32,
+                                     max_position_embeddings=40, dropout=0.0), num_labels=num_labels).train()
+
+
 def test_padding_leaves_the_gpt_loss_unchanged():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)).eval()
@@ -101,9 +114,7 @@ def test_padding_leaves_the_gpt_loss_unchanged():
 
 
 def test_padding_leaves_the_classifier_loss_unchanged():
-    torch.manual_seed(0)
-    model = BertClassifier(BertConfig(vocab_size=50, n_layer=2, n_head=2, n_embd=16, n_inner=32,
-                                      max_position_embeddings=40, dropout=0.0), num_labels=3).eval()
+    model = tiny_classifier().eval()
     ids = torch.randint(1, 50, (4, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
@@ -113,6 +124,44 @@ def test_padding_leaves_the_classifier_loss_unchanged():
     assert padded["labels"].shape == (4,) and padded["token_type_ids"].shape == (4, 24)
     torch.testing.assert_close(model_forward(model, padded).loss, model_forward(model, batch).loss,
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "gpt"])
+def test_padded_rows_leave_the_loss_and_every_gradient_unchanged(kind):
+    """An epoch's short last batch, padded to the full rows (pad_rows), trains exactly as it was."""
+    if kind == "classifier":
+        model = tiny_classifier()
+        ids = torch.randint(1, 50, (3, 9))
+        mask = torch.ones_like(ids)
+        mask[1, 6:] = 0
+        batch = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+                 "labels": torch.tensor([0, 2, 1])}
+    else:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)).train()
+        batch = batches(n=1, B=3, T=11)[0]
+    padded = pad_rows(batch, 8, pad_id=5)
+    assert padded["input_ids"].shape == (8, batch["input_ids"].shape[1])
+    assert (padded["labels"][3:] == -100).all() and padded["attention_mask"][3:].sum(1).tolist() == [1] * 5
+    loss, grads = loss_and_grads(model, batch)
+    loss_p, grads_p = loss_and_grads(model, padded)
+    torch.testing.assert_close(loss_p, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads_p.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_p[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_one_shape_for_every_batch_and_float_labels_keep_their_rows():
+    bs = [{"input_ids": torch.ones(4, 7, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])},
+          {"input_ids": torch.ones(4, 9, dtype=torch.long), "labels": torch.tensor([1, 1, 0, 0])},
+          {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([1, 0])}]
+    out = pad_to_one_shape(bs)
+    assert {tuple(b["input_ids"].shape) for b in out} == {(4, 9)}
+    assert out[2]["labels"].tolist() == [1, 0, -100, -100]
+    assert out[2]["attention_mask"].tolist() == [[1] * 5 + [0] * 4] * 2 + [[1] + [0] * 8] * 2
+    regression = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([0.5, 1.5])}
+    assert pad_rows(regression, 4) is regression  # a mean squared error would count added rows
+    assert pad_rows(out[0], 4) is out[0]
 
 
 def test_a_batch_without_mask_gets_one_when_padded_and_a_long_one_is_refused():
