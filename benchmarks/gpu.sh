@@ -60,8 +60,8 @@
 #                  (e.g. "--compile false"); checkpoints and adapters are deleted after each run
 #                                                          train-{full,lora}-TAG/, train-speed-TAG.md
 #   issue21        issue21-gpt2 + issue21-peer + issue21-cls + issue21-bert: issue 21's rows, minift and the
-#                  bf16-base peer (limits 9.6 + 6 + 7 + 2.5 min, set for compiling on a cold card: run the parts as
-#                  commands back to back on one held card; issue21-cls and issue21-bert fit one command)
+#                  bf16-base peer (limits 9.6 + 6 + 6.3 + 4.3 min, set for compiling on a cold card: run the parts as
+#                  commands back to back on one held card)
 #     issue21-gpt2 GPT-2 medium 8 x 1024, full and LoRA r=8 on all six projections: `minift bench` with no
 #                  speed flag (minift train's plan; MFU against the matmul rate measured in the run), then a
 #                  profile of one default-path LoRA and full step (top CUDA kernels, host time per step)
@@ -69,10 +69,11 @@
 #     issue21-peer the peer on the same shapes: eager (full, LoRA) and compiled (LoRA, 5 windows)
 #                  peft-gpt2-medium-eager-TAG, peft-gpt2-medium-compile-TAG
 #     issue21-cls  (weights/ from `prep` carried) `minift train` default on MiniLM-L6 sentiment, --recipe
-#                  sentiment-{full,lora}, 300 steps, and its summary lines   issue21-train-{full,lora}-TAG.log,
-#                  issue21-train-TAG.md; bench at the runs' shapes: LoRA on q,v 8 x 79, and full and
-#                  LoRA 16 x 79 (LoRA against full at one shape)   bench-minilm-{lora,default}-TAG
-#     issue21-bert bench default full and LoRA on q,v, BERT-base 32 x 128   bench-bert-base-default-TAG
+#                  sentiment-{full,lora} (LoRA at bench's r 8), 300 steps, and its summary lines
+#                  issue21-train-{full,lora}-TAG.log, issue21-train-TAG.md; bench at the runs' shapes and
+#                  dropout: LoRA on q,v 8 x 79, full 16 x 79   bench-minilm-{lora,full}-TAG
+#     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
+#                  bench-{minilm,bert-base}-default-TAG
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
 #
@@ -247,20 +248,24 @@ stage() {
     stage peft-compile ;;
   issue21-cls)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
+    # the recipes as they are, but LoRA at bench's r 8, alpha 16 (the same method on both sides)
+    local -A extra=([full]="" [lora]="--r 8 --alpha 16")
     for m in full lora; do
       go 120 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
-        --steps 300 --device cuda --no-progress --overwrite --out "$out/issue21-train-$m-$tag"
+        ${extra[$m]} --steps 300 --device cuda --no-progress --overwrite --out "$out/issue21-train-$m-$tag"
       [ "$dry" = 1 ] || rm -rf "$out/issue21-train-$m-$tag"  # the summary line is in the log
     done
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/issue21-train-full-$tag.log" \
       "$out/issue21-train-lora-$tag.log" > "$out/issue21-train-$tag.md"
-    # bench at the runs' shapes (their speed line says the length they pad to: 79 tokens for this data):
-    # LoRA (q, v) 8 x 79; full 16 x 79 with LoRA beside it (LoRA against full)
+    # bench at the runs' shapes (their speed line says it: 79 tokens for this data) and dropout (0.1, the
+    # checkpoint's and the LoRA recipe's): LoRA (q, v) 8 x 79, full 16 x 79; compare with steady_step_ms
     go 70 issue21-bench-minilm-lora $M bench --out "$out" --model minilm --batch 8 --seq-len 79 --methods lora \
-      --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-lora-$tag
-    go 110 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 79 --methods full,lora \
-      --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-default-$tag ;;
+      --lora-targets q_proj,v_proj --dropout 0.1 --steps 20 --name bench-minilm-lora-$tag
+    go 70 issue21-bench-minilm-full $M bench --out "$out" --model minilm --batch 16 --seq-len 79 --methods full \
+      --dropout 0.1 --steps 20 --name bench-minilm-full-$tag ;;
   issue21-bert)
+    go 110 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full,lora \
+      --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-default-$tag
     go 150 issue21-bench-bert $M bench --out "$out" --model bert-base --batch 32 --seq-len 128 --methods full,lora \
       --lora-targets q_proj,v_proj --name bench-bert-base-default-$tag ;;
   issue21)

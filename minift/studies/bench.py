@@ -1,11 +1,11 @@
 """CUDA-aware memory/throughput harness: every method against full fine-tuning.
 
-Same shape as nanoGPT's bench.py: build the model (random init: weights do not change
-speed), apply the method, run warm-up steps, then time each step of a window with CUDA
-events (``minift.studies.bench_timing``: the host queues the steps without waiting for the GPU, as a
+Same shape as nanoGPT's bench.py: build the model (random init: weights do not change speed),
+apply the method, run warm-up steps, then time each step of a window with CUDA events
+(``minift.studies.bench_timing``: the host queues the steps without waiting for the GPU, as a
 training loop that reads nothing back each step does) and report the median. Peak memory is
-``max_memory_allocated`` over the timed window after ``reset_peak_memory_stats`` (optimizer
-state already exists by then, so it is the steady-state peak of a whole step).
+``max_memory_allocated`` over the timed window after ``reset_peak_memory_stats`` (optimizer state
+already exists by then: the steady-state peak of a whole step).
 
 MFU: model FLOPs per token (``minift.studies.mfu``: 6N + 12·L·T·d for full fine-tuning, 4N + 12·L·T·d
 over a frozen base) times tokens/s, over the bf16 matmul rate measured on the same card in the same run.
@@ -19,24 +19,23 @@ oracles are never imported from ``minift/``.
 it); each row records its plan (``Row.speed``) and its first step's time (``Row.first_step_s``,
 compiling included) apart from the steady median.
 
-Each optimization is a flag so its effect is measured, not assumed:
-``frozen_bf16`` (store frozen base weights in bf16), ``compile`` (torch.compile),
-``checkpointing`` (activation checkpointing), ``plain_ce`` (materialize full fp32 logits,
-the naive loss, for comparison with the fused cross-entropy of ``minift.fast.loss``),
-``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``),
-``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head),
-``fused_adamw`` (one fused AdamW kernel on CUDA; off: PyTorch's multi-tensor ``foreach`` AdamW),
-``sdpa_math`` (force SDPA's math backend, attention without flash kernels, for comparison),
-``sync_each_step`` (wait for the GPU after every timed step, as older results did).
-``isolate`` runs each method in a fresh process (by default whenever a method may be compiled:
-torch 2.11 fails to compile a second model in one process under CUDA graphs).
+Each optimization is a flag so its effect is measured, not assumed: ``frozen_bf16`` (frozen base
+weights in bf16), ``compile`` (torch.compile), ``checkpointing`` (activation checkpointing),
+``plain_ce`` (full fp32 logits, the naive loss, against ``minift.fast.loss``'s fused one),
+``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``), ``loss_chunk``
+(positions per vocabulary projection in GPT's loss; default 1024 for a frozen head), ``fused_adamw``
+(one fused AdamW kernel on CUDA; off: the multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
+math backend, no flash kernels), ``sync_each_step`` (wait for the GPU after every timed step, as
+older results did). ``dropout`` (default none) matches a recipe's run. ``isolate`` runs each method
+in a fresh process (by default whenever a method may be compiled: torch 2.11 fails to compile a
+second model in one process under CUDA graphs).
 
 Models are the shapes of ``minift.studies.presets``: GPT-2 and Llama as causal LMs, BERT as a
 two-class classifier. The low-rank methods adapt every projection of a block by default
-(``default_lora_targets``): q, k, v, o, up and down, and on Llama gate_proj too, the third
-matrix of its SwiGLU MLP, so that "all projections" means all of them on every model, as
-PEFT's ``target_modules="all-linear"`` does. A method a model refuses (BitFit on a Llama
-without biases: nothing to train) is skipped with a note (``skip_reason``), not run.
+(``default_lora_targets``): q, k, v, o, up and down, and on Llama gate_proj too, the third matrix
+of its SwiGLU MLP, so that "all projections" means all of them on every model, as PEFT's
+``target_modules="all-linear"`` does. A method a model refuses (BitFit on a Llama without biases:
+nothing to train) is skipped with a note (``skip_reason``), not run.
 
 The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG) by
 ``minift.studies.bench_report``.
@@ -113,6 +112,7 @@ class BenchConfig:
     sync_each_step: bool = False  # CUDA timing: wait for the GPU after every step (bench_timing)
     isolate: bool | None = None  # each method in its own process; None: when a method may be compiled
     lora_targets: tuple[str, ...] = ()  # empty: default_lora_targets(model)
+    dropout: float = 0.0  # the model's dropout (GPT, BERT) and LoRA/DoRA's: to match a recipe's run
     seed: int = 0
 
     def __post_init__(self):
@@ -129,6 +129,10 @@ class BenchConfig:
             raise ValueError(f"unknown compile mode {self.compile_mode!r}; choose from {', '.join(COMPILE_MODES)}")
         if self.device == "cpu":
             self.frozen_bf16 = False  # CPU runs are fp32 smoke tests
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and isinstance(PRESETS[self.model], LlamaConfig):
+            raise ValueError(f"dropout is for the GPT-2 and BERT presets; {self.model} has none")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
         if self.isolate is None:  # torch 2.11: one model under CUDA graphs per process
@@ -145,7 +149,8 @@ def method_options(cfg: BenchConfig, method: str) -> dict:
     the low-rank methods adapt ``cfg.lora_targets``, AdaLoRA prunes from the first step, and
     prefix / prompt tuning take P = 20 virtual positions."""
     targets = {"targets": cfg.lora_targets}
-    return {"lora": targets, "dora": targets, "adalora": {**targets, "tinit": 0, "tfinal": 0, "delta_t": 1},
+    lora = {**targets, **({"dropout": cfg.dropout} if cfg.dropout else {})}
+    return {"lora": lora, "dora": lora, "adalora": {**targets, "tinit": 0, "tfinal": 0, "delta_t": 1},
             "prefix": {"num_virtual_tokens": VIRTUAL_TOKENS},
             "prompt": {"num_virtual_tokens": VIRTUAL_TOKENS}}.get(method, {})
 
@@ -159,13 +164,11 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
     """
     mc = replace(PRESETS[cfg.model])
     with torch.device(cfg.device):  # initialize on the device: much faster for large models
-        if isinstance(mc, BertConfig):
-            mc.dropout = 0.0
-            model = BertClassifier(mc, num_labels=2)
-        elif isinstance(mc, LlamaConfig):
+        if isinstance(mc, LlamaConfig):
             model = Llama(mc)
-        else:
-            model = GPT(mc)
+        else:  # GPT-2 or BERT, with the dropout asked for (bench's default: none)
+            mc.dropout = cfg.dropout
+            model = BertClassifier(mc, num_labels=2) if isinstance(mc, BertConfig) else GPT(mc)
     hooks = build_method(model, method, method_options(cfg, method), total_steps=cfg.warmup + cfg.steps + 1).hooks
     p = speed_plan(cfg, method, hooks)
     from minift import fast  # every speed piece; LoRA's merged forward where the plan says
@@ -190,12 +193,10 @@ def make_batch(model, cfg: BenchConfig, method: str) -> dict:
     """Random tokens; prefix/prompt methods get seq_len - P text tokens so P + T = seq_len."""
     T = cfg.seq_len - (VIRTUAL_TOKENS if method in ("prefix", "prompt") else 0)
     g = torch.Generator().manual_seed(cfg.seed)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (cfg.batch, T), generator=g).to(cfg.device)
-    mask = torch.ones_like(ids)
+    ids = torch.randint(0, model.config.vocab_size, (cfg.batch, T), generator=g).to(cfg.device)
     if isinstance(model, CAUSAL_LM):
         return {"input_ids": ids, "attention_mask": None, "labels": ids}
-    return {"input_ids": ids, "attention_mask": mask,
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
             "labels": torch.randint(0, 2, (cfg.batch,), generator=g).to(cfg.device)}
 
 
@@ -340,6 +341,8 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
         flags.append("foreach_adamw")
     if cfg.sdpa_math:
         flags.append("sdpa_math")
+    if cfg.dropout:
+        flags.append(f"dropout{cfg.dropout:g}")
     if cfg.sync_each_step and cfg.device.startswith("cuda"):
         flags.append("sync_each_step")
     gpt_loss = isinstance(PRESETS[cfg.model], (GPTConfig, LlamaConfig)) and not cfg.plain_ce and method != "probe"
@@ -359,16 +362,14 @@ def _run_isolated(cfg: BenchConfig, method: str, peak_tflops: float | None) -> R
 # ---------------------------------------------------------------------------- the run
 
 def _device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()})"
+    cpu = f"cpu ({platform.processor() or platform.machine()})"
+    return torch.cuda.get_device_name() if device.startswith("cuda") else cpu
 
 
 def run(cfg: BenchConfig, *, progress=print, on_row=None) -> list[Row]:
     """Every method of ``cfg`` on one model (PEFT side by side: benchmarks/peft_baseline.py).
     ``on_row(rows)`` gets the rows so far after each method, so a killed run keeps what finished."""
-    cuda = cfg.device.startswith("cuda")
-    peak = measure_matmul_tflops(cfg.device) if cuda else None
+    peak = measure_matmul_tflops(cfg.device) if cfg.device.startswith("cuda") else None
     rows = []
     for m in cfg.methods:
         why = skip_reason(cfg.model, m)
@@ -389,8 +390,7 @@ def meta(cfg: BenchConfig) -> dict:
     m = {"device": _device_name(cfg.device), "torch": torch.__version__,
          "dtype": "bf16 autocast" if cfg.device != "cpu" else "fp32", "batch": cfg.batch,
          "seq_len": cfg.seq_len, "steps": cfg.steps, "warmup": cfg.warmup,
-         "lora_targets": ",".join(cfg.lora_targets),
-         "timing": bench_timing.describe(cfg),
+         "lora_targets": ",".join(cfg.lora_targets), "timing": bench_timing.describe(cfg),
          "date": time.strftime("%Y-%m-%d")}
     if cfg.methods:  # minift rows (benchmarks/peft_baseline.py's config has none: no minift speed line)
         m["speed"] = speed_meta(cfg)

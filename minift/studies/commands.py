@@ -62,6 +62,9 @@ def add_bench(sub) -> None:
     p.add_argument("--lora-targets", default="",
                    help="modules LoRA/DoRA/AdaLoRA adapt (default: every attention and MLP projection, "
                         "q,k,v,o,up,down_proj, and gate_proj on Llama)")
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="the model's dropout (GPT, BERT) and LoRA/DoRA's, e.g. 0.1 to match a recipe's run "
+                        "(default 0: none; Llama has none)")
     p.add_argument("--lora-merged-forward", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA rows through the merged weight W0 + sBA (minift.fast.lora.enable), or "
                         "(--no-lora-merged-forward) the addmm forward (default: the plan decides, merged on CUDA)")
@@ -111,7 +114,8 @@ def _cmd_bench(args) -> int:
                             lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
                             loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,
                             sdpa_math=args.sdpa_math, sync_each_step=args.sync_each_step,
-                            lora_targets=tuple(t for t in args.lora_targets.split(",") if t))
+                            lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
+                            dropout=args.dropout)
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731
     rows = bench.run(cfg, progress=lambda s: print(s, file=sys.stderr), on_row=save)  # saved after each method

@@ -105,10 +105,24 @@ def test_probe_flops_leave_out_the_unused_lm_head():
 
 
 @pytest.mark.parametrize("argv,msg", [(["--batch", "0"], "batch >= 1"), (["--methods", ""], "--methods is empty"),
-                                      (["--loss-chunk", "0"], "loss_chunk must be >= 1")])
+                                      (["--loss-chunk", "0"], "loss_chunk must be >= 1"),
+                                      (["--dropout", "1"], "dropout must be in [0, 1)"),
+                                      (["--model", "tiny-llama", "--dropout", "0.1"], "tiny-llama has none")])
 def test_bench_cli_rejects_zero_and_empty(argv, msg, capsys):
     assert main(["bench", "--device", "cpu", *argv]) == 2
     assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt"])
+def test_dropout_reaches_the_model_and_lora_and_names_the_row(model):
+    """--dropout P: the model's dropout and LoRA's are P (to match a recipe's run), the row says so."""
+    cfg = bench.BenchConfig(model=model, methods=("lora",), device="cpu", dropout=0.1)
+    m, _, _ = bench.build(cfg, "lora")
+    assert {mod.p for mod in m.modules() if isinstance(mod, torch.nn.Dropout)} == {0.1}
+    lora_layers = [mod for mod in m.modules() if hasattr(mod, "lora_A")]
+    assert lora_layers and all(isinstance(mod.dropout, torch.nn.Dropout) for mod in lora_layers)
+    assert "dropout0.1" in bench.variant_name(cfg, "lora")
+    assert "dropout" not in bench.variant_name(replace(cfg, dropout=0.0), "lora")
 
 
 def test_run_hands_over_the_rows_after_each_method():
