@@ -74,6 +74,12 @@
 #                  dropout: LoRA on q,v 8 x 79, full 16 x 79   bench-minilm-{lora,full}-TAG
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
+#   many           many-forward + many-train: many LoRA adapters on one GPT-2-medium-shaped base
+#                  (benchmarks/many_adapters.py; limits 5 + 7 min: two commands)
+#     many-forward 8 adapters x 4 rows x 1024: mixed batch (reference, fast) against a loop over the
+#                  adapters and PEFT's adapter_names, forward and greedy decoding   many-adapters.json
+#     many-train   8 LoRA jobs of batch 2 x 1024: train_many against one after another, peak memory against
+#                  the budget   many-train/many-adapters.json
 #   prep           (CPU, with network; not on the GPU machine) weights/minilm-fp16 and
 #                  weights/cache/sentiment for compare-full
 #
@@ -270,6 +276,12 @@ stage() {
       --lora-targets q_proj,v_proj --name bench-bert-base-default-$tag ;;
   issue21)
     stage issue21-gpt2; stage issue21-peer; stage issue21-cls; stage issue21-bert ;;
+  many-forward)
+    go 300 many-forward python3 benchmarks/many_adapters.py --out "$out" --parts forward,peft ;;
+  many-train)
+    go 420 many-train python3 benchmarks/many_adapters.py --out "$out/many-train" --parts train ;;
+  many)
+    stage many-forward; stage many-train ;;
   prep)
     go 600 prep-minilm python3 benchmarks/pack_weights.py --out weights/minilm-fp16
     go 600 prep-sentiment env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M fetch sentiment ;;
