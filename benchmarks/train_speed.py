@@ -59,7 +59,7 @@ def summaries(logs: list[Path]) -> None:
             print(f"| {log.stem} | no summary line (failed or cut short: see the log) | | | | | | | {plan} |")
             continue
         acc = (s.get("eval") or {}).get("accuracy")
-        print(f"| {log.stem} | {s.get('steps')} | {s.get('steady_step_ms', '-')} | {s.get('steady_tokens_per_s', 0):,.0f} "
+        print(f"| {log.stem} | {s.get('steps')} | {s.get('steady_step_ms') or '-'} | {s.get('steady_tokens_per_s', 0):,.0f} "
               f"| {s.get('first_step_s')} "
               f"| {s.get('tokens_per_s', 0):,.0f} | {s.get('peak_gib', '-')} | "
               f"{'-' if acc is None else f'{acc:.4f}'} | {plan} |")

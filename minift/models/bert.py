@@ -191,7 +191,10 @@ class BertClassifier(nn.Module):
             if self.num_labels == 1:
                 loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
             else:
-                loss = F.cross_entropy(logits.float(), labels)
+                # the mean over labels that are not -100; 0 when there is none (a rank's rows may all
+                # be rows that pad a batch to one shape, training/data.py pad_rows), not NaN
+                n = (labels != -100).sum().clamp_min(1)
+                loss = F.cross_entropy(logits.float(), labels, reduction="sum") / n
         return ClassifierOutput(logits, loss, out.hidden_states)
 
     @classmethod

@@ -336,17 +336,21 @@ def pad_to_longest(batches: list[dict], pad_id: int = 0) -> list[dict]:
 
 
 def pad_to_one_shape(batches: list[dict], pad_id: int = 0) -> list[dict]:
-    """Every batch padded to the longest one's length and, with ``pad_rows``, to the most rows:
-    one shape for all, so that a compiled step is captured once (an epoch's last, short batch
-    would otherwise compile and capture again). Batches with float labels keep their rows."""
+    """Every batch padded to the longest one's length and, with ``pad_rows``, to the most rows,
+    each with an attention mask: one shape for all, so that a compiled step is captured once (an
+    epoch's last, short batch would otherwise compile and capture again). Batches with float
+    labels keep their rows."""
     rows = max(b["input_ids"].shape[0] for b in batches)
+    batches = [b if "attention_mask" in b else {**b, "attention_mask": torch.ones_like(b["input_ids"])}
+               for b in batches]
     return [pad_rows(b, rows, pad_id) for b in pad_to_longest(batches, pad_id)]
 
 
 def pad_rows(batch: dict[str, torch.Tensor], rows: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
     """``batch`` with rows added up to ``rows``, each one attended ``pad_id`` token with no label
     (IGNORE): the mean loss over labelled rows or tokens, and so every gradient, is unchanged
-    (a mean squared error over float labels would not be: such a batch is returned as it is)."""
+    (exactly without dropout; with dropout the added rows draw masks too, so later draws differ).
+    A mean squared error over float labels would change: such a batch is returned as it is."""
     B, T = batch["input_ids"].shape
     labels = batch.get("labels")
     if B >= rows or (labels is not None and labels.is_floating_point()):

@@ -239,12 +239,15 @@ def split(batch: dict, model: torch.nn.Module) -> tuple[dict, float]:
 
 
 def targets(batch: dict, model: torch.nn.Module) -> int:
-    """How many targets the model's loss on ``batch`` is the mean over: one per example for a
-    classifier; for a language model the labels after the shift that are not -100 and, with a soft
-    prompt in front (its positions are -100), the first label of each row too."""
+    """How many targets the model's loss on ``batch`` is the mean over: for a classifier one per
+    example whose label is not -100 (every example for float labels: a regression); for a language
+    model the labels after the shift that are not -100 and, with a soft prompt in front (its
+    positions are -100), the first label of each row too."""
     labels = batch.get("labels")
-    if labels is None or labels.dim() == 1:
+    if labels is None or (labels.dim() == 1 and labels.is_floating_point()):
         return batch["input_ids"].shape[0]
+    if labels.dim() == 1:
+        return int((labels != -100).sum())
     if getattr(model, "soft_prompt", None) is not None:
         return int((labels != -100).sum())
     return int((labels[:, 1:] != -100).sum())

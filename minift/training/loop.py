@@ -57,7 +57,7 @@ class TrainResult:
     tokens_per_s: float = 0.0                           # the run's throughput (every rank's tokens)
     first_step_s: float = 0.0                           # the first step's time on the host (compiling, if any)
     steady_tokens_per_s: float = 0.0                    # after the first step (compiling), evaluations and
-    steady_step_ms: float = 0.0                         # checkpoints left out; and the mean step time there
+    steady_step_ms: float | None = None                 # checkpoints left out; the mean step there (None: no step)
     peak_gib: float | None = None                       # CUDA: torch.cuda.max_memory_allocated over the run
     interrupted: bool = False
     stopped_early: bool = False
@@ -204,7 +204,7 @@ class _Run:
                 if self.device.type == "cuda":  # once per run: the first step's GPU work counts in it
                     torch.cuda.synchronize(self.device)
                 res.first_step_s = time.perf_counter() - self.t0
-                self.first = (self.n_tokens, time.perf_counter())
+                self.first, self.paused = (self.n_tokens, time.perf_counter()), 0.0  # the steady window opens
             self.bar.update(1)
             if self.on_step is not None or self.step % cfg.log_every == 0 or self.step == self.total:
                 self.read_back()

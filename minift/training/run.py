@@ -150,7 +150,7 @@ def train_command(args) -> int:
     summary = {"steps": res.steps, "final_loss": res.losses[-1] if res.losses else None,
                "tokens_per_s": round(res.tokens_per_s, 1),
                "first_step_s": round(res.first_step_s, 2), "steady_tokens_per_s": round(res.steady_tokens_per_s, 1),
-               "steady_step_ms": round(res.steady_step_ms, 2),
+               "steady_step_ms": None if res.steady_step_ms is None else round(res.steady_step_ms, 2),
                **({"peak_gib": round(res.peak_gib, 2)} if res.peak_gib is not None else {}), "eval": res.evals[-1] if res.evals else None,
                "stopped_early": res.stopped_early, "out": str(out),
                **({"ranks": distributed.world_size()} if distributed.world_size() > 1 else {})}

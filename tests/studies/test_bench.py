@@ -123,6 +123,8 @@ def test_dropout_reaches_the_model_and_lora_and_names_the_row(model):
     assert lora_layers and all(isinstance(mod.dropout, torch.nn.Dropout) for mod in lora_layers)
     assert "dropout0.1" in bench.variant_name(cfg, "lora")
     assert "dropout" not in bench.variant_name(replace(cfg, dropout=0.0), "lora")
+    m0, _, _ = bench.build(replace(cfg, dropout=0.0), "lora")  # the default: none (BERT's preset has 0.1)
+    assert {mod.p for mod in m0.modules() if isinstance(mod, torch.nn.Dropout)} <= {0.0}
 
 
 def test_run_hands_over_the_rows_after_each_method():

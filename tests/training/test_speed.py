@@ -126,9 +126,11 @@ def test_padding_leaves_the_classifier_loss_unchanged():
                                rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["classifier", "gpt"])
-def test_padded_rows_leave_the_loss_and_every_gradient_unchanged(kind):
-    """An epoch's short last batch, padded to the full rows (pad_rows), trains exactly as it was."""
+@pytest.mark.parametrize("kind,method", [("classifier", None), ("gpt", None), ("classifier", "prompt"),
+                                         ("gpt", "prefix"), ("gpt", "lora-fast"), ("classifier", "lora-fast")])
+def test_padded_rows_leave_the_loss_and_every_gradient_unchanged(kind, method):
+    """An epoch's short last batch, padded to the full rows (pad_rows), trains exactly as it was:
+    a plain model, prompt and prefix tuning, LoRA with minift.fast's pieces (merged forward, fused loss)."""
     if kind == "classifier":
         model = tiny_classifier()
         ids = torch.randint(1, 50, (3, 9))
@@ -140,6 +142,14 @@ def test_padded_rows_leave_the_loss_and_every_gradient_unchanged(kind):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)).train()
         batch = batches(n=1, B=3, T=11)[0]
+    if method is not None:
+        from minift import fast
+        from minift.training.run import build
+        name = method.split("-")[0]
+        opts = {"num_virtual_tokens": 4} if name in ("prompt", "prefix") else {"r": 4, "targets": ["q_proj", "v_proj"]}
+        build(model, name, opts, lr=1e-3, total_steps=1)
+        if method.endswith("fast"):
+            assert fast.enable(model)
     padded = pad_rows(batch, 8, pad_id=5)
     assert padded["input_ids"].shape == (8, batch["input_ids"].shape[1])
     assert (padded["labels"][3:] == -100).all() and padded["attention_mask"][3:].sum(1).tolist() == [1] * 5
@@ -151,12 +161,32 @@ def test_padded_rows_leave_the_loss_and_every_gradient_unchanged(kind):
         torch.testing.assert_close(grads_p[n], grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_padded_rows_count_no_target_on_several_ranks():
+    """Under torchrun each rank's share of the loss is its targets over the batch's
+    (distributed.targets): rows added by pad_rows are no target, and a rank that gets only such
+    rows has a loss of 0 (not NaN) and a share of 0."""
+    from minift.training.distributed import targets
+    model = tiny_classifier()
+    batch = {"input_ids": torch.randint(1, 50, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long),
+             "labels": torch.tensor([0, 2, 1])}
+    padded = pad_rows(batch, 8)
+    assert targets(padded, model) == targets(batch, model) == 3
+    assert targets({**batch, "labels": torch.tensor([0.5, 1.0, 2.0])}, model) == 3  # a regression: every row
+    only_pads = {k: v[3:] for k, v in padded.items()}
+    assert targets(only_pads, model) == 0
+    loss = model_forward(model, only_pads).loss
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
 def test_one_shape_for_every_batch_and_float_labels_keep_their_rows():
     bs = [{"input_ids": torch.ones(4, 7, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])},
           {"input_ids": torch.ones(4, 9, dtype=torch.long), "labels": torch.tensor([1, 1, 0, 0])},
           {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([1, 0])}]
     out = pad_to_one_shape(bs)
     assert {tuple(b["input_ids"].shape) for b in out} == {(4, 9)}
+    assert all(b.keys() == out[0].keys() for b in out)  # a mask on every batch: one graph's inputs
     assert out[2]["labels"].tolist() == [1, 0, -100, -100]
     assert out[2]["attention_mask"].tolist() == [[1] * 5 + [0] * 4] * 2 + [[1] + [0] * 8] * 2
     regression = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([0.5, 1.5])}
