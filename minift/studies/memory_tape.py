@@ -365,7 +365,8 @@ class Forward:
             tape.save(x)
         out = tape.linear(tape.dropout(pooled, self.p), head.w, head.b, C, k)
         if out.grad:
-            tape.save(tape.new(B * k, 4), tape.new(B, 8), tape.new(1, 4))  # log-softmax, labels, weight
+            # log-softmax, labels, weight; the count of labels the summed loss is divided by (int64)
+            tape.save(tape.new(B * k, 4), tape.new(B, 8), tape.new(1, 4), tape.new(1, 8))
         return 0
 
     def orth_penalty(self) -> None:
