@@ -74,6 +74,9 @@
 #                  dropout: LoRA on q,v 8 x 79, full 16 x 79   bench-minilm-{lora,full}-TAG
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
+#   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
+#                  1.0, 0.8, 0.6 (benchmarks/activation_budget.py): peak memory against step time (limits 8.5 min)
+#                  bench-gpt2-medium-lora-budget{1.0,0.8,0.6}-TAG
 #   many           many-forward + many-train: many LoRA adapters on one GPT-2-medium-shaped base
 #                  (benchmarks/many_adapters.py; limits 5 + 7 min: two commands)
 #     many-forward 8 adapters x 4 rows x 1024: mixed batch (reference, fast) against a loop over the
@@ -276,6 +279,12 @@ stage() {
       --lora-targets q_proj,v_proj --name bench-bert-base-default-$tag ;;
   issue21)
     stage issue21-gpt2; stage issue21-peer; stage issue21-cls; stage issue21-bert ;;
+  act-budget)
+    local b
+    for b in 1.0 0.8 0.6; do
+      go 170 "act-budget-$b" python3 benchmarks/activation_budget.py $b --out "$out" $G2M --methods lora \
+        --name bench-gpt2-medium-lora-budget$b-$tag
+    done ;;
   many-forward)
     go 300 many-forward python3 benchmarks/many_adapters.py --out "$out" --parts forward,peft ;;
   many-train)
