@@ -354,7 +354,7 @@ def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> tuple[torch.
     """One forward over every job's rows: (the sum of the jobs' losses, to backpropagate; each job's
     mean loss on its own rows (K,), fp32 or wider, detached), each as ``model``'s own loss computes it alone.
     A language model's loss is taken from the final hidden states through the model's ``lm_loss``;
-    fused by ``minift.fast`` (no full logits formed), a GPT's is one pass for every job
+    fused by ``minift.fast`` (no full logits formed), it is one pass for every job
     (``fast.loss.grouped_lm_loss``), otherwise one call per job."""
     lm = isinstance(model, (GPT, Llama))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -362,8 +362,12 @@ def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> tuple[torch.
         x = model(**inputs, output_hidden_states=True, compute_logits=False).hidden_states[-1]
     else:
         logits = model_forward(model, inputs).logits
-    if isinstance(model, GPT) and isinstance(model.lm_loss, FusedLMLoss) and torch.is_grad_enabled():
-        return model.lm_loss.grouped(x, model.wte.weight, batch["labels"], sizes)
+    if lm and isinstance(model.lm_loss, FusedLMLoss) and torch.is_grad_enabled():
+        # the head matrix the model's own loss reads: GPT's tied wte, Llama's embed_tokens or plain
+        # lm_head (add_jobs refuses an adapter on lm_head)
+        w = model.wte.weight if isinstance(model, GPT) else (
+            model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight)
+        return model.lm_loss.grouped(x, w, batch["labels"], sizes)
     out, start = [], 0
     for n in sizes:
         rows, y = slice(start, start + n), batch["labels"][start:start + n]

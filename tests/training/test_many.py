@@ -13,8 +13,12 @@ from minift.training.many import Job, add_jobs, train_many
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0)
 
 
-def base(seed=0):
+def base(seed=0, arch="gpt"):
     torch.manual_seed(seed)
+    if arch == "llama":  # untied head: the fused loss reads lm_head's matrix, not the embedding's
+        from minift.models.llama import Llama, LlamaConfig
+        return Llama(LlamaConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
+                                 tie_word_embeddings=False))
     return GPT(GPTConfig(**TINY))
 
 
@@ -39,18 +43,19 @@ def jobs():
                 TrainConfig(lr=2e-2, steps=5, schedule="constant", seed=3, **kw))]
 
 
-@pytest.mark.parametrize("fast_on", [False, True])
-def test_jobs_trained_together_equal_each_trained_alone(fast_on):
+@pytest.mark.parametrize("fast_on,arch", [(False, "gpt"), (True, "gpt"), (True, "llama")])
+def test_jobs_trained_together_equal_each_trained_alone(fast_on, arch):
     """On the reference path, and with minift.fast on (gathered mixed batch, one fused loss pass
-    for every job: fast.loss.grouped_lm_loss) against the separate runs' reference path."""
-    model, js = base(), jobs()
+    for every job: fast.loss.grouped_lm_loss) against the separate runs' reference path; a Llama
+    base's fused loss reads its own head matrix."""
+    model, js = base(arch=arch), jobs()
     add_jobs(model, js)
     if fast_on:
         assert "fused loss: 1 modules" in fast.enable(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
     together = train_many(model, js)
     for j in js:
-        alone = base()
+        alone = base(arch=arch)
         lora.apply(alone, j.lora)
         with torch.no_grad():
             for name, m in lora.lora_modules(alone):
