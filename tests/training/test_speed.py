@@ -1,6 +1,6 @@
 """minift train's default path: which speed choices a run gets (training/speed.py), that padding
-for CUDA graphs computes the same loss, and that reading the loss back once per log interval
-records exactly what reading it every step did."""
+for CUDA graphs computes the same loss, that the steady throughput times steps only, and that
+reading the loss back once per log interval records exactly what reading it every step did."""
 import json
 
 import pytest
@@ -15,6 +15,7 @@ from minift.training.loop import train
 from minift.training.config import TrainConfig
 from minift.training import speed
 from minift.training.speed import plan
+from minift.training import loop as loop_mod
 
 from tests.training.test_train import BombBatches, batches, cfg, gpt
 
@@ -201,6 +202,51 @@ def test_a_batch_without_mask_gets_one_when_padded_and_a_long_one_is_refused():
     assert pad_batch(p, 6) is p
     with pytest.raises(ValueError, match="a batch of 6 tokens cannot be padded to 4"):
         pad_batch(p, 4)
+
+
+# ---------------------------------------------------------------------------- the steady throughput
+
+def test_the_steady_throughput_leaves_evaluations_and_checkpoints_out(tmp_path, monkeypatch):
+    """steady_tokens_per_s / steady_step_ms time the training steps after the first one: an
+    evaluation or checkpoint in between (here each made to take 0.3 s) is not a step's time."""
+    import time as time_mod
+    real_save = loop_mod.save_checkpoint
+
+    def slow_save(*a, **k):
+        time_mod.sleep(0.3)
+        return real_save(*a, **k)
+
+    monkeypatch.setattr("minift.training.loop.save_checkpoint", slow_save)
+
+    def slow_eval(m):
+        time_mod.sleep(0.3)
+        return {"loss": 1.0}
+
+    res = train(gpt(dropout=0.0), batches(), cfg(tmp_path, steps=7, grad_accum=1, eval_every=2, save_every=2),
+                eval_fn=slow_eval)
+    assert len(res.evals) == 4  # steps 2, 4, 6 and the last: 1.2 s of evaluations, 0.6 s of checkpoints
+    assert 0 < res.steady_step_ms < 150, res.steady_step_ms  # a tiny model's step: milliseconds
+    tokens = [int(b["attention_mask"].sum()) for b in batches()]  # each of the 3 batches
+    assert res.steady_tokens_per_s > 6 * (sum(tokens) / 3) / 1.0  # 6 steps in well under a second
+    assert res.tokens_per_s < res.steady_tokens_per_s  # the whole run's figure keeps them in
+    # the two figures are of one window: the steps after the first, 6 of them
+    window_tokens = res.steady_tokens_per_s * 6 * res.steady_step_ms / 1000
+    assert 6 * min(tokens) <= round(window_tokens) <= 6 * max(tokens)
+
+    # resumed with an evaluation pending (it runs before the first new step): still only steps
+    (tmp_path / "r").mkdir()
+    c = cfg(tmp_path / "r", steps=7, grad_accum=1, eval_every=2, metric="nope")
+    with pytest.raises(KeyError, match="nope"):  # the step-2 evaluation fails: pending in the checkpoint
+        train(gpt(dropout=0.0), batches(), c, eval_fn=lambda m: {"loss": 1.0})
+    res = train(gpt(dropout=0.0), batches(), cfg(tmp_path / "r", steps=7, grad_accum=1, eval_every=2, resume=True),
+                eval_fn=slow_eval)
+    assert [e["step"] for e in res.evals] == [2, 4, 6, 7]
+    assert 0 < res.steady_step_ms < 150 and res.steady_tokens_per_s < 6 * max(tokens) / 0.001
+
+
+def test_one_step_has_no_steady_window(tmp_path):
+    res = train(gpt(dropout=0.0), batches(), cfg(tmp_path, steps=1, grad_accum=1))
+    assert res.steady_step_ms is None and res.steady_tokens_per_s == 0.0
 
 
 # ---------------------------------------------------------------------------- one read per interval
