@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minift.methods.common import host_to_device
 from minift.models.gpt import LMLoss
 
 # Positions per vocabulary projection. A chunk's logits take 6 bytes per position per vocabulary
@@ -92,9 +93,8 @@ def grouped_lm_loss(x, weight, targets, sizes: list[int], chunk: int | None = No
         raise ValueError(f"the groups' sizes {sizes} do not add up to the {x.shape[0]} rows")
     B, T1 = x.shape[0], x.shape[1] - 1  # positions that predict a next token, per row
     x, t, valid = _positions(x, weight, targets)  # (B*T1, C), (B*T1,), (B*T1,)
-    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))  # (B,) each row's group
-    # to the device; from pinned memory on a GPU, so that the host does not wait for the GPU's queue
-    group = group.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else group.to(x.device)
+    group = host_to_device(torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)),
+                           x.device)  # (B,) each row's group
     acc = torch.promote_types(x.dtype, torch.float32)
     counts = torch.zeros(len(sizes), dtype=acc, device=x.device).index_add_(
         0, group, valid.view(B, T1).sum(1).to(acc))

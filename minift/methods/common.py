@@ -1,9 +1,10 @@
-"""Small helpers every method shares: find target modules, freeze, count parameters."""
+"""Small helpers every method shares: find target modules, freeze, count parameters, copy to a device."""
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
 
+import torch
 import torch.nn as nn
 
 
@@ -33,6 +34,14 @@ def find_modules(model: nn.Module, targets: Iterable[str], kind: type | tuple = 
         raise ValueError(f"target {missing[0]!r} matches no {getattr(kind, '__name__', 'module')} in the "
                          f"model; available names: {', '.join(names)}")
     return found
+
+
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor built per step (row indices), on ``device``; to a GPU from pinned memory,
+    so that the host does not wait for the GPU's queue to drain (a copy from pageable memory would)."""
+    if device is not None and torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.methods.common import find_modules, set_submodule
+from minift.methods.common import find_modules, host_to_device, set_submodule
 from minift.methods.lora import LoRAConfig, lora_scaling
 
 __all__ = ["MultiLoRALinear", "add_adapter", "set_active", "delete_adapter", "adapter_names", "merge_adapter",
@@ -203,7 +203,7 @@ def mixed_batch(model: nn.Module, names: list[str | None]):
     _check(model, names)
     layers = multi_lora_modules(model)
     device = layers[0][1].weight.device if layers else None
-    rows = {n: _to(torch.tensor([i for i, m in enumerate(names) if m == n]), device)
+    rows = {n: host_to_device(torch.tensor([i for i, m in enumerate(names) if m == n]), device)
             for n in dict.fromkeys(names) if n is not None}
     names = list(names)
     try:
@@ -213,14 +213,6 @@ def mixed_batch(model: nn.Module, names: list[str | None]):
     finally:
         for _, m in layers:
             m.rows = m.row_names = None
-
-
-def _to(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device``; to a GPU from pinned memory, so that the host does not wait for the
-    GPU's queue to drain (a copy from pageable memory would: train_many builds a batch per step)."""
-    if device is not None and device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def _check(model: nn.Module, names) -> None:

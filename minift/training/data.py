@@ -320,9 +320,7 @@ def pad_batch(batch: dict[str, torch.Tensor], length: int, pad_id: int = 0) -> d
     if T == length:
         return batch
     fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE}
-    out = dict(batch)
-    if "attention_mask" not in batch:
-        out["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+    out = _with_mask(batch)
     for k, v in out.items():
         if k in fill and v.dim() == 2:
             out[k] = torch.cat([v, v.new_full((B, length - T), fill[k])], dim=1)
@@ -341,9 +339,7 @@ def pad_to_one_shape(batches: list[dict], pad_id: int = 0) -> list[dict]:
     epoch's last, short batch would otherwise compile and capture again). Batches with float
     labels keep their rows."""
     rows = max(b["input_ids"].shape[0] for b in batches)
-    batches = [b if "attention_mask" in b else {**b, "attention_mask": torch.ones_like(b["input_ids"])}
-               for b in batches]
-    return [pad_rows(b, rows, pad_id) for b in pad_to_longest(batches, pad_id)]
+    return [pad_rows(b, rows, pad_id) for b in pad_to_longest([_with_mask(b) for b in batches], pad_id)]
 
 
 def pad_rows(batch: dict[str, torch.Tensor], rows: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -351,13 +347,11 @@ def pad_rows(batch: dict[str, torch.Tensor], rows: int, pad_id: int = 0) -> dict
     (IGNORE): the mean loss over labelled rows or tokens, and so every gradient, is unchanged
     (exactly without dropout; with dropout the added rows draw masks too, so later draws differ).
     A mean squared error over float labels would change: such a batch is returned as it is."""
-    B, T = batch["input_ids"].shape
+    B = batch["input_ids"].shape[0]
     labels = batch.get("labels")
     if B >= rows or (labels is not None and labels.is_floating_point()):
         return batch
-    out = dict(batch)
-    if "attention_mask" not in batch:
-        out["attention_mask"] = torch.ones(B, T, dtype=torch.long)
+    out = _with_mask(batch)
     fill = {"input_ids": pad_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE}
     for k, v in out.items():
         if k in fill:
@@ -365,6 +359,14 @@ def pad_rows(batch: dict[str, torch.Tensor], rows: int, pad_id: int = 0) -> dict
             if k == "attention_mask":
                 extra[:, 0] = 1  # one token to attend to: no row of the attention is fully masked
             out[k] = torch.cat([v, extra])
+    return out
+
+
+def _with_mask(batch: dict) -> dict:
+    """A copy of ``batch`` with an attention mask (all ones when it had none: no padding yet)."""
+    out = dict(batch)
+    if "attention_mask" not in out:
+        out["attention_mask"] = torch.ones_like(batch["input_ids"])
     return out
 
 

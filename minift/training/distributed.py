@@ -246,9 +246,7 @@ def targets(batch: dict, model: torch.nn.Module) -> int:
     labels = batch.get("labels")
     if labels is None or (labels.dim() == 1 and labels.is_floating_point()):
         return batch["input_ids"].shape[0]
-    if labels.dim() == 1:
-        return int((labels != -100).sum())
-    if getattr(model, "soft_prompt", None) is not None:
+    if labels.dim() == 1 or getattr(model, "soft_prompt", None) is not None:
         return int((labels != -100).sum())
     return int((labels[:, 1:] != -100).sum())
 
