@@ -262,7 +262,8 @@ stage() {
     for m in full lora; do
       go 120 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
         ${extra[$m]} --steps 300 --device cuda --no-progress --overwrite --out "$out/issue21-train-$m-$tag"
-      [ "$dry" = 1 ] || rm -rf "$out/issue21-train-$m-$tag"  # the summary line is in the log
+      # the summary line is in the log; metrics.jsonl has the tokens/s so far every 10 steps
+      [ "$dry" = 1 ] || find "$out/issue21-train-$m-$tag" -mindepth 1 ! -name metrics.jsonl -exec rm -rf {} +
     done
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/issue21-train-full-$tag.log" \
       "$out/issue21-train-lora-$tag.log" > "$out/issue21-train-$tag.md"

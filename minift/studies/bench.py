@@ -96,7 +96,7 @@ class BenchConfig:
     batch: int = 8
     seq_len: int = 1024
     steps: int = 10
-    warmup: int = 3
+    warmup: int = speed.WARMUP_STEPS
     device: str = "cuda"
     frozen_bf16: bool = True
     speed: str = "default"            # SPEEDS: minift train's plan per method (speed_plan), or "eager"

@@ -56,8 +56,8 @@ class TrainResult:
     steps: int = 0                                      # optimizer steps done
     tokens_per_s: float = 0.0                           # the run's throughput (every rank's tokens)
     first_step_s: float = 0.0                           # the first step's time on the host (compiling, if any)
-    steady_tokens_per_s: float = 0.0                    # after the first step (compiling), evaluations and
-    steady_step_ms: float | None = None                 # checkpoints left out; the mean step there (None: no step)
+    steady_tokens_per_s: float = 0.0                    # after the warm-up steps (speed.WARMUP_STEPS), evaluations
+    steady_step_ms: float | None = None                 # and checkpoints left out; the mean step there (None: no step)
     peak_gib: float | None = None                       # CUDA: torch.cuda.max_memory_allocated over the run
     interrupted: bool = False
     stopped_early: bool = False
@@ -200,11 +200,13 @@ class _Run:
             self.step += 1
             self.updating = False
             self.pending.append((self.step, loss, self.opt.param_groups[0]["lr"]))
-            if self.step == self.start_step + 1:
-                if self.device.type == "cuda":  # once per run: the first step's GPU work counts in it
+            if self.step - self.start_step in (1, speed.WARMUP_STEPS):
+                if self.device.type == "cuda":  # the GPU work of the steps so far counts in them
                     torch.cuda.synchronize(self.device)
-                res.first_step_s = time.perf_counter() - self.t0
-                self.first, self.paused = (self.n_tokens, time.perf_counter()), 0.0  # the steady window opens
+                if self.step == self.start_step + 1:
+                    res.first_step_s = time.perf_counter() - self.t0
+                if self.step == self.start_step + speed.WARMUP_STEPS:  # the steady window opens
+                    self.first, self.paused = (self.n_tokens, time.perf_counter()), 0.0
             self.bar.update(1)
             if self.on_step is not None or self.step % cfg.log_every == 0 or self.step == self.total:
                 self.read_back()
@@ -293,10 +295,10 @@ class _Run:
             self.pending = []
         res.steps = self.step
         res.tokens_per_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
-        if self.first is not None and self.step > self.start_step + 1:
+        if self.first is not None and self.step > self.start_step + speed.WARMUP_STEPS:
             train_s = max(time.perf_counter() - self.first[1] - self.paused, 1e-9)
             res.steady_tokens_per_s = (self.n_tokens - self.first[0]) / train_s
-            res.steady_step_ms = 1000 * train_s / (self.step - self.start_step - 1)
+            res.steady_step_ms = 1000 * train_s / (self.step - self.start_step - speed.WARMUP_STEPS)
         if self.device.type == "cuda":
             res.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if self.out and (error is None or self.step > self.start_step or state.get("eval_pending")):

@@ -45,6 +45,11 @@ class SpeedPlan:
 
 GRAPHED = [False]  # a model was compiled under CUDA graphs in this process (set by the loop)
 
+# Steps before a run's steady throughput is timed (minift train) and before minift bench's timed
+# window: the first compiles the step; under CUDA graphs the next ones run it in the graphs' memory
+# pool and record the graphs (torch.compile's CUDA graph trees), each far slower than a replay.
+WARMUP_STEPS = 3
+
 # the hooks that run between a model's forward passes or change the graph from step to step
 EAGER_HOOKS = ("allocator", "penalty", "forward_context", "unfreezer")
 

@@ -14,7 +14,7 @@ from minift.training.forward import model_forward
 from minift.training.loop import train
 from minift.training.config import TrainConfig
 from minift.training import speed
-from minift.training.speed import plan
+from minift.training.speed import WARMUP_STEPS, plan
 from minift.training import loop as loop_mod
 
 from tests.training.test_train import BombBatches, batches, cfg, gpt
@@ -207,7 +207,7 @@ def test_a_batch_without_mask_gets_one_when_padded_and_a_long_one_is_refused():
 # ---------------------------------------------------------------------------- the steady throughput
 
 def test_the_steady_throughput_leaves_evaluations_and_checkpoints_out(tmp_path, monkeypatch):
-    """steady_tokens_per_s / steady_step_ms time the training steps after the first one: an
+    """steady_tokens_per_s / steady_step_ms time the training steps after the warm-up ones: an
     evaluation or checkpoint in between (here each made to take 0.3 s) is not a step's time."""
     import time as time_mod
     real_save = loop_mod.save_checkpoint
@@ -227,11 +227,12 @@ def test_the_steady_throughput_leaves_evaluations_and_checkpoints_out(tmp_path, 
     assert len(res.evals) == 4  # steps 2, 4, 6 and the last: 1.2 s of evaluations, 0.6 s of checkpoints
     assert 0 < res.steady_step_ms < 150, res.steady_step_ms  # a tiny model's step: milliseconds
     tokens = [int(b["attention_mask"].sum()) for b in batches()]  # each of the 3 batches
-    assert res.steady_tokens_per_s > 6 * (sum(tokens) / 3) / 1.0  # 6 steps in well under a second
+    n = 7 - WARMUP_STEPS  # the steps in the window
+    assert res.steady_tokens_per_s > n * (sum(tokens) / 3) / 1.0  # n steps in well under a second
     assert res.tokens_per_s < res.steady_tokens_per_s  # the whole run's figure keeps them in
-    # the two figures are of one window: the steps after the first, 6 of them
-    window_tokens = res.steady_tokens_per_s * 6 * res.steady_step_ms / 1000
-    assert 6 * min(tokens) <= round(window_tokens) <= 6 * max(tokens)
+    # the two figures are of one window: the n steps after the warm-up
+    window_tokens = res.steady_tokens_per_s * n * res.steady_step_ms / 1000
+    assert n * min(tokens) <= round(window_tokens) <= n * max(tokens)
 
     # resumed with an evaluation pending (it runs before the first new step): still only steps
     (tmp_path / "r").mkdir()
@@ -241,12 +242,16 @@ def test_the_steady_throughput_leaves_evaluations_and_checkpoints_out(tmp_path, 
     res = train(gpt(dropout=0.0), batches(), cfg(tmp_path / "r", steps=7, grad_accum=1, eval_every=2, resume=True),
                 eval_fn=slow_eval)
     assert [e["step"] for e in res.evals] == [2, 4, 6, 7]
-    assert 0 < res.steady_step_ms < 150 and res.steady_tokens_per_s < 6 * max(tokens) / 0.001
+    assert 0 < res.steady_step_ms < 150 and res.steady_tokens_per_s < n * max(tokens) / 0.001
 
 
-def test_one_step_has_no_steady_window(tmp_path):
-    res = train(gpt(dropout=0.0), batches(), cfg(tmp_path, steps=1, grad_accum=1))
-    assert res.steady_step_ms is None and res.steady_tokens_per_s == 0.0
+def test_a_run_of_warm_up_steps_only_has_no_steady_window(tmp_path):
+    """The window opens after speed.WARMUP_STEPS steps (compiling, recording CUDA graphs): a run
+    that ends there has no steady figure, one step more has one."""
+    res = train(gpt(dropout=0.0), batches(), cfg(tmp_path, steps=WARMUP_STEPS, grad_accum=1))
+    assert res.steady_step_ms is None and res.steady_tokens_per_s == 0.0 and res.first_step_s > 0
+    res = train(gpt(dropout=0.0), batches(), cfg(tmp_path / "more", steps=WARMUP_STEPS + 1, grad_accum=1))
+    assert res.steady_step_ms > 0 and res.steady_tokens_per_s > 0
 
 
 # ---------------------------------------------------------------------------- one read per interval
