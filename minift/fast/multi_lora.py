@@ -22,7 +22,9 @@ own copy of the factors: x viewed as (K, n T, in) meets the stacked factors dire
 
     h  += bmm(bmm(x_blocks, A^T), B^T)      (K, n T, out)
 
-with no gather in the forward and no scatter-add of per-row factor gradients in the backward.
+with no gather in the forward and no scatter-add of per-row factor gradients in the backward, as
+one autograd node (``BlockLoRA``) that adds the adapters' terms to the base's output and input
+gradient in place.
 
 A layer takes one of these paths for a mixed batch in which every row has an adapter that
 targets the layer and no adapter applies dropout (in training); otherwise the reference forward
@@ -50,6 +52,55 @@ def blocks(names: list[str | None]) -> tuple[str, ...] | None:
     return order
 
 
+class BlockLoRA(torch.autograd.Function):
+    """The block path as one autograd node that adds the adapters' terms in place:
+
+        forward   h = x W^T + b;  u = bmm(x_blocks, A^T);  h_blocks += bmm(u, B^T)
+        backward  g = bmm(dy_blocks, B);  dx = dy W;  dx_blocks += bmm(g, A)
+                  dA = bmm(g^T, x_blocks);  dB = bmm(dy_blocks^T, u)
+
+    (B with the scalings folded in.) Written as plain ops, ``h + bmm(...)`` holds a second
+    output-sized tensor and the sum, and the input gradient is the sum of two input-sized ones;
+    here each is one tensor, which lowers a ``train_many`` step's peak by a few input-sized tensors
+    (the memory budget ``benchmarks/many_adapters.py`` measures: one job of all the rows, plus the
+    adapters' own state). It saves what the plain ops would: x in the matmul dtype, u and the
+    factors. Under autocast every matmul runs in autocast's dtype, as it would there."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B):
+        kind = x.device.type
+        dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        xc = x.to(dt)
+        h = F.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
+        xk = xc.reshape(A.shape[0], -1, xc.shape[-1])                            # (K, n T, in)
+        u = torch.bmm(xk, A.to(dt).transpose(1, 2))                             # (K, n T, r)
+        h.view(A.shape[0], -1, h.shape[-1]).baddbmm_(u, B.to(dt).transpose(1, 2))
+        ctx.save_for_backward(xc, weight, u, A, B)
+        ctx.has_bias = bias is not None
+        return h
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, weight, u, A, B = ctx.saved_tensors
+        K, dt = A.shape[0], xc.dtype
+        dy = dy.to(dt)
+        dyk = dy.reshape(K, -1, dy.shape[-1])                                   # (K, n T, out)
+        g = torch.bmm(dyk, B.to(dt))                                            # (K, n T, r)
+        dx = dw = db = dA = dB = None
+        if ctx.needs_input_grad[0]:
+            dx = dy @ weight.to(dt)
+            dx.view(K, -1, dx.shape[-1]).baddbmm_(g, A.to(dt))
+        if ctx.needs_input_grad[1]:
+            dw = dy.reshape(-1, dy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.reshape(-1, dy.shape[-1]).sum(0)
+        if ctx.needs_input_grad[3]:
+            dA = torch.bmm(g.transpose(1, 2), xc.reshape(K, -1, xc.shape[-1]))  # (K, r, in)
+        if ctx.needs_input_grad[4]:
+            dB = torch.bmm(dyk.transpose(1, 2), u)                               # (K, out, r)
+        return dx, dw, db, dA, dB
+
+
 class GatheredMultiLoRALinear(MultiLoRALinear):
     """``MultiLoRALinear`` whose mixed-batch forward takes the factors block by block when the rows
     come in equal blocks, one per adapter, and gathers each row's otherwise (see above)."""
@@ -58,11 +109,8 @@ class GatheredMultiLoRALinear(MultiLoRALinear):
         mixed = self.rows is not None and self.merged is None
         blocks = self._blocks(x.shape[0]) if mixed else None
         if blocks is not None:  # row block k is adapter k's: two batched GEMMs over the blocks, no gather
-            h = F.linear(x, self.weight, self.bias)
             A, B = self._stacked(blocks)
-            B = B * self._scales(blocks, B)
-            xk = x.reshape(len(blocks), -1, self.in_features)                     # (K, n T, in)
-            return h + torch.bmm(torch.bmm(xk, A.transpose(1, 2)), B.transpose(1, 2)).view(h.shape)
+            return BlockLoRA.apply(x, self.weight, self.bias, A, B * self._scales(blocks, B))
         slots = self._slots(x.shape[0]) if mixed else None
         if slots is None:
             return super().forward(x)

@@ -112,6 +112,15 @@ def test_gathered_mixed_batch_on_cuda_under_autocast():
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             with mixed_batch(ref, rows), mixed_batch(fst, rows):
                 torch.testing.assert_close(fst(ids).logits.float(), ref(ids).logits.float(), atol=3e-2, rtol=3e-2)
+    rows = ["b", "b", "c", "c", "a", "a"]  # blocks, training: gradients under autocast as well
+    grads = []
+    for m in (ref, fst):
+        with torch.autocast("cuda", dtype=torch.bfloat16), mixed_batch(m, rows):
+            m(ids).logits.float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=3e-2, rtol=5e-2, msg=n)
 
 
 def test_adapters_of_one_rank_stack_without_padding_and_match_the_reference():
@@ -145,6 +154,22 @@ def test_equal_blocks_of_rows_take_the_block_path_and_equal_the_reference(order,
     def took_blocks():
         assert q._blocks(len(rows)) == tuple(order[:k]) and not hasattr(q, "_slot_cache")
     assert_same_outputs_and_gradients(ref, fst, rows, ids, took_blocks)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_block_node_has_the_gradients_of_its_plain_ops(bias):
+    """BlockLoRA (one node, the adapters' terms added in place) against torch.autograd.gradcheck:
+    every input's gradient, the base weight and bias too (train_many keeps them frozen)."""
+    from minift.fast.multi_lora import BlockLoRA
+    g = torch.Generator().manual_seed(0)
+    K, n, T, d_in, d_out, r = 3, 2, 4, 5, 6, 2
+    x, w, A, B = (torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+                  for s in ((K * n, T, d_in), (d_out, d_in), (K, r, d_in), (K, d_out, r)))
+    b = torch.randn(d_out, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    assert torch.autograd.gradcheck(BlockLoRA.apply, (x, w, b, A, B))
+    plain = torch.nn.functional.linear(x, w, b) + torch.bmm(torch.bmm(
+        x.reshape(K, -1, d_in), A.transpose(1, 2)), B.transpose(1, 2)).view(K * n, T, d_out)
+    torch.testing.assert_close(BlockLoRA.apply(x, w, b, A, B), plain)
 
 
 def test_only_equal_runs_of_distinct_adapters_are_blocks_and_the_batch_must_have_their_rows():
