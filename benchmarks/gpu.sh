@@ -13,7 +13,10 @@
 # --dry-run prints the commands instead of running them.
 #
 # Stages (GPT-2 medium config, batch 8 x 1024, bf16 autocast, unless named otherwise):
-#   tests          the whole test suite on the GPU                      test-suite-gpu.log      ~4 min
+#   tests          tests-core + tests-training: the whole test suite on the GPU, as two commands (the whole
+#                  suite ran past a 10-minute command on an H200)
+#     tests-core   every test but tests/training                        test-suite-gpu-core.log
+#     tests-training  tests/training                                    test-suite-gpu-training.log
 #   bench-eager    every method, eager; LoRA through the merged forward  bench-gpt2-medium-eager[-merged]-TAG
 #   bench-best     best-lora + best-full + best-prompt (up to ~10 min; run the parts separately
 #                  under a 10-minute command limit)
@@ -136,7 +139,11 @@ env_txt() {
 stage() {
   case $1 in
   tests)
-    go 560 test-suite-gpu python3 -m pytest -q -p no:cacheprovider -rfEs ;;
+    stage tests-core; stage tests-training ;;
+  tests-core)
+    go 560 test-suite-gpu-core python3 -m pytest -q -p no:cacheprovider -rfEs --ignore=tests/training ;;
+  tests-training)
+    go 560 test-suite-gpu-training python3 -m pytest -q -p no:cacheprovider -rfEs tests/training ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
       --speed eager --name bench-gpt2-medium-eager-$tag
