@@ -50,6 +50,13 @@ def lm_targets(batch: dict) -> int:
 
 # ---------------------------------------------------------------------------- device
 
+def any_padded(batches) -> bool:
+    """Whether some batch has padding (a 0 in its attention mask). A run under CUDA graphs whose
+    batches are padded keeps every mask, all-ones ones too (``to_device(keep_mask=True)``): a batch
+    without its mask would be another input signature, compiled and captured once more."""
+    return any(not bool(b["attention_mask"].all()) for b in batches if "attention_mask" in b)
+
+
 def check_device(name) -> None:
     """A one-line ValueError unless ``name`` is auto, cpu, or an available cuda / cuda:N."""
     if name == "auto":
@@ -74,11 +81,11 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def to_device(batch: dict, device) -> dict:
+def to_device(batch: dict, device, keep_mask: bool = False) -> dict:
     """Move a batch to ``device``. An attention mask without padding (all ones, checked here on
-    the CPU, before the copy) is dropped: it means the same as no mask, and without one the
-    models can use SDPA's causal / flash path instead of building a dense bias."""
+    the CPU, before the copy) is dropped unless ``keep_mask``: it means the same as no mask, and
+    without one the models can use SDPA's causal / flash path instead of building a dense bias."""
     mask = batch.get("attention_mask")
-    if torch.is_tensor(mask) and mask.device.type == "cpu" and bool(mask.all()):
+    if not keep_mask and torch.is_tensor(mask) and mask.device.type == "cpu" and bool(mask.all()):
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

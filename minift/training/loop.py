@@ -46,7 +46,7 @@ from minift.training import distributed, metrics_log, speed
 from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                         save_weights, seed_everything)
 from minift.training.config import TrainConfig, lr_factor
-from minift.training.forward import model_forward, pick_device, to_device
+from minift.training.forward import any_padded, model_forward, pick_device, to_device
 
 
 @dataclass
@@ -97,7 +97,8 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     a step, and a failure on one rank raises there without a checkpoint.
     """
     run = _Run(model, train_batches, cfg, param_groups, eval_fn=eval_fn, allocator=allocator, penalty=penalty,
-               unfreezer=unfreezer, forward_context=forward_context or _no_context, on_step=on_step)
+               unfreezer=unfreezer, on_step=on_step,
+               forward_context=forward_context or (lambda m: contextlib.nullcontext()))
     run.resume()
     if on_start is not None:
         on_start(run.step)
@@ -182,6 +183,7 @@ class _Run:
             self.model.compile(mode=cfg.compile_mode)
             if self.graphs:
                 speed.GRAPHED[0] = True
+        self.keep_masks = self.graphs and any_padded(self.batches)  # one input signature a step
         self.model.train()
 
     def steps(self) -> None:
@@ -225,7 +227,7 @@ class _Run:
             self.n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
                 else batch["input_ids"].numel()
             batch, share = distributed.split(batch, model)  # this rank's rows, its share of the loss (1: all)
-            batch = to_device(batch, self.device)
+            batch = to_device(batch, self.device, self.keep_masks)
             if self.graphs:  # a new forward: CUDA-graph outputs of the last one may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             with self.autocast, self.forward_context(model):
@@ -341,10 +343,6 @@ class _Run:
 
 
 # ---------------------------------------------------------------------------- pieces
-
-def _no_context(model):
-    return contextlib.nullcontext()
-
 
 def make_optimizer(model, cfg: TrainConfig, param_groups=None, all_params=False, device=None):
     """AdamW over ``param_groups`` or, by default, the trainable parameters: >= 2-D ones get

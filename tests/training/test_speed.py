@@ -195,6 +195,20 @@ def test_one_shape_for_every_batch_and_float_labels_keep_their_rows():
     assert pad_rows(out[0], 4) is out[0]
 
 
+def test_a_padded_graphed_run_keeps_every_mask_so_every_step_has_one_signature():
+    """The longest batch of a padded run has an all-ones mask that to_device would drop (a second
+    input signature under CUDA graphs: compiled and captured again); such a run keeps every mask,
+    and a run of unpadded blocks still drops them (the flash path)."""
+    from minift.training.forward import any_padded, to_device
+    bs = pad_to_one_shape([{"input_ids": torch.ones(2, 9, dtype=torch.long), "labels": torch.tensor([0, 1])},
+                           {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([1, 0])}])
+    assert bs[0]["attention_mask"].all() and any_padded(bs)
+    assert all(to_device(b, "cpu", keep_mask=any_padded(bs)).keys() == bs[0].keys() for b in bs)
+    assert "attention_mask" not in to_device(bs[0], "cpu")
+    blocks = [{"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}]
+    assert not any_padded(blocks) and not any_padded([{"input_ids": torch.ones(1, 3, dtype=torch.long)}])
+
+
 def test_a_batch_without_mask_gets_one_when_padded_and_a_long_one_is_refused():
     b = {"input_ids": torch.ones(2, 4, dtype=torch.long)}
     p = pad_batch(b, 6)
