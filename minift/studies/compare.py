@@ -114,10 +114,9 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
     from minift.training.evaluate import evaluate
     from minift.training.loop import train
     from minift.training.config import TrainConfig
-    from minift.training.data import load_tokenizer
     t = recipe["train"]
     lr, options = compare_settings(recipe, full=cfg.full)  # a recipe's own lr and options for compare
-    state = build_method(model, method, options, tokenizer=load_tokenizer(task.model_dir), lr=lr,
+    state = build_method(model, method, options, tokenizer=task.tokenizer, lr=lr,
                          weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
     tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
                      schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),

@@ -88,6 +88,7 @@ class Task:
     dev: list[dict]
     test: list[dict]
     sizes: dict
+    tokenizer: object = None          # the model's tokenizer, read once (the methods' text inits)
 
 
 def resolve(cfg: CompareConfig, log=print) -> CompareConfig:
@@ -143,4 +144,4 @@ def load_task(cfg: CompareConfig) -> Task:
                                       None if d.pairs is None else [d.pairs[i] for i in idx])
         out[s] = data.batches(sub.tokenize(tok, cfg.max_len), cfg.batch_size, pad_id=pad)
     return Task(cfg.model, [names[i] for i in range(len(names))], out["train"], out["dev"], out["test"],
-                {s: len(idx) for s, idx in keep.items()})
+                {s: len(idx) for s, idx in keep.items()}, tok)
