@@ -78,7 +78,7 @@
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
 #   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
-#                  1.0, 0.8, 0.6 (benchmarks/activation_budget.py): peak memory against step time (limits 8.5 min)
+#                  1.0, 0.8, 0.6 (bench --activation-budget): peak memory against step time (limits 8.5 min)
 #                  bench-gpt2-medium-lora-budget{1.0,0.8,0.6}-TAG
 #   many           many-forward + many-train: many LoRA adapters on one GPT-2-medium-shaped base
 #                  (benchmarks/many_adapters.py; limits 5 + 7 min: two commands)
@@ -290,7 +290,7 @@ stage() {
   act-budget)
     local b
     for b in 1.0 0.8 0.6; do
-      go 170 "act-budget-$b" python3 benchmarks/activation_budget.py $b --out "$out" $G2M --methods lora \
+      go 170 "act-budget-$b" $M bench --out "$out" $G2M --methods lora --activation-budget $b \
         --name bench-gpt2-medium-lora-budget$b-$tag
     done ;;
   many-forward)

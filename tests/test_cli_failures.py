@@ -330,8 +330,10 @@ def test_deeply_nested_jsonl_line(env, cli, tmp_path):
     (["--lr", "inf"], "lr"), (["--lr", "nan"], "lr"), (["--lr", "-1"], "lr"),
     (["--warmup", "inf"], "warmup"), (["--weight-decay", "nan"], "weight"),
     (["--metric", "foo"], "foo"), (["--metric", "perplexity"], "perplexity"),
+    (["--activation-budget", "1.5"], "activation_budget must be in (0, 1]"),
+    (["--activation-budget", "0.8"], "activation_budget 0.8 applies to a compiled run"),
 ], ids=["lr-inf", "lr-nan", "lr-negative", "warmup-inf", "weight-decay-nan", "metric-unknown",
-        "metric-of-another-task"])
+        "metric-of-another-task", "activation-budget-out-of-range", "activation-budget-eager"])
 def test_bad_training_flag_fails_before_training(flags, fragment, env, cli, tmp_path):
     out = tmp_path / "out"
     rc, err, _ = cli(train_argv(env, out, *flags))

@@ -113,6 +113,7 @@ class BenchConfig:
     isolate: bool | None = None  # each method in its own process; None: when a method may be compiled
     lora_targets: tuple[str, ...] = ()  # empty: default_lora_targets(model)
     dropout: float = 0.0  # the model's dropout (GPT, BERT) and LoRA/DoRA's: to match a recipe's run
+    activation_budget: float | None = None  # compiled rows: torch.compile's (speed.activation_budget)
     seed: int = 0
 
     def __post_init__(self):
@@ -133,6 +134,8 @@ class BenchConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dropout and isinstance(PRESETS[self.model], LlamaConfig):
             raise ValueError(f"dropout is for the GPT-2 and BERT presets; {self.model} has none")
+        if self.activation_budget is not None and not 0 < self.activation_budget <= 1:
+            raise ValueError(f"activation_budget must be in (0, 1], got {self.activation_budget}")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
         if self.isolate is None:  # torch 2.11: one model under CUDA graphs per process
@@ -307,7 +310,8 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     pr = prepare(cfg, method)
     model, rc, train = pr.model, pr.cfg, pr.train
     first: list[float] = []
-    with _attention_backend(rc):
+    budget = speed.activation_budget(rc.activation_budget if rc.compile else None, rc.compile)
+    with _attention_backend(rc), budget:  # the step compiles in its first call, inside
         ms, peak, times = bench_timing.time_steps(timed_first(pr.step, rc.device, first), rc)
     trainable, total = count_trainable(model)
     mc = model.config
@@ -343,6 +347,8 @@ def variant_name(cfg: BenchConfig, method: str) -> str:
         flags.append("sdpa_math")
     if cfg.dropout:
         flags.append(f"dropout{cfg.dropout:g}")
+    if cfg.activation_budget is not None and cfg.compile:
+        flags.append(f"activation_budget{cfg.activation_budget:g}")
     if cfg.sync_each_step and cfg.device.startswith("cuda"):
         flags.append("sync_each_step")
     gpt_loss = isinstance(PRESETS[cfg.model], (GPTConfig, LlamaConfig)) and not cfg.plain_ce and method != "probe"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from minift.files import InputError as UsageError  # bad usage: one line, exit code 2
+from minift.training.speed import WARMUP_STEPS
 
 
 def _check_cuda(device: str) -> None:
@@ -44,7 +45,7 @@ def add_bench(sub) -> None:
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=WARMUP_STEPS, help="untimed steps first (compiling, CUDA graphs)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--no-frozen-bf16", action="store_true", help="keep frozen base weights in fp32")
     p.add_argument("--speed", default="default", choices=SPEEDS,
@@ -65,6 +66,9 @@ def add_bench(sub) -> None:
     p.add_argument("--dropout", type=float, default=0.0,
                    help="the model's dropout (GPT, BERT) and LoRA/DoRA's, e.g. 0.1 to match a recipe's run "
                         "(default 0: none; Llama has none)")
+    p.add_argument("--activation-budget", type=float, default=None,
+                   help="compiled rows: the share (0, 1] of the saved activations torch.compile keeps, "
+                        "recomputing the rest (default: PyTorch's 1.0)")
     p.add_argument("--lora-merged-forward", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA rows through the merged weight W0 + sBA (minift.fast.lora.enable), or "
                         "(--no-lora-merged-forward) the addmm forward (default: the plan decides, merged on CUDA)")
@@ -115,7 +119,7 @@ def _cmd_bench(args) -> int:
                             loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,
                             sdpa_math=args.sdpa_math, sync_each_step=args.sync_each_step,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-                            dropout=args.dropout)
+                            dropout=args.dropout, activation_budget=args.activation_budget)
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731
     rows = bench.run(cfg, progress=lambda s: print(s, file=sys.stderr), on_row=save)  # saved after each method

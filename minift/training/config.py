@@ -36,6 +36,7 @@ class TrainConfig:
     bf16: bool = True                 # bf16 autocast, on CUDA only
     compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
     compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
+    activation_budget: float | None = None  # compiled runs: the share of saved activations kept (speed.py)
     fast: bool = True                 # read by minift train's speed plan (training/speed.py), not by train()
     out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
     save_every: int = 0               # optimizer steps between checkpoints; 0 = only at the end
@@ -71,6 +72,9 @@ class TrainConfig:
         if self.lr <= 0 or self.warmup < 0 or self.weight_decay < 0:
             raise ValueError(f"lr must be > 0, warmup and weight_decay >= 0; got lr={self.lr}, "
                              f"warmup={self.warmup}, weight_decay={self.weight_decay}")
+        if self.activation_budget is not None and not 0 < self.activation_budget <= 1:
+            raise ValueError(f"activation_budget must be in (0, 1] (the share of saved activations kept), "
+                             f"got {self.activation_budget}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.device is not None:

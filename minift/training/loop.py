@@ -97,8 +97,7 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     a step, and a failure on one rank raises there without a checkpoint.
     """
     run = _Run(model, train_batches, cfg, param_groups, eval_fn=eval_fn, allocator=allocator, penalty=penalty,
-               unfreezer=unfreezer, on_step=on_step,
-               forward_context=forward_context or (lambda m: contextlib.nullcontext()))
+               unfreezer=unfreezer, forward_context=forward_context or contextlib.nullcontext, on_step=on_step)
     run.resume()
     if on_start is not None:
         on_start(run.step)
@@ -106,10 +105,11 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
         run.res.steps, run.res.stopped_early, run.res.checkpoint = run.step, True, str(run.ckpt)
         model.eval()
         return run.res
+    budget = speed.activation_budget(cfg.activation_budget, cfg.compile)  # (a bad one fails before any step)
     run.begin()
     error = None
     try:
-        with distributed.stop_together():  # several ranks: Ctrl-C stops every rank after the same step
+        with distributed.stop_together(), budget:  # several ranks: Ctrl-C stops every rank after the same step
             run.steps()
     except KeyboardInterrupt as e:
         run.res.interrupted = True

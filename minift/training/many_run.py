@@ -73,6 +73,7 @@ REFUSED = {
                                                 "batch_size"),
     ("train", "compile"): (lambda v: not v, "train-many does not compile or merge LoRA weights"),
     ("train", "compile_mode"): (lambda v: False, "train-many does not compile"),
+    ("train", "activation_budget"): (lambda v: False, "train-many does not compile"),
 }
 
 

@@ -66,6 +66,9 @@ TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over t
               "compile_mode": "default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs "
                               "(default on CUDA: reduce-overhead)",
               "fast": "minift.fast's speed pieces on CUDA (default true; see docs/speed.md)",
+              "activation_budget": "compiled runs: the share (0, 1] of the activations torch.compile saves for "
+                                   "the backward that it keeps, recomputing the rest (less memory, slower "
+                                   "steps; default: PyTorch's 1.0; docs/speed.md)",
               "log_every": "steps between reads of the loss back from the GPU and metrics lines (default 10)",
               "metric": "dev metric early stopping and best/ track: loss, accuracy, macro_f1, perplexity",
               "higher_is_better": "true for accuracy/F1 (default false: loss)"}

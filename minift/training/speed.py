@@ -25,6 +25,7 @@ Each piece is tied to the reference path by an equivalence test (tests/fast/), a
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 from minift.methods.spec import TrainHooks
@@ -92,4 +93,21 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
         p.pad = graphs and task != "causal-lm"
         p.notes.append(f"torch.compile mode {p.compile_mode}" + (" (CUDA graphs)" if graphs else "")
                        + (", batches padded to one shape" if p.pad else ""))
+        if given.get("activation_budget") is not None:
+            p.notes.append(f"activation memory budget {given['activation_budget']:g}")
     return p
+
+
+def activation_budget(budget: float | None, compiled: bool):
+    """A context in which torch.compile keeps at most ``budget`` of the activations its partitioner
+    (AOTAutograd) would save for the backward and recomputes the rest, cheapest first (pointwise
+    ops such as GELU or LayerNorm's normalization before any matmul); read when a step compiles.
+    None: PyTorch's default (1.0). A budget for a run that does not compile is an error: it would
+    change nothing."""
+    if budget is None:
+        return contextlib.nullcontext()
+    if not compiled:
+        raise ValueError(f"activation_budget {budget:g} applies to a compiled run, and this one runs eager "
+                         f"(the speed plan or --compile false); leave it out or compile")
+    import torch._functorch.config as functorch_config
+    return functorch_config.patch(activation_memory_budget=budget)

@@ -63,6 +63,15 @@ def test_adalora_stays_eager_on_cuda_as_in_train():
     assert bench.variant_name(rc, "adalora") == "frozen_bf16"
 
 
+def test_the_activation_budget_is_a_compiled_rows_variant():
+    _, rc = plan_for("lora", activation_budget=0.8)
+    assert bench.variant_name(rc, "lora").endswith("+merged_forward+activation_budget0.8")
+    _, rc = plan_for("adalora", activation_budget=0.8)  # eager by its plan: no budget applies
+    assert bench.variant_name(rc, "adalora") == "frozen_bf16"
+    with pytest.raises(ValueError, match=r"activation_budget must be in \(0, 1\]"):
+        bench.BenchConfig(activation_budget=1.5)
+
+
 def test_classification_presets_are_planned_as_classification_without_padding():
     p, _ = plan_for("lora", model="tiny-bert")
     assert p.compile and p.compile_mode == "reduce-overhead" and not p.pad
