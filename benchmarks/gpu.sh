@@ -13,8 +13,8 @@
 # --dry-run prints the commands instead of running them.
 #
 # Stages (GPT-2 medium config, batch 8 x 1024, bf16 autocast, unless named otherwise):
-#   tests          tests-core + tests-training: the whole test suite on the GPU, as two commands (the whole
-#                  suite ran past a 10-minute command on an H200)
+#   tests          tests-core + tests-training: the whole test suite on the GPU, in two commands (the whole
+#                  suite takes longer than one 10-minute device command)
 #     tests-core   every test but tests/training                        test-suite-gpu-core.log
 #     tests-training  tests/training                                    test-suite-gpu-training.log
 #   bench-eager    every method, eager; LoRA through the merged forward  bench-gpt2-medium-eager[-merged]-TAG

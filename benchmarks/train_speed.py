@@ -4,7 +4,7 @@
 
 A LOG (a file: what `minift train` printed, as benchmarks/gpu.sh keeps it in OUT/NAME.log) gives
 the run's summary line, the JSON object it prints last: ``steady_step_ms`` and
-``steady_tokens_per_s`` (after the first step, evaluations and checkpoints left out),
+``steady_tokens_per_s`` (after the warm-up steps, speed.WARMUP_STEPS, evaluations and checkpoints left out),
 ``first_step_s`` (compiling included), ``tokens_per_s`` (the whole run), ``peak_gib``, the final
 evaluation's accuracy where there is one, and the speed plan from the run's first line.
 ``minift train`` counts the tokens of a batch's attention mask (padding left out), so a

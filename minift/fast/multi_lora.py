@@ -38,6 +38,7 @@ import itertools
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from minift.methods.multi_lora import MultiLoRALinear, multi_lora_modules
 
@@ -69,7 +70,9 @@ class BlockLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B):
         kind = x.device.type
-        dt = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        # autocast's matmul dtype, except for fp64 inputs (autocast leaves those alone too)
+        autocast = kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind) and x.dtype != torch.float64
+        dt = torch.get_autocast_dtype(kind) if autocast else x.dtype
         xc = x.to(dt)
         h = F.linear(xc, weight.to(dt), None if bias is None else bias.to(dt))
         xk = xc.reshape(A.shape[0], -1, xc.shape[-1])                            # (K, n T, in)
@@ -80,12 +83,14 @@ class BlockLoRA(torch.autograd.Function):
         return h
 
     @staticmethod
+    @once_differentiable  # (u was formed without a graph: no second-order gradient through it)
     def backward(ctx, dy):
         xc, weight, u, A, B = ctx.saved_tensors
         K, dt = A.shape[0], xc.dtype
         dy = dy.to(dt)
         dyk = dy.reshape(K, -1, dy.shape[-1])                                   # (K, n T, out)
-        g = torch.bmm(dyk, B.to(dt))                                            # (K, n T, r)
+        need = ctx.needs_input_grad
+        g = torch.bmm(dyk, B.to(dt)) if need[0] or need[3] else None            # (K, n T, r)
         dx = dw = db = dA = dB = None
         if ctx.needs_input_grad[0]:
             dx = dy @ weight.to(dt)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from minift.methods.registry import METHODS
 
@@ -88,7 +89,7 @@ class Task:
     dev: list[dict]
     test: list[dict]
     sizes: dict
-    tokenizer: object = None          # the model's tokenizer, read once (the methods' text inits)
+    tokenizer: Tokenizer              # the model's, read once (the methods' text inits)
 
 
 def resolve(cfg: CompareConfig, log=print) -> CompareConfig:

@@ -113,10 +113,13 @@ def test_gathered_mixed_batch_on_cuda_under_autocast():
             with mixed_batch(ref, rows), mixed_batch(fst, rows):
                 torch.testing.assert_close(fst(ids).logits.float(), ref(ids).logits.float(), atol=3e-2, rtol=3e-2)
     rows = ["b", "b", "c", "c", "a", "a"]  # blocks, training: gradients under autocast as well
+    q = dict(multi_lora_modules(fst))["layers.0.attn.q_proj"]  # every adapter targets q_proj
     grads = []
     for m in (ref, fst):
         with torch.autocast("cuda", dtype=torch.bfloat16), mixed_batch(m, rows):
             m(ids).logits.float().logsumexp(-1).mean().backward()
+            if m is fst:
+                assert q._blocks(len(rows)) == ("b", "c", "a")  # the block path ran
         grads.append({n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
@@ -170,6 +173,27 @@ def test_the_block_node_has_the_gradients_of_its_plain_ops(bias):
     plain = torch.nn.functional.linear(x, w, b) + torch.bmm(torch.bmm(
         x.reshape(K, -1, d_in), A.transpose(1, 2)), B.transpose(1, 2)).view(K * n, T, d_out)
     torch.testing.assert_close(BlockLoRA.apply(x, w, b, A, B), plain)
+
+
+def test_the_block_node_under_cpu_autocast_matches_its_plain_ops():
+    """Under bf16 autocast every matmul of the node runs in bf16, as autocast runs the plain ops:
+    output and gradients agree to bf16's precision."""
+    from minift.fast.multi_lora import BlockLoRA
+    g = torch.Generator().manual_seed(1)
+    K, n, T, d_in, d_out, r = 2, 2, 8, 16, 12, 4
+    shapes = ((K * n, T, d_in), (d_out, d_in), (d_out,), (K, r, d_in), (K, d_out, r))
+    results = []
+    for node in (True, False):
+        x, w, b, A, B = (torch.randn(*s, generator=torch.Generator().manual_seed(i)).requires_grad_()
+                         for i, s in enumerate(shapes))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = BlockLoRA.apply(x, w, b, A, B) if node else torch.nn.functional.linear(x, w, b) + torch.bmm(
+                torch.bmm(x.reshape(K, -1, d_in), A.transpose(1, 2)), B.transpose(1, 2)).view(K * n, T, d_out)
+        assert y.dtype == torch.bfloat16
+        y.float().square().mean().backward()
+        results.append([y.float()] + [t.grad for t in (x, w, b, A, B)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
 def test_only_equal_runs_of_distinct_adapters_are_blocks_and_the_batch_must_have_their_rows():
