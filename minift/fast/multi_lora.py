@@ -92,16 +92,16 @@ class BlockLoRA(torch.autograd.Function):
         need = ctx.needs_input_grad
         g = torch.bmm(dyk, B.to(dt)) if need[0] or need[3] else None            # (K, n T, r)
         dx = dw = db = dA = dB = None
-        if ctx.needs_input_grad[0]:
+        if need[0]:
             dx = dy @ weight.to(dt)
             dx.view(K, -1, dx.shape[-1]).baddbmm_(g, A.to(dt))
-        if ctx.needs_input_grad[1]:
+        if need[1]:
             dw = dy.reshape(-1, dy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.has_bias and need[2]:
             db = dy.reshape(-1, dy.shape[-1]).sum(0)
-        if ctx.needs_input_grad[3]:
+        if need[3]:
             dA = torch.bmm(g.transpose(1, 2), xc.reshape(K, -1, xc.shape[-1]))  # (K, r, in)
-        if ctx.needs_input_grad[4]:
+        if need[4]:
             dB = torch.bmm(dyk.transpose(1, 2), u)                               # (K, out, r)
         return dx, dw, db, dA, dB
 
