@@ -37,9 +37,9 @@ def find_modules(model: nn.Module, targets: Iterable[str], kind: type | tuple = 
 
 
 def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
-    """A small CPU tensor built per step (row indices), on ``device``; to a GPU from pinned memory,
-    so that the host does not wait for the GPU's queue to drain (a copy from pageable memory would)."""
-    if device is not None and torch.device(device).type == "cuda":
+    """``t`` on ``device``; a CPU tensor (a batch, row indices) goes to a GPU from pinned memory, so
+    that the host need not wait for the GPU's queue to drain (a copy from pageable memory may)."""
+    if device is not None and torch.device(device).type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
 

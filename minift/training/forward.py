@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from minift.methods.common import host_to_device
 from minift.models.gpt import GPT
 
 
@@ -82,10 +83,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def to_device(batch: dict, device, keep_mask: bool = False) -> dict:
-    """Move a batch to ``device``. An attention mask without padding (all ones, checked here on
-    the CPU, before the copy) is dropped unless ``keep_mask``: it means the same as no mask, and
-    without one the models can use SDPA's causal / flash path instead of building a dense bias."""
+    """Move a batch to ``device`` (to a GPU from pinned memory: ``host_to_device``). An attention
+    mask without padding (all ones, checked here on the CPU, before the copy) is dropped unless
+    ``keep_mask``: it means the same as no mask, and without one the models can use SDPA's causal /
+    flash path instead of building a dense bias."""
     mask = batch.get("attention_mask")
     if not keep_mask and torch.is_tensor(mask) and mask.device.type == "cpu" and bool(mask.all()):
         batch = {k: v for k, v in batch.items() if k != "attention_mask"}
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {k: host_to_device(v, device) if torch.is_tensor(v) else v for k, v in batch.items()}
