@@ -63,13 +63,13 @@ from minift.methods.common import count_trainable
 from minift.methods.registry import METHODS, build_method
 from minift.methods.spec import TrainHooks
 from minift.models.bert import BertClassifier, BertConfig
-from minift.models.gpt import GPT, GPTConfig
+from minift.models.gpt import GPT
 from minift.models.llama import Llama, LlamaConfig
 from minift.training.forward import model_forward
 from minift.training import speed
 from minift.training.config import COMPILE_MODES
 from minift.training.speed import SpeedPlan
-from minift.studies.bench_speed import resolved, speed_meta, speed_plan
+from minift.studies.bench_speed import resolved, speed_meta, speed_plan, variant_name
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # GPT-2 and BERT: every projection
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # + SwiGLU's gate
@@ -331,30 +331,6 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     if rc.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return row
-
-
-def variant_name(cfg: BenchConfig, method: str) -> str:
-    """The optimization flags a row ran with, e.g. ``frozen_bf16+compile:reduce-overhead``."""
-    flags = [k if k != "compile" or cfg.compile_mode in (None, "default") else f"compile:{cfg.compile_mode}"
-             for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
-    if not cfg.fast:
-        flags.append("no_fast")
-    if cfg.lora_merged_forward and method == "lora":  # (``resolved``: the plan's choice)
-        flags.append("merged_forward")
-    if not cfg.fused_adamw and cfg.device.startswith("cuda") and method != "probe":
-        flags.append("foreach_adamw")
-    if cfg.sdpa_math:
-        flags.append("sdpa_math")
-    if cfg.dropout:
-        flags.append(f"dropout{cfg.dropout:g}")
-    if cfg.activation_budget is not None and cfg.compile:
-        flags.append(f"activation_budget{cfg.activation_budget:g}")
-    if cfg.sync_each_step and cfg.device.startswith("cuda"):
-        flags.append("sync_each_step")
-    gpt_loss = isinstance(PRESETS[cfg.model], (GPTConfig, LlamaConfig)) and not cfg.plain_ce and method != "probe"
-    if cfg.loss_chunk is not None and gpt_loss:  # the fused loss's option
-        flags.append(f"loss_chunk={cfg.loss_chunk}")
-    return "+".join(flags) or "eager-fp32-base"
 
 
 def _run_isolated(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:

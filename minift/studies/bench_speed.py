@@ -3,14 +3,16 @@
 On CUDA with no speed flag, bench runs each method as ``minift train`` would by default
 (``minift.fast``, LoRA's merged forward, torch.compile under CUDA graphs where no hook runs
 between steps); ``--speed eager`` and the compile/merged-forward flags override it. Each row
-records its plan's ``describe()`` line. ``cfg`` below is a ``bench.BenchConfig`` (bench.py
-imports this module, so this one does not import it back).
+records its plan's ``describe()`` line, and ``variant_name`` the flags it ran with. ``cfg`` below
+is a ``bench.BenchConfig`` (bench.py imports this module, so this one does not import it back).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 from minift.methods.spec import TrainHooks
 from minift.models.bert import BertConfig
+from minift.models.gpt import GPTConfig
+from minift.models.llama import LlamaConfig
 from minift.studies.presets import PRESETS
 from minift.training import speed
 from minift.training.speed import SpeedPlan
@@ -79,3 +81,27 @@ def speed_meta(cfg) -> str:
     what = ("minift train's speed plan per method (minift.training.speed.plan)" if cfg.speed == "default"
             else "eager (no compile, LoRA addmm forward)")
     return what + (f"; set: {', '.join(asked)}" if asked else "")
+
+
+def variant_name(cfg, method: str) -> str:
+    """The optimization flags a row ran with, e.g. ``frozen_bf16+compile:reduce-overhead``."""
+    flags = [k if k != "compile" or cfg.compile_mode in (None, "default") else f"compile:{cfg.compile_mode}"
+             for k in ("frozen_bf16", "compile", "checkpointing", "plain_ce") if getattr(cfg, k)]
+    if not cfg.fast:
+        flags.append("no_fast")
+    if cfg.lora_merged_forward and method == "lora":  # (``resolved``: the plan's choice)
+        flags.append("merged_forward")
+    if not cfg.fused_adamw and cfg.device.startswith("cuda") and method != "probe":
+        flags.append("foreach_adamw")
+    if cfg.sdpa_math:
+        flags.append("sdpa_math")
+    if cfg.dropout:
+        flags.append(f"dropout{cfg.dropout:g}")
+    if cfg.activation_budget is not None and cfg.compile:
+        flags.append(f"activation_budget{cfg.activation_budget:g}")
+    if cfg.sync_each_step and cfg.device.startswith("cuda"):
+        flags.append("sync_each_step")
+    gpt_loss = isinstance(PRESETS[cfg.model], (GPTConfig, LlamaConfig)) and not cfg.plain_ce and method != "probe"
+    if cfg.loss_chunk is not None and gpt_loss:  # the fused loss's option
+        flags.append(f"loss_chunk={cfg.loss_chunk}")
+    return "+".join(flags) or "eager-fp32-base"
