@@ -202,12 +202,12 @@ class _Run:
             self.step += 1
             self.updating = False
             self.pending.append((self.step, loss, self.opt.param_groups[0]["lr"]))
-            if self.step - self.start_step in (1, speed.WARMUP_STEPS):
+            if (done := self.step - self.start_step) in (1, speed.WARMUP_STEPS):  # (done: in this call)
                 if self.device.type == "cuda":  # the GPU work of the steps so far counts in them
                     torch.cuda.synchronize(self.device)
-                if self.step == self.start_step + 1:
+                if done == 1:
                     res.first_step_s = time.perf_counter() - self.t0
-                if self.step == self.start_step + speed.WARMUP_STEPS:  # the steady window opens
+                if done == speed.WARMUP_STEPS:  # the steady window opens
                     self.first, self.paused = (self.n_tokens, time.perf_counter()), 0.0
             self.bar.update(1)
             if self.on_step is not None or self.step % cfg.log_every == 0 or self.step == self.total:
