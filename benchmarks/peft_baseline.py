@@ -34,6 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minift.studies import bench, bench_report  # noqa: E402
 from minift.studies import bench_timing  # noqa: E402
+from minift.models.gpt import GPTConfig  # noqa: E402
+from minift.models.llama import LlamaConfig  # noqa: E402
 
 
 GPT2_TARGETS = {"q_proj": "c_attn", "k_proj": "c_attn", "v_proj": "c_attn", "o_proj": "attn.c_proj",
@@ -75,7 +77,7 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
 
     torch.manual_seed(cfg.seed)
     mc = bench.PRESETS[cfg.model]
-    kind = "gpt2" if isinstance(mc, bench.GPTConfig) else "llama" if isinstance(mc, bench.LlamaConfig) else "bert"
+    kind = "gpt2" if isinstance(mc, GPTConfig) else "llama" if isinstance(mc, LlamaConfig) else "bert"
     if kind == "llama":
         model = hf_llama(mc, cfg.device)
         task = peft.TaskType.CAUSAL_LM
