@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from minift.fast import clip as fast_clip
 from minift.training import distributed, metrics_log, speed
 from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                         save_weights, seed_everything)
@@ -148,10 +149,11 @@ class _Run:
         self.warmup = cfg.warmup_steps(self.total)
         self.opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=self.device)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a checkpoint's scheduled lrs replace them
+        lean = cfg.fast and fast_clip.applies([p for g in self.opt.param_groups for p in g["params"]])
+        self.clip = fast_clip.clip_grad_norm_ if lean else torch.nn.utils.clip_grad_norm_  # the same numbers
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
-        self.log_path = cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
         self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
-        self.log_path = self.log_path if self.main else None
+        self.log_path = (cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)) if self.main else None
         self.updating = False  # inside the weight update: an interrupt must not be checkpointed
 
     def resume(self) -> None:
@@ -246,7 +248,7 @@ class _Run:
         params = [p for g in opt.param_groups for p in g["params"]]
         distributed.sum_gradients(params)  # several ranks: each now holds the global batch's gradient
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            self.clip(params, cfg.max_grad_norm)
         opt.step()
         if self.allocator is not None:
             self.allocator.step(self.model, self.step)  # AdaLoRA: reads the gradients, so before zero_grad
@@ -259,12 +261,10 @@ class _Run:
         if not self.pending:
             return
         losses = distributed.sum_losses(torch.stack([loss for _, loss, _ in self.pending])).tolist()
-        tok_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
-        last = self.pending[-1][0]
-        for (step, _, lr), loss in zip(self.pending, losses):
-            self.res.losses.append(loss)
-            metrics_log.append(self.log_path, {"step": step, "loss": loss, "lr": lr,
-                                               **({"tok_s": tok_s} if step == last else {})})
+        records = [{"step": step, "loss": loss, "lr": lr} for (step, _, lr), loss in zip(self.pending, losses)]
+        records[-1]["tok_s"] = tok_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
+        self.res.losses += losses
+        metrics_log.append(self.log_path, *records)
         self.bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{self.pending[-1][2]:.2e}", tok_s=f"{tok_s:.0f}")
         self.pending = []
 

@@ -9,12 +9,12 @@ from pathlib import Path
 from minift.files import InputError, read_text
 
 
-def append(path, record: dict) -> None:
-    """One JSON line at the end of the log (none without a path)."""
+def append(path, *records: dict) -> None:
+    """One JSON line per record at the end of the log, in one write (none without a path)."""
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write("".join(json.dumps(r) + "\n" for r in records))
 
 
 def truncate(path, step: int, drop_eval: bool = False) -> None:
