@@ -69,7 +69,8 @@ def _pissa_targets(model: nn.Module, config: dict) -> list[str]:
             and (not targets or any(n == t or n.endswith("." + t) for t in targets))]
 
 
-def _lora_config_of(model: nn.Module, mods) -> lora.LoRAConfig:
+def lora_config_of(model: nn.Module, mods) -> lora.LoRAConfig:
+    """``model.lora_config``, else one rebuilt from its LoRA layers ``mods`` (name, layer)."""
     cfg = getattr(model, "lora_config", None)
     if cfg is not None:
         return cfg
@@ -81,7 +82,7 @@ def _lora_config_of(model: nn.Module, mods) -> lora.LoRAConfig:
 
 def lora_to_minift(model: nn.Module) -> tuple[dict, dict]:
     mods = lora.lora_modules(model)
-    cfg = _lora_config_of(model, mods)
+    cfg = lora_config_of(model, mods)
     tensors = {f"{n}.{pn}": p for n, m in mods for pn, p in m.named_parameters() if pn.startswith("lora_")}
     tensors.update(modules_to_save_params(model, cfg.modules_to_save))
     c = asdict(cfg)
@@ -149,7 +150,7 @@ def _fuse_qkv(model: nn.Module, hf: str, members) -> tuple:
 
 def lora_to_peft(model: nn.Module) -> tuple[dict, dict]:
     mods = lora.lora_modules(model)
-    cfg = _lora_config_of(model, mods)
+    cfg = lora_config_of(model, mods)
     if len({(m.rslora, m.dora, m.init) for _, m in mods}) > 1:
         raise ValueError("the PEFT layout needs one rslora/dora/init setting for all LoRA layers")
     if mods[0][1].init == "pissa":

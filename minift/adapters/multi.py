@@ -11,21 +11,26 @@ as "default"). Each adapter's files are those of a single-adapter model: for eac
 the model is shown to ``save_adapter`` / ``load_adapter`` as a plain LoRA model (its
 ``MultiLoRALinear`` layers swapped, for the call, for ``LoRALinear`` / ``nn.Linear`` views that
 share the same Parameters), so the name mapping and file checks of ``adapters/lora.py`` are used
-as they are.
+as they are. An adapter with modules to save (its own classification head, ``ModulesToSave``)
+writes its copy under the module's name, as a single-adapter model with that head would;
+``load_adapters`` takes plain LoRA only (such a directory loads onto a model of its own:
+``load_adapter``, ``minift eval --adapter``).
 """
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn as nn
 
 from minift.adapters import load_adapter, save_adapter
 from minift.adapters.io import LAYOUTS, adapter_files
+from minift.adapters.lora import lora_config_of
 from minift.files import InputError
 from minift.methods import lora
 from minift.methods.common import set_submodule
-from minift.methods.multi_lora import MultiLoRALinear, adapter_names, multi_lora_modules
+from minift.methods.multi_lora import ModulesToSave, MultiLoRALinear, adapter_names, multi_lora_modules, saved_modules
 
 __all__ = ["save_adapters", "load_adapters"]
 
@@ -37,8 +42,18 @@ def save_adapters(model: nn.Module, path, *, layout: str = "peft") -> list[Path]
         raise ValueError(f"{type(model).__name__} has no named adapters (minift.methods.multi_lora.add_adapter)")
     out = []
     for name in names:
+        heads = tuple(n for n, m in saved_modules(model) if name in m.copies)  # its modules to save
         with as_single(model, name):
-            save_adapter(model, Path(path) / name, layout=layout)
+            had = model.__dict__.get("lora_config")
+            if heads:  # the single-adapter view's config names them, so that save_adapter writes them
+                model.lora_config = replace(lora_config_of(model, lora.lora_modules(model)), modules_to_save=heads)
+            try:
+                save_adapter(model, Path(path) / name, layout=layout)
+            finally:
+                if heads and had is None:
+                    del model.lora_config
+                elif heads:
+                    model.lora_config = had
         out.append(Path(path) / name)
     return out
 
@@ -103,12 +118,16 @@ def _load_one(model: nn.Module, name: str, d: Path) -> None:
 @contextlib.contextmanager
 def as_single(model: nn.Module, name: str | None):
     """Within the ``with``, every ``MultiLoRALinear`` of ``model`` is a ``LoRALinear`` holding
-    adapter ``name``'s own Parameters (layers without it, or ``name`` None: an ``nn.Linear``);
+    adapter ``name``'s own Parameters (layers without it, or ``name`` None: an ``nn.Linear``) and
+    every ``ModulesToSave`` is the adapter's copy (else the original), under the module's own name;
     afterwards the multi-adapter layers are back as they were."""
-    swapped = multi_lora_modules(model)
+    swapped = multi_lora_modules(model) + saved_modules(model)
     try:
         for n, m in swapped:
-            set_submodule(model, n, _view(m, name) if name in m.lora_A else _linear(m))
+            if isinstance(m, ModulesToSave):
+                set_submodule(model, n, m.module_for(name))
+            else:
+                set_submodule(model, n, _view(m, name) if name in m.lora_A else _linear(m))
         yield model
     finally:
         for n, m in swapped:

@@ -23,6 +23,13 @@ Here one layer holds any number of named adapters, each with its own rank, alpha
   the other adapters stay usable only after ``unmerge_adapter`` (a mixed batch refuses to run
   while one is merged, as its rows would all see the merged update).
 
+- **Modules to save** (a classification head, trained in full): each adapter that names the
+  module in ``modules_to_save`` gets its own copy (``ModulesToSave``, PEFT's ModulesToSaveWrapper),
+  which its rows go through; the original stays frozen and serves every other row. Copies may
+  differ in output width (tasks with other label counts): in a mixed batch a narrower copy's rows
+  are padded with -inf on the right, which leaves their softmax, and a loss over their own labels,
+  as they are.
+
 A layer stores its adapters as ``lora_A.<name>`` (r, in) and ``lora_B.<name>`` (out, r), the
 names PEFT uses for its multi-adapter models. Every adapter starts as ``LoRALinear`` does (A
 Kaiming-uniform, B zero), so adding one changes no output until it trains.
@@ -30,6 +37,7 @@ Kaiming-uniform, B zero), so adding one changes no output until it trains.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 
 import torch
@@ -39,7 +47,7 @@ import torch.nn.functional as F
 from minift.methods.common import find_modules, host_to_device, set_submodule
 from minift.methods.lora import LoRAConfig, lora_scaling
 
-__all__ = ["MultiLoRALinear", "add_adapter", "set_active", "delete_adapter", "adapter_names", "merge_adapter",
+__all__ = ["MultiLoRALinear", "ModulesToSave", "add_adapter", "set_active", "delete_adapter", "adapter_names", "merge_adapter",
            "unmerge_adapter", "mixed_batch", "multi_lora_modules"]
 
 
@@ -123,8 +131,47 @@ class MultiLoRALinear(nn.Module):
                 f"{ {n: self.lora_A[n].shape[0] for n in self.lora_A} }, active={self.active!r}")
 
 
+class ModulesToSave(nn.Module):
+    """A module (e.g. a classification head) with a trainable copy per adapter that saves it; the
+    original (frozen, its state-dict keys under ``original.``) serves rows of any other adapter."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: str | None = None                          # the adapter of every row
+        self.row_names: list[str | None] | None = None          # mixed batch: each row's adapter
+
+    def add(self, name: str, module: nn.Module | None = None) -> None:
+        """Adapter ``name``'s copy: ``module`` (its own initial weights), else a copy of the original."""
+        m = copy.deepcopy(self.original) if module is None else module
+        self.copies[name] = m.requires_grad_(True)
+
+    def module_for(self, name: str | None) -> nn.Module:
+        return self.copies[name] if name in self.copies else self.original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_names is None:
+            return self.module_for(self.active)(x)
+        groups: dict[str | None, list[int]] = {}  # a mixed batch: each row's module on its rows (dim 0)
+        for i, n in enumerate(self.row_names):
+            groups.setdefault(n if n in self.copies else None, []).append(i)
+        rows = {n: host_to_device(torch.tensor(ix), x.device) for n, ix in groups.items()}
+        outs = {n: self.module_for(n)(x.index_select(0, r)) for n, r in rows.items()}
+        width = max(o.shape[-1] for o in outs.values())
+        first = next(iter(outs.values()))
+        out = first.new_full((x.shape[0], *first.shape[1:-1], width), float("-inf"))
+        for n, o in outs.items():
+            out = out.index_copy(0, rows[n], F.pad(o, (0, width - o.shape[-1]), value=float("-inf")))
+        return out
+
+
 def multi_lora_modules(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -135,30 +182,47 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(names)
 
 
-def add_adapter(model: nn.Module, name: str, cfg: LoRAConfig) -> list[str]:
-    """Add adapter ``name`` (``cfg``: rank, alpha, dropout, rsLoRA, targets) to ``model``.
+def add_adapter(model: nn.Module, name: str, cfg: LoRAConfig, modules: dict[str, nn.Module] | None = None
+                ) -> list[str]:
+    """Add adapter ``name`` (``cfg``: rank, alpha, dropout, rsLoRA, targets, modules_to_save) to ``model``.
 
-    The first call wraps each target ``nn.Linear`` in a ``MultiLoRALinear``; the base weights
-    stay the same Parameters. The new adapter's A and B are trainable, nothing else changes:
-    freeze the base first (``minift.methods.common.freeze_all``) to train adapters only.
-    Returns the names of the layers that got it.
+    The first call wraps each target ``nn.Linear`` in a ``MultiLoRALinear``, and each module of
+    ``cfg.modules_to_save`` in a ``ModulesToSave``; the base weights stay the same Parameters. The
+    new adapter's A and B, and its copies of the modules to save, are trainable, nothing else
+    changes: freeze the base first (``minift.methods.common.freeze_all``) to train adapters only.
+    ``modules`` gives a module to save its own starting weights (name in ``cfg.modules_to_save``
+    -> module; default: a copy of the model's). Returns the names of the layers that got A and B.
     Raises:
-        ValueError: ``name`` is taken or not a plain identifier; the config asks for DoRA,
-            PiSSA or modules_to_save (one adapter per model covers those: ``lora.apply``);
-            a target matches no layer.
+        ValueError: ``name`` is taken or not a plain identifier; the config asks for DoRA or
+            PiSSA (one adapter per model covers those: ``lora.apply``); a target or module to
+            save matches nothing.
     """
     if not name.isidentifier():
         raise ValueError(f"adapter name {name!r} must be a plain identifier (letters, digits, _)")
     if name in adapter_names(model):
         raise ValueError(f"the model already has an adapter named {name!r}; delete_adapter it first")
-    if cfg.dora or cfg.init != "default" or cfg.modules_to_save:
-        raise ValueError("named adapters are plain LoRA (init 'default', no DoRA, no modules_to_save)")
+    if cfg.dora or cfg.init != "default":
+        raise ValueError("named adapters are plain LoRA (init 'default', no DoRA)")
+    extra = sorted(set(modules or {}) - set(cfg.modules_to_save))
+    if extra:
+        raise ValueError(f"modules gives {extra[0]!r}, which is not in modules_to_save {list(cfg.modules_to_save)}")
     found = find_modules(model, cfg.targets, (nn.Linear, MultiLoRALinear))  # none: a ValueError naming them
+    saved = []  # (name, module, its modules_to_save entry): checked before anything changes
+    for t in cfg.modules_to_save:
+        hits = [(n, m, t) for n, m in model.named_modules() if n == t or n.endswith("." + t)]
+        if not hits:
+            raise ValueError(f"modules_to_save {t!r} matches no module of {type(model).__name__}")
+        saved += hits
     for n, m in found:
         if not isinstance(m, MultiLoRALinear):
             m = MultiLoRALinear(m)
             set_submodule(model, n, m)
         m.add(name, cfg)
+    for n, m, t in saved:
+        if not isinstance(m, ModulesToSave):
+            m = ModulesToSave(m)
+            set_submodule(model, n, m)
+        m.add(name, (modules or {}).get(t))
     return [n for n, _ in found]
 
 
@@ -167,6 +231,8 @@ def set_active(model: nn.Module, name: str | None) -> None:
     _check(model, [name])
     for _, m in multi_lora_modules(model):
         m.active = name if name in m.lora_A else None
+    for _, m in saved_modules(model):
+        m.active = name
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -175,6 +241,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, m in multi_lora_modules(model):
         if name in m.lora_A:
             m.delete(name)
+    for _, m in saved_modules(model):
+        if name in m.copies:
+            del m.copies[name]
+        if m.active == name:
+            m.active = None
 
 
 def merge_adapter(model: nn.Module, name: str) -> None:
@@ -205,14 +276,18 @@ def mixed_batch(model: nn.Module, names: list[str | None]):
     device = layers[0][1].weight.device if layers else None
     rows = {n: host_to_device(torch.tensor([i for i, m in enumerate(names) if m == n]), device)
             for n in dict.fromkeys(names) if n is not None}
-    names = list(names)
+    names, saved = list(names), saved_modules(model)
     try:
         for _, m in layers:
             m.rows, m.row_names = rows, names
+        for _, m in saved:
+            m.row_names = names
         yield model
     finally:
         for _, m in layers:
             m.rows = m.row_names = None
+        for _, m in saved:
+            m.row_names = None
 
 
 def _check(model: nn.Module, names) -> None:

@@ -17,7 +17,8 @@ reaches job k's adapter is exactly the gradient of job k's loss alone: the K tra
 those of K separate runs (tests/training/test_many.py checks them against ``train``, step by
 step). What is shared is the work on the base: one pass of W0 over all rows instead of K.
 A base with dropout is the exception: its masks are drawn over the mixed batch, so each job
-then sees other (equally random) masks than it would alone.
+then sees other (equally random) masks than it would alone. A classification job's new head is
+its own (``Job.modules``, a ``ModulesToSave`` copy its rows go through), as ``train``'s LoRA trains one.
 
 Each job keeps its own position: a job that has done its steps (or stopped early) adds no rows
 to later steps, and the others go on. Its files, under ``cfg.out_dir``, are those ``train``
@@ -65,6 +66,7 @@ class Job:
     lr_ratio: float | None = None                                  # LoRA+: lr of B / lr of A
     eval_fn: Callable[[nn.Module], dict] | None = None             # dev metrics, with this job's adapter active
     init_rng: torch.Tensor | None = None  # CPU RNG state A is drawn from (None: torch.manual_seed(cfg.seed))
+    modules: dict[str, nn.Module] | None = None  # its own start of a module to save (a new classification head)
 
 
 @dataclass
@@ -104,7 +106,7 @@ def add_jobs(model: nn.Module, jobs: list[Job]) -> None:
         else:
             torch.set_rng_state(j.init_rng)
         try:
-            add_adapter(model, j.name, j.lora)
+            add_adapter(model, j.name, j.lora, j.modules)
         except ValueError as e:  # a target that matches nothing, a rank too large for a layer
             raise ValueError(f"job {j.name}: {e}") from None
 
@@ -375,8 +377,10 @@ def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> tuple[torch.
             out.append(model.lm_loss(x[rows], model.wte.weight, y))
         elif lm:
             out.append(model.head(x[rows], y, False)[1])
+        elif logits.shape[-1] == 1:  # BertClassifier's own losses (a narrower head's -inf columns add 0)
+            out.append(F.mse_loss(logits[rows].squeeze(-1).float(), y.float()))
         else:
-            out.append(F.cross_entropy(logits[rows].float(), y))
+            out.append(F.cross_entropy(logits[rows].float(), y, reduction="sum") / (y != -100).sum().clamp_min(1))
         start += n
     losses = torch.stack(out)
     return losses.sum(), losses.detach().float()

@@ -9,7 +9,7 @@ jobs.toml takes the keys of a `minift train --config` file, once for defaults an
     [train]                     # [method], [train], [data]: defaults for every job
     steps = 200
     [data]
-    task = "causal-lm"          # causal-lm | prompt-completion; jobs may mix the two
+    task = "causal-lm"          # causal-lm | prompt-completion (jobs may mix the two) | classification
 
     [[job]]                     # one adapter; its name (default job1, job2, ...) names its directory
     name = "poems"
@@ -23,9 +23,13 @@ jobs.toml takes the keys of a `minift train --config` file, once for defaults an
 Every job is checked before the model loads and nothing under --out changes before every job's
 data, targets and directory have passed: a bad job is one line naming the job (index and name),
 the key and what is allowed (exit 2). Settings that one shared forward cannot honour are refused:
-a method other than plain LoRA (name "lora"; no dropout, DoRA, PiSSA/gaussian init,
-modules_to_save or merged_forward), grad_accum > 1, compile (train-many runs eager), classification
-(each job would need its own new head), and a per-job model, device, bf16 or fast. On CUDA the
+a method other than plain LoRA (name "lora"; no dropout, DoRA, PiSSA/gaussian init or
+merged_forward; modules_to_save only as classification's default, the head), grad_accum > 1,
+compile (train-many runs eager), and a per-job model, device, bf16 or fast. Classification jobs
+(a BERT base) each train their own new head, as `minift train` does: its own label set from its
+train file, its own starting weights (the head `minift train` would draw with the job's seed),
+the job's rows through it (`ModulesToSave` in methods/multi_lora.py); their tasks may differ in
+label count. Classification and language-model jobs do not mix (they need other bases). On CUDA the
 shared model takes minift.fast (cast once, fused loss, each row's adapter factors gathered: one
 batched GEMM pair per layer for every job; `fast = false` at the top level: the reference path). Each job's adapter A is drawn as `minift train` draws it (the CPU RNG seeded with the
 job's seed, then advanced by building the model), so a job trains exactly as
@@ -38,11 +42,12 @@ on; its files are final as soon as it ends, its adapter/ is written when the com
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,14 +65,13 @@ from minift.training.settings import DATA_KEYS, TRAIN_KEYS, check_value
 
 TOP_KEYS = ("model", "device", "bf16", "fast", "method", "train", "data", "job")
 SHARED = {"model": "data", "device": "train", "bf16": "train", "fast": "train"}   # one value for all jobs: key -> its table
-TASKS = ("causal-lm", "prompt-completion")
+TASKS = ("causal-lm", "prompt-completion", "classification")
 # settings a shared forward cannot honour: (table, key) -> (is the value fine?, why not)
 REFUSED = {
     ("method", "dropout"): (lambda v: v == 0, "train-many runs adapters without dropout (one batch holds every "
                                               "job's rows, so the masks would not be the job's own); give 0"),
     ("method", "dora"): (lambda v: not v, "named adapters are plain LoRA; train DoRA with minift train"),
     ("method", "init"): (lambda v: v == "default", "named adapters start as LoRA's default (Kaiming A, zero B)"),
-    ("method", "modules_to_save"): (lambda v: not v, "a module trained in full would be shared by every job"),
     ("method", "merged_forward"): (lambda v: not v, "train-many does not compile or merge LoRA weights"),
     ("train", "grad_accum"): (lambda v: v == 1, "train-many runs one micro-batch per step; give a larger "
                                                 "batch_size"),
@@ -131,6 +135,9 @@ def read_jobs(path, out: Path, resume: bool, device: str | None) -> list[JobSpec
     specs = [_job(path, i, j, top, out, resume) for i, j in enumerate(jobs, 1)]
     seen: dict[str, JobSpec] = {}
     for s in specs:
+        if (s.data["task"] == "classification") != (specs[0].data["task"] == "classification"):
+            raise InputError(f"{s.where}: [data] task {s.data['task']!r} does not mix with job 1's "
+                             f"{specs[0].data['task']!r} (classification needs a BERT base, the others GPT-2 or Llama)")
         if s.name in seen:
             raise InputError(f"{s.where}: name {s.name!r} is taken by job {seen[s.name].index}; names must differ")
         seen[s.name] = s
@@ -170,6 +177,12 @@ def _job(path: Path, i: int, doc: dict, top: dict, out: Path, resume: bool) -> J
     except ValueError as e:
         raise InputError(f"{where}: {e}") from None
     _check_data(data, where, label)
+    head = ("classifier",) if data["task"] == "classification" else ()
+    if "modules_to_save" in options and tuple(ms.config.modules_to_save) != head:
+        raise InputError(f"{where}: {label['method', 'modules_to_save']} = {json.dumps(options['modules_to_save'])}: "
+                         f"train-many trains " + ("each classification job's own head (the default, "
+                         "[\"classifier\"])" if head else "no module in full (it would be shared by every job)"))
+    ms = replace(ms, config=replace(ms.config, modules_to_save=head))
     train.setdefault("device", "auto")
     if "steps" not in train and "epochs" not in train:
         train["epochs"] = 1
@@ -187,10 +200,9 @@ def _check_data(data: dict, where: str, label: dict) -> None:
     """A job's [data]: a task train-many runs, a model, a train file (and dev) that exist; max_len."""
     task = data.get("task")
     if task not in TASKS:
-        why = ("each job would need its own new classification head, which one shared model cannot hold; "
-               "use minift train" if task in ("classification", "sentiment") else f"got {task!r}")
-        raise InputError(f"{where}: [data] task must be one of {', '.join(TASKS)} (train-many trains LoRA on a "
-                         f"GPT-2 or Llama base); {why}")
+        why = ("give task = \"classification\" with the files of `minift fetch sentiment`" if task == "sentiment"
+               else f"got {task!r}")
+        raise InputError(f"{where}: [data] task must be one of {', '.join(TASKS)}; {why}")
     for k in ("model", "train"):
         if not data.get(k):
             raise InputError(f"{where}: no [data] {k} (give it " +
@@ -244,8 +256,8 @@ def train_many_command(args) -> int:
     specs = read_jobs(args.config, out, args.resume, args.device)
     for s in specs:
         _as_job(s, check_out, s.out, args.resume, args.overwrite)
-    model, jobs = _load(specs)
-    _start_runs(specs, args)  # every check has passed: the job directories change from here on
+    model, jobs, labels = _load(specs)
+    _start_runs(specs, labels, args)  # every check has passed: the job directories change from here on
     speed = "reference path (eager)"
     if pick_device(specs[0].cfg.device).type == "cuda" and specs[0].cfg.fast:
         from minift import fast
@@ -288,26 +300,29 @@ def _as_job(s: JobSpec, check, *args):
 
 def _load(specs: list[JobSpec]):
     """The base with every job's adapter added, and the jobs (their data loaded)."""
-    model, rngs = _base(specs)
+    data = [_as_job(s, load_data, s.data, s.data["task"], s.data["max_len"], s.cfg) for s in specs]
+    labels = [d[3] for d in data]
+    model, rngs, heads = _base(specs, labels)
     jobs = []
-    for s in specs:
-        _, batches, dev, _ = _as_job(s, load_data, s.data, s.data["task"], s.data["max_len"], s.cfg)
+    for s, (_, batches, dev, _), n in zip(specs, data, labels):
         eval_fn = (lambda m, dev=dev, task=s.data["task"]: evaluate(m, dev, task)) if dev else None
-        jobs.append(Job(s.name, s.lora, batches, s.cfg, s.lr_ratio, eval_fn, rngs[s.cfg.seed]))
+        key = (s.cfg.seed, len(n) if n else None)
+        modules = {"classifier": copy.deepcopy(heads[key])} if key in heads else None  # a head of its own
+        jobs.append(Job(s.name, s.lora, batches, s.cfg, s.lr_ratio, eval_fn, rngs[key], modules))
     try:
         add_jobs(model, jobs)
     except ValueError as e:  # "job <name>: ..." (a target that matches nothing, a rank too large)
         s = next((s for s in specs if str(e).startswith(f"job {s.name}: ")), None)
         raise InputError(f"{s.where}: {str(e).removeprefix(f'job {s.name}: ')}" if s else str(e)) from None
-    return model, jobs
+    return model, jobs, labels
 
 
-def _start_runs(specs: list[JobSpec], args) -> None:
+def _start_runs(specs: list[JobSpec], labels: list[dict | None], args) -> None:
     """Each job's run.json (a --resume checked against every job's first), as minift train writes it."""
     runs = [{"method": "lora", "options": jsonable(s.options), "task": s.data["task"], "max_len": s.data["max_len"],
-             "label2id": None, "model": str(Path(s.data["model"]).resolve()), "train": vars(s.cfg),
+             "label2id": label2id, "model": str(Path(s.data["model"]).resolve()), "train": vars(s.cfg),
              "given": identity("lora", s.options, s.data["task"], s.data["max_len"], s.data, s.cfg),
-             "many": {"config": str(Path(args.config).resolve()), "job": s.index}} for s in specs]
+             "many": {"config": str(Path(args.config).resolve()), "job": s.index}} for s, label2id in zip(specs, labels)]
     if args.resume:
         for s, run in zip(specs, runs):
             _as_job(s, check_resume, s.out, run["given"])
@@ -316,16 +331,24 @@ def _start_runs(specs: list[JobSpec], args) -> None:
         (s.out / "summary.json").unlink(missing_ok=True)  # written again when the job's run ends
 
 
-def _base(specs: list[JobSpec]):
-    """The base, loaded as `minift train` loads it (seeded with the first job's seed), and for
-    each job's seed the CPU RNG state right after such a load: where `minift train`'s
-    ``lora.apply`` draws A. Another seed builds (and drops) one more model to get there."""
+def _base(specs: list[JobSpec], labels: list[dict | None]):
+    """The base, loaded as `minift train` loads it (seeded with the first job's seed); for each
+    job's (seed, label count), the CPU RNG state right after such a load (where `minift train`'s
+    ``lora.apply`` draws A) and, for classification, the new head that load made. Another seed (or
+    label count) builds one more model to get there, keeping only its head."""
     first = specs[0]
-    model = load_model(first.data["model"], first.data["task"], None, first.cfg.seed)
-    rngs = {first.cfg.seed: torch.get_rng_state()}
-    for s in specs[1:]:
-        if s.cfg.seed not in rngs:
+    n = [len(m) if m else None for m in labels]
+    model = load_model(first.data["model"], first.data["task"], n[0], first.cfg.seed)
+    rngs, heads = {(first.cfg.seed, n[0]): torch.get_rng_state()}, {}
+    for s, k in zip(specs, n):
+        if (s.cfg.seed, k) in rngs:
+            continue
+        if k is None:
             torch.manual_seed(s.cfg.seed)
             type(model)(model.config)  # the draws of the load's construction; its weights are dropped
-            rngs[s.cfg.seed] = torch.get_rng_state()
-    return model, rngs
+        else:
+            heads[s.cfg.seed, k] = load_model(s.data["model"], s.data["task"], k, s.cfg.seed).classifier
+        rngs[s.cfg.seed, k] = torch.get_rng_state()
+    if n[0] is not None:
+        heads[first.cfg.seed, n[0]] = model.classifier
+    return model, rngs, heads

@@ -208,3 +208,73 @@ def test_a_peft_multi_adapter_directory_loads_as_named_adapters(tmp_path):
             torch.testing.assert_close(logits(model, ids), pm(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         load_adapters(model, tmp_path / "theirs", names=["default"])
+
+
+def classifier_with_heads(seed=0):
+    """A tiny BertClassifier (3 labels) with adapters "a" (its own 5-label head), "b" (a copy of
+    the model's head) and "c" (no head: its rows use the original)."""
+    from conftest import TINY_BERT
+    from minift.methods.common import freeze_all
+    from minift.models.bert import BertClassifier, BertConfig
+    torch.manual_seed(seed)
+    model = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), 3).eval()
+    freeze_all(model)
+    head = dict(modules_to_save=("classifier",))
+    add_adapter(model, "a", LoRAConfig(r=2, targets=("q_proj",), **head), {"classifier": torch.nn.Linear(32, 5)})
+    add_adapter(model, "b", LoRAConfig(r=1, targets=("v_proj", "up_proj"), **head))
+    add_adapter(model, "c", LoRAConfig(r=2, targets=("q_proj",)))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "copies" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@settings(max_examples=10, deadline=None)
+@given(names=st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=5), seed=st.integers(0, 99))
+def test_a_mixed_batch_with_heads_of_their_own_equals_each_example_alone(names, seed):
+    model = classifier_with_heads(seed)
+    ids = torch.randint(0, 99, (len(names), 7), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad(), mixed_batch(model, names):
+        mixed = model(ids).logits
+    assert mixed.shape == (len(names), 5 if "a" in names else 3)
+    for i, n in enumerate(names):
+        set_active(model, n)
+        alone = logits(model, ids[i:i + 1])[0]
+        torch.testing.assert_close(mixed[i, :alone.shape[0]], alone, rtol=0, atol=1e-5)
+        assert torch.isneginf(mixed[i, alone.shape[0]:]).all()  # a narrower head's padding
+
+
+def test_each_head_copy_learns_only_from_its_rows_and_files_show_it_alone(tmp_path):
+    from safetensors.torch import load_file
+
+    from minift.adapters.multi import as_single, save_adapters
+    from minift.methods.multi_lora import ModulesToSave
+    model = classifier_with_heads()
+    ids, labels = torch.randint(0, 99, (3, 7)), torch.tensor([4, 1, 2])
+    with mixed_batch(model, ["a", "a", "c"]):
+        torch.nn.functional.cross_entropy(model(ids).logits, labels).backward()
+    heads = model.classifier
+    assert isinstance(heads, ModulesToSave) and heads.copies["a"].weight.grad.abs().sum() > 0
+    assert heads.copies["b"].weight.grad is None and not heads.original.weight.requires_grad
+    with as_single(model, "b"):  # the adapter's copy under the module's own name: train's keys
+        assert model.classifier is heads.copies["b"]
+        assert {n for n, p in model.named_parameters() if p.requires_grad} >= {"classifier.weight", "classifier.bias"}
+    with as_single(model, "c"):
+        assert model.classifier is heads.original
+    assert model.classifier is heads
+    saved = save_adapters(model, tmp_path)  # each adapter's own head under the module's name
+    for d in saved:
+        keys = set(load_file(d / "adapter_model.safetensors"))
+        head = {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
+        assert (head <= keys) == (d.name != "c"), d.name
+    assert load_file(tmp_path / "a" / "adapter_model.safetensors")["base_model.model.classifier.bias"].shape == (5,)
+    assert not hasattr(model, "lora_config")
+    delete_adapter(model, "a")
+    assert list(heads.copies) == ["b"] and logits(model, ids).shape == (3, 3)
+    with pytest.raises(ValueError, match="modules_to_save 'pooler_x' matches no module"):
+        add_adapter(model, "d", LoRAConfig(r=1, targets=("q_proj",), modules_to_save=("pooler_x",)))
+    with pytest.raises(ValueError, match="not in modules_to_save"):
+        add_adapter(model, "d", LoRAConfig(r=1, targets=("q_proj",)), {"classifier": torch.nn.Linear(32, 2)})
+    assert set(adapter_names(model)) == {"b", "c"}

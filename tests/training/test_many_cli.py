@@ -233,7 +233,8 @@ def _bad(**change) -> dict:
     (_bad(train={"fast": False}), "[job.train] fast is shared by every job"),
     (_bad(train={"lr": -1.0}), "lr must be > 0"),
     (_bad(train={"metric": "accuracy"}), "[job.train] metric = 'accuracy' is not reported"),
-    (_bad(data={"task": "classification"}), "new classification head"),
+    (_bad(data={"task": "classification"}), "does not mix with job 1's 'causal-lm'"),
+    (_bad(method={"modules_to_save": ["ln_f"]}), "train-many trains no module in full"),
     (_bad(data={"train": "nope.txt"}), "[job.data] train: no file nope.txt"),
     (_bad(data={"model": "gpt"}), "[job.data] model is shared"),
 ])
@@ -274,3 +275,58 @@ def test_fast_is_one_top_level_switch(files, tmp_path, capsys):
     cfg.write_text("fast = false\n" + cfg.read_text())  # the reference path on CUDA; nothing changes on the CPU
     rc, _, err = run_cli(["train-many", "--config", cfg, "--out", tmp_path / "o", "--no-progress"], capsys)
     assert rc == 0 and "speed: reference path (eager)" in err, err
+
+
+def test_classification_jobs_train_their_own_heads_as_minift_train_does(tmp_path, capsys):
+    from conftest import tokenizer_json
+    from minift.models.bert import Bert, BertConfig
+    (tmp_path / "bert").mkdir()
+    n = tokenizer_json(tmp_path / "bert", ["[PAD]", "[UNK]", "[CLS]", "[SEP]"], bert=True)
+    torch.manual_seed(0)
+    Bert(BertConfig(vocab_size=n, max_position_embeddings=32, n_layer=2, n_head=2, n_embd=16, n_inner=32,
+                    dropout=0.0)).save_pretrained(tmp_path / "bert")
+    words = WORDS[:9]
+    two = [{"text": f"the movie was {w} and {v}", "label": "pos" if i % 2 else "neg"}
+           for i, w in enumerate(words) for v in ("very", "not")]
+    three = [{"text": f"{v} {w} {w}", "label": "abc"[i % 3]} for i, w in enumerate(words) for v in ("a", "the")]
+    for name, rows in (("two", two), ("three", three)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "three_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in three[:5]))
+    # two tasks (2 and 3 labels), two seeds; job "s" shares job "p"'s seed and label count
+    jobs = {"p": {"method": {"r": 2}, "train": {"lr": 1e-2, "steps": 4, "batch_size": 4, "seed": 1},
+                  "data": {"train": "two.jsonl"}},
+            "t": {"method": {"r": 4, "targets": ["q_proj", "up_proj"]},
+                  "train": {"lr": 2e-2, "steps": 3, "batch_size": 3, "seed": 5, "eval_every": 2,
+                            "metric": "accuracy", "higher_is_better": True},
+                  "data": {"train": "three.jsonl", "dev": "three_dev.jsonl"}},
+            "s": {"method": {"r": 1, "alpha": 4}, "train": {"lr": 5e-3, "steps": 2, "batch_size": 2, "seed": 1},
+                  "data": {"train": "two.jsonl"}}}
+    data = {"model": "bert", "task": "classification", "max_len": 12}
+    text = 'device = "cpu"\n\n' + toml({"data": data, "train": {"log_every": 1}})
+    for name, tables in jobs.items():
+        text += f'[[job]]\nname = "{name}"\n\n' + toml({f"job.{t}": kv for t, kv in tables.items()})
+    (tmp_path / "jobs.toml").write_text(text)
+    rc, _, err = run_cli(["train-many", "--config", tmp_path / "jobs.toml", "--out", tmp_path / "many",
+                          "--no-progress"], capsys)
+    assert rc == 0, err
+    for name, tables in jobs.items():
+        (tmp_path / f"{name}.toml").write_text(toml({"method": {"name": "lora", **tables["method"]},
+                                                     "train": {**tables["train"], "log_every": 1},
+                                                     "data": {**data, **tables["data"]}}))
+        rc, _, err = run_cli(["train", "--config", tmp_path / f"{name}.toml", "--out", tmp_path / name,
+                              "--device", "cpu", "--no-progress"], capsys)
+        assert rc == 0, err
+        job = tmp_path / "many" / name
+        assert losses(job) == pytest.approx(losses(tmp_path / name), rel=1e-5, abs=1e-6)
+        assert len(losses(job)) == tables["train"]["steps"]
+        evals = [[r["eval"] for r in log(d) if "eval" in r] for d in (job, tmp_path / name)]
+        assert [e["accuracy"] for e in evals[0]] == [e["accuracy"] for e in evals[1]]
+        mine, theirs = (load_file(d / "adapter" / "model.safetensors") for d in (job, tmp_path / name))
+        assert set(mine) == set(theirs) and any("classifier" in k for k in mine)
+        for k in mine:
+            torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-5)
+        run = [json.loads((d / "run.json").read_text()) for d in (job, tmp_path / name)]
+        assert run[0]["label2id"] == run[1]["label2id"] and len(run[0]["label2id"]) == (3 if name == "t" else 2)
+    rc, out, err = run_cli(["eval", "--adapter", tmp_path / "many" / "t" / "adapter", "--data",
+                            tmp_path / "three_dev.jsonl", "--device", "cpu", "--no-progress"], capsys)
+    assert rc == 0 and "accuracy" in out, err
