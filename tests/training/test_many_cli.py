@@ -67,6 +67,16 @@ def run_cli(argv, capsys):
     return rc, out, err
 
 
+def run_many(d: Path, top: dict, jobs: dict, capsys) -> None:
+    """`minift train-many` on CPU over d/jobs.toml (``top``'s tables, then a [[job]] per job) into d/many."""
+    text = 'device = "cpu"\n\n' + toml(top)
+    for name, tables in jobs.items():
+        text += f'[[job]]\nname = "{name}"\n\n' + toml({f"job.{t}": kv for t, kv in tables.items()})
+    (d / "jobs.toml").write_text(text)
+    rc, _, err = run_cli(["train-many", "--config", d / "jobs.toml", "--out", d / "many", "--no-progress"], capsys)
+    assert rc == 0, err
+
+
 def log(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
 
@@ -112,13 +122,7 @@ def test_a_llama_base_trains_each_job_as_minift_train_does(tmp_path, capsys):
             "y": {"method": {"r": 4, "targets": ["q_proj", "k_proj", "gate_proj"]},  # another seed: another RNG
                   "train": {"lr": 2e-2, "steps": 3, "batch_size": 3, "seed": 5}}}
     data = {"model": "llama", "train": "lm.txt", "task": "causal-lm", "max_len": 8}
-    text = 'device = "cpu"\n\n' + toml({"data": data})
-    for name, tables in jobs.items():
-        text += f'[[job]]\nname = "{name}"\n\n' + toml({f"job.{t}": kv for t, kv in tables.items()})
-    (tmp_path / "jobs.toml").write_text(text)
-    rc, _, err = run_cli(["train-many", "--config", tmp_path / "jobs.toml", "--out", tmp_path / "many",
-                          "--no-progress"], capsys)
-    assert rc == 0, err
+    run_many(tmp_path, {"data": data}, jobs, capsys)
     y = jobs["y"]
     (tmp_path / "y.toml").write_text(toml({"method": {"name": "lora", **y["method"]}, "train": y["train"],
                                            "data": data}))
@@ -302,13 +306,7 @@ def test_classification_jobs_train_their_own_heads_as_minift_train_does(tmp_path
             "s": {"method": {"r": 1, "alpha": 4}, "train": {"lr": 5e-3, "steps": 2, "batch_size": 2, "seed": 1},
                   "data": {"train": "two.jsonl"}}}
     data = {"model": "bert", "task": "classification", "max_len": 12}
-    text = 'device = "cpu"\n\n' + toml({"data": data, "train": {"log_every": 1}})
-    for name, tables in jobs.items():
-        text += f'[[job]]\nname = "{name}"\n\n' + toml({f"job.{t}": kv for t, kv in tables.items()})
-    (tmp_path / "jobs.toml").write_text(text)
-    rc, _, err = run_cli(["train-many", "--config", tmp_path / "jobs.toml", "--out", tmp_path / "many",
-                          "--no-progress"], capsys)
-    assert rc == 0, err
+    run_many(tmp_path, {"data": data, "train": {"log_every": 1}}, jobs, capsys)
     for name, tables in jobs.items():
         (tmp_path / f"{name}.toml").write_text(toml({"method": {"name": "lora", **tables["method"]},
                                                      "train": {**tables["train"], "log_every": 1},
