@@ -6,7 +6,7 @@ Runs `minift train TRAIN ARGS` in this process with torch.profiler recording opt
 ``from-step`` to ``from-step + steps - 1`` (host activity, and CUDA's where there is a GPU), and
 every collection of Python's garbage collector over the whole run. Writes:
 
-    DIR/trace.md       the top host operations by self CPU time per step (a call that waits for
+    DIR/trace.md       the top host operations by self CPU time over the profiled steps (a call that waits for
                        the GPU, cudaStreamSynchronize or a blocking copy, shows up here), the top
                        CUDA kernels, and the garbage collections by generation: how many, their
                        milliseconds, and those that fell after the first ``from-step`` steps
@@ -47,6 +47,8 @@ def main() -> None:
     args = a.train[1:] if a.train[:1] == ["--"] else a.train
     if a.from_step < 2 or a.steps < 1:
         sys.exit("trace_train.py: need --from-step >= 2 and --steps >= 1")
+    if "--resume" in args:  # the profiler counts steps from this call's first, the loop from the checkpoint
+        sys.exit("trace_train.py: trace a fresh run (no --resume)")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from minift.adapters import load_adapter, save_adapter
-from minift.adapters.io import LAYOUTS, adapter_files
+from minift.adapters.io import LAYOUTS, adapter_files, read_adapter
 from minift.adapters.lora import lora_config_of
 from minift.files import InputError
 from minift.methods import lora
@@ -94,6 +94,8 @@ def _is_adapter_dir(d: Path) -> bool:
 
 
 def _load_one(model: nn.Module, name: str, d: Path) -> None:
+    if read_adapter(d)[1].get("modules_to_save"):  # refused before it could load into the shared module
+        raise ValueError(f"{d}: a named adapter must be plain LoRA (no DoRA, AdaLoRA or modules_to_save)")
     with as_single(model, None):  # every adapted layer a plain nn.Linear view for the call
         load_adapter(model, d)
         layers = lora.lora_modules(model)

@@ -1,5 +1,6 @@
-"""Gradient clipping by the global norm in four kernel launches, for a training step whose host is
-the bound (a small model under CUDA graphs, where each step's Python work is its time).
+"""Gradient clipping by the global norm in a fixed handful of kernels, however many parameters,
+for a training step whose host is the bound (a small model under CUDA graphs, where each step's
+Python work is its time).
 
 The reference is ``torch.nn.utils.clip_grad_norm_``, which the training loop calls otherwise. It
 computes the same thing for any mix of devices, dtypes and tensor subclasses, and pays for that

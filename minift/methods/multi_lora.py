@@ -25,7 +25,7 @@ Here one layer holds any number of named adapters, each with its own rank, alpha
 
 - **Modules to save** (a classification head, trained in full): each adapter that names the
   module in ``modules_to_save`` gets its own copy (``ModulesToSave``, PEFT's ModulesToSaveWrapper),
-  which its rows go through; the original stays frozen and serves every other row. Copies may
+  which its rows go through; the original (frozen with the base) serves every other row. Copies may
   differ in output width (tasks with other label counts): in a mixed batch a narrower copy's rows
   are padded with -inf on the right, which leaves their softmax, and a loss over their own labels,
   as they are.
@@ -133,7 +133,9 @@ class MultiLoRALinear(nn.Module):
 
 class ModulesToSave(nn.Module):
     """A module (e.g. a classification head) with a trainable copy per adapter that saves it; the
-    original (frozen, its state-dict keys under ``original.``) serves rows of any other adapter."""
+    original (left as it was: freeze it with the base) serves rows of any other adapter. The
+    original's state-dict keys stay the module's own (``classifier.weight``, not
+    ``classifier.original.weight``); the copies add ``copies.<name>.`` keys."""
 
     def __init__(self, original: nn.Module):
         super().__init__()
@@ -141,6 +143,8 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None                          # the adapter of every row
         self.row_names: list[str | None] | None = None          # mixed batch: each row's adapter
+        self._register_state_dict_hook(_original_keys_out)
+        self.register_load_state_dict_pre_hook(_original_keys_in)
 
     def add(self, name: str, module: nn.Module | None = None) -> None:
         """Adapter ``name``'s copy: ``module`` (its own initial weights), else a copy of the original."""
@@ -164,6 +168,19 @@ class ModulesToSave(nn.Module):
         for n, o in outs.items():
             out = out.index_copy(0, rows[n], F.pad(o, (0, width - o.shape[-1]), value=float("-inf")))
         return out
+
+
+def _original_keys_out(module, state_dict, prefix, local_metadata):
+    """``<prefix>original.<key>`` -> ``<prefix><key>``: the wrapped module keeps its keys."""
+    for k in [k for k in state_dict if k.startswith(prefix + "original.")]:
+        state_dict[prefix + k[len(prefix + "original."):]] = state_dict.pop(k)
+
+
+def _original_keys_in(module, state_dict, prefix, *args):
+    """The module's own keys back under ``original.`` for loading (those of the copies stay)."""
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "copies.")
+              and not k.startswith(prefix + "original.")]:
+        state_dict[prefix + "original." + k[len(prefix):]] = state_dict.pop(k)
 
 
 def multi_lora_modules(model: nn.Module) -> list[tuple[str, MultiLoRALinear]]:
@@ -206,13 +223,21 @@ def add_adapter(model: nn.Module, name: str, cfg: LoRAConfig, modules: dict[str,
     extra = sorted(set(modules or {}) - set(cfg.modules_to_save))
     if extra:
         raise ValueError(f"modules gives {extra[0]!r}, which is not in modules_to_save {list(cfg.modules_to_save)}")
+    wrapped = [(t, n) for t in cfg.targets for n, _ in saved_modules(model) if n == t or n.endswith("." + t)]
+    if wrapped:
+        raise ValueError(f"target {wrapped[0][0]!r} is {wrapped[0][1]!r}, which adapters train in full "
+                         f"(modules_to_save); leave it out of the targets")
     found = find_modules(model, cfg.targets, (nn.Linear, MultiLoRALinear))  # none: a ValueError naming them
     saved = []  # (name, module, its modules_to_save entry): checked before anything changes
-    for t in cfg.modules_to_save:
+    for t in dict.fromkeys(cfg.modules_to_save):
         hits = [(n, m, t) for n, m in model.named_modules() if n == t or n.endswith("." + t)]
         if not hits:
             raise ValueError(f"modules_to_save {t!r} matches no module of {type(model).__name__}")
         saved += hits
+    inside = [(f, n) for f, _ in found for n, _, _ in saved if f == n or f.startswith(n + ".")]
+    if inside:
+        raise ValueError(f"target {inside[0][0]!r} lies in {inside[0][1]!r}, which the adapter trains in full "
+                         f"(modules_to_save); leave it out of the targets")
     for n, m in found:
         if not isinstance(m, MultiLoRALinear):
             m = MultiLoRALinear(m)
@@ -222,7 +247,8 @@ def add_adapter(model: nn.Module, name: str, cfg: LoRAConfig, modules: dict[str,
         if not isinstance(m, ModulesToSave):
             m = ModulesToSave(m)
             set_submodule(model, n, m)
-        m.add(name, (modules or {}).get(t))
+        given = (modules or {}).get(t)  # a copy of its own for each module it matches
+        m.add(name, copy.deepcopy(given) if given is not None and len(saved) > 1 else given)
     return [n for n, _ in found]
 
 
@@ -241,11 +267,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, m in multi_lora_modules(model):
         if name in m.lora_A:
             m.delete(name)
-    for _, m in saved_modules(model):
+    for n, m in saved_modules(model):
         if name in m.copies:
             del m.copies[name]
         if m.active == name:
             m.active = None
+        if not m.copies:  # no adapter saves it any more: the plain module again
+            set_submodule(model, n, m.original)
 
 
 def merge_adapter(model: nn.Module, name: str) -> None:

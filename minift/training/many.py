@@ -99,6 +99,9 @@ def add_jobs(model: nn.Module, jobs: list[Job]) -> None:
     kinds = {j.batches[0]["labels"].dim() for j in jobs}
     if len(kinds) > 1:
         raise ValueError("the jobs mix tasks: every job's labels must be per token (causal LM) or per example")
+    widths = {m.out_features for j in jobs for m in (j.modules or {}).values() if isinstance(m, nn.Linear)}
+    if 1 in widths and len(widths) > 1:  # the loss is chosen by the mixed logits' width
+        raise ValueError("a one-output (regression) head cannot train beside classification heads")
     freeze_all(model)
     for j in jobs:
         if j.init_rng is None:
@@ -377,9 +380,9 @@ def _job_losses(model: nn.Module, batch: dict, sizes: list[int]) -> tuple[torch.
             out.append(model.lm_loss(x[rows], model.wte.weight, y))
         elif lm:
             out.append(model.head(x[rows], y, False)[1])
-        elif logits.shape[-1] == 1:  # BertClassifier's own losses (a narrower head's -inf columns add 0)
+        elif logits.shape[-1] == 1:  # BertClassifier's own losses (add_jobs refuses one-output heads mixed with others)
             out.append(F.mse_loss(logits[rows].squeeze(-1).float(), y.float()))
-        else:
+        else:  # a narrower head's -inf columns add exactly 0 to the softmax's sum
             out.append(F.cross_entropy(logits[rows].float(), y, reduction="sum") / (y != -100).sum().clamp_min(1))
         start += n
     losses = torch.stack(out)

@@ -178,6 +178,10 @@ def _job(path: Path, i: int, doc: dict, top: dict, out: Path, resume: bool) -> J
         raise InputError(f"{where}: {e}") from None
     _check_data(data, where, label)
     head = ("classifier",) if data["task"] == "classification" else ()
+    on_head = [t for t in ms.config.targets if head and (t == "classifier" or t.endswith(".classifier"))]
+    if on_head:
+        raise InputError(f"{where}: {label['method', 'targets']}: the classification head is new and each job "
+                         f"trains its own in full; drop {on_head[0]!r} from the targets")
     if "modules_to_save" in options and tuple(ms.config.modules_to_save) != head:
         raise InputError(f"{where}: {label['method', 'modules_to_save']} = {json.dumps(options['modules_to_save'])}: "
                          f"train-many trains " + ("each classification job's own head (the default, "

@@ -271,6 +271,18 @@ def test_each_head_copy_learns_only_from_its_rows_and_files_show_it_alone(tmp_pa
         assert (head <= keys) == (d.name != "c"), d.name
     assert load_file(tmp_path / "a" / "adapter_model.safetensors")["base_model.model.classifier.bias"].shape == (5,)
     assert not hasattr(model, "lora_config")
+    from minift.adapters.multi import load_adapters
+    other = classifier_with_heads(1)
+    delete_adapter(other, "a")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="must be plain LoRA"):  # refused before anything loads
+        load_adapters(other, tmp_path, names=["a"])
+    after = other.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert {"classifier.weight", "classifier.bias", "classifier.copies.a.weight"} <= set(model.state_dict())
+    twin = classifier_with_heads()
+    twin.load_state_dict(model.state_dict())  # and they load back into the wrapped module
+    assert torch.equal(twin.classifier.original.weight, heads.original.weight)
     delete_adapter(model, "a")
     assert list(heads.copies) == ["b"] and logits(model, ids).shape == (3, 3)
     with pytest.raises(ValueError, match="modules_to_save 'pooler_x' matches no module"):
@@ -278,3 +290,13 @@ def test_each_head_copy_learns_only_from_its_rows_and_files_show_it_alone(tmp_pa
     with pytest.raises(ValueError, match="not in modules_to_save"):
         add_adapter(model, "d", LoRAConfig(r=1, targets=("q_proj",)), {"classifier": torch.nn.Linear(32, 2)})
     assert set(adapter_names(model)) == {"b", "c"}
+    with pytest.raises(ValueError, match="target 'classifier' (is|lies in) 'classifier'"):
+        add_adapter(model, "e", LoRAConfig(r=1, targets=("classifier",), modules_to_save=("classifier",)))
+    fresh = classifier_with_heads()
+    for n in ("a", "b", "c"):
+        delete_adapter(fresh, n)
+    with pytest.raises(ValueError, match="target 'classifier' lies in 'classifier'"):  # nothing wrapped yet
+        add_adapter(fresh, "e", LoRAConfig(r=1, targets=("q_proj", "classifier"), modules_to_save=("classifier",)))
+    assert not adapter_names(fresh) and isinstance(fresh.classifier, torch.nn.Linear)
+    delete_adapter(model, "b")  # the last copy gone: the plain head again, under its own keys
+    assert model.classifier is heads.original and "classifier.weight" in model.state_dict()

@@ -67,13 +67,13 @@ def run_cli(argv, capsys):
     return rc, out, err
 
 
-def run_many(d: Path, top: dict, jobs: dict, capsys) -> None:
-    """`minift train-many` on CPU over d/jobs.toml (``top``'s tables, then a [[job]] per job) into d/many."""
+def run_many(d: Path, top: dict, jobs: dict, capsys, out: str = "many") -> None:
+    """`minift train-many` on CPU over d/jobs.toml (``top``'s tables, then a [[job]] per job) into d/``out``."""
     text = 'device = "cpu"\n\n' + toml(top)
     for name, tables in jobs.items():
         text += f'[[job]]\nname = "{name}"\n\n' + toml({f"job.{t}": kv for t, kv in tables.items()})
     (d / "jobs.toml").write_text(text)
-    rc, _, err = run_cli(["train-many", "--config", d / "jobs.toml", "--out", d / "many", "--no-progress"], capsys)
+    rc, _, err = run_cli(["train-many", "--config", d / "jobs.toml", "--out", d / out, "--no-progress"], capsys)
     assert rc == 0, err
 
 
@@ -325,6 +325,10 @@ def test_classification_jobs_train_their_own_heads_as_minift_train_does(tmp_path
             torch.testing.assert_close(mine[k], theirs[k], rtol=1e-4, atol=1e-5)
         run = [json.loads((d / "run.json").read_text()) for d in (job, tmp_path / name)]
         assert run[0]["label2id"] == run[1]["label2id"] and len(run[0]["label2id"]) == (3 if name == "t" else 2)
+    jobs["t"]["method"]["targets"] = ["q_proj", "classifier"]  # as minift train: refused, exit 2, nothing written
+    with pytest.raises(AssertionError, match=r"job 2 \(t\): \[job.method\] targets: the classification head"):
+        run_many(tmp_path, {"data": data}, jobs, capsys, out="bad")
+    assert not (tmp_path / "bad").exists()
     rc, out, err = run_cli(["eval", "--adapter", tmp_path / "many" / "t" / "adapter", "--data",
                             tmp_path / "three_dev.jsonl", "--device", "cpu", "--no-progress"], capsys)
     assert rc == 0 and "accuracy" in out, err
