@@ -149,8 +149,9 @@ class _Run:
         self.warmup = cfg.warmup_steps(self.total)
         self.opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=self.device)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a checkpoint's scheduled lrs replace them
-        lean = cfg.fast and fast_clip.applies([p for g in self.opt.param_groups for p in g["params"]])
-        self.clip = fast_clip.clip_grad_norm_ if lean else torch.nn.utils.clip_grad_norm_  # the same numbers
+        lean = cfg.fast and self.device.type == "cuda" and fast_clip.applies([p for g in self.opt.param_groups
+                                                                              for p in g["params"]])
+        self.clip = fast_clip.clip_grad_norm_ if lean else torch.nn.utils.clip_grad_norm_  # (the same numbers)
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
         self.log_path = (cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)) if self.main else None
@@ -304,9 +305,8 @@ class _Run:
         if self.device.type == "cuda":
             res.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         if self.out and (error is None or self.step > self.start_step or state.get("eval_pending")):
-            # Interrupted inside a step: its micro-batches drew random numbers (dropout) that the
-            # resumed step must draw again, so the RNG is saved as it was when that step began.
-            # Likewise inside an evaluation (it may sample): as it was when the evaluation began.
+            # Interrupted inside a step (its dropout draws must be redone) or an evaluation (it may sample):
+            # the RNG is saved as it was when that step, or that evaluation, began.
             rng = state["eval_rng"] if state.get("eval_pending") else self.snap if self.snap_step == self.step else None
             res.checkpoint = str(save_checkpoint(self.out, self.model, self.opt, state_json(self.step, res, state),
                                                  self.allocator, rng=rng))

@@ -81,7 +81,7 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     if p.fast:
         from minift import fast
         fast.enable(model, merged_lora=p.merged_lora)
-    cfg.compile, cfg.compile_mode, cfg.fast = p.compile, p.compile_mode, p.fast  # (the loop's clipping too)
+    cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     activation_budget(cfg.activation_budget, cfg.compile)  # a budget for an eager run: refused before it starts
     if p.pad:
         batches = D.pad_to_one_shape(batches, D.pad_id(tok))
