@@ -32,7 +32,7 @@ from minift.methods import lora
 from minift.methods.common import set_submodule
 from minift.methods.multi_lora import ModulesToSave, MultiLoRALinear, adapter_names, multi_lora_modules, saved_modules
 
-__all__ = ["save_adapters", "load_adapters"]
+__all__ = ["save_adapters", "load_adapters", "as_single", "lora_config_as"]
 
 
 def save_adapters(model: nn.Module, path, *, layout: str = "peft") -> list[Path]:
@@ -44,16 +44,10 @@ def save_adapters(model: nn.Module, path, *, layout: str = "peft") -> list[Path]
     for name in names:
         heads = tuple(n for n, m in saved_modules(model) if name in m.copies)  # its modules to save
         with as_single(model, name):
-            had = model.__dict__.get("lora_config")
-            if heads:  # the single-adapter view's config names them, so that save_adapter writes them
-                model.lora_config = replace(lora_config_of(model, lora.lora_modules(model)), modules_to_save=heads)
-            try:
+            # the single-adapter view's config names them, so that save_adapter writes them
+            cfg = replace(lora_config_of(model, lora.lora_modules(model)), modules_to_save=heads) if heads else None
+            with lora_config_as(model, cfg):
                 save_adapter(model, Path(path) / name, layout=layout)
-            finally:
-                if heads and had is None:
-                    del model.lora_config
-                elif heads:
-                    model.lora_config = had
         out.append(Path(path) / name)
     return out
 
@@ -134,6 +128,23 @@ def as_single(model: nn.Module, name: str | None):
     finally:
         for n, m in swapped:
             set_submodule(model, n, m)
+
+
+@contextlib.contextmanager
+def lora_config_as(model: nn.Module, cfg: lora.LoRAConfig | None):
+    """Within the ``with``, ``model.lora_config`` is ``cfg`` (None: left as it is); afterwards as it was."""
+    if cfg is None:
+        yield model
+        return
+    had = model.__dict__.get("lora_config")
+    model.lora_config = cfg
+    try:
+        yield model
+    finally:
+        if had is None:
+            del model.lora_config
+        else:
+            model.lora_config = had
 
 
 def _linear(m, meta: bool = False) -> nn.Linear:

@@ -142,7 +142,7 @@ class ModulesToSave(nn.Module):
         self.original = original
         self.copies = nn.ModuleDict()
         self.active: str | None = None                          # the adapter of every row
-        self.row_names: list[str | None] | None = None          # mixed batch: each row's adapter
+        self.rows: dict[str | None, torch.Tensor] | None = None  # mixed batch: adapter (None: original) -> rows
         self._register_state_dict_hook(_original_keys_out)
         self.register_load_state_dict_pre_hook(_original_keys_in)
 
@@ -154,19 +154,24 @@ class ModulesToSave(nn.Module):
     def module_for(self, name: str | None) -> nn.Module:
         return self.copies[name] if name in self.copies else self.original
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.row_names is None:
-            return self.module_for(self.active)(x)
-        groups: dict[str | None, list[int]] = {}  # a mixed batch: each row's module on its rows (dim 0)
-        for i, n in enumerate(self.row_names):
+    def route(self, names: list[str | None]) -> dict[str | None, torch.Tensor]:
+        """The row indices each module serves in a batch whose row i uses adapter ``names[i]``:
+        an adapter with a copy its own, every other row the original's (key None)."""
+        groups: dict[str | None, list[int]] = {}
+        for i, n in enumerate(names):
             groups.setdefault(n if n in self.copies else None, []).append(i)
-        rows = {n: host_to_device(torch.tensor(ix), x.device) for n, ix in groups.items()}
-        outs = {n: self.module_for(n)(x.index_select(0, r)) for n, r in rows.items()}
+        device = next(self.original.parameters()).device
+        return {n: host_to_device(torch.tensor(ix), device) for n, ix in groups.items()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return self.module_for(self.active)(x)
+        outs = {n: self.module_for(n)(x.index_select(0, r)) for n, r in self.rows.items()}  # each on its rows
         width = max(o.shape[-1] for o in outs.values())
         first = next(iter(outs.values()))
         out = first.new_full((x.shape[0], *first.shape[1:-1], width), float("-inf"))
         for n, o in outs.items():
-            out = out.index_copy(0, rows[n], F.pad(o, (0, width - o.shape[-1]), value=float("-inf")))
+            out = out.index_copy(0, self.rows[n], F.pad(o, (0, width - o.shape[-1]), value=float("-inf")))
         return out
 
 
@@ -309,13 +314,13 @@ def mixed_batch(model: nn.Module, names: list[str | None]):
         for _, m in layers:
             m.rows, m.row_names = rows, names
         for _, m in saved:
-            m.row_names = names
+            m.rows = m.route(names)
         yield model
     finally:
         for _, m in layers:
             m.rows = m.row_names = None
         for _, m in saved:
-            m.row_names = None
+            m.rows = None
 
 
 def _check(model: nn.Module, names) -> None:

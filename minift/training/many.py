@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.adapters.multi import as_single  # the one-adapter view save_adapters writes files through
+from minift.adapters.multi import as_single, lora_config_as  # the one-adapter view save_adapters writes through
 from minift.fast.loss import FusedLMLoss
 from minift.methods import lora
 from minift.methods.common import freeze_all
@@ -334,17 +334,8 @@ def alone(model: nn.Module, name: str, cfg: LoRAConfig | None = None):
     """Within the ``with``, ``model`` shows adapter ``name`` alone, as the plain LoRA model that
     ``lora.apply(model, cfg)`` makes (the same Parameters; ``cfg`` recorded as ``lora.apply`` records
     it, for the adapter files): ``train``'s optimizer groups, checkpoints and adapter files."""
-    had = getattr(model, "lora_config", None)
-    with as_single(model, name):
-        if cfg is not None:
-            model.lora_config = cfg
-        try:
-            yield model
-        finally:
-            if cfg is not None and had is not None:
-                model.lora_config = had
-            elif cfg is not None:
-                del model.lora_config
+    with as_single(model, name), lora_config_as(model, cfg):
+        yield model
 
 
 def _concat(parts: list[dict]) -> dict:
