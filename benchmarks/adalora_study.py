@@ -81,7 +81,7 @@ def run_peft(task, method: str, lr: float, seed: int, device: str) -> dict:
 
     from minift.metrics import classification_metrics
     from minift.training.config import TrainConfig, lr_factor
-    from minift.training.loop import batch_at
+    from minift.training.feed import batch_at
     steps, dev_ = EPOCHS * len(task.train), torch.device(device)
     torch.manual_seed(seed)
     model = BertForSequenceClassification.from_pretrained(task.model_dir, num_labels=len(task.labels),

@@ -278,11 +278,16 @@ stage() {
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_speed.py" "$out/issue21-train-full-$tag.log" \
       "$out/issue21-train-lora-$tag.log" > "$out/issue21-train-$tag.md"
     # bench at the runs' shapes (their speed line says it: 79 tokens for this data) and dropout (0.1, the
-    # checkpoint's and the LoRA recipe's): LoRA (q, v) 8 x 79, full 16 x 79; compare with steady_step_ms
-    go 70 issue21-bench-minilm-lora $M bench --out "$out" --model minilm --batch 8 --seq-len 79 --methods lora \
-      --lora-targets q_proj,v_proj --dropout 0.1 --steps 20 --name bench-minilm-lora-$tag
-    go 70 issue21-bench-minilm-full $M bench --out "$out" --model minilm --batch 16 --seq-len 79 --methods full \
-      --dropout 0.1 --steps 20 --name bench-minilm-full-$tag ;;
+    # checkpoint's and the LoRA recipe's): LoRA (q, v) 8 x 79, full 16 x 79; compare with steady_step_ms.
+    # The recipes clip gradients to norm 1 (TrainConfig's default): the -clip rows clip as the runs do
+    local clip
+    for clip in "" 1.0; do
+      go 70 issue21-bench-minilm-lora${clip:+-clip} $M bench --out "$out" --model minilm --batch 8 --seq-len 79 \
+        --methods lora --lora-targets q_proj,v_proj --dropout 0.1 --steps 20 ${clip:+--max-grad-norm $clip} \
+        --name bench-minilm-lora${clip:+-clip}-$tag
+      go 70 issue21-bench-minilm-full${clip:+-clip} $M bench --out "$out" --model minilm --batch 16 --seq-len 79 \
+        --methods full --dropout 0.1 --steps 20 ${clip:+--max-grad-norm $clip} --name bench-minilm-full${clip:+-clip}-$tag
+    done ;;
   issue21-trace)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
     local -A extra=([full]="" [lora]="--r 8 --alpha 16")

@@ -31,6 +31,14 @@ def applies(params: Sequence[torch.Tensor]) -> bool:
         and len({(p.device, p.dtype) for p in params}) == 1 and params[0].is_floating_point()
 
 
+def chosen(params: Sequence[torch.Tensor], fast: bool):
+    """The clipping a run of ``params`` takes: this module's ``clip_grad_norm_`` with ``fast`` on
+    CUDA where it ``applies``, torch's otherwise (the CPU keeps the reference). The same numbers."""
+    params = list(params)
+    lean = fast and bool(params) and params[0].device.type == "cuda" and applies(params)
+    return clip_grad_norm_ if lean else torch.nn.utils.clip_grad_norm_
+
+
 def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor | None:
     """Scale the gradients of ``params`` (those that have one) in place so that their global L2
     norm is at most ``max_norm``; returns that norm before clipping (None: no gradient).

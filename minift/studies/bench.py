@@ -53,6 +53,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from minift.fast import clip as fast_clip
 from minift.studies import bench_timing
 # the report's names stay importable from here (minift.studies.bench.save, ...)
 from minift.studies.bench_report import Row, add_ratios, save, to_markdown  # noqa: F401
@@ -113,6 +114,7 @@ class BenchConfig:
     isolate: bool | None = None  # each method in its own process; None: when a method may be compiled
     lora_targets: tuple[str, ...] = ()  # empty: default_lora_targets(model)
     dropout: float = 0.0  # the model's dropout (GPT, BERT) and LoRA/DoRA's: to match a recipe's run
+    max_grad_norm: float | None = None  # clip gradients to this global norm each step, as a run does (None: not)
     activation_budget: float | None = None  # compiled rows: torch.compile's (speed.activation_budget)
     seed: int = 0
 
@@ -134,6 +136,8 @@ class BenchConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.dropout and isinstance(PRESETS[self.model], LlamaConfig):
             raise ValueError(f"dropout is for the GPT-2 and BERT presets; {self.model} has none")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.activation_budget is not None and not 0 < self.activation_budget <= 1:
             raise ValueError(f"activation_budget must be in (0, 1], got {self.activation_budget}")
         if self.loss_chunk is not None and self.loss_chunk < 1:
@@ -261,6 +265,7 @@ def prepare(cfg: BenchConfig, method: str) -> Prepared:
     if train:
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=rc.device.startswith("cuda") and rc.fused_adamw)
+        clip = fast_clip.chosen(params, rc.fast)  # the clipping `minift train` takes on this device
         model.train()
 
         def step(i):
@@ -269,6 +274,8 @@ def prepare(cfg: BenchConfig, method: str) -> Prepared:
             with _autocast(rc.device):
                 loss = _loss(model, batch, rc, hooks)
             loss.backward()
+            if rc.max_grad_norm is not None:
+                clip(params, rc.max_grad_norm)
             opt.step()
             if hooks.allocator is not None:  # AdaLoRA: after the update, before zero_grad (as PEFT)
                 hooks.allocator.step(model, i)
@@ -376,6 +383,8 @@ def meta(cfg: BenchConfig) -> dict:
          "date": time.strftime("%Y-%m-%d")}
     if cfg.methods:  # minift rows (benchmarks/peft_baseline.py's config has none: no minift speed line)
         m["speed"] = speed_meta(cfg)
+    if cfg.max_grad_norm is not None:
+        m["max_grad_norm"] = cfg.max_grad_norm
     skipped = [f"{k} ({why})" for k in cfg.methods if (why := skip_reason(cfg.model, k)) is not None]
     if skipped:
         m["skipped"] = "; ".join(skipped)

@@ -97,6 +97,8 @@ def variant_name(cfg, method: str) -> str:
         flags.append("sdpa_math")
     if cfg.dropout:
         flags.append(f"dropout{cfg.dropout:g}")
+    if cfg.max_grad_norm is not None and method != "probe":
+        flags.append(f"clip{cfg.max_grad_norm:g}")
     if cfg.activation_budget is not None and cfg.compile:
         flags.append(f"activation_budget{cfg.activation_budget:g}")
     if cfg.sync_each_step and cfg.device.startswith("cuda"):

@@ -66,6 +66,9 @@ def add_bench(sub) -> None:
     p.add_argument("--dropout", type=float, default=0.0,
                    help="the model's dropout (GPT, BERT) and LoRA/DoRA's, e.g. 0.1 to match a recipe's run "
                         "(default 0: none; Llama has none)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradients to this global norm every step, as a run with that setting does "
+                        "(default: no clipping)")
     p.add_argument("--activation-budget", type=float, default=None,
                    help="compiled rows: the share (0, 1] of the saved activations torch.compile keeps, "
                         "recomputing the rest (default: PyTorch's 1.0)")
@@ -119,7 +122,8 @@ def _cmd_bench(args) -> int:
                             loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,
                             sdpa_math=args.sdpa_math, sync_each_step=args.sync_each_step,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
-                            dropout=args.dropout, activation_budget=args.activation_budget)
+                            dropout=args.dropout, activation_budget=args.activation_budget,
+                            max_grad_norm=args.max_grad_norm)
     name = args.name or f"bench-{model}"
     save = lambda rows: bench.save(rows, Path(args.out), name, bench.meta(cfg))  # noqa: E731
     rows = bench.run(cfg, progress=lambda s: print(s, file=sys.stderr), on_row=save)  # saved after each method

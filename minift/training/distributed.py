@@ -8,7 +8,7 @@ the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); ``init
 plain ``python -m minift train`` is one process, and every function here is then the identity.
 
 The global batch. ``--batch-size`` is the global micro-batch: the batch one process would take,
-in the same order (``loop.batch_at``). Rank r takes its rows of it (``split``: B/N rows each) and
+in the same order (``feed.batch_at``). Rank r takes its rows of it (``split``: B/N rows each) and
 weighs its loss by its share of the batch's targets, t_r / t, so that
 
     loss(batch) = sum over ranks r of  t_r / t * loss(rows of r)     (t_r: targets in r's rows; t: in all)

@@ -20,9 +20,10 @@ the host that queues the next step's kernels.
 
 The run's settings are a ``TrainConfig`` (``config.py``); the method-specific hooks are explicit
 keyword arguments of ``train``, not subclasses or callbacks. Data order is a pure function of
-``(seed, epoch)``, so the position in the stream is one integer and a resumed run sees exactly
-the batches an uninterrupted one would. Checkpoints hold the trainable weights (the adapter for
-parameter-efficient methods, everything for full fine-tuning), the optimizer, the schedule
+``(seed, epoch)`` (``feed.py``, which also puts each micro-batch on the device), so the position
+in the stream is one integer and a resumed run sees exactly the batches an uninterrupted one
+would. Checkpoints hold the trainable weights (the adapter for parameter-efficient methods,
+everything for full fine-tuning), the optimizer, the schedule
 position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/`` so a crash
 mid-write leaves the previous checkpoint intact. Nothing is unpickled but the index
 torch.distributed.checkpoint writes for a checkpoint of several ranks.
@@ -35,6 +36,7 @@ Ctrl-C. Rank 0 alone writes the log, bar and plot; checkpoints hold every rank's
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +49,8 @@ from minift.training import distributed, metrics_log, speed
 from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                         save_weights, seed_everything)
 from minift.training.config import TrainConfig, lr_factor
-from minift.training.forward import any_padded, model_forward, pick_device, to_device
+from minift.training.feed import Feed
+from minift.training.forward import any_padded, model_forward, pick_device
 
 
 @dataclass
@@ -125,6 +128,8 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     finally:
         run.bar.close()
         model.eval()
+        if run.frozen:
+            gc.unfreeze()
     run.end(error)
     if error is not None:
         raise error
@@ -149,13 +154,12 @@ class _Run:
         self.warmup = cfg.warmup_steps(self.total)
         self.opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=self.device)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a checkpoint's scheduled lrs replace them
-        lean = cfg.fast and self.device.type == "cuda" and fast_clip.applies([p for g in self.opt.param_groups
-                                                                              for p in g["params"]])
-        self.clip = fast_clip.clip_grad_norm_ if lean else torch.nn.utils.clip_grad_norm_  # (the same numbers)
+        self.clip = fast_clip.chosen([p for g in self.opt.param_groups for p in g["params"]], cfg.fast)
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
         self.log_path = (cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)) if self.main else None
         self.updating = False  # inside the weight update: an interrupt must not be checkpointed
+        self.frozen = False  # objects frozen out of the garbage collector's sight (speed.freeze_objects)
 
     def resume(self) -> None:
         """Load ``out_dir/last`` when resuming (and cut the log back to it), else seed every RNG."""
@@ -187,6 +191,7 @@ class _Run:
             if self.graphs:
                 speed.GRAPHED[0] = True
         self.keep_masks = self.graphs and any_padded(self.batches)  # one input signature a step
+        self.feed = Feed(self.batches, cfg, self.device, self.keep_masks)
         self.model.train()
 
     def steps(self) -> None:
@@ -210,6 +215,7 @@ class _Run:
                     torch.cuda.synchronize(self.device)
                 if done == 1:
                     res.first_step_s = time.perf_counter() - self.t0
+                    self.frozen = speed.freeze_objects(self.device.type)  # (the first step compiled)
                 if done == speed.WARMUP_STEPS:  # the steady window opens
                     self.first, self.paused = (self.n_tokens, time.perf_counter()), 0.0
             self.bar.update(1)
@@ -223,22 +229,20 @@ class _Run:
         """Forward and backward of the step's ``grad_accum`` micro-batches; returns their mean loss,
         a 0-d tensor left on the device (``read_back`` brings it to the host)."""
         cfg, model = self.cfg, self.model
-        step_loss = 0.0
+        step_loss = None
         for micro in range(cfg.grad_accum):
-            batch = batch_at(self.batches, self.step * cfg.grad_accum + micro, cfg)
-            # counted on the host copy: a sum on the device would wait for the GPU
-            self.n_tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                else batch["input_ids"].numel()
-            batch, share = distributed.split(batch, model)  # this rank's rows, its share of the loss (1: all)
-            batch = to_device(batch, self.device, self.keep_masks)
+            batch, tokens, share = self.feed.at(self.step * cfg.grad_accum + micro, model)
+            self.n_tokens += tokens
             if self.graphs:  # a new forward: CUDA-graph outputs of the last one may be overwritten
                 torch.compiler.cudagraph_mark_step_begin()
             with self.autocast, self.forward_context(model):
                 loss = model_forward(model, batch).loss
                 if self.penalty is not None:
                     loss = loss + self.penalty(model)
-            (loss * share / cfg.grad_accum).backward()
-            step_loss = step_loss + loss.detach().float() * share / cfg.grad_accum  # a new tensor, outside any graph
+            whole = share == 1 and cfg.grad_accum == 1  # the loss as it is: no kernels to scale it by 1
+            (loss if whole else loss * share / cfg.grad_accum).backward()
+            part = loss.detach().float() if whole else loss.detach().float() * share / cfg.grad_accum
+            step_loss = part if step_loss is None else step_loss + part  # outside any graph
         return step_loss
 
     def update(self) -> None:
@@ -382,17 +386,6 @@ def state_json(step: int, res: TrainResult, state: dict) -> dict:
     return {"step": step, "losses": res.losses, "evals": res.evals, "best": res.best,
             "bad_evals": state["bad_evals"], "stopped_early": res.stopped_early,
             "eval_pending": bool(state.get("eval_pending"))}
-
-
-def batch_at(batches: Sequence[dict], position: int, cfg: TrainConfig) -> dict:
-    """The micro-batch at ``position`` of the endless stream: epoch e is a permutation of the
-    batches seeded by (seed, e), so the position alone determines the data order."""
-    n = len(batches)
-    epoch, i = divmod(position, n)
-    if not cfg.shuffle:
-        return batches[i]
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    return batches[int(torch.randperm(n, generator=g)[i])]
 
 
 def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train"):

@@ -53,8 +53,9 @@ from minift.training.checkpoint import latest_checkpoint, load_checkpoint, rng_s
     seed_everything
 from minift.training.config import TrainConfig, lr_factor
 from minift.training.data import pad_to_longest
+from minift.training.feed import batch_at
 from minift.training.forward import model_forward, pick_device, to_device
-from minift.training.loop import TrainResult, batch_at, make_optimizer, progress_bar, record_eval, state_json
+from minift.training.loop import TrainResult, make_optimizer, progress_bar, record_eval, state_json
 
 
 @dataclass

@@ -321,7 +321,7 @@ def test_bad_device_is_a_one_line_value_error():
 def test_an_all_ones_mask_is_dropped_and_changes_nothing():
     import importlib
     from minift.models.gpt import GPT, GPTConfig
-    t = importlib.import_module("minift.training.loop")
+    t = importlib.import_module("minift.training.forward")
     torch.manual_seed(0)
     m = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=8)).eval()
     ids = torch.randint(0, 50, (2, 6))

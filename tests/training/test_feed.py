@@ -1,0 +1,80 @@
+"""The data feed: the order is a pure function of (seed, epoch), and a dataset kept on the device
+(``feed.resident``, on a GPU) gives the loop exactly the batches and numbers it reads otherwise."""
+import gc
+
+import pytest
+import torch
+
+from minift.training import feed, speed
+from minift.training.config import TrainConfig
+from minift.training.loop import train
+from tests.training.test_train import batches, gpt
+
+
+def order_cfg(**kw):
+    return TrainConfig(**{"lr": 1e-3, "steps": 1, "seed": 7, **kw})
+
+
+def test_each_epoch_is_a_permutation_seeded_by_seed_and_epoch():
+    c, n = order_cfg(), 5
+    epochs = [[feed.index_at(n, e * n + i, c) for i in range(n)] for e in range(4)]
+    assert all(sorted(e) == list(range(n)) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # shuffled anew each epoch
+    g = torch.Generator().manual_seed(7 * 1_000_003 + 2)  # the stream's definition, written out
+    assert epochs[2] == torch.randperm(n, generator=g).tolist()
+    assert [feed.index_at(n, p, order_cfg(shuffle=False)) for p in range(7)] == [0, 1, 2, 3, 4, 0, 1]
+    data = batches(n=5)
+    assert feed.batch_at(data, 13, c) is data[epochs[2][3]]
+
+
+def test_resident_only_for_a_small_plain_list_on_a_gpu(monkeypatch):
+    data = batches()
+    assert feed.resident(data, "cuda") and feed.resident(tuple(data), "cuda")
+    assert not feed.resident(data, "cpu")  # nothing to save on the CPU
+    assert not feed.resident(type("Lazy", (list,), {})(data), "cuda")  # a subclass may read lazily
+    monkeypatch.setattr(feed, "RESIDENT_BYTES", feed.nbytes(data) - 1)
+    assert not feed.resident(data, "cuda")
+
+
+@pytest.mark.parametrize("keep_masks", [False, True])
+def test_a_resident_feed_gives_what_a_streaming_one_does(monkeypatch, keep_masks):
+    data = batches(n=3) + [{k: v[1:] for k, v in batches(n=1, seed=5)[0].items()}]  # one batch without padding
+    c, model = order_cfg(), gpt()
+    streaming = feed.Feed(data, c, torch.device("cpu"), keep_masks)
+    monkeypatch.setattr(feed, "resident", lambda batches, device: True)
+    kept = feed.Feed(data, c, torch.device("cpu"), keep_masks)
+    assert streaming.on_device is None and kept.on_device is not None
+    for position in range(9):
+        (a, ta, sa), (b, tb, sb) = streaming.at(position, model), kept.at(position, model)
+        assert a.keys() == b.keys() and ta == tb and sa == sb == 1.0
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        i = feed.index_at(len(data), position, c)
+        assert ta == int(data[i]["attention_mask"].sum())
+    assert ("attention_mask" in kept.on_device[3][0]) == keep_masks  # all ones: dropped unless kept
+
+
+def test_training_on_a_resident_feed_is_bitwise_the_same_run(monkeypatch, tmp_path):
+    c = TrainConfig(lr=3e-3, steps=6, grad_accum=2, warmup=1, progress=False, plot=False, seed=3)
+    streamed = train(gpt(), batches(), c)
+    monkeypatch.setattr(feed, "resident", lambda batches, device: True)
+    kept = train(gpt(), batches(), c)
+    assert kept.losses == streamed.losses and kept.tokens_per_s > 0
+
+
+def test_the_collector_freezes_on_a_gpu_only():
+    assert speed.freeze_objects("cpu") is False and gc.get_freeze_count() == 0
+    try:
+        assert speed.freeze_objects("cuda") is True and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_gpu_run_unfreezes_what_it_froze_and_matches_the_cpu_feed(monkeypatch):
+    c = TrainConfig(lr=3e-3, steps=4, grad_accum=1, warmup=1, progress=False, plot=False, seed=3, device="cuda",
+                    compile=False, fast=False, bf16=False)
+    kept = train(gpt(dropout=0.0), batches(), c)
+    assert gc.get_freeze_count() == 0
+    monkeypatch.setattr(feed, "resident", lambda batches, device: False)
+    streamed = train(gpt(dropout=0.0), batches(), c)
+    assert kept.losses == streamed.losses
