@@ -241,8 +241,9 @@ class _Run:
                     loss = loss + self.penalty(model)
             whole = share == 1 and cfg.grad_accum == 1  # the loss as it is: no kernels to scale it by 1
             (loss if whole else loss * share / cfg.grad_accum).backward()
-            part = loss.detach().float() if whole else loss.detach().float() * share / cfg.grad_accum
-            step_loss = part if step_loss is None else step_loss + part  # outside any graph
+            # a new tensor either way: under CUDA graphs the loss itself is overwritten by the next replay
+            part = loss.detach().float().clone() if whole else loss.detach().float() * share / cfg.grad_accum
+            step_loss = part if step_loss is None else step_loss + part
         return step_loss
 
     def update(self) -> None:

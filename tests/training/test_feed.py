@@ -77,4 +77,5 @@ def test_a_gpu_run_unfreezes_what_it_froze_and_matches_the_cpu_feed(monkeypatch)
     assert gc.get_freeze_count() == 0
     monkeypatch.setattr(feed, "resident", lambda batches, device: False)
     streamed = train(gpt(dropout=0.0), batches(), c)
-    assert kept.losses == streamed.losses
+    # (equal up to the GPU's own run-to-run differences: attention's backward may add in any order)
+    torch.testing.assert_close(kept.losses, streamed.losses, rtol=1e-5, atol=1e-6)
