@@ -36,7 +36,6 @@ Ctrl-C. Rank 0 alone writes the log, bar and plot; checkpoints hold every rank's
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -128,8 +127,7 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     finally:
         run.bar.close()
         model.eval()
-        if run.frozen:
-            gc.unfreeze()
+        run.collector.end()
     run.end(error)
     if error is not None:
         raise error
@@ -159,7 +157,7 @@ class _Run:
         self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
         self.log_path = (cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)) if self.main else None
         self.updating = False  # inside the weight update: an interrupt must not be checkpointed
-        self.frozen = False  # objects frozen out of the garbage collector's sight (speed.freeze_objects)
+        self.collector = speed.QuietCollector()  # on a GPU, from the first step on
 
     def resume(self) -> None:
         """Load ``out_dir/last`` when resuming (and cut the log back to it), else seed every RNG."""
@@ -215,7 +213,7 @@ class _Run:
                     torch.cuda.synchronize(self.device)
                 if done == 1:
                     res.first_step_s = time.perf_counter() - self.t0
-                    self.frozen = speed.freeze_objects(self.device.type)  # (the first step compiled)
+                    self.collector.begin(self.device.type)  # (the first step compiled)
                 if done == speed.WARMUP_STEPS:  # the steady window opens
                     self.first, self.paused = (self.n_tokens, time.perf_counter()), 0.0
             self.bar.update(1)
@@ -266,6 +264,7 @@ class _Run:
         also has the tokens/s so far, exact because the GPU has caught up)."""
         if not self.pending:
             return
+        self.collector.collect()  # (before the read, which waits for the GPU)
         losses = distributed.sum_losses(torch.stack([loss for _, loss, _ in self.pending])).tolist()
         records = [{"step": step, "loss": loss, "lr": lr} for (step, _, lr), loss in zip(self.pending, losses)]
         records[-1]["tok_s"] = tok_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)

@@ -19,7 +19,7 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
 
 Two more change no number, so nothing opts out of them: a dataset of at most 256 MiB is copied to
 the GPU once and read from there (``feed.py``), and after the first step the garbage collector
-freezes the objects left (``freeze_objects``).
+freezes the objects left and collects at each read-back of the losses only (``QuietCollector``).
 
 Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kernels (it ran slower
 than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
@@ -118,13 +118,39 @@ def activation_budget(budget: float | None, compiled: bool):
     return functorch_config.patch(activation_memory_budget=budget)
 
 
-def freeze_objects(device_type: str) -> bool:
-    """On CUDA: collect, then freeze the objects left (the model, the compiled graphs) out of the
-    garbage collector's sight, and return True (the caller calls ``gc.unfreeze()`` when its run
-    ends). A full collection walks every object Python tracks, and compiling leaves millions:
-    unfrozen, one paused a steady MiniLM step for 0.4 s (``benchmarks/trace_train.py``)."""
-    if device_type != "cuda":
-        return False
-    gc.collect()
-    gc.freeze()
-    return True
+class QuietCollector:
+    """Python's garbage collector out of a GPU run's steps.
+
+    ``begin`` (after the first step, which compiled): collect, then freeze the objects left (the
+    model, the compiled graphs) out of the collector's sight, and turn automatic collection off. A
+    full collection walks every object Python tracks, and compiling leaves millions: unfrozen, one
+    paused a steady MiniLM step for 0.4 s (``benchmarks/trace_train.py``); and automatic
+    collections of the young objects ran every few steps. The loop then calls ``collect`` at each
+    read-back of the losses, where the host waits for the GPU anyway: the steps' young objects in
+    one pass. ``end`` puts the collector back as it was (and unfreezes only when nothing else had
+    frozen objects: ``gc`` unfreezes all or none). On the CPU it does nothing."""
+
+    def __init__(self):
+        self.active, self.unfreeze, self.was_enabled = False, False, True
+
+    def begin(self, device_type: str) -> None:
+        if device_type != "cuda" or self.active:
+            return
+        self.unfreeze, self.was_enabled = gc.get_freeze_count() == 0, gc.isenabled()
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+        self.active = True
+
+    def collect(self) -> None:
+        if self.active:
+            gc.collect(1)
+
+    def end(self) -> None:
+        if not self.active:
+            return
+        if self.was_enabled:
+            gc.enable()
+        if self.unfreeze:
+            gc.unfreeze()
+        self.active = False

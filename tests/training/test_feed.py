@@ -1,5 +1,6 @@
 """The data feed: the order is a pure function of (seed, epoch), and a dataset kept on the device
-(``feed.resident``, on a GPU) gives the loop exactly the batches and numbers it reads otherwise."""
+(``feed.resident``, on a GPU) gives the loop exactly the batches and numbers it reads otherwise; the
+garbage collector kept out of a GPU run's steps (``speed.QuietCollector``) and put back after."""
 import gc
 
 import pytest
@@ -61,20 +62,42 @@ def test_training_on_a_resident_feed_is_bitwise_the_same_run(monkeypatch, tmp_pa
     assert kept.losses == streamed.losses and kept.tokens_per_s > 0
 
 
-def test_the_collector_freezes_on_a_gpu_only():
-    assert speed.freeze_objects("cpu") is False and gc.get_freeze_count() == 0
+def test_the_quiet_collector_on_a_gpu_only_and_put_back_as_it_was():
+    before, enabled = gc.get_freeze_count(), gc.isenabled()  # (a GPU machine may have frozen objects already)
+    q = speed.QuietCollector()
+    q.begin("cpu")
+    q.collect()
+    assert not q.active and gc.get_freeze_count() == before and gc.isenabled() == enabled
     try:
-        assert speed.freeze_objects("cuda") is True and gc.get_freeze_count() > 0
+        q.begin("cuda")
+        assert q.active and gc.get_freeze_count() > before and not gc.isenabled()
+        cycle = []
+        cycle.append(cycle)
+        young = len(gc.get_objects(0)) + len(gc.get_objects(1))
+        q.collect()  # the young generations, by hand
+        assert len(gc.get_objects(0)) + len(gc.get_objects(1)) < young
+        q.end()
+        assert gc.isenabled() == enabled and (gc.get_freeze_count() == 0 if before == 0 else True)
+        gc.freeze()  # someone else's frozen objects
+        q.begin("cuda")
+        q.end()
+        assert gc.get_freeze_count() > 0  # the run must not unfreeze them
     finally:
+        q.end()
         gc.unfreeze()
+        if before:
+            gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_gpu_run_unfreezes_what_it_froze_and_matches_the_cpu_feed(monkeypatch):
     c = TrainConfig(lr=3e-3, steps=4, grad_accum=1, warmup=1, progress=False, plot=False, seed=3, device="cuda",
                     compile=False, fast=False, bf16=False)
+    before, enabled = gc.get_freeze_count(), gc.isenabled()
     kept = train(gpt(dropout=0.0), batches(), c)
-    assert gc.get_freeze_count() == 0
+    assert gc.isenabled() == enabled and (gc.get_freeze_count() == 0) == (before == 0)
     monkeypatch.setattr(feed, "resident", lambda batches, device: False)
     streamed = train(gpt(dropout=0.0), batches(), c)
     # (equal up to the GPU's own run-to-run differences: attention's backward may add in any order)
