@@ -12,9 +12,10 @@ the model is shown to ``save_adapter`` / ``load_adapter`` as a plain LoRA model 
 ``MultiLoRALinear`` layers swapped, for the call, for ``LoRALinear`` / ``nn.Linear`` views that
 share the same Parameters), so the name mapping and file checks of ``adapters/lora.py`` are used
 as they are. An adapter with modules to save (its own classification head, ``ModulesToSave``)
-writes its copy under the module's name, as a single-adapter model with that head would;
-``load_adapters`` takes plain LoRA only (such a directory loads onto a model of its own:
-``load_adapter``, ``minift eval --adapter``).
+writes its copy under the module's name, as a single-adapter model with that head would, and
+``load_adapters`` reads such a directory back into a copy of the adapter's own (a linear head of
+another width, for another label count, gets a new layer of the file's shape); the base's module
+is never written.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from minift.adapters.lora import lora_config_of
 from minift.files import InputError
 from minift.methods import lora
 from minift.methods.common import set_submodule
-from minift.methods.multi_lora import ModulesToSave, MultiLoRALinear, adapter_names, multi_lora_modules, saved_modules
+from minift.methods.multi_lora import (ModulesToSave, MultiLoRALinear, add_module_copy, adapter_names,
+                                      drop_module_copies, multi_lora_modules, saved_modules)
 
 __all__ = ["save_adapters", "load_adapters", "as_single", "lora_config_as"]
 
@@ -57,9 +59,10 @@ def load_adapters(model: nn.Module, path, names: list[str] | None = None) -> lis
 
     Each subdirectory holding a LoRA adapter (either layout) is one adapter, named after it; an
     adapter at the top of ``path`` (PEFT's "default") is named "default". ``names`` picks some.
-    Returns the names added, in order. A name the model already has, a file that is not plain
-    LoRA (DoRA, AdaLoRA, modules_to_save, prefix or prompt) or a bad file is an error (InputError
-    naming the file, or ValueError); adapters added before the error stay.
+    Returns the names added, in order. An adapter's modules to save (a classification head) load
+    into copies of its own (``ModulesToSave``). A name the model already has, a file that is not
+    LoRA (DoRA, AdaLoRA, prefix or prompt) or a bad file is an error (InputError naming the file,
+    or ValueError); adapters added before the error stay, the failing one leaves nothing.
     """
     path = Path(path)
     found = {}
@@ -88,20 +91,26 @@ def _is_adapter_dir(d: Path) -> bool:
 
 
 def _load_one(model: nn.Module, name: str, d: Path) -> None:
-    if read_adapter(d)[1].get("modules_to_save"):  # refused before it could load into the shared module
-        raise ValueError(f"{d}: a named adapter must be plain LoRA (no DoRA, AdaLoRA or modules_to_save)")
-    with as_single(model, None):  # every adapted layer a plain nn.Linear view for the call
-        load_adapter(model, d)
-        layers = lora.lora_modules(model)
-        odd = [n for n, m in layers if m.dora] + [n for n, p in model.named_parameters()
-                                                 if p.requires_grad and "lora_" not in n]
-        if odd or not layers:
-            for n, m in layers:
+    _, config, tensors = read_adapter(d)
+    heads = _head_copies(model, name, _modules_to_save(config), tensors)  # before loading: the copies to fill
+    try:
+        # the adapted layers plain nn.Linear views (the adapter has no factors yet), its modules to save its copies
+        with as_single(model, name):
+            load_adapter(model, d)
+            layers = lora.lora_modules(model)
+            odd = [n for n, m in layers if m.dora] + [
+                n for n, p in model.named_parameters()
+                if p.requires_grad and "lora_" not in n and not any(n.startswith(h + ".") for h in heads)]
+            if odd or not layers:
+                for n, m in layers:
+                    set_submodule(model, n, _linear(m))
+                raise ValueError(f"{d}: a named adapter must be plain LoRA (no DoRA or AdaLoRA)")
+            loaded = {n: m for n, m in layers}
+            for n, m in layers:  # the LoRALinear layers become plain again; their factors move below
                 set_submodule(model, n, _linear(m))
-            raise ValueError(f"{d}: a named adapter must be plain LoRA (no DoRA, AdaLoRA or modules_to_save)")
-        loaded = {n: m for n, m in layers}
-        for n, m in layers:  # the LoRALinear layers become plain again; their factors move below
-            set_submodule(model, n, _linear(m))
+    except BaseException:
+        drop_module_copies(model, name)
+        raise
     for n, m in loaded.items():
         multi = model.get_submodule(n)
         if not isinstance(multi, MultiLoRALinear):
@@ -109,6 +118,34 @@ def _load_one(model: nn.Module, name: str, d: Path) -> None:
             set_submodule(model, n, multi)
         multi.lora_A[name], multi.lora_B[name] = m.lora_A, m.lora_B
         multi.dropout[name], multi.scaling[name], multi.settings[name] = m.dropout, m.scaling, (m.alpha, m.rslora)
+
+
+def _modules_to_save(config: dict) -> list[str]:
+    """The modules to save an adapter config names: PEFT's at its top level, minift's in ``config``."""
+    inner = config.get("config")
+    found = config.get("modules_to_save") or (inner.get("modules_to_save") if isinstance(inner, dict) else None)
+    return [str(t) for t in found] if isinstance(found, list) else []
+
+
+def _head_copies(model: nn.Module, name: str, saved: list[str], tensors: dict) -> list[str]:
+    """Give adapter ``name`` a copy of each module ``saved`` names (matched as ``add_adapter``
+    matches them), for its file's weights to load into; returns those modules' names. A linear
+    module whose weight in the file has another shape (a head for another label count) gets a new
+    linear layer of that shape; any other copy is the original's and must match the file."""
+    hits = [n for t in dict.fromkeys(saved) for n, _ in model.named_modules()
+            if (n == t or n.endswith("." + t)) and "copies." not in n and ".original" not in n]
+    for n in hits:
+        m = model.get_submodule(n)
+        original = m.original if isinstance(m, ModulesToSave) else m
+        shape = next((tuple(t.shape) for k, t in tensors.items() if k == f"{n}.weight" or k.endswith(f".{n}.weight")),
+                     None)
+        new = None
+        if isinstance(original, nn.Linear) and shape is not None and len(shape) == 2 \
+                and shape != tuple(original.weight.shape):
+            w = original.weight
+            new = nn.Linear(shape[1], shape[0], bias=original.bias is not None, device=w.device, dtype=w.dtype)
+        add_module_copy(model, n, name, new)
+    return hits
 
 
 @contextlib.contextmanager

@@ -249,12 +249,31 @@ def add_adapter(model: nn.Module, name: str, cfg: LoRAConfig, modules: dict[str,
             set_submodule(model, n, m)
         m.add(name, cfg)
     for n, m, t in saved:
-        if not isinstance(m, ModulesToSave):
-            m = ModulesToSave(m)
-            set_submodule(model, n, m)
         given = (modules or {}).get(t)  # a copy of its own for each module it matches
-        m.add(name, copy.deepcopy(given) if given is not None and len(saved) > 1 else given)
+        add_module_copy(model, n, name, copy.deepcopy(given) if given is not None and len(saved) > 1 else given)
     return [n for n, _ in found]
+
+
+def add_module_copy(model: nn.Module, module_name: str, name: str, module: nn.Module | None = None) -> None:
+    """Adapter ``name``'s trainable copy of module ``module_name`` (``module``, else a copy of the
+    original), wrapping it in a ``ModulesToSave`` first if it is not one yet."""
+    m = model.get_submodule(module_name)
+    if not isinstance(m, ModulesToSave):
+        m = ModulesToSave(m)
+        set_submodule(model, module_name, m)
+    m.add(name, module)
+
+
+def drop_module_copies(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``'s copies of modules to save; a module no adapter saves any more is
+    the plain module again."""
+    for n, m in saved_modules(model):
+        if name in m.copies:
+            del m.copies[name]
+        if m.active == name:
+            m.active = None
+        if not m.copies:
+            set_submodule(model, n, m.original)
 
 
 def set_active(model: nn.Module, name: str | None) -> None:
@@ -272,13 +291,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for _, m in multi_lora_modules(model):
         if name in m.lora_A:
             m.delete(name)
-    for n, m in saved_modules(model):
-        if name in m.copies:
-            del m.copies[name]
-        if m.active == name:
-            m.active = None
-        if not m.copies:  # no adapter saves it any more: the plain module again
-            set_submodule(model, n, m.original)
+    drop_module_copies(model, name)
 
 
 def merge_adapter(model: nn.Module, name: str) -> None:

@@ -174,6 +174,10 @@ def add_compare(sub) -> None:
                    help="runs at once, each in its own worker process on the same device (a GPU with spare "
                         "capacity: a small model's runs are bound by the host); the table's wall s and tokens/s "
                         "are then measured on shared hardware (default: 1)")
+    p.add_argument("--together", action="store_true",
+                   help="train LoRA's --seeds runs at once, on one base (train-many: one forward for every seed "
+                        "a step; wall s, tokens/s and peak memory are then the shared run's; dropout masks are "
+                        "drawn over the mixed batch)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: run every method in this process (faster start; peak RSS is then process-wide)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -200,7 +204,7 @@ def _cmd_compare(args) -> int:
                                 model=args.model, train=args.train, dev=args.dev, test=args.test,
                                 device=device, seed=args.seed, isolate=not args.in_process,
                                 seeds=args.seeds if args.seeds is not None else 3 if args.full else 1,
-                                reference=args.reference, jobs=args.jobs, full=args.full,
+                                reference=args.reference, jobs=args.jobs, full=args.full, together=args.together,
                                 progress=not args.no_progress and args.jobs == 1, **d)
     log = lambda s: print(s, file=sys.stderr)  # noqa: E731
     name = args.name or f"compare{'-full' if args.full else ''}-{'cuda' if device.startswith('cuda') else 'cpu'}"

@@ -30,63 +30,33 @@ does); the table, Markdown, JSON and chart are written by ``compare_report.py``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor, as_completed
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 
 from minift.studies.compare_report import COLUMNS, plot, save, to_markdown, to_text  # noqa: F401  (the report)
-from minift.studies.compare_setup import CompareConfig, Task, load_task, resolve
+from minift.studies.compare_setup import (CompareConfig, Row, Task, load_model, load_task, peak_rss,  # noqa: F401
+                                          resolve, total_steps)
 from minift.training.recipes import compare_settings, load_recipe
-
-
-# ---------------------------------------------------------------------------- rows
-
-@dataclass
-class Row:
-    method: str
-    seed: int                         # the run seed: new parameters' init, data order, dropout
-    trainable: int
-    total: int
-    trainable_pct: float
-    lr: float | None                  # None for the probe (L-BFGS, no learning rate)
-    steps: int
-    wall_s: float                     # training (probe: feature extraction + probe fitting)
-    eval_s: float
-    tokens_per_s: float
-    peak_mib: float
-    dev_acc: float
-    dev_f1: float
-    test_acc: float
-    test_f1: float
-    note: str = ""
-    extra: dict = field(default_factory=dict)
-    predictions: dict = field(default_factory=dict)  # split -> evaluate's records (saved on their own)
 
 
 # ---------------------------------------------------------------------------- one method
 
-def total_steps(cfg: CompareConfig, n_batches: int) -> int:
-    return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * n_batches))
-
-
-def _load_model(task: Task, seed: int):
-    from minift.models.bert import BertClassifier
-    torch.manual_seed(seed)  # the new classification head starts the same for every method
-    return BertClassifier.from_pretrained(task.model_dir, num_labels=len(task.labels))
-
-
-def run_method(task: Task, method: str, cfg: CompareConfig, seed: int | None = None) -> Row:
+def run_method(task: Task, method: str, cfg: CompareConfig, seed: int | None = None) -> Row | list[Row]:
     """Train (or probe) one fresh copy of the model with ``method`` and run seed ``seed``
-    (default ``cfg.seed``) and evaluate it. The data (``task``) is the same for every seed."""
+    (default ``cfg.seed``) and evaluate it. The data (``task``) is the same for every seed.
+    LoRA under ``cfg.together``: every seed's run at once, a row per seed."""
     seed = cfg.seed if seed is None else seed
+    if method == "lora" and cfg.together:  # every seed's run at once, one row each (compare_many.py)
+        from minift.studies.compare_many import run_together
+        return run_together(task, cfg, [cfg.seed + k for k in range(cfg.seeds)])
     from minift.methods.common import count_trainable
     from minift.training.forward import pick_device
     device = pick_device(cfg.device)
@@ -96,7 +66,7 @@ def run_method(task: Task, method: str, cfg: CompareConfig, seed: int | None = N
         torch.cuda.reset_peak_memory_stats(device)
     recipe = load_recipe(f"sentiment-{method}")
     steps = total_steps(cfg, len(task.train))
-    model = _load_model(task, seed)  # also seeds what the method draws (LoRA's A, a prompt's init)
+    model = load_model(task, seed)  # also seeds what the method draws (LoRA's A, a prompt's init)
     if method == "probe":
         row = _run_probe(model, task, cfg, recipe, device)
     else:
@@ -104,7 +74,7 @@ def run_method(task: Task, method: str, cfg: CompareConfig, seed: int | None = N
     row.seed = seed
     row.trainable, row.total = count_trainable(model) if method != "probe" else (row.trainable, row.total)
     row.trainable_pct = 100 * row.trainable / row.total
-    row.peak_mib = (torch.cuda.max_memory_allocated(device) if cuda else _peak_rss()) / 2 ** 20
+    row.peak_mib = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss()) / 2 ** 20
     return row
 
 
@@ -187,13 +157,6 @@ def _run_probe(model, task: Task, cfg: CompareConfig, recipe: dict, device) -> R
                extra={"per_layer": per_layer, "pooling": pooling}, predictions=preds)
 
 
-def _peak_rss() -> float:
-    """Peak resident set size of this process in bytes (Linux reports KiB, macOS bytes)."""
-    import resource
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(r if sys.platform == "darwin" else r * 1024)
-
-
 # ---------------------------------------------------------------------------- all methods
 
 def _device_name(device: str) -> str:
@@ -204,7 +167,7 @@ def _device_name(device: str) -> str:
 _WORKERS: set = set()  # the worker processes running now (--jobs: stopped when another run fails)
 
 
-def _run_isolated(cfg: CompareConfig, method: str, seed: int) -> Row:
+def _run_isolated(cfg: CompareConfig, method: str, seed: int) -> Row | list[Row]:
     """Run one method in a fresh worker process (``python -m minift.studies.compare``), so the peak
     RSS it reports is that method's own."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,7 +198,7 @@ def _run_isolated(cfg: CompareConfig, method: str, seed: int) -> Row:
             last = f": {lines[-1]}" if lines else ""
             raise RuntimeError(f"the worker for method {method!r} failed (exit code {code}){last}; "
                                f"rerun with --methods {method} --in-process to see why")
-        return Row(**result)
+        return [Row(**r) for r in result] if isinstance(result, list) else Row(**result)
 
 
 def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
@@ -257,18 +220,27 @@ def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
     if not isolate:
         _warm_up(task, cfg)
     tags = [f"{m}" + (f" seed {s}" if len(seeds) > 1 else "") for m, s in runs]
+    together: dict[int, Row] = {}  # --together: every LoRA seed's row, from the first LoRA run
 
     def one(i: int) -> Row:
         method, seed = runs[i]
-        what = "frozen features + a probe per layer" if method == "probe" else f"{steps} steps"
+        if method == "lora" and cfg.together and together:
+            return together[seed]
+        what = ("frozen features + a probe per layer" if method == "probe" else f"{steps} steps"
+                + (f", seeds {seeds[0]}-{seeds[-1]} together" if method == "lora" and cfg.together else ""))
         log(f"compare: [{i + 1}/{len(runs)}] {tags[i]} ({what})")
         if isolate:
-            return _run_isolated(cfg, method, seed)
-        try:
-            return run_method(task, method, cfg, seed)
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            raise ValueError(f"method {method}: {msg}") from None
+            got = _run_isolated(cfg, method, seed)
+        else:
+            try:
+                got = run_method(task, method, cfg, seed)
+            except (ValueError, KeyError, FileNotFoundError) as e:
+                msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+                raise ValueError(f"method {method}: {msg}") from None
+        if isinstance(got, list):  # --together: every LoRA seed's row
+            together.update({r.seed: r for r in got})
+            return together[seed]
+        return got
 
     done: dict[int, Row] = {}
 
@@ -315,6 +287,8 @@ def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: fl
             "jobs": cfg.jobs, "timing": ("wall s and tokens/s of each run were measured with "
                                           f"{cfg.jobs} runs sharing the device" if cfg.jobs > 1 else
                                           "one run at a time"),
+            "together": ("LoRA's seeds trained at once on one base (train-many): their rows share the run's wall s, "
+                         "tokens/s and peak memory" if cfg.together else None),
             "total_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d")}
 
 
@@ -324,7 +298,7 @@ def _warm_up(task: Task, cfg: CompareConfig) -> None:
     method runs first."""
     from minift.training.forward import model_forward, pick_device, to_device
     device = pick_device(cfg.device)
-    model = _load_model(task, cfg.seed).to(device)
+    model = load_model(task, cfg.seed).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-9)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         model_forward(model, to_device(task.train[0], device)).loss.backward()
@@ -376,7 +350,7 @@ def _worker(argv: list[str]) -> int:
     except Exception as e:  # noqa: BLE001  (a run-time failure: one line for the parent, exit 1)
         Path(out_path).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
         return 1
-    Path(out_path).write_text(json.dumps(asdict(row)))
+    Path(out_path).write_text(json.dumps([asdict(r) for r in row] if isinstance(row, list) else asdict(row)))
     return 0
 
 

@@ -1,10 +1,13 @@
 """What every method of `minift compare` shares, fixed before any of them runs: the config and
-its defaults, and the task: the three data splits, read and tokenized once. Each method's
+its defaults, and the task: the three data splits, read and tokenized once; and what one run
+starts from and gives (``load_model``, ``Row``). Each method's
 settings come from its recipe (``minift.training.recipes``, also read by `minift train --recipe`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import math
+import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +48,7 @@ class CompareConfig:
     jobs: int = 1                     # runs at once, each in its own worker process (shared device)
     progress: bool = True
     full: bool = False                # --full: a recipe's [compare.full] table applies (compare_settings)
+    together: bool = False            # LoRA's seeds trained at once on one base (compare_many.py)
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -67,6 +71,10 @@ class CompareConfig:
             raise ValueError(f"jobs must be >= 1, got {self.jobs}")
         if self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.together and "lora" not in self.methods:
+            raise ValueError("--together trains LoRA's seeds at once; lora is not among the methods run")
+        if self.together and self.jobs > 1:
+            raise ValueError("--together trains LoRA's seeds in one run; give --jobs 1")
         if self.reference is None:
             self.reference = "full" if "full" in self.methods else self.methods[0]
         elif self.reference not in self.methods:
@@ -146,3 +154,45 @@ def load_task(cfg: CompareConfig) -> Task:
         out[s] = data.batches(sub.tokenize(tok, cfg.max_len), cfg.batch_size, pad_id=pad)
     return Task(cfg.model, [names[i] for i in range(len(names))], out["train"], out["dev"], out["test"],
                 {s: len(idx) for s, idx in keep.items()}, tok)
+
+
+# ---------------------------------------------------------------------------- one run
+
+@dataclass
+class Row:
+    method: str
+    seed: int                         # the run seed: new parameters' init, data order, dropout
+    trainable: int
+    total: int
+    trainable_pct: float
+    lr: float | None                  # None for the probe (L-BFGS, no learning rate)
+    steps: int
+    wall_s: float                     # training (probe: feature extraction + probe fitting)
+    eval_s: float
+    tokens_per_s: float
+    peak_mib: float
+    dev_acc: float
+    dev_f1: float
+    test_acc: float
+    test_f1: float
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+    predictions: dict = field(default_factory=dict)  # split -> evaluate's records (saved on their own)
+
+
+def total_steps(cfg: CompareConfig, n_batches: int) -> int:
+    return cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * n_batches))
+
+
+def load_model(task: Task, seed: int):
+    """The task's model with a new head of its label count, drawn with ``seed``."""
+    from minift.models.bert import BertClassifier
+    torch.manual_seed(seed)  # the new classification head starts the same for every method
+    return BertClassifier.from_pretrained(task.model_dir, num_labels=len(task.labels))
+
+
+def peak_rss() -> float:
+    """Peak resident set size of this process in bytes (Linux reports KiB, macOS bytes)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(r if sys.platform == "darwin" else r * 1024)

@@ -16,8 +16,11 @@ Because the rows are disjoint and each adapter acts only on its own rows, the gr
 reaches job k's adapter is exactly the gradient of job k's loss alone: the K trajectories are
 those of K separate runs (tests/training/test_many.py checks them against ``train``, step by
 step). What is shared is the work on the base: one pass of W0 over all rows instead of K.
-A base with dropout is the exception: its masks are drawn over the mixed batch, so each job
-then sees other (equally random) masks than it would alone. A classification job's new head is
+Dropout is the exception, the base's and the adapters' (a job's LoRA dropout applies to its
+own rows, as its layer alone would): the masks are drawn from one generator over the mixed batch,
+so each job then sees other (equally random) masks than it would alone; a single job sees the
+masks ``train`` draws. Under dropout the fast mixed forward (``fast/multi_lora.py``) gives way
+to the reference one, which draws each adapter's mask over its own rows. A classification job's new head is
 its own (``Job.modules``, a ``ModulesToSave`` copy its rows go through), as ``train``'s LoRA trains one.
 
 Each job keeps its own position: a job that has done its steps (or stopped early) adds no rows
@@ -90,8 +93,6 @@ def add_jobs(model: nn.Module, jobs: list[Job]) -> None:
     for j in jobs:
         if j.cfg.grad_accum != 1:
             raise ValueError(f"job {j.name}: train_many runs grad_accum 1 (give a larger batch instead)")
-        if j.lora.dropout > 0:  # its rows would draw other dropout masks than the job alone
-            raise ValueError(f"job {j.name}: train_many runs adapters without dropout, got dropout {j.lora.dropout}")
         if "lm_head" in j.lora.targets:  # each job's loss is taken from the hidden states, the head per job
             raise ValueError(f"job {j.name}: train_many does not adapt lm_head (each job's loss reads the "
                              f"shared head); leave lm_head out of the targets")
@@ -128,7 +129,7 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
     runs = [_JobRun(model, j, dev) for j in jobs]
     resumed = [r.resume() for r in runs]  # every checkpoint read and checked before any log changes
     if not any(resumed):
-        seed_everything(jobs[0].cfg.seed)  # only a base with dropout draws from it
+        seed_everything(jobs[0].cfg.seed)  # only dropout (the base's, the adapters') draws from it
     for r in runs:
         r.start_log()
     if on_start is not None:

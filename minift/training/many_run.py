@@ -23,8 +23,8 @@ jobs.toml takes the keys of a `minift train --config` file, once for defaults an
 Every job is checked before the model loads and nothing under --out changes before every job's
 data, targets and directory have passed: a bad job is one line naming the job (index and name),
 the key and what is allowed (exit 2). Settings that one shared forward cannot honour are refused:
-a method other than plain LoRA (name "lora"; no dropout, DoRA, PiSSA/gaussian init or
-merged_forward; modules_to_save only as classification's default, the head), grad_accum > 1,
+a method other than plain LoRA (name "lora"; no DoRA, PiSSA/gaussian init or merged_forward;
+modules_to_save only as classification's default, the head), grad_accum > 1,
 compile (train-many runs eager), and a per-job model, device, bf16 or fast. Classification jobs
 (a BERT base) each train their own new head, as `minift train` does: its own label set from its
 train file, its own starting weights (the head `minift train` would draw with the job's seed),
@@ -33,7 +33,10 @@ label count. Classification and language-model jobs do not mix (they need other 
 shared model takes minift.fast (cast once, fused loss, each row's adapter factors gathered: one
 batched GEMM pair per layer for every job; `fast = false` at the top level: the reference path). Each job's adapter A is drawn as `minift train` draws it (the CPU RNG seeded with the
 job's seed, then advanced by building the model), so a job trains exactly as
-`minift train --config` with its tables would (tests/training/test_many_cli.py; CPU, fp32).
+`minift train --config` with its tables would (tests/training/test_many_cli.py; CPU, fp32), but
+for dropout: the base's and the jobs' LoRA dropout (each job's on its own rows) draw their masks
+from one generator over every job's rows, so the jobs match separate runs in distribution, not
+mask for mask.
 
 Each job writes OUT/<name>/ as `minift train --out` does (run.json, metrics.jsonl, last/, best/,
 adapter/ (`minift eval --adapter OUT/<name>/adapter` scores it), loss.png) plus summary.json, the
@@ -68,8 +71,6 @@ SHARED = {"model": "data", "device": "train", "bf16": "train", "fast": "train"} 
 TASKS = ("causal-lm", "prompt-completion", "classification")
 # settings a shared forward cannot honour: (table, key) -> (is the value fine?, why not)
 REFUSED = {
-    ("method", "dropout"): (lambda v: v == 0, "train-many runs adapters without dropout (one batch holds every "
-                                              "job's rows, so the masks would not be the job's own); give 0"),
     ("method", "dora"): (lambda v: not v, "named adapters are plain LoRA; train DoRA with minift train"),
     ("method", "init"): (lambda v: v == "default", "named adapters start as LoRA's default (Kaiming A, zero B)"),
     ("method", "merged_forward"): (lambda v: not v, "train-many does not compile or merge LoRA weights"),

@@ -271,14 +271,6 @@ def test_each_head_copy_learns_only_from_its_rows_and_files_show_it_alone(tmp_pa
         assert (head <= keys) == (d.name != "c"), d.name
     assert load_file(tmp_path / "a" / "adapter_model.safetensors")["base_model.model.classifier.bias"].shape == (5,)
     assert not hasattr(model, "lora_config")
-    from minift.adapters.multi import load_adapters
-    other = classifier_with_heads(1)
-    delete_adapter(other, "a")
-    before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match="must be plain LoRA"):  # refused before anything loads
-        load_adapters(other, tmp_path, names=["a"])
-    after = other.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
     assert {"classifier.weight", "classifier.bias", "classifier.copies.a.weight"} <= set(model.state_dict())
     twin = classifier_with_heads()
     twin.load_state_dict(model.state_dict())  # and they load back into the wrapped module
@@ -300,3 +292,79 @@ def test_each_head_copy_learns_only_from_its_rows_and_files_show_it_alone(tmp_pa
     assert not adapter_names(fresh) and isinstance(fresh.classifier, torch.nn.Linear)
     delete_adapter(model, "b")  # the last copy gone: the plain head again, under its own keys
     assert model.classifier is heads.original and "classifier.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("layout", ["peft", "minift"])
+def test_adapters_with_heads_load_back_into_copies_of_their_own(layout, tmp_path):
+    """save_adapters then load_adapters onto a fresh base: each adapter's head comes back as a copy
+    of its own (a 5-label head beside the base's 3-label one too), every output as it was, alone
+    and in a mixed batch, and the base's own head untouched; a file that fails leaves nothing."""
+    from minift.adapters.multi import load_adapters, save_adapters
+    from minift.methods.multi_lora import ModulesToSave
+    model = classifier_with_heads()
+    save_adapters(model, tmp_path, layout=layout)
+    fresh = classifier_with_heads(1)  # another base head, other factors: everything must come from the files
+    for n in ("a", "b", "c"):
+        delete_adapter(fresh, n)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k and "copies." not in k})
+    base_head = fresh.classifier.weight.clone()
+    assert load_adapters(fresh, tmp_path) == ["a", "b", "c"]
+    heads = fresh.classifier
+    assert isinstance(heads, ModulesToSave) and sorted(heads.copies) == ["a", "b"]
+    assert heads.copies["a"].weight.shape == (5, 32) and torch.equal(heads.original.weight, base_head)
+    ids = torch.randint(0, 99, (4, 7), generator=torch.Generator().manual_seed(3))
+    for n in ("a", "b", "c", None):
+        set_active(model, n)
+        set_active(fresh, n)
+        torch.testing.assert_close(logits(fresh, ids), logits(model, ids), rtol=0, atol=1e-6)
+    names = ["a", "c", "b", None]
+    with torch.no_grad(), mixed_batch(model, names), mixed_batch(fresh, names):
+        torch.testing.assert_close(fresh(ids).logits, model(ids).logits, rtol=0, atol=1e-6)
+    from safetensors.torch import load_file, save_file
+    other = classifier_with_heads(1)  # a file that fails while loading (a factor missing) leaves nothing
+    for n in ("a", "b", "c"):
+        delete_adapter(other, n)
+    f = tmp_path / "a" / ("adapter.safetensors" if layout == "minift" else "adapter_model.safetensors")
+    tensors = load_file(f)
+    del tensors[next(k for k in tensors if "lora_B" in k)]
+    save_file(tensors, f)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="lora_B|missing|no tensor"):
+        load_adapters(other, tmp_path, names=["a"])
+    after = other.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert isinstance(other.classifier, torch.nn.Linear) and not adapter_names(other)
+
+
+def test_heads_travel_both_ways_with_peft(tmp_path):
+    """A named adapter with its own head: PEFT loads minift's directory (ModulesToSaveWrapper) with
+    the same logits, and PEFT's directory loads back as a named adapter with its head."""
+    from conftest import hf_bert
+    from minift.adapters.multi import load_adapters, save_adapters
+    from minift.methods.common import freeze_all
+    from minift.models.bert import BertClassifier
+    peft = pytest.importorskip("peft")
+    hf, d = hf_bert(tmp_path / "base", classifier=True)
+    model = BertClassifier.from_pretrained(d, num_labels=3).eval()
+    freeze_all(model)
+    add_adapter(model, "t", LoRAConfig(r=2, alpha=4, targets=("q_proj", "v_proj"), modules_to_save=("classifier",)))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "copies" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    save_adapters(model, tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours" / "t"), adapter_name="t").eval()
+    ids = torch.randint(0, 99, (3, 7), generator=torch.Generator().manual_seed(6))
+    set_active(model, "t")
+    want = logits(model, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+    pm.save_pretrained(tmp_path / "theirs", selected_adapters=["t"])  # PEFT writes a lone adapter "t" under t/
+    again = BertClassifier.from_pretrained(d, num_labels=3).eval()
+    freeze_all(again)
+    theirs = next(p.parent for p in (tmp_path / "theirs").rglob("adapter_config.json"))
+    assert load_adapters(again, theirs) == ["default"]
+    set_active(again, "default")
+    torch.testing.assert_close(logits(again, ids), want, rtol=1e-4, atol=1e-4)
+    assert isinstance(again.classifier.original, torch.nn.Linear) and "default" in again.classifier.copies

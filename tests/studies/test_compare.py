@@ -341,3 +341,54 @@ def test_a_failing_run_with_jobs_starts_no_other_run(setup, tmp_path, capsys, mo
     assert main(args) == 2
     assert "method adalora:" in capsys.readouterr().err
     assert len(started) <= 3 and ("bitfit", 2) not in started, started
+
+
+def test_together_trains_loras_seeds_at_once_as_separate_runs(setup, tmp_path, capsys, monkeypatch):
+    """--together: LoRA's seeds are jobs of one train-many run on one base. Without dropout (here the
+    base's and the recipe's are set to 0) each seed's run is its separate run: the same final loss
+    and scores; a worker process gives what an in-process run does; the rows share the run's timing."""
+    d, _, _ = setup
+    nodrop = d / "nodrop"
+    if not nodrop.exists():  # the same base with dropout 0
+        cfgj = json.loads((d / "model" / "config.json").read_text())
+        nodrop.mkdir()
+        for f in ("model.safetensors", "tokenizer.json"):
+            (nodrop / f).write_bytes((d / "model" / f).read_bytes())
+        drop_keys = [k for k in cfgj if "dropout" in k]
+        (nodrop / "config.json").write_text(json.dumps({**cfgj, **{k: 0.0 for k in drop_keys}}))
+    real = compare.load_recipe
+
+    def no_dropout(name):
+        r = real(name)
+        return {**r, "method": {**r["method"], "dropout": 0.0}} if name == "sentiment-lora" else r
+    monkeypatch.setattr(compare, "load_recipe", no_dropout)
+    from minift.studies import compare_many
+    monkeypatch.setattr(compare_many, "load_recipe", no_dropout)
+    args = lambda out, *extra: [a if a != str(d / "model") else str(nodrop)  # noqa: E731
+                                for a in _args(setup, "--seeds", "2", *extra, methods="lora", out=tmp_path / out)]
+    assert main(args("apart")) == 0
+    assert main(args("together", "--together")) == 0
+    capsys.readouterr()
+    apart, together = (json.loads((tmp_path / o / "t.json").read_text()) for o in ("apart", "together"))
+    assert [(r["method"], r["seed"]) for r in together["rows"]] == [("lora", 0), ("lora", 1)]
+    for a, t in zip(apart["rows"], together["rows"]):
+        assert t["extra"]["final_loss"] == pytest.approx(a["extra"]["final_loss"], rel=1e-5)
+        assert (t["dev_acc"], t["test_acc"], t["trainable"], t["total"]) == \
+            (a["dev_acc"], a["test_acc"], a["trainable"], a["total"])
+        assert t["extra"]["together"] == [0, 1] and "trained together" in t["note"]
+    assert together["rows"][0]["wall_s"] == together["rows"][1]["wall_s"] and together["meta"]["together"]
+    assert apart["meta"]["together"] is None
+    worker = [a for a in args("worker", "--together") if a != "--in-process"]
+    monkeypatch.undo()  # a worker process reads the recipe as it is: compare it with an in-process run of that
+    worker = [a if a != str(nodrop) else str(d / "model") for a in worker]
+    assert main(worker) == 0
+    assert main([a if a != str(nodrop) else str(d / "model") for a in args("inproc", "--together")]) == 0
+    capsys.readouterr()
+    w, i = (json.loads((tmp_path / o / "t.json").read_text()) for o in ("worker", "inproc"))
+    assert [r["extra"]["final_loss"] for r in w["rows"]] == pytest.approx([r["extra"]["final_loss"] for r in i["rows"]],
+                                                                          rel=1e-6)
+    assert main(_args(setup, "--together", methods="full", out=tmp_path)) == 2
+    assert "lora is not among the methods run" in capsys.readouterr().err
+    assert main([a for a in _args(setup, "--together", "--jobs", "2", methods="lora", out=tmp_path)
+                 if a != "--in-process"]) == 2
+    assert "give --jobs 1" in capsys.readouterr().err

@@ -77,15 +77,37 @@ def test_job_names_must_differ_and_grad_accum_is_one():
         add_jobs(base(), js)
 
 
-def test_jobs_with_dropout_or_mixed_tasks_are_refused():
-    js = jobs()
-    js[0].lora = LoRAConfig(r=2, dropout=0.1, targets=("q_proj",))
-    with pytest.raises(ValueError, match="job a: train_many runs adapters without dropout"):
-        add_jobs(base(), js)
+def test_jobs_that_mix_tasks_are_refused():
     js = jobs()
     js[2].batches = [{**b, "labels": b["labels"][:, 0]} for b in js[2].batches]
     with pytest.raises(ValueError, match="the jobs mix tasks"):
         add_jobs(base(), js)
+
+
+def test_lora_dropout_alone_draws_trains_masks_and_beside_others_its_own_rows_masks():
+    """A job's LoRA dropout acts on its own rows. Alone, the job draws exactly the masks `train`
+    draws (one generator, the same calls in the same order); beside other jobs the masks are drawn
+    over the mixed batch, so its losses then differ from its run alone by the masks only."""
+    def with_dropout(js):
+        js[0].lora = LoRAConfig(r=2, alpha=4, dropout=0.3, targets=("q_proj", "v_proj"))
+        return js
+    model, (j,) = base(), with_dropout(jobs())[:1]
+    add_jobs(model, [j])
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    together = train_many(model, [j])
+    alone = base()
+    lora.apply(alone, j.lora)
+    with torch.no_grad():
+        for name, m in lora.lora_modules(alone):
+            m.lora_A.copy_(start[f"{name}.lora_A.a"])
+    want = train(alone, j.batches, j.cfg).losses
+    assert together.losses["a"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    model, js = base(), with_dropout(jobs())
+    add_jobs(model, js)
+    q = next(m for n, m in model.named_modules() if n.endswith("q_proj"))
+    assert isinstance(q.dropout["a"], torch.nn.Dropout) and isinstance(q.dropout["c"], torch.nn.Identity)
+    mixed = train_many(model, js).losses["a"]
+    assert mixed != pytest.approx(want, rel=1e-5) and all(abs(a - b) < 0.5 for a, b in zip(mixed, want))
 
 
 def test_a_job_that_stops_early_leaves_the_others_as_they_were():

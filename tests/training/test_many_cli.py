@@ -224,7 +224,7 @@ def _bad(**change) -> dict:
 
 
 @pytest.mark.parametrize("jobs, needle", [
-    (_bad(method={"dropout": 0.1}), "[job.method] dropout = 0.1: train-many runs adapters without dropout"),
+    (_bad(method={"dropout": 1.5}), "dropout must be in [0, 1), got 1.5"),
     (_bad(method={"name": "dora"}), "trains plain LoRA adapters only"),
     (_bad(method={"r": "two"}), "[job.method] r must be an integer"),
     (_bad(method={"rr": 2}), "unknown key 'rr' in [job.method]"),
@@ -268,7 +268,7 @@ def test_bad_files_exit_2_with_one_line(text, needle, files, tmp_path, capsys):
 
 
 def test_real_process_exit_code_and_no_traceback(files, tmp_path):
-    cfg = jobs_toml(files, _bad(method={"dropout": 0.1}))
+    cfg = jobs_toml(files, _bad(method={"name": "dora"}))
     r = subprocess.run([sys.executable, "-m", "minift", "train-many", "--config", str(cfg), "--out", str(tmp_path)],
                        capture_output=True, text=True, cwd=Path(__file__).parent.parent.parent, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
