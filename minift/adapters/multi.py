@@ -20,6 +20,7 @@ is never written.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,17 +60,29 @@ def load_adapters(model: nn.Module, path, names: list[str] | None = None) -> lis
 
     Each subdirectory holding a LoRA adapter (either layout) is one adapter, named after it; an
     adapter at the top of ``path`` (PEFT's "default") is named "default". ``names`` picks some.
+    ``path`` may instead map names to adapter directories, each loaded under its name (runs'
+    ``adapter/`` directories: ``{"sentiment": "runs/many/sentiment/adapter", ...}``).
     Returns the names added, in order. An adapter's modules to save (a classification head) load
     into copies of its own (``ModulesToSave``). A name the model already has, a file that is not
     LoRA (DoRA, AdaLoRA, prefix or prompt) or a bad file is an error (InputError naming the file,
     or ValueError); adapters added before the error stay, the failing one leaves nothing.
     """
-    path = Path(path)
-    found = {}
-    if _is_adapter_dir(path):
-        found["default"] = path
-    if path.is_dir():
-        found.update({d.name: d for d in sorted(path.iterdir()) if d.is_dir() and _is_adapter_dir(d)})
+    if isinstance(path, Mapping):
+        if not path:
+            raise ValueError("load_adapters: the mapping names no adapter")
+        found = {str(n): Path(d) for n, d in path.items()}
+        bad = next((d for d in found.values() if not _is_adapter_dir(d)), None)
+        if bad is not None:
+            raise InputError(f"{bad}: not an adapter directory (no adapter_config.json or minift_adapter.json)")
+        odd = next((n for n in found if not n.isidentifier()), None)
+        if odd is not None:
+            raise ValueError(f"adapter name {odd!r} must be a plain identifier (letters, digits, _)")
+        path = ", ".join(map(str, found.values()))
+    else:
+        path = Path(path)
+        found = {"default": path} if _is_adapter_dir(path) else {}
+        if path.is_dir():
+            found.update({d.name: d for d in sorted(path.iterdir()) if d.is_dir() and _is_adapter_dir(d)})
     if not found:
         raise InputError(f"{path}: no adapter directory in it (adapter_config.json or minift_adapter.json, "
                          f"at the top or in subdirectories named after the adapters)")

@@ -176,8 +176,8 @@ def add_compare(sub) -> None:
                         "are then measured on shared hardware (default: 1)")
     p.add_argument("--together", action="store_true",
                    help="train LoRA's --seeds runs at once, on one base (train-many: one forward for every seed "
-                        "a step; wall s, tokens/s and peak memory are then the shared run's; dropout masks are "
-                        "drawn over the mixed batch)")
+                        "a step; a row's wall s is then the shared run's over the seeds, its tokens/s and peak "
+                        "memory the shared run's; dropout masks are drawn over the mixed batch)")
     p.add_argument("--in-process", action="store_true",
                    help="CPU: run every method in this process (faster start; peak RSS is then process-wide)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -287,8 +287,8 @@ def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: fl
             "jobs": cfg.jobs, "timing": ("wall s and tokens/s of each run were measured with "
                                           f"{cfg.jobs} runs sharing the device" if cfg.jobs > 1 else
                                           "one run at a time"),
-            "together": ("LoRA's seeds trained at once on one base (train-many): their rows share the run's wall s, "
-                         "tokens/s and peak memory" if cfg.together else None),
+            "together": ("LoRA's seeds trained at once on one base (train-many): each row's wall s is the run's "
+                         "over the seeds, its tokens/s and peak memory the run's" if cfg.together else None),
             "total_s": round(time.perf_counter() - t_start, 1), "date": time.strftime("%Y-%m-%d")}
 
 

@@ -19,8 +19,9 @@ What it saves is the base's work and the host's per-step overhead, which a GPU t
 (8 jobs together ran 3.9x the tokens/s of 8 in turn on an H200: docs/benchmarks.md); on a CPU, the
 work is the same FLOPs in bigger matrices.
 
-The rows are one per seed, as separate runs give; wall time, tokens/s and peak memory are the
-shared run's, and each row's note says so.
+The rows are one per seed, as separate runs give. A row's wall time is the shared run's divided
+by its seeds (each seed's share of the cost), its tokens/s (every seed's tokens over that run's
+time: the same rate) and peak memory the shared run's; each row's note says so.
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ def run_together(task: Task, cfg: CompareConfig, seeds: list[int]) -> list[Row]:
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) / 2 ** 20
-    note = (f"seeds {seeds[0]}-{seeds[-1]} trained together on one base (train-many): wall s, tokens/s and "
-            f"peak are the shared run's" if len(seeds) > 1 else "trained by train-many (one job)")
+    note = (f"seeds {seeds[0]}-{seeds[-1]} trained together on one base (train-many): wall s is the shared "
+            f"run's over {len(seeds)}, tokens/s and peak the shared run's" if len(seeds) > 1
+            else "trained by train-many (one job)")
     rows = []
     for s, j in zip(seeds, jobs):
         set_active(base, j.name)
@@ -80,7 +82,7 @@ def run_together(task: Task, cfg: CompareConfig, seeds: list[int]) -> list[Row]:
         with as_single(base, j.name):  # this seed's adapter and head alone, as its own run holds them
             trainable, total = count_trainable(base)
         r = res.jobs[j.name]
-        rows.append(Row("lora", s, trainable, total, 100 * trainable / total, lr, r.steps, wall,
+        rows.append(Row("lora", s, trainable, total, 100 * trainable / total, lr, r.steps, wall / len(seeds),
                         time.perf_counter() - t0, res.tokens_per_s, peak, dev["accuracy"], dev["macro_f1"],
                         test["accuracy"], test["macro_f1"], note,
                         extra={"final_loss": r.losses[-1] if r.losses else float("nan"), "together": seeds,

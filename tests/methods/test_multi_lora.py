@@ -368,3 +368,28 @@ def test_heads_travel_both_ways_with_peft(tmp_path):
     set_active(again, "default")
     torch.testing.assert_close(logits(again, ids), want, rtol=1e-4, atol=1e-4)
     assert isinstance(again.classifier.original, torch.nn.Linear) and "default" in again.classifier.copies
+
+
+def test_adapters_load_by_name_from_a_mapping(tmp_path):
+    from minift.adapters.multi import load_adapters, save_adapters
+    from minift.files import InputError
+    model = classifier_with_heads()
+    save_adapters(model, tmp_path)
+    fresh = classifier_with_heads(1)
+    for n in ("a", "b", "c"):
+        delete_adapter(fresh, n)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" not in k and "copies." not in k})
+    assert load_adapters(fresh, {"sst": tmp_path / "b", "other": tmp_path / "c"}) == ["sst", "other"]
+    ids = torch.randint(0, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    for mine, theirs in (("sst", "b"), ("other", "c")):
+        set_active(fresh, mine)
+        set_active(model, theirs)
+        torch.testing.assert_close(logits(fresh, ids), logits(model, ids), rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="not an adapter directory"):
+        load_adapters(fresh, {"x": tmp_path})
+    with pytest.raises(ValueError, match="must be a plain identifier"):
+        load_adapters(fresh, {"a-b": tmp_path / "a"})
+    with pytest.raises(ValueError, match="names no adapter"):
+        load_adapters(fresh, {})
+    with pytest.raises(ValueError, match="already has an adapter named 'sst'"):
+        load_adapters(fresh, {"sst": tmp_path / "a"})

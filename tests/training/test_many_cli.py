@@ -332,3 +332,29 @@ def test_classification_jobs_train_their_own_heads_as_minift_train_does(tmp_path
     rc, out, err = run_cli(["eval", "--adapter", tmp_path / "many" / "t" / "adapter", "--data",
                             tmp_path / "three_dev.jsonl", "--device", "cpu", "--no-progress"], capsys)
     assert rc == 0 and "accuracy" in out, err
+    # serving: the three adapters (two tasks, their own heads) onto one base, by name
+    from minift.adapters import load_adapter
+    from minift.adapters.multi import load_adapters
+    from minift.methods.common import freeze_all
+    from minift.methods.multi_lora import mixed_batch, set_active
+    from minift.models.bert import BertClassifier
+    base = BertClassifier.from_pretrained(tmp_path / "bert", num_labels=2).eval()
+    freeze_all(base)
+    assert load_adapters(base, {n: tmp_path / "many" / n / "adapter" for n in jobs}) == list(jobs)
+    ids = torch.randint(4, n, (4, 9), generator=torch.Generator().manual_seed(0))
+    alone = {}
+    for name in jobs:
+        single = BertClassifier.from_pretrained(tmp_path / "bert", num_labels=3 if name == "t" else 2).eval()
+        load_adapter(single, tmp_path / "many" / name / "adapter")
+        with torch.no_grad():
+            alone[name] = single(ids).logits
+        set_active(base, name)
+        with torch.no_grad():
+            torch.testing.assert_close(base(ids).logits, alone[name], rtol=1e-5, atol=1e-6)
+    rows = ["t", "p", "s", "t"]
+    with torch.no_grad(), mixed_batch(base, rows):
+        mixed = base(ids).logits  # (4, 3): the two-label heads' rows padded with -inf
+    for i, name in enumerate(rows):
+        k = alone[name].shape[-1]
+        torch.testing.assert_close(mixed[i, :k], alone[name][i], rtol=1e-5, atol=1e-6)
+        assert torch.isinf(mixed[i, k:]).all()
