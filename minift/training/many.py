@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minift.adapters.multi import as_single, lora_config_as  # the one-adapter view save_adapters writes through
+from minift.fast import clip as fast_clip
 from minift.fast.loss import FusedLMLoss
 from minift.methods import lora
 from minift.methods.common import freeze_all
@@ -215,6 +216,8 @@ class _JobRun:
             groups = lora.param_groups(model, job.cfg.lr, job.lr_ratio, job.cfg.weight_decay) if job.lr_ratio else None
             self.opt = make_optimizer(model, job.cfg, groups, device=device)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
+        self.clip = fast_clip.chosen(self.params, job.cfg.fast)  # as train's loop clips (the same numbers)
         self.out = Path(job.cfg.out_dir) if job.cfg.out_dir else None
         self.log_path = job.cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
 
@@ -250,7 +253,7 @@ class _JobRun:
         for g, base in zip(opt.param_groups, self.base_lrs):
             g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.max_grad_norm)
+            self.clip(self.params, cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.step += 1
