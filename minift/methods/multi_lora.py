@@ -197,7 +197,9 @@ def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """Every adapter on ``model``, in the order they were added."""
+    """Every adapter on ``model``: in the order the layers first hold them (a layer's own in the
+    order they were added), so an adapter on earlier layers comes before one added earlier on later
+    layers only."""
     names: dict[str, None] = {}
     for _, m in multi_lora_modules(model):
         names.update(dict.fromkeys(m.lora_A))
