@@ -9,7 +9,8 @@ every collection of Python's garbage collector over the whole run. Writes:
     DIR/trace.md       the top host operations by self CPU time over the profiled steps (a call that waits for
                        the GPU, cudaStreamSynchronize or a blocking copy, shows up here), the top
                        CUDA kernels, and the garbage collections by generation: how many, their
-                       milliseconds, and those that fell after the first ``from-step`` steps
+                       milliseconds, those that fell while steps ``from-step`` to the last ran, and
+                       those after the last step (the final evaluation and checkpoint)
     DIR/gc.json        each collection: generation, milliseconds, the optimizer steps done
     DIR/trace.json.gz  the profiled steps as a Chrome trace (chrome://tracing, Perfetto)
 
@@ -92,14 +93,7 @@ def main() -> None:
     if torch.cuda.is_available():
         lines += [f"## top CUDA kernels and ops by GPU time ({a.steps} steps)", "", "```",
                   ka.table(sort_by="cuda_time_total", row_limit=a.rows, max_name_column_width=70), "```", ""]
-    lines += ["## Python's garbage collections", "",
-              f"| generation | collections | ms in all | longest ms | after step {a.from_step - 1} | ms there |",
-              "| --- | --- | --- | --- | --- | --- |"]
-    for g in (0, 1, 2):
-        cs = [c for c in collections if c["generation"] == g]
-        late = [c for c in cs if c["steps_done"] >= a.from_step - 1]
-        lines.append(f"| {g} | {len(cs)} | {sum(c['ms'] for c in cs):.1f} | "
-                     f"{max((c['ms'] for c in cs), default=0):.1f} | {len(late)} | {sum(c['ms'] for c in late):.1f} |")
+    lines += gc_table(collections, a.from_step, done[0])
     (out / "trace.md").write_text("\n".join(lines) + "\n")
     (out / "gc.json").write_text(json.dumps(collections, indent=1) + "\n")
     trace = out / "trace.json"
@@ -108,6 +102,23 @@ def main() -> None:
         shutil.copyfileobj(src, dst)
     trace.unlink()
     print(f"wrote {out / 'trace.md'}, {out / 'gc.json'}, {trace}.gz (minift train exited {rc})")
+
+
+def gc_table(collections: list[dict], from_step: int, last: int) -> list[str]:
+    """Markdown lines: the collections by generation, in all, while steps ``from_step``..``last``
+    ran (``steps_done`` from ``from_step - 1`` to ``last - 1``: inside the loop's steps), and once
+    the last step was done (the final evaluation and checkpoint)."""
+    lines = ["## Python's garbage collections", "",
+             f"| generation | collections | ms in all | longest ms | during steps {from_step}-{last} | ms there "
+             f"| after step {last} | ms there |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g in (0, 1, 2):
+        cs = [c for c in collections if c["generation"] == g]
+        during = [c for c in cs if from_step - 1 <= c["steps_done"] < last]
+        after = [c for c in cs if c["steps_done"] >= last]
+        lines.append(f"| {g} | {len(cs)} | {sum(c['ms'] for c in cs):.1f} | "
+                     f"{max((c['ms'] for c in cs), default=0):.1f} | {len(during)} | "
+                     f"{sum(c['ms'] for c in during):.1f} | {len(after)} | {sum(c['ms'] for c in after):.1f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -105,32 +105,39 @@ def _is_adapter_dir(d: Path) -> bool:
 
 def _load_one(model: nn.Module, name: str, d: Path) -> None:
     _, config, tensors = read_adapter(d)
-    heads = _head_copies(model, name, _modules_to_save(config), tensors)  # before loading: the copies to fill
+    inner = config.get("config") if isinstance(config.get("config"), dict) else {}
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or inner.get("dora"):  # before anything loads
+        raise ValueError(f"{d}: a named adapter must be plain LoRA, not {config.get('peft_type')}"
+                         f"{' with DoRA' if config.get('use_dora') or inner.get('dora') else ''}")
+    had = model.__dict__.pop("lora_config", None)  # load_adapter sets one; save_adapters must not find it after
     try:
+        heads = _head_copies(model, name, _modules_to_save(config), tensors)  # the copies its head loads into
         # the adapted layers plain nn.Linear views (the adapter has no factors yet), its modules to save its copies
         with as_single(model, name):
             load_adapter(model, d)
             layers = lora.lora_modules(model)
-            odd = [n for n, m in layers if m.dora] + [
-                n for n, p in model.named_parameters()
-                if p.requires_grad and "lora_" not in n and not any(n.startswith(h + ".") for h in heads)]
-            if odd or not layers:
-                for n, m in layers:
-                    set_submodule(model, n, _linear(m))
-                raise ValueError(f"{d}: a named adapter must be plain LoRA (no DoRA or AdaLoRA)")
+            odd = [n for n, p in model.named_parameters()
+                   if p.requires_grad and "lora_" not in n and not any(n.startswith(h + ".") for h in heads)]
             loaded = {n: m for n, m in layers}
             for n, m in layers:  # the LoRALinear layers become plain again; their factors move below
                 set_submodule(model, n, _linear(m))
+            if odd or not layers:
+                raise ValueError(f"{d}: a named adapter must be plain LoRA (it trains {odd[0] if odd else 'no layer'})")
     except BaseException:
         drop_module_copies(model, name)
         raise
+    finally:
+        model.__dict__.pop("lora_config", None)
+        if had is not None:
+            model.lora_config = had
     for n, m in loaded.items():
         multi = model.get_submodule(n)
         if not isinstance(multi, MultiLoRALinear):
             multi = MultiLoRALinear(multi)
             set_submodule(model, n, multi)
         multi.lora_A[name], multi.lora_B[name] = m.lora_A, m.lora_B
-        multi.dropout[name], multi.scaling[name], multi.settings[name] = m.dropout, m.scaling, (m.alpha, m.rslora)
+        multi.dropout[name] = m.dropout.train(multi.training)  # in the mode the model is in (eval: no dropout)
+        multi.scaling[name], multi.settings[name] = m.scaling, (m.alpha, m.rslora)
 
 
 def _modules_to_save(config: dict) -> list[str]:
@@ -155,8 +162,9 @@ def _head_copies(model: nn.Module, name: str, saved: list[str], tensors: dict) -
         new = None
         if isinstance(original, nn.Linear) and shape is not None and len(shape) == 2 \
                 and shape != tuple(original.weight.shape):
-            w = original.weight
-            new = nn.Linear(shape[1], shape[0], bias=original.bias is not None, device=w.device, dtype=w.dtype)
+            w = original.weight  # built on meta (no init drawn from torch's RNG), storage allocated after
+            new = nn.Linear(shape[1], shape[0], bias=original.bias is not None, device="meta", dtype=w.dtype)
+            new = new.to_empty(device=w.device)
         add_module_copy(model, n, name, new)
     return hits
 
@@ -200,7 +208,7 @@ def lora_config_as(model: nn.Module, cfg: lora.LoRAConfig | None):
 def _linear(m, meta: bool = False) -> nn.Linear:
     """An nn.Linear holding ``m``'s own weight and bias Parameters (nothing copied); ``meta``:
     one with no storage, for a constructor to read shapes from."""
-    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta").train(m.training)
     if not meta:
         lin.weight, lin.bias = m.weight, m.bias
     return lin
@@ -213,4 +221,4 @@ def _view(m: MultiLoRALinear, name: str) -> lora.LoRALinear:
     view = lora.LoRALinear(_linear(m, meta=True), A.shape[0], alpha, rslora=rslora)  # meta: no init drawn
     view.weight, view.bias = m.weight, m.bias
     view.lora_A, view.lora_B, view.dropout, view.scaling = A, B, m.dropout[name], m.scaling[name]
-    return view
+    return view.train(m.training)

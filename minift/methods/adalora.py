@@ -223,7 +223,7 @@ def apply(model: nn.Module, cfg: AdaLoRAConfig, *, rank_pattern: dict[str, list[
                              f"({m.out_features}x{m.in_features}); it allows at most {min(m.in_features, m.out_features)}")
     freeze_all(model)
     for name, m in found:
-        set_submodule(model, name, SVDLinear(m, ranks[name], cfg.alpha, cfg.dropout, ranknum=cfg.init_r))
+        set_submodule(model, name, SVDLinear(m, ranks[name], cfg.alpha, cfg.dropout, ranknum=cfg.init_r).train(m.training))
     for _, m in svd_modules(model):
         for pn, p in m.named_parameters():
             p.requires_grad_(pn.startswith("lora_"))

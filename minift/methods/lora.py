@@ -226,7 +226,8 @@ def apply(model: nn.Module, cfg: LoRAConfig, *, ranks: dict[str, tuple[int, floa
     for name, m in found:
         r, alpha = ranks.get(name, (cfg.r, cfg.alpha))
         layer = DoRALinear if cfg.dora else LoRALinear
-        set_submodule(model, name, layer(m, r, alpha, cfg.dropout, cfg.rslora, cfg.init))
+        # in the mode the layer was in: LoRA on a model in eval mode draws no dropout
+        set_submodule(model, name, layer(m, r, alpha, cfg.dropout, cfg.rslora, cfg.init).train(m.training))
     for _, m in lora_modules(model):
         for pn, p in m.named_parameters():
             p.requires_grad_(pn.startswith("lora_"))

@@ -66,6 +66,7 @@ class MultiLoRALinear(nn.Module):
         self.rows: dict[str, torch.Tensor] | None = None        # mixed batch: adapter -> its row indices
         self.row_names: list[str | None] | None = None          # mixed batch: each row's adapter, as given
         self.merged: str | None = None                          # the adapter folded into W0, if any
+        self.train(base.training)  # in the mode the model is in (its adapters' dropout too)
 
     def add(self, name: str, cfg: LoRAConfig) -> None:
         if not 1 <= cfg.r <= min(self.in_features, self.out_features):
@@ -75,7 +76,7 @@ class MultiLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         self.lora_A[name] = nn.Parameter(A)                                                          # (r, in)
         self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.r, dtype=w.dtype, device=w.device))
-        self.dropout[name] = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.dropout[name] = (nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()).train(self.training)
         self.scaling[name] = lora_scaling(cfg.r, cfg.alpha, cfg.rslora)
         self.settings[name] = (cfg.alpha, cfg.rslora)
 
@@ -143,13 +144,14 @@ class ModulesToSave(nn.Module):
         self.copies = nn.ModuleDict()
         self.active: str | None = None                          # the adapter of every row
         self.rows: dict[str | None, torch.Tensor] | None = None  # mixed batch: adapter (None: original) -> rows
+        self.train(original.training)
         self._register_state_dict_hook(_original_keys_out)
         self.register_load_state_dict_pre_hook(_original_keys_in)
 
     def add(self, name: str, module: nn.Module | None = None) -> None:
         """Adapter ``name``'s copy: ``module`` (its own initial weights), else a copy of the original."""
         m = copy.deepcopy(self.original) if module is None else module
-        self.copies[name] = m.requires_grad_(True)
+        self.copies[name] = m.requires_grad_(True).train(self.training)  # in the mode the model is in
 
     def module_for(self, name: str | None) -> nn.Module:
         return self.copies[name] if name in self.copies else self.original

@@ -15,8 +15,8 @@ Each job starts exactly as compare's separate run with its seed (the head it dra
 the same data order, and steps with its own AdamW, schedule and clipping. Dropout (the model's
 and LoRA's, 0.1 in the LoRA recipe) is drawn from one generator over the mixed batch, so the seeds
 see other masks than their separate runs would: the same runs in distribution, not draw for draw.
-What it saves is the base's work and the host's per-step overhead, which a GPU turns into time
-(8 jobs together ran 3.9x the tokens/s of 8 in turn on an H200: docs/benchmarks.md); on a CPU, the
+What it saves is the host's per-step overhead and the launches of the base's kernels, which is
+where a GPU's time goes for small models (docs/benchmarks.md has the measurements); on a CPU the
 work is the same FLOPs in bigger matrices.
 
 The rows are one per seed, as separate runs give. A row's wall time is the shared run's divided

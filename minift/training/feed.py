@@ -73,7 +73,7 @@ class Feed:
     def __init__(self, batches: Sequence[dict], cfg, device, keep_masks: bool = False):
         self.batches, self.cfg, self.device, self.keep_masks = batches, cfg, device, keep_masks
         self.on_device = [(to_device(b, device, keep_masks), tokens_in(b)) for b in batches] \
-            if resident(batches, device) else None
+            if cfg.fast and resident(batches, device) else None  # (--fast false: a micro-batch at a time)
 
     def at(self, position: int, model: torch.nn.Module) -> tuple[dict, int, float]:
         i = index_at(len(self.batches), position, self.cfg)

@@ -127,7 +127,6 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
     finally:
         run.bar.close()
         model.eval()
-        run.collector.end()
     run.end(error)
     if error is not None:
         raise error
@@ -157,7 +156,6 @@ class _Run:
         self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
         self.log_path = (cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)) if self.main else None
         self.updating = False  # inside the weight update: an interrupt must not be checkpointed
-        self.collector = speed.QuietCollector()  # on a GPU, from the first step on
 
     def resume(self) -> None:
         """Load ``out_dir/last`` when resuming (and cut the log back to it), else seed every RNG."""
@@ -213,7 +211,6 @@ class _Run:
                     torch.cuda.synchronize(self.device)
                 if done == 1:
                     res.first_step_s = time.perf_counter() - self.t0
-                    self.collector.begin(self.device.type)  # (the first step compiled)
                 if done == speed.WARMUP_STEPS:  # the steady window opens
                     self.first, self.paused = (self.n_tokens, time.perf_counter()), 0.0
             self.bar.update(1)
@@ -264,7 +261,6 @@ class _Run:
         also has the tokens/s so far, exact because the GPU has caught up)."""
         if not self.pending:
             return
-        self.collector.collect()  # (before the read, which waits for the GPU)
         losses = distributed.sum_losses(torch.stack([loss for _, loss, _ in self.pending])).tolist()
         records = [{"step": step, "loss": loss, "lr": lr} for (step, _, lr), loss in zip(self.pending, losses)]
         records[-1]["tok_s"] = tok_s = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)

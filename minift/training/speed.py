@@ -17,9 +17,9 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
                                   for an epoch's short last batch (causal-lm
                                   blocks already have one shape)
 
-Two more change no number, so nothing opts out of them: a dataset of at most 256 MiB is copied to
-the GPU once and read from there (``feed.py``), and after the first step the garbage collector
-freezes the objects left and collects at each read-back of the losses only (``QuietCollector``).
+One more goes with minift.fast (``--fast false`` turns it off too): a list of batches of at most
+``feed.RESIDENT_BYTES`` is copied to the GPU once and read from there (``feed.py``); it changes no
+number, and the memory it holds, the dataset's, counts in ``peak_gib``.
 
 Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kernels (it ran slower
 than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
@@ -30,7 +30,6 @@ Each piece is tied to the reference path by an equivalence test (tests/fast/), a
 from __future__ import annotations
 
 import contextlib
-import gc
 from dataclasses import dataclass, field
 
 from minift.methods.spec import TrainHooks
@@ -116,41 +115,3 @@ def activation_budget(budget: float | None, compiled: bool):
                          f"(the speed plan or --compile false); leave it out or compile")
     import torch._functorch.config as functorch_config
     return functorch_config.patch(activation_memory_budget=budget)
-
-
-class QuietCollector:
-    """Python's garbage collector out of a GPU run's steps.
-
-    ``begin`` (after the first step, which compiled): collect, then freeze the objects left (the
-    model, the compiled graphs) out of the collector's sight, and turn automatic collection off. A
-    full collection walks every object Python tracks, and compiling leaves millions: unfrozen, one
-    paused a steady MiniLM step for 0.4 s (``benchmarks/trace_train.py``); and automatic
-    collections of the young objects ran every few steps. The loop then calls ``collect`` at each
-    read-back of the losses, where the host waits for the GPU anyway: the steps' young objects in
-    one pass. ``end`` puts the collector back as it was (and unfreezes only when nothing else had
-    frozen objects: ``gc`` unfreezes all or none). On the CPU it does nothing."""
-
-    def __init__(self):
-        self.active, self.unfreeze, self.was_enabled = False, False, True
-
-    def begin(self, device_type: str) -> None:
-        if device_type != "cuda" or self.active:
-            return
-        self.unfreeze, self.was_enabled = gc.get_freeze_count() == 0, gc.isenabled()
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-        self.active = True
-
-    def collect(self) -> None:
-        if self.active:
-            gc.collect(1)
-
-    def end(self) -> None:
-        if not self.active:
-            return
-        if self.was_enabled:
-            gc.enable()
-        if self.unfreeze:
-            gc.unfreeze()
-        self.active = False

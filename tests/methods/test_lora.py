@@ -284,3 +284,20 @@ def test_dora_under_autocast_stays_in_the_activation_dtype():
     assert not torch.equal(y1, y0)
     torch.testing.assert_close(y1.float(), want1, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close((y1.float() - y0.float()).abs().mean(), (want1 - base(x)).abs().mean(), rtol=0.2, atol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_lora_keeps_the_mode_of_the_layer_it_wraps(dora):
+    """apply on a model in eval mode: the new layers are in eval mode too, so their dropout draws
+    nothing and the same input gives the same output; model.train() then turns it on."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).eval()
+    lora.apply(m, LoRAConfig(r=2, targets=("q_proj", "v_proj"), dropout=0.5, dora=dora))
+    assert not any(x.training for x in m.modules())
+    with torch.no_grad():
+        for x in lora.lora_modules(m):
+            x[1].lora_B.add_(0.3)
+        ids = torch.randint(0, 97, (2, 7))
+        assert torch.equal(m(ids).logits, m(ids).logits)
+        m.train()
+        assert not torch.equal(m(ids).logits, m(ids).logits)

@@ -393,3 +393,62 @@ def test_adapters_load_by_name_from_a_mapping(tmp_path):
         load_adapters(fresh, {})
     with pytest.raises(ValueError, match="already has an adapter named 'sst'"):
         load_adapters(fresh, {"sst": tmp_path / "a"})
+
+
+@pytest.mark.parametrize("layout", ["peft", "minift"])
+def test_loaded_adapters_serve_in_eval_mode_and_save_as_they_were(layout, tmp_path):
+    """An adapter with dropout loads in the model's mode (eval: the same output twice); saving the
+    loaded adapters writes each one's own settings (load_adapter's config does not stay on the
+    model); every file not plain LoRA is refused before anything attaches."""
+    from minift.adapters import save_adapter
+    from minift.adapters.multi import load_adapters, save_adapters
+    from minift.methods import adalora, prefix, prompt
+    cfgs = {"a": LoRAConfig(r=2, alpha=4, targets=("q_proj",), dropout=0.3),
+            "b": LoRAConfig(r=4, alpha=32, targets=("v_proj",), rslora=True, dropout=0.2)}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
+    for n, c in cfgs.items():
+        add_adapter(model, n, c)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.add_(torch.randn(p.shape) * 0.3)
+    save_adapters(model, tmp_path / "one", layout=layout)
+    base = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    fresh = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).eval()
+    fresh.load_state_dict(base)
+    load_adapters(fresh, tmp_path / "one")
+    assert not hasattr(fresh, "lora_config")
+    ids = torch.randint(0, 97, (2, 7))
+    set_active(fresh, "b")
+    assert torch.equal(logits(fresh, ids), logits(fresh, ids))  # eval: no dropout drawn
+    save_adapters(fresh, tmp_path / "two", layout=layout)
+    again = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).eval()
+    again.load_state_dict(base)
+    load_adapters(again, tmp_path / "two")
+    model.eval()
+    for n in cfgs:
+        set_active(model, n)
+        set_active(again, n)
+        torch.testing.assert_close(logits(again, ids), logits(model, ids), rtol=1e-6, atol=1e-6)
+        layer = next(m for m in again.modules() if isinstance(m, MultiLoRALinear) and n in m.lora_A)
+        assert layer.dropout[n].p == cfgs[n].dropout and layer.settings[n][1] == cfgs[n].rslora
+    others = {"prompt": (prompt.apply, prompt.PromptConfig(num_virtual_tokens=2)),
+              "prefix": (prefix.apply, prefix.PrefixConfig(num_virtual_tokens=2)),
+              "adalora": (adalora.apply, adalora.AdaLoRAConfig(init_r=2, target_r=1, targets=("q_proj",), total_step=10, tinit=1,
+                                                      tfinal=1)),
+              "dora": (lora.apply, LoRAConfig(r=2, targets=("q_proj",), dora=True))}
+    for kind, (apply, c) in others.items():
+        m = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).eval()
+        apply(m, c)
+        save_adapter(m, tmp_path / "others" / kind, layout=layout)
+    target = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).eval()
+    target.load_state_dict(base)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    for kind in others:
+        with pytest.raises(ValueError, match="must be plain LoRA"):
+            load_adapters(target, tmp_path / "others", names=[kind])
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(v, after[k]) for k, v in before.items())
+    assert not any(hasattr(target, h) for h in ("soft_prompt", "prefix_encoder", "lora_config"))
+    assert not adapter_names(target)

@@ -33,7 +33,7 @@ def test_traces_the_steps_asked_and_restores_the_loop(tmp_path, monkeypatch):
     assert "optimizer steps 4-6 profiled" in md
     step_row = next(line for line in md.splitlines() if "ProfilerStep*" in line)
     assert step_row.split()[-1] == "3"  # three profiled steps, no more
-    assert "| 0 |" in md and "| 2 |" in md  # the collections table, by generation
+    assert "| 0 |" in md and "| 2 |" in md and "during steps 4-8" in md  # the collections table, by generation
     assert isinstance(json.loads((tmp_path / "t" / "gc.json").read_text()), list)
     assert json.loads(gzip.open(tmp_path / "t" / "trace.json.gz").read())["traceEvents"]
     with pytest.raises(SystemExit, match="fewer than the 10 to profile"):

@@ -1,15 +1,31 @@
 """The data feed: the order is a pure function of (seed, epoch), and a dataset kept on the device
-(``feed.resident``, on a GPU) gives the loop exactly the batches and numbers it reads otherwise; the
-garbage collector kept out of a GPU run's steps (``speed.QuietCollector``) and put back after."""
-import gc
+(``feed.resident``, on a GPU) gives the loop exactly the batches and numbers it reads otherwise."""
 
 import pytest
 import torch
 
-from minift.training import feed, speed
+from minift.training import feed
 from minift.training.config import TrainConfig
 from minift.training.loop import train
-from tests.training.test_train import batches, gpt
+from conftest import TINY_GPT
+from minift.models.gpt import GPT, GPTConfig
+
+
+def gpt(dropout=0.1):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**TINY_GPT, dropout=dropout))
+
+
+def batches(n=3, B=2, T=12, seed=1):
+    """n batches of B rows, the first row of each with 3 positions of padding."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, TINY_GPT["vocab_size"], (B, T), generator=g)
+        mask = torch.ones_like(x)
+        mask[0, -3:] = 0
+        out.append({"input_ids": x, "attention_mask": mask, "labels": x.masked_fill(mask == 0, -100)})
+    return out
 
 
 def order_cfg(**kw):
@@ -45,6 +61,7 @@ def test_a_resident_feed_gives_what_a_streaming_one_does(monkeypatch, keep_masks
     monkeypatch.setattr(feed, "resident", lambda batches, device: True)
     kept = feed.Feed(data, c, torch.device("cpu"), keep_masks)
     assert streaming.on_device is None and kept.on_device is not None
+    assert feed.Feed(data, order_cfg(fast=False), torch.device("cpu"), keep_masks).on_device is None  # --fast false
     for position in range(9):
         (a, ta, sa), (b, tb, sb) = streaming.at(position, model), kept.at(position, model)
         assert a.keys() == b.keys() and ta == tb and sa == sb == 1.0
@@ -62,42 +79,11 @@ def test_training_on_a_resident_feed_is_bitwise_the_same_run(monkeypatch, tmp_pa
     assert kept.losses == streamed.losses and kept.tokens_per_s > 0
 
 
-def test_the_quiet_collector_on_a_gpu_only_and_put_back_as_it_was():
-    before, enabled = gc.get_freeze_count(), gc.isenabled()  # (a GPU machine may have frozen objects already)
-    q = speed.QuietCollector()
-    q.begin("cpu")
-    q.collect()
-    assert not q.active and gc.get_freeze_count() == before and gc.isenabled() == enabled
-    try:
-        q.begin("cuda")
-        assert q.active and gc.get_freeze_count() > before and not gc.isenabled()
-        cycle = []
-        cycle.append(cycle)
-        young = len(gc.get_objects(0)) + len(gc.get_objects(1))
-        q.collect()  # the young generations, by hand
-        assert len(gc.get_objects(0)) + len(gc.get_objects(1)) < young
-        q.end()
-        assert gc.isenabled() == enabled and (gc.get_freeze_count() == 0 if before == 0 else True)
-        gc.freeze()  # someone else's frozen objects
-        q.begin("cuda")
-        q.end()
-        assert gc.get_freeze_count() > 0  # the run must not unfreeze them
-    finally:
-        q.end()
-        gc.unfreeze()
-        if before:
-            gc.freeze()
-        if enabled:
-            gc.enable()
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_gpu_run_unfreezes_what_it_froze_and_matches_the_cpu_feed(monkeypatch):
+def test_a_gpu_run_on_a_resident_feed_matches_a_streaming_one(monkeypatch):
     c = TrainConfig(lr=3e-3, steps=4, grad_accum=1, warmup=1, progress=False, plot=False, seed=3, device="cuda",
                     compile=False, fast=False, bf16=False)
-    before, enabled = gc.get_freeze_count(), gc.isenabled()
     kept = train(gpt(dropout=0.0), batches(), c)
-    assert gc.isenabled() == enabled and (gc.get_freeze_count() == 0) == (before == 0)
     monkeypatch.setattr(feed, "resident", lambda batches, device: False)
     streamed = train(gpt(dropout=0.0), batches(), c)
     # (equal up to the GPU's own run-to-run differences: attention's backward may add in any order)
