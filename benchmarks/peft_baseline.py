@@ -137,6 +137,8 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
         with bench._autocast(cfg.device):
             loss = fwd(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
         loss.backward()
+        if cfg.max_grad_norm is not None:  # as the transformers Trainer clips (torch's clip_grad_norm_)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         if method == "adalora":
             model.base_model.update_and_allocate(i)
@@ -147,6 +149,8 @@ def run_peft(cfg: bench.BenchConfig, method: str, compile_: bool = False, mode: 
     variant = ("compile" if mode == "default" else f"compile:{mode}") if compile_ else "eager"
     if method != "full":
         variant += f"+{base_dtype}-base"
+    if cfg.max_grad_norm is not None:
+        variant += f"+clip{cfg.max_grad_norm:g}"
     if cfg.sync_each_step and cfg.device.startswith("cuda"):
         variant += "+sync_each_step"
     row = bench_report.Row("peft", cfg.model, method, variant, bench._device_name(cfg.device),
@@ -175,6 +179,8 @@ def main() -> None:
     p.add_argument("--no-eager", action="store_true", help="with --compile: the compiled rows only")
     p.add_argument("--sync-each-step", action="store_true",
                    help="CUDA timing: wait for the GPU after every step (as minift bench --sync-each-step)")
+    p.add_argument("--max-grad-norm", type=float, default=None,
+                   help="clip the gradients to this global norm every step (as minift bench --max-grad-norm)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default=None)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -185,7 +191,7 @@ def main() -> None:
                             warmup=a.warmup,
                             device=a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                             lora_targets=tuple(t for t in a.lora_targets.split(",") if t),
-                            sync_each_step=a.sync_each_step)
+                            sync_each_step=a.sync_each_step, max_grad_norm=a.max_grad_norm)
     rows = []
     for m in a.methods.split(","):
         for c in ((True,) if a.no_eager else (False, True)) if a.compile else (False,):

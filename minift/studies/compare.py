@@ -43,7 +43,7 @@ import torch
 
 from minift.studies.compare_report import COLUMNS, plot, save, to_markdown, to_text  # noqa: F401  (the report)
 from minift.studies.compare_setup import (CompareConfig, Row, Task, load_model, load_task, peak_rss,  # noqa: F401
-                                          resolve, total_steps)
+                                          resolve, total_steps, train_config)
 from minift.training.recipes import compare_settings, load_recipe
 
 
@@ -83,14 +83,11 @@ def _run_trained(model, task: Task, cfg: CompareConfig, recipe: dict, method: st
     from minift.methods.registry import build_method
     from minift.training.evaluate import evaluate
     from minift.training.loop import train
-    from minift.training.config import TrainConfig
     t = recipe["train"]
     lr, options = compare_settings(recipe, full=cfg.full)  # a recipe's own lr and options for compare
     state = build_method(model, method, options, tokenizer=task.tokenizer, lr=lr,
                          weight_decay=t.get("weight_decay", 0.0), total_steps=steps)
-    tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
-                     schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),
-                     seed=seed, device=cfg.device, progress=cfg.progress, plot=False)
+    tc = train_config(cfg, recipe, lr, steps, seed)
     t0 = time.perf_counter()
     res = train(model, task.train, tc, **state.train_hooks())
     if device.type == "cuda":

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from minift.studies.compare_setup import CompareConfig, Row, Task, load_model, peak_rss, total_steps
+from minift.studies.compare_setup import CompareConfig, Row, Task, load_model, peak_rss, total_steps, train_config
 from minift.training.recipes import compare_settings, load_recipe
 
 
@@ -40,7 +40,6 @@ def run_together(task: Task, cfg: CompareConfig, seeds: list[int]) -> list[Row]:
     from minift.methods.common import count_trainable
     from minift.methods.multi_lora import set_active
     from minift.methods.registry import parse_method
-    from minift.training.config import TrainConfig
     from minift.training.evaluate import evaluate
     from minift.training.forward import pick_device
     from minift.training.many import Job, add_jobs, train_many
@@ -49,16 +48,13 @@ def run_together(task: Task, cfg: CompareConfig, seeds: list[int]) -> list[Row]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     recipe = load_recipe("sentiment-lora")
-    t = recipe["train"]
     steps = total_steps(cfg, len(task.train))
     lr, options = compare_settings(recipe, full=cfg.full)
     ms = parse_method("lora", options, total_steps=steps)
     base, jobs = None, []
     for s in seeds:
         model = load_model(task, s)  # as compare's run with seed s: its new head, then the state A is drawn from
-        tc = TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
-                         schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),
-                         seed=s, device=cfg.device, progress=False, plot=False)
+        tc = train_config(cfg, recipe, lr, steps, s)
         jobs.append(Job(f"seed{s}", ms.config, task.train, tc, ms.training.lr_ratio, init_rng=torch.get_rng_state(),
                         modules={"classifier": copy.deepcopy(model.classifier)}))
         base = base or model  # every load holds the same pretrained weights: the first is the shared base

@@ -196,3 +196,13 @@ def peak_rss() -> float:
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(r if sys.platform == "darwin" else r * 1024)
+
+
+def train_config(cfg: CompareConfig, recipe: dict, lr: float, steps: int, seed: int):
+    """The ``TrainConfig`` of one run: the comparison's steps, batch size, device and seed, the
+    recipe's warmup, schedule and weight decay, and ``lr`` (the recipe's for compare)."""
+    from minift.training.config import TrainConfig
+    t = recipe["train"]
+    return TrainConfig(lr=lr, steps=steps, batch_size=cfg.batch_size, warmup=t.get("warmup", 0.0),
+                       schedule=t.get("schedule", "linear"), weight_decay=t.get("weight_decay", 0.0),
+                       seed=seed, device=cfg.device, progress=cfg.progress, plot=False)

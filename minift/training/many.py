@@ -57,7 +57,7 @@ from minift.training.checkpoint import latest_checkpoint, load_checkpoint, rng_s
     seed_everything
 from minift.training.config import TrainConfig, lr_factor
 from minift.training.data import pad_to_longest
-from minift.training.feed import batch_at
+from minift.training.feed import batch_at, tokens_in
 from minift.training.forward import model_forward, pick_device, to_device
 from minift.training.loop import TrainResult, make_optimizer, progress_bar, record_eval, state_json
 
@@ -150,7 +150,7 @@ def train_many(model: nn.Module, jobs: list[Job], device: str = "cpu", *, progre
             parts = [batch_at(r.job.batches, r.step, r.cfg) for r in live]
             rows = [r.job.name for r, b in zip(live, parts) for _ in range(b["input_ids"].shape[0])]
             batch = _concat(parts)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += tokens_in(batch)
             batch = to_device(batch, dev)
             with autocast, mixed_batch(model, rows):
                 total, losses = _job_losses(model, batch, [b["input_ids"].shape[0] for b in parts])

@@ -185,7 +185,7 @@ def test_refusals_and_the_advisor_on_llama():
 
 # ---------------------------------------------------------------------------- the peer on the same shapes
 
-def test_peft_baseline_runs_llama_with_minift_trainable_counts():
+def test_peft_baseline_runs_llama_with_minift_trainable_counts(monkeypatch):
     """benchmarks/peft_baseline.py builds transformers' LlamaForCausalLM from the preset (random init)
     and adapts the same modules: every method trains as many parameters as minift's does, of as many."""
     pytest.importorskip("transformers")
@@ -203,3 +203,8 @@ def test_peft_baseline_runs_llama_with_minift_trainable_counts():
         extra = 2 * len(SEVEN) if method == "adalora" else 0  # PEFT's AdaLoRA: a frozen ranknum per layer
         assert peer.total - ours.total == extra, method
         assert peer.tokens_per_s > 0
+    calls = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda ps, n: calls.append(n) or real(ps, n))
+    clipped = pb.run_peft(replace(cfg, max_grad_norm=1.0), "lora")  # clipping as minift bench --max-grad-norm
+    assert "clip1" in clipped.variant and calls == [1.0] * cfg.steps
