@@ -6,11 +6,12 @@ batches an uninterrupted one would (``batch_at``).
 
 ``Feed`` hands the loop each micro-batch on the training device with its token count. A small
 model's step on a GPU is bound by the host (each step's Python work is its time), and copying a
-batch there costs the host a pinned buffer and a copy per tensor every step. So on a GPU, a
-list of batches whose tensors come to at most ``RESIDENT_BYTES`` is copied to the device once,
-when the feed is built, and read from there (``resident``); a larger one is copied a micro-batch
-at a time. The batches are the same
-either way (``to_device`` is the one copy), and so are the numbers trained on them.
+batch there costs the host a pinned buffer and a copy per tensor every step. So on a GPU, with
+``TrainConfig.fast``, a list of batches whose tensors come to at most ``RESIDENT_BYTES`` is copied
+to the device once, when the feed is built, and read from there (``resident``); otherwise each
+micro-batch is copied when the stream reaches it. The batches are the same either way
+(``to_device`` is the one copy), and so are the numbers trained on them; the dataset's copy counts
+in the run's peak memory.
 """
 from __future__ import annotations
 

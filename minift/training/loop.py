@@ -20,13 +20,13 @@ the host that queues the next step's kernels.
 
 The run's settings are a ``TrainConfig`` (``config.py``); the method-specific hooks are explicit
 keyword arguments of ``train``, not subclasses or callbacks. Data order is a pure function of
-``(seed, epoch)`` (``feed.py``, which also puts each micro-batch on the device), so the position
-in the stream is one integer and a resumed run sees exactly the batches an uninterrupted one
-would. Checkpoints hold the trainable weights (the adapter for parameter-efficient methods,
-everything for full fine-tuning), the optimizer, the schedule
-position and every RNG; they are written to ``ckpt.tmp/`` and renamed to ``last/`` so a crash
-mid-write leaves the previous checkpoint intact. Nothing is unpickled but the index
-torch.distributed.checkpoint writes for a checkpoint of several ranks.
+``(seed, epoch)`` (``feed.py``, which also puts each micro-batch on the device), so the position in
+the stream is one integer and a resumed run sees exactly the batches an uninterrupted one would.
+Checkpoints hold the trainable weights (the adapter for parameter-efficient methods, everything for
+full fine-tuning), the optimizer, the schedule position and every RNG; they are written to
+``ckpt.tmp/`` and renamed to ``last/`` so a crash mid-write leaves the previous checkpoint intact.
+Nothing is unpickled but the index torch.distributed.checkpoint writes for a checkpoint of several
+ranks.
 
 Under torchrun (``distributed.py``) every rank runs this loop, with four calls that are the identity
 for one process: ``split`` deals each global micro-batch's rows over the ranks, ``sum_gradients``

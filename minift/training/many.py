@@ -12,16 +12,16 @@ clipping, AdamW state, dev evaluations, early stopping and files. A step of ``tr
     for each job: its lr, clip its gradients, its AdamW step; then its evaluation and checkpoint
     (the losses stay on the device until a job's log interval, evaluation or checkpoint reads them)
 
-Because the rows are disjoint and each adapter acts only on its own rows, the gradient that
-reaches job k's adapter is exactly the gradient of job k's loss alone: the K trajectories are
-those of K separate runs (tests/training/test_many.py checks them against ``train``, step by
-step). What is shared is the work on the base: one pass of W0 over all rows instead of K.
-Dropout is the exception, the base's and the adapters' (a job's LoRA dropout applies to its
-own rows, as its layer alone would): the masks are drawn from one generator over the mixed batch,
-so each job then sees other (equally random) masks than it would alone; a single job sees the
-masks ``train`` draws. Under dropout the fast mixed forward (``fast/multi_lora.py``) gives way
-to the reference one, which draws each adapter's mask over its own rows. A classification job's new head is
-its own (``Job.modules``, a ``ModulesToSave`` copy its rows go through), as ``train``'s LoRA trains one.
+Because the rows are disjoint and each adapter acts only on its own rows, the gradient that reaches
+job k's adapter is exactly the gradient of job k's loss alone: the K trajectories are those of K
+separate runs (tests/training/test_many.py checks them against ``train``, step by step). What is
+shared is the work on the base: one pass of W0 over all rows instead of K. Dropout is the
+exception, the base's and the adapters' (a job's LoRA dropout applies to its own rows, as its layer
+alone would): the masks are drawn from one generator over the mixed batch, so each job then sees
+other (equally random) masks than it would alone; a single job sees the masks ``train`` draws.
+Under dropout the fast mixed forward (``fast/multi_lora.py``) gives way to the reference one, which
+draws each adapter's mask over its own rows. A classification job's new head is its own
+(``Job.modules``, a ``ModulesToSave`` copy its rows go through), as ``train``'s LoRA trains one.
 
 Each job keeps its own position: a job that has done its steps (or stopped early) adds no rows
 to later steps, and the others go on. Its files, under ``cfg.out_dir``, are those ``train``
