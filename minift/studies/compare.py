@@ -42,8 +42,8 @@ from pathlib import Path
 import torch
 
 from minift.studies.compare_report import COLUMNS, plot, save, to_markdown, to_text  # noqa: F401  (the report)
-from minift.studies.compare_setup import (CompareConfig, Row, Task, load_model, load_task, peak_rss,  # noqa: F401
-                                          resolve, total_steps, train_config)
+from minift.studies.compare_setup import (CompareConfig, Row, Task, load_model, load_task, peak_mib,  # noqa: F401
+                                          resolve, start_peak, total_steps, train_config)
 from minift.training.recipes import compare_settings, load_recipe
 
 
@@ -60,10 +60,7 @@ def run_method(task: Task, method: str, cfg: CompareConfig, seed: int | None = N
     from minift.methods.common import count_trainable
     from minift.training.forward import pick_device
     device = pick_device(cfg.device)
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    start_peak(device)
     recipe = load_recipe(f"sentiment-{method}")
     steps = total_steps(cfg, len(task.train))
     model = load_model(task, seed)  # also seeds what the method draws (LoRA's A, a prompt's init)
@@ -74,7 +71,7 @@ def run_method(task: Task, method: str, cfg: CompareConfig, seed: int | None = N
     row.seed = seed
     row.trainable, row.total = count_trainable(model) if method != "probe" else (row.trainable, row.total)
     row.trainable_pct = 100 * row.trainable / row.total
-    row.peak_mib = (torch.cuda.max_memory_allocated(device) if cuda else peak_rss()) / 2 ** 20
+    row.peak_mib = peak_mib(device)
     return row
 
 

@@ -30,7 +30,8 @@ import time
 
 import torch
 
-from minift.studies.compare_setup import CompareConfig, Row, Task, load_model, peak_rss, total_steps, train_config
+from minift.studies.compare_setup import (CompareConfig, Row, Task, load_model, peak_mib, start_peak, total_steps,
+                                          train_config)
 from minift.training.recipes import compare_settings, load_recipe
 
 
@@ -44,9 +45,7 @@ def run_together(task: Task, cfg: CompareConfig, seeds: list[int]) -> list[Row]:
     from minift.training.forward import pick_device
     from minift.training.many import Job, add_jobs, train_many
     device = pick_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    start_peak(device)
     recipe = load_recipe("sentiment-lora")
     steps = total_steps(cfg, len(task.train))
     lr, options = compare_settings(recipe, full=cfg.full)
@@ -64,7 +63,7 @@ def run_together(task: Task, cfg: CompareConfig, seeds: list[int]) -> list[Row]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wall = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) / 2 ** 20
+    peak = peak_mib(device)
     note = (f"seeds {seeds[0]}-{seeds[-1]} trained together on one base (train-many): wall s is the shared "
             f"run's over {len(seeds)}, tokens/s and peak the shared run's" if len(seeds) > 1
             else "trained by train-many (one job)")

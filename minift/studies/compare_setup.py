@@ -191,6 +191,19 @@ def load_model(task: Task, seed: int):
     return BertClassifier.from_pretrained(task.model_dir, num_labels=len(task.labels))
 
 
+def start_peak(device: torch.device) -> None:
+    """On CUDA, a run's peak memory counts from here (the cache emptied, the peak reset)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_mib(device: torch.device) -> float:
+    """The run's peak memory in MiB: CUDA's allocated peak since ``start_peak``, else this
+    process's peak resident set (``peak_rss``)."""
+    return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss()) / 2 ** 20
+
+
 def peak_rss() -> float:
     """Peak resident set size of this process in bytes (Linux reports KiB, macOS bytes)."""
     import resource

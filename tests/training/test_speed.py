@@ -17,7 +17,7 @@ from minift.training import speed
 from minift.training.speed import WARMUP_STEPS, plan
 from minift.training import loop as loop_mod
 
-from tests.training.test_train import BombBatches, batches, cfg, gpt
+from training.test_train import BombBatches, batches, cfg, gpt  # (tests/ is on the path: pyproject.toml)
 
 
 def choose(device="cuda", method="lora", hooks=None, task="classification", given=None, merged=False):
