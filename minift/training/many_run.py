@@ -18,7 +18,8 @@ jobs.toml takes the keys of a `minift train --config` file, once for defaults an
     [job.train]
     lr = 2e-4
     [job.data]
-    train = "poems.txt"         # relative paths are relative to jobs.toml (as for --config)
+    train = "poems.txt"         # relative paths are relative to jobs.toml (as for --config); model
+                                # "minilm" and task "sentiment" are the recipes' fetched model and data
 
 Every job is checked before the model loads and nothing under --out changes before every job's
 data, targets and directory have passed: a bad job is one line naming the job (index and name),
@@ -64,7 +65,7 @@ from minift.training.forward import check_device, pick_device
 from minift.training.many import Job, add_jobs, alone, train_many
 from minift.training.run import load_data, load_model
 from minift.training.run_dir import check_out, check_resume, identity, jsonable, save_outputs, start_run
-from minift.training.settings import DATA_KEYS, TRAIN_KEYS, check_value
+from minift.training.settings import DATA_KEYS, TRAIN_KEYS, check_value, fetch_named
 
 TOP_KEYS = ("model", "device", "bf16", "fast", "method", "train", "data", "job")
 SHARED = {"model": "data", "device": "train", "bf16": "train", "fast": "train"}   # one value for all jobs: key -> its table
@@ -164,6 +165,7 @@ def _job(path: Path, i: int, doc: dict, top: dict, out: Path, resume: bool) -> J
              {"steps", "epochs"} & set(own["train"])}
     train.update(own["train"])
     options, data = {**top["method"], **own["method"]}, {**top["data"], **own["data"]}
+    data = _as_job(where, fetch_named, data)  # the recipes' names, as minift train reads them: minilm, sentiment
     label = {(t, k): f"[job.{t}] {k}" if k in own[t] else f"[{t}] {k}" for t in own for k in (*top[t], *own[t])}
     method = options.pop("name", "lora")
     if method != "lora":
@@ -260,7 +262,7 @@ def train_many_command(args) -> int:
         check_device(args.device)
     specs = read_jobs(args.config, out, args.resume, args.device)
     for s in specs:
-        _as_job(s, check_out, s.out, args.resume, args.overwrite)
+        _as_job(s.where, check_out, s.out, args.resume, args.overwrite)
     model, jobs, labels = _load(specs)
     _start_runs(specs, labels, args)  # every check has passed: the job directories change from here on
     speed = "reference path (eager)"
@@ -295,17 +297,18 @@ def train_many_command(args) -> int:
     return 0
 
 
-def _as_job(s: JobSpec, check, *args):
-    """``check(*args)``; its error (a bad input: InputError, ValueError, a missing file) names job ``s``."""
+def _as_job(where: str, check, *args):
+    """``check(*args)``; its error (a bad input: InputError, ValueError, a missing file) names the
+    job (``where``: its file, index and name)."""
     try:
         return check(*args)
     except (ValueError, FileNotFoundError) as e:
-        raise InputError(f"{s.where}: {e}") from None
+        raise InputError(f"{where}: {e}") from None
 
 
 def _load(specs: list[JobSpec]):
     """The base with every job's adapter added, and the jobs (their data loaded)."""
-    data = [_as_job(s, load_data, s.data, s.data["task"], s.data["max_len"], s.cfg) for s in specs]
+    data = [_as_job(s.where, load_data, s.data, s.data["task"], s.data["max_len"], s.cfg) for s in specs]
     labels = [d[3] for d in data]
     model, rngs, heads = _base(specs, labels)
     jobs = []
@@ -330,7 +333,7 @@ def _start_runs(specs: list[JobSpec], labels: list[dict | None], args) -> None:
              "many": {"config": str(Path(args.config).resolve()), "job": s.index}} for s, label2id in zip(specs, labels)]
     if args.resume:
         for s, run in zip(specs, runs):
-            _as_job(s, check_resume, s.out, run["given"])
+            _as_job(s.where, check_resume, s.out, run["given"])
     for s, run in zip(specs, runs):
         start_run(s.out, run, args.resume, args.overwrite)
         (s.out / "summary.json").unlink(missing_ok=True)  # written again when the job's run ends

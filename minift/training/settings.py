@@ -259,6 +259,19 @@ def settings(args) -> Settings:
 # ---------------------------------------------------------------------------- data
 
 def resolve_paths(data: dict) -> dict:
+    """Named model/data of the recipes (``fetch_named``), the default task, and the checks that a
+    task, a model and training data are given."""
+    data = fetch_named(data)
+    data.setdefault("task", "classification")
+    if data["task"] not in TASKS:
+        raise InputError(f"unknown task {data['task']!r}; choose one of {', '.join(TASKS)}")
+    for k in ("model", "train"):
+        if data.get(k) is None:
+            raise InputError(f"no --{k} given")
+    return data
+
+
+def fetch_named(data: dict) -> dict:
     """Named model/data of the recipes (minilm, sentiment) -> fetched paths, only when needed."""
     data = dict(data)
     if data.get("model") == "minilm":  # a local directory of that name: write ./minilm
@@ -270,10 +283,4 @@ def resolve_paths(data: dict) -> dict:
             from minift.training.fetch import fetch_sentiment
             d = Path(fetch_sentiment())
             data["train"], data["dev"] = str(d / "train.jsonl"), data.get("dev") or str(d / "dev.jsonl")
-    data.setdefault("task", "classification")
-    if data["task"] not in TASKS:
-        raise InputError(f"unknown task {data['task']!r}; choose one of {', '.join(TASKS)}")
-    for k in ("model", "train"):
-        if data.get(k) is None:
-            raise InputError(f"no --{k} given")
     return data

@@ -281,7 +281,7 @@ def test_fast_is_one_top_level_switch(files, tmp_path, capsys):
     assert rc == 0 and "speed: reference path (eager)" in err, err
 
 
-def test_classification_jobs_train_their_own_heads_as_minift_train_does(tmp_path, capsys):
+def test_classification_jobs_train_their_own_heads_as_minift_train_does(tmp_path, capsys, monkeypatch):
     from conftest import tokenizer_json
     from minift.models.bert import Bert, BertConfig
     (tmp_path / "bert").mkdir()
@@ -332,6 +332,12 @@ def test_classification_jobs_train_their_own_heads_as_minift_train_does(tmp_path
     rc, out, err = run_cli(["eval", "--adapter", tmp_path / "many" / "t" / "adapter", "--data",
                             tmp_path / "three_dev.jsonl", "--device", "cpu", "--no-progress"], capsys)
     assert rc == 0 and "accuracy" in out, err
+    # the recipes' model name, as minift train reads it ("minilm": fetched, here the tiny BERT)
+    from minift.training import fetch
+    monkeypatch.setattr(fetch, "fetch_minilm", lambda *a, **k: tmp_path / "bert")
+    run_many(tmp_path, {"data": {**data, "model": "minilm"}, "train": {"log_every": 1}}, {"p": jobs["p"]}, capsys,
+             out="named")
+    assert losses(tmp_path / "named" / "p") == losses(tmp_path / "many" / "p")
     # serving: the three adapters (two tasks, their own heads) onto one base, by name
     from minift.adapters import load_adapter
     from minift.adapters.multi import load_adapters
