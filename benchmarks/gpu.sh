@@ -74,10 +74,15 @@
 #     issue21-cls  (weights/ from `prep` carried) `minift train` default on MiniLM-L6 sentiment, --recipe
 #                  sentiment-{full,lora} (LoRA at bench's r 8), 300 steps, and its summary lines
 #                  issue21-train-{full,lora}-TAG.log, issue21-train-TAG.md; bench at the runs' shapes and
-#                  dropout: LoRA on q,v 8 x 79, full 16 x 79   bench-minilm-{lora,full}-TAG
+#                  dropout: LoRA on q,v 8 x 79, full 16 x 79, without and with the runs' clipping
+#                  (--max-grad-norm 1.0)   bench-minilm-{lora,full}[-clip]-TAG
 #     issue21-trace (not in issue21) issue21-cls's two train runs under benchmarks/trace_train.py: torch.profiler
 #                  over steps 100-109 (host ops by self CPU time, CUDA kernels) and Python's garbage collections
 #                  issue21-trace-{full,lora}-TAG/trace.md, gc.json, trace.json.gz
+#     issue21-ablation (not in issue21) issue21-cls's two train runs under benchmarks/loop_ablation.py: each
+#                  with one piece of the loop's host work taken out (clipping, the second AdamW group, the
+#                  RNG snapshot, the loss read-back), 5 processes each (limits 2 x 4.7 min)
+#                  issue21-ablation-{full,lora}-TAG/ablation.md
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
 #   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
@@ -296,6 +301,16 @@ stage() {
         --out "$out/issue21-trace-$m-$tag" --from-step 100 --steps 10 -- --recipe sentiment-$m \
         --model weights/minilm-fp16 ${extra[$m]} --steps 300 --device cuda --no-progress --overwrite --out "$out/trace-run-$m"
       [ "$dry" = 1 ] || rm -rf "$out/trace-run-$m"
+    done ;;
+  issue21-ablation)
+    # minift train with one piece of the loop's host work taken out at a time (benchmarks/loop_ablation.py)
+    local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
+    local -A extra=([full]="" [lora]="--r 8 --alpha 16")
+    for m in full lora; do
+      go 280 "issue21-ablation-$m-$tag" env MINIFT_CACHE="$cache" python3 "$here/benchmarks/loop_ablation.py" \
+        --out "$out/issue21-ablation-$m-$tag" -- --recipe sentiment-$m --model weights/minilm-fp16 ${extra[$m]} \
+        --steps 300 --device cuda --no-progress
+      [ "$dry" = 1 ] || rm -rf "$out/issue21-ablation-$m-$tag"/run-*
     done ;;
   issue21-bert)
     go 110 issue21-bench-minilm $M bench --out "$out" --model minilm --batch 16 --seq-len 128 --methods full,lora \
