@@ -144,6 +144,13 @@ env_txt() {
   } > "$out/env.txt"
 }
 
+# minift train's arguments for issue 21's MiniLM sentiment pair, method $1 (full or lora): the recipe as
+# it is, but LoRA at bench's r 8, alpha 16 (the same method on both sides), 300 steps on CUDA
+minilm_run() {
+  local -A extra=([full]="" [lora]="--r 8 --alpha 16")
+  echo --recipe "sentiment-$1" --model weights/minilm-fp16 ${extra[$1]} --steps 300 --device cuda --no-progress
+}
+
 stage() {
   case $1 in
   tests)
@@ -272,11 +279,9 @@ stage() {
     stage peft-compile ;;
   issue21-cls)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
-    # the recipes as they are, but LoRA at bench's r 8, alpha 16 (the same method on both sides)
-    local -A extra=([full]="" [lora]="--r 8 --alpha 16")
     for m in full lora; do
-      go 120 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train --recipe sentiment-$m --model weights/minilm-fp16 \
-        ${extra[$m]} --steps 300 --device cuda --no-progress --overwrite --out "$out/issue21-train-$m-$tag"
+      go 120 "issue21-train-$m-$tag" env MINIFT_CACHE="$cache" $M train $(minilm_run $m) --overwrite \
+        --out "$out/issue21-train-$m-$tag"
       # the summary line is in the log; metrics.jsonl has the tokens/s so far every 10 steps
       [ "$dry" = 1 ] || find "$out/issue21-train-$m-$tag" -mindepth 1 ! -name metrics.jsonl -exec rm -rf {} +
     done
@@ -295,21 +300,18 @@ stage() {
     done ;;
   issue21-trace)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
-    local -A extra=([full]="" [lora]="--r 8 --alpha 16")
     for m in full lora; do
       go 150 "issue21-trace-$m-$tag" env MINIFT_CACHE="$cache" python3 "$here/benchmarks/trace_train.py" \
-        --out "$out/issue21-trace-$m-$tag" --from-step 100 --steps 10 -- --recipe sentiment-$m \
-        --model weights/minilm-fp16 ${extra[$m]} --steps 300 --device cuda --no-progress --overwrite --out "$out/trace-run-$m"
+        --out "$out/issue21-trace-$m-$tag" --from-step 100 --steps 10 -- $(minilm_run $m) --overwrite \
+        --out "$out/trace-run-$m"
       [ "$dry" = 1 ] || rm -rf "$out/trace-run-$m"
     done ;;
   issue21-ablation)
     # minift train with one piece of the loop's host work taken out at a time (benchmarks/loop_ablation.py)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
-    local -A extra=([full]="" [lora]="--r 8 --alpha 16")
     for m in full lora; do
       go 280 "issue21-ablation-$m-$tag" env MINIFT_CACHE="$cache" python3 "$here/benchmarks/loop_ablation.py" \
-        --out "$out/issue21-ablation-$m-$tag" -- --recipe sentiment-$m --model weights/minilm-fp16 ${extra[$m]} \
-        --steps 300 --device cuda --no-progress
+        --out "$out/issue21-ablation-$m-$tag" -- $(minilm_run $m)
       [ "$dry" = 1 ] || rm -rf "$out/issue21-ablation-$m-$tag"/run-*
     done ;;
   issue21-bert)

@@ -105,7 +105,7 @@ def _is_adapter_dir(d: Path) -> bool:
 
 def _load_one(model: nn.Module, name: str, d: Path) -> None:
     _, config, tensors = read_adapter(d)
-    inner = config.get("config") if isinstance(config.get("config"), dict) else {}
+    inner = _inner(config)
     if config.get("peft_type") != "LORA" or config.get("use_dora") or inner.get("dora"):  # before anything loads
         raise ValueError(f"{d}: a named adapter must be plain LoRA, not {config.get('peft_type')}"
                          f"{' with DoRA' if config.get('use_dora') or inner.get('dora') else ''}")
@@ -140,10 +140,14 @@ def _load_one(model: nn.Module, name: str, d: Path) -> None:
         multi.scaling[name], multi.settings[name] = m.scaling, (m.alpha, m.rslora)
 
 
+def _inner(config: dict) -> dict:
+    """A minift-layout adapter config's recorded settings (its ``config`` object); {} for PEFT's."""
+    return config["config"] if isinstance(config.get("config"), dict) else {}
+
+
 def _modules_to_save(config: dict) -> list[str]:
     """The modules to save an adapter config names: PEFT's at its top level, minift's in ``config``."""
-    inner = config.get("config")
-    found = config.get("modules_to_save") or (inner.get("modules_to_save") if isinstance(inner, dict) else None)
+    found = config.get("modules_to_save") or _inner(config).get("modules_to_save")
     return [str(t) for t in found] if isinstance(found, list) else []
 
 
