@@ -83,6 +83,8 @@
 #                  with one piece of the loop's host work taken out (clipping, the second AdamW group, the
 #                  RNG snapshot, the loss read-back), 5 processes each (limits 2 x 4.7 min)
 #                  issue21-ablation-{full,lora}-TAG/ablation.md
+#     issue21-pairs (not in issue21) issue21-cls's train runs and their bench rows (clipping at 1.0, 100 timed
+#                  steps) in alternation, three rounds (limits 6 x 160 s)   pairs/train-vs-bench.md
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
 #   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
@@ -298,6 +300,22 @@ stage() {
       go 70 issue21-bench-minilm-full${clip:+-clip} $M bench --out "$out" --model minilm --batch 16 --seq-len 79 \
         --methods full --dropout 0.1 --steps 20 ${clip:+--max-grad-norm $clip} --name bench-minilm-full${clip:+-clip}-$tag
     done ;;
+  issue21-pairs)
+    # minift train and minift bench at the run's shape, dropout and clipping, in alternation, three rounds:
+    # one process's host-bound step differs from the next's by more than the loop's own cost
+    local m r cache="${MINIFT_CACHE:-$tree/weights/cache}"
+    local -A shape=([full]="--methods full --batch 16" [lora]="--methods lora --lora-targets q_proj,v_proj --batch 8")
+    mkdir -p "$out/pairs"
+    for r in 1 2 3; do
+      for m in full lora; do
+        go 70 "pairs/bench-$m-r$r" $M bench --out "$out/pairs" --model minilm ${shape[$m]} --seq-len 79 --dropout 0.1 \
+          --steps 100 --max-grad-norm 1.0 --name "bench-$m-r$r"
+        go 90 "pairs/train-$m-r$r" env MINIFT_CACHE="$cache" $M train $(minilm_run $m) --overwrite \
+          --out "$out/pairs/run-$m-r$r"
+        [ "$dry" = 1 ] || rm -rf "$out/pairs/run-$m-r$r"
+      done
+    done
+    [ "$dry" = 1 ] || python3 "$here/benchmarks/train_vs_bench.py" "$out/pairs" > "$out/pairs/train-vs-bench.md" ;;
   issue21-trace)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
     for m in full lora; do

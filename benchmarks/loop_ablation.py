@@ -6,7 +6,7 @@ Each variant runs `minift train TRAIN ARGS` in a fresh process (one model under 
 process), with one change to the loop (``training/loop.py``), made by this script and nowhere else:
 
     baseline      the loop as it is
-    no-clip       gradient clipping does nothing (the loop still calls it: its own call costs nothing)
+    no-clip       the optimizer step without gradient clipping (as with ``max_grad_norm`` None)
     one-group     AdamW over one parameter group (weight decay on every trainable parameter)
                   instead of the two (decay, no decay) ``make_optimizer`` builds: one fused call
     no-rng        the per-step RNG snapshot (``checkpoint.rng_state``: torch, CUDA, Python, NumPy)
@@ -36,10 +36,11 @@ def patch(variant: str, args: list[str]) -> list[str]:
     """Make ``variant``'s change in this process; returns the train arguments to run with."""
     import torch
 
-    from minift.fast import clip as fast_clip
+    from minift.fast import adamw as fast_adamw
     from minift.training import loop
     if variant == "no-clip":
-        fast_clip.chosen = lambda params, fast: (lambda ps, max_norm: None)
+        chosen = fast_adamw.chosen
+        fast_adamw.chosen = lambda opt, fast: (lambda ps, max_norm, update=chosen(opt, fast): update(ps, None))
     elif variant == "one-group":
         def one_group(model, cfg, param_groups=None, all_params=False, device=None):
             ps = [p for p in model.parameters() if all_params or p.requires_grad]

@@ -17,8 +17,11 @@ where it rounds differently); its equivalence test checks that:
     Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
                                 by the merged LoRA forward
     clipping      fast.clip     the global-norm gradient clipping in a fixed few   tests/fast/test_clip.py
-                                kernels (one device and dtype); the training loop's on
-                                CUDA with ``TrainConfig.fast`` (not switched by ``enable``)
+                                kernels (one device and dtype)
+    AdamW step    fast.adamw    fused AdamW's kernel called over lists gathered    tests/fast/test_adamw.py
+                                once, the clipping folded into it; with fast.clip,
+                                the training loop's and bench's on CUDA with
+                                ``TrainConfig.fast`` (``adamw.chosen``; not switched by ``enable``)
 
 Each module also has its own ``enable``/``disable`` for switching one piece alone.
 """

@@ -53,7 +53,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from minift.fast import clip as fast_clip
+from minift.fast import adamw as fast_adamw
 from minift.studies import bench_timing
 # the report's names stay importable from here (minift.studies.bench.save, ...)
 from minift.studies.bench_report import Row, add_ratios, save, to_markdown  # noqa: F401
@@ -265,7 +265,7 @@ def prepare(cfg: BenchConfig, method: str) -> Prepared:
     if train:
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, fused=rc.device.startswith("cuda") and rc.fused_adamw)
-        clip = fast_clip.chosen(params, rc.fast)  # the clipping `minift train` takes on this device
+        update = fast_adamw.chosen(opt, rc.fast)  # the clipping and AdamW step `minift train` takes here
         model.train()
 
         def step(i):
@@ -274,9 +274,7 @@ def prepare(cfg: BenchConfig, method: str) -> Prepared:
             with _autocast(rc.device):
                 loss = _loss(model, batch, rc, hooks)
             loss.backward()
-            if rc.max_grad_norm is not None:
-                clip(params, rc.max_grad_norm)
-            opt.step()
+            update(params, rc.max_grad_norm)
             if hooks.allocator is not None:  # AdaLoRA: after the update, before zero_grad (as PEFT)
                 hooks.allocator.step(model, i)
             opt.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from minift.fast import clip as fast_clip
+from minift.fast import adamw as fast_adamw
 from minift.training import distributed, metrics_log, speed
 from minift.training.checkpoint import (latest_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                                         save_weights, seed_everything)
@@ -151,7 +151,7 @@ class _Run:
         self.warmup = cfg.warmup_steps(self.total)
         self.opt = make_optimizer(model, cfg, param_groups, all_params=unfreezer is not None, device=self.device)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]  # before a checkpoint's scheduled lrs replace them
-        self.clip = fast_clip.chosen([p for g in self.opt.param_groups for p in g["params"]], cfg.fast)
+        self.optimize = fast_adamw.chosen(self.opt, cfg.fast)  # clipping and the AdamW step
         self.out = Path(cfg.out_dir) if cfg.out_dir else None
         self.main = distributed.is_main()  # rank 0 (or the one process): it writes the log, bar and plot
         self.log_path = (cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)) if self.main else None
@@ -248,9 +248,7 @@ class _Run:
             g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
         params = [p for g in opt.param_groups for p in g["params"]]
         distributed.sum_gradients(params)  # several ranks: each now holds the global batch's gradient
-        if cfg.max_grad_norm is not None:
-            self.clip(params, cfg.max_grad_norm)
-        opt.step()
+        self.optimize(params, cfg.max_grad_norm)  # clip_grad_norm_ (unless None), then opt.step()
         if self.allocator is not None:
             self.allocator.step(self.model, self.step)  # AdaLoRA: reads the gradients, so before zero_grad
         opt.zero_grad(set_to_none=True)

@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minift.adapters.multi import as_single, lora_config_as  # the one-adapter view save_adapters writes through
-from minift.fast import clip as fast_clip
+from minift.fast import adamw as fast_adamw
 from minift.fast.loss import FusedLMLoss
 from minift.methods import lora
 from minift.methods.common import freeze_all
@@ -217,7 +217,7 @@ class _JobRun:
             self.opt = make_optimizer(model, job.cfg, groups, device=device)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
         self.params = [p for g in self.opt.param_groups for p in g["params"]]
-        self.clip = fast_clip.chosen(self.params, job.cfg.fast)  # as train's loop clips (the same numbers)
+        self.optimize = fast_adamw.chosen(self.opt, job.cfg.fast)  # as train's loop clips and steps
         self.out = Path(job.cfg.out_dir) if job.cfg.out_dir else None
         self.log_path = job.cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
 
@@ -252,9 +252,7 @@ class _JobRun:
         opt, cfg = self.opt, self.cfg
         for g, base in zip(opt.param_groups, self.base_lrs):
             g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
-        if cfg.max_grad_norm is not None:
-            self.clip(self.params, cfg.max_grad_norm)
-        opt.step()
+        self.optimize(self.params, cfg.max_grad_norm)
         opt.zero_grad(set_to_none=True)
         self.step += 1
 

@@ -35,14 +35,15 @@ def test_every_variant_runs_and_changes_what_it_says(tmp_path, monkeypatch):
     # the same data, seed and order: clipping and the parameter groups change the numbers, the rest do not
     assert results["no-rng"]["final_loss"] == results["no-readback"]["final_loss"] == results["baseline"]["final_loss"]
     mod = _module()  # the patches themselves, in this process (undone by monkeypatch)
-    from minift.fast import clip as fast_clip
-    for name, obj in (("make_optimizer", loop), ("rng_state", loop), ("chosen", fast_clip)):
+    from minift.fast import adamw as fast_adamw
+    for name, obj in (("make_optimizer", loop), ("rng_state", loop), ("chosen", fast_adamw)):
         monkeypatch.setattr(obj, name, getattr(obj, name))
     mod.patch("no-clip", [])
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 10.0)
-    fast_clip.chosen([p], True)([p], 1.0)
-    assert torch.equal(p.grad, torch.full((3,), 10.0))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    fast_adamw.chosen(opt, True)([p], 1.0)
+    assert torch.equal(p.grad, torch.full((3,), 10.0)) and opt.state[p]["step"] == 1  # stepped, unclipped
     mod.patch("one-group", [])
     m = torch.nn.Linear(2, 2)
     assert len(loop.make_optimizer(m, loop.TrainConfig(lr=1e-3, steps=1)).param_groups) == 1

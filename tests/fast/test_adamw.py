@@ -1,0 +1,126 @@
+"""minift.fast.adamw's step (clipping folded into the fused AdamW kernel) equals its reference,
+clip_grad_norm_ then torch.optim.AdamW(fused=True).step(), to float rounding: weights, moments,
+step counts and the clipped gradients, over several steps with a changing lr, on the CPU's fused
+kernel and, where there is one, on the GPU's."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minift.fast import adamw as fast_adamw
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _model(seed, device, shapes=((6, 5), (5,), (3, 6), (3,))):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+
+
+def _opt(ps, **kw):
+    groups = [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+              {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=1e-2, fused=True, **kw)
+
+
+def _grads(ps, step, scale, seed, none_at=()):
+    g = torch.Generator().manual_seed(seed * 1000 + step)
+    for i, p in enumerate(ps):
+        p.grad = None if i in none_at else (torch.randn(p.shape, generator=g) * scale).to(p.device)
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+
+
+def _run(device, seed, scale, max_norm, steps, lean, none_at=(), state=None):
+    ps = _model(seed, device)
+    opt = _opt(ps)
+    if state is not None:
+        opt.load_state_dict(copy.deepcopy(state))  # (loading keeps the tensors it is given)
+    step = fast_adamw.Step(opt)
+    for i in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = 1e-2 * (1 - i / (2 * steps))  # a schedule: the lr changes every step
+        _grads(ps, i, scale, seed, none_at if i == 1 else ())
+        if lean:
+            step.step(max_norm)
+        else:
+            fast_adamw.reference_step(opt, ps, max_norm)
+    return ps, opt
+
+
+def _same(a, b):
+    (ps, opt), (qs, ref) = a, b
+    for p, q in zip(ps, qs):
+        _close(p, q)
+        _close(p.grad, q.grad)  # the kernel writes the clipped gradients back, as clipping does
+        s, r = opt.state[p], ref.state[q]
+        assert set(s) == set(r) and s["step"].dtype == r["step"].dtype and s["step"].device == r["step"].device
+        for k in s:
+            _close(s[k], r[k])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2 ** 16), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       max_norm=st.sampled_from([None, 0.5, 1.0, 1e4]))
+def test_equals_clip_then_fused_adamw(device, seed, scale, max_norm):
+    _same(_run(device, seed, scale, max_norm, 4, lean=True), _run(device, seed, scale, max_norm, 4, lean=False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_missing_gradient_takes_the_reference_step(device):
+    # step 1 leaves the first parameter without a gradient: AdamW skips it, and so does Step
+    lean, ref = (_run(device, 3, 1.0, 1.0, 3, lean=x, none_at=(0,)) for x in (True, False))
+    _same(lean, ref)
+
+
+def test_a_loaded_state_is_gathered_again():
+    _, opt = _run("cpu", 5, 1.0, 1.0, 2, lean=False)
+    state = opt.state_dict()
+    _same(_run("cpu", 5, 1.0, 1.0, 3, lean=True, state=state), _run("cpu", 5, 1.0, 1.0, 3, lean=False, state=state))
+    ps, opt = _run("cpu", 5, 1.0, 1.0, 2, lean=True)
+    step = fast_adamw.Step(opt)
+    _grads(ps, 0, 1.0, 5)
+    step.step(1.0)
+    opt.load_state_dict(opt.state_dict())  # new state tensors: the next step must use them
+    before = [opt.state[p]["step"].item() for p in ps]
+    _grads(ps, 1, 1.0, 5)
+    step.step(1.0)
+    assert [opt.state[p]["step"].item() for p in ps] == [b + 1 for b in before]
+
+
+def test_applies_only_to_plain_fused_adamw():
+    ps = _model(0, "cpu")
+    assert fast_adamw.applies(_opt(ps))
+    assert not fast_adamw.applies(torch.optim.AdamW(ps, fused=False))
+    assert not fast_adamw.applies(torch.optim.Adam(ps, fused=True))
+    assert not fast_adamw.applies(_opt(ps, amsgrad=True))
+    assert not fast_adamw.applies(torch.optim.AdamW(ps, lr=torch.tensor(1e-3), fused=True))
+    hooked = _opt(ps)
+    hooked.register_step_post_hook(lambda *a: None)
+    assert not fast_adamw.applies(hooked)
+    mixed = _model(0, "cpu")
+    mixed[0] = torch.nn.Parameter(mixed[0].detach().double())
+    assert not fast_adamw.applies(_opt(mixed))
+
+
+def test_chosen_keeps_the_reference_on_the_cpu_and_without_fast():
+    ps = _model(0, "cpu")
+    opt = _opt(ps)
+    for fast in (True, False):
+        _grads(ps, 0, 1.0, 0)
+        update = fast_adamw.chosen(opt, fast)
+        assert update.__qualname__.startswith("chosen") and "lean" not in update.__code__.co_freevars
+        update(ps, 1.0)
+    assert all(opt.state[p]["step"].item() == 2 for p in ps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA: the lean step is chosen on a GPU only")
+def test_chosen_takes_the_lean_step_on_cuda():
+    ps = _model(0, "cuda")
+    assert "lean" in fast_adamw.chosen(_opt(ps), True).__code__.co_freevars
+    assert "lean" not in fast_adamw.chosen(_opt(ps), False).__code__.co_freevars
