@@ -310,9 +310,10 @@ stage() {
       for m in full lora; do
         go 70 "pairs/bench-$m-r$r" $M bench --out "$out/pairs" --model minilm ${shape[$m]} --seq-len 79 --dropout 0.1 \
           --steps 100 --max-grad-norm 1.0 --name "bench-$m-r$r"
+        # (the run's folder outside OUT: a full fine-tuning checkpoint is 260 MB, and a cut stage leaves it)
         go 90 "pairs/train-$m-r$r" env MINIFT_CACHE="$cache" $M train $(minilm_run $m) --overwrite \
-          --out "$out/pairs/run-$m-r$r"
-        [ "$dry" = 1 ] || rm -rf "$out/pairs/run-$m-r$r"
+          --out "${TMPDIR:-/tmp}/minift-pairs-run"
+        [ "$dry" = 1 ] || rm -rf "${TMPDIR:-/tmp}/minift-pairs-run"
       done
     done
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_vs_bench.py" "$out/pairs" > "$out/pairs/train-vs-bench.md" ;;

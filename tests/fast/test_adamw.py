@@ -124,3 +124,27 @@ def test_chosen_takes_the_lean_step_on_cuda():
     ps = _model(0, "cuda")
     assert "lean" in fast_adamw.chosen(_opt(ps), True).__code__.co_freevars
     assert "lean" not in fast_adamw.chosen(_opt(ps), False).__code__.co_freevars
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_loop_takes_it_on_cuda_with_fast_and_trains_to_the_same_weights(device, monkeypatch):
+    from minift.models.gpt import GPT, GPTConfig
+    from minift.training.config import TrainConfig
+    from minift.training.loop import train
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": (x := torch.randint(0, 97, (2, 12), generator=g)), "labels": x} for _ in range(3)]
+    calls, lean = [], fast_adamw.Step.step
+    monkeypatch.setattr(fast_adamw.Step, "step", lambda self, m: calls.append(m) or lean(self, m))
+    out = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32, dropout=0.0))
+        cfg = TrainConfig(lr=3e-2, steps=5, max_grad_norm=0.05, progress=False, plot=False, fast=fast, seed=3,
+                          device=device, bf16=False)
+        res = train(model, data, cfg)
+        out[fast] = (res.losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
+    assert calls == ([0.05] * 5 if device == "cuda" else [])  # on the CPU the loop keeps the reference
+    assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+    for k in out[True][1]:
+        torch.testing.assert_close(out[True][1][k], out[False][1][k], rtol=1e-5, atol=1e-5)
