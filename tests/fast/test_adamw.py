@@ -146,5 +146,8 @@ def test_the_loop_takes_it_on_cuda_with_fast_and_trains_to_the_same_weights(devi
         out[fast] = (res.losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     assert calls == ([0.05] * 5 if device == "cuda" else [])  # on the CPU the loop keeps the reference
     assert out[True][0] == pytest.approx(out[False][0], rel=1e-5)
+    # Adam moves a weight by up to lr a step whatever its gradient's size, so a rounding difference in
+    # one step's update feeds the next steps' gradients: after 5 steps at lr 3e-2 the weights differ
+    # by about 1.5e-5 (measured on an H200), 1e-4 of the 0.15 they can move
     for k in out[True][1]:
-        torch.testing.assert_close(out[True][1][k], out[False][1][k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[True][1][k], out[False][1][k], rtol=1e-5, atol=1e-4)
