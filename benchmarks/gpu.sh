@@ -10,7 +10,9 @@
 # logs to OUT/<name>.log; a failure is reported on stderr and the next command runs. env.txt
 # (device, driver, versions, commit) is written first. --tree runs another checkout's minift
 # and scripts (an A/B of two commits: the same stage twice, with --tag telling them apart).
-# --dry-run prints the commands instead of running them.
+# --dry-run prints the commands instead of running them. On a lent machine whose calls bring back a
+# bounded number of files (minift's device tool), pack OUT into one archive after the stages
+# (`tar czf r.tgz -C "$OUT" r`), and keep run folders with checkpoints out of it.
 #
 # Stages (GPT-2 medium config, batch 8 x 1024, bf16 autocast, unless named otherwise):
 #   tests          tests-core + tests-training: the whole test suite on the GPU, in two commands (the whole

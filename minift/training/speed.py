@@ -17,9 +17,10 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
                                   for an epoch's short last batch (causal-lm
                                   blocks already have one shape)
 
-One more goes with minift.fast (``--fast false`` turns it off too): a list of batches of at most
-``feed.RESIDENT_BYTES`` is copied to the GPU once and read from there (``feed.py``); it changes no
-number, and the memory it holds, the dataset's, counts in ``peak_gib``.
+Two more go with minift.fast (``--fast false`` turns them off too): a list of batches of at most
+``feed.RESIDENT_BYTES`` is copied to the GPU once and read from there (``feed.py``; it changes no
+number, and the memory it holds, the dataset's, counts in ``peak_gib``); and clipping with the AdamW
+step runs as one call of fused AdamW's kernel (``fast.adamw``, where its ``applies`` holds).
 
 Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kernels (it ran slower
 than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
@@ -78,7 +79,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     p.fast = cuda and given.get("fast", True)
     p.merged_lora = merged_forward or p.fast
     if p.fast:
-        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward)")
+        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, clipping in AdamW's call)")
     hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
     if "compile" in given:
         p.compile = bool(given["compile"])
