@@ -51,11 +51,12 @@ def applies(opt: torch.optim.Optimizer) -> bool:
 class Step:
     """``step(max_grad_norm)``: clip (None: do not) and update every parameter of ``opt``, as
     ``clip_grad_norm_`` then ``opt.step()`` would. ``applies(opt)`` must hold. A step where some
-    parameter has no gradient (frozen for now, or unused) takes the reference path, as does the
-    first step after ``opt.load_state_dict`` replaced the state (the lists are gathered again)."""
+    parameter has no gradient (frozen for now, or unused) takes the reference path. The lists are
+    gathered again after ``opt.load_state_dict`` (it replaces the state and the groups) and
+    ``opt.add_param_group``."""
 
     def __init__(self, opt: torch.optim.AdamW):
-        self.opt, self.lists, self.state = opt, None, None
+        self.opt, self.lists, self.state, self.params = opt, [], None, []
 
     def _gather(self) -> None:
         """Each group's parameters, moments and step counts, from the optimizer's state."""
@@ -75,11 +76,14 @@ class Step:
         self.state = self.opt.state
 
     def step(self, max_grad_norm: float | None) -> None:
-        if self.state is not self.opt.state:  # the first step, or a loaded state
+        # the first step, a loaded state (new state and groups) or an added group: gather the lists again
+        stale = self.state is not self.opt.state or len(self.lists) != len(self.opt.param_groups)
+        params = [p for g in self.opt.param_groups for p in g["params"]] if stale else self.params
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # (no state started here: AdamW starts it with the first gradient)
+            return reference_step(self.opt, params, max_grad_norm, fast_clip.clip_grad_norm_)
+        if stale:
             self._gather()
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            return reference_step(self.opt, self.params, max_grad_norm, fast_clip.clip_grad_norm_)
         scale = None
         if max_grad_norm is not None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))

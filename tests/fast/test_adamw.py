@@ -76,6 +76,11 @@ def test_a_missing_gradient_takes_the_reference_step(device):
     # step 1 leaves the first parameter without a gradient: AdamW skips it, and so does Step
     lean, ref = (_run(device, 3, 1.0, 1.0, 3, lean=x, none_at=(0,)) for x in (True, False))
     _same(lean, ref)
+    ps = _model(0, device)
+    opt = _opt(ps)
+    _grads(ps, 0, 1.0, 0, none_at=(0,))
+    fast_adamw.Step(opt).step(1.0)  # the first step: no state for the parameter without a gradient
+    assert ps[0] not in opt.state and all(opt.state[p]["step"].item() == 1 for p in ps[1:])
 
 
 def test_a_loaded_state_is_gathered_again():
@@ -91,6 +96,12 @@ def test_a_loaded_state_is_gathered_again():
     _grads(ps, 1, 1.0, 5)
     step.step(1.0)
     assert [opt.state[p]["step"].item() for p in ps] == [b + 1 for b in before]
+    extra = torch.nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [extra], "weight_decay": 0.0})
+    _grads(ps, 2, 1.0, 5)
+    extra.grad = torch.ones(2)
+    step.step(1.0)
+    assert opt.state[extra]["step"].item() == 1 and not torch.equal(extra.detach(), torch.ones(2))
 
 
 def test_applies_only_to_plain_fused_adamw():
