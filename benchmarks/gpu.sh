@@ -87,6 +87,9 @@
 #                  issue21-ablation-{full,lora}-TAG/ablation.md
 #     issue21-pairs (not in issue21) issue21-cls's train runs and their bench rows (clipping at 1.0, 100 timed
 #                  steps) in alternation, three rounds (limits 6 x 160 s)   pairs/train-vs-bench.md
+#     issue21-pairs-gpt2 (not in issue21) the same at bench's GPT-2 medium shape, LoRA (all six projections) and
+#                  full, one round, and bench's LoRA with the frozen base in fp32 as train keeps it (about 9 min)
+#                  pairs-gpt2/train-vs-bench.md
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
 #   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
@@ -319,6 +322,27 @@ stage() {
       done
     done
     [ "$dry" = 1 ] || python3 "$here/benchmarks/train_vs_bench.py" "$out/pairs" > "$out/pairs/train-vs-bench.md" ;;
+  issue21-pairs-gpt2)
+    # minift train at bench's GPT-2 medium shape (8 x 1024 blocks; a random model and text,
+    # benchmarks/preset_run_dir.py) after bench, LoRA on all six projections and full fine-tuning, clipping
+    # at 1.0 on both sides. Bench keeps the frozen base in bf16 by default, train in fp32: bench's
+    # LoRA row runs both ways (the fp32 one is fp32base-lora-TAG, which train_vs_bench.py leaves out)
+    local m d="${TMPDIR:-/tmp}/minift-gpt2-run-dir"
+    local -A only=([lora]="--targets q_proj,k_proj,v_proj,o_proj,up_proj,down_proj" [full]="")
+    mkdir -p "$out/pairs-gpt2"
+    go 240 pairs-gpt2/prep python3 "$here/benchmarks/preset_run_dir.py" --out "$d"
+    go 200 pairs-gpt2/fp32base-lora $M bench --out "$out/pairs-gpt2" $G2M --methods lora --max-grad-norm 1.0 \
+      --steps 20 --no-frozen-bf16 --name "fp32base-lora-$tag"
+    for m in lora full; do
+      go 200 "pairs-gpt2/bench-$m-r1" $M bench --out "$out/pairs-gpt2" $G2M --methods $m --max-grad-norm 1.0 \
+        --steps 20 --name "bench-$m-r1"
+      go 240 "pairs-gpt2/train-$m-r1" $M train --model "$d/model" --train "$d/train.txt" --task causal-lm \
+        --method $m ${only[$m]} --max-len 1024 --batch-size 8 \
+        --steps 60 --lr 1e-4 --device cuda --no-progress --overwrite --out "$d/run"
+      [ "$dry" = 1 ] || rm -rf "$d/run"
+    done
+    [ "$dry" = 1 ] || rm -rf "$d"
+    [ "$dry" = 1 ] || python3 "$here/benchmarks/train_vs_bench.py" "$out/pairs-gpt2" > "$out/pairs-gpt2/train-vs-bench.md" ;;
   issue21-trace)
     local m cache="${MINIFT_CACHE:-$tree/weights/cache}"
     for m in full lora; do
