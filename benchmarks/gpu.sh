@@ -86,7 +86,8 @@
 #                  RNG snapshot, the loss read-back), 5 processes each (limits 2 x 4.7 min)
 #                  issue21-ablation-{full,lora}-TAG/ablation.md
 #     issue21-pairs (not in issue21) issue21-cls's train runs and their bench rows (clipping at 1.0, 100 timed
-#                  steps) in alternation, three rounds (limits 6 x 160 s)   pairs/train-vs-bench.md
+#                  steps) in alternation, three rounds (limits 320 s a round; about 100 s a round on an H200)
+#                  pairs/train-vs-bench.md
 #     issue21-pairs-gpt2 (not in issue21) the same at bench's GPT-2 medium shape, LoRA (all six projections) and
 #                  full, one round, and bench's LoRA with the frozen base in fp32 as train keeps it (about 9 min)
 #                  pairs-gpt2/train-vs-bench.md

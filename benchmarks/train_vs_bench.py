@@ -6,8 +6,8 @@ DIR holds, for each method M (full, lora) and round R (1, 2, ...), what `benchma
 issue21-pairs` writes: ``train-M-rR.log`` (what `minift train` printed; its last line is the
 summary with ``steady_step_ms``) and ``bench-M-rR.json`` (`minift bench --out DIR --name
 bench-M-rR` at the run's shape, dropout and clipping). A small model's step is bound by the host,
-and one process's step differs from the next's by more than the loop's own cost (0.5 ms on 4 ms,
-`results/h200/2026-12-03-loop-host/`), so one pair says little: the rounds alternate bench and
+and one process's step can differ from the next's by more than the loop's own cost, so one pair
+says little: the rounds alternate bench and
 train, and the table gives each round's ratio and their median, lowest and highest.
 
 Train's step is the mean after its warm-up steps (``speed.WARMUP_STEPS``), evaluations and
@@ -37,7 +37,8 @@ def pairs(folder: Path) -> dict[str, list[tuple[int, float | None, float | None]
             s, _ = summary(f)
             slot[0] = s.get("steady_step_ms") if s else None
         else:
-            each = json.loads(f.read_text())["rows"][0].get("extra", {}).get("step_ms_each") or []
+            rows = json.loads(f.read_text()).get("rows") or [{}]  # (no rows: bench was cut before its method ended)
+            each = rows[0].get("extra", {}).get("step_ms_each") or []
             slot[1] = statistics.fmean(each) if each else None
     return {method: [(r, *v) for r, v in sorted(rounds.items())] for method, rounds in sorted(found.items())}
 
@@ -52,7 +53,7 @@ def table(found: dict) -> str:
             ratio = t / b if t and b else None
             if ratio is not None:
                 ratios.append(ratio)
-            lines.append(f"| {method} | {r} | {t if t is not None else 'missing'} | "
+            lines.append(f"| {method} | {r} | {f'{t:.2f}' if t is not None else 'missing'} | "
                          f"{f'{b:.2f}' if b is not None else 'missing'} | {f'{ratio:.3f}x' if ratio else '-'} |")
         if ratios:
             summary_lines.append(f"| {method} | {len(ratios)} | {statistics.median(ratios):.3f}x | "

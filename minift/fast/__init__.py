@@ -1,6 +1,8 @@
-"""Everything in minift that exists only for speed, switched on by one explicit call: ``enable``.
+"""Everything in minift that exists only for speed. The pieces that change a model are switched on
+by one explicit call, ``enable``; clipping and the AdamW step are the training loop's choice
+(``adamw.chosen``, with ``TrainConfig.fast``).
 
-The reference code (models, methods, adapters) never imports this package. Each piece changes
+The reference code (models, methods, adapters) never imports this package. Each model piece changes
 reference modules in place (a forward pre-hook, a swapped submodule, a swapped layer class) and
 computes what they compute, outputs and gradients, up to floating-point rounding (each module says
 where it rounds differently); its equivalence test checks that:
@@ -20,10 +22,10 @@ where it rounds differently); its equivalence test checks that:
                                 kernels (one device and dtype)
     AdamW step    fast.adamw    fused AdamW's kernel called over lists gathered    tests/fast/test_adamw.py
                                 once, the clipping folded into it; with fast.clip,
-                                the training loop's and bench's on CUDA with
-                                ``TrainConfig.fast`` (``adamw.chosen``; not switched by ``enable``)
+                                the training loop's, train_many's and bench's on
+                                CUDA with ``TrainConfig.fast`` (``adamw.chosen``)
 
-Each module also has its own ``enable``/``disable`` for switching one piece alone.
+Each model piece's module also has its own ``enable``/``disable`` for switching one piece alone.
 """
 from __future__ import annotations
 

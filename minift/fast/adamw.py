@@ -6,12 +6,13 @@ The reference is what the training loop does otherwise:
     clip_grad_norm_(params, max_norm)     # scale every gradient by min(1, max_norm / (norm + 1e-6))
     optimizer.step()                      # torch.optim.AdamW(fused=True)
 
-``optimizer.step()`` gathers, on every call and for every parameter group, the lists its one
-fused kernel takes (parameters, gradients, both moments, step counts), groups them by device and
-dtype, adds 1 to the step counts and calls ``torch._fused_adamw_``. Clipping then is a separate
-pass over the gradients. ``Step`` gathers the lists once (the optimizer's state tensors never move),
-adds 1 to every group's step counts in one call, and hands the kernel the clipping as its
-``grad_scale``, which it divides each gradient by (and writes back, as clipping would have):
+``optimizer.step()`` gathers, on every call and for every parameter group, the lists its fused
+kernel takes (parameters, gradients, both moments, step counts), groups them by device and dtype,
+adds 1 to the group's step counts and calls ``torch._fused_adamw_``, once per group. Clipping then
+is a separate pass over the gradients. ``Step`` gathers the lists once (the optimizer's state
+tensors never move), adds 1 to every group's step counts in one call, and hands each group's
+kernel call the clipping as its ``grad_scale``, which the kernel divides each gradient by (and
+writes back, as clipping would have):
 
     counts += 1                                             # one call for every group
     norm = vector_norm(stack(_foreach_norm(grads)))         # as fast.clip computes it
@@ -22,12 +23,16 @@ The state stays the optimizer's own (``optimizer.state``, in torch's layout), so
 ``state_dict`` and ``load_state_dict`` see nothing new. Dividing by ``(norm + 1e-6) / max_norm``
 rounds differently from multiplying by its inverse, so weights agree with the reference to float
 rounding, not bit for bit (tests/fast/test_adamw.py).
+
+``torch._fused_adamw_`` and the optimizer's hook dictionaries are private to torch; the tests call
+the kernel on the CPU (and CUDA where there is one), so a change of its signature fails them.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 
 from minift.fast import clip as fast_clip
 
@@ -38,28 +43,42 @@ _PLAIN = {"amsgrad": False, "maximize": False, "capturable": False, "differentia
 def applies(opt: torch.optim.Optimizer) -> bool:
     """Whether ``Step`` can take ``opt``'s steps: a ``torch.optim.AdamW`` with ``fused=True`` and
     plain settings in every group (no amsgrad, maximize, capturable or differentiable; float lr
-    and betas), no step hooks, over plain parameters of one device and floating dtype."""
-    if type(opt) is not torch.optim.AdamW or opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
+    and betas), no step hooks (its own or global ones), over plain parameters of one device and
+    one dtype of float32, bfloat16 or float16."""
+    hooks = (opt._optimizer_step_pre_hooks, opt._optimizer_step_post_hooks,
+             getattr(torch_optimizer, "_global_optimizer_pre_hooks", {}),
+             getattr(torch_optimizer, "_global_optimizer_post_hooks", {}))
+    if type(opt) is not torch.optim.AdamW or any(hooks):
         return False
     groups = opt.param_groups
     plain = all(g.get("fused") and all(g.get(k, v) == v for k, v in _PLAIN.items())
                 and not torch.is_tensor(g["lr"]) and not any(torch.is_tensor(b) for b in g["betas"])
                 for g in groups)
-    return plain and fast_clip.applies([p for g in groups for p in g["params"]])
+    params = [p for g in groups for p in g["params"]]
+    # (fp64 parameters keep the reference: the kernel's grad_scale is float32, coarser than they are)
+    return plain and fast_clip.applies(params) and params[0].dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 class Step:
     """``step(max_grad_norm)``: clip (None: do not) and update every parameter of ``opt``, as
-    ``clip_grad_norm_`` then ``opt.step()`` would. ``applies(opt)`` must hold. A step where some
-    parameter has no gradient (frozen for now, or unused) takes the reference path. The lists are
-    gathered again after ``opt.load_state_dict`` (it replaces the state and the groups) and
-    ``opt.add_param_group``."""
+    ``clip_grad_norm_`` then ``opt.step()`` would. ``applies(opt)`` must hold when it is built.
+
+    It takes the reference step (``reference_step``) for a step where some parameter has no
+    gradient (frozen for now, or unused), and for every step while ``applies(opt)`` no longer
+    holds or a parameter's step count is not a float32 tensor on its device (a loaded state can
+    bring other settings and a CPU count: ``load_state_dict`` replaces the state and the groups).
+    The lists are gathered again after ``load_state_dict`` and ``add_param_group``."""
 
     def __init__(self, opt: torch.optim.AdamW):
-        self.opt, self.lists, self.state, self.params = opt, [], None, []
+        self.opt, self.state, self.lean = opt, None, True
+        self.lean_steps = 0  # the steps taken on the lean path (the others took the reference step)
+        self.lists: list[tuple[dict, list, list, list, list]] = []  # per group: (group, params, m, v, steps)
+        self.params: list[torch.Tensor] = []  # every group's parameters, in order
+        self.all_steps: list[torch.Tensor] = []  # every parameter's step count
 
     def _gather(self) -> None:
-        """Each group's parameters, moments and step counts, from the optimizer's state."""
+        """Each group's parameters, moments and step counts, from the optimizer's state; whether
+        the lean step still applies."""
         self.lists = []
         for g in self.opt.param_groups:
             ps, m, v, steps = [], [], [], []
@@ -69,13 +88,20 @@ class Step:
                     s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                ps.append(p), m.append(s["exp_avg"]), v.append(s["exp_avg_sq"]), steps.append(s["step"])
+                ps.append(p)
+                m.append(s["exp_avg"])
+                v.append(s["exp_avg_sq"])
+                steps.append(s["step"])
             self.lists.append((g, ps, m, v, steps))
         self.all_steps = [t for *_, steps in self.lists for t in steps]
         self.params = [p for _, ps, *_ in self.lists for p in ps]
         self.state = self.opt.state
+        self.lean = applies(self.opt) and all(
+            torch.is_tensor(t) and t.dtype == torch.float32 and t.device == p.device
+            for p, t in zip(self.params, self.all_steps))
 
     def step(self, max_grad_norm: float | None) -> None:
+        """One step of every parameter of ``opt``: clipping (unless None), then AdamW."""
         # the first step, a loaded state (new state and groups) or an added group: gather the lists again
         stale = self.state is not self.opt.state or len(self.lists) != len(self.opt.param_groups)
         params = [p for g in self.opt.param_groups for p in g["params"]] if stale else self.params
@@ -84,11 +110,15 @@ class Step:
             return reference_step(self.opt, params, max_grad_norm, fast_clip.clip_grad_norm_)
         if stale:
             self._gather()
+        if not self.lean:
+            return reference_step(self.opt, params, max_grad_norm, fast_clip.chosen(params, True))
         scale = None
         if max_grad_norm is not None:
             norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            scale = torch.clamp((norm + 1e-6) / max_grad_norm, min=1.0)
+            # the kernel reads grad_scale as float32, whatever the parameters' dtype
+            scale = torch.clamp((norm.float() + 1e-6) / max_grad_norm, min=1.0)
         torch._foreach_add_(self.all_steps, 1)
+        self.lean_steps += 1
         at = 0
         for g, ps, m, v, steps in self.lists:
             if not ps:
@@ -111,7 +141,8 @@ def reference_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], m
 def chosen(opt: torch.optim.Optimizer, fast: bool) -> Callable[[Sequence[torch.Tensor], float | None], None]:
     """The clipping and optimizer step a run takes, as ``update(params, max_grad_norm)``: ``Step``
     with ``fast`` on CUDA where it ``applies``; otherwise ``reference_step`` with ``fast.clip``'s
-    choice of clipping (``params``: every parameter of ``opt``, as ``clip_grad_norm_`` takes them)."""
+    choice of clipping. ``params`` must be every parameter of ``opt`` (``Step`` clips and updates
+    them all, whatever it is given)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     if fast and params and params[0].device.type == "cuda" and applies(opt):
         lean = Step(opt)

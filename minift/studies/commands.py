@@ -57,7 +57,8 @@ def add_bench(sub) -> None:
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode (default: the plan's, reduce-overhead on CUDA: CUDA graphs)")
     p.add_argument("--no-fast", action="store_true",
-                   help="minift.fast's pieces off: the reference modules (cast once, fused loss, LoRA forwards)")
+                   help="minift.fast's pieces off: the reference modules (cast once, fused loss, LoRA forwards), "
+                        "clipping and AdamW step")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     p.add_argument("--plain-ce", action="store_true", help="naive loss over full fp32 logits (for comparison)")
     p.add_argument("--lora-targets", default="",

@@ -20,7 +20,8 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
 Two more go with minift.fast (``--fast false`` turns them off too): a list of batches of at most
 ``feed.RESIDENT_BYTES`` is copied to the GPU once and read from there (``feed.py``; it changes no
 number, and the memory it holds, the dataset's, counts in ``peak_gib``); and clipping with the AdamW
-step runs as one call of fused AdamW's kernel (``fast.adamw``, where its ``applies`` holds).
+step run as fused AdamW's kernel, one call per parameter group, with the clipping folded in
+(``fast.adamw``, where its ``applies`` holds).
 
 Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kernels (it ran slower
 than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
@@ -79,7 +80,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     p.fast = cuda and given.get("fast", True)
     p.merged_lora = merged_forward or p.fast
     if p.fast:
-        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, clipping in AdamW's call)")
+        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, lean AdamW step)")
     hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
     if "compile" in given:
         p.compile = bool(given["compile"])

@@ -194,17 +194,17 @@ def test_window_timing_measures_gpu_work_and_host_stalls():
 
 
 def test_max_grad_norm_clips_every_step_as_a_run_does(monkeypatch, capsys):
-    """--max-grad-norm N: each timed step clips the gradients to N with the clipping `minift train`
-    takes on that device (before the optimizer step), and the row says so; none by default."""
-    from minift.fast import clip as fast_clip
+    """--max-grad-norm N: each timed step clips the gradients to N with the clipping and AdamW step
+    `minift train` takes on that device (``fast.adamw.chosen``), and the row says so; none by default."""
+    from minift.fast import adamw as fast_adamw
     calls = []
 
-    def chosen(params, fast):
-        def clip(ps, max_norm):
+    def chosen(opt, fast):
+        def update(ps, max_norm):
             calls.append((len(ps), max_norm, all(p.grad is not None for p in ps)))
-            return torch.nn.utils.clip_grad_norm_(ps, max_norm)
-        return clip
-    monkeypatch.setattr(fast_clip, "chosen", chosen)
+            return fast_adamw.reference_step(opt, ps, max_norm)
+        return update
+    monkeypatch.setattr(fast_adamw, "chosen", chosen)
     cfg = bench.BenchConfig(model="tiny-gpt", methods=("lora",), batch=2, seq_len=32, device="cpu", steps=2, warmup=1,
                             max_grad_norm=0.5)
     pr = bench.prepare(cfg, "lora")
@@ -216,6 +216,6 @@ def test_max_grad_norm_clips_every_step_as_a_run_does(monkeypatch, capsys):
     assert bench.meta(cfg)["max_grad_norm"] == 0.5 and "max_grad_norm" not in bench.meta(replace(cfg, max_grad_norm=None))
     calls.clear()
     bench.prepare(replace(cfg, max_grad_norm=None), "lora").step(0)
-    assert calls == []
+    assert calls == [(n, None, True)]  # the step itself, without clipping
     assert main(["bench", "--device", "cpu", "--max-grad-norm", "0"]) == 2
     assert "max_grad_norm must be > 0, got 0.0" in capsys.readouterr().err

@@ -19,10 +19,13 @@ def test_rounds_and_their_spread(tmp_path):
     for r, t in enumerate((4.4, 4.0, 5.0), start=1):
         _write(tmp_path, "full", r, t, [3.9, 4.1])
     _write(tmp_path, "lora", 1, None, [3.0])  # a failed run: no summary line
+    _write(tmp_path, "lora", 2, 3.0, [])
+    (tmp_path / "bench-lora-r2.json").write_text(json.dumps({"rows": []}))  # bench cut before its row
     (tmp_path / "train-full-r1.json").write_text("{}")  # not a pair's file: ignored
     out = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, check=True).stdout
-    assert "| full | 1 | 4.4 | 4.00 | 1.100x |" in out and "| full | 3 | 5.0 | 4.00 | 1.250x |" in out
+    assert "| full | 1 | 4.40 | 4.00 | 1.100x |" in out and "| full | 3 | 5.00 | 4.00 | 1.250x |" in out
     assert "| full | 3 | 1.100x | 1.000x | 1.250x |" in out  # median, lowest, highest
+    assert "| lora | 2 | 3.00 | missing | - |" in out
     assert "| lora | 1 | missing | 3.00 | - |" in out and "| lora |" not in out.split("\n\n")[1]
 
 
