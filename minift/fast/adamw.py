@@ -64,10 +64,10 @@ class Step:
     ``clip_grad_norm_`` then ``opt.step()`` would. ``applies(opt)`` must hold when it is built.
 
     It takes the reference step (``reference_step``) for a step where some parameter has no
-    gradient (frozen for now, or unused), and for every step while ``applies(opt)`` no longer
-    holds or a parameter's step count is not a float32 tensor on its device (a loaded state can
-    bring other settings and a CPU count: ``load_state_dict`` replaces the state and the groups).
-    The lists are gathered again after ``load_state_dict`` and ``add_param_group``."""
+    gradient (frozen for now, or unused). The lists are gathered again after ``load_state_dict``
+    (it replaces the state and the groups) and ``add_param_group``; if ``applies(opt)`` then no
+    longer holds, or a parameter's step count is not a float32 tensor on its device (a loaded state
+    can bring other settings and a CPU count), every step until the next gathering is the reference's."""
 
     def __init__(self, opt: torch.optim.AdamW):
         self.opt, self.state, self.lean = opt, None, True
