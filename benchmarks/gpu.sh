@@ -19,6 +19,7 @@
 #                  suite takes longer than one 10-minute device command)
 #     tests-core   every test but tests/training                        test-suite-gpu-core.log
 #     tests-training  tests/training                                    test-suite-gpu-training.log
+#   tests-changed  the test files of what changed since the last whole-suite GPU run   test-files-gpu.log
 #   bench-eager    every method, eager; LoRA through the merged forward  bench-gpt2-medium-eager[-merged]-TAG
 #   bench-best     best-lora + best-full + best-prompt (up to ~10 min; run the parts separately
 #                  under a 10-minute command limit)
@@ -167,6 +168,11 @@ stage() {
     go 560 test-suite-gpu-core python3 -m pytest -q -p no:cacheprovider -rfEs --ignore=tests/training ;;
   tests-training)
     go 560 test-suite-gpu-training python3 -m pytest -q -p no:cacheprovider -rfEs tests/training ;;
+  tests-changed)
+    # the tests of what changed since the last whole-suite run on a GPU (edit the list as that changes)
+    go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_adamw.py \
+      tests/fast/test_clip.py tests/methods/test_multi_lora.py tests/training/test_many.py \
+      tests/training/test_many_cli.py tests/training/test_feed.py tests/studies/test_compare.py ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
       --speed eager --name bench-gpt2-medium-eager-$tag
