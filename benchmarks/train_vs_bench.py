@@ -7,8 +7,8 @@ issue21-pairs` writes: ``train-M-rR.log`` (what `minift train` printed; its last
 summary with ``steady_step_ms``) and ``bench-M-rR.json`` (`minift bench --out DIR --name
 bench-M-rR` at the run's shape, dropout and clipping). A small model's step is bound by the host,
 and one process's step can differ from the next's by more than the loop's own cost, so one pair
-says little: the rounds alternate bench and
-train, and the table gives each round's ratio and their median, lowest and highest.
+says little: the rounds alternate bench and train, and the table gives each round's ratio and
+their median, lowest and highest.
 
 Train's step is the mean after its warm-up steps (``speed.WARMUP_STEPS``), evaluations and
 checkpoints left out; bench's is the mean of its timed steps (``extra.step_ms_each``).

@@ -37,7 +37,8 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
     compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_budget: float | None = None  # compiled runs: the share of saved activations kept (speed.py)
-    fast: bool = True                 # minift.fast: the speed plan's pieces; on CUDA, train()'s clipping, AdamW step and data
+    fast: bool = True                 # minift.fast: the speed plan's pieces; on CUDA, train()'s clipping,
+                                      # AdamW step (fast.adamw) and data (feed.py)
     out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png
     save_every: int = 0               # optimizer steps between checkpoints; 0 = only at the end
     resume: bool = False              # continue from out_dir/last if it exists
