@@ -40,7 +40,7 @@ def patch(variant: str, args: list[str]) -> list[str]:
     from minift.training import loop
     if variant == "no-clip":
         chosen = fast_adamw.chosen
-        fast_adamw.chosen = lambda opt, fast: (lambda ps, max_norm, update=chosen(opt, fast): update(ps, None))
+        fast_adamw.chosen = lambda opt, fast: (lambda max_norm, update=chosen(opt, fast): update(None))
     elif variant == "one-group":
         def one_group(model, cfg, param_groups=None, all_params=False, device=None):
             ps = [p for p in model.parameters() if all_params or p.requires_grad]

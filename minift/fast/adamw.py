@@ -106,11 +106,10 @@ class Step:
         stale = self.state is not self.opt.state or len(self.lists) != len(self.opt.param_groups)
         params = [p for g in self.opt.param_groups for p in g["params"]] if stale else self.params
         grads = [p.grad for p in params]
-        if any(g is None for g in grads):  # (no state started here: AdamW starts it with the first gradient)
-            return reference_step(self.opt, params, max_grad_norm, fast_clip.clip_grad_norm_)
-        if stale:
+        missing = any(g is None for g in grads)  # (then no state starts here: AdamW starts it with the first gradient)
+        if stale and not missing:
             self._gather()
-        if not self.lean:
+        if missing or not self.lean:
             return reference_step(self.opt, params, max_grad_norm, fast_clip.chosen(params, True))
         scale = None
         if max_grad_norm is not None:
@@ -138,14 +137,12 @@ def reference_step(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], m
     opt.step()
 
 
-def chosen(opt: torch.optim.Optimizer, fast: bool) -> Callable[[Sequence[torch.Tensor], float | None], None]:
-    """The clipping and optimizer step a run takes, as ``update(params, max_grad_norm)``: ``Step``
-    with ``fast`` on CUDA where it ``applies``; otherwise ``reference_step`` with ``fast.clip``'s
-    choice of clipping. ``params`` must be every parameter of ``opt`` (``Step`` clips and updates
-    them all, whatever it is given)."""
+def chosen(opt: torch.optim.Optimizer, fast: bool) -> Callable[[float | None], None]:
+    """The clipping and optimizer step a run takes over every parameter of ``opt``, as
+    ``update(max_grad_norm)``: ``Step`` with ``fast`` on CUDA where it ``applies``; otherwise
+    ``reference_step`` with ``fast.clip``'s choice of clipping."""
     params = [p for g in opt.param_groups for p in g["params"]]
     if fast and params and params[0].device.type == "cuda" and applies(opt):
-        lean = Step(opt)
-        return lambda params, max_grad_norm: lean.step(max_grad_norm)
+        return Step(opt).step
     clip = fast_clip.chosen(params, fast)
-    return lambda params, max_grad_norm: reference_step(opt, params, max_grad_norm, clip)
+    return lambda max_grad_norm: reference_step(opt, params, max_grad_norm, clip)

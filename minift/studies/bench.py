@@ -274,7 +274,7 @@ def prepare(cfg: BenchConfig, method: str) -> Prepared:
             with _autocast(rc.device):
                 loss = _loss(model, batch, rc, hooks)
             loss.backward()
-            update(params, rc.max_grad_norm)
+            update(rc.max_grad_norm)
             if hooks.allocator is not None:  # AdaLoRA: after the update, before zero_grad (as PEFT)
                 hooks.allocator.step(model, i)
             opt.zero_grad(set_to_none=True)

@@ -248,7 +248,7 @@ class _Run:
             g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
         params = [p for g in opt.param_groups for p in g["params"]]
         distributed.sum_gradients(params)  # several ranks: each now holds the global batch's gradient
-        self.optimize(params, cfg.max_grad_norm)  # clipping (unless None) and the AdamW step: fast.adamw.chosen
+        self.optimize(cfg.max_grad_norm)  # clipping (unless None) and the AdamW step: fast.adamw.chosen
         if self.allocator is not None:
             self.allocator.step(self.model, self.step)  # AdaLoRA: reads the gradients, so before zero_grad
         opt.zero_grad(set_to_none=True)

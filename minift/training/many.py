@@ -216,7 +216,6 @@ class _JobRun:
             groups = lora.param_groups(model, job.cfg.lr, job.lr_ratio, job.cfg.weight_decay) if job.lr_ratio else None
             self.opt = make_optimizer(model, job.cfg, groups, device=device)
         self.base_lrs = [g["lr"] for g in self.opt.param_groups]
-        self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.optimize = fast_adamw.chosen(self.opt, job.cfg.fast)  # as train's loop clips and steps
         self.out = Path(job.cfg.out_dir) if job.cfg.out_dir else None
         self.log_path = job.cfg.log_path or (str(self.out / "metrics.jsonl") if self.out else None)
@@ -252,7 +251,7 @@ class _JobRun:
         opt, cfg = self.opt, self.cfg
         for g, base in zip(opt.param_groups, self.base_lrs):
             g["lr"] = base * lr_factor(self.step, self.total, self.warmup, cfg.schedule)
-        self.optimize(self.params, cfg.max_grad_norm)
+        self.optimize(cfg.max_grad_norm)
         opt.zero_grad(set_to_none=True)
         self.step += 1
 

@@ -200,7 +200,8 @@ def test_max_grad_norm_clips_every_step_as_a_run_does(monkeypatch, capsys):
     calls = []
 
     def chosen(opt, fast):
-        def update(ps, max_norm):
+        def update(max_norm):
+            ps = [p for g in opt.param_groups for p in g["params"]]
             calls.append((len(ps), max_norm, all(p.grad is not None for p in ps)))
             return fast_adamw.reference_step(opt, ps, max_norm)
         return update

@@ -42,7 +42,7 @@ def test_every_variant_runs_and_changes_what_it_says(tmp_path, monkeypatch):
     p = torch.nn.Parameter(torch.ones(3))
     p.grad = torch.full((3,), 10.0)
     opt = torch.optim.AdamW([p], lr=0.1)
-    fast_adamw.chosen(opt, True)([p], 1.0)
+    fast_adamw.chosen(opt, True)(1.0)
     assert torch.equal(p.grad, torch.full((3,), 10.0)) and opt.state[p]["step"] == 1  # stepped, unclipped
     mod.patch("one-group", [])
     m = torch.nn.Linear(2, 2)
