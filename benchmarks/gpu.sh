@@ -90,7 +90,8 @@
 #                  steps) in alternation, three rounds (limits 320 s a round; about 100 s a round on an H200)
 #                  pairs/train-vs-bench.md
 #     issue21-pairs-gpt2 (not in issue21) the same at bench's GPT-2 medium shape, LoRA (all six projections) and
-#                  full, one round, and bench's LoRA with the frozen base in fp32 as train keeps it (about 9 min)
+#                  full, one round, and bench's LoRA with the frozen base in fp32 as train keeps it (about 10.5 min
+#                  on a cold compile cache; PAIRS_METHODS="full" or "lora" runs one method's part, about 5 min)
 #                  pairs-gpt2/train-vs-bench.md
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
@@ -338,9 +339,10 @@ stage() {
     local -A only=([lora]="--targets q_proj,k_proj,v_proj,o_proj,up_proj,down_proj" [full]="")
     mkdir -p "$out/pairs-gpt2"
     go 240 pairs-gpt2/prep python3 "$here/benchmarks/preset_run_dir.py" --out "$d"
+    [[ " ${PAIRS_METHODS:-lora} " != *" lora "* ]] ||
     go 200 pairs-gpt2/fp32base-lora $M bench --out "$out/pairs-gpt2" $G2M --methods lora --max-grad-norm 1.0 \
       --steps 20 --no-frozen-bf16 --name "fp32base-lora-$tag"
-    for m in lora full; do
+    for m in ${PAIRS_METHODS:-lora full}; do
       go 200 "pairs-gpt2/bench-$m-r1" $M bench --out "$out/pairs-gpt2" $G2M --methods $m --max-grad-norm 1.0 \
         --steps 20 --name "bench-$m-r1"
       go 240 "pairs-gpt2/train-$m-r1" $M train --model "$d/model" --train "$d/train.txt" --task causal-lm \
