@@ -3,6 +3,8 @@ and ``minift compare`` (dev and test) share.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from minift.metrics import AVERAGES, classification_metrics, perplexity
@@ -32,7 +34,7 @@ def evaluate(model: torch.nn.Module, batches, task: str, device=None, *, predict
     device = device if device is not None else next(model.parameters()).device
     model.eval()
     total, n, gold, pred = 0.0, 0, [], []
-    with torch.no_grad():
+    with torch.no_grad(), matmul_autocast(model, torch.device(device)):
         for b in _bar(batches, progress):
             b = extend_batch(model, to_device(b, device))  # the batch the model reads (soft prompt included)
             out = forward_extended(model, b)
@@ -53,6 +55,17 @@ def evaluate(model: torch.nn.Module, batches, task: str, device=None, *, predict
     if task == "classification":
         return {"loss": loss, **classification_metrics(gold, pred)}
     return {"loss": loss, "perplexity": perplexity(loss)}
+
+
+def matmul_autocast(model: torch.nn.Module, device: torch.device):
+    """bf16 autocast on ``device`` when ``model`` holds bf16 weights beside fp32 ones (a frozen base
+    stored in bf16, ``minift.fast.frozen``: its layers multiply in bf16, which outside autocast would
+    meet fp32 inputs); otherwise nothing: the model runs in its own dtypes, and an autocast the
+    caller entered stays as it is."""
+    dtypes = {p.dtype for p in model.parameters()}
+    if {torch.bfloat16, torch.float32} <= dtypes and device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _bar(batches, enabled: bool):

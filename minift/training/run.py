@@ -77,16 +77,28 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     from minift.training.forward import pick_device
     from minift.training.speed import activation_budget, plan
     p = plan(device_type=pick_device(cfg.device).type, method=s.method, hooks=st.hooks, task=task,
-             max_len=max_len, given=s.train, merged_forward=merged_forward(st))
+             max_len=max_len, given=s.train, merged_forward=merged_forward(st), peft=st.peft)
     if p.fast:
         from minift import fast
         fast.enable(model, merged_lora=p.merged_lora)
+    if p.frozen_bf16:
+        p.notes.append(frozen_base_bf16(model))
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     activation_budget(cfg.activation_budget, cfg.compile)  # a budget for an eager run: refused before it starts
     if p.pad:
         batches = D.pad_to_one_shape(batches, D.pad_id(tok))
         p.notes[-1] += " ({} x {})".format(*batches[0]["input_ids"].shape)  # the shape to bench it at
     return batches, p.describe()
+
+
+def frozen_base_bf16(model) -> str:
+    """Store ``model``'s frozen matmul weights in bf16 (``minift.fast.frozen``) where that applies;
+    returns what was done, in words."""
+    from minift.fast import frozen
+    why = frozen.applies(model)
+    if why is not None:
+        return f"frozen base kept in fp32 ({why})"
+    return f"frozen base in bf16 ({len(frozen.enable(model))} weights)"
 
 
 def enable_merged_forward(model) -> None:
@@ -234,7 +246,7 @@ def eval_command(args) -> int:
     tok = D.load_tokenizer(model_dir)
     ex = examples(args.data, task, tok, max_len, run["label2id"])[0]
     model = load_model(model_dir, task, len(run["label2id"]) if run["label2id"] else None)
-    build(model, run["method"], run["options"], tokenizer=tok, lr=run["train"]["lr"])
+    st = build(model, run["method"], run["options"], tokenizer=tok, lr=run["train"]["lr"])
     load_trainable_state(model, adapter / "model.safetensors")
     device = torch.device(args.device if args.device not in (None, "auto") else
                           "cuda" if torch.cuda.is_available() else "cpu")
@@ -242,6 +254,8 @@ def eval_command(args) -> int:
     if device.type == "cuda" and run["train"].get("fast", True):  # as minift train evaluated on CUDA
         from minift import fast
         fast.enable(model)
+        if st.peft and run["train"].get("bf16", True):
+            frozen_base_bf16(model)
     preds = [] if preds_path is not None else None
     metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task, predictions=preds,
                        progress=not getattr(args, "no_progress", True))

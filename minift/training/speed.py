@@ -6,6 +6,8 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
     choice                        when                                        opt-out
     minift.fast's pieces          always (cast once, fused loss, LoRA's       --fast false
                                   faster forwards)
+    the frozen base in bf16       adapter methods (the base is never saved)   --fast false, --bf16 false
+    (fast.frozen)                 under bf16 autocast; not with DoRA layers
     LoRA's merged forward         plain LoRA layers; a layer with dropout      --fast false
                                   takes the addmm forward while training
     torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
@@ -41,6 +43,7 @@ from minift.methods.spec import TrainHooks
 class SpeedPlan:
     fast: bool = False                # minift.fast.enable(model)
     merged_lora: bool = False         # ... with LoRA's merged forward
+    frozen_bf16: bool = False         # minift.fast.frozen.enable(model): frozen matmul weights in bf16
     compile: bool = False
     compile_mode: str = "default"
     pad: bool = False                 # pad every training batch to one shape (data.pad_to_one_shape)
@@ -62,7 +65,7 @@ EAGER_HOOKS = ("allocator", "penalty", "forward_context", "unfreezer")
 
 
 def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len: int, given: dict,
-         merged_forward: bool = False) -> SpeedPlan:
+         merged_forward: bool = False, peft: bool = False) -> SpeedPlan:
     """The speed choices for one run.
 
     Args:
@@ -74,6 +77,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
         given: the run's [train] settings as given (flags, config, recipe): ``fast``, ``compile``
             and ``compile_mode`` there override the defaults.
         merged_forward: the method's settings ask for LoRA's merged forward (on any device).
+        peft: the method trains an adapter and saves no base weight (``MethodState.peft``).
     """
     p = SpeedPlan()
     cuda = device_type == "cuda"
@@ -81,6 +85,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     p.merged_lora = merged_forward or p.fast
     if p.fast:
         p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, lean AdamW step)")
+    p.frozen_bf16 = bool(p.fast and peft and given.get("bf16", True))  # the caller checks the model (fast.frozen.applies)
     hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
     if "compile" in given:
         p.compile = bool(given["compile"])

@@ -20,9 +20,9 @@ from minift.training import loop as loop_mod
 from training.test_train import BombBatches, batches, cfg, gpt  # (tests/ is on the path: pyproject.toml)
 
 
-def choose(device="cuda", method="lora", hooks=None, task="classification", given=None, merged=False):
+def choose(device="cuda", method="lora", hooks=None, task="classification", given=None, merged=False, peft=True):
     return plan(device_type=device, method=method, hooks=hooks or TrainHooks(), task=task, max_len=64,
-                given=given or {}, merged_forward=merged)
+                given=given or {}, merged_forward=merged, peft=peft)
 
 
 # ---------------------------------------------------------------------------- which mode when
@@ -78,6 +78,17 @@ def test_parameter_groups_do_not_stop_compilation():
 def test_every_choice_has_an_opt_out(given, want):
     p = choose(given=given)
     assert {k: getattr(p, k) for k in want} == want
+
+
+@pytest.mark.parametrize("device, peft, given, want", [
+    ("cuda", True, {}, True),                  # an adapter method: its base is never saved
+    ("cuda", False, {}, False),                # full fine-tuning, freezing, BitFit save every weight
+    ("cpu", True, {}, False),                  # the CPU runs the reference path
+    ("cuda", True, {"fast": False}, False),    # opt-outs
+    ("cuda", True, {"bf16": False}, False),    # no autocast: the layers would multiply fp32 by bf16
+])
+def test_the_frozen_base_is_stored_in_bf16_for_adapter_methods_under_cuda_autocast(device, peft, given, want):
+    assert choose(device, given=given, peft=peft).frozen_bf16 is want
 
 
 def test_compile_asked_for_on_the_cpu_compiles_without_graphs_or_padding():
