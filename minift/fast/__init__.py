@@ -1,9 +1,11 @@
 """Everything in minift that exists only for speed. The pieces that change a model are switched on
-by one explicit call, ``enable``; clipping and the AdamW step are the training loop's choice
-(``adamw.chosen``, with ``TrainConfig.fast``).
+by one explicit call, ``enable``, except the frozen base in bf16 (``frozen.enable``: a model so cast
+runs under autocast only, and ``minift train`` chooses it per run); clipping and the AdamW step are
+the training loop's choice (``adamw.chosen``, with ``TrainConfig.fast``).
 
 The reference code (models, methods, adapters) never imports this package. Each model piece changes
-reference modules in place (a forward pre-hook, a swapped submodule, a swapped layer class) and
+reference modules in place (a forward pre-hook, a swapped submodule, a swapped layer class, the
+dtype of frozen weights) and
 computes what they compute, outputs and gradients, up to floating-point rounding (each module says
 where it rounds differently); its equivalence test checks that:
 
@@ -16,6 +18,9 @@ where it rounds differently); its equivalence test checks that:
                                 (merged) or with the update inside one addmm
     many LoRAs    fast.multi_lora  a mixed batch of many adapters in a fixed number   tests/fast/test_multi_lora.py
                                 of kernels: each row's factors gathered, two bmm
+    frozen base   fast.frozen   an adapter run's frozen linear weights stored in   tests/fast/test_frozen.py
+                                bf16 (what autocast casts them to every step);
+                                ``minift train``'s choice (``training.speed``)
     Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
                                 by the merged LoRA forward
     clipping      fast.clip     the global-norm gradient clipping in a fixed few   tests/fast/test_clip.py
