@@ -346,3 +346,32 @@ def test_an_activation_budget_needs_a_compiled_run_and_a_share():
              given={"activation_budget": 0.8})
     assert "activation memory budget 0.8" in p.describe()
 
+
+
+@pytest.mark.parametrize("method, options, want", [
+    ("lora", {"r": 2, "targets": ["q_proj", "v_proj"]}, "frozen base in bf16 (24 weights)"),
+    ("lora", {"r": 2, "targets": ["q_proj"], "dora": True}, "frozen base kept in fp32 (DoRA layers read W0 outside a matmul)"),
+    ("full", {}, None),
+])
+def test_a_cuda_run_s_plan_casts_the_frozen_base_of_an_adapter_run(method, options, want, monkeypatch):
+    """``run.speed_up`` as a CUDA run calls it (the device's kind stubbed: the CPU has no CUDA): the
+    plan's note says what ``fast.frozen`` did, and the model holds exactly that."""
+    from types import SimpleNamespace
+    from minift import fast
+    from minift.methods.registry import build_method
+    from minift.training import forward, run
+    monkeypatch.setattr(forward, "pick_device", lambda device: torch.device("cuda"))
+    model = gpt()
+    st = build_method(model, method, options)
+    try:
+        _, speed_note = run.speed_up(model, st, SimpleNamespace(method=method, train={}), TrainConfig(steps=1),
+                                     "causal-lm", 16, [], None)
+        bf16 = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+        if want is None:
+            assert "frozen base" not in speed_note and not bf16
+        else:
+            assert want in speed_note
+            assert len(bf16) == (24 if "bf16" in want else 0)  # 2 blocks x 6 projections x (weight, bias)
+            assert all(not model.get_parameter(n).requires_grad for n in bf16)
+    finally:
+        fast.disable(model)
