@@ -18,8 +18,8 @@ where it rounds differently); its equivalence test checks that:
                                 (merged) or with the update inside one addmm
     many LoRAs    fast.multi_lora  a mixed batch of many adapters in a fixed number   tests/fast/test_multi_lora.py
                                 of kernels: each row's factors gathered, two bmm
-    frozen base   fast.frozen   an adapter run's frozen linear weights stored in   tests/fast/test_frozen.py
-                                bf16 (what autocast casts them to every step);
+    frozen base   fast.frozen   frozen linear weights stored in bf16 (what        tests/fast/test_frozen.py
+                                autocast casts them to every step);
                                 ``minift train``'s choice (``training.speed``)
     Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
                                 by the merged LoRA forward

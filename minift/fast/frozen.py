@@ -19,15 +19,19 @@ LayerNorm in fp32); and every weight of a model with DoRA layers (their magnitud
 W0 outside a matmul). A model with none of these layers is left as it is.
 
 Numerics, under autocast: a linear layer computes exactly what it computed before (the same bf16
-weight); LoRA's merged forward adds s·BA to W0 already rounded to bf16 and rounds the sum again,
-where the reference rounded W0 + s·BA once (within one bf16 rounding per element). Outside
+weight). LoRA's merged forward rebuilds W0 + s·BA: through ``fast.kernels``' Triton kernel (CUDA,
+ranks up to ``kernels.MAX_RANK``) it now adds s·BA to W0 already rounded to bf16 and rounds the sum
+again, where the reference rounded W0 + s·BA once (within one bf16 rounding per element); through
+addmm (elsewhere) the reference rounds W0 to bf16 first as well, so nothing changes. Outside
 autocast the layers would multiply fp32 inputs by bf16 weights, which PyTorch refuses: the model
 then runs under autocast (``training.evaluate`` evaluates a model with bf16 weights so).
 
 Irreversible: the fp32 values are gone (nothing keeps them: that would hold the memory saved).
-``disable`` casts the weights back to fp32 so the reference path runs, their values rounded.
-Only runs that never save the base take it (``training.speed.plan``: adapter methods, on CUDA,
-with bf16 autocast).
+``disable`` casts the weights back to fp32 so the reference path runs, their values rounded. For
+the same reason merging LoRA into a cast W0 (``merge``, then ``unmerge``) does not give W0 back.
+Only runs that never save the base nor train a frozen weight later take it
+(``training.speed.takes_bf16_frozen_linears``: on CUDA, under bf16 autocast, every method but full
+fine-tuning, without gradual unfreezing).
 """
 from __future__ import annotations
 

@@ -20,7 +20,9 @@ TASKS = tuple(TASK_METRICS)
 def evaluate(model: torch.nn.Module, batches, task: str, device=None, *, predictions: list | None = None,
              progress: bool = False) -> dict[str, float]:
     """Mean loss (per example, or per predicted token for GPT) and the task's metrics
-    (``TASK_METRICS``) of ``model`` in eval mode on ``batches``.
+    (``TASK_METRICS``) of ``model`` in eval mode on ``batches``. A model whose frozen linear
+    weights are stored in bf16 (``minift train``'s default on CUDA, ``minift.fast.frozen``) is
+    evaluated under bf16 autocast (``matmul_autocast``); any other in its own dtypes.
 
     Args:
         device: where the batches go; None: the device the model is on.
@@ -60,8 +62,8 @@ def evaluate(model: torch.nn.Module, batches, task: str, device=None, *, predict
 def matmul_autocast(model: torch.nn.Module, device: torch.device):
     """bf16 autocast on ``device`` when ``model`` holds bf16 weights beside fp32 ones (a frozen base
     stored in bf16, ``minift.fast.frozen``: its layers multiply in bf16, which outside autocast would
-    meet fp32 inputs); otherwise nothing: the model runs in its own dtypes, and an autocast the
-    caller entered stays as it is."""
+    meet fp32 inputs; it replaces an autocast the caller entered); otherwise nothing: the model
+    runs in its own dtypes, under whatever autocast the caller entered."""
     dtypes = {p.dtype for p in model.parameters()}
     if {torch.bfloat16, torch.float32} <= dtypes and device.type in ("cpu", "cuda"):
         return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -19,6 +19,7 @@ from minift.training.evaluate import TASK_METRICS, TASKS, evaluate
 from minift.training.config import TrainConfig
 from minift.training.run_dir import check_out, check_resume, identity, jsonable, save_outputs, start_run
 from minift.training.settings import Settings, resolve_paths, settings
+from minift.training.speed import takes_bf16_frozen_linears
 
 
 # ---------------------------------------------------------------------------- model, data, method
@@ -81,18 +82,18 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     if p.fast:
         from minift import fast
         fast.enable(model, merged_lora=p.merged_lora)
-    if p.frozen_bf16:
-        p.notes.append(frozen_base_bf16(model))
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     activation_budget(cfg.activation_budget, cfg.compile)  # a budget for an eager run: refused before it starts
     if p.pad:
         batches = D.pad_to_one_shape(batches, D.pad_id(tok))
         p.notes[-1] += " ({} x {})".format(*batches[0]["input_ids"].shape)  # the shape to bench it at
+    if p.bf16_frozen_linears:
+        p.notes.append(bf16_frozen_linears(model))
     return batches, p.describe()
 
 
-def frozen_base_bf16(model) -> str:
-    """Store ``model``'s frozen matmul weights in bf16 (``minift.fast.frozen``) where that applies;
+def bf16_frozen_linears(model) -> str:
+    """Store ``model``'s frozen linear weights in bf16 (``minift.fast.frozen``) where that applies;
     returns what was done, in words."""
     from minift.fast import frozen
     why = frozen.applies(model)
@@ -254,8 +255,9 @@ def eval_command(args) -> int:
     if device.type == "cuda" and run["train"].get("fast", True):  # as minift train evaluated on CUDA
         from minift import fast
         fast.enable(model)
-        if st.peft and run["train"].get("bf16", True):
-            frozen_base_bf16(model)
+        if takes_bf16_frozen_linears(fast=True, peft=st.peft, bf16=run["train"].get("bf16", True),
+                                     hooks=st.hooks):  # as the run's plan chose
+            bf16_frozen_linears(model)
     preds = [] if preds_path is not None else None
     metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task, predictions=preds,
                        progress=not getattr(args, "no_progress", True))

@@ -6,8 +6,9 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
     choice                        when                                        opt-out
     minift.fast's pieces          always (cast once, fused loss, LoRA's       --fast false
                                   faster forwards)
-    the frozen base in bf16       adapter methods (the base is never saved)   --fast false, --bf16 false
-    (fast.frozen)                 under bf16 autocast; not with DoRA layers
+    frozen linear weights in      every method but full fine-tuning (the      --fast false, --bf16 false
+    bf16 (fast.frozen)            base is never saved) under bf16 autocast;
+                                  not with DoRA layers or gradual unfreezing
     LoRA's merged forward         plain LoRA layers; a layer with dropout      --fast false
                                   takes the addmm forward while training
     torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
@@ -43,7 +44,7 @@ from minift.methods.spec import TrainHooks
 class SpeedPlan:
     fast: bool = False                # minift.fast.enable(model)
     merged_lora: bool = False         # ... with LoRA's merged forward
-    frozen_bf16: bool = False         # minift.fast.frozen.enable(model): frozen matmul weights in bf16
+    bf16_frozen_linears: bool = False  # minift.fast.frozen.enable(model) (takes_bf16_frozen_linears)
     compile: bool = False
     compile_mode: str = "default"
     pad: bool = False                 # pad every training batch to one shape (data.pad_to_one_shape)
@@ -77,7 +78,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
         given: the run's [train] settings as given (flags, config, recipe): ``fast``, ``compile``
             and ``compile_mode`` there override the defaults.
         merged_forward: the method's settings ask for LoRA's merged forward (on any device).
-        peft: the method trains an adapter and saves no base weight (``MethodState.peft``).
+        peft: the method saves no base weight (``MethodState.peft``: every method but full fine-tuning).
     """
     p = SpeedPlan()
     cuda = device_type == "cuda"
@@ -85,7 +86,9 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     p.merged_lora = merged_forward or p.fast
     if p.fast:
         p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, lean AdamW step)")
-    p.frozen_bf16 = bool(p.fast and peft and given.get("bf16", True))  # the caller checks the model (fast.frozen.applies)
+    # the caller checks the model too (fast.frozen.applies: no DoRA layers)
+    p.bf16_frozen_linears = takes_bf16_frozen_linears(fast=p.fast, peft=peft, bf16=given.get("bf16", True),
+                                                      hooks=hooks)
     hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
     if "compile" in given:
         p.compile = bool(given["compile"])
@@ -107,6 +110,13 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
         if given.get("activation_budget") is not None:
             p.notes.append(f"activation memory budget {given['activation_budget']:g}")
     return p
+
+
+def takes_bf16_frozen_linears(*, fast: bool, peft: bool, bf16: bool, hooks: TrainHooks) -> bool:
+    """Whether a run stores its frozen linear weights in bf16 (``minift.fast.frozen``): with minift.fast
+    on (CUDA), under bf16 autocast, for a method that saves no base weight, and without gradual
+    unfreezing (a frozen weight it unfreezes would then train in bf16)."""
+    return bool(fast and peft and bf16 and hooks.unfreezer is None)
 
 
 def activation_budget(budget: float | None, compiled: bool):

@@ -1,7 +1,7 @@
 """minift.fast.frozen against the fp32 frozen base: under autocast every layer reads the bf16
 weight autocast would have made, so a step's loss and every trainable gradient are exactly the
-reference's (LoRA's merged forward within one bf16 rounding); which weights it casts and which it
-leaves; and evaluation of a model so cast."""
+reference's (the Triton rebuild of LoRA's merged weight within one bf16 rounding); which weights
+it casts and which it leaves; and evaluation of a model so cast."""
 import copy
 
 import pytest
@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from conftest import TINY_BERT, TINY_GPT
 from minift import fast
-from minift.fast import frozen
+from minift.fast import frozen, kernels
 from minift.methods.registry import build_method
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
@@ -62,7 +62,9 @@ def test_under_autocast_a_step_is_exactly_the_reference(method, options):
         assert torch.equal(grads[n], grads_bf[n]), n
 
 
-def test_the_merged_forward_rounds_once_more_and_no_further():
+def test_the_merged_forward_rebuilt_by_addmm_is_exactly_the_reference():
+    """Off CUDA the merged weight is rebuilt by addmm, which rounds W0 to bf16 first in the
+    reference too: a step with a bf16 base is the reference's, bit for bit."""
     ref = gpt("lora")
     with torch.no_grad():
         for n, p in ref.named_parameters():
@@ -70,12 +72,31 @@ def test_the_merged_forward_rounds_once_more_and_no_further():
                 p.normal_(0, 0.1)
     fast.lora.enable(ref, merged=True)
     bf = copy.deepcopy(ref)
-    frozen.enable(bf)
+    assert frozen.enable(bf)
     loss, grads = step(ref, lm_batch())
     loss_bf, grads_bf = step(bf, lm_batch())
-    assert loss_bf == pytest.approx(loss.item(), rel=1e-2)
-    for n in grads:  # each merged weight differs from the reference's by at most one bf16 rounding
-        assert torch.allclose(grads_bf[n], grads[n], rtol=5e-2, atol=5e-2 * grads[n].abs().max().item()), n
+    assert torch.equal(loss, loss_bf)
+    for n in grads:
+        assert torch.equal(grads[n], grads_bf[n]), n
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton is not None),
+                    reason="the Triton rebuild of W0 + sBA needs CUDA and Triton (checked on the GPU machine)")
+def test_the_triton_rebuild_from_a_bf16_w0_is_within_one_rounding_of_the_fp32_one():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w0 = torch.randn(256, 192, device="cuda", generator=g)
+    A = torch.randn(8, 192, device="cuda", generator=g).bfloat16()
+    B = torch.randn(256, 8, device="cuda", generator=g).bfloat16()
+    ref = kernels.lora_merged_weight(w0, A, B, 0.5)          # W0 + sBA rounded once
+    got = kernels.lora_merged_weight(w0.bfloat16(), A, B, 0.5)  # W0 rounded, then W0 + sBA rounded
+    assert got.dtype == ref.dtype == torch.bfloat16
+    exact = w0 + 0.5 * B.float() @ A.float()
+    half_ulp = 2.0 ** -8  # bf16 keeps 8 significant bits: one rounding moves x by at most |x| 2^-8
+    slack = 1e-5 * exact.abs().max()  # the kernel's fp32 sum against this one
+    assert ((ref.float() - exact).abs() <= exact.abs() * half_ulp + slack).all()  # rounded once
+    # rounded twice: W0 (by at most |W0| 2^-8), then the sum
+    assert ((got.float() - exact).abs() <= (w0.abs() + exact.abs()) * half_ulp * (1 + half_ulp) + slack).all()
+    assert not torch.equal(got, ref)  # the rebuild rounds once more: not the same tensor
 
 
 @pytest.mark.parametrize("targets", [ALL_GPT, ["q_proj", "v_proj"]])  # adapted and plain nn.Linear layers

@@ -80,15 +80,17 @@ def test_every_choice_has_an_opt_out(given, want):
     assert {k: getattr(p, k) for k in want} == want
 
 
-@pytest.mark.parametrize("device, peft, given, want", [
-    ("cuda", True, {}, True),                  # an adapter method: its base is never saved
-    ("cuda", False, {}, False),                # full fine-tuning, freezing, BitFit save every weight
-    ("cpu", True, {}, False),                  # the CPU runs the reference path
-    ("cuda", True, {"fast": False}, False),    # opt-outs
-    ("cuda", True, {"bf16": False}, False),    # no autocast: the layers would multiply fp32 by bf16
+@pytest.mark.parametrize("device, peft, given, hooks, want", [
+    ("cuda", True, {}, TrainHooks(), True),                   # a method that saves no base weight
+    ("cuda", False, {}, TrainHooks(), False),                 # full fine-tuning saves every weight
+    ("cpu", True, {}, TrainHooks(), False),                   # the CPU runs the reference path
+    ("cuda", True, {"fast": False}, TrainHooks(), False),     # opt-outs
+    ("cuda", True, {"bf16": False}, TrainHooks(), False),     # no autocast: the layers would multiply fp32 by bf16
+    ("cuda", True, {}, TrainHooks(unfreezer=object()), False),  # a weight it unfreezes would train in bf16
 ])
-def test_the_frozen_base_is_stored_in_bf16_for_adapter_methods_under_cuda_autocast(device, peft, given, want):
-    assert choose(device, given=given, peft=peft).frozen_bf16 is want
+def test_frozen_linears_are_stored_in_bf16_where_nothing_saves_or_trains_them(device, peft, given, hooks, want):
+    p = plan(device_type=device, method="x", hooks=hooks, task="causal-lm", max_len=64, given=given, peft=peft)
+    assert p.bf16_frozen_linears is want
 
 
 def test_compile_asked_for_on_the_cpu_compiles_without_graphs_or_padding():
@@ -348,21 +350,36 @@ def test_an_activation_budget_needs_a_compiled_run_and_a_share():
 
 
 
-@pytest.mark.parametrize("method, options, want", [
-    ("lora", {"r": 2, "targets": ["q_proj", "v_proj"]}, "frozen base in bf16 (24 weights)"),
+CAST = "frozen base in bf16 (24 weights)"  # the tiny GPT: 2 blocks x 6 projections x (weight, bias)
+
+
+CASES_OF_FROZEN = [
+    ("lora", {"r": 2, "targets": ["q_proj", "v_proj"]}, CAST),
     ("lora", {"r": 2, "targets": ["q_proj"], "dora": True}, "frozen base kept in fp32 (DoRA layers read W0 outside a matmul)"),
+    ("dora", {"r": 2}, "frozen base kept in fp32 (DoRA layers read W0 outside a matmul)"),
+    ("adalora", {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "targets": ["q_proj", "v_proj"]}, CAST),
+    ("prefix", {"num_virtual_tokens": 3}, CAST),
+    ("prompt", {"num_virtual_tokens": 3}, CAST),
+    ("bitfit", {}, "frozen base in bf16 (12 weights)"),  # the weights; the biases train
+    ("freeze", {"strategy": "ratio", "ratio": 0.5}, "frozen base in bf16 (12 weights)"),  # block 0's
+    ("freeze", {"unfreeze_every": 1}, None),  # gradual unfreezing: every weight may train
     ("full", {}, None),
-])
-def test_a_cuda_run_s_plan_casts_the_frozen_base_of_an_adapter_run(method, options, want, monkeypatch):
-    """``run.speed_up`` as a CUDA run calls it (the device's kind stubbed: the CPU has no CUDA): the
-    plan's note says what ``fast.frozen`` did, and the model holds exactly that."""
+]
+
+
+@pytest.mark.parametrize("method, options, want", CASES_OF_FROZEN)
+def test_a_cuda_run_s_plan_casts_the_frozen_linears_of_every_method_that_allows_it(method, options, want, monkeypatch):
+    """``run.speed_up`` as a CUDA run calls it (the device's kind stubbed: the CPU has no CUDA), for
+    every trained method of the registry: the plan's note says what ``fast.frozen`` did, and the
+    model holds exactly that: frozen weights only, none that may train later."""
     from types import SimpleNamespace
     from minift import fast
-    from minift.methods.registry import build_method
+    from minift.methods.registry import METHODS, build_method
     from minift.training import forward, run
+    assert {m for m, spec in METHODS.items() if spec.trained} <= {c[0] for c in CASES_OF_FROZEN}
     monkeypatch.setattr(forward, "pick_device", lambda device: torch.device("cuda"))
     model = gpt()
-    st = build_method(model, method, options)
+    st = build_method(model, method, options, total_steps=10)
     try:
         _, speed_note = run.speed_up(model, st, SimpleNamespace(method=method, train={}), TrainConfig(steps=1),
                                      "causal-lm", 16, [], None)
@@ -370,8 +387,8 @@ def test_a_cuda_run_s_plan_casts_the_frozen_base_of_an_adapter_run(method, optio
         if want is None:
             assert "frozen base" not in speed_note and not bf16
         else:
-            assert want in speed_note
-            assert len(bf16) == (24 if "bf16" in want else 0)  # 2 blocks x 6 projections x (weight, bias)
+            assert speed_note.endswith(want)
+            assert len(bf16) == (int(want.split("(")[1].split()[0]) if "in bf16" in want else 0)
             assert all(not model.get_parameter(n).requires_grad for n in bf16)
     finally:
         fast.disable(model)
