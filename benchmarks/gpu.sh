@@ -171,9 +171,9 @@ stage() {
     go 560 test-suite-gpu-training python3 -m pytest -q -p no:cacheprovider -rfEs tests/training ;;
   tests-changed)
     # the tests of what changed since the last whole-suite run on a GPU (edit the list as that changes)
-    go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_adamw.py \
-      tests/fast/test_clip.py tests/methods/test_multi_lora.py tests/training/test_many.py \
-      tests/training/test_many_cli.py tests/training/test_feed.py tests/studies/test_compare.py ;;
+    # (fast.frozen changes minift train's default CUDA path: test_cli.py's CUDA tests train with it)
+    go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_frozen.py \
+      tests/training/test_speed.py tests/test_cli.py tests/training/test_train.py ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
       --speed eager --name bench-gpt2-medium-eager-$tag
