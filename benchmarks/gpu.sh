@@ -98,6 +98,10 @@
 #   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
 #                  1.0, 0.8, 0.6 (bench --activation-budget): peak memory against step time (limits 8.5 min)
 #                  bench-gpt2-medium-lora-budget{1.0,0.8,0.6}-TAG
+#   factor-ab      LoRA (all six projections) with and without the factor kernel (bench --lora-factor-kernel:
+#                  the backward's g B and g^T (A x) in one Triton pass, fast.kernels.lora_factor_grads), eager
+#                  (merged forward) then default (compiled, CUDA graphs); its tests are in tests-changed
+#                  (limits 8.7 min)                  bench-gpt2-medium-factor-{eager,default}-{off,on}-TAG
 #   many           many-forward + many-train: many LoRA adapters on one GPT-2-medium-shaped base
 #                  (benchmarks/many_adapters.py; limits 5 + 7 min: two commands)
 #     many-forward 8 adapters x 4 rows x 1024: mixed batch (reference, fast) against a loop over the
@@ -171,8 +175,10 @@ stage() {
     go 560 test-suite-gpu-training python3 -m pytest -q -p no:cacheprovider -rfEs tests/training ;;
   tests-changed)
     # the tests of what changed since the last whole-suite run on a GPU (edit the list as that changes)
-    # (fast.frozen changes minift train's default CUDA path: test_cli.py's CUDA tests train with it)
+    # (fast.frozen changes minift train's default CUDA path: test_cli.py's CUDA tests train with it;
+    # the factor kernel: test_kernels.py, test_lora.py)
     go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_frozen.py \
+      tests/fast/test_kernels.py tests/fast/test_lora.py tests/studies/test_bench_speed.py \
       tests/training/test_speed.py tests/test_cli.py tests/training/test_train.py ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
@@ -380,6 +386,15 @@ stage() {
     for b in 1.0 0.8 0.6; do
       go 170 "act-budget-$b" $M bench --out "$out" $G2M --methods lora --activation-budget $b \
         --name bench-gpt2-medium-lora-budget$b-$tag
+    done ;;
+  factor-ab)
+    local mode on
+    local -A limit=([eager]=80 [default]=180)  # compiling GPT-2 medium's step takes up to 125 s on a fresh card
+    for mode in eager default; do
+      for on in off on; do
+        go ${limit[$mode]} "factor-$mode-$on" $M bench --out "$out" $G2M --methods lora --speed $mode --lora-merged-forward \
+          $([ $on = on ] && echo --lora-factor-kernel) --name "bench-gpt2-medium-factor-$mode-$on-$tag"
+      done
     done ;;
   many-forward)
     go 300 many-forward python3 benchmarks/many_adapters.py --out "$out" --parts forward,peft ;;

@@ -22,7 +22,8 @@ where it rounds differently); its equivalence test checks that:
                                 autocast casts them to every step);
                                 ``minift train``'s choice (``training.speed``)
     Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
-                                by the merged LoRA forward
+                                by the merged LoRA forward; the backward's g B
+                                and g^T (A x) in one pass (opt-in, being measured)
     clipping      fast.clip     the global-norm gradient clipping in a fixed few   tests/fast/test_clip.py
                                 kernels (one device and dtype)
     AdamW step    fast.adamw    fused AdamW's kernel called over lists gathered    tests/fast/test_adamw.py
@@ -39,7 +40,8 @@ import torch.nn as nn
 from minift.fast import cast, lora, loss, multi_lora
 
 
-def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None = None) -> list[str]:
+def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None = None,
+           lora_factor_kernel: bool = False) -> list[str]:
     """Switch on every speed piece that applies to ``model`` (see the table above).
 
     Args:
@@ -48,6 +50,8 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
             with dropout takes it in evaluation only); False: the addmm forward. DoRA layers keep
             the reference forward either way.
         loss_chunk: positions per vocabulary projection in the fused loss (None: its default).
+        lora_factor_kernel: merged LoRA layers take A's and B's gradients through
+            ``kernels.lora_factor_grads`` (off by default: being measured).
     Returns:
         One line per piece switched on, e.g. ``"cast once: 4 modules"``; pieces that do not apply
         (no LoRA layers, no GPT loss) or are already on are left out.
@@ -56,7 +60,8 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
     """
     on = [("cast once", cast.enable(model), "modules"),
           ("fused loss", loss.enable(model, loss_chunk), "modules"),
-          (f"LoRA {'merged' if merged_lora else 'addmm'} forward", lora.enable(model, merged=merged_lora), "layers"),
+          (f"LoRA {'merged' if merged_lora else 'addmm'} forward",
+           lora.enable(model, merged=merged_lora, factor_kernel=lora_factor_kernel), "layers"),
           ("gathered mixed-batch LoRA", multi_lora.enable(model), "layers")]
     return [f"{piece}: {len(names)} {what}" for piece, names, what in on if names]
 

@@ -8,6 +8,14 @@ too small to keep the tensor cores busy). The kernel here is one pass: each (BLO
 tile of W0 is read once, the r outer products are added in fp32 registers, and the exact fp32 sum
 W0 + s B A is rounded once to the output dtype (tests/fast/test_kernels.py checks it against that fp32
 reference; cuBLAS's bf16 addmm is itself one ulp off it in a few entries in a thousand).
+
+``lora_factor_grads``: in LoRA's backward, both products that read the output gradient g (N x out):
+g B (N x r, for A's gradient) and g^T (A x) (out x r, B's gradient). cuBLAS runs them as two thin
+GEMMs, each reading all of g; the kernel reads each tile of g once and feeds both. Each program
+takes BLOCK_N rows and a range of g's columns: its part of g B is summed over the column ranges,
+and its part of g^T (A x) over the row blocks, afterwards in a fixed order (no atomics: the result
+is the same on every run). Off by default: ``fast.lora.enable(model, factor_kernel=True)`` (bench's
+``--lora-factor-kernel``) turns it on while it is measured.
 """
 from __future__ import annotations
 
@@ -46,6 +54,29 @@ if triton is not None:
         tl.store(out_ptr + offs, (acc + scaling * upd).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _factor_grads_kernel(g_ptr, b_ptr, ax_ptr, gb_ptr, db_ptr, N, O, stride_g, O_PER: tl.constexpr,
+                             R: tl.constexpr, RP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_O: tl.constexpr):
+        # program (i, j): rows i*BLOCK_N.., columns j*O_PER..(j+1)*O_PER of g (N, O; row stride
+        # stride_g); b (O, R), ax (N, R) contiguous; writes gb[j, rows] = g[rows, cols] @ b[cols]
+        # (gb: (S, N, R) fp32) and db[i, cols] = g[rows, cols]^T @ ax[rows] (db: (N blocks, O, R) fp32)
+        i, j = tl.program_id(0), tl.program_id(1)
+        rows = i * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, RP)  # the rank, padded to tl.dot's smallest size
+        mr, mk = rows < N, ks < R
+        ax = tl.load(ax_ptr + rows[:, None] * R + ks[None, :], mask=mr[:, None] & mk[None, :], other=0.0)
+        gb = tl.zeros((BLOCK_N, RP), dtype=tl.float32)
+        for t in range(0, O_PER, BLOCK_O):  # O_PER is a multiple of BLOCK_O: no column twice
+            cols = j * O_PER + t + tl.arange(0, BLOCK_O)
+            mc = cols < O
+            g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mr[:, None] & mc[None, :], other=0.0)
+            b = tl.load(b_ptr + cols[:, None] * R + ks[None, :], mask=mc[:, None] & mk[None, :], other=0.0)
+            gb += tl.dot(g, b)  # (BLOCK_N, RP)
+            db = tl.dot(tl.trans(g), ax)  # (BLOCK_O, RP)
+            tl.store(db_ptr + (i * O + cols[:, None]) * R + ks[None, :], db, mask=mc[:, None] & mk[None, :])
+        tl.store(gb_ptr + (j * N + rows[:, None]) * R + ks[None, :], gb, mask=mr[:, None] & mk[None, :])
+
+
 # tile (rows, columns) and warps per program, chosen by ``benchmarks/lora_gemm_shapes.py --sweep``
 # over GPT-2 medium's three shapes (docs/benchmarks.md has the sweep)
 TILE = (64, 64, 4)
@@ -65,3 +96,42 @@ def lora_merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _merged_weight_kernel[grid](w, A, B, out, M, N, float(scaling), R=r, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps)
     return out
+
+
+# rows and columns of g per step of a program, warps per program (not yet swept on a GPU)
+FACTOR_TILE = (128, 64, 4)
+
+
+def lora_factor_grads(g: torch.Tensor, B: torch.Tensor, ax: torch.Tensor, programs: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g B in g's dtype, g^T ax in fp32, or fp64 for fp64 g) for g (N, out), B (out, r), ax (N, r)
+    of one dtype: the Triton kernel on CUDA for ranks up to ``MAX_RANK`` and 16- or 32-bit floats
+    (one read of g; fp32 sums), else two matmuls.
+
+    ``programs``: how many programs to aim for (default: twice the GPU's multiprocessors); the
+    kernel splits g's columns into as many ranges as that takes."""
+    r = B.shape[1]
+    if not available(g) or r > MAX_RANK or g.dtype == torch.float64:
+        return g @ B, (g.t() @ ax).to(torch.promote_types(g.dtype, torch.float32))
+    return _factor_grads(g, B, ax, programs)
+
+
+def _factor_grads(g, B, ax, programs=None):
+    """The kernel's launch (any device Triton runs on: the tests run it in Triton's interpreter)."""
+    N, O = g.shape
+    r = B.shape[1]
+    g = g if g.stride(1) == 1 else g.contiguous()
+    B, ax = B.to(g.dtype).contiguous(), ax.to(g.dtype).contiguous()
+    bn, bo, warps = FACTOR_TILE
+    if programs is None:
+        programs = 2 * torch.cuda.get_device_properties(g.device).multi_processor_count
+    row_blocks = triton.cdiv(N, bn)
+    splits = max(1, min(triton.cdiv(O, bo), triton.cdiv(programs, row_blocks)))
+    o_per = triton.cdiv(triton.cdiv(O, splits), bo) * bo  # columns per program, whole BLOCK_Os
+    splits = triton.cdiv(O, o_per)
+    gb = torch.empty((splits, N, r), dtype=torch.float32, device=g.device)
+    db = torch.empty((row_blocks, O, r), dtype=torch.float32, device=g.device)
+    _factor_grads_kernel[(row_blocks, splits)](g, B, ax, gb, db, N, O, g.stride(0), O_PER=o_per, R=r,
+                                               RP=max(16, triton.next_power_of_2(r)), BLOCK_N=bn, BLOCK_O=bo,
+                                               num_warps=warps)
+    return gb.sum(0).to(g.dtype), db.sum(0)

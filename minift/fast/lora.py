@@ -10,6 +10,8 @@ faster (tests/fast/test_lora.py checks outputs and gradients against the referen
   to the output, and one input-gradient GEMM instead of two summed. Gradients of A and B are exact;
   the forward rounds W0 + sBA once to the matmul dtype (bf16 under autocast), like any bf16 weight.
   The rebuild is one Triton pass on CUDA (``minift.fast.kernels``), ``torch.addmm`` elsewhere.
+  With ``factor_kernel`` (off by default, being measured) the backward's two products that read
+  the output gradient, g B and g^T (A x), come from one Triton pass over it (``kernels.lora_factor_grads``).
 
 ``enable`` changes the class of each layer object in place to one of these subclasses, which
 override ``forward`` only (``torch.nn.utils.parametrize`` swaps classes the same way): the
@@ -51,6 +53,8 @@ class MergedLoRALinear(LoRALinear):
     """``LoRALinear`` through the merged weight W0 + sBA (``MergedLoRA``) whenever ``merges()``;
     otherwise the addmm forward."""
 
+    factor_kernel = False  # enable(model, factor_kernel=True) sets it on the layer: see MergedLoRA
+
     def merges(self) -> bool:
         """True when the merged forward applies: W0 frozen (``MergedLoRA`` computes no gradient for
         it) and no dropout acting (it hits the adapter's input only, which a merged weight cannot do)."""
@@ -61,27 +65,31 @@ class MergedLoRALinear(LoRALinear):
             return F.linear(x, self.weight, self.bias)
         if not self.merges():
             return addmm_forward(self, x)
-        return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling)
+        return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.factor_kernel)
 
 
 FAST_LAYERS = (AddmmLoRALinear, MergedLoRALinear)
 
 
-def enable(model: nn.Module, *, merged: bool = True) -> list[str]:
+def enable(model: nn.Module, *, merged: bool = True, factor_kernel: bool = False) -> list[str]:
     """Put every plain LoRA layer of ``model`` on a fast forward. DoRA layers are left as they are.
 
     Args:
         model: a model with or without LoRA layers.
         merged: the merged forward (``MergedLoRALinear``); False: the addmm forward (``AddmmLoRALinear``).
+        factor_kernel: merged layers take A's and B's gradients through ``kernels.lora_factor_grads``.
     Returns:
         The names of the layers switched (``[]`` when there are no plain LoRA layers, or all are
-        already on that forward).
+        already on that forward with that backward).
     """
     fast = MergedLoRALinear if merged else AddmmLoRALinear
     names = []
     for name, m in lora_modules(model):
-        if type(m) in (LoRALinear, *FAST_LAYERS) and type(m) is not fast:
+        if type(m) in (LoRALinear, *FAST_LAYERS) and (type(m) is not fast or m.factor_kernel != factor_kernel):
             m.__class__ = fast
+            m.__dict__.pop("factor_kernel", None)
+            if merged and factor_kernel:
+                m.factor_kernel = True
             names.append(name)
     return names
 
@@ -96,6 +104,7 @@ def disable(model: nn.Module) -> list[str]:
     for name, m in lora_modules(model):
         if type(m) in FAST_LAYERS:
             m.__class__ = LoRALinear
+            m.__dict__.pop("factor_kernel", None)
             names.append(name)
     return names
 
@@ -107,10 +116,12 @@ class MergedLoRA(torch.autograd.Function):
     A x (N x r) is kept for B's gradient. Backward, with g = dL/dy (N x out):
         dx = g (W0 + sBA)        (W0 + sBA rebuilt: cheaper than keeping it for every layer)
         dA = s (g B)^T x         dB = s g^T (A x)         db = sum of g over rows
+    With ``factor_kernel``, g B and g^T (A x) come from one pass over g (``kernels.lora_factor_grads``,
+    fp32 sums: dB is rounded once, to B's dtype, where the two GEMMs round it to g's first).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling: float):
+    def forward(ctx, x, weight, bias, A, B, scaling: float, factor_kernel: bool = False):
         dev = x.device.type
         # autocast's matmul dtype, except for fp64 inputs (autocast leaves those alone too)
         autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
@@ -121,7 +132,7 @@ class MergedLoRA(torch.autograd.Function):
         y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
         ax = x2 @ A_.t()  # (N, r)
         ctx.save_for_backward(x2, weight, A_, B_, ax)
-        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, x.shape, x.dtype
+        ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.factor_kernel = scaling, x.shape, x.dtype, factor_kernel
         ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -138,13 +149,19 @@ class MergedLoRA(torch.autograd.Function):
         if need[0]:
             grad_fn = _input_grad_op if torch.compiler.is_compiling() else _input_grad
             dx = grad_fn(g2, weight, A_, B_, s).view(ctx.x_shape).to(ctx.x_dtype)
-        if need[3]:
-            dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
-        if need[4]:
-            dB = (g2.t() @ ax).to(b_dt).mul_(s)  # (out, r)
+        if ctx.factor_kernel and need[3] and need[4]:  # g B and g^T (A x) in one pass over g
+            factors = _factor_grads_op if torch.compiler.is_compiling() else kernels.lora_factor_grads
+            gB, gax = factors(g2, B_, ax)  # (N, r), (out, r) in at least fp32
+            dA = (gB.t() @ x2).to(a_dt).mul_(s)  # (r, in)
+            dB = gax.to(b_dt).mul_(s)  # (out, r)
+        else:
+            if need[3]:
+                dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
+            if need[4]:
+                dB = (g2.t() @ ax).to(b_dt).mul_(s)  # (out, r)
         if need[2]:
             db = g2.sum(0).to(bias_dt)
-        return dx, None, db, dA, dB, None
+        return dx, None, db, dA, dB, None, None
 
 
 def _merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -181,3 +198,15 @@ def _input_grad_op(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: to
 @_input_grad_op.register_fake
 def _(g, weight, A, B, scaling):
     return g.new_empty(g.shape[0], weight.shape[1])
+
+
+# The factor kernel, opaque to torch.compile as the rebuild above is (inductor leaves it alone)
+@torch.library.custom_op("minift::lora_factor_grads", mutates_args=())
+def _factor_grads_op(g: torch.Tensor, B: torch.Tensor, ax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernels.lora_factor_grads(g, B, ax)
+
+
+@_factor_grads_op.register_fake
+def _(g, B, ax):
+    acc = torch.promote_types(g.dtype, torch.float32)
+    return g.new_empty(g.shape[0], B.shape[1]), g.new_empty(g.shape[1], B.shape[1], dtype=acc)

@@ -22,7 +22,8 @@ compiling included) apart from the steady median.
 Each optimization is a flag so its effect is measured, not assumed: ``frozen_bf16`` (frozen base
 weights in bf16), ``compile`` (torch.compile), ``checkpointing`` (activation checkpointing),
 ``plain_ce`` (full fp32 logits, the naive loss, against ``minift.fast.loss``'s fused one),
-``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``), ``loss_chunk``
+``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``; with
+``lora_factor_kernel`` its backward's g B and g^T (A x) in one pass, ``kernels.lora_factor_grads``), ``loss_chunk``
 (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head), ``fused_adamw``
 (one fused AdamW kernel on CUDA; off: the multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
 math backend, no flash kernels), ``sync_each_step`` (wait for the GPU after every timed step, as
@@ -107,6 +108,7 @@ class BenchConfig:
     checkpointing: bool = False
     plain_ce: bool = False
     lora_merged_forward: bool | None = None  # None: the plan decides (on CUDA with minift.fast)
+    lora_factor_kernel: bool = False  # merged LoRA layers: A's and B's gradients by kernels.lora_factor_grads
     loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
     fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
     sdpa_math: bool = False
@@ -180,9 +182,10 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
     p = speed_plan(cfg, method, hooks)
     from minift import fast  # every speed piece; LoRA's merged forward where the plan says
     if p.fast:
-        fast.enable(model, merged_lora=p.merged_lora, loss_chunk=cfg.loss_chunk)
+        fast.enable(model, merged_lora=p.merged_lora, loss_chunk=cfg.loss_chunk,
+                    lora_factor_kernel=cfg.lora_factor_kernel)
     elif p.merged_lora:
-        fast.lora.enable(model, merged=True)
+        fast.lora.enable(model, merged=True, factor_kernel=cfg.lora_factor_kernel)
     if cfg.plain_ce:
         fast.loss.disable(model)
     model.checkpointing = cfg.checkpointing if isinstance(model, CAUSAL_LM) else False

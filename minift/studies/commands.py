@@ -82,6 +82,8 @@ def add_bench(sub) -> None:
                    help="multi-tensor (foreach) AdamW instead of the fused CUDA kernel (for comparison)")
     p.add_argument("--sdpa-math", action="store_true",
                    help="attention through SDPA's math backend instead of flash kernels (for comparison)")
+    p.add_argument("--lora-factor-kernel", action="store_true",
+                   help="merged LoRA layers: the backward's g B and g^T (A x) in one Triton pass (being measured)")
     p.add_argument("--sync-each-step", action="store_true",
                    help="CUDA timing: wait for the GPU after every step instead of once after the window")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -120,6 +122,7 @@ def _cmd_bench(args) -> int:
                             compile=args.compile, compile_mode=args.compile_mode,
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
+                            lora_factor_kernel=args.lora_factor_kernel,
                             loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,
                             sdpa_math=args.sdpa_math, sync_each_step=args.sync_each_step,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t),

@@ -1,5 +1,12 @@
-"""minift.fast.kernels: the Triton rebuild of W0 + sBA against addmm (on CUDA; run on the GPU machine
-with ``python -m pytest tests/fast/test_kernels.py``), and the fallback everywhere else."""
+"""minift.fast.kernels: the Triton rebuild of W0 + sBA against addmm and the factor kernel against
+two matmuls (on CUDA; run on the GPU machine with ``python -m pytest tests/fast/test_kernels.py``;
+the factor kernel also in Triton's interpreter on the CPU where Triton is installed), and the
+fallbacks everywhere else."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -47,3 +54,50 @@ def test_triton_rebuild_fp32_and_large_rank_fallback():
     W, A, B = _operands(128, 128, kernels.MAX_RANK + 1, "cuda")
     torch.testing.assert_close(kernels.lora_merged_weight(W, A, B, 1.0), torch.addmm(W, B, A), rtol=0, atol=0)
 
+
+
+def test_factor_fallback_is_the_two_matmuls_exactly():
+    g = torch.randn(40, 24, dtype=torch.bfloat16)
+    B, ax = torch.randn(24, 4, dtype=torch.bfloat16), torch.randn(40, 4, dtype=torch.bfloat16)
+    gB, gax = kernels.lora_factor_grads(g, B, ax)
+    assert torch.equal(gB, g @ B) and gax.dtype == torch.float32 and torch.equal(gax, (g.t() @ ax).float())
+
+
+def test_factor_kernel_in_tritons_interpreter_matches_the_matmuls():
+    """The kernel's indexing (edges that fill no tile, column ranges per program, a strided g, the
+    fixed-order sums) on the CPU, in fp32: Triton's interpreter runs bf16 dots wrongly."""
+    pytest.importorskip("triton")
+    code = textwrap.dedent("""
+        import torch
+        from minift.fast import kernels
+        torch.manual_seed(0)
+        for N, O, r, programs in [(300, 200, 8, 1), (300, 200, 8, 7), (257, 130, 16, 64), (64, 1000, 1, 9)]:
+            g = torch.randn(N, O + 5)[:, 2:O + 2]  # rows strided: a view of a wider tensor
+            B, ax = torch.randn(O, r), torch.randn(N, r)
+            gB, gax = kernels._factor_grads(g, B, ax, programs)
+            torch.testing.assert_close(gB, g @ B, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(gax, g.t() @ ax, rtol=1e-5, atol=1e-4)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(8192, 1024, 8), (8192, 4096, 8), (1000, 333, 3), (77, 4100, 64), (130, 96, 16)])
+def test_factor_kernel_matches_fp32_products(shape):
+    """bf16 g, B and A x as the merged LoRA backward gives them: g B (rounded once to bf16) and
+    g^T (A x) (fp32) against the fp32 products, to bf16's and fp32 accumulation's rounding."""
+    N, O, r = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.randn(N, O, generator=gen).cuda().bfloat16()
+    B = torch.randn(O, r, generator=gen).cuda().bfloat16()
+    ax = torch.randn(N, r, generator=gen).cuda().bfloat16()
+    gB, gax = kernels.lora_factor_grads(g, B, ax)
+    assert gB.dtype == torch.bfloat16 and gB.shape == (N, r) and gax.dtype == torch.float32 and gax.shape == (O, r)
+    ref_gB, ref_gax = g.float() @ B.float(), g.float().t() @ ax.float()
+    assert ((gB.float() - ref_gB).norm() / ref_gB.norm()).item() < 4e-3
+    torch.testing.assert_close(gax, ref_gax, rtol=1e-3, atol=1e-3 * ref_gax.abs().max().item())
+    again = kernels.lora_factor_grads(g, B, ax)
+    assert torch.equal(again[0], gB) and torch.equal(again[1], gax)  # no atomics: the same every run

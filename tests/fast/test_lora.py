@@ -45,11 +45,12 @@ def _loss_and_grads(model, x):
 
 
 @settings(max_examples=20, deadline=None)
-@given(case=toy_case, trained_bias=st.booleans(), merged=st.booleans())
-def test_fast_forwards_give_the_reference_loss_and_gradients(case, trained_bias, merged):
-    """Merged (one GEMM through W0 + sBA, hand-written backward) and addmm forwards against the
-    reference in fp64: same loss, same gradients for x, A, B (and a trainable bias); DoRA layers
-    keep the reference forward and are not switched."""
+@given(case=toy_case, trained_bias=st.booleans(), merged=st.booleans(), factor_kernel=st.booleans())
+def test_fast_forwards_give_the_reference_loss_and_gradients(case, trained_bias, merged, factor_kernel):
+    """Merged (one GEMM through W0 + sBA, hand-written backward; with or without the factor
+    kernel's path, on the CPU its two matmuls) and addmm forwards against the reference in fp64:
+    same loss, same gradients for x, A, B (and a trainable bias); DoRA layers keep the reference
+    forward and are not switched."""
     model = _toy(case).double()
     with torch.no_grad():
         for _, m in lora.lora_modules(model):
@@ -57,7 +58,7 @@ def test_fast_forwards_give_the_reference_loss_and_gradients(case, trained_bias,
             if m.bias is not None:
                 m.bias.requires_grad_(trained_bias)
     quick = copy.deepcopy(model)
-    names = fast_lora.enable(quick, merged=merged)
+    names = fast_lora.enable(quick, merged=merged, factor_kernel=merged and factor_kernel)
     assert names == ([] if case["dora"] else ["up", "down"])
     x = torch.randn(5, 3, case["d_in"], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for a, b in zip(_loss_and_grads(model, x), _loss_and_grads(quick, x)):
@@ -112,6 +113,21 @@ def test_enable_keeps_parameters_keys_and_adapter_files(tiny_gpt, tmp_path):
     assert len(fast_lora.disable(tiny_gpt)) == 4 and fast_lora.disable(tiny_gpt) == []
     assert all(type(m) is LoRALinear for _, m in lora.lora_modules(tiny_gpt))
     assert fast_lora.enable(nn.Linear(3, 3)) == []  # nothing to switch: not an error
+
+
+def test_the_factor_kernel_is_a_setting_of_merged_layers_only_and_disable_clears_it(tiny_gpt):
+    lora.apply(tiny_gpt, LoRAConfig(r=2, targets=("q_proj", "v_proj")))
+    layers = [m for _, m in lora.lora_modules(tiny_gpt)]
+    assert len(fast_lora.enable(tiny_gpt, factor_kernel=True)) == len(layers)
+    assert all(m.factor_kernel and "factor_kernel" in vars(m) for m in layers)
+    assert fast_lora.enable(tiny_gpt, factor_kernel=True) == []  # already on
+    assert len(fast_lora.enable(tiny_gpt)) == len(layers)  # the same forward, the plain backward
+    assert not any(m.factor_kernel or "factor_kernel" in vars(m) for m in layers)
+    fast_lora.enable(tiny_gpt, merged=False, factor_kernel=True)  # addmm layers have no such backward
+    assert not any("factor_kernel" in vars(m) for m in layers)
+    fast_lora.enable(tiny_gpt, factor_kernel=True)
+    fast_lora.disable(tiny_gpt)
+    assert all(type(m) is LoRALinear and "factor_kernel" not in vars(m) for m in layers)
 
 
 def test_merged_forward_refuses_double_backward():
@@ -174,12 +190,14 @@ def test_compiled_merged_forward_keeps_no_copy_of_the_merged_weights(tiny_gpt):
     assert all(m.lora_A.grad is not None and m.lora_B.grad is not None for _, m in lora.lora_modules(tiny_gpt))
 
 
-def test_compiled_merged_forward_matches_eager(tiny_gpt):
+@pytest.mark.parametrize("factor_kernel", [False, True])
+def test_compiled_merged_forward_matches_eager(tiny_gpt, factor_kernel):
     """Compiled, the forward rebuilds W0 + sBA in the traced graph and the backward inside
-    ``minift::lora_input_grad`` (on the CPU both through addmm); in fp32 the loss and every gradient
+    ``minift::lora_input_grad`` (and A's and B's gradients inside ``minift::lora_factor_grads``
+    with the factor kernel; on the CPU all through matmuls); in fp32 the loss and every gradient
     match the eager path."""
     lora.apply(tiny_gpt, LoRAConfig(r=3, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")))
-    fast_lora.enable(tiny_gpt.train())
+    fast_lora.enable(tiny_gpt.train(), factor_kernel=factor_kernel)
     with torch.no_grad():  # B != 0, so the rebuilt W0 + sBA differs from W0
         for _, m in lora.lora_modules(tiny_gpt):
             m.lora_B.normal_(0, 0.1)
@@ -211,9 +229,11 @@ def test_fast_enable_switches_lora_on_and_reports_it(tiny_gpt):
 
 
 @cuda
-def test_merged_lora_on_cuda_matches_the_unmerged_layer():
-    """The merged forward (which rebuilds through the kernel) against the plain LoRA layer, bf16
-    autocast on CUDA: outputs and the gradients of x, A and B."""
+@pytest.mark.parametrize("factor_kernel", [False, True])
+def test_merged_lora_on_cuda_matches_the_unmerged_layer(factor_kernel):
+    """The merged forward (which rebuilds through the kernel; A's and B's gradients through the
+    factor kernel or two matmuls) against the plain LoRA layer, bf16 autocast on CUDA: outputs and
+    the gradients of x, A and B."""
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(256, 384).cuda().requires_grad_(False), r=8, alpha=16)
     with torch.no_grad():
@@ -222,7 +242,7 @@ def test_merged_lora_on_cuda_matches_the_unmerged_layer():
     results = []
     for on in (False, True):
         if on:
-            fast_lora.enable(layer)
+            fast_lora.enable(layer, factor_kernel=factor_kernel)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y = layer(x)
         y.float().square().mean().backward()
@@ -233,12 +253,14 @@ def test_merged_lora_on_cuda_matches_the_unmerged_layer():
 
 
 @cuda
-def test_compiled_merged_lora_on_cuda_matches_eager():
+@pytest.mark.parametrize("factor_kernel", [False, True])
+def test_compiled_merged_lora_on_cuda_matches_eager(factor_kernel):
     """Under torch.compile dynamo traces the kernel's launch into the forward graph (the backward's
-    rebuild runs inside ``minift::lora_input_grad``): compiled and eager agree, bf16 autocast."""
+    rebuild runs inside ``minift::lora_input_grad``, the factor kernel inside
+    ``minift::lora_factor_grads``): compiled and eager agree, bf16 autocast."""
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(256, 384).cuda().requires_grad_(False), r=8, alpha=16)
-    fast_lora.enable(layer)
+    fast_lora.enable(layer, factor_kernel=factor_kernel)
     with torch.no_grad():
         layer.lora_B.normal_(0, 0.02)
     x = torch.randn(4, 33, 256, device="cuda", requires_grad=True)

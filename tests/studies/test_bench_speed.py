@@ -63,6 +63,20 @@ def test_adalora_stays_eager_on_cuda_as_in_train():
     assert bench.variant_name(rc, "adalora") == "frozen_bf16"
 
 
+def test_the_factor_kernel_is_a_merged_lora_rows_variant_and_reaches_its_layers(tmp_path, capsys):
+    _, rc = plan_for("lora", lora_factor_kernel=True)
+    assert bench.variant_name(rc, "lora").endswith("+merged_forward+factor_kernel")
+    cfg = bench.BenchConfig(device="cpu", methods=("lora",), lora_merged_forward=True, lora_factor_kernel=True)
+    model, _, _ = bench.build(cfg, "lora")
+    from minift.methods.lora import lora_modules
+    assert all(m.factor_kernel for _, m in lora_modules(model))
+    from minift.cli import main
+    assert main(["bench", "--device", "cpu", "--methods", "lora", "--steps", "1", "--warmup", "0",
+                 "--lora-merged-forward", "--lora-factor-kernel", "--out", str(tmp_path), "--name", "b"]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert rows[0]["variant"].endswith("merged_forward+factor_kernel")
+
+
 def test_the_activation_budget_is_a_compiled_rows_variant():
     _, rc = plan_for("lora", activation_budget=0.8)
     assert bench.variant_name(rc, "lora").endswith("+merged_forward+activation_budget0.8")
