@@ -351,12 +351,13 @@ def test_an_activation_budget_needs_a_compiled_run_and_a_share():
 
 
 CAST = "frozen base in bf16 (24 weights)"  # the tiny GPT: 2 blocks x 6 projections x (weight, bias)
+DORA = "frozen base kept in fp32 (DoRA layers read W0 outside a matmul)"
 
 
 CASES_OF_FROZEN = [
     ("lora", {"r": 2, "targets": ["q_proj", "v_proj"]}, CAST),
-    ("lora", {"r": 2, "targets": ["q_proj"], "dora": True}, "frozen base kept in fp32 (DoRA layers read W0 outside a matmul)"),
-    ("dora", {"r": 2}, "frozen base kept in fp32 (DoRA layers read W0 outside a matmul)"),
+    ("lora", {"r": 2, "targets": ["q_proj"], "dora": True}, DORA),
+    ("dora", {"r": 2}, DORA),
     ("adalora", {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "targets": ["q_proj", "v_proj"]}, CAST),
     ("prefix", {"num_virtual_tokens": 3}, CAST),
     ("prompt", {"num_virtual_tokens": 3}, CAST),
