@@ -100,24 +100,34 @@ def lora_merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s
 
 # rows and columns of g per step of a program, warps per program (not yet swept on a GPU)
 FACTOR_TILE = (128, 64, 4)
+# The partial sums of g^T ax take (N / 128) x out x r fp32 values, written and read back: about
+# 4r/128 of one read of g. Above this rank they may cost more than the read saved (not measured).
+MAX_FACTOR_RANK = 16
 
 
 def lora_factor_grads(g: torch.Tensor, B: torch.Tensor, ax: torch.Tensor, programs: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g B in g's dtype, g^T ax in fp32, or fp64 for fp64 g) for g (N, out), B (out, r), ax (N, r)
-    of one dtype: the Triton kernel on CUDA for ranks up to ``MAX_RANK`` and 16- or 32-bit floats
-    (one read of g; fp32 sums), else two matmuls.
+    of one dtype: the Triton kernel on CUDA for bf16 and fp16 (one read of g; fp32 sums) with ranks
+    up to ``MAX_FACTOR_RANK`` and offsets that fit in int32, else two matmuls (fp32 g among them:
+    the kernel's dots would run in TF32).
 
     ``programs``: how many programs to aim for (default: twice the GPU's multiprocessors); the
     kernel splits g's columns into as many ranges as that takes."""
+    N, O = g.shape
     r = B.shape[1]
-    if not available(g) or r > MAX_RANK or g.dtype == torch.float64:
+    supported = g.dtype in (torch.bfloat16, torch.float16) and N * O > 0 and 0 < r <= MAX_FACTOR_RANK
+    row_blocks = -(-N // FACTOR_TILE[0])
+    fits = N * max(g.stride(0), O) < 2 ** 31 and row_blocks * O * r < 2 ** 31  # the kernel's offsets are int32
+    if not (available(g) and supported and fits):
         return g @ B, (g.t() @ ax).to(torch.promote_types(g.dtype, torch.float32))
     return _factor_grads(g, B, ax, programs)
 
 
 def _factor_grads(g, B, ax, programs=None):
-    """The kernel's launch (any device Triton runs on: the tests run it in Triton's interpreter)."""
+    """The kernel's launch (any device Triton runs on: the tests run it in Triton's interpreter).
+    ``O_PER`` is a compile-time constant (the interpreter needs the loop's bound so): each distinct
+    value compiles once, a handful per layer shape as N varies."""
     N, O = g.shape
     r = B.shape[1]
     g = g if g.stride(1) == 1 else g.contiguous()

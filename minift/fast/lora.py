@@ -85,10 +85,12 @@ def enable(model: nn.Module, *, merged: bool = True, factor_kernel: bool = False
     fast = MergedLoRALinear if merged else AddmmLoRALinear
     names = []
     for name, m in lora_modules(model):
-        if type(m) in (LoRALinear, *FAST_LAYERS) and (type(m) is not fast or m.factor_kernel != factor_kernel):
+        want = merged and factor_kernel  # addmm layers have no such backward
+        switch = type(m) is not fast or getattr(m, "factor_kernel", False) != want
+        if type(m) in (LoRALinear, *FAST_LAYERS) and switch:
             m.__class__ = fast
             m.__dict__.pop("factor_kernel", None)
-            if merged and factor_kernel:
+            if want:
                 m.factor_kernel = True
             names.append(name)
     return names
@@ -153,7 +155,7 @@ class MergedLoRA(torch.autograd.Function):
             factors = _factor_grads_op if torch.compiler.is_compiling() else kernels.lora_factor_grads
             gB, gax = factors(g2, B_, ax)  # (N, r), (out, r) in at least fp32
             dA = (gB.t() @ x2).to(a_dt).mul_(s)  # (r, in)
-            dB = gax.to(b_dt).mul_(s)  # (out, r)
+            dB = gax.mul_(s).to(b_dt)  # (out, r), rounded once to B's dtype
         else:
             if need[3]:
                 dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)

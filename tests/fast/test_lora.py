@@ -125,6 +125,8 @@ def test_the_factor_kernel_is_a_setting_of_merged_layers_only_and_disable_clears
     assert not any(m.factor_kernel or "factor_kernel" in vars(m) for m in layers)
     fast_lora.enable(tiny_gpt, merged=False, factor_kernel=True)  # addmm layers have no such backward
     assert not any("factor_kernel" in vars(m) for m in layers)
+    assert fast_lora.enable(tiny_gpt, merged=False) == []  # twice: nothing to switch
+    assert fast_lora.enable(tiny_gpt, merged=False, factor_kernel=True) == []
     fast_lora.enable(tiny_gpt, factor_kernel=True)
     fast_lora.disable(tiny_gpt)
     assert all(type(m) is LoRALinear and "factor_kernel" not in vars(m) for m in layers)
@@ -230,10 +232,11 @@ def test_fast_enable_switches_lora_on_and_reports_it(tiny_gpt):
 
 @cuda
 @pytest.mark.parametrize("factor_kernel", [False, True])
-def test_merged_lora_on_cuda_matches_the_unmerged_layer(factor_kernel):
+def test_merged_lora_on_cuda_matches_the_unmerged_layer(factor_kernel, monkeypatch):
     """The merged forward (which rebuilds through the kernel; A's and B's gradients through the
     factor kernel or two matmuls) against the plain LoRA layer, bf16 autocast on CUDA: outputs and
     the gradients of x, A and B."""
+    ran = _count_factor_kernel(monkeypatch)
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(256, 384).cuda().requires_grad_(False), r=8, alpha=16)
     with torch.no_grad():
@@ -250,14 +253,16 @@ def test_merged_lora_on_cuda_matches_the_unmerged_layer(factor_kernel):
         x.grad = layer.lora_A.grad = layer.lora_B.grad = None
     for a, b in zip(*results):  # bf16 outputs and products: relative error of the whole tensor
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+    assert ran[0] == (1 if factor_kernel else 0)
 
 
 @cuda
 @pytest.mark.parametrize("factor_kernel", [False, True])
-def test_compiled_merged_lora_on_cuda_matches_eager(factor_kernel):
+def test_compiled_merged_lora_on_cuda_matches_eager(factor_kernel, monkeypatch):
     """Under torch.compile dynamo traces the kernel's launch into the forward graph (the backward's
     rebuild runs inside ``minift::lora_input_grad``, the factor kernel inside
     ``minift::lora_factor_grads``): compiled and eager agree, bf16 autocast."""
+    ran = _count_factor_kernel(monkeypatch)
     torch.manual_seed(0)
     layer = LoRALinear(nn.Linear(256, 384).cuda().requires_grad_(False), r=8, alpha=16)
     fast_lora.enable(layer, factor_kernel=factor_kernel)
@@ -273,3 +278,15 @@ def test_compiled_merged_lora_on_cuda_matches_eager(factor_kernel):
         x.grad = layer.lora_A.grad = layer.lora_B.grad = None
     for a, b in zip(*results):
         assert ((a - b).norm() / b.norm()).item() < 1e-2
+    assert ran[0] == (2 if factor_kernel else 0)  # eager, then the compiled step's custom op
+
+
+def _count_factor_kernel(monkeypatch) -> list[int]:
+    """Count the factor kernel's launches (``kernels._factor_grads``) from here on."""
+    ran, launch = [0], kernels._factor_grads
+
+    def counted(*a, **k):
+        ran[0] += 1
+        return launch(*a, **k)
+    monkeypatch.setattr(kernels, "_factor_grads", counted)
+    return ran
