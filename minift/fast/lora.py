@@ -65,7 +65,8 @@ class MergedLoRALinear(LoRALinear):
             return F.linear(x, self.weight, self.bias)
         if not self.merges():
             return addmm_forward(self, x)
-        return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling, self.factor_kernel)
+        return MergedLoRA.apply(x, self.weight, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                self.factor_kernel)
 
 
 FAST_LAYERS = (AddmmLoRALinear, MergedLoRALinear)
