@@ -142,6 +142,11 @@ class BenchConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.activation_budget is not None and not 0 < self.activation_budget <= 1:
             raise ValueError(f"activation_budget must be in (0, 1], got {self.activation_budget}")
+        merged = self.lora_merged_forward if self.lora_merged_forward is not None else \
+            self.speed == "default" and self.fast and self.device.startswith("cuda")  # (the plan's choice)
+        if self.lora_factor_kernel and not merged:
+            raise ValueError("--lora-factor-kernel is a backward of LoRA's merged forward, which this run does not "
+                             "take: add --lora-merged-forward")
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
         if self.isolate is None:  # torch 2.11: one model under CUDA graphs per process

@@ -75,6 +75,9 @@ def test_the_factor_kernel_is_a_merged_lora_rows_variant_and_reaches_its_layers(
                  "--lora-merged-forward", "--lora-factor-kernel", "--out", str(tmp_path), "--name", "b"]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
     assert rows[0]["variant"].endswith("merged_forward+factor_kernel")
+    for argv in ([], ["--speed", "eager"], ["--no-lora-merged-forward"]):  # no merged forward: refused
+        assert main(["bench", "--device", "cpu", "--methods", "lora", "--lora-factor-kernel", *argv]) == 2
+        assert "--lora-factor-kernel is a backward of LoRA's merged forward" in capsys.readouterr().err
 
 
 def test_the_activation_budget_is_a_compiled_rows_variant():
