@@ -113,7 +113,7 @@ class Step:
             return reference_step(self.opt, params, max_grad_norm, fast_clip.chosen(params, True))
         scale = None
         if max_grad_norm is not None:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            norm = fast_clip.global_norm(grads)
             # the kernel reads grad_scale as float32, whatever the parameters' dtype
             scale = torch.clamp((norm.float() + 1e-6) / max_grad_norm, min=1.0)
         torch._foreach_add_(self.all_steps, 1)

@@ -39,6 +39,11 @@ def chosen(params: Sequence[torch.Tensor], fast: bool):
     return clip_grad_norm_ if lean else torch.nn.utils.clip_grad_norm_
 
 
+def global_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all of ``grads`` together (plain tensors of one device and dtype), on their device."""
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Tensor | None:
     """Scale the gradients of ``params`` (those that have one) in place so that their global L2
     norm is at most ``max_norm``; returns that norm before clipping (None: no gradient).
@@ -46,6 +51,6 @@ def clip_grad_norm_(params: Sequence[torch.Tensor], max_norm: float) -> torch.Te
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return None
-    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    total = global_norm(grads)
     torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
     return total

@@ -47,7 +47,7 @@ MATMUL_ONLY = (nn.Linear, LoRALinear, SVDLinear)
 
 def applies(model: nn.Module) -> str | None:
     """None when ``enable`` may cast ``model``'s frozen weights, else why not."""
-    if any(getattr(m, "dora", False) for m in model.modules() if isinstance(m, LoRALinear)):
+    if any(m.dora for m in model.modules() if isinstance(m, LoRALinear)):
         return "DoRA layers read W0 outside a matmul"
     return None
 
