@@ -19,6 +19,8 @@
 #                  suite takes longer than one 10-minute device command)
 #     tests-core   every test but tests/training                        test-suite-gpu-core.log
 #     tests-training  tests/training                                    test-suite-gpu-training.log
+#   tests-parallel the whole suite as four pytest processes at once (folders split four ways; one command)
+#                  test-suite-gpu-{cli,fast,studies,training}.log
 #   tests-changed  the test files of what changed since the last whole-suite GPU run   test-files-gpu.log
 #   bench-eager    every method, eager; LoRA through the merged forward  bench-gpt2-medium-eager[-merged]-TAG
 #   bench-best     best-lora + best-full + best-prompt (up to ~10 min; run the parts separately
@@ -101,7 +103,8 @@
 #   factor-ab      LoRA (all six projections) with and without the factor kernel (bench --lora-factor-kernel:
 #                  the backward's g B and g^T (A x) in one Triton pass, fast.kernels.lora_factor_grads), eager
 #                  (merged forward) then default (compiled, CUDA graphs); its tests are in tests-changed
-#                  (limits 8.7 min)                  bench-gpt2-medium-factor-{eager,default}-{off,on}-TAG
+#                  (limits 8.7 min; FACTOR_MODES="eager" or "default" runs one half)
+#                                                    bench-gpt2-medium-factor-{eager,default}-{off,on}-TAG
 #   many           many-forward + many-train: many LoRA adapters on one GPT-2-medium-shaped base
 #                  (benchmarks/many_adapters.py; limits 5 + 7 min: two commands)
 #     many-forward 8 adapters x 4 rows x 1024: mixed batch (reference, fast) against a loop over the
@@ -173,6 +176,15 @@ stage() {
     go 560 test-suite-gpu-core python3 -m pytest -q -p no:cacheprovider -rfEs --ignore=tests/training ;;
   tests-training)
     go 560 test-suite-gpu-training python3 -m pytest -q -p no:cacheprovider -rfEs tests/training ;;
+  tests-parallel)
+    # the whole suite as four pytest processes at once, one per group of folders (one card, 16 host cores)
+    local -A shard=([cli]="tests/test_cli.py tests/test_cli_failures.py tests/test_metrics.py tests/adapters"
+      [fast]="tests/fast tests/methods tests/models" [studies]="tests/studies" [training]="tests/training")
+    local k
+    for k in "${!shard[@]}"; do
+      go 540 "test-suite-gpu-$k" python3 -m pytest -q -p no:cacheprovider -rfEs ${shard[$k]} &
+    done
+    wait ;;
   tests-changed)
     # the tests of what changed since the last whole-suite run on a GPU (edit the list as that changes)
     # (fast.frozen changes minift train's default CUDA path: test_cli.py's CUDA tests train with it;
@@ -390,7 +402,7 @@ stage() {
   factor-ab)
     local mode on
     local -A limit=([eager]=80 [default]=180)  # compiling GPT-2 medium's step takes up to 125 s on a fresh card
-    for mode in eager default; do
+    for mode in ${FACTOR_MODES:-eager default}; do
       for on in off on; do
         go ${limit[$mode]} "factor-$mode-$on" $M bench --out "$out" $G2M --methods lora --speed $mode --lora-merged-forward \
           $([ $on = on ] && echo --lora-factor-kernel) --name "bench-gpt2-medium-factor-$mode-$on-$tag"
