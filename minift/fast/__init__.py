@@ -18,8 +18,9 @@ where it rounds differently); its equivalence test checks that:
                                 (merged) or with the update inside one addmm
     many LoRAs    fast.multi_lora  a mixed batch of many adapters in a fixed number   tests/fast/test_multi_lora.py
                                 of kernels: each row's factors gathered, two bmm
-    frozen base   fast.frozen   frozen linear weights stored in bf16 (what        tests/fast/test_frozen.py
-                                autocast casts them to every step);
+    frozen base   fast.frozen   frozen parameters stored in bf16 (what autocast   tests/fast/test_frozen.py
+                                casts the linear ones to every step; embeddings
+                                and norms rounded too: a bf16 residual stream);
                                 ``minift train``'s choice (``training.speed``)
     Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
                                 by the merged LoRA forward; the backward's g B

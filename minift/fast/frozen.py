@@ -1,36 +1,42 @@
-"""A frozen base stored in the autocast dtype: the frozen weights that only a matmul reads are kept
-in bf16 instead of fp32, where every step would cast them to bf16 anyway.
+"""A frozen base stored in the autocast dtype: every frozen weight is kept in bf16 instead of fp32,
+as PEFT users load a base model in bf16 and as ``minift bench`` has always measured.
 
 Under autocast a linear layer's fp32 weight is cast to bf16 each time the layer runs, and a
 frozen weight is cast anew every step (autocast's cache keeps casts of trainable leaves only).
 For a LoRA run of GPT-2 medium that is a pass over 1.2 GB of fp32 weights and a bf16 copy of
-each, every step, to produce the same bf16 values each time. Storing them in bf16 once gives the
-matmuls exactly the tensors autocast would have made, holds half the memory and skips the casts:
+each, every step, to produce the same bf16 values each time. Storing them in bf16 once skips the
+casts and holds half the memory:
 
     reference (fp32 frozen W)                  frozen base in bf16
     step: W (fp32) --cast--> W' (bf16) --> mm   once: W (fp32) --cast--> W (bf16)
                                                 step: W (bf16) ----------------> mm
 
-Which weights: the frozen ``weight`` and ``bias`` of every ``nn.Linear``, LoRA layer and AdaLoRA
-layer, none of which reads them other than through a matmul (``F.linear``, an addmm, or the merged
-forward's W0 + sBA). Left in fp32: anything trainable; embeddings, and a head tied to one (an
-embedding's output is the residual stream, which stays fp32); LayerNorm weights (autocast runs
-LayerNorm in fp32); and every weight of a model with DoRA layers (their magnitudes and norms read
-W0 outside a matmul). A model with none of these layers is left as it is.
+Which parameters: every frozen floating-point one, each once (a head tied to an embedding is one
+parameter), but those of a norm layer that trains another of its own (BitFit's LayerNorms: a
+weight and a bias of two dtypes). Trainable ones stay fp32: the optimizer updates them (master
+weights).
 
-Numerics, under autocast: a linear layer computes exactly what it computed before (the same bf16
-weight). LoRA's merged forward rebuilds W0 + s·BA: through ``fast.kernels``' Triton kernel (CUDA,
-ranks up to ``kernels.MAX_RANK``) it now adds s·BA to W0 already rounded to bf16 and rounds the sum
-again, where the reference rounded W0 + s·BA once (within one bf16 rounding per element); through
-addmm (elsewhere) the reference rounds W0 to bf16 first as well, so nothing changes. Outside
-autocast the layers would multiply fp32 inputs by bf16 weights, which PyTorch refuses: the model
-then runs under autocast (``training.evaluate`` evaluates a model with bf16 weights so).
+Numerics, under autocast, against the fp32 base:
+- linear, LoRA and AdaLoRA layers multiply exactly the bf16 weight autocast would have made;
+  LoRA's merged forward adds s·BA to W0 already rounded (through ``fast.kernels``' Triton
+  kernel on CUDA the sum is rounded once more; addmm, elsewhere, rounds W0 first in the
+  reference too);
+- LayerNorm and RMSNorm weights are rounded to bf16 (the norms still compute in fp32);
+- embeddings are rounded to bf16, so their output, the residual stream, is bf16. In a pre-norm
+  model (GPT-2, Llama) it stays bf16 through every block, as in a PEFT model loaded in bf16; in
+  BERT each block's LayerNorm (in fp32) returns it to fp32. A bf16 residual stream is what saves
+  most: on GPT-2 medium with LoRA (8 x 1024, H200) ``minift bench``'s step, cast this way, took
+  37.3 ms and 7.39 GiB where ``minift train``'s, with the linear weights alone cast, took 39.2 ms
+  and 8.24 GiB (``benchmarks/results/h200/2026-12-03-gpt2-pairs/``);
+- DoRA's row norms of W0 + sBA are taken from the rounded W0.
+Outside autocast the layers would multiply fp32 inputs by bf16 weights, which PyTorch refuses: the
+model then runs under autocast (``training.evaluate`` evaluates a model with bf16 weights so).
 
 Irreversible: the fp32 values are gone (nothing keeps them: that would hold the memory saved).
 ``disable`` casts the weights back to fp32 so the reference path runs, their values rounded. For
 the same reason merging LoRA into a cast W0 (``merge``, then ``unmerge``) does not give W0 back.
 Only runs that never save the base nor train a frozen weight later take it
-(``training.speed.takes_bf16_frozen_linears``: on CUDA, under bf16 autocast, every method but full
+(``training.speed.takes_bf16_frozen_base``: on CUDA, under bf16 autocast, every method but full
 fine-tuning, without gradual unfreezing).
 """
 from __future__ import annotations
@@ -41,44 +47,31 @@ import torch.nn as nn
 from minift.methods.adalora import SVDLinear
 from minift.methods.lora import LoRALinear
 
-# the modules whose weight and bias only a matmul reads
-MATMUL_ONLY = (nn.Linear, LoRALinear, SVDLinear)
+
+# modules whose frozen weight may sit beside a trainable fp32 one (a LoRA/DoRA layer's W0, BitFit's
+# trained bias): autocast casts every argument of their matmul to bf16
+MATMUL = (nn.Linear, LoRALinear, SVDLinear)
 
 
-def applies(model: nn.Module) -> str | None:
-    """None when ``enable`` may cast ``model``'s frozen weights, else why not."""
-    if any(m.dora for m in model.modules() if isinstance(m, LoRALinear)):
-        return "DoRA layers read W0 outside a matmul"
-    return None
-
-
-def frozen_matmul_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """{name: parameter} of the frozen weights and biases that ``enable`` casts (see the module's
-    docstring), each once (a parameter shared by two modules appears under its first name)."""
-    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    found: dict[int, tuple[str, nn.Parameter]] = {}
-    for name, m in model.named_modules():
-        if not isinstance(m, MATMUL_ONLY):
-            continue
-        for attr in ("weight", "bias"):
-            p = getattr(m, attr, None)
-            if isinstance(p, nn.Parameter) and not p.requires_grad and id(p) not in tied \
-                    and p.is_floating_point():
-                found.setdefault(id(p), (f"{name}.{attr}" if name else attr, p))
-    return dict(found.values())
+def frozen_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """{name: parameter} of the frozen floating-point parameters of ``model``, each once (a
+    parameter shared by two modules appears under its first name). Left out: the frozen
+    parameters of a module other than a linear layer that trains one of its own (a LayerNorm
+    whose bias BitFit trains), which would be given a weight and a bias of two dtypes."""
+    mixed = {id(p) for m in model.modules() if not isinstance(m, MATMUL)
+             and any(q.requires_grad for q in m.parameters(recurse=False)) for p in m.parameters(recurse=False)}
+    return {n: p for n, p in model.named_parameters()
+            if not p.requires_grad and p.is_floating_point() and id(p) not in mixed}
 
 
 def enable(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
-    """Store the frozen matmul-only weights of ``model`` in ``dtype`` (in place, on their device).
+    """Store the frozen parameters of ``model`` in ``dtype`` (in place, on their device).
 
     Returns:
-        The names of the parameters cast (``[]`` when none is left to cast, or when ``applies``
-        says no).
+        The names of the parameters cast (``[]`` when none is left to cast).
     """
-    if applies(model) is not None:
-        return []
     names = []
-    for name, p in frozen_matmul_weights(model).items():
+    for name, p in frozen_parameters(model).items():
         if p.dtype != dtype:
             p.data = p.data.to(dtype)
             names.append(name)
@@ -86,10 +79,10 @@ def enable(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
 
 
 def disable(model: nn.Module) -> list[str]:
-    """Cast the frozen matmul-only weights held in a 16-bit dtype back to fp32 (their values stay
-    rounded); returns their names."""
+    """Cast the frozen parameters held in a 16-bit dtype back to fp32 (their values stay rounded);
+    returns their names."""
     names = []
-    for name, p in frozen_matmul_weights(model).items():
+    for name, p in frozen_parameters(model).items():
         if p.dtype in (torch.bfloat16, torch.float16):
             p.data = p.data.float()
             names.append(name)

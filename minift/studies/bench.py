@@ -19,9 +19,9 @@ oracles are never imported from ``minift/``.
 it); each row records its plan (``Row.speed``) and its first step's time (``Row.first_step_s``,
 compiling included) apart from the steady median.
 
-Each optimization is a flag so its effect is measured, not assumed: ``frozen_bf16`` (frozen base
-weights in bf16), ``compile`` (torch.compile), ``checkpointing`` (activation checkpointing),
-``plain_ce`` (full fp32 logits, the naive loss, against ``minift.fast.loss``'s fused one),
+Each optimization is a flag so its effect is measured, not assumed: ``frozen_bf16`` (every frozen
+parameter in bf16, ``minift.fast.frozen``), ``compile`` (torch.compile), ``checkpointing``
+(activation checkpointing), ``plain_ce`` (full fp32 logits, the naive loss, against ``minift.fast.loss``'s fused one),
 ``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``; with
 ``lora_factor_kernel`` its backward's g B and g^T (A x) in one pass, ``kernels.lora_factor_grads``),
 ``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head), ``fused_adamw``
@@ -186,6 +186,7 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
     hooks = build_method(model, method, method_options(cfg, method), total_steps=cfg.warmup + cfg.steps + 1).hooks
     p = speed_plan(cfg, method, hooks)
     from minift import fast  # every speed piece; LoRA's merged forward where the plan says
+    from minift.fast import frozen
     if p.fast:
         fast.enable(model, merged_lora=p.merged_lora, loss_chunk=cfg.loss_chunk,
                     lora_factor_kernel=cfg.lora_factor_kernel)
@@ -197,10 +198,8 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
     if isinstance(model, BertClassifier):
         model.bert.checkpointing = cfg.checkpointing
     model.to(cfg.device)
-    if cfg.frozen_bf16:
-        for q in model.parameters():
-            if not q.requires_grad:
-                q.data = q.data.to(torch.bfloat16)
+    if cfg.frozen_bf16:  # as minift train's plan does for every method but full fine-tuning
+        frozen.enable(model)
     return model, hooks, p
 
 

@@ -20,8 +20,8 @@ TASKS = tuple(TASK_METRICS)
 def evaluate(model: torch.nn.Module, batches, task: str, device=None, *, predictions: list | None = None,
              progress: bool = False) -> dict[str, float]:
     """Mean loss (per example, or per predicted token for GPT) and the task's metrics
-    (``TASK_METRICS``) of ``model`` in eval mode on ``batches``. A model whose frozen linear
-    weights are stored in bf16 (``minift train``'s default on CUDA, ``minift.fast.frozen``) is
+    (``TASK_METRICS``) of ``model`` in eval mode on ``batches``. A model whose frozen
+    parameters are stored in bf16 (``minift train``'s default on CUDA, ``minift.fast.frozen``) is
     evaluated under bf16 autocast (``matmul_autocast``); any other in its own dtypes.
 
     Args:

@@ -19,7 +19,7 @@ from minift.training.evaluate import TASK_METRICS, TASKS, evaluate
 from minift.training.config import TrainConfig
 from minift.training.run_dir import check_out, check_resume, identity, jsonable, save_outputs, start_run
 from minift.training.settings import Settings, resolve_paths, settings
-from minift.training.speed import takes_bf16_frozen_linears
+from minift.training.speed import takes_bf16_frozen_base
 
 
 # ---------------------------------------------------------------------------- model, data, method
@@ -87,19 +87,15 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     if p.pad:
         batches = D.pad_to_one_shape(batches, D.pad_id(tok))
         p.notes[-1] += " ({} x {})".format(*batches[0]["input_ids"].shape)  # the shape to bench it at
-    if p.bf16_frozen_linears:
-        p.notes.append(bf16_frozen_linears(model))
+    if p.bf16_frozen_base:
+        p.notes.append(bf16_frozen_base(model))
     return batches, p.describe()
 
 
-def bf16_frozen_linears(model) -> str:
-    """Store ``model``'s frozen linear weights in bf16 (``minift.fast.frozen``) where that applies;
-    returns what was done, in words."""
+def bf16_frozen_base(model) -> str:
+    """Store ``model``'s frozen parameters in bf16 (``minift.fast.frozen``); returns what was done, in words."""
     from minift.fast import frozen
-    why = frozen.applies(model)
-    if why is not None:
-        return f"frozen base kept in fp32 ({why})"
-    return f"frozen base in bf16 ({len(frozen.enable(model))} weights)"
+    return f"frozen base in bf16 ({len(frozen.enable(model))} tensors)"
 
 
 def enable_merged_forward(model) -> None:
@@ -255,9 +251,9 @@ def eval_command(args) -> int:
     if device.type == "cuda" and run["train"].get("fast", True):  # as minift train evaluated on CUDA
         from minift import fast
         fast.enable(model)
-        if takes_bf16_frozen_linears(fast=True, peft=st.peft, bf16=run["train"].get("bf16", True),
+        if takes_bf16_frozen_base(fast=True, peft=st.peft, bf16=run["train"].get("bf16", True),
                                      hooks=st.hooks):  # as the run's plan chose
-            bf16_frozen_linears(model)
+            bf16_frozen_base(model)
     preds = [] if preds_path is not None else None
     metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task, predictions=preds,
                        progress=not getattr(args, "no_progress", True))

@@ -6,9 +6,9 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
     choice                        when                                        opt-out
     minift.fast's pieces          always (cast once, fused loss, LoRA's       --fast false
                                   faster forwards)
-    frozen linear weights in      every method but full fine-tuning (the      --fast false, --bf16 false
-    bf16 (fast.frozen)            base is never saved) under bf16 autocast;
-                                  not with DoRA layers or gradual unfreezing
+    the frozen base in bf16       every method but full fine-tuning (the      --fast false, --bf16 false
+    (fast.frozen)                 base is never saved) under bf16 autocast,
+                                  not with gradual unfreezing
     LoRA's merged forward         plain LoRA layers; a layer with dropout      --fast false
                                   takes the addmm forward while training
     torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
@@ -44,7 +44,7 @@ from minift.methods.spec import TrainHooks
 class SpeedPlan:
     fast: bool = False                # minift.fast.enable(model)
     merged_lora: bool = False         # ... with LoRA's merged forward
-    bf16_frozen_linears: bool = False  # minift.fast.frozen.enable(model) (takes_bf16_frozen_linears)
+    bf16_frozen_base: bool = False    # minift.fast.frozen.enable(model) (takes_bf16_frozen_base)
     compile: bool = False
     compile_mode: str = "default"
     pad: bool = False                 # pad every training batch to one shape (data.pad_to_one_shape)
@@ -86,8 +86,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     p.merged_lora = merged_forward or p.fast
     if p.fast:
         p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, lean AdamW step)")
-    # the caller checks the model too (fast.frozen.applies: no DoRA layers)
-    p.bf16_frozen_linears = takes_bf16_frozen_linears(fast=p.fast, peft=peft, bf16=given.get("bf16", True),
+    p.bf16_frozen_base = takes_bf16_frozen_base(fast=p.fast, peft=peft, bf16=given.get("bf16", True),
                                                       hooks=hooks)
     hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
     if "compile" in given:
@@ -112,8 +111,8 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     return p
 
 
-def takes_bf16_frozen_linears(*, fast: bool, peft: bool, bf16: bool, hooks: TrainHooks) -> bool:
-    """Whether a run stores its frozen linear weights in bf16 (``minift.fast.frozen``): with minift.fast
+def takes_bf16_frozen_base(*, fast: bool, peft: bool, bf16: bool, hooks: TrainHooks) -> bool:
+    """Whether a run stores its frozen parameters in bf16 (``minift.fast.frozen``): with minift.fast
     on (CUDA), under bf16 autocast, for a method that saves no base weight, and without gradual
     unfreezing (a frozen weight it unfreezes would then train in bf16)."""
     return bool(fast and peft and bf16 and hooks.unfreezer is None)
