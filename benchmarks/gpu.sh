@@ -52,6 +52,7 @@
 #                  elementwise for inductor (benchmarks/rebuild_ab.py)  bench-gpt2-medium-rebuild-*-TAG
 #   compare-full   `minift compare --full`: MiniLM-L6 on movie-review sentiment  compare-full-TAG
 #                  (needs weights/ from the `prep` stage, carried to the GPU machine)
+#   compare-adapters  every adapter method of compare-full once (seed 0), 7 at a time   compare-adapters-TAG
 #   codegen        codegen-pretrain then codegen-case (MINUTES of pretraining, default 4.0)
 #     codegen-pretrain  tokenizer + ~23M GPT on the standard library minus asyncio  codegen-pretrain-corpus.json,
 #                  codegen-roundtrip.json (transformers loads it: same logits)
@@ -93,7 +94,8 @@
 #                  pairs/train-vs-bench.md
 #     issue21-pairs-gpt2 (not in issue21) the same at bench's GPT-2 medium shape, LoRA (all six projections) and
 #                  full, one round, and bench's LoRA with the frozen base in fp32 as train keeps it (about 10.5 min
-#                  on a cold compile cache; PAIRS_METHODS="full" or "lora" runs one method's part, about 5 min)
+#                  on a cold compile cache; PAIRS_METHODS="full" or "lora" runs one method's part, about 5 min;
+#                  PAIRS_FP32=0 leaves out the fp32-base row)
 #                  pairs-gpt2/train-vs-bench.md
 #     issue21-bert bench default full and LoRA on q,v, MiniLM 16 x 128 and BERT-base 32 x 128
 #                  bench-{minilm,bert-base}-default-TAG
@@ -187,10 +189,10 @@ stage() {
     wait ;;
   tests-changed)
     # the tests of what changed since the last whole-suite run on a GPU (edit the list as that changes)
-    # (fast.frozen changes minift train's default CUDA path: test_cli.py's CUDA tests train with it;
-    # the factor kernel: test_kernels.py, test_lora.py)
+    # (fast.frozen, which now casts every frozen parameter, changes minift train's and bench's default CUDA
+    # path: test_cli.py's CUDA tests train with it; the factor kernel's bound: test_kernels.py)
     go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_frozen.py \
-      tests/fast/test_kernels.py tests/fast/test_lora.py tests/studies/test_bench_speed.py \
+      tests/fast/test_kernels.py tests/fast/test_lora.py tests/studies/test_bench_speed.py tests/studies/test_bench.py \
       tests/training/test_speed.py tests/test_cli.py tests/training/test_train.py ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
@@ -259,6 +261,12 @@ stage() {
       go 170 "rebuild-$v" python3 benchmarks/rebuild_ab.py $v --out "$out" $G2M --methods lora $GRAPHS \
         --lora-merged-forward --no-isolate --name "bench-gpt2-medium-rebuild-$v-$tag"
     done ;;
+  compare-adapters)
+    # every adapter method once (seed 0), as compare-full runs it: against a committed seed-0 row, a check
+    # of what a change to the adapter runs' numerics does to their accuracy
+    go 400 compare-adapters env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M compare --full --seeds 1 \
+      --jobs 7 --methods lora,dora,adalora,prefix,prompt,freeze,bitfit --model weights/minilm-fp16 --device cuda \
+      --no-progress --out "$out" --name compare-adapters-$tag ;;
   compare-full)
     go 580 compare-full env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M compare --full \
       --model weights/minilm-fp16 --device cuda --no-progress --out "$out" --name compare-full-$tag ;;
@@ -357,7 +365,7 @@ stage() {
     local -A only=([lora]="--targets q_proj,k_proj,v_proj,o_proj,up_proj,down_proj" [full]="")
     mkdir -p "$out/pairs-gpt2"
     go 240 pairs-gpt2/prep python3 "$here/benchmarks/preset_run_dir.py" --out "$d"
-    [[ " ${PAIRS_METHODS:-lora} " != *" lora "* ]] ||
+    [[ " ${PAIRS_METHODS:-lora} " != *" lora "* || ${PAIRS_FP32:-1} != 1 ]] ||
     go 200 pairs-gpt2/fp32base-lora $M bench --out "$out/pairs-gpt2" $G2M --methods lora --max-grad-norm 1.0 \
       --steps 20 --no-frozen-bf16 --name "fp32base-lora-$tag"
     for m in ${PAIRS_METHODS:-lora full}; do

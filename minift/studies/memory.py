@@ -3,8 +3,9 @@
 The training step the estimate models (the one ``minift.studies.bench`` runs and
 ``benchmarks/advisor_check.py`` measures on a GPU):
   - parameters: trainable ones fp32 (master weights); frozen ones in ``frozen_dtype``
-    (the bench stores them in bf16 for every method; a frozen bf16 embedding makes the
-    residual stream bf16, the estimate follows those dtypes op by op);
+    (``minift train`` on CUDA and the bench store them in bf16, ``minift.fast.frozen``; a
+    frozen bf16 embedding makes the residual stream bf16, the estimate follows those dtypes op
+    by op);
   - forward under ``torch.autocast("cuda", dtype=torch.bfloat16)``: matmuls and SDPA in bf16
     (the models cast the attention input and the MLP input once (``cast_once``), one bf16
     copy shared by q, k, v, up_proj (Llama: gate_proj too) and their LoRA A / AdaLoRA factors;
