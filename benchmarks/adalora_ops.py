@@ -11,8 +11,8 @@ width, so the counts match GPT-2 medium's (144 adapted modules) while running in
 It is built with ``build_method`` and stepped with the calls ``minift.training.loop.train`` makes
 (its ``train_hooks``: penalty, forward context, allocator), set up as they run on CUDA:
 bf16 autocast (CPU autocast stands in), fused AdamW, foreach gradient clipping.
-``--frozen-bf16`` stores frozen weights in bf16 as ``minift.studies.bench`` does; by default
-frozen weights are fp32, as ``train`` keeps them.
+``--frozen-bf16`` stores frozen weights in bf16 as ``minift.studies.bench`` and ``minift train`` on
+CUDA do; by default frozen weights are fp32, as ``train`` keeps them with ``--fast false``.
 
 AdaLoRA is counted at a step inside the pruning window (tinit < t < T - tfinal) where it
 prunes, one inside it where it only updates the scores, and one in the final phase (the
@@ -42,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minift.fast import frozen  # noqa: E402
 from minift.methods.registry import build_method  # noqa: E402
 from minift.models.gpt import GPT, GPTConfig  # noqa: E402
 from minift.training.loop import make_optimizer, model_forward  # noqa: E402
@@ -78,9 +79,7 @@ def build(method: str, layers: int, opts: dict, frozen_bf16: bool):
     model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=layers, n_head=4, n_embd=64))
     st = build_method(model, method, {"targets": TARGETS, **opts})
     if frozen_bf16:  # as minift.studies.bench does: frozen weights need no per-step cast under autocast
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
+        frozen.enable(model)
     return model, st.train_hooks()
 
 

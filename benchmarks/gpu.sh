@@ -52,7 +52,6 @@
 #                  elementwise for inductor (benchmarks/rebuild_ab.py)  bench-gpt2-medium-rebuild-*-TAG
 #   compare-full   `minift compare --full`: MiniLM-L6 on movie-review sentiment  compare-full-TAG
 #                  (needs weights/ from the `prep` stage, carried to the GPU machine)
-#   compare-adapters  every adapter method of compare-full once (seed 0), 7 at a time   compare-adapters-TAG
 #   codegen        codegen-pretrain then codegen-case (MINUTES of pretraining, default 4.0)
 #     codegen-pretrain  tokenizer + ~23M GPT on the standard library minus asyncio  codegen-pretrain-corpus.json,
 #                  codegen-roundtrip.json (transformers loads it: same logits)
@@ -93,7 +92,7 @@
 #                  steps) in alternation, three rounds (limits 320 s a round; about 100 s a round on an H200)
 #                  pairs/train-vs-bench.md
 #     issue21-pairs-gpt2 (not in issue21) the same at bench's GPT-2 medium shape, LoRA (all six projections) and
-#                  full, one round, and bench's LoRA with the frozen base in fp32 as train keeps it (about 10.5 min
+#                  full, one round, and bench's LoRA with the whole frozen base in fp32 (about 10.5 min
 #                  on a cold compile cache; PAIRS_METHODS="full" or "lora" runs one method's part, about 5 min;
 #                  PAIRS_FP32=0 leaves out the fp32-base row)
 #                  pairs-gpt2/train-vs-bench.md
@@ -261,12 +260,6 @@ stage() {
       go 170 "rebuild-$v" python3 benchmarks/rebuild_ab.py $v --out "$out" $G2M --methods lora $GRAPHS \
         --lora-merged-forward --no-isolate --name "bench-gpt2-medium-rebuild-$v-$tag"
     done ;;
-  compare-adapters)
-    # every adapter method once (seed 0), as compare-full runs it: against a committed seed-0 row, a check
-    # of what a change to the adapter runs' numerics does to their accuracy
-    go 400 compare-adapters env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M compare --full --seeds 1 \
-      --jobs 7 --methods lora,dora,adalora,prefix,prompt,freeze,bitfit --model weights/minilm-fp16 --device cuda \
-      --no-progress --out "$out" --name compare-adapters-$tag ;;
   compare-full)
     go 580 compare-full env MINIFT_CACHE="${MINIFT_CACHE:-$tree/weights/cache}" $M compare --full \
       --model weights/minilm-fp16 --device cuda --no-progress --out "$out" --name compare-full-$tag ;;
@@ -359,8 +352,8 @@ stage() {
   issue21-pairs-gpt2)
     # minift train at bench's GPT-2 medium shape (8 x 1024 blocks; a random model and text,
     # benchmarks/preset_run_dir.py) after bench, LoRA on all six projections and full fine-tuning, clipping
-    # at 1.0 on both sides. Bench keeps the frozen base in bf16 by default, train in fp32: bench's
-    # LoRA row runs both ways (the fp32 one is fp32base-lora-TAG, which train_vs_bench.py leaves out)
+    # at 1.0 on both sides, each with its default frozen base in bf16 (fast.frozen). Bench's LoRA row also
+    # runs with the base in fp32 (fp32base-lora-TAG, which train_vs_bench.py leaves out; PAIRS_FP32=0: not)
     local m d="${TMPDIR:-/tmp}/minift-gpt2-run-dir"
     local -A only=([lora]="--targets q_proj,k_proj,v_proj,o_proj,up_proj,down_proj" [full]="")
     mkdir -p "$out/pairs-gpt2"

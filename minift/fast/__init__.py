@@ -24,7 +24,7 @@ where it rounds differently); its equivalence test checks that:
                                 ``minift train``'s choice (``training.speed``)
     Triton        fast.kernels  the rebuild of W0 + sBA in one pass (CUDA), used   tests/fast/test_kernels.py
                                 by the merged LoRA forward; the backward's g B
-                                and g^T (A x) in one pass (opt-in: no faster)
+                                and g^T (A x) in one pass (opt-in)
     clipping      fast.clip     the global-norm gradient clipping in a fixed few   tests/fast/test_clip.py
                                 kernels (one device and dtype)
     AdamW step    fast.adamw    fused AdamW's kernel called over lists gathered    tests/fast/test_adamw.py
@@ -52,7 +52,7 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
             the reference forward either way.
         loss_chunk: positions per vocabulary projection in the fused loss (None: its default).
         lora_factor_kernel: merged LoRA layers take A's and B's gradients through
-            ``kernels.lora_factor_grads`` (off by default: measured no faster, h200/2026-12-03-factor-ab).
+            ``kernels.lora_factor_grads`` (off by default: docs/benchmarks.md has why).
     Returns:
         One line per piece switched on, e.g. ``"cast once: 4 modules"``; pieces that do not apply
         (no LoRA layers, no GPT loss) or are already on are left out.

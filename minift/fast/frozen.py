@@ -1,5 +1,6 @@
-"""A frozen base stored in the autocast dtype: every frozen weight is kept in bf16 instead of fp32,
-as PEFT users load a base model in bf16 and as ``minift bench`` has always measured.
+"""A frozen base stored in the autocast dtype: every frozen parameter is kept in bf16 instead of
+fp32, as PEFT users load a base model in bf16. ``minift train`` (on CUDA) and ``minift bench`` both
+store the base this way.
 
 Under autocast a linear layer's fp32 weight is cast to bf16 each time the layer runs, and a
 frozen weight is cast anew every step (autocast's cache keeps casts of trainable leaves only).
@@ -12,23 +13,25 @@ casts and holds half the memory:
                                                 step: W (bf16) ----------------> mm
 
 Which parameters: every frozen floating-point one, each once (a head tied to an embedding is one
-parameter), but those of a norm layer that trains another of its own (BitFit's LayerNorms: a
-weight and a bias of two dtypes). Trainable ones stay fp32: the optimizer updates them (master
-weights).
+parameter), except those of a module other than a linear layer that trains one of its own
+parameters (BitFit's LayerNorms: a weight and a bias of two dtypes, which CPU autocast's
+LayerNorm refuses). Trainable ones stay fp32: the optimizer updates them (master weights).
 
-Numerics, under autocast, against the fp32 base:
+Numerics, under CUDA autocast, against the fp32 base:
 - linear, LoRA and AdaLoRA layers multiply exactly the bf16 weight autocast would have made;
   LoRA's merged forward adds s·BA to W0 already rounded (through ``fast.kernels``' Triton
   kernel on CUDA the sum is rounded once more; addmm, elsewhere, rounds W0 first in the
   reference too);
-- LayerNorm and RMSNorm weights are rounded to bf16 (the norms still compute in fp32);
+- LayerNorm weights are rounded to bf16 and the norm computes in fp32; Llama's RMSNorm
+  normalizes in fp32 and multiplies by its rounded weight in the input's dtype;
 - embeddings are rounded to bf16, so their output, the residual stream, is bf16. In a pre-norm
-  model (GPT-2, Llama) it stays bf16 through every block, as in a PEFT model loaded in bf16; in
-  BERT each block's LayerNorm (in fp32) returns it to fp32. A bf16 residual stream is what saves
-  most: on GPT-2 medium with LoRA (8 x 1024, H200) ``minift bench``'s step, cast this way, took
-  37.3 ms and 7.39 GiB where ``minift train``'s, with the linear weights alone cast, took 39.2 ms
-  and 8.24 GiB (``benchmarks/results/h200/2026-12-03-gpt2-pairs/``);
-- DoRA's row norms of W0 + sBA are taken from the rounded W0.
+  model (GPT-2, Llama) it stays bf16 through every block, as in a PEFT model loaded in bf16
+  (Llama's rotary cos and sin follow it to bf16); in BERT each block's LayerNorm (fp32 under CUDA
+  autocast) returns it to fp32. The bf16 residual stream is most of what this saves over casting
+  the linear weights alone (docs/speed.md has the measurement);
+- DoRA's row norms of W0 + sBA are taken from the rounded W0, while its magnitudes m were taken
+  from the fp32 one: at init f = m / ||W0 + sBA|| is within about 1e-3 of 1, not exactly 1.
+CPU autocast runs LayerNorm in its input's dtype, so there a BERT's residual stream stays bf16.
 Outside autocast the layers would multiply fp32 inputs by bf16 weights, which PyTorch refuses: the
 model then runs under autocast (``training.evaluate`` evaluates a model with bf16 weights so).
 

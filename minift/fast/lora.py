@@ -10,7 +10,7 @@ faster (tests/fast/test_lora.py checks outputs and gradients against the referen
   to the output, and one input-gradient GEMM instead of two summed. Gradients of A and B are exact;
   the forward rounds W0 + sBA once to the matmul dtype (bf16 under autocast), like any bf16 weight.
   The rebuild is one Triton pass on CUDA (``minift.fast.kernels``), ``torch.addmm`` elsewhere.
-  With ``factor_kernel`` (off by default: measured no faster compiled) the backward's two products
+  With ``factor_kernel`` (off by default: docs/benchmarks.md) the backward's two products
   that read the output gradient, g B and g^T (A x), come from one Triton pass over it
   (``kernels.lora_factor_grads``).
 

@@ -198,7 +198,7 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
     if isinstance(model, BertClassifier):
         model.bert.checkpointing = cfg.checkpointing
     model.to(cfg.device)
-    if cfg.frozen_bf16:  # as minift train's plan does for every method but full fine-tuning
+    if cfg.frozen_bf16:  # what minift train does on CUDA for every method but full fine-tuning
         frozen.enable(model)
     return model, hooks, p
 

@@ -84,7 +84,7 @@ def add_bench(sub) -> None:
                    help="attention through SDPA's math backend instead of flash kernels (for comparison)")
     p.add_argument("--lora-factor-kernel", action="store_true",
                    help="merged LoRA layers: the backward's g B and g^T (A x) in one Triton pass "
-                        "(measured no faster compiled on an H200, 0.22 GiB less)")
+                        "(docs/benchmarks.md: what it saves)")
     p.add_argument("--sync-each-step", action="store_true",
                    help="CUDA timing: wait for the GPU after every step instead of once after the window")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,

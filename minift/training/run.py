@@ -252,7 +252,7 @@ def eval_command(args) -> int:
         from minift import fast
         fast.enable(model)
         if takes_bf16_frozen_base(fast=True, peft=st.peft, bf16=run["train"].get("bf16", True),
-                                     hooks=st.hooks):  # as the run's plan chose
+                                  hooks=st.hooks):  # as the run's plan chose
             bf16_frozen_base(model)
     preds = [] if preds_path is not None else None
     metrics = evaluate(model, D.batches(ex, args.batch_size, pad_id=D.pad_id(tok)), task, predictions=preds,

@@ -17,6 +17,7 @@ from minift.methods import lora
 from minift.methods.registry import build_method
 from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
+from minift.models.llama import Llama, LlamaConfig
 from minift.training.evaluate import evaluate
 from minift.training.forward import model_forward
 
@@ -70,8 +71,10 @@ class Stack(nn.Module):
         return self.v_proj(F.gelu(self.mid(F.gelu(self.q_proj(x)))))
 
 
-@pytest.mark.parametrize("merged", [False, True])  # off CUDA the merged weight is rebuilt by addmm, which
-def test_a_stack_of_linear_layers_under_autocast_is_exactly_the_reference(merged):  # rounds W0 first too
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_stack_of_linear_layers_under_autocast_is_exactly_the_reference(merged):
+    """Off CUDA the merged weight is rebuilt by addmm, which rounds W0 to bf16 first in the reference
+    too: merged or not, the step is the reference's bit for bit."""
     ref = Stack(merged)
     bf = copy.deepcopy(ref)
     assert len(frozen.enable(bf)) == 6  # the three weights and biases (two of them W0 and b0)
@@ -115,18 +118,42 @@ def test_under_autocast_a_bf16_base_adds_no_more_error_than_autocast(method, opt
     randomize_adapters(ref)
     bf = copy.deepcopy(ref)
     cast = frozen.enable(bf)
-    assert "wte.weight" in cast and any(".ln_" in n for n in cast) != (method == "bitfit"), cast  # its
-    # LayerNorms train their biases: both their parameters stay fp32 (frozen_parameters)
-    exact = step_fp32(ref, lm_batch())
-    _, grads = step(ref, lm_batch())
-    _, grads_bf = step(bf, lm_batch())
+    # BitFit's LayerNorms train their biases: both their parameters stay fp32 (frozen_parameters)
+    assert "wte.weight" in cast and any(".ln_" in n for n in cast) != (method == "bitfit"), cast
+    assert_no_more_error_than_autocast(ref, bf, lm_batch())
+
+
+def assert_no_more_error_than_autocast(ref, bf, batch):
+    exact = step_fp32(ref, batch)
+    _, grads = step(ref, batch)
+    _, grads_bf = step(bf, batch)
     assert grads_bf.keys() == exact.keys() and exact
     assert rel_error(grads_bf, exact) <= 2 * rel_error(grads, exact) + 1e-3
 
 
+def test_llama_and_a_bert_classifier_too():
+    """Llama (RMSNorm, rotary cos and sin in the residual stream's dtype, an untied head) and a BERT
+    classifier (post-norm, a trained head) with LoRA: the same bound as the GPT's."""
+    torch.manual_seed(0)
+    llama = Llama(LlamaConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64,
+                              max_position_embeddings=64))
+    build_method(llama, "lora", {"r": 4, "targets": ALL_GPT + ["gate_proj"]})
+    bert = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3)
+    build_method(bert, "lora", {"r": 4, "targets": ["q_proj", "v_proj"]})
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))
+    batches = {llama: {"input_ids": ids, "attention_mask": None, "labels": ids},
+               bert: {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 2])}}
+    for model, batch in batches.items():
+        randomize_adapters(model)
+        bf = copy.deepcopy(model)
+        cast = frozen.enable(bf)
+        assert any("emb" in n for n in cast) and any("norm" in n or ".ln" in n for n in cast), cast
+        assert_no_more_error_than_autocast(model, bf, batch)
+
+
 def test_adam_steps_from_a_bf16_base_follow_the_fp32_base():
     """A few AdamW steps of LoRA on the tiny GPT: the loss curve with the frozen base in bf16 stays
-    within 1% of the fp32 base's."""
+    within 0.2% of the fp32 base's."""
     curves = []
     for cast in (False, True):
         model = gpt("lora")
@@ -141,7 +168,7 @@ def test_adam_steps_from_a_bf16_base_follow_the_fp32_base():
         curves.append(curve)
     assert curves[0][-1] < curves[0][0] - 0.05  # it trains
     for a, b in zip(*curves):
-        assert abs(a - b) <= 0.01 * a, curves
+        assert abs(a - b) <= 2e-3 * a, curves
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and kernels.triton is not None),
@@ -218,4 +245,4 @@ def test_evaluate_runs_a_cast_model_under_autocast_and_leaves_other_models_alone
         want_bf, want_ref = evaluate(bf, batches, "causal-lm"), evaluate(ref, batches, "causal-lm")
     assert evaluate(bf, batches, "causal-lm") == want_bf  # no autocast given: evaluate enters bf16 autocast
     got_ref = evaluate(ref, batches, "causal-lm")  # an fp32 model, no autocast: fp32 matmuls
-    assert got_ref != want_ref and abs(got_ref["loss"] - want_bf["loss"]) < 1e-2
+    assert got_ref != want_ref and abs(got_ref["loss"] - want_bf["loss"]) < 1e-3

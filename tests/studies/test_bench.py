@@ -127,6 +127,20 @@ def test_dropout_reaches_the_model_and_lora_and_names_the_row(model):
     assert {mod.p for mod in m0.modules() if isinstance(mod, torch.nn.Dropout)} <= {0.0}
 
 
+@pytest.mark.parametrize("method", ["lora", "bitfit", "full"])
+def test_the_frozen_base_is_cast_as_minift_train_casts_it(method):
+    """frozen_bf16 (CUDA's default; the CPU turns it off, so the test sets it after) stores the
+    frozen base through minift.fast.frozen: every frozen parameter in bf16, BitFit's LayerNorms
+    (their biases train) and every trainable parameter in fp32."""
+    cfg = bench.BenchConfig(model="tiny-gpt", methods=(method,), device="cpu")
+    cfg.frozen_bf16 = True
+    m, _, _ = bench.build(cfg, method)
+    for n, p in m.named_parameters():
+        keep = p.requires_grad or (method == "bitfit" and "ln_" in n)
+        assert p.dtype == (torch.float32 if keep else torch.bfloat16), n
+    assert any(p.dtype == torch.bfloat16 for p in m.parameters()) == (method != "full")
+
+
 def test_run_hands_over_the_rows_after_each_method():
     """A run killed mid-way (a GPU call's time limit) keeps the methods that finished."""
     seen = []
