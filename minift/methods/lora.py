@@ -175,9 +175,10 @@ class DoRALinear(LoRALinear):
         f = self.lora_magnitude / norm  # (out,); m gets its gradient here
         # f (W0 x + sBA x) + b, written as h + (f - 1) W0 x + f sBA x: at init f == 1 and the output
         # is the base's, bit for bit (while W0 is the one m was taken from: rounded afterwards, as a
-        # frozen base cast to bf16 is, its norms move f by about 1e-3). f takes the activations' dtype (bf16 under autocast), not the other
-        # way round: an fp32 f would promote every (..., out) product, and the output, to fp32. f - 1
-        # is formed in fp32 first, so a small change of m survives the rounding.
+        # frozen base cast to bf16 is, its norms move f by about 1e-3). f takes the activations'
+        # dtype (bf16 under autocast), not the other way round: an fp32 f would promote every
+        # (..., out) product, and the output, to fp32. f - 1 is formed in fp32 first, so a small
+        # change of m survives the rounding.
         dt = h.dtype
         w0x = h - self.bias.to(dt) if self.bias is not None else h
         return h + (f - 1).to(dt) * w0x + f.to(dt) * lora
