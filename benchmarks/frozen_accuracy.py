@@ -3,10 +3,10 @@ the same run twice under bf16 autocast: once with the fp32 base, once with every
 
     python benchmarks/frozen_accuracy.py --model weights/minilm-fp16 [--steps 300] [--seeds 0,1] [--device cpu]
 
-The runs are ``minift compare``'s LoRA run (its recipe's lr and options, ``compare_setup``'s data and
-model), with the loop wrapped in bf16 autocast on ``--device`` (``minift train``'s loop enters autocast on
-CUDA only; on the CPU this script does). On the CPU autocast also leaves LayerNorm in bf16 where CUDA runs
-it in fp32, so a CPU run is the harsher test. Prints one Markdown table: dev and test accuracy per seed,
+The runs are ``minift compare``'s LoRA run (its recipe's lr, schedule and options, ``compare_setup``'s
+data and model), written out as a plain AdamW loop with every op under bf16 autocast on ``--device``
+(``minift train``'s loop enters autocast on CUDA only). On the CPU autocast also leaves LayerNorm in bf16
+where CUDA runs it in fp32, so a CPU run is the harsher test. Prints one Markdown table: dev and test accuracy per seed,
 both ways, and their difference. Needs the sentiment data in MINIFT_CACHE (``minift fetch sentiment``).
 """
 from __future__ import annotations
@@ -19,25 +19,48 @@ import torch
 from minift.fast import frozen
 from minift.methods.registry import build_method
 from minift.studies.compare_setup import CompareConfig, load_model, load_task, resolve, train_config
+from minift.training.config import lr_factor
 from minift.training.evaluate import evaluate
-from minift.training.loop import train
+from minift.training.forward import model_forward
 from minift.training.recipes import compare_settings, load_recipe
 
 
 def run(task, cfg: CompareConfig, seed: int, cast: bool) -> dict:
+    """One LoRA run: AdamW at the recipe's lr (its warmup and linear decay), weight decay and
+    clipping at 1.0, over the training batches in a seeded order, every op under bf16 autocast."""
     recipe = load_recipe("sentiment-lora")
     lr, options = compare_settings(recipe, full=cfg.full)
+    tc = train_config(cfg, recipe, lr, cfg.steps, seed)
     model = load_model(task, seed)
     state = build_method(model, "lora", options, tokenizer=task.tokenizer, lr=lr,
-                         weight_decay=recipe["train"].get("weight_decay", 0.0), total_steps=cfg.steps)
-    model.to(cfg.device)
+                         weight_decay=tc.weight_decay, total_steps=cfg.steps)
+    model.to(cfg.device).train()
     if cast:
         frozen.enable(model)
-    t0 = time.perf_counter()
-    with torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16):
-        res = train(model, task.train, train_config(cfg, recipe, lr, cfg.steps, seed), **state.train_hooks())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
+    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    t0, losses = time.perf_counter(), []
+    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
+    for step in range(cfg.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_factor(step, cfg.steps, tc.warmup, tc.schedule)
+        batch = {k: v.to(cfg.device) if torch.is_tensor(v) else v
+                 for k, v in task.train[order[step % len(order)]].items()}
+        # one autocast context per step: autocast caches its bf16 casts of the trainable weights until
+        # the outermost context exits, so a context around many steps would keep the first step's
+        with autocast:
+            loss = model_forward(model, batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    with autocast:
         dev, test = (evaluate(model, getattr(task, s), "classification", cfg.device) for s in ("dev", "test"))
-    return {"dev": 100 * dev["accuracy"], "test": 100 * test["accuracy"], "loss": res.losses[-1],
+    del state
+    return {"dev": 100 * dev["accuracy"], "test": 100 * test["accuracy"], "loss": sum(losses[-50:]) / 50,
             "s": time.perf_counter() - t0}
 
 
@@ -58,7 +81,7 @@ def main() -> None:
     print(f"LoRA (recipe sentiment-lora, compare's settings) on {a.model}: {a.steps} steps of 16 x <= {a.max_len}, "
           f"{a.train_limit} train / {a.eval_limit} dev and test sentences, bf16 autocast on {a.device}, "
           f"torch {torch.__version__}\n")
-    print("| seed | base | dev acc | test acc | last loss | s |\n|---|---|---|---|---|---|")
+    print("| seed | base | dev acc | test acc | mean loss, last 50 steps | s |\n|---|---|---|---|---|---|")
     for seed in (int(s) for s in a.seeds.split(",")):
         rows = {cast: run(task, cfg, seed, cast) for cast in (False, True)}
         for cast, r in rows.items():
