@@ -32,7 +32,7 @@ def run(task, cfg: CompareConfig, seed: int, cast: bool) -> dict:
     lr, options = compare_settings(recipe, full=cfg.full)
     tc = train_config(cfg, recipe, lr, cfg.steps, seed)
     model = load_model(task, seed)
-    state = build_method(model, "lora", options, tokenizer=task.tokenizer, lr=lr,
+    build_method(model, "lora", options, tokenizer=task.tokenizer, lr=lr,
                          weight_decay=tc.weight_decay, total_steps=cfg.steps)
     model.to(cfg.device).train()
     if cast:
@@ -59,7 +59,6 @@ def run(task, cfg: CompareConfig, seed: int, cast: bool) -> dict:
     model.eval()
     with autocast:
         dev, test = (evaluate(model, getattr(task, s), "classification", cfg.device) for s in ("dev", "test"))
-    del state
     return {"dev": 100 * dev["accuracy"], "test": 100 * test["accuracy"], "loss": sum(losses[-50:]) / 50,
             "s": time.perf_counter() - t0}
 

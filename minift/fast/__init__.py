@@ -5,9 +5,8 @@ the training loop's choice (``adamw.chosen``, with ``TrainConfig.fast``).
 
 The reference code (models, methods, adapters) never imports this package. Each model piece changes
 reference modules in place (a forward pre-hook, a swapped submodule, a swapped layer class, the
-dtype of frozen weights) and
-computes what they compute, outputs and gradients, up to floating-point rounding (each module says
-where it rounds differently); its equivalence test checks that:
+dtype of frozen weights) and computes what they compute, outputs and gradients, up to floating-point
+rounding (each module says where it rounds differently); its equivalence test checks that:
 
     piece         module        what it does                                      equivalence test
     cast once     fast.cast     under autocast, casts each attention/MLP input     tests/fast/test_loss_cast.py

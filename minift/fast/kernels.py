@@ -14,9 +14,9 @@ g B (N x r, for A's gradient) and g^T (A x) (out x r, B's gradient). cuBLAS runs
 GEMMs, each reading all of g; the kernel reads each tile of g once and feeds both. Each program
 takes BLOCK_N rows and a range of g's columns: its part of g B is summed over the column ranges,
 and its part of g^T (A x) over the row blocks, afterwards in a fixed order (no atomics: the result
-is the same on every run). For bf16 and fp16 and ranks up to ``MAX_FACTOR_RANK``; off by default:
-``fast.lora.enable(model, factor_kernel=True)`` (bench's ``--lora-factor-kernel``) turns it on while
-it is measured.
+is the same on every run). For bf16 and fp16 and ranks up to ``MAX_FACTOR_RANK``; off by default
+(docs/benchmarks.md: no faster than the two GEMMs in a compiled step): ``fast.lora.enable(model,
+factor_kernel=True)`` (bench's ``--lora-factor-kernel``) turns it on.
 """
 from __future__ import annotations
 

@@ -85,9 +85,9 @@ def enable(model: nn.Module, *, merged: bool = True, factor_kernel: bool = False
         already on that forward with that backward).
     """
     fast = MergedLoRALinear if merged else AddmmLoRALinear
+    want = merged and factor_kernel  # addmm layers have no such backward
     names = []
     for name, m in lora_modules(model):
-        want = merged and factor_kernel  # addmm layers have no such backward
         switch = type(m) is not fast or getattr(m, "factor_kernel", False) != want
         if type(m) in (LoRALinear, *FAST_LAYERS) and switch:
             m.__class__ = fast

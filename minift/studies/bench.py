@@ -21,11 +21,12 @@ compiling included) apart from the steady median.
 
 Each optimization is a flag so its effect is measured, not assumed: ``frozen_bf16`` (every frozen
 parameter in bf16, ``minift.fast.frozen``), ``compile`` (torch.compile), ``checkpointing``
-(activation checkpointing), ``plain_ce`` (full fp32 logits, the naive loss, against ``minift.fast.loss``'s fused one),
-``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``; with
-``lora_factor_kernel`` its backward's g B and g^T (A x) in one pass, ``kernels.lora_factor_grads``),
-``loss_chunk`` (positions per vocabulary projection in GPT's loss; default 1024 for a frozen head), ``fused_adamw``
-(one fused AdamW kernel on CUDA; off: the multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
+(activation checkpointing), ``plain_ce`` (full fp32 logits, the naive loss, against
+``minift.fast.loss``'s fused one), ``lora_merged_forward`` (LoRA through W0 + sBA,
+``minift.fast.lora.MergedLoRA``; with ``lora_factor_kernel`` its backward's g B and g^T (A x) in one
+pass, ``kernels.lora_factor_grads``), ``loss_chunk`` (positions per vocabulary projection in GPT's
+loss; default 1024 for a frozen head), ``fused_adamw`` (one fused AdamW kernel on CUDA; off: the
+multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
 math backend, no flash kernels), ``sync_each_step`` (wait for the GPU after every timed step, as
 older results did). ``dropout`` (default none) matches a recipe's run. ``isolate`` runs each method
 in a fresh process (by default whenever a method may be compiled: torch 2.11 fails to compile a
