@@ -395,76 +395,36 @@ stage() {
   issue21)
     stage issue21-gpt2; stage issue21-peer; stage issue21-cls; stage issue21-bert ;;
   issue21-one)
-    # every row of issue 21 in one command: first every compiled configuration once, all at once and
-    # untimed, which fills torch.compile's caches (FX graphs, AOTAutograd, Triton kernels) on this
-    # machine; then the timed runs one after another, each compiling again from those caches
-    local d="${TMPDIR:-/tmp}/minift-gpt2-run-dir" cache="${MINIFT_CACHE:-$tree/weights/cache}" m
-    local five="--lora-targets q_proj,k_proj,v_proj,o_proj,down_proj"
-    local -A only=([lora]="--targets q_proj,k_proj,v_proj,o_proj,up_proj,down_proj" [full]="")
-    local -A cls=([full]="--methods full --batch 16" [lora]="--methods lora --lora-targets q_proj,v_proj --batch 8")
-    local w="--steps 1 --warmup 1"
-    gpt2_train() {  # minift train at bench's GPT-2 medium shape, method $1, $2 steps, log name $3
-      go "$4" "$3" $M train --model "$d/model" --train "$d/train.txt" --task causal-lm --method $1 ${only[$1]} \
-        --max-len 1024 --batch-size 8 --steps $2 --lr 1e-4 --device cuda --no-progress --overwrite --out "$d/run-$1"
-      [ "$dry" = 1 ] || rm -rf "$d/run-$1"
-    }
+    # the rows of issue 21's table in one command: GPT-2 medium 8 x 1024, minift against the bf16-base peer.
+    # First every compiled configuration once, all at once and untimed, which fills torch.compile's caches
+    # (FX graphs, AOTAutograd, Triton kernels) on this machine; then the timed runs one after another, each
+    # compiling again from those caches (~8.5 min on an H200)
+    local five="--lora-targets q_proj,k_proj,v_proj,o_proj,down_proj" w="--steps 1 --warmup 1" p m
     mkdir -p "$out/one/warm"
     [ "$dry" = 1 ] || date -u +"phase 1 (compile, concurrent) %H:%M:%S" >&2
-    go 300 one/warm/bench $M bench --out "$out/one/warm" $G2M --methods full,lora $w --name warm-bench &
-    go 300 one/warm/bench5 $M bench --out "$out/one/warm" $G2M --methods lora $five $w --name warm-bench5 &
-    go 300 one/warm/peft python3 benchmarks/peft_baseline.py --out "$out/one/warm" $G2M --methods full,lora \
-      --compile --no-eager $w --name warm-peft &
-    go 300 one/warm/peft5 python3 benchmarks/peft_baseline.py --out "$out/one/warm" $G2M --methods lora $five \
-      --compile --no-eager $w --name warm-peft5 &
-    { go 120 one/warm/prep python3 "$here/benchmarks/preset_run_dir.py" --out "$d"
-      for m in lora full; do gpt2_train $m 3 one/warm/train-$m 240; done; } &
-    { for m in full lora; do
-        go 150 one/warm/minilm-train-$m env MINIFT_CACHE="$cache" $M train $(minilm_run $m) --steps 12 --overwrite \
-          --out "${TMPDIR:-/tmp}/minift-one-warm-$m"
-        go 120 one/warm/minilm-$m $M bench --out "$out/one/warm" --model minilm ${cls[$m]} --seq-len 79 --dropout 0.1 \
-          --max-grad-norm 1.0 $w --name warm-minilm-$m
-      done
-      go 150 one/warm/cls $M bench --out "$out/one/warm" --model minilm --batch 16 --seq-len 128 --methods full,lora \
-        --lora-targets q_proj,v_proj $w --name warm-minilm-default
-      go 150 one/warm/bert $M bench --out "$out/one/warm" --model bert-base --batch 32 --seq-len 128 \
-        --methods full,lora --lora-targets q_proj,v_proj $w --name warm-bert-default; } &
-    wait
-    [ "$dry" = 1 ] || rm -rf "${TMPDIR:-/tmp}"/minift-one-warm-*
-    [ "$dry" = 1 ] || date -u +"phase 2 (timed, one at a time) %H:%M:%S" >&2
-    # GPT-2 medium: bench's default (minift train's plan) against the bf16-base peer, compiled then eager
-    go 200 one/bench $M bench --out "$out/one" $G2M --methods full,lora --name bench-default
-    go 150 one/peft-compile python3 benchmarks/timing_check.py peft-compile peft "$out/one" --out "$out/one" \
-      $G2M --methods lora --compile --no-eager --name peft-compile
-    go 120 one/peft-eager python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods full,lora \
-      --name peft-eager
-    go 150 one/bench5 $M bench --out "$out/one" $G2M --methods lora $five --name bench5-default
-    go 150 one/peft5-compile python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods lora $five \
-      --compile --no-eager --name peft5-compile
-    go 150 one/peft-full-compile python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods full \
-      --compile --no-eager --name peft-full-compile
-    go 100 one/bench-eager $M bench --out "$out/one" $G2M --methods full,lora $five --speed eager --name bench-eager
-    go 100 one/peft5-eager python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods lora $five \
-      --name peft5-eager
-    # minift train against bench at that shape, clipping at 1.0 on both sides (train's default)
-    mkdir -p "$out/one/pairs-gpt2" "$out/one/pairs-minilm"
-    for m in lora full; do
-      go 150 "one/pairs-gpt2/bench-$m-r1" $M bench --out "$out/one/pairs-gpt2" $G2M --methods $m --max-grad-norm 1.0 \
-        --steps 20 --name "bench-$m-r1"
-      gpt2_train $m 60 "one/pairs-gpt2/train-$m-r1" 180
-    done
-    [ "$dry" = 1 ] || rm -rf "$d"
-    # classification: bench's default, LoRA against full; minift train against bench on MiniLM sentiment
-    go 100 one/minilm $M bench --out "$out/one" --model minilm --batch 16 --seq-len 128 --methods full,lora \
-      --lora-targets q_proj,v_proj --steps 20 --name bench-minilm-default
-    go 120 one/bert $M bench --out "$out/one" --model bert-base --batch 32 --seq-len 128 --methods full,lora \
-      --lora-targets q_proj,v_proj --name bench-bert-base-default
     for m in full lora; do
-      go 70 "one/pairs-minilm/bench-$m-r1" $M bench --out "$out/one/pairs-minilm" --model minilm ${cls[$m]} \
-        --seq-len 79 --dropout 0.1 --steps 100 --max-grad-norm 1.0 --name "bench-$m-r1"
-      go 90 "one/pairs-minilm/train-$m-r1" env MINIFT_CACHE="$cache" $M train $(minilm_run $m) --overwrite \
-        --out "${TMPDIR:-/tmp}/minift-pairs-run"
-      [ "$dry" = 1 ] || rm -rf "${TMPDIR:-/tmp}/minift-pairs-run"
+      go 200 one/warm/bench-$m $M bench --out "$out/one/warm" $G2M --methods $m $w --name warm-bench-$m &
+      go 200 one/warm/peft-$m python3 benchmarks/peft_baseline.py --out "$out/one/warm" $G2M --methods $m \
+        --compile --no-eager $w --name warm-peft-$m &
     done
+    go 200 one/warm/bench5 $M bench --out "$out/one/warm" $G2M --methods lora $five $w --name warm-bench5 &
+    go 200 one/warm/peft5 python3 benchmarks/peft_baseline.py --out "$out/one/warm" $G2M --methods lora $five \
+      --compile --no-eager $w --name warm-peft5 &
+    wait
+    [ "$dry" = 1 ] || date -u +"phase 2 (timed, one at a time) %H:%M:%S" >&2
+    go 150 one/bench $M bench --out "$out/one" $G2M --methods full,lora --name bench-default
+    go 100 one/peft-compile python3 benchmarks/timing_check.py peft-compile peft "$out/one" --out "$out/one" \
+      $G2M --methods lora --compile --no-eager --name peft-compile
+    go 80 one/peft-eager python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods full,lora \
+      --name peft-eager
+    go 100 one/bench5 $M bench --out "$out/one" $G2M --methods lora $five --name bench5-default
+    go 100 one/peft5-compile python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods lora $five \
+      --compile --no-eager --name peft5-compile
+    go 100 one/peft-full-compile python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods full \
+      --compile --no-eager --name peft-full-compile
+    go 80 one/bench-eager $M bench --out "$out/one" $G2M --methods full,lora $five --speed eager --name bench-eager
+    go 60 one/peft5-eager python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods lora $five \
+      --name peft5-eager
     [ "$dry" = 1 ] || date -u +"phase 2 done %H:%M:%S" >&2 ;;
   act-budget)
     local b
