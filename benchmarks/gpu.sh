@@ -395,37 +395,46 @@ stage() {
   issue21)
     stage issue21-gpt2; stage issue21-peer; stage issue21-cls; stage issue21-bert ;;
   issue21-one)
-    # the rows of issue 21's table in one command: GPT-2 medium 8 x 1024, minift against the bf16-base peer.
-    # First every compiled configuration once, all at once and untimed, which fills torch.compile's caches
-    # (FX graphs, AOTAutograd, Triton kernels) on this machine; then the timed runs one after another, each
-    # compiling again from those caches (~8.5 min on an H200)
-    local five="--lora-targets q_proj,k_proj,v_proj,o_proj,down_proj" w="--steps 1 --warmup 1" p m
+    # the rows of issue 21's table: GPT-2 medium 8 x 1024, minift against the bf16-base peer, compiled and
+    # eager, LoRA on six and on five projections (benchmarks/issue21_table.py writes the table and the
+    # targets it decides: one/issue21.md). First every compiled configuration whose row is still missing
+    # once, all at once and untimed, which fills torch.compile's caches (FX graphs, Triton kernels) on this
+    # machine; then the missing rows one after another, each compiling again from those caches. About
+    # 11 minutes on an H200: where a command may take 10 at most, run the stage again right away with the
+    # same --out on the same machine (its caches still warm): it runs only the rows not yet written
+    local five="--lora-targets q_proj,k_proj,v_proj,o_proj,down_proj" w="--steps 1 --warmup 1" m
+    local peft="python3 benchmarks/peft_baseline.py"
+    missing() { [ "$dry" = 1 ] || [ ! -f "$out/one/$1.json" ]; }
     mkdir -p "$out/one/warm"
     [ "$dry" = 1 ] || date -u +"phase 1 (compile, concurrent) %H:%M:%S" >&2
-    for m in full lora; do
+    missing bench-default && for m in full lora; do
       go 200 one/warm/bench-$m $M bench --out "$out/one/warm" $G2M --methods $m $w --name warm-bench-$m &
-      go 200 one/warm/peft-$m python3 benchmarks/peft_baseline.py --out "$out/one/warm" $G2M --methods $m \
-        --compile --no-eager $w --name warm-peft-$m &
     done
-    go 200 one/warm/bench5 $M bench --out "$out/one/warm" $G2M --methods lora $five $w --name warm-bench5 &
-    go 200 one/warm/peft5 python3 benchmarks/peft_baseline.py --out "$out/one/warm" $G2M --methods lora $five \
+    missing peft-compile && go 200 one/warm/peft-lora $peft --out "$out/one/warm" $G2M --methods lora \
+      --compile --no-eager $w --name warm-peft-lora &
+    missing peft-full-compile && go 200 one/warm/peft-full $peft --out "$out/one/warm" $G2M --methods full \
+      --compile --no-eager $w --name warm-peft-full &
+    missing bench5-default && go 200 one/warm/bench5 $M bench --out "$out/one/warm" $G2M --methods lora $five $w \
+      --name warm-bench5 &
+    missing peft5-compile && go 200 one/warm/peft5 $peft --out "$out/one/warm" $G2M --methods lora $five \
       --compile --no-eager $w --name warm-peft5 &
     wait
     [ "$dry" = 1 ] || date -u +"phase 2 (timed, one at a time) %H:%M:%S" >&2
-    go 150 one/bench $M bench --out "$out/one" $G2M --methods full,lora --name bench-default
-    go 100 one/peft-compile python3 benchmarks/timing_check.py peft-compile peft "$out/one" --out "$out/one" \
-      $G2M --methods lora --compile --no-eager --name peft-compile
-    go 80 one/peft-eager python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods full,lora \
-      --name peft-eager
-    go 100 one/bench5 $M bench --out "$out/one" $G2M --methods lora $five --name bench5-default
-    go 100 one/peft5-compile python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods lora $five \
+    missing bench-default && go 150 one/bench $M bench --out "$out/one" $G2M --methods full,lora --name bench-default
+    missing peft-compile && go 100 one/peft-compile python3 benchmarks/timing_check.py peft-compile peft "$out/one" \
+      --out "$out/one" $G2M --methods lora --compile --no-eager --name peft-compile
+    missing peft-eager && go 80 one/peft-eager $peft --out "$out/one" $G2M --methods full,lora --name peft-eager
+    missing bench5-default && go 100 one/bench5 $M bench --out "$out/one" $G2M --methods lora $five \
+      --name bench5-default
+    missing peft5-compile && go 100 one/peft5-compile $peft --out "$out/one" $G2M --methods lora $five \
       --compile --no-eager --name peft5-compile
-    go 100 one/peft-full-compile python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods full \
+    missing peft-full-compile && go 100 one/peft-full-compile $peft --out "$out/one" $G2M --methods full \
       --compile --no-eager --name peft-full-compile
-    go 80 one/bench-eager $M bench --out "$out/one" $G2M --methods full,lora $five --speed eager --name bench-eager
-    go 60 one/peft5-eager python3 benchmarks/peft_baseline.py --out "$out/one" $G2M --methods lora $five \
-      --name peft5-eager
-    [ "$dry" = 1 ] || date -u +"phase 2 done %H:%M:%S" >&2 ;;
+    missing bench-eager && go 80 one/bench-eager $M bench --out "$out/one" $G2M --methods full,lora $five \
+      --speed eager --name bench-eager
+    missing peft5-eager && go 60 one/peft5-eager $peft --out "$out/one" $G2M --methods lora $five --name peft5-eager
+    [ "$dry" = 1 ] || date -u +"phase 2 done %H:%M:%S" >&2
+    [ "$dry" = 1 ] || python3 "$here/benchmarks/issue21_table.py" "$out/one" > "$out/one/issue21.md" ;;
   act-budget)
     local b
     for b in 1.0 0.8 0.6; do

@@ -1,0 +1,114 @@
+"""Issue 21's table from what `benchmarks/gpu.sh issue21-one` wrote: GPT-2 medium, minift against the
+bf16-base peer (transformers + peft), compiled and eager, and the targets those rows decide.
+
+    python3 benchmarks/issue21_table.py DIR > issue21.md
+
+DIR is the stage's ``one/`` folder: ``bench-default.json`` (minift bench with no speed flag: full and LoRA on
+all six projections), ``bench5-default.json`` (LoRA on q, k, v, o, down), ``bench-eager.json`` (--speed eager:
+full and LoRA on the five), and the peer's ``peft-compile.json`` with ``timing-check-peft-compile.json`` (its
+five windows), ``peft5-compile.json``, ``peft-full-compile.json``, ``peft-eager.json`` (full, LoRA on six) and
+``peft5-eager.json``. A missing file leaves its rows out and says so.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+# (row, minift file, minift method, peer file, peer method)
+ROWS = [
+    ("LoRA r=8, all six projections, best mode (minift: its default)", "bench-default", "lora",
+     "peft-compile", "lora"),
+    ("LoRA r=8, q,k,v,o,down, best mode", "bench5-default", "lora", "peft5-compile", "lora"),
+    ("full fine-tuning, best mode (minift: its default)", "bench-default", "full", "peft-full-compile", "full"),
+    ("LoRA r=8, q,k,v,o,down, eager", "bench-eager", "lora", "peft5-eager", "lora"),
+    ("full fine-tuning, eager", "bench-eager", "full", "peft-eager", "full"),
+    ("LoRA r=8, all six projections: minift's default against the eager peer", "bench-default", "lora",
+     "peft-eager", "lora"),
+]
+
+
+def load(folder: Path) -> dict[tuple[str, str], dict]:
+    """{(file stem, method): row} over every bench/peer JSON in the folder."""
+    rows = {}
+    for path in folder.glob("*.json"):
+        data = json.loads(path.read_text())
+        for row in data.get("rows", []):
+            rows[path.stem, row["method"]] = row
+    return rows
+
+
+def windows(folder: Path) -> list[float]:
+    """The compiled peer's queued-window medians (timing_check.py), in order."""
+    path = folder / "timing-check-peft-compile.json"
+    if not path.exists():
+        return []
+    return [w["median_ms"] for w in json.loads(path.read_text())["windows"] if not w["sync_each_step"]]
+
+
+def cell(row: dict) -> str:
+    mfu = f" ({row['mfu']:.1%} MFU)" if row.get("mfu") == row.get("mfu") and row["method"] == "full" else ""
+    return f"{row['step_ms']:.2f} ms{mfu}, {row['peak_gib']:.2f} GiB"
+
+
+def table(rows: dict, spread: list[float]) -> list[str]:
+    out = ["| | minift | transformers + PEFT | speed | memory |", "| --- | --- | --- | --- | --- |"]
+    for label, mine, method, peer, peer_method in ROWS:
+        a, b = rows.get((mine, method)), rows.get((peer, peer_method))
+        if a is None or b is None:
+            missing = " and ".join(f"{f}.json ({m})" for f, m, r in ((mine, method, a), (peer, peer_method, b))
+                                   if r is None)
+            out.append(f"| {label} | not measured: {missing} missing | | | |")
+            continue
+        speed = f"{b['step_ms'] / a['step_ms']:.2f}x"
+        if peer == "peft-compile" and spread:
+            speed += f" ({min(spread) / a['step_ms']:.2f}x-{max(spread) / a['step_ms']:.2f}x over its windows)"
+        out.append(f"| {label} | {cell(a)} | {cell(b)} | {speed} | {a['peak_gib'] / b['peak_gib']:.2f}x |")
+    return out
+
+
+def targets(rows: dict, spread: list[float]) -> list[str]:
+    out = ["| target | measured | met? |", "| --- | --- | --- |"]
+    lora, full = rows.get(("bench-default", "lora")), rows.get(("bench-default", "full"))
+    eager, comp = rows.get(("peft-eager", "lora")), rows.get(("peft-compile", "lora"))
+    if lora and full:
+        r = lora["step_ms"] / full["step_ms"]
+        out.append(f"| default LoRA step <= 0.75x minift's full step | {r:.3f}x | {'yes' if r <= 0.75 else 'no'} |")
+    if lora and eager:
+        s, m = eager["step_ms"] / lora["step_ms"], lora["peak_gib"] / eager["peak_gib"]
+        ok = s >= 2 and m <= 0.4
+        out.append(f"| default LoRA >= 2x eager PEFT's tokens/s at <= 0.4x its memory | {s:.2f}x at {m:.2f}x "
+                   f"| {'yes' if ok else 'no'} |")
+    if lora and comp:
+        s, m = comp["step_ms"] / lora["step_ms"], lora["peak_gib"] / comp["peak_gib"]
+        seen = f" ({min(spread) / lora['step_ms']:.2f}x-{max(spread) / lora['step_ms']:.2f}x)" if spread else ""
+        ok = s >= 1.6 and m <= 0.6
+        out.append(f"| best-mode LoRA >= 1.6x compiled PEFT at <= 0.6x its memory | {s:.2f}x{seen} at {m:.2f}x "
+                   f"| {'yes' if ok else 'no'} |")
+    if full:
+        ok = full["mfu"] >= 0.58
+        out.append(f"| full fine-tuning >= 58% MFU (of the matmul rate measured in the run: "
+                   f"{full['extra']['matmul_tflops']:.1f} TFLOP/s) | {full['mfu']:.1%} | {'yes' if ok else 'no'} |")
+    return out
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit(__doc__.strip().splitlines()[2].strip())
+    folder = Path(sys.argv[1])
+    rows, spread = load(folder), windows(folder)
+    if not rows:
+        sys.exit(f"issue21_table.py: no bench or peer JSON in {folder}")
+    any_row = next(iter(rows.values()))
+    extra = next((r["extra"] for r in rows.values() if "peft" in r.get("extra", {})), {})
+    print(f"GPT-2 medium, batch {any_row['batch']} x {any_row['seq_len']}, {any_row['dtype']}, AdamW, on "
+          f"{any_row['device']}; transformers {extra.get('transformers', '?')}, peft {extra.get('peft', '?')}. "
+          "The peer's frozen base in bf16 (trainable weights fp32); speed is the peer's step over minift's "
+          "(tokens/s ratio), memory minift's peak over the peer's.\n")
+    print("\n".join(table(rows, spread)))
+    print("\nIssue 21's targets these rows decide:\n")
+    print("\n".join(targets(rows, spread)))
+
+
+if __name__ == "__main__":
+    main()
