@@ -92,13 +92,20 @@ def targets(rows: dict, spread: list[float]) -> list[str]:
     return out
 
 
+def fail(message: str):
+    print(f"issue21_table.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit(__doc__.strip().splitlines()[2].strip())
+        fail("usage: python3 benchmarks/issue21_table.py DIR > issue21.md")
     folder = Path(sys.argv[1])
+    if not folder.is_dir():
+        fail(f"{folder} is not a folder")
     rows, spread = load(folder), windows(folder)
     if not rows:
-        sys.exit(f"issue21_table.py: no bench or peer JSON in {folder}")
+        fail(f"no bench or peer JSON in {folder}")
     any_row = next(iter(rows.values()))
     extra = next((r["extra"] for r in rows.values() if "peft" in r.get("extra", {})), {})
     print(f"GPT-2 medium, batch {any_row['batch']} x {any_row['seq_len']}, {any_row['dtype']}, AdamW, on "
