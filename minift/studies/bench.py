@@ -118,7 +118,7 @@ class BenchConfig:
     lora_targets: tuple[str, ...] = ()  # empty: default_lora_targets(model)
     dropout: float = 0.0  # the model's dropout (GPT, BERT) and LoRA/DoRA's: to match a recipe's run
     max_grad_norm: float | None = None  # clip gradients to this global norm each step, as a run does (None: not)
-    activation_budget: float | None = None  # compiled rows: torch.compile's (speed.activation_budget)
+    activation_budget: float | None = None  # compiled rows: torch.compile's (speed.compile_context)
     seed: int = 0
 
     def __post_init__(self):
@@ -323,8 +323,8 @@ def run_minift(cfg: BenchConfig, method: str, peak_tflops: float | None) -> Row:
     pr = prepare(cfg, method)
     model, rc, train = pr.model, pr.cfg, pr.train
     first: list[float] = []
-    budget = speed.activation_budget(rc.activation_budget if rc.compile else None, rc.compile)
-    with _attention_backend(rc), budget:  # the step compiles in its first call, inside
+    compiling = speed.compile_context(rc.activation_budget if rc.compile else None, rc.compile)
+    with _attention_backend(rc), compiling:  # the step compiles in its first call, inside
         ms, peak, times = bench_timing.time_steps(timed_first(pr.step, rc.device, first), rc)
     trainable, total = count_trainable(model)
     mc = model.config

@@ -108,11 +108,11 @@ def train(model: torch.nn.Module, train_batches: Sequence[dict], cfg: TrainConfi
         run.res.steps, run.res.stopped_early, run.res.checkpoint = run.step, True, str(run.ckpt)
         model.eval()
         return run.res
-    budget = speed.activation_budget(cfg.activation_budget, cfg.compile)  # (a bad one fails before any step)
+    compiling = speed.compile_context(cfg.activation_budget, cfg.compile)  # (a bad budget fails before any step)
     run.begin()
     error = None
     try:
-        with distributed.stop_together(), budget:  # several ranks: Ctrl-C stops every rank after the same step
+        with distributed.stop_together(), compiling:  # several ranks: Ctrl-C stops every rank after the same step
             run.steps()
     except KeyboardInterrupt as e:
         run.res.interrupted = True

@@ -76,14 +76,14 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     ``cfg``. Returns the training batches (padded when the plan says so) and the plan in words."""
     from minift.training import data as D
     from minift.training.forward import pick_device
-    from minift.training.speed import activation_budget, plan
+    from minift.training.speed import compile_context, plan
     p = plan(device_type=pick_device(cfg.device).type, method=s.method, hooks=st.hooks, task=task,
              max_len=max_len, given=s.train, merged_forward=merged_forward(st), peft=st.peft)
     if p.fast:
         from minift import fast
         fast.enable(model, merged_lora=p.merged_lora)
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
-    activation_budget(cfg.activation_budget, cfg.compile)  # a budget for an eager run: refused before it starts
+    compile_context(cfg.activation_budget, cfg.compile)  # a budget for an eager run: refused before it starts
     if p.pad:
         batches = D.pad_to_one_shape(batches, D.pad_id(tok))
         p.notes[-1] += " ({} x {})".format(*batches[0]["input_ids"].shape)  # the shape to bench it at

@@ -118,16 +118,30 @@ def takes_bf16_frozen_base(*, fast: bool, peft: bool, bf16: bool, hooks: TrainHo
     return bool(fast and peft and bf16 and hooks.unfreezer is None)
 
 
-def activation_budget(budget: float | None, compiled: bool):
-    """A context in which torch.compile keeps at most ``budget`` of the activations its partitioner
-    (AOTAutograd) would save for the backward and recomputes the rest, cheapest first (pointwise
-    ops such as GELU or LayerNorm's normalization before any matmul); read when a step compiles.
-    None: PyTorch's default (1.0). A budget for a run that does not compile is an error: it would
-    change nothing."""
-    if budget is None:
-        return contextlib.nullcontext()
-    if not compiled:
+def compile_context(budget: float | None, compiled: bool):
+    """The context a compiled step runs in; torch.compile reads it when the step compiles (its first
+    call, and any recompile).
+
+    - ``budget``: torch.compile keeps at most this share of the activations its partitioner
+      (AOTAutograd) would save for the backward and recomputes the rest, cheapest first (pointwise
+      ops such as GELU or LayerNorm's normalization before any matmul). None: PyTorch's default
+      (1.0). A budget for a run that does not compile is an error: it would change nothing.
+    - AOTAutograd's on-disk cache also takes graphs that hold custom autograd Functions (off by
+      default in PyTorch; ``autograd_cache_allow_custom_autograd_functions``). minift's step holds
+      its own (``fast.loss.LinearCrossEntropy``, ``fast.lora.MergedLoRA``), so without it every
+      process traces the joint graph and partitions it again; with it a later run of the same
+      graph loads that from ``TORCHINDUCTOR_CACHE_DIR`` as it already loads Inductor's kernels.
+      Their forward and backward are traced into the graph, so the cache key sees their code.
+    """
+    if budget is not None and not compiled:
         raise ValueError(f"activation_budget {budget:g} applies to a compiled run, and this one runs eager "
                          f"(the speed plan or --compile false); leave it out or compile")
+    if not compiled:
+        return contextlib.nullcontext()
     import torch._functorch.config as functorch_config
-    return functorch_config.patch(activation_memory_budget=budget)
+    options = {}
+    if hasattr(functorch_config, "autograd_cache_allow_custom_autograd_functions"):  # (not in every torch)
+        options["autograd_cache_allow_custom_autograd_functions"] = True
+    if budget is not None:
+        options["activation_memory_budget"] = budget
+    return functorch_config.patch(**options)

@@ -318,22 +318,30 @@ def test_log_every_must_be_positive():
 
 # ---------------------------------------------------------------------------- the activation budget
 
-def test_the_activation_budget_is_torch_compiles_while_the_steps_run(tmp_path, monkeypatch):
-    """``activation_budget`` is torch.compile's activation_memory_budget while the steps run (the
-    step compiles inside them) and PyTorch's own again after; here compile is a no-op, so that the
-    test does not pay for compiling, and the forward hook reads the setting."""
+def test_the_compile_settings_hold_while_the_steps_run(tmp_path, monkeypatch):
+    """``activation_budget`` is torch.compile's activation_memory_budget, and AOTAutograd's cache takes
+    custom autograd Functions, while a compiled run's steps run (the step compiles inside them), and
+    PyTorch's own settings hold again after; here compile is a no-op, so that the test does not pay
+    for compiling, and the forward hook reads the settings."""
     import contextlib
     import torch._functorch.config as functorch_config
+    cache = "autograd_cache_allow_custom_autograd_functions"
     default, seen = functorch_config.activation_memory_budget, []
+    cached = getattr(functorch_config, cache, None)
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: None)
 
     def look(model):
-        seen.append(functorch_config.activation_memory_budget)
+        seen.append((functorch_config.activation_memory_budget, getattr(functorch_config, cache, True)))
         return contextlib.nullcontext()
     c = TrainConfig(steps=2, batch_size=2, lr=1e-3, device="cpu", progress=False, plot=False, compile=True,
                     activation_budget=0.7)
     train(gpt(dropout=0.0), batches(), c, forward_context=look)
-    assert seen == [0.7, 0.7] and functorch_config.activation_memory_budget == default
+    assert seen == [(0.7, True), (0.7, True)]  # AOTAutograd's cache takes minift's Functions too
+    assert functorch_config.activation_memory_budget == default and getattr(functorch_config, cache, None) == cached
+    seen.clear()
+    train(gpt(dropout=0.0), batches(), TrainConfig(steps=1, batch_size=2, lr=1e-3, device="cpu", progress=False,
+                                                   plot=False), forward_context=look)
+    assert seen == [(default, cached if cached is not None else True)]  # an eager run changes neither
 
 
 def test_an_activation_budget_needs_a_compiled_run_and_a_share():
@@ -343,7 +351,7 @@ def test_an_activation_budget_needs_a_compiled_run_and_a_share():
     for bad in (0.0, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"activation_budget must be in \(0, 1\]"):
             TrainConfig(steps=1, activation_budget=bad)
-    assert speed.activation_budget(None, compiled=False) is not None  # nothing asked: nothing to refuse
+    assert speed.compile_context(None, compiled=False) is not None  # nothing asked: nothing to refuse
     p = plan(device_type="cuda", method="lora", hooks=TrainHooks(), task="causal-lm", max_len=64,
              given={"activation_budget": 0.8})
     assert "activation memory budget 0.8" in p.describe()
