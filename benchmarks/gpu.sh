@@ -67,6 +67,10 @@
 #                  runs/train-model by this checkout); $TRAIN_ARGS is added to both commands
 #                  (e.g. "--compile false"); checkpoints and adapters are deleted after each run
 #                                                          train-{full,lora}-TAG/, train-speed-TAG.md
+#   issue21-one    the rows of issue 21's table, GPT-2 medium, minift against the bf16-base peer, compiled and
+#                  eager, LoRA on six and on five projections: every compiled configuration compiled at once
+#                  (untimed), then the rows one at a time (~11 min on an H200; run again with the same --out on
+#                  the same machine, it runs only the rows not yet written)   one/*.json, one/issue21.md
 #   issue21        issue21-gpt2 + issue21-peer + issue21-cls + issue21-bert: issue 21's rows, minift and the
 #                  bf16-base peer (limits 9.6 + 6 + 6.3 + 4.3 min, set for compiling on a cold card: run the parts as
 #                  commands back to back on one held card)
@@ -101,6 +105,8 @@
 #   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
 #                  1.0, 0.8, 0.6 (bench --activation-budget): peak memory against step time (limits 8.5 min)
 #                  bench-gpt2-medium-lora-budget{1.0,0.8,0.6}-TAG
+#   compile-cache  LoRA's first step cold and from the caches (benchmarks/aot_cache_counters.py, twice with
+#                  one fresh TORCHINDUCTOR_CACHE_DIR; CACHE_MODEL, default gpt2)  compile-cache-{cold,warm}-TAG
 #   factor-ab      LoRA (all six projections) with and without the factor kernel (bench --lora-factor-kernel:
 #                  the backward's g B and g^T (A x) in one Triton pass, fast.kernels.lora_factor_grads), eager
 #                  (merged forward) then default (compiled, CUDA graphs); its tests are in tests-changed
@@ -435,6 +441,16 @@ stage() {
     missing peft5-eager && go 60 one/peft5-eager $peft --out "$out/one" $G2M --methods lora $five --name peft5-eager
     [ "$dry" = 1 ] || date -u +"phase 2 done %H:%M:%S" >&2
     [ "$dry" = 1 ] || python3 "$here/benchmarks/issue21_table.py" "$out/one" > "$out/one/issue21.md" ;;
+  compile-cache)
+    # the first step's seconds cold and from the caches, LoRA (all six projections) on $CACHE_MODEL (default
+    # gpt2) 8 x 1024, two processes sharing a fresh TORCHINDUCTOR_CACHE_DIR, AOTAutograd's counters in each log
+    local i
+    [ "$dry" = 1 ] || rm -rf "$out/inductor-cache"
+    for i in cold warm; do
+      go 200 "compile-cache-$i" env TORCHINDUCTOR_CACHE_DIR="$out/inductor-cache" python3 benchmarks/aot_cache_counters.py \
+        --model "${CACHE_MODEL:-gpt2}" --methods lora --steps 10 --out "$out" --name "compile-cache-$i-$tag"
+    done
+    [ "$dry" = 1 ] || rm -rf "$out/inductor-cache" ;;
   act-budget)
     local b
     for b in 1.0 0.8 0.6; do
