@@ -159,7 +159,8 @@ env_txt() {
   [ "$dry" = 1 ] && return 0
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
     python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__)"
-    python3 -c "import transformers, peft; print('transformers', transformers.__version__, '| peft', peft.__version__)" \
+    # the installed versions, without importing the packages (importing transformers takes seconds)
+    python3 -c "from importlib.metadata import version as v; print('transformers', v('transformers'), '| peft', v('peft'))" \
       2>/dev/null || echo "transformers/peft: not installed"
     git -C "$tree" log -1 --format='commit %H %s' 2>/dev/null || echo "commit: unknown (no .git here)"
     # a copied working tree may carry an older .git: say how far the files measured differ from it
