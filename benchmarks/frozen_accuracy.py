@@ -3,63 +3,83 @@ the same run twice under bf16 autocast: once with the fp32 base, once with every
 
     python benchmarks/frozen_accuracy.py --model weights/minilm-fp16 [--steps 300] [--seeds 0,1] [--device cpu]
 
-The runs are ``minift compare``'s LoRA run (its recipe's lr, schedule and options, ``compare_setup``'s
-data and model), written out as a plain AdamW loop with every op under bf16 autocast on ``--device``
-(``minift train``'s loop enters autocast on CUDA only). On the CPU autocast also leaves LayerNorm in bf16
-where CUDA runs it in fp32, so a CPU run is the harsher test. Prints one Markdown table: dev and test accuracy per seed,
-both ways, and their difference. Needs the sentiment data in MINIFT_CACHE (``minift fetch sentiment``).
+The runs are ``minift compare``'s LoRA run (its recipe's lr, warmup, schedule and options, ``compare_setup``'s
+data and model), written out as a plain AdamW loop (``train_steps``, which ``frozen_accuracy_lm.py`` shares) with
+every op under bf16 autocast on ``--device`` (``minift train``'s loop enters autocast on CUDA only). On the CPU
+autocast also leaves LayerNorm in bf16 where CUDA runs it in fp32, so a CPU run is the harsher test. Prints one
+Markdown table: dev and test accuracy per seed, both ways, and their difference. Needs the sentiment data in
+MINIFT_CACHE (``minift fetch sentiment``).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 
 import torch
 
 from minift.fast import frozen
 from minift.methods.registry import build_method
 from minift.studies.compare_setup import CompareConfig, load_model, load_task, resolve, train_config
-from minift.training.config import lr_factor
+from minift.training.config import TrainConfig, lr_factor
 from minift.training.evaluate import evaluate
 from minift.training.forward import model_forward
 from minift.training.recipes import compare_settings, load_recipe
 
 
+def autocast(device: str) -> torch.autocast:
+    """A bf16 autocast context for ``device`` (CPU or CUDA)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def train_steps(model: torch.nn.Module, batches: Sequence[dict], tc: TrainConfig, cast: bool) -> list[float]:
+    """``tc.steps`` AdamW steps on the trainable parameters of ``model``, moved to ``tc.device``, every op under bf16
+    autocast: ``tc.lr`` with its warmup and schedule (``lr_factor``), ``tc.weight_decay``, clipping at
+    ``tc.max_grad_norm``, over ``batches`` in an order seeded by ``tc.seed`` (the same order each pass). With
+    ``cast`` the frozen parameters are stored in bf16 first (``frozen.enable``).
+
+    Returns:
+        The loss of each step.
+    """
+    model.to(tc.device).train()
+    if cast:
+        frozen.enable(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(tc.seed)).tolist()
+    warmup, losses = tc.warmup_steps(tc.steps), []
+    for step in range(tc.steps):
+        for g in opt.param_groups:
+            g["lr"] = tc.lr * lr_factor(step, tc.steps, warmup, tc.schedule)
+        batch = {k: v.to(tc.device) if torch.is_tensor(v) else v for k, v in batches[order[step % len(order)]].items()}
+        # one autocast context per step: autocast caches its bf16 casts of the trainable weights until
+        # the outermost context exits, so a context around many steps would keep the first step's
+        with autocast(tc.device):
+            loss = model_forward(model, batch).loss
+        loss.backward()
+        if tc.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def run(task, cfg: CompareConfig, seed: int, cast: bool) -> dict:
-    """One LoRA run: AdamW at the recipe's lr (its warmup and linear decay), weight decay and
-    clipping at 1.0, over the training batches in a seeded order, every op under bf16 autocast."""
+    """One LoRA run (``train_steps``) at the recipe's lr, warmup, linear decay and weight decay, evaluated on the
+    dev and test sentences under bf16 autocast."""
     recipe = load_recipe("sentiment-lora")
     lr, options = compare_settings(recipe, full=cfg.full)
     tc = train_config(cfg, recipe, lr, cfg.steps, seed)
     model = load_model(task, seed)
-    build_method(model, "lora", options, tokenizer=task.tokenizer, lr=lr,
-                         weight_decay=tc.weight_decay, total_steps=cfg.steps)
-    model.to(cfg.device).train()
-    if cast:
-        frozen.enable(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=tc.weight_decay)
-    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(seed)).tolist()
-    t0, losses = time.perf_counter(), []
-    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16)
-    for step in range(cfg.steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * lr_factor(step, cfg.steps, tc.warmup, tc.schedule)
-        batch = {k: v.to(cfg.device) if torch.is_tensor(v) else v
-                 for k, v in task.train[order[step % len(order)]].items()}
-        # one autocast context per step: autocast caches its bf16 casts of the trainable weights until
-        # the outermost context exits, so a context around many steps would keep the first step's
-        with autocast:
-            loss = model_forward(model, batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    build_method(model, "lora", options, tokenizer=task.tokenizer, lr=lr, weight_decay=tc.weight_decay,
+                 total_steps=cfg.steps)
+    t0 = time.perf_counter()
+    losses = train_steps(model, task.train, tc, cast)
     model.eval()
-    with autocast:
+    with autocast(cfg.device):
         dev, test = (evaluate(model, getattr(task, s), "classification", cfg.device) for s in ("dev", "test"))
-    return {"dev": 100 * dev["accuracy"], "test": 100 * test["accuracy"], "loss": sum(losses[-50:]) / 50,
+    return {"dev": 100 * dev["accuracy"], "test": 100 * test["accuracy"], "loss": sum(losses[-50:]) / len(losses[-50:]),
             "s": time.perf_counter() - t0}
 
 
