@@ -2,7 +2,10 @@
 joint graph was traced anew (``autograd_cache_miss``, then ``_saved``), loaded (``autograd_cache_hit``)
 or not cacheable (``autograd_cache_bypass``).
 
-    python3 benchmarks/aot_cache_counters.py [minift bench arguments; --no-isolate is added]
+    python3 benchmarks/aot_cache_counters.py [minift bench arguments, one method; --no-isolate is added]
+
+One method: the counters are this process's, and under CUDA graphs torch 2.11 compiles one graphed
+model per process (a second method would run without graphs).
 
 Run it twice with one ``TORCHINDUCTOR_CACHE_DIR`` (``benchmarks/gpu.sh compile-cache``): the second
 run's row has the first step's seconds from the caches.

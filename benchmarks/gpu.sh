@@ -105,8 +105,9 @@
 #   act-budget     LoRA's default step (compiled, CUDA graphs) under torch.compile's activation memory budget
 #                  1.0, 0.8, 0.6 (bench --activation-budget): peak memory against step time (limits 8.5 min)
 #                  bench-gpt2-medium-lora-budget{1.0,0.8,0.6}-TAG
-#   compile-cache  LoRA's first step cold and from the caches (benchmarks/aot_cache_counters.py, twice with
-#                  one fresh TORCHINDUCTOR_CACHE_DIR; CACHE_MODEL, default gpt2)  compile-cache-{cold,warm}-TAG
+#   compile-cache  LoRA's first step cold, from Inductor's caches alone, and from AOTAutograd's too
+#                  (benchmarks/aot_cache_counters.py, three processes; CACHE_MODEL, default gpt2)
+#                  compile-cache-{cold,inductor,warm}-TAG
 #   factor-ab      LoRA (all six projections) with and without the factor kernel (bench --lora-factor-kernel:
 #                  the backward's g B and g^T (A x) in one Triton pass, fast.kernels.lora_factor_grads), eager
 #                  (merged forward) then default (compiled, CUDA graphs); its tests are in tests-changed
@@ -160,8 +161,8 @@ env_txt() {
   { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
     python3 -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__)"
     # the installed versions, without importing the packages (importing transformers takes seconds)
-    python3 -c "from importlib.metadata import version as v; print('transformers', v('transformers'), '| peft', v('peft'))" \
-      2>/dev/null || echo "transformers/peft: not installed"
+    python3 -c "from importlib.metadata import version as v
+print('transformers', v('transformers'), '| peft', v('peft'))" 2>/dev/null || echo "transformers/peft: not installed"
     git -C "$tree" log -1 --format='commit %H %s' 2>/dev/null || echo "commit: unknown (no .git here)"
     # a copied working tree may carry an older .git: say how far the files measured differ from it
     echo "tracked files differing from that commit: $(git -C "$tree" status --porcelain --untracked-files=no 2>/dev/null | wc -l)"
@@ -405,53 +406,69 @@ stage() {
     # the rows of issue 21's table: GPT-2 medium 8 x 1024, minift against the bf16-base peer, compiled and
     # eager, LoRA on six and on five projections (benchmarks/issue21_table.py writes the table and the
     # targets it decides: one/issue21.md). First every compiled configuration whose row is still missing
-    # once, all at once and untimed, which fills torch.compile's caches (FX graphs, Triton kernels) on this
-    # machine; then the missing rows one after another, each compiling again from those caches. About
+    # once, all at once and untimed, which fills torch.compile's caches (AOTAutograd, FX graphs, Triton
+    # kernels) on this machine; then the missing rows one after another, each compiling again from those caches. About
     # 11 minutes on an H200: where a command may take 10 at most, run the stage again right away with the
     # same --out on the same machine (its caches still warm): it runs only the rows not yet written
     local five="--lora-targets q_proj,k_proj,v_proj,o_proj,down_proj" w="--steps 1 --warmup 1" m
     local peft="python3 benchmarks/peft_baseline.py"
-    missing() { [ "$dry" = 1 ] || [ ! -f "$out/one/$1.json" ]; }
-    mkdir -p "$out/one/warm"
+    missing() {  # FILE METHOD...: true when $out/one/FILE.json has no row of one of the methods
+      [ "$dry" = 1 ] && return 0
+      python3 -c 'import json, sys
+try:
+    have = {row["method"] for row in json.load(open(sys.argv[1]))["rows"]}
+except (OSError, ValueError, KeyError, TypeError):
+    have = set()
+sys.exit(0 if set(sys.argv[2:]) - have else 1)' "$out/one/$1.json" "${@:2}"
+    }
+    [ "$dry" = 1 ] || mkdir -p "$out/one/warm"
     [ "$dry" = 1 ] || date -u +"phase 1 (compile, concurrent) %H:%M:%S" >&2
-    missing bench-default && for m in full lora; do
+    missing bench-default full lora && for m in full lora; do
       go 200 one/warm/bench-$m $M bench --out "$out/one/warm" $G2M --methods $m $w --name warm-bench-$m &
     done
-    missing peft-compile && go 200 one/warm/peft-lora $peft --out "$out/one/warm" $G2M --methods lora \
+    missing peft-compile lora && go 200 one/warm/peft-lora $peft --out "$out/one/warm" $G2M --methods lora \
       --compile --no-eager $w --name warm-peft-lora &
-    missing peft-full-compile && go 200 one/warm/peft-full $peft --out "$out/one/warm" $G2M --methods full \
+    missing peft-full-compile full && go 200 one/warm/peft-full $peft --out "$out/one/warm" $G2M --methods full \
       --compile --no-eager $w --name warm-peft-full &
-    missing bench5-default && go 200 one/warm/bench5 $M bench --out "$out/one/warm" $G2M --methods lora $five $w \
+    missing bench5-default lora && go 200 one/warm/bench5 $M bench --out "$out/one/warm" $G2M --methods lora $five $w \
       --name warm-bench5 &
-    missing peft5-compile && go 200 one/warm/peft5 $peft --out "$out/one/warm" $G2M --methods lora $five \
+    missing peft5-compile lora && go 200 one/warm/peft5 $peft --out "$out/one/warm" $G2M --methods lora $five \
       --compile --no-eager $w --name warm-peft5 &
     wait
     [ "$dry" = 1 ] || date -u +"phase 2 (timed, one at a time) %H:%M:%S" >&2
-    missing bench-default && go 150 one/bench $M bench --out "$out/one" $G2M --methods full,lora --name bench-default
-    missing peft-compile && go 100 one/peft-compile python3 benchmarks/timing_check.py peft-compile peft "$out/one" \
+    missing bench-default full lora &&
+      go 150 one/bench $M bench --out "$out/one" $G2M --methods full,lora --name bench-default
+    missing peft-compile lora &&
+      go 100 one/peft-compile python3 benchmarks/timing_check.py peft-compile peft "$out/one" \
       --out "$out/one" $G2M --methods lora --compile --no-eager --name peft-compile
-    missing peft-eager && go 80 one/peft-eager $peft --out "$out/one" $G2M --methods full,lora --name peft-eager
-    missing bench5-default && go 100 one/bench5 $M bench --out "$out/one" $G2M --methods lora $five \
+    missing peft-eager full lora &&
+      go 80 one/peft-eager $peft --out "$out/one" $G2M --methods full,lora --name peft-eager
+    missing bench5-default lora && go 100 one/bench5 $M bench --out "$out/one" $G2M --methods lora $five \
       --name bench5-default
-    missing peft5-compile && go 100 one/peft5-compile $peft --out "$out/one" $G2M --methods lora $five \
+    missing peft5-compile lora && go 100 one/peft5-compile $peft --out "$out/one" $G2M --methods lora $five \
       --compile --no-eager --name peft5-compile
-    missing peft-full-compile && go 100 one/peft-full-compile $peft --out "$out/one" $G2M --methods full \
+    missing peft-full-compile full && go 100 one/peft-full-compile $peft --out "$out/one" $G2M --methods full \
       --compile --no-eager --name peft-full-compile
-    missing bench-eager && go 80 one/bench-eager $M bench --out "$out/one" $G2M --methods full,lora $five \
+    missing bench-eager full lora && go 80 one/bench-eager $M bench --out "$out/one" $G2M --methods full,lora $five \
       --speed eager --name bench-eager
-    missing peft5-eager && go 60 one/peft5-eager $peft --out "$out/one" $G2M --methods lora $five --name peft5-eager
+    missing peft5-eager lora &&
+      go 60 one/peft5-eager $peft --out "$out/one" $G2M --methods lora $five --name peft5-eager
     [ "$dry" = 1 ] || date -u +"phase 2 done %H:%M:%S" >&2
-    [ "$dry" = 1 ] || python3 "$here/benchmarks/issue21_table.py" "$out/one" > "$out/one/issue21.md" ;;
+    if [ "$dry" = 1 ]; then echo "python3 benchmarks/issue21_table.py $out/one > $out/one/issue21.md"
+    else python3 "$here/benchmarks/issue21_table.py" "$out/one" > "$out/one/issue21.md"; fi ;;
   compile-cache)
-    # the first step's seconds cold and from the caches, LoRA (all six projections) on $CACHE_MODEL (default
-    # gpt2) 8 x 1024, two processes sharing a fresh TORCHINDUCTOR_CACHE_DIR, AOTAutograd's counters in each log
-    local i
-    [ "$dry" = 1 ] || rm -rf "$out/inductor-cache"
-    for i in cold warm; do
-      go 200 "compile-cache-$i" env TORCHINDUCTOR_CACHE_DIR="$out/inductor-cache" python3 benchmarks/aot_cache_counters.py \
+    # LoRA's (all six projections) first step on $CACHE_MODEL (default gpt2) 8 x 1024, three processes
+    # sharing fresh Inductor and Triton caches: cold; then with AOTAutograd's cache off for graphs with
+    # custom autograd Functions (PyTorch's default; the variable overrides minift's setting); then on
+    local i c="$out/compile-caches"
+    local -A off=([cold]=1 [inductor]=0 [warm]=1)
+    [ "$dry" = 1 ] || rm -rf "$c"
+    for i in cold inductor warm; do
+      go 200 "compile-cache-$i" env TORCHINDUCTOR_CACHE_DIR="$c/inductor" TRITON_CACHE_DIR="$c/triton" \
+        TORCHINDUCTOR_AUTOGRAD_CACHE_ALLOW_CUSTOM_AUTOGRAD=${off[$i]} python3 benchmarks/aot_cache_counters.py \
         --model "${CACHE_MODEL:-gpt2}" --methods lora --steps 10 --out "$out" --name "compile-cache-$i-$tag"
     done
-    [ "$dry" = 1 ] || rm -rf "$out/inductor-cache" ;;
+    [ "$dry" = 1 ] || rm -rf "$c" ;;
   act-budget)
     local b
     for b in 1.0 0.8 0.6; do

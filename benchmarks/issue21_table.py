@@ -12,6 +12,7 @@ five windows), ``peft5-compile.json``, ``peft-full-compile.json``, ``peft-eager.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,30 +29,47 @@ ROWS = [
 ]
 
 
+def fail(message: str):
+    """One line on stderr, exit 2."""
+    print(f"issue21_table.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def load(folder: Path) -> dict[tuple[str, str], dict]:
-    """{(file stem, method): row} over every bench/peer JSON in the folder."""
+    """{(file stem, method): row} over every bench/peer JSON in the folder (timing_check's window files
+    have no rows)."""
     rows = {}
-    for path in folder.glob("*.json"):
-        data = json.loads(path.read_text())
-        for row in data.get("rows", []):
-            rows[path.stem, row["method"]] = row
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+            for row in data.get("rows", []):
+                rows[path.stem, row["method"]] = row
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            fail(f"{path} is not a bench or peer result ({type(e).__name__}: {e})")
     return rows
 
 
 def windows(folder: Path) -> list[float]:
-    """The compiled peer's queued-window medians (timing_check.py), in order."""
+    """The compiled peer's queued windows' medians (timing_check.py: the windows timed per step are
+    left out), in order; [] without the file."""
     path = folder / "timing-check-peft-compile.json"
     if not path.exists():
         return []
-    return [w["median_ms"] for w in json.loads(path.read_text())["windows"] if not w["sync_each_step"]]
+    try:
+        return [w["median_ms"] for w in json.loads(path.read_text())["windows"] if not w["sync_each_step"]]
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{path} is not timing_check.py's output ({type(e).__name__}: {e})")
 
 
 def cell(row: dict) -> str:
-    mfu = f" ({row['mfu']:.1%} MFU)" if row.get("mfu") == row.get("mfu") and row["method"] == "full" else ""
+    """One side of a row: step time (MFU for full fine-tuning where measured) and peak memory."""
+    mfu = row.get("mfu")
+    mfu = f" ({mfu:.1%} MFU)" if row["method"] == "full" and mfu is not None and not math.isnan(mfu) else ""
     return f"{row['step_ms']:.2f} ms{mfu}, {row['peak_gib']:.2f} GiB"
 
 
 def table(rows: dict, spread: list[float]) -> list[str]:
+    """The rows of ``ROWS``, minift against the peer; a row with a side missing says which file."""
     out = ["| | minift | transformers + PEFT | speed | memory |", "| --- | --- | --- | --- | --- |"]
     for label, mine, method, peer, peer_method in ROWS:
         a, b = rows.get((mine, method)), rows.get((peer, peer_method))
@@ -62,12 +80,13 @@ def table(rows: dict, spread: list[float]) -> list[str]:
             continue
         speed = f"{b['step_ms'] / a['step_ms']:.2f}x"
         if peer == "peft-compile" and spread:
-            speed += f" ({min(spread) / a['step_ms']:.2f}x-{max(spread) / a['step_ms']:.2f}x over its windows)"
+            speed += f" ({min(spread) / a['step_ms']:.2f}x-{max(spread) / a['step_ms']:.2f}x over its queued windows)"
         out.append(f"| {label} | {cell(a)} | {cell(b)} | {speed} | {a['peak_gib'] / b['peak_gib']:.2f}x |")
     return out
 
 
 def targets(rows: dict, spread: list[float]) -> list[str]:
+    """Issue 21's targets that these rows decide, each measured and judged; one without its rows is left out."""
     out = ["| target | measured | met? |", "| --- | --- | --- |"]
     lora, full = rows.get(("bench-default", "lora")), rows.get(("bench-default", "full"))
     eager, comp = rows.get(("peft-eager", "lora")), rows.get(("peft-compile", "lora"))
@@ -85,19 +104,16 @@ def targets(rows: dict, spread: list[float]) -> list[str]:
         ok = s >= 1.6 and m <= 0.6
         out.append(f"| best-mode LoRA >= 1.6x compiled PEFT at <= 0.6x its memory | {s:.2f}x{seen} at {m:.2f}x "
                    f"| {'yes' if ok else 'no'} |")
-    if full:
+    rate = full and full.get("extra", {}).get("matmul_tflops")
+    if full and rate and not math.isnan(full.get("mfu", math.nan)):
         ok = full["mfu"] >= 0.58
-        out.append(f"| full fine-tuning >= 58% MFU (of the matmul rate measured in the run: "
-                   f"{full['extra']['matmul_tflops']:.1f} TFLOP/s) | {full['mfu']:.1%} | {'yes' if ok else 'no'} |")
+        out.append(f"| full fine-tuning >= 58% MFU (of the matmul rate measured in the run: {rate:.1f} TFLOP/s) "
+                   f"| {full['mfu']:.1%} | {'yes' if ok else 'no'} |")
     return out
 
 
-def fail(message: str):
-    print(f"issue21_table.py: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
 def main() -> None:
+    """Print the table and the targets for the folder given."""
     if len(sys.argv) != 2:
         fail("usage: python3 benchmarks/issue21_table.py DIR > issue21.md")
     folder = Path(sys.argv[1])
@@ -106,12 +122,15 @@ def main() -> None:
     rows, spread = load(folder), windows(folder)
     if not rows:
         fail(f"no bench or peer JSON in {folder}")
-    any_row = next(iter(rows.values()))
+    shape = {(r["model"], r["batch"], r["seq_len"], r["dtype"], r["device"]) for r in rows.values()}
+    if len(shape) > 1:
+        fail(f"the rows in {folder} are of different runs (model, batch, length, dtype, device): {sorted(shape)}")
+    model, batch, seq_len, dtype, device = shape.pop()
     extra = next((r["extra"] for r in rows.values() if "peft" in r.get("extra", {})), {})
-    print(f"GPT-2 medium, batch {any_row['batch']} x {any_row['seq_len']}, {any_row['dtype']}, AdamW, on "
-          f"{any_row['device']}; transformers {extra.get('transformers', '?')}, peft {extra.get('peft', '?')}. "
-          "The peer's frozen base in bf16 (trainable weights fp32); speed is the peer's step over minift's "
-          "(tokens/s ratio), memory minift's peak over the peer's.\n")
+    print(f"{model}, batch {batch} x {seq_len}, {dtype}, AdamW, on {device}; transformers "
+          f"{extra.get('transformers', '?')}, peft {extra.get('peft', '?')}. The peer's frozen base in bf16 "
+          "(trainable weights fp32); speed is the peer's step over minift's (tokens/s ratio), memory minift's "
+          "peak over the peer's.\n")
     print("\n".join(table(rows, spread)))
     print("\nIssue 21's targets these rows decide:\n")
     print("\n".join(targets(rows, spread)))

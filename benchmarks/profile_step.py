@@ -26,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minift.studies import bench  # noqa: E402
+from minift.training import speed  # noqa: E402
 
 
 def main() -> None:
@@ -57,7 +58,8 @@ def main() -> None:
     step, i = pr.step, 0
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    step(i)
+    with speed.compile_context(None, pr.cfg.compile):  # the step compiles as bench's and train's do
+        step(i)
     torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
     for i in range(1, a.warmup):

@@ -122,16 +122,27 @@ def compile_context(budget: float | None, compiled: bool):
     """The context a compiled step runs in; torch.compile reads it when the step compiles (its first
     call, and any recompile).
 
-    - ``budget``: torch.compile keeps at most this share of the activations its partitioner
-      (AOTAutograd) would save for the backward and recomputes the rest, cheapest first (pointwise
-      ops such as GELU or LayerNorm's normalization before any matmul). None: PyTorch's default
-      (1.0). A budget for a run that does not compile is an error: it would change nothing.
-    - AOTAutograd's on-disk cache also takes graphs that hold custom autograd Functions (off by
-      default in PyTorch; ``autograd_cache_allow_custom_autograd_functions``). minift's step holds
-      its own (``fast.loss.LinearCrossEntropy``, ``fast.lora.MergedLoRA``), so without it every
-      process traces the joint graph and partitions it again; with it a later run of the same
-      graph loads that from ``TORCHINDUCTOR_CACHE_DIR`` as it already loads Inductor's kernels.
-      Their forward and backward are traced into the graph, so the cache key sees their code.
+    Two settings, while the context holds:
+
+    - torch.compile keeps at most ``budget`` of the activations its partitioner (AOTAutograd) would
+      save for the backward and recomputes the rest, cheapest first (pointwise ops such as GELU or
+      LayerNorm's normalization before any matmul).
+    - AOTAutograd's on-disk cache also takes graphs that hold custom autograd Functions
+      (``autograd_cache_allow_custom_autograd_functions``, off by default in PyTorch), every one in
+      the step. minift's step holds its own (``fast.loss.LinearCrossEntropy``,
+      ``fast.lora.MergedLoRA``), so without it each process traces the joint graph and partitions it
+      again. With it, a later run of the same graph loads that from ``TORCHINDUCTOR_CACHE_DIR``, as it
+      loads Inductor's kernels. A Function's forward and backward are traced into the graph, constants
+      included, so the cache key sees them; the custom operators inside (``minift::lora_input_grad``,
+      the Triton kernels) enter by name and run their Python bodies on every call.
+
+    Args:
+        budget: the share (0, 1] of the activations kept; None: PyTorch's default (1.0).
+        compiled: whether the step is compiled; if not, nothing is set.
+    Returns:
+        A context manager (``torch._functorch.config.patch``, or a null context for an eager run).
+    Raises:
+        ValueError: a budget for a run that does not compile (it would change nothing).
     """
     if budget is not None and not compiled:
         raise ValueError(f"activation_budget {budget:g} applies to a compiled run, and this one runs eager "

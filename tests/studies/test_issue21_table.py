@@ -1,5 +1,6 @@
 """benchmarks/issue21_table.py: issue 21's rows and targets from the JSON files `gpu.sh issue21-one` writes,
 checked on the committed H200 results and on a folder with rows missing."""
+import json
 import shutil
 import subprocess
 import sys
@@ -41,3 +42,15 @@ def test_a_folder_without_rows_is_refused(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == f"issue21_table.py: no bench or peer JSON in {tmp_path}"
     r = _run(tmp_path / "absent")
     assert r.returncode == 2 and "is not a folder" in r.stderr
+
+
+def test_a_file_that_is_no_result_or_rows_of_other_runs_are_refused(tmp_path):
+    (tmp_path / "bench-default.json").write_text("{not json")
+    r = _run(tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith(f"issue21_table.py: {tmp_path / 'bench-default.json'} is not")
+    shutil.copy(RESULTS / "bench-default.json", tmp_path / "bench-default.json")
+    other = json.loads((RESULTS / "peft-eager.json").read_text())
+    other["rows"][0]["seq_len"] = 512
+    (tmp_path / "peft-eager.json").write_text(json.dumps(other))
+    r = _run(tmp_path)
+    assert r.returncode == 2 and "are of different runs" in r.stderr
