@@ -28,7 +28,7 @@ from minift.fast import frozen
 from minift.methods.registry import build_method
 from minift.studies.codegen import (DEFAULT_HELD_OUT, PretrainConfig, blocks, context_size, encode_files,
                                     next_line_eval, pretrain)
-from minift.studies.codegen_case import CaseConfig, _read_split, targets_for
+from minift.studies.codegen_case import LORA, WARMUP, CaseConfig, read_split, targets_for
 from minift.training.config import TrainConfig
 from minift.training.data import batches, load_tokenizer, pad_id
 from minift.training.run import load_model
@@ -38,8 +38,6 @@ from frozen_accuracy import autocast, train_steps  # the benchmark beside this o
 # 6 layers of width 256 (4 heads), a 4,096-token BPE, 128-token blocks of 16: ~5.8M parameters; on 2 CPU cores
 # in fp32 about 0.5 s a step, so --pretrain-steps 900 takes under 10 minutes
 SMALL_PRETRAIN = dict(vocab_size=4096, n_layer=6, n_head=4, n_embd=256, block_size=128, dropout=0.0, batch_size=16)
-LORA = dict(r=8, alpha=16)  # the codegen case's LoRA, on targets_for(model), with 5% warmup and linear decay
-WARMUP = 0.05
 
 
 def ensure_pretrained(path: Path, arch: str, steps: int, device: str, log=print) -> Path:
@@ -66,7 +64,7 @@ class Adaptation:
 
 def load_adaptation(pretrained: Path, case: CaseConfig) -> Adaptation:
     """The held-out package's split as ``corpus.json`` records it, tokenized and batched as ``run_case`` does."""
-    rec, _ = _read_split(pretrained, None)
+    rec, _ = read_split(pretrained, None)
     root, tok = Path(rec["corpus"]), load_tokenizer(pretrained)
     block = min(case.block_size, context_size(load_model(pretrained, "causal-lm")))
     data = batches(blocks(encode_files(tok, [root / f for f in rec["adapt_train"]]), block), case.batch_size,

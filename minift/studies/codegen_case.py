@@ -63,6 +63,10 @@ def targets_for(model) -> tuple[str, ...]:
     return LLAMA_TARGETS if isinstance(model, Llama) else TARGETS
 
 
+LORA = dict(r=8, alpha=16)  # the case's LoRA, on targets_for(model)
+WARMUP = 0.05  # every method's share of the steps spent warming the learning rate up
+
+
 def adalora_options(steps: int, targets=TARGETS) -> tuple[dict, str]:
     """The case's AdaLoRA settings; under ADALORA_REF_STEPS, tinit and tfinal scale by steps / 2000."""
     f = min(1.0, steps / ADALORA_REF_STEPS)
@@ -85,7 +89,7 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
         pre = pre or PretrainConfig(**(SMOKE_PRETRAIN if smoke else {}), device=case.device, progress=case.progress)
         pretrain(corpus, pretrained, held_out or DEFAULT_HELD_OUT, pre, log)
     pretrained = Path(pretrained)
-    rec, held = _read_split(pretrained, held_out)
+    rec, held = read_split(pretrained, held_out)
     root = Path(rec["corpus"])
     train_files, eval_files = [root / f for f in rec["adapt_train"]], [root / f for f in rec["adapt_eval"]]
     tok = load_tokenizer(pretrained)
@@ -108,7 +112,7 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
             "held_out": ", ".join(held), "adapt_train_files": len(train_files), "eval_files": len(eval_files),
             "adapt_batches": len(data), "steps": case.steps, "batch": f"{case.batch_size} x {block} tokens",
             "lr": case.lr, "adalora": f"init_r 12, target_r 8, alpha 32, b1 = b2 = 0.85, {ada_note}",
-            "lora": "r 8, alpha 16", "targets": ", ".join(targets), "eval_lines": rows[0]["lines"],
+            "lora": f"r {LORA['r']}, alpha {LORA['alpha']}", "targets": ", ".join(targets), "eval_lines": rows[0]["lines"],
             "pretrained": f"{arch}, {rec['params']:,} params, {rec['steps']} steps on {rec['pretrain_tokens']:,} "
                           f"tokens of {len(rec['pretrain_packages'])} packages ({rec['device']}, "
                           f"{rec['time_s'] / 60:.1f} min, final loss {rec['final_loss']:.3f})"}
@@ -118,7 +122,7 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
     return result
 
 
-def _read_split(pretrained: Path, held_out) -> tuple[dict, tuple[str, ...]]:
+def read_split(pretrained: Path, held_out) -> tuple[dict, tuple[str, ...]]:
     """``corpus.json`` of a pretrained directory, and the held-out packages, checked: the model
     never saw them, and they are what it held out."""
     rec_file = pretrained / "corpus.json"
@@ -145,12 +149,12 @@ def _adapt(method: str, pretrained: Path, data, case: CaseConfig, device: str, e
     ranks = None
     if method != "pretrained":
         log(f"codegen-case: {method}")
-        opts = {"adalora": adalora_options(case.steps, targets)[0], "lora": dict(r=8, alpha=16, targets=targets),
+        opts = {"adalora": adalora_options(case.steps, targets)[0], "lora": dict(**LORA, targets=targets),
                 "full": {}}[method]
         st = build_method(model, method, opts, lr=case.lr[method], total_steps=case.steps)
         row["trainable"], row["params"] = st.trainable(model)
         t0 = time.perf_counter()
-        res = train(model, data, TrainConfig(lr=case.lr[method], steps=case.steps, warmup=0.05, device=device,
+        res = train(model, data, TrainConfig(lr=case.lr[method], steps=case.steps, warmup=WARMUP, device=device,
                                              seed=case.seed, progress=case.progress, plot=False),
                     **st.train_hooks())
         row.update(steps=res.steps, time_s=time.perf_counter() - t0,
