@@ -15,6 +15,8 @@ rounding (each module says where it rounds differently); its equivalence test ch
                                 hidden states, without full fp32 logits
     LoRA forward  fast.lora     plain LoRA layers through W0 + sBA in one GEMM     tests/fast/test_lora.py
                                 (merged) or with the update inside one addmm
+    MLP act       fast.mlp      the MLP's activation inside down_proj's merged     tests/fast/test_mlp.py
+                                LoRA, recomputed in its backward, not kept (opt-in)
     many LoRAs    fast.multi_lora  a mixed batch of many adapters in a fixed number   tests/fast/test_multi_lora.py
                                 of kernels: each row's factors gathered, two bmm
     frozen base   fast.frozen   frozen parameters stored in bf16 (what autocast   tests/fast/test_frozen.py
@@ -37,11 +39,11 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from minift.fast import cast, lora, loss, multi_lora
+from minift.fast import cast, lora, loss, mlp, multi_lora
 
 
 def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None = None,
-           lora_factor_kernel: bool = False) -> list[str]:
+           lora_factor_kernel: bool = False, lora_recompute_act: bool = False) -> list[str]:
     """Switch on every speed piece that applies to ``model`` (see the table above).
 
     Args:
@@ -52,6 +54,8 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
         loss_chunk: positions per vocabulary projection in the fused loss (None: its default).
         lora_factor_kernel: merged LoRA layers take A's and B's gradients through
             ``kernels.lora_factor_grads`` (off by default: docs/benchmarks.md has why).
+        lora_recompute_act: every MLP keeps its activation's input and not its output where down_proj
+            takes the merged forward (``fast.mlp``; off by default until measured).
     Returns:
         One line per piece switched on, e.g. ``"cast once: 4 modules"``; pieces that do not apply
         (no LoRA layers, no GPT loss) or are already on are left out.
@@ -63,9 +67,12 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
           (f"LoRA {'merged' if merged_lora else 'addmm'} forward",
            lora.enable(model, merged=merged_lora, factor_kernel=lora_factor_kernel), "layers"),
           ("gathered mixed-batch LoRA", multi_lora.enable(model), "layers")]
+    if lora_recompute_act and merged_lora:
+        on.append(("MLP activation recomputed", mlp.enable(model), "MLPs"))
     return [f"{piece}: {len(names)} {what}" for piece, names, what in on if names]
 
 
 def disable(model: nn.Module) -> list[str]:
     """Put every piece back on the reference path; returns the names of the modules switched back."""
-    return cast.disable(model) + loss.disable(model) + lora.disable(model) + multi_lora.disable(model)
+    return cast.disable(model) + loss.disable(model) + lora.disable(model) + mlp.disable(model) + \
+        multi_lora.disable(model)

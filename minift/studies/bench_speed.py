@@ -90,7 +90,8 @@ def variant_name(cfg, method: str) -> str:
     if not cfg.fast:
         flags.append("no_fast")
     if cfg.lora_merged_forward and method == "lora":  # (``resolved``: the plan's choice)
-        flags.append("merged_forward" + ("+factor_kernel" if cfg.lora_factor_kernel else ""))
+        flags.append("merged_forward" + ("+factor_kernel" if cfg.lora_factor_kernel else "")
+                     + ("+recompute_act" if cfg.lora_recompute_act else ""))
     if not cfg.fused_adamw and cfg.device.startswith("cuda") and method != "probe":
         flags.append("foreach_adamw")
     if cfg.sdpa_math:

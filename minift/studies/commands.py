@@ -85,6 +85,8 @@ def add_bench(sub) -> None:
     p.add_argument("--lora-factor-kernel", action="store_true",
                    help="merged LoRA layers: the backward's g B and g^T (A x) in one Triton pass "
                         "(docs/benchmarks.md: what it saves)")
+    p.add_argument("--lora-recompute-act", action="store_true",
+                   help="merged LoRA on down_proj: the MLP keeps its activation's input, not its output (fast.mlp)")
     p.add_argument("--sync-each-step", action="store_true",
                    help="CUDA timing: wait for the GPU after every step instead of once after the window")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
@@ -124,6 +126,7 @@ def _cmd_bench(args) -> int:
                             checkpointing=args.checkpointing, plain_ce=args.plain_ce,
                             lora_merged_forward=args.lora_merged_forward, isolate=args.isolate,
                             lora_factor_kernel=args.lora_factor_kernel,
+                            lora_recompute_act=args.lora_recompute_act,
                             loss_chunk=args.loss_chunk, fused_adamw=not args.no_fused_adamw,
                             sdpa_math=args.sdpa_math, sync_each_step=args.sync_each_step,
                             lora_targets=tuple(t for t in args.lora_targets.split(",") if t),

@@ -80,6 +80,23 @@ def test_the_factor_kernel_is_a_merged_lora_rows_variant_and_reaches_its_layers(
         assert "--lora-factor-kernel is a backward of LoRA's merged forward" in capsys.readouterr().err
 
 
+def test_the_recomputed_activation_is_a_merged_lora_rows_variant_and_reaches_the_mlps(tmp_path, capsys):
+    _, rc = plan_for("lora", lora_recompute_act=True)
+    assert bench.variant_name(rc, "lora").endswith("+merged_forward+recompute_act")
+    from minift.fast import mlp as fast_mlp
+    for fast in (True, False):  # minift.fast's pieces on, or the merged forward alone
+        cfg = bench.BenchConfig(device="cpu", methods=("lora",), lora_merged_forward=True, lora_recompute_act=True,
+                                fast=fast)
+        model, _, _ = bench.build(cfg, "lora")
+        assert all(type(b.mlp) is fast_mlp.GPTMLP for b in model.layers)
+    assert main(["bench", "--device", "cpu", "--methods", "lora", "--steps", "1", "--warmup", "0",
+                 "--lora-merged-forward", "--lora-recompute-act", "--out", str(tmp_path), "--name", "b"]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert rows[0]["variant"].endswith("merged_forward+recompute_act")
+    assert main(["bench", "--device", "cpu", "--methods", "lora", "--lora-recompute-act"]) == 2
+    assert "--lora-recompute-act is a backward of LoRA's merged forward" in capsys.readouterr().err
+
+
 def test_the_activation_budget_is_a_compiled_rows_variant():
     _, rc = plan_for("lora", activation_budget=0.8)
     assert bench.variant_name(rc, "lora").endswith("+merged_forward+activation_budget0.8")

@@ -1,0 +1,166 @@
+"""The MLP's activation recomputed in the backward of down_proj's merged LoRA, instead of kept.
+
+In the reference MLP, down_proj(act(up_proj(x))), autograd keeps both the activation's input h (for
+the activation's backward) and its output a = act(h) (for the gradient of down_proj's LoRA factor A:
+dA = s (g B)^T a). The two are the widest tensors of a block (GPT-2 medium at 8 x 1,024 tokens: 64 MB
+each in bf16, 1.5 GiB over 24 layers). SwiGLU, silu(g) * u, keeps a third: silu(g), for the product's
+backward; it goes too. ``ActMergedLoRA`` is down_proj's merged LoRA (``fast.lora``)
+with the activation inside it: the forward computes a, uses it and drops it, keeping h alone; the
+backward computes a again from h for dA and returns the gradient of h through the activation's own
+derivative. One more elementwise pass over h per layer and step buys the memory of a.
+
+    activation   model          a                   recomputed from
+    GELU         GPT-2 (tanh),  gelu(h)             h = up_proj(x)
+                 BERT (exact)
+    SwiGLU       Llama          silu(g) * u         g = gate_proj(x), u = up_proj(x)
+
+``enable`` changes the class of each MLP in place (as ``fast.lora`` does with its layers): the
+subclass overrides ``forward`` only, and runs the reference forward unless down_proj is a merged
+LoRA layer that merges (``MergedLoRALinear.merges``). Off by default: what the extra pass costs is
+measured by ``benchmarks/gpu.sh act-recompute``. Tested against the reference MLP, outputs and
+gradients, in tests/fast/test_mlp.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minift.fast.lora import MergedLoRALinear, _input_grad, _input_grad_op, _merged_weight
+from minift.models import bert, gpt, llama
+
+__all__ = ["ActMergedLoRA", "enable", "disable"]
+
+
+class Activation:
+    """An MLP activation written out: its value from its inputs, and its inputs' gradients."""
+
+    def __call__(self, *h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, grad: torch.Tensor, *h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+
+class GELU(Activation):
+    def __init__(self, approximate: str):
+        self.approximate = approximate  # "tanh" (GPT-2) or "none" (BERT)
+
+    def __call__(self, h):
+        return F.gelu(h, approximate=self.approximate)
+
+    def backward(self, grad, h):
+        return (torch.ops.aten.gelu_backward(grad, h, approximate=self.approximate),)
+
+
+class SwiGLU(Activation):
+    def __call__(self, g, u):
+        return F.silu(g) * u
+
+    def backward(self, grad, g, u):  # as autograd takes the product and silu apart
+        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
+
+
+# by name: a string is a constant to torch.compile where an object argument of Function.apply may not be
+ACTIVATIONS = {"gelu_tanh": GELU("tanh"), "gelu": GELU("none"), "swiglu": SwiGLU()}
+
+
+class ActMergedLoRA(torch.autograd.Function):
+    """y = act(*h) (W0 + s B A)^T + b with W0 frozen, keeping h and not act(*h).
+
+    Forward: a = act(*h) in h's dtype, then as ``fast.lora.MergedLoRA``: a in the matmul dtype
+    through the rebuilt W0 + sBA, and A a kept (N x r). Backward, with g = dL/dy:
+        da = g (W0 + sBA)                       dh = act's derivative applied to da
+        dA = s (g B)^T act(*h)  (a recomputed)  dB = s g^T (A a)        db = sum of g over rows
+    """
+
+    @staticmethod
+    def forward(ctx, weight, bias, A, B, scaling: float, act_name: str, *h):
+        dev = h[0].device.type
+        autocast = torch.is_autocast_enabled(dev) and h[0].dtype != torch.float64
+        dt = torch.get_autocast_dtype(dev) if autocast else h[0].dtype
+        act = ACTIVATIONS[act_name]
+        a = act(*h)
+        x2 = a.to(dt).reshape(-1, a.shape[-1])  # (N, in)
+        A_, B_ = A.to(dt), B.to(dt)
+        y = F.linear(x2, _merged_weight(weight, A_, B_, scaling), None if bias is None else bias.to(dt))
+        ax = x2 @ A_.t()  # (N, r)
+        ctx.save_for_backward(weight, A_, B_, ax, *h)
+        ctx.scaling, ctx.act_name, ctx.a_shape = scaling, act_name, a.shape
+        ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
+        return y.view(*a.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():
+            raise RuntimeError("double backward (create_graph=True) through the MLP's recomputed activation is "
+                               "not supported; call minift.fast.mlp.disable(model) first")
+        weight, A_, B_, ax, *h = ctx.saved_tensors
+        s, act, (a_dt, b_dt, bias_dt) = ctx.scaling, ACTIVATIONS[ctx.act_name], ctx.dtypes
+        g2 = g.reshape(-1, g.shape[-1]).to(A_.dtype)  # (N, out)
+        need = ctx.needs_input_grad  # weight, bias, A, B, scaling, act_name, *h
+        db = dA = dB = None
+        dh = [None] * len(h)
+        if any(need[6:]):
+            grad_fn = _input_grad_op if torch.compiler.is_compiling() else _input_grad
+            da = grad_fn(g2, weight, A_, B_, s).view(ctx.a_shape).to(h[0].dtype)
+            dh = act.backward(da, *h)
+        if need[2]:
+            x2 = act(*h).to(A_.dtype).reshape(-1, ctx.a_shape[-1])  # a again, from h
+            dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
+        if need[3]:
+            dB = (g2.t() @ ax).to(b_dt).mul_(s)  # (out, r)
+        if need[1]:
+            db = g2.sum(0).to(bias_dt)
+        return (None, db, dA, dB, None, None, *dh)
+
+
+def _down(mlp: nn.Module, act_name: str, *h: torch.Tensor) -> torch.Tensor:
+    """down_proj(act(*h)): through ``ActMergedLoRA`` when down_proj's merged forward applies."""
+    down = mlp.down_proj
+    if isinstance(down, MergedLoRALinear) and not down.merged and down.merges():
+        return ActMergedLoRA.apply(down.weight, down.bias, down.lora_A, down.lora_B, down.scaling, act_name, *h)
+    return down(ACTIVATIONS[act_name](*h))
+
+
+class GPTMLP(gpt.MLP):
+    def forward(self, x):
+        return self.dropout(_down(self, "gelu_tanh", self.up_proj(x)))
+
+
+class BertMLP(bert.MLP):
+    def forward(self, x):
+        return _down(self, "gelu", self.up_proj(x))
+
+
+class LlamaMLP(llama.MLP):
+    def forward(self, x):
+        return _down(self, "swiglu", self.gate_proj(x), self.up_proj(x))
+
+
+FAST = {gpt.MLP: GPTMLP, bert.MLP: BertMLP, llama.MLP: LlamaMLP}
+REFERENCE = {fast: ref for ref, fast in FAST.items()}
+
+
+def enable(model: nn.Module) -> list[str]:
+    """Recompute the activation in down_proj's merged LoRA backward in every MLP of ``model``.
+
+    Returns:
+        The names of the MLPs switched (``[]`` when none is a reference MLP).
+    """
+    names = []
+    for name, m in model.named_modules():
+        if type(m) in FAST:
+            m.__class__ = FAST[type(m)]
+            names.append(name)
+    return names
+
+
+def disable(model: nn.Module) -> list[str]:
+    """Put every MLP ``enable`` switched back on the reference forward; returns their names."""
+    names = []
+    for name, m in model.named_modules():
+        if type(m) in REFERENCE:
+            m.__class__ = REFERENCE[type(m)]
+            names.append(name)
+    return names

@@ -1,0 +1,194 @@
+"""fast.mlp: down_proj's merged LoRA with the MLP's activation inside, recomputed in the backward
+instead of kept, against the merged LoRA alone (``fast.lora``): the same loss and gradients, in fp32
+and under bf16 autocast, on GPT-2's, BERT's and Llama's MLP; less kept for the backward; the
+reference path wherever down_proj's merged forward does not apply."""
+import copy
+
+import pytest
+import torch
+
+from conftest import TINY_BERT, TINY_GPT
+from minift.fast import cast
+from minift.fast import lora as fast_lora
+from minift.fast import mlp as fast_mlp
+from minift.methods import lora
+from minift.methods.lora import LoRAConfig
+from minift.models.bert import BertClassifier, BertConfig
+from minift.models.gpt import GPT, GPTConfig
+from minift.models.llama import Llama, LlamaConfig
+from minift.training.forward import model_forward
+
+TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
+TINY_LLAMA = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64)
+
+
+def _model(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "gpt":
+        model = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
+    elif kind == "bert":
+        model = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3)
+    else:
+        model = Llama(LlamaConfig(**TINY_LLAMA))
+    targets = TARGETS + (("gate_proj",) if kind == "llama" else ())
+    lora.apply(model, LoRAConfig(r=3, targets=targets))
+    with torch.no_grad():  # B != 0: the adapters change the output, and A's gradient is not zero
+        for _, m in lora.lora_modules(model):
+            m.lora_B.normal_(0, 0.1)
+    fast_lora.enable(model.train())
+    return model
+
+
+def _batch(kind: str):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (2, 9), generator=g)
+    if kind == "bert":
+        return {"input_ids": ids, "labels": torch.tensor([0, 2])}
+    return {"input_ids": ids, "labels": ids}
+
+
+def _loss_and_grads(model, batch, autocast: bool):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model_forward(model, batch).loss
+    if not loss.requires_grad:  # every adapter merged into W0: nothing to train through
+        return [loss.detach()]
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return [loss.detach(), *grads]
+
+
+@pytest.mark.parametrize("kind", ["gpt", "bert", "llama"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_recomputed_activation_gives_the_merged_forwards_loss_and_gradients(kind, autocast):
+    """The same ops on the same values in the same order, the activation's input kept instead of its
+    output: equal to the merged forward bit for bit, also under autocast (with cast-once on, as
+    minift.fast runs it)."""
+    ref = _model(kind)
+    quick = copy.deepcopy(ref)
+    cast.enable(ref), cast.enable(quick)
+    assert len(fast_mlp.enable(quick)) == 2
+    batch = _batch(kind)
+    want, got = _loss_and_grads(ref, batch, autocast), _loss_and_grads(quick, batch, autocast)
+    assert len(got) == len(want) >= 1 + 2 * len(lora.lora_modules(quick))  # the loss, every A and B
+    for g, w in zip(got, want):
+        assert torch.equal(g, w), (g - w).abs().max()
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_the_activations_output_is_not_kept(kind):
+    """What autograd keeps for the backward: the activation's output (N x inner) is gone, one such
+    tensor per MLP less; with SwiGLU two (silu(g), which the product kept, goes too: g and u are
+    all the recomputation needs, and autograd kept both already)."""
+    def held(model):
+        sizes = []
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                sizes.append(t.numel())
+            return t
+        batch = _batch(kind)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model_forward(model, batch).loss.backward()
+        return sizes
+    ref = _model(kind)
+    quick = copy.deepcopy(ref)
+    fast_mlp.enable(quick)
+    mlp = quick.layers[0].mlp
+    wide = 2 * 9 * mlp.down_proj.in_features  # one (N, inner) activation
+    per_layer = {"gpt": 1, "llama": 2}[kind]
+    assert held(ref).count(wide) - held(quick).count(wide) == 2 * per_layer
+    assert sum(held(ref)) - sum(held(quick)) == 2 * per_layer * wide
+
+
+def test_the_reference_path_where_the_merged_forward_does_not_apply():
+    """down_proj without LoRA, with dropout acting (training), merged into W0, or on the addmm forward:
+    the MLP runs its reference forward (the same loss and gradients as without fast.mlp)."""
+    for setup in ("no lora", "dropout", "merged", "addmm"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
+        dropout = 0.5 if setup == "dropout" else 0.0
+        lora.apply(model, LoRAConfig(r=2, dropout=dropout,
+                                     targets=("q_proj",) if setup == "no lora" else TARGETS))
+        fast_lora.enable(model.train(), merged=setup != "addmm")
+        if setup == "merged":
+            lora.merge(model)
+        quick = copy.deepcopy(model)
+        fast_mlp.enable(quick)
+        batch = _batch("gpt")
+        torch.manual_seed(2)
+        want = _loss_and_grads(model, batch, False)
+        torch.manual_seed(2)
+        got = _loss_and_grads(quick, batch, False)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w), setup
+
+
+def test_enable_and_disable_swap_the_class_only(tmp_path):
+    model = _model("gpt")
+    before = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    names = fast_mlp.enable(model)
+    assert names == ["layers.0.mlp", "layers.1.mlp"] and fast_mlp.enable(model) == []
+    assert all(type(m) is fast_mlp.GPTMLP for m in (model.layers[0].mlp, model.layers[1].mlp))
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+    assert fast_mlp.disable(model) == names and type(model.layers[0].mlp).__name__ == "MLP"
+
+
+def test_double_backward_is_refused():
+    model = _model("gpt")
+    fast_mlp.enable(model)
+    loss = model_forward(model, _batch("gpt")).loss
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+
+
+def test_compiled_matches_eager():
+    """torch.compile traces the Function (the activation by name, a constant) with no graph break in
+    the MLP: the loss and every gradient match the eager path in fp32."""
+    model = _model("gpt")
+    fast_mlp.enable(model)
+    batch = _batch("gpt")
+    eager = _loss_and_grads(model, batch, False)
+    compiled_mlp = torch.compile(model.layers[0].mlp, fullgraph=True)  # fails on a graph break
+    x = torch.randn(2, 9, TINY_GPT["n_embd"], requires_grad=True)
+    out = compiled_mlp(x)
+    out.sum().backward()
+    want = x.detach().clone().requires_grad_()
+    model.layers[0].mlp(want).sum().backward()
+    torch.testing.assert_close(x.grad, want.grad, rtol=1e-5, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    model.compile()
+    compiled = _loss_and_grads(model, batch, False)
+    for got, w in zip(compiled, eager):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
+    """On CUDA (the merged weight rebuilt by the Triton kernel where Triton is installed), bf16
+    autocast with the frozen base in bf16, as ``minift train`` runs it: the same loss and gradients
+    as the merged forward alone, eager bit for bit, compiled within bf16's rounding."""
+    from minift.fast import frozen
+    ref = _model(kind).cuda()
+    cast.enable(ref)
+    frozen.enable(ref)
+    quick = copy.deepcopy(ref)
+    cast.enable(quick)
+    fast_mlp.enable(quick)
+    batch = {k: v.cuda() for k, v in _batch(kind).items()}
+
+    def run(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model_forward(model, batch).loss
+        loss.backward()
+        out = [loss.detach().float()] + [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        return out
+    want = run(ref)
+    for got, w in zip(run(quick), want):
+        assert torch.equal(got, w)
+    quick.compile()
+    for got, w in zip(run(quick), want):
+        assert ((got - w).norm() / w.norm().clamp_min(1e-12)).item() < 2e-2
