@@ -106,13 +106,28 @@ class ActMergedLoRA(torch.autograd.Function):
             da = grad_fn(g2, weight, A_, B_, s).view(ctx.a_shape).to(h[0].dtype)
             dh = act.backward(da, *h)
         if need[2]:
-            x2 = act(*h).to(A_.dtype).reshape(-1, ctx.a_shape[-1])  # a again, from h
+            again = _act_op(list(h), ctx.act_name) if torch.compiler.is_compiling() else act(*h)
+            x2 = again.to(A_.dtype).reshape(-1, ctx.a_shape[-1])  # a again, from h
             dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
         if need[3]:
             dB = (g2.t() @ ax).to(b_dt).mul_(s)  # (out, r)
         if need[1]:
             db = g2.sum(0).to(bias_dt)
         return (None, db, dA, dB, None, None, *dh)
+
+
+# The recomputation as one opaque operator for torch.compile. Written out inline, act(*h) in the backward
+# is the same expression as in the forward, so the compiler computes it once, in the forward, and keeps
+# its output until the backward: the tensor this module exists not to keep. An operator it cannot look
+# into has to run in the backward.
+@torch.library.custom_op("minift::act_recompute", mutates_args=())
+def _act_op(h: list[torch.Tensor], act_name: str) -> torch.Tensor:
+    return ACTIVATIONS[act_name](*h)
+
+
+@_act_op.register_fake
+def _(h, act_name):
+    return torch.empty_like(h[0])
 
 
 def _down(mlp: nn.Module, act_name: str, *h: torch.Tensor) -> torch.Tensor:

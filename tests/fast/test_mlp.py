@@ -75,23 +75,28 @@ def test_the_recomputed_activation_gives_the_merged_forwards_loss_and_gradients(
         assert torch.equal(g, w), (g - w).abs().max()
 
 
+def _held(model, batch) -> list[int]:
+    """The sizes of the tensors autograd keeps for one step's backward, parameters left out."""
+    sizes = []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            sizes.append(t.numel())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model_forward(model, batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sizes
+
+
 @pytest.mark.parametrize("kind", ["gpt", "llama"])
 def test_the_activations_output_is_not_kept(kind):
     """What autograd keeps for the backward: the activation's output (N x inner) is gone, one such
     tensor per MLP less; with SwiGLU two (silu(g), which the product kept, goes too: g and u are
     all the recomputation needs, and autograd kept both already)."""
     def held(model):
-        sizes = []
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                sizes.append(t.numel())
-            return t
-        batch = _batch(kind)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model_forward(model, batch).loss.backward()
-        return sizes
+        return _held(model, _batch(kind))
     ref = _model(kind)
     quick = copy.deepcopy(ref)
     fast_mlp.enable(quick)
@@ -143,9 +148,11 @@ def test_double_backward_is_refused():
         torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
 
 
-def test_compiled_matches_eager():
+def test_compiled_matches_eager_and_keeps_the_activations_input_only():
     """torch.compile traces the Function (the activation by name, a constant) with no graph break in
-    the MLP: the loss and every gradient match the eager path in fp32."""
+    the MLP: the loss and every gradient match the eager path in fp32. And the compiled step keeps
+    one (N, inner) tensor per MLP, the activation's input: the backward's recomputation is an opaque
+    operator, which the compiler cannot merge with the forward's activation and keep its output."""
     model = _model("gpt")
     fast_mlp.enable(model)
     batch = _batch("gpt")
@@ -162,6 +169,8 @@ def test_compiled_matches_eager():
     compiled = _loss_and_grads(model, batch, False)
     for got, w in zip(compiled, eager):
         torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
+    wide = 2 * 9 * model.layers[0].mlp.down_proj.in_features
+    assert _held(model, batch).count(wide) == len(model.layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
