@@ -1,4 +1,5 @@
 """Shared fixtures: tiny randomly initialized models, and the Hugging Face oracles saved to disk."""
+import importlib.util
 import os
 import random
 from pathlib import Path
@@ -20,6 +21,15 @@ torch.set_num_threads(1)
 settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("MINIFT_HYPOTHESIS", "repeatable"))
+
+def benchmark_script(name: str):
+    """``benchmarks/NAME.py`` loaded as a module (the scripts are files beside the package, not in it)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY_GPT = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
 TINY_BERT = dict(vocab_size=99, max_position_embeddings=64, n_layer=2, n_head=4, n_embd=32, n_inner=64)

@@ -163,19 +163,19 @@ def enable(model: nn.Module) -> list[str]:
     Returns:
         The names of the MLPs switched (``[]`` when none is a reference MLP).
     """
-    names = []
-    for name, m in model.named_modules():
-        if type(m) in FAST:
-            m.__class__ = FAST[type(m)]
-            names.append(name)
-    return names
+    return _swap(model, FAST)
 
 
 def disable(model: nn.Module) -> list[str]:
     """Put every MLP ``enable`` switched back on the reference forward; returns their names."""
+    return _swap(model, REFERENCE)
+
+
+def _swap(model: nn.Module, classes: dict) -> list[str]:
+    """Give every module of a class in ``classes`` the class it maps to; returns their names."""
     names = []
     for name, m in model.named_modules():
-        if type(m) in REFERENCE:
-            m.__class__ = REFERENCE[type(m)]
+        if type(m) in classes:
+            m.__class__ = classes[type(m)]
             names.append(name)
     return names

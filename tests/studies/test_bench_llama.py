@@ -2,10 +2,8 @@
 (BitFit skipped, the bias-free model refuses it), the MFU count of its matmuls, the memory
 estimate against what PyTorch really holds on CPU (parameters, gradients, AdamW state, tensors
 saved for backward, byte for byte), the advisor, and the PEFT peer's script on the same shapes."""
-import importlib.util
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from minift.models.llama import Llama, LlamaConfig
 from minift.studies import advisor as A
 from minift.studies import bench
 from minift.training.forward import model_forward
-from conftest import saved_bytes
+from conftest import benchmark_script, saved_bytes
 
 P = 5  # virtual tokens in the estimate's tests
 SEVEN = A.LLAMA_PROJ
@@ -190,10 +188,7 @@ def test_peft_baseline_runs_llama_with_minift_trainable_counts(monkeypatch):
     and adapts the same modules: every method trains as many parameters as minift's does, of as many."""
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    spec = importlib.util.spec_from_file_location(
-        "peft_baseline", Path(__file__).resolve().parents[2] / "benchmarks" / "peft_baseline.py")
-    pb = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pb)
+    pb = benchmark_script("peft_baseline")
     assert pb.peft_targets(SEVEN, "llama") == list(SEVEN)
     cfg = bench.BenchConfig(model="tiny-llama", methods=(), batch=2, seq_len=32, steps=1, warmup=0, device="cpu")
     for method in ("full", "lora", "adalora", "prefix", "prompt"):

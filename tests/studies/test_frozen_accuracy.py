@@ -1,24 +1,18 @@
 """benchmarks/frozen_accuracy.py's train_steps, the loop both frozen-accuracy benchmarks share: the schedule it
 sets, and the same run on the fp32 and on the bf16 frozen base."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_GPT
+from conftest import benchmark_script, TINY_GPT
 from minift.methods.registry import build_method
 from minift.models.gpt import GPT, GPTConfig
 from minift.training.config import TrainConfig
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "frozen_accuracy.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("frozen_accuracy", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("frozen_accuracy")
 
 
 def _batches(n=3):

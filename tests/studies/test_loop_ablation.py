@@ -1,6 +1,5 @@
 """benchmarks/loop_ablation.py: each variant is `minift train` in its own process with one change
 to the loop, and the table compares their steady steps."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -8,17 +7,14 @@ from pathlib import Path
 
 import torch
 
-from conftest import tiny_lm_dir
+from conftest import benchmark_script, tiny_lm_dir
 from minift.training import loop
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "loop_ablation.py"
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("loop_ablation", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_script("loop_ablation")
 
 
 def test_every_variant_runs_and_changes_what_it_says(tmp_path, monkeypatch):

@@ -1,23 +1,18 @@
 """benchmarks/trace_train.py: `minift train` under torch.profiler for the steps asked, with every
 garbage collection recorded, and the loop left as it was."""
 import gzip
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import tiny_lm_dir
+from conftest import benchmark_script, tiny_lm_dir
 from minift.training import loop
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "trace_train.py"
 
 
 def _run(monkeypatch, argv):
-    spec = importlib.util.spec_from_file_location("trace_train", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = benchmark_script("trace_train")
     monkeypatch.setattr(sys, "argv", ["trace_train.py", *argv])
     mod.main()
 
