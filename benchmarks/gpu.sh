@@ -203,7 +203,8 @@ stage() {
     # compile: test_speed.py, test_bench*.py, test_cli.py's CUDA tests; the frozen base's change before it)
     go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_mlp.py \
       tests/fast/test_frozen.py tests/fast/test_lora.py tests/studies/test_bench_speed.py tests/studies/test_bench.py \
-      tests/training/test_speed.py tests/training/test_compile_cache.py tests/test_cli.py tests/training/test_train.py ;;
+      tests/training/test_speed.py tests/training/test_compile_cache.py tests/test_cli.py \
+      tests/training/test_train.py ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
       --speed eager --name bench-gpt2-medium-eager-$tag

@@ -1,4 +1,4 @@
-"""A/B of LoRA's merged-weight rebuild W0 + sBA (``minift.fast.lora._merged_weight``).
+"""A/B of LoRA's merged-weight rebuild W0 + sBA (``minift.fast.lora.merged_weight``).
 
 Runs ``minift bench`` in this process with the rebuild swapped for one of:
   kernel       minift's own (``minift.fast.kernels``: one Triton pass on CUDA, eager and compiled)
@@ -21,7 +21,7 @@ from minift.cli import main  # noqa: E402
 from minift.fast import lora  # noqa: E402
 
 
-kernel = lora._merged_weight
+kernel = lora.merged_weight
 
 
 def addmm(weight, A, B, scaling):
@@ -42,5 +42,5 @@ if __name__ == "__main__":
         sys.exit(f"usage: rebuild_ab.py {{{','.join(VARIANTS)}}} [minift bench arguments]")
     if "--no-isolate" not in sys.argv:
         sys.exit("rebuild_ab.py needs --no-isolate: a spawned worker process would run the unswapped rebuild")
-    lora._merged_weight = VARIANTS[sys.argv[1]]
+    lora.merged_weight = VARIANTS[sys.argv[1]]
     raise SystemExit(main(["bench", *sys.argv[2:]]))

@@ -60,14 +60,18 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
         One line per piece switched on, e.g. ``"cast once: 4 modules"``; pieces that do not apply
         (no LoRA layers, no GPT loss) or are already on are left out.
     Raises:
-        ValueError: ``loss_chunk`` < 1.
+        ValueError: ``loss_chunk`` < 1; ``lora_recompute_act`` without ``merged_lora`` (it is a backward
+            of the merged forward) or with ``lora_factor_kernel`` (its down_proj has no factor kernel).
     """
+    if lora_recompute_act and (not merged_lora or lora_factor_kernel):
+        raise ValueError("lora_recompute_act runs down_proj's merged forward, without the factor kernel: "
+                         "it needs merged_lora=True and lora_factor_kernel=False")
     on = [("cast once", cast.enable(model), "modules"),
           ("fused loss", loss.enable(model, loss_chunk), "modules"),
           (f"LoRA {'merged' if merged_lora else 'addmm'} forward",
            lora.enable(model, merged=merged_lora, factor_kernel=lora_factor_kernel), "layers"),
           ("gathered mixed-batch LoRA", multi_lora.enable(model), "layers")]
-    if lora_recompute_act and merged_lora:
+    if lora_recompute_act:
         on.append(("MLP activation recomputed", mlp.enable(model), "MLPs"))
     return [f"{piece}: {len(names)} {what}" for piece, names, what in on if names]
 

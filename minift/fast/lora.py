@@ -116,7 +116,7 @@ def disable(model: nn.Module) -> list[str]:
 class MergedLoRA(torch.autograd.Function):
     """y = x (W0 + s B A)^T + b with W0 frozen: forward and backward written out by hand.
 
-    Forward: W0 + sBA is rebuilt in the matmul dtype (``_merged_weight``), one GEMM applies it;
+    Forward: W0 + sBA is rebuilt in the matmul dtype (``merged_weight``), one GEMM applies it;
     A x (N x r) is kept for B's gradient. Backward, with g = dL/dy (N x out):
         dx = g (W0 + sBA)        (W0 + sBA rebuilt: cheaper than keeping it for every layer)
         dA = s (g B)^T x         dB = s g^T (A x)         db = sum of g over rows
@@ -132,7 +132,7 @@ class MergedLoRA(torch.autograd.Function):
         dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
         x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
         A_, B_ = A.to(dt), B.to(dt)
-        w = _merged_weight(weight, A_, B_, scaling)  # (out, in)
+        w = merged_weight(weight, A_, B_, scaling)  # (out, in)
         y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
         ax = x2 @ A_.t()  # (N, r)
         ctx.save_for_backward(x2, weight, A_, B_, ax)
@@ -151,7 +151,7 @@ class MergedLoRA(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = dA = dB = db = None
         if need[0]:
-            grad_fn = _input_grad_op if torch.compiler.is_compiling() else _input_grad
+            grad_fn = input_grad_op if torch.compiler.is_compiling() else input_grad
             dx = grad_fn(g2, weight, A_, B_, s).view(ctx.x_shape).to(ctx.x_dtype)
         if ctx.factor_kernel and need[3] and need[4]:  # g B and g^T (A x) in one pass over g
             factors = _factor_grads_op if torch.compiler.is_compiling() else kernels.lora_factor_grads
@@ -168,7 +168,7 @@ class MergedLoRA(torch.autograd.Function):
         return dx, None, db, dA, dB, None, None
 
 
-def _merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 + sBA in A's dtype (the matmul dtype) through ``kernels.lora_merged_weight``.
 
     ``torch.addmm`` would do, but cuBLAS runs it as two kernels (a copy of W0 into the output, then
@@ -182,10 +182,10 @@ def _merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scali
     return kernels.lora_merged_weight(weight, A, B, scaling)
 
 
-def _input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
+def input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
                 ) -> torch.Tensor:
     """dx = g (W0 + sBA), the merged weight rebuilt from W0, A and B in g's dtype."""
-    return g @ _merged_weight(weight, A.to(g.dtype), B.to(g.dtype), scaling)
+    return g @ merged_weight(weight, A.to(g.dtype), B.to(g.dtype), scaling)
 
 
 # The same, as one opaque operator for torch.compile. Written out inline, the rebuild of W0 + sBA
@@ -194,12 +194,12 @@ def _input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch
 # for GPT-2 medium with all six projections adapted). Inside an operator that takes g, it has to
 # wait for the backward pass.
 @torch.library.custom_op("minift::lora_input_grad", mutates_args=())
-def _input_grad_op(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
+def input_grad_op(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
                    ) -> torch.Tensor:
-    return _input_grad(g, weight, A, B, scaling)
+    return input_grad(g, weight, A, B, scaling)
 
 
-@_input_grad_op.register_fake
+@input_grad_op.register_fake
 def _(g, weight, A, B, scaling):
     return g.new_empty(g.shape[0], weight.shape[1])
 

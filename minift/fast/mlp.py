@@ -3,46 +3,43 @@
 In the reference MLP, down_proj(act(up_proj(x))), autograd keeps both the activation's input h (for
 the activation's backward) and its output a = act(h) (for the gradient of down_proj's LoRA factor A:
 dA = s (g B)^T a). The two are the widest tensors of a block (GPT-2 medium at 8 x 1,024 tokens: 64 MB
-each in bf16, 1.5 GiB over 24 layers). SwiGLU, silu(g) * u, keeps a third: silu(g), for the product's
-backward; it goes too. ``ActMergedLoRA`` is down_proj's merged LoRA (``fast.lora``)
+each in bf16, 1.5 GiB over 24 layers). ``ActMergedLoRA`` is down_proj's merged LoRA (``fast.lora``)
 with the activation inside it: the forward computes a, uses it and drops it, keeping h alone; the
 backward computes a again from h for dA and returns the gradient of h through the activation's own
-derivative. One more elementwise pass over h per layer and step buys the memory of a.
+derivative. Recomputing a each layer and step (one elementwise pass over h; SwiGLU's silu(g) is
+computed twice there) buys the memory of a. In eager mode SwiGLU also stops keeping silu(g), which
+the product kept for its backward; compiled, the reference already recomputes that one.
 
     activation   model          a                   recomputed from
     GELU         GPT-2 (tanh),  gelu(h)             h = up_proj(x)
                  BERT (exact)
     SwiGLU       Llama          silu(g) * u         g = gate_proj(x), u = up_proj(x)
 
-``enable`` changes the class of each MLP in place (as ``fast.lora`` does with its layers): the
-subclass overrides ``forward`` only, and runs the reference forward unless down_proj is a merged
-LoRA layer that merges (``MergedLoRALinear.merges``). Off by default: what the extra pass costs is
-measured by ``benchmarks/gpu.sh act-recompute``. Tested against the reference MLP, outputs and
-gradients, in tests/fast/test_mlp.py.
+``enable`` changes the class of each MLP whose down_proj is a merged LoRA layer, in place (as
+``fast.lora`` does with its layers): the subclass overrides ``forward`` only, and runs the reference
+forward whenever down_proj's merged forward does not apply (``MergedLoRALinear.merges``). The factor
+kernel (``fast.lora``'s ``factor_kernel``) is not used on such a down_proj. Off by default: what the
+extra pass costs is measured by ``benchmarks/gpu.sh act-recompute``. Tested against the merged
+forward alone, outputs and gradients, in tests/fast/test_mlp.py.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minift.fast.lora import MergedLoRALinear, _input_grad, _input_grad_op, _merged_weight
+from minift.fast import lora as fast_lora
+from minift.fast.lora import MergedLoRALinear
 from minift.models import bert, gpt, llama
 
 __all__ = ["ActMergedLoRA", "enable", "disable"]
 
 
-class Activation:
-    """An MLP activation written out: its value from its inputs, and its inputs' gradients."""
+class GELU:
+    """gelu(h), and h's gradient by autograd's own formula (``aten.gelu_backward``)."""
 
-    def __call__(self, *h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def backward(self, grad: torch.Tensor, *h: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-
-class GELU(Activation):
     def __init__(self, approximate: str):
         self.approximate = approximate  # "tanh" (GPT-2) or "none" (BERT)
 
@@ -53,11 +50,13 @@ class GELU(Activation):
         return (torch.ops.aten.gelu_backward(grad, h, approximate=self.approximate),)
 
 
-class SwiGLU(Activation):
+class SwiGLU:
+    """silu(g) * u, and the gradients of g and u as autograd takes the product and silu apart."""
+
     def __call__(self, g, u):
         return F.silu(g) * u
 
-    def backward(self, grad, g, u):  # as autograd takes the product and silu apart
+    def backward(self, grad, g, u):
         return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
 
 
@@ -76,17 +75,16 @@ class ActMergedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, bias, A, B, scaling: float, act_name: str, *h):
-        dev = h[0].device.type
-        autocast = torch.is_autocast_enabled(dev) and h[0].dtype != torch.float64
-        dt = torch.get_autocast_dtype(dev) if autocast else h[0].dtype
-        act = ACTIVATIONS[act_name]
-        a = act(*h)
+        a = ACTIVATIONS[act_name](*h)  # in h's dtype, as the reference MLP computes it
+        dev = a.device.type
+        autocast = torch.is_autocast_enabled(dev) and a.dtype != torch.float64
+        dt = torch.get_autocast_dtype(dev) if autocast else a.dtype
         x2 = a.to(dt).reshape(-1, a.shape[-1])  # (N, in)
         A_, B_ = A.to(dt), B.to(dt)
-        y = F.linear(x2, _merged_weight(weight, A_, B_, scaling), None if bias is None else bias.to(dt))
+        y = F.linear(x2, fast_lora.merged_weight(weight, A_, B_, scaling), None if bias is None else bias.to(dt))
         ax = x2 @ A_.t()  # (N, r)
         ctx.save_for_backward(weight, A_, B_, ax, *h)
-        ctx.scaling, ctx.act_name, ctx.a_shape = scaling, act_name, a.shape
+        ctx.scaling, ctx.act_name, ctx.a_shape, ctx.a_dtype = scaling, act_name, a.shape, a.dtype
         ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
         return y.view(*a.shape[:-1], y.shape[-1])
 
@@ -101,18 +99,19 @@ class ActMergedLoRA(torch.autograd.Function):
         need = ctx.needs_input_grad  # weight, bias, A, B, scaling, act_name, *h
         db = dA = dB = None
         dh = [None] * len(h)
-        if any(need[6:]):
-            grad_fn = _input_grad_op if torch.compiler.is_compiling() else _input_grad
-            da = grad_fn(g2, weight, A_, B_, s).view(ctx.a_shape).to(h[0].dtype)
-            dh = act.backward(da, *h)
-        if need[2]:
+        if need[2]:  # first, so that a's copy is gone before the input gradient's tensors exist
             again = _act_op(list(h), ctx.act_name) if torch.compiler.is_compiling() else act(*h)
             x2 = again.to(A_.dtype).reshape(-1, ctx.a_shape[-1])  # a again, from h
             dA = ((g2 @ B_).t() @ x2).to(a_dt).mul_(s)  # (r, in)
+            del again, x2
         if need[3]:
             dB = (g2.t() @ ax).to(b_dt).mul_(s)  # (out, r)
         if need[1]:
             db = g2.sum(0).to(bias_dt)
+        if any(need[6:]):
+            grad_fn = fast_lora.input_grad_op if torch.compiler.is_compiling() else fast_lora.input_grad
+            da = grad_fn(g2, weight, A_, B_, s).view(ctx.a_shape).to(ctx.a_dtype)
+            dh = act.backward(da, *h)
         return (None, db, dA, dB, None, None, *dh)
 
 
@@ -127,7 +126,7 @@ def _act_op(h: list[torch.Tensor], act_name: str) -> torch.Tensor:
 
 @_act_op.register_fake
 def _(h, act_name):
-    return torch.empty_like(h[0])
+    return h[0].new_empty(h[0].shape, dtype=functools.reduce(torch.promote_types, [t.dtype for t in h]))
 
 
 def _down(mlp: nn.Module, act_name: str, *h: torch.Tensor) -> torch.Tensor:
@@ -158,24 +157,28 @@ REFERENCE = {fast: ref for ref, fast in FAST.items()}
 
 
 def enable(model: nn.Module) -> list[str]:
-    """Recompute the activation in down_proj's merged LoRA backward in every MLP of ``model``.
+    """Recompute the activation in down_proj's merged LoRA backward in every MLP of ``model`` whose
+    down_proj is a merged LoRA layer (``fast.lora.enable`` first).
 
+    Args:
+        model: a GPT, Llama, Bert or BertClassifier, with LoRA's merged forward on.
     Returns:
-        The names of the MLPs switched (``[]`` when none is a reference MLP).
+        The names of the MLPs switched (``[]`` when none has a merged LoRA down_proj).
     """
-    return _swap(model, FAST)
+    return _swap(model, FAST, lambda m: isinstance(m.down_proj, MergedLoRALinear))
 
 
 def disable(model: nn.Module) -> list[str]:
     """Put every MLP ``enable`` switched back on the reference forward; returns their names."""
-    return _swap(model, REFERENCE)
+    return _swap(model, REFERENCE, lambda m: True)
 
 
-def _swap(model: nn.Module, classes: dict) -> list[str]:
-    """Give every module of a class in ``classes`` the class it maps to; returns their names."""
+def _swap(model: nn.Module, classes: dict, applies) -> list[str]:
+    """Give every module of a class in ``classes`` for which ``applies`` holds the class it maps to;
+    returns their names."""
     names = []
     for name, m in model.named_modules():
-        if type(m) in classes:
+        if type(m) in classes and applies(m):
             m.__class__ = classes[type(m)]
             names.append(name)
     return names

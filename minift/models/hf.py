@@ -150,11 +150,12 @@ def base_state(model: torch.nn.Module) -> dict:
     """The model's base weights. A model that carries an adapter is refused: its weights alone
     would silently drop the adaptation (merge + unload a LoRA first, or use save_adapter).
 
-    A module of another kind that holds no tensors (the fused loss of ``minift.fast``, say)
-    changes how the model computes, not what it is, and is allowed."""
+    Allowed besides the models' own modules: a subclass of one that only computes differently
+    (``minift.fast.mlp``'s MLPs), and a module of another kind that holds no tensors (the fused loss
+    of ``minift.fast``, say): they change how the model computes, not what it is."""
     plain = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm, torch.nn.Dropout, torch.nn.ModuleList)
     for name, m in model.named_modules():
-        if isinstance(m, plain) or type(m).__module__.startswith("minift.models"):
+        if isinstance(m, plain) or any(c.__module__.startswith("minift.models") for c in type(m).__mro__):
             continue
         if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
             raise ValueError(f"cannot save_pretrained a model with an adapter ({name}: {type(m).__name__}); "

@@ -19,23 +19,26 @@ oracles are never imported from ``minift/``.
 it); each row records its plan (``Row.speed``) and its first step's time (``Row.first_step_s``,
 compiling included) apart from the steady median.
 
-Each optimization is a flag so its effect is measured, not assumed: ``frozen_bf16`` (every frozen parameter in
-bf16, ``minift.fast.frozen``), ``compile`` (torch.compile), ``checkpointing`` (activation checkpointing),
-``plain_ce`` (full fp32 logits, the naive loss, against ``minift.fast.loss``'s fused one),
-``lora_merged_forward`` (LoRA through W0 + sBA, ``minift.fast.lora.MergedLoRA``; with ``lora_factor_kernel``
-its backward's g B and g^T (A x) in one pass, ``kernels.lora_factor_grads``; with ``lora_recompute_act`` the
-MLP's activation inside down_proj's, ``minift.fast.mlp``), ``loss_chunk`` (positions per vocabulary projection
-in GPT's loss; default 1024 for a frozen head), ``fused_adamw`` (one fused AdamW kernel on CUDA; off: the
-multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's math backend, no flash kernels), ``sync_each_step``
-(wait for the GPU after every timed step, as older results did). ``dropout`` (default none) matches a recipe's
-run. ``isolate`` runs each method in a fresh process (by default whenever a method may be compiled: torch 2.11
-fails to compile a second model in one process under CUDA graphs).
+Each optimization is a flag so its effect is measured, not assumed: ``frozen_bf16`` (every frozen
+parameter in bf16, ``minift.fast.frozen``), ``compile`` (torch.compile), ``checkpointing``
+(activation checkpointing), ``plain_ce`` (full fp32 logits, the naive loss, against
+``minift.fast.loss``'s fused one), ``lora_merged_forward`` (LoRA through W0 + sBA,
+``minift.fast.lora.MergedLoRA``; with ``lora_factor_kernel`` its backward's g B and g^T (A x) in one
+pass, ``kernels.lora_factor_grads``; with ``lora_recompute_act`` the MLP's activation recomputed in
+down_proj's backward, ``minift.fast.mlp``), ``loss_chunk`` (positions per vocabulary projection in GPT's
+loss; default 1024 for a frozen head), ``fused_adamw`` (one fused AdamW kernel on CUDA; off: the
+multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
+math backend, no flash kernels), ``sync_each_step`` (wait for the GPU after every timed step, as
+older results did). ``dropout`` (default none) matches a recipe's run. ``isolate`` runs each method
+in a fresh process (by default whenever a method may be compiled: torch 2.11 fails to compile a
+second model in one process under CUDA graphs).
 
-Models are the shapes of ``minift.studies.presets``: GPT-2 and Llama as causal LMs, BERT as a two-class
-classifier. The low-rank methods adapt every projection of a block by default (``default_lora_targets``): q, k,
-v, o, up and down, and on Llama gate_proj too, the third matrix of its SwiGLU MLP, so that "all projections"
-means all of them on every model, as PEFT's ``target_modules="all-linear"`` does. A method a model refuses
-(BitFit on a Llama without biases: nothing to train) is skipped with a note (``skip_reason``), not run.
+Models are the shapes of ``minift.studies.presets``: GPT-2 and Llama as causal LMs, BERT as a
+two-class classifier. The low-rank methods adapt every projection of a block by default
+(``default_lora_targets``): q, k, v, o, up and down, and on Llama gate_proj too, the third matrix
+of its SwiGLU MLP, so that "all projections" means all of them on every model, as PEFT's
+``target_modules="all-linear"`` does. A method a model refuses (BitFit on a Llama without biases:
+nothing to train) is skipped with a note (``skip_reason``), not run.
 
 The rows are compared with full fine-tuning and written out (JSON, Markdown, PNG) by
 ``minift.studies.bench_report``.
@@ -70,7 +73,7 @@ from minift.training.forward import model_forward
 from minift.training import speed
 from minift.training.config import COMPILE_MODES
 from minift.training.speed import SpeedPlan
-from minift.studies.bench_speed import resolved, speed_meta, speed_plan, variant_name
+from minift.studies.bench_speed import check_lora_backward, resolved, speed_meta, speed_plan, variant_name
 
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj")  # GPT-2 and BERT: every projection
 LLAMA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # + SwiGLU's gate
@@ -142,13 +145,7 @@ class BenchConfig:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if self.activation_budget is not None and not 0 < self.activation_budget <= 1:
             raise ValueError(f"activation_budget must be in (0, 1], got {self.activation_budget}")
-        merged = self.lora_merged_forward if self.lora_merged_forward is not None else \
-            self.speed == "default" and self.fast and self.device.startswith("cuda")  # (the plan's choice)
-        asked = [f for f, on in (("--lora-factor-kernel", self.lora_factor_kernel),
-                                 ("--lora-recompute-act", self.lora_recompute_act)) if on]
-        if asked and not merged:
-            raise ValueError(f"{asked[0]} is a backward of LoRA's merged forward, which this run does not take: "
-                             "add --lora-merged-forward")
+        check_lora_backward(self)
         if self.loss_chunk is not None and self.loss_chunk < 1:
             raise ValueError(f"loss_chunk must be >= 1 position, got {self.loss_chunk}")
         if self.isolate is None:  # torch 2.11: one model under CUDA graphs per process

@@ -23,6 +23,21 @@ def task_of(model: str) -> str:
     return "classification" if isinstance(PRESETS[model], BertConfig) else "causal-lm"
 
 
+def check_lora_backward(cfg) -> None:
+    """Refuse the flags that change the backward of LoRA's merged forward on a run that does not take
+    that forward (the plan's choice unless ``lora_merged_forward`` says), and the two together
+    (``fast.mlp``'s down_proj has no factor kernel)."""
+    merged = cfg.lora_merged_forward if cfg.lora_merged_forward is not None else \
+        cfg.speed == "default" and cfg.fast and cfg.device.startswith("cuda")
+    asked = [f for f, on in (("--lora-factor-kernel", cfg.lora_factor_kernel),
+                             ("--lora-recompute-act", cfg.lora_recompute_act)) if on]
+    if asked and not merged:
+        raise ValueError(f"{asked[0]} is a backward of LoRA's merged forward, which this run does not take: "
+                         "add --lora-merged-forward")
+    if len(asked) == 2:
+        raise ValueError("--lora-recompute-act runs down_proj without the factor kernel: give one of the two")
+
+
 def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
     """The speed choices of one method's row: ``minift.training.speed.plan``, called as ``minift
     train`` calls it on ``cfg.device``, with bench's explicit settings as the given ones.

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
             "held_out": ", ".join(held), "adapt_train_files": len(train_files), "eval_files": len(eval_files),
             "adapt_batches": len(data), "steps": case.steps, "batch": f"{case.batch_size} x {block} tokens",
             "lr": case.lr, "adalora": f"init_r 12, target_r 8, alpha 32, b1 = b2 = 0.85, {ada_note}",
-            "lora": f"r {LORA['r']}, alpha {LORA['alpha']}", "targets": ", ".join(targets), "eval_lines": rows[0]["lines"],
+            "lora": f"r {LORA['r']}, alpha {LORA['alpha']}", "targets": ", ".join(targets),
+            "eval_lines": rows[0]["lines"],
             "pretrained": f"{arch}, {rec['params']:,} params, {rec['steps']} steps on {rec['pretrain_tokens']:,} "
                           f"tokens of {len(rec['pretrain_packages'])} packages ({rec['device']}, "
                           f"{rec['time_s'] / 60:.1f} min, final loss {rec['final_loss']:.3f})"}
@@ -122,9 +124,19 @@ def run_case(out, pretrained=None, corpus="stdlib", held_out=None, smoke: bool =
     return result
 
 
-def read_split(pretrained: Path, held_out) -> tuple[dict, tuple[str, ...]]:
+def read_split(pretrained: Path, held_out: str | Sequence[str] | None) -> tuple[dict, tuple[str, ...]]:
     """``corpus.json`` of a pretrained directory, and the held-out packages, checked: the model
-    never saw them, and they are what it held out."""
+    never saw them, and they are what it held out.
+
+    Args:
+        pretrained: a directory ``minift pretrain`` wrote.
+        held_out: a package or packages to adapt to; None or empty: the ones the directory held out.
+    Returns:
+        The directory's corpus record, and the held-out packages.
+    Raises:
+        FileNotFoundError: no ``corpus.json`` there.
+        ValueError: a package the model was pretrained on, or not the ones it held out.
+    """
     rec_file = pretrained / "corpus.json"
     if not rec_file.is_file():
         raise FileNotFoundError(f"{pretrained} has no corpus.json (written by `minift pretrain`): "

@@ -66,7 +66,8 @@ def test_the_recomputed_activation_gives_the_merged_forwards_loss_and_gradients(
     minift.fast runs it)."""
     ref = _model(kind)
     quick = copy.deepcopy(ref)
-    cast.enable(ref), cast.enable(quick)
+    for m in (ref, quick):
+        cast.enable(m)
     assert len(fast_mlp.enable(quick)) == 2
     batch = _batch(kind)
     want, got = _loss_and_grads(ref, batch, autocast), _loss_and_grads(quick, batch, autocast)
@@ -75,8 +76,9 @@ def test_the_recomputed_activation_gives_the_merged_forwards_loss_and_gradients(
         assert torch.equal(g, w), (g - w).abs().max()
 
 
-def _held(model, batch) -> list[int]:
-    """The sizes of the tensors autograd keeps for one step's backward, parameters left out."""
+def _held(model, batch, autocast: str | None = None) -> list[int]:
+    """The sizes of the tensors autograd keeps for one step's backward, parameters left out (under bf16
+    autocast on the device ``autocast`` names, if any)."""
     sizes = []
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -84,16 +86,18 @@ def _held(model, batch) -> list[int]:
         if t.untyped_storage().data_ptr() not in params:
             sizes.append(t.numel())
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model_forward(model, batch).loss.backward()
+    with torch.autocast(autocast or "cpu", dtype=torch.bfloat16, enabled=autocast is not None), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model_forward(model, batch).loss
+    loss.backward()
     model.zero_grad(set_to_none=True)
     return sizes
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama"])
+@pytest.mark.parametrize("kind", ["gpt", "bert", "llama"])
 def test_the_activations_output_is_not_kept(kind):
-    """What autograd keeps for the backward: the activation's output (N x inner) is gone, one such
-    tensor per MLP less; with SwiGLU two (silu(g), which the product kept, goes too: g and u are
+    """What autograd keeps for the backward (eager): the activation's output (N x inner) is gone, one
+    such tensor per MLP less; with SwiGLU two (silu(g), which the product kept, goes too: g and u are
     all the recomputation needs, and autograd kept both already)."""
     def held(model):
         return _held(model, _batch(kind))
@@ -102,14 +106,15 @@ def test_the_activations_output_is_not_kept(kind):
     fast_mlp.enable(quick)
     mlp = quick.layers[0].mlp
     wide = 2 * 9 * mlp.down_proj.in_features  # one (N, inner) activation
-    per_layer = {"gpt": 1, "llama": 2}[kind]
+    per_layer = {"gpt": 1, "bert": 1, "llama": 2}[kind]
     assert held(ref).count(wide) - held(quick).count(wide) == 2 * per_layer
     assert sum(held(ref)) - sum(held(quick)) == 2 * per_layer * wide
 
 
 def test_the_reference_path_where_the_merged_forward_does_not_apply():
     """down_proj without LoRA, with dropout acting (training), merged into W0, or on the addmm forward:
-    the MLP runs its reference forward (the same loss and gradients as without fast.mlp)."""
+    the MLP runs its reference forward (the same loss and gradients as without fast.mlp); without a
+    merged LoRA down_proj, enable leaves the MLP as it is."""
     for setup in ("no lora", "dropout", "merged", "addmm"):
         torch.manual_seed(0)
         model = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
@@ -120,7 +125,7 @@ def test_the_reference_path_where_the_merged_forward_does_not_apply():
         if setup == "merged":
             lora.merge(model)
         quick = copy.deepcopy(model)
-        fast_mlp.enable(quick)
+        assert len(fast_mlp.enable(quick)) == (0 if setup in ("no lora", "addmm") else 2)
         batch = _batch("gpt")
         torch.manual_seed(2)
         want = _loss_and_grads(model, batch, False)
@@ -131,13 +136,57 @@ def test_the_reference_path_where_the_merged_forward_does_not_apply():
 
 
 def test_enable_and_disable_swap_the_class_only(tmp_path):
+    """The same Parameters and state-dict keys; save_pretrained still takes the model once its
+    adapters are unloaded (the swapped MLP is a GPT MLP that computes differently)."""
     model = _model("gpt")
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
     names = fast_mlp.enable(model)
     assert names == ["layers.0.mlp", "layers.1.mlp"] and fast_mlp.enable(model) == []
     assert all(type(m) is fast_mlp.GPTMLP for m in (model.layers[0].mlp, model.layers[1].mlp))
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
+    fast_lora.disable(model)
+    lora.unload(model)
+    model.save_pretrained(tmp_path / "m")
+    loaded = GPT.from_pretrained(tmp_path / "m")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
     assert fast_mlp.disable(model) == names and type(model.layers[0].mlp).__name__ == "MLP"
+
+
+def test_a_2d_input_in_fp64_eval_mode_with_dropout_and_a_trained_bias():
+    """The Function alone against the reference MLP's ops: a 2-D input in fp64 (no autocast: the
+    matmul dtype is the input's), down_proj's bias trained, LoRA dropout set but the layer in eval
+    mode (the merged forward applies): outputs and every gradient equal up to fp64 rounding."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY_GPT, dropout=0.0)).double()
+    lora.apply(model, LoRAConfig(r=2, dropout=0.3, targets=("up_proj", "down_proj")))
+    mlp = model.layers[0].mlp
+    mlp.down_proj.bias.requires_grad_(True)
+    with torch.no_grad():
+        mlp.down_proj.lora_B.normal_(0, 0.1)
+    fast_lora.enable(model.eval())
+    quick = copy.deepcopy(mlp)
+    fast_mlp.enable(quick)
+    x = torch.randn(5, TINY_GPT["n_embd"], dtype=torch.float64)
+    results = []
+    for m in (mlp, quick):
+        xi = x.clone().requires_grad_()
+        m(xi).square().sum().backward()
+        results.append([xi.grad] + [p.grad.clone() for p in m.parameters() if p.requires_grad])
+        m.zero_grad(set_to_none=True)
+    assert len(results[0]) == len(results[1]) == 1 + 4 + 1  # x, up's A and B, down's A and B, down's bias
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_enable_takes_it_with_the_merged_forward_only():
+    model = _model("gpt")
+    fast_lora.disable(model)
+    from minift import fast
+    for kw in ({"merged_lora": False}, {"lora_factor_kernel": True}):
+        with pytest.raises(ValueError, match="lora_recompute_act runs down_proj's merged forward"):
+            fast.enable(model, lora_recompute_act=True, **kw)
+    assert "MLP activation recomputed: 2 MLPs" in fast.enable(model, lora_recompute_act=True)
+    assert type(model.layers[0].mlp) is fast_mlp.GPTMLP
 
 
 def test_double_backward_is_refused():
@@ -201,3 +250,5 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
     quick.compile()
     for got, w in zip(run(quick), want):
         assert ((got - w).norm() / w.norm().clamp_min(1e-12)).item() < 2e-2
+    wide = 2 * 9 * quick.layers[0].mlp.down_proj.in_features
+    assert _held(quick, batch, "cuda").count(wide) == len(quick.layers) * (2 if kind == "llama" else 1)  # h; g, u
