@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 import sys
 import tempfile
 import time
@@ -253,15 +253,26 @@ def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
         for i in range(len(runs)):
             finished(i, one(i))
     else:  # each run is its own worker process; threads only wait on them
-        pool = ThreadPoolExecutor(cfg.jobs)
+        pool, failures = ThreadPoolExecutor(cfg.jobs), []
+
+        def guarded(i: int) -> Row:  # a thread freed by a failed run must not start the next one
+            if failures:
+                raise CancelledError
+            try:
+                return one(i)
+            except BaseException as e:
+                failures.append(e)
+                raise
         try:
-            futures = {pool.submit(one, i): i for i in range(len(runs))}
+            futures = {pool.submit(guarded, i): i for i in range(len(runs))}
             for f in as_completed(futures):
                 finished(futures[f], f.result())
-        except BaseException:  # a failed run or Ctrl-C: start no other run, stop the running ones
+        except BaseException as e:  # a failed run or Ctrl-C: start no other run, stop the running ones
             pool.shutdown(wait=False, cancel_futures=True)
             for proc in list(_WORKERS):
                 proc.kill()
+            if isinstance(e, CancelledError) and failures:  # a run that did not start: say why
+                raise failures[0] from None
             raise
         pool.shutdown()
     rows = [done[i] for i in range(len(runs))]
