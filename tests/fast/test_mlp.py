@@ -230,10 +230,10 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
     as the merged forward alone, eager bit for bit, compiled within bf16's rounding."""
     from minift.fast import frozen
     ref = _model(kind).cuda()
-    cast.enable(ref)
     frozen.enable(ref)
     quick = copy.deepcopy(ref)
-    cast.enable(quick)
+    for m in (ref, quick):
+        cast.enable(m)
     fast_mlp.enable(quick)
     batch = {k: v.cuda() for k, v in _batch(kind).items()}
 
