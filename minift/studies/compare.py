@@ -252,31 +252,38 @@ def run(cfg: CompareConfig, log=print, on_row=None) -> tuple[list[Row], dict]:
     if cfg.jobs == 1:
         for i in range(len(runs)):
             finished(i, one(i))
-    else:  # each run is its own worker process; threads only wait on them
-        pool, failures = ThreadPoolExecutor(cfg.jobs), []
-
-        def guarded(i: int) -> Row:  # a thread freed by a failed run must not start the next one
-            if failures:
-                raise CancelledError
-            try:
-                return one(i)
-            except BaseException as e:
-                failures.append(e)
-                raise
-        try:
-            futures = {pool.submit(guarded, i): i for i in range(len(runs))}
-            for f in as_completed(futures):
-                finished(futures[f], f.result())
-        except BaseException as e:  # a failed run or Ctrl-C: start no other run, stop the running ones
-            pool.shutdown(wait=False, cancel_futures=True)
-            for proc in list(_WORKERS):
-                proc.kill()
-            if isinstance(e, CancelledError) and failures:  # a run that did not start: say why
-                raise failures[0] from None
-            raise
-        pool.shutdown()
+    else:
+        _run_at_once(one, finished, len(runs), cfg.jobs)
     rows = [done[i] for i in range(len(runs))]
     return rows, _meta(cfg, task, steps, isolate, t_start)
+
+
+def _run_at_once(one, finished, n: int, jobs: int) -> None:
+    """``finished(i, one(i))`` for i < n, ``jobs`` runs at once: each run is its own worker process,
+    and threads only wait on them. A failed run (or Ctrl-C) starts no other run, stops the running
+    ones and is raised; a thread freed by a failed run does not take the next one."""
+    pool, failures = ThreadPoolExecutor(jobs), []
+
+    def guarded(i: int) -> Row:
+        if failures:
+            raise CancelledError
+        try:
+            return one(i)
+        except BaseException as e:
+            failures.append(e)
+            raise
+    try:
+        futures = {pool.submit(guarded, i): i for i in range(n)}
+        for f in as_completed(futures):
+            finished(futures[f], f.result())
+    except BaseException as e:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(_WORKERS):
+            proc.kill()
+        if isinstance(e, CancelledError) and failures:  # a run that did not start: say why
+            raise failures[0] from None
+        raise
+    pool.shutdown()
 
 
 def _meta(cfg: CompareConfig, task: Task, steps: int, isolate: bool, t_start: float) -> dict:
