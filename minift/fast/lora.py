@@ -126,15 +126,7 @@ class MergedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, factor_kernel: bool = False):
-        dev = x.device.type
-        # autocast's matmul dtype, except for fp64 inputs (autocast leaves those alone too)
-        autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
-        dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
-        x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
-        A_, B_ = A.to(dt), B.to(dt)
-        w = merged_weight(weight, A_, B_, scaling)  # (out, in)
-        y = F.linear(x2, w, None if bias is None else bias.to(dt))  # (N, out)
-        ax = x2 @ A_.t()  # (N, r)
+        y, x2, A_, B_, ax = merged_forward(x, weight, bias, A, B, scaling)
         ctx.save_for_backward(x2, weight, A_, B_, ax)
         ctx.scaling, ctx.x_shape, ctx.x_dtype, ctx.factor_kernel = scaling, x.shape, x.dtype, factor_kernel
         ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
@@ -168,6 +160,25 @@ class MergedLoRA(torch.autograd.Function):
         return dx, None, db, dA, dB, None, None
 
 
+def merged_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                   B: torch.Tensor, scaling: float) -> tuple[torch.Tensor, ...]:
+    """The merged forward's products, for ``MergedLoRA`` and ``fast.mlp.ActMergedLoRA``.
+
+    x goes to the matmul dtype (autocast's, except for fp64 inputs: autocast leaves those alone too),
+    as x2 (N, in), and so do A and B (A_, B_); y = x2 (W0 + sBA)^T + b (N, out) and A x2 (N, r).
+
+    Returns:
+        (y, x2, A_, B_, ax); y is (N, out): the caller gives it x's leading dimensions.
+    """
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+    dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
+    x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
+    A_, B_ = A.to(dt), B.to(dt)
+    y = F.linear(x2, merged_weight(weight, A_, B_, scaling), None if bias is None else bias.to(dt))  # (N, out)
+    return y, x2, A_, B_, x2 @ A_.t()
+
+
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """W0 + sBA in A's dtype (the matmul dtype) through ``kernels.lora_merged_weight``.
 
@@ -183,7 +194,7 @@ def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scalin
 
 
 def input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
-                ) -> torch.Tensor:
+               ) -> torch.Tensor:
     """dx = g (W0 + sBA), the merged weight rebuilt from W0, A and B in g's dtype."""
     return g @ merged_weight(weight, A.to(g.dtype), B.to(g.dtype), scaling)
 
@@ -195,7 +206,7 @@ def input_grad(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.
 # wait for the backward pass.
 @torch.library.custom_op("minift::lora_input_grad", mutates_args=())
 def input_grad_op(g: torch.Tensor, weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
-                   ) -> torch.Tensor:
+                  ) -> torch.Tensor:
     return input_grad(g, weight, A, B, scaling)
 
 

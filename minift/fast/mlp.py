@@ -76,13 +76,7 @@ class ActMergedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, bias, A, B, scaling: float, act_name: str, *h):
         a = ACTIVATIONS[act_name](*h)  # in h's dtype, as the reference MLP computes it
-        dev = a.device.type
-        autocast = torch.is_autocast_enabled(dev) and a.dtype != torch.float64
-        dt = torch.get_autocast_dtype(dev) if autocast else a.dtype
-        x2 = a.to(dt).reshape(-1, a.shape[-1])  # (N, in)
-        A_, B_ = A.to(dt), B.to(dt)
-        y = F.linear(x2, fast_lora.merged_weight(weight, A_, B_, scaling), None if bias is None else bias.to(dt))
-        ax = x2 @ A_.t()  # (N, r)
+        y, _, A_, B_, ax = fast_lora.merged_forward(a, weight, bias, A, B, scaling)  # a's copy dropped here
         ctx.save_for_backward(weight, A_, B_, ax, *h)
         ctx.scaling, ctx.act_name, ctx.a_shape, ctx.a_dtype = scaling, act_name, a.shape, a.dtype
         ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
