@@ -109,7 +109,7 @@
 #                  (benchmarks/aot_cache_counters.py, three processes; CACHE_MODEL, default gpt2)
 #                  compile-cache-{cold,inductor,warm}-TAG
 #   act-recompute  LoRA (all six projections) with and without the MLP's activation recomputed in down_proj's
-#                  merged backward (bench --lora-recompute-act, fast.mlp), default then eager (limits 8.7 min;
+#                  merged backward (bench --[no-]lora-recompute-act, fast.mlp), default then eager (limits 8.7 min;
 #                  ACT_MODES="default" or "eager" runs one half)   bench-gpt2-medium-act-{default,eager}-{off,on}-TAG
 #   factor-ab      LoRA (all six projections) with and without the factor kernel (bench --lora-factor-kernel:
 #                  the backward's g B and g^T (A x) in one Triton pass, fast.kernels.lora_factor_grads), eager
@@ -199,12 +199,9 @@ stage() {
     wait ;;
   tests-changed)
     # the tests of what changed since the last whole-suite run on a GPU (edit the list as that changes)
-    # (fast.mlp, new; compiled runs under speed.compile_context, which also changes how bench and the loop
-    # compile: test_speed.py, test_bench*.py, test_cli.py's CUDA tests; the frozen base's change before it)
+    # (fast.mlp on by default in compiled runs: its CUDA test, the plan's tests, the CLI's default-path test)
     go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_mlp.py \
-      tests/fast/test_frozen.py tests/fast/test_lora.py tests/studies/test_bench_speed.py tests/studies/test_bench.py \
-      tests/training/test_speed.py tests/training/test_compile_cache.py tests/test_cli.py \
-      tests/training/test_train.py ;;
+      tests/training/test_speed.py tests/studies/test_bench_speed.py tests/test_cli.py -k "mlp or speed or cuda" ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
       --speed eager --name bench-gpt2-medium-eager-$tag
@@ -481,14 +478,14 @@ sys.exit(0 if set(sys.argv[2:]) - have else 1)' "$out/one/$1.json" "${@:2}"
     done ;;
   act-recompute)
     # LoRA (all six projections) with and without the MLP's activation recomputed in down_proj's merged
-    # backward (bench --lora-recompute-act, fast.mlp): peak memory against step time, bench's default
+    # backward (bench --[no-]lora-recompute-act, fast.mlp): peak memory against step time, bench's default
     # (compiled, CUDA graphs) then eager; ACT_MODES="default" or "eager" runs one half
     local mode on
     local -A limit=([eager]=80 [default]=180)
     for mode in ${ACT_MODES:-default eager}; do
       for on in off on; do
         go ${limit[$mode]} "act-$mode-$on" $M bench --out "$out" $G2M --methods lora --speed $mode \
-          --lora-merged-forward $([ $on = on ] && echo --lora-recompute-act) \
+          --lora-merged-forward --$([ $on = on ] || echo no-)lora-recompute-act \
           --name "bench-gpt2-medium-act-$mode-$on-$tag"
       done
     done ;;

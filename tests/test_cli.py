@@ -129,17 +129,20 @@ def test_compiled_training_with_merged_lora_matches_eager(files, tmp_path, capsy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the default fast path is CUDA's")
-@pytest.mark.parametrize("method, task, data", [("lora", "causal-lm", "lm.txt"), ("full", "causal-lm", "lm.txt"),
-                                                ("prefix", "prompt-completion", "pc.jsonl"),
-                                                ("lora", "classification", "train.jsonl")])
-def test_the_cuda_default_path_matches_eager(method, task, data, files, tmp_path, capsys):
+@pytest.mark.parametrize("method, task, data, mlps", [("lora", "causal-lm", "lm.txt", 2),
+                                                      ("full", "causal-lm", "lm.txt", 0),
+                                                      ("prefix", "prompt-completion", "pc.jsonl", 0),
+                                                      ("lora", "classification", "train.jsonl", 2)])
+def test_the_cuda_default_path_matches_eager(method, task, data, mlps, files, tmp_path, capsys):
     """On CUDA, minift train with no speed flags compiles the step (under CUDA graphs, batches
-    padded where lengths vary) with minift.fast on: its losses follow the eager run's (--fast false
-    --compile false), both bf16 autocast. Each run is its own process, as a user's is: torch
-    crashes when a second model is compiled under CUDA graphs in one process (docs/speed.md)."""
+    padded where lengths vary) with minift.fast on, LoRA on down_proj recomputing the MLP's
+    activation: its losses follow the eager run's (--fast false --compile false), both bf16
+    autocast. Each run is its own process, as a user's is: torch crashes when a second model is
+    compiled under CUDA graphs in one process (docs/speed.md)."""
     model = files / ("bert" if task == "classification" else "gpt")
+    targets = ["--targets", "q_proj,v_proj,up_proj,down_proj"] if mlps else []
     base = ["train", "--model", model, "--train", files / data, "--task", task, "--method", method,
-            "--max-len", "16", "--device", "cuda", *SHORT, *METHOD_FLAGS[method]]
+            "--max-len", "16", "--device", "cuda", *SHORT, *METHOD_FLAGS[method], *targets]
     losses = []
     for name, extra in (("default", []), ("eager", ["--fast", "false", "--compile", "false"])):
         r = subprocess.run([sys.executable, "-m", "minift", *map(str, [*base, "--out", tmp_path / name, *extra])],
@@ -148,6 +151,7 @@ def test_the_cuda_default_path_matches_eager(method, task, data, files, tmp_path
         assert rc == 0, err
         assert ("torch.compile" in err) == (name == "default"), err
         assert ("frozen base in bf16" in err) == (name == "default" and method != "full"), err  # fast.frozen
+        assert (f"MLP activation recomputed: {mlps} MLPs" in err) == (name == "default" and mlps > 0), err
         lines = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         losses.append([x["loss"] for x in lines if "loss" in x])
     assert len(losses[0]) == 3

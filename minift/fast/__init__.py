@@ -16,7 +16,7 @@ rounding (each module says where it rounds differently); its equivalence test ch
     LoRA forward  fast.lora     plain LoRA layers through W0 + sBA in one GEMM     tests/fast/test_lora.py
                                 (merged) or with the update inside one addmm
     MLP act       fast.mlp      the MLP's activation inside down_proj's merged     tests/fast/test_mlp.py
-                                LoRA, recomputed in its backward, not kept (opt-in)
+                                LoRA, recomputed in its backward, not kept
     many LoRAs    fast.multi_lora  a mixed batch of many adapters in a fixed number   tests/fast/test_multi_lora.py
                                 of kernels: each row's factors gathered, two bmm
     frozen base   fast.frozen   frozen parameters stored in bf16 (what autocast   tests/fast/test_frozen.py
@@ -55,7 +55,8 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
         lora_factor_kernel: merged LoRA layers take A's and B's gradients through
             ``kernels.lora_factor_grads`` (off by default: docs/benchmarks.md has why).
         lora_recompute_act: every MLP keeps its activation's input and not its output where down_proj
-            takes the merged forward (``fast.mlp``; off by default until measured).
+            takes the merged forward (``fast.mlp``; ``minift train``'s plan turns it on for compiled
+            runs: ``training.speed``).
     Returns:
         One line per piece switched on, e.g. ``"cast once: 4 modules"``; pieces that do not apply
         (no LoRA layers, no GPT loss) or are already on are left out.

@@ -24,8 +24,8 @@ parameter in bf16, ``minift.fast.frozen``), ``compile`` (torch.compile), ``check
 (activation checkpointing), ``plain_ce`` (full fp32 logits, the naive loss, against
 ``minift.fast.loss``'s fused one), ``lora_merged_forward`` (LoRA through W0 + sBA,
 ``minift.fast.lora.MergedLoRA``; with ``lora_factor_kernel`` its backward's g B and g^T (A x) in one
-pass, ``kernels.lora_factor_grads``; with ``lora_recompute_act`` the MLP's activation recomputed in
-down_proj's backward, ``minift.fast.mlp``), ``loss_chunk`` (positions per vocabulary projection in GPT's
+pass, ``kernels.lora_factor_grads``; ``lora_recompute_act``: the MLP's activation recomputed in
+down_proj's backward, ``minift.fast.mlp``, the plan's choice for compiled rows), ``loss_chunk`` (positions per vocabulary projection in GPT's
 loss; default 1024 for a frozen head), ``fused_adamw`` (one fused AdamW kernel on CUDA; off: the
 multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
 math backend, no flash kernels), ``sync_each_step`` (wait for the GPU after every timed step, as
@@ -111,7 +111,7 @@ class BenchConfig:
     plain_ce: bool = False
     lora_merged_forward: bool | None = None  # None: the plan decides (on CUDA with minift.fast)
     lora_factor_kernel: bool = False  # merged LoRA layers: A's and B's gradients by kernels.lora_factor_grads
-    lora_recompute_act: bool = False  # merged LoRA on down_proj: the MLP's activation recomputed (fast.mlp)
+    lora_recompute_act: bool | None = None  # merged down_proj: the MLP's activation recomputed (fast.mlp); None: plan
     loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
     fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
     sdpa_math: bool = False
@@ -188,10 +188,10 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
     from minift.fast import frozen
     if p.fast:
         fast.enable(model, merged_lora=p.merged_lora, loss_chunk=cfg.loss_chunk,
-                    lora_factor_kernel=cfg.lora_factor_kernel, lora_recompute_act=cfg.lora_recompute_act)
+                    lora_factor_kernel=cfg.lora_factor_kernel, lora_recompute_act=p.recompute_act)
     elif p.merged_lora:
         fast.lora.enable(model, merged=True, factor_kernel=cfg.lora_factor_kernel)
-        if cfg.lora_recompute_act:
+        if p.recompute_act:
             fast.mlp.enable(model)
     if cfg.plain_ce:
         fast.loss.disable(model)

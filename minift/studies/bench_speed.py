@@ -64,6 +64,8 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
         given["compile_mode"] = cfg.compile_mode
     if not cfg.fast:
         given["fast"] = False
+    if cfg.lora_recompute_act is not None:
+        given["recompute_act"] = cfg.lora_recompute_act
     cuda = cfg.device.startswith("cuda")
     p = speed.plan(device_type="cuda" if cuda else "cpu", method=method, hooks=hooks, task=task_of(cfg.model),
                    max_len=cfg.seq_len, given=given, merged_forward=bool(cfg.lora_merged_forward))
@@ -76,6 +78,11 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
         if method == "lora":
             p.notes.append(f"LoRA {'merged' if merged else 'addmm'} forward"
                            + (" (asked for)" if cfg.lora_merged_forward is not None else ""))
+    if cfg.lora_recompute_act is not None:  # asked for: on any device, compiled or not
+        p.recompute_act = cfg.lora_recompute_act
+    elif cfg.lora_factor_kernel:  # asked for: down_proj keeps it (fast.mlp's has none)
+        p.recompute_act = False
+    p.recompute_act = p.recompute_act and p.merged_lora  # (the row's variant name says it: variant_name)
     if not p.compile and not any(n.startswith("eager") for n in p.notes):
         p.notes.append("eager, not compiled" + (" (asked for)" if "compile" in given else ""))
     if p.pad:
@@ -86,12 +93,14 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
 
 def resolved(cfg, p: SpeedPlan):
     """``cfg`` with the plan's choices filled in: what one method's row ran with."""
-    return replace(cfg, fast=p.fast, compile=p.compile, compile_mode=p.compile_mode, lora_merged_forward=p.merged_lora)
+    return replace(cfg, fast=p.fast, compile=p.compile, compile_mode=p.compile_mode, lora_merged_forward=p.merged_lora,
+                   lora_recompute_act=p.recompute_act)
 
 
 def speed_meta(cfg) -> str:
     """The speed settings as given (each row records its method's plan)."""
-    asked = [f"{k}={getattr(cfg, k)}" for k in ("fast", "compile", "compile_mode", "lora_merged_forward")
+    asked = [f"{k}={getattr(cfg, k)}" for k in ("fast", "compile", "compile_mode", "lora_merged_forward",
+                                                 "lora_recompute_act")
              if getattr(cfg, k) is not None and (k != "fast" or not cfg.fast)]
     what = ("minift train's speed plan per method (minift.training.speed.plan)" if cfg.speed == "default"
             else "eager (no compile, LoRA addmm forward)")

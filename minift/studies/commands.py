@@ -85,8 +85,9 @@ def add_bench(sub) -> None:
     p.add_argument("--lora-factor-kernel", action="store_true",
                    help="merged LoRA layers: the backward's g B and g^T (A x) in one Triton pass "
                         "(docs/benchmarks.md: what it saves)")
-    p.add_argument("--lora-recompute-act", action="store_true",
-                   help="merged LoRA on down_proj: the MLP keeps its activation's input, not its output (fast.mlp)")
+    p.add_argument("--lora-recompute-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="merged LoRA on down_proj: the MLP keeps its activation's input, not its output "
+                        "(fast.mlp; default: the plan decides, on for compiled rows)")
     p.add_argument("--sync-each-step", action="store_true",
                    help="CUDA timing: wait for the GPU after every step instead of once after the window")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,

@@ -37,6 +37,7 @@ class TrainConfig:
     compile: bool = False             # torch.compile the model (nn.Module.compile: state-dict keys unchanged)
     compile_mode: str = "default"     # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_budget: float | None = None  # compiled runs: the share of saved activations kept (speed.py)
+    recompute_act: bool = True        # compiled CUDA runs: the MLP's activation recomputed (fast.mlp, speed.py)
     fast: bool = True                 # minift.fast: the speed plan's pieces; on CUDA, train()'s clipping,
                                       # AdamW step (fast.adamw) and data (feed.py)
     out_dir: str | None = None        # checkpoints, metrics.jsonl, loss.png

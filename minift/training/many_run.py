@@ -80,6 +80,7 @@ REFUSED = {
     ("train", "compile"): (lambda v: not v, "train-many does not compile or merge LoRA weights"),
     ("train", "compile_mode"): (lambda v: False, "train-many does not compile"),
     ("train", "activation_budget"): (lambda v: False, "train-many does not compile"),
+    ("train", "recompute_act"): (lambda v: False, "train-many does not compile"),
 }
 
 

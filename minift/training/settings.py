@@ -69,6 +69,9 @@ TRAIN_HELP = {"steps": "optimizer steps (or --epochs)", "epochs": "passes over t
               "activation_budget": "compiled runs: the share (0, 1] of the activations torch.compile saves for "
                                    "the backward that it keeps, recomputing the rest (less memory, slower "
                                    "steps; default: PyTorch's 1.0; docs/speed.md)",
+              "recompute_act": "compiled CUDA runs with LoRA's merged forward on down_proj: the MLP's "
+                               "activation computed again in the backward instead of kept (default true; "
+                               "docs/speed.md)",
               "log_every": "steps between reads of the loss back from the GPU and metrics lines (default 10)",
               "metric": "dev metric early stopping and best/ track: loss, accuracy, macro_f1, perplexity",
               "higher_is_better": "true for accuracy/F1 (default false: loss)"}
@@ -100,7 +103,7 @@ def add_train_flags(p) -> None:
         if f.name in SKIP:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in ("shuffle", "bf16", "compile", "fast", "higher_is_better"):
+        if f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, type=_bool, metavar="true|false", help=TRAIN_HELP.get(f.name))
         else:
             g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device", "metric", "compile_mode") else

@@ -11,6 +11,10 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
                                   not with gradual unfreezing
     LoRA's merged forward         plain LoRA layers; a layer with dropout      --fast false
                                   takes the addmm forward while training
+    the MLP's activation          compiled runs, where down_proj takes the     --recompute-act false
+    recomputed (fast.mlp)         merged forward: its input kept, not its
+                                  output (GPT-2 medium LoRA: -1.7 GiB,
+                                  +1 ms a step)
     torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
     (mode reduce-overhead)        steps (AdaLoRA's allocator and penalty,      --compile-mode default
                                   gradual unfreezing run eager)                (compiled, no graphs)
@@ -29,6 +33,10 @@ step run as fused AdamW's kernel, one call per parameter group, with the clippin
 Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kernels (it ran slower
 than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
 kernels at once, and the merged forward runs one GEMM per adapted layer instead of three.
+Recomputing the MLP's activation trades one elementwise pass per layer for its widest saved
+tensor: compiled, GPT-2 medium's LoRA step took 38.4 ms instead of 37.4 at 5.67 GiB instead of
+7.39; eager, where the step is bound by the host, it ran slower by more than that, so eager runs
+keep the activation (benchmarks/results/h200/2026-12-04-act-recompute/).
 Each piece is tied to the reference path by an equivalence test (tests/fast/), and padding by
 ``tests/training/test_speed.py`` (padded positions are masked and carry no target).
 """
@@ -45,6 +53,7 @@ class SpeedPlan:
     fast: bool = False                # minift.fast.enable(model)
     merged_lora: bool = False         # ... with LoRA's merged forward
     bf16_frozen_base: bool = False    # minift.fast.frozen.enable(model) (takes_bf16_frozen_base)
+    recompute_act: bool = False       # ... and fast.mlp: the MLP's activation recomputed in the backward
     compile: bool = False
     compile_mode: str = "default"
     pad: bool = False                 # pad every training batch to one shape (data.pad_to_one_shape)
@@ -106,6 +115,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
         p.pad = graphs and task != "causal-lm"
         p.notes.append(f"torch.compile mode {p.compile_mode}" + (" (CUDA graphs)" if graphs else "")
                        + (", batches padded to one shape" if p.pad else ""))
+        p.recompute_act = p.fast and p.merged_lora and bool(given.get("recompute_act", True))
         if given.get("activation_budget") is not None:
             p.notes.append(f"activation memory budget {given['activation_budget']:g}")
     return p

@@ -227,12 +227,15 @@ def test_compiled_matches_eager_and_keeps_the_activations_input_only():
 def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
     """On CUDA (the merged weight rebuilt by the Triton kernel where Triton is installed), bf16
     autocast with the frozen base in bf16, as ``minift train`` runs it: the same loss and gradients
-    as the merged forward alone, eager bit for bit, compiled within bf16's rounding."""
+    as the merged forward alone, eager bit for bit. Compiled, inductor fuses and rounds each graph in
+    its own places (on an H200 the compiled recomputation was up to 2.6% (GPT) and 9% (Llama) of a
+    tiny gradient's norm away from eager), so it may be no further from the eager merged forward, in
+    its furthest tensor, than twice what compiling the merged forward alone moves that one's."""
     from minift.fast import frozen
     ref = _model(kind).cuda()
     frozen.enable(ref)
-    quick = copy.deepcopy(ref)
-    for m in (ref, quick):
+    quick, compiled_ref = copy.deepcopy(ref), copy.deepcopy(ref)
+    for m in (ref, quick, compiled_ref):
         cast.enable(m)
     fast_mlp.enable(quick)
     batch = {k: v.cuda() for k, v in _batch(kind).items()}
@@ -244,11 +247,15 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
         out = [loss.detach().float()] + [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
         model.zero_grad(set_to_none=True)
         return out
+
+    def off(got, want):  # each tensor's distance from the eager merged forward, relative to its norm
+        return torch.stack([(g - w).norm() / w.norm().clamp_min(1e-12) for g, w in zip(got, want)])
     want = run(ref)
     for got, w in zip(run(quick), want):
         assert torch.equal(got, w)
     quick.compile()
-    for got, w in zip(run(quick), want):
-        assert ((got - w).norm() / w.norm().clamp_min(1e-12)).item() < 2e-2
+    compiled_ref.compile()
+    ours, theirs = off(run(quick), want), off(run(compiled_ref), want)
+    assert ours.max() <= 2 * theirs.max() + 1e-3, (ours, theirs)
     wide = 2 * 9 * quick.layers[0].mlp.down_proj.in_features
     assert _held(quick, batch, "cuda").count(wide) == len(quick.layers) * (2 if kind == "llama" else 1)  # h; g, u

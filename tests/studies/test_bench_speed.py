@@ -38,10 +38,10 @@ GRAPHED_METHODS = ("full", "lora", "dora", "prefix", "prompt", "freeze", "bitfit
 @pytest.mark.parametrize("method", GRAPHED_METHODS)
 def test_cuda_default_is_trains_plan_graphed(method):
     p, rc = plan_for(method)
-    assert p.fast and p.compile and p.compile_mode == "reduce-overhead" and p.merged_lora
+    assert p.fast and p.compile and p.compile_mode == "reduce-overhead" and p.merged_lora and p.recompute_act
     assert not p.pad  # bench's batches have one shape already
     assert "CUDA graphs" in p.describe() and "padded" not in p.describe()
-    want = "frozen_bf16+compile:reduce-overhead" + ("+merged_forward" if method == "lora" else "")
+    want = "frozen_bf16+compile:reduce-overhead" + ("+merged_forward+recompute_act" if method == "lora" else "")
     assert bench.variant_name(rc, method) == want
 
 
@@ -51,8 +51,8 @@ def test_cuda_default_matches_minift_trains_plan():
         ours, _ = plan_for(method)
         train = speed.plan(device_type="cuda", method=method, hooks=hooks_of(method), task="causal-lm",
                            max_len=1024, given={})
-        assert (ours.fast, ours.merged_lora, ours.compile, ours.compile_mode) == \
-            (train.fast, train.merged_lora, train.compile, train.compile_mode)
+        assert (ours.fast, ours.merged_lora, ours.compile, ours.compile_mode, ours.recompute_act) == \
+            (train.fast, train.merged_lora, train.compile, train.compile_mode, train.recompute_act)
         assert ours.describe() == train.describe()
 
 
@@ -99,7 +99,7 @@ def test_the_recomputed_activation_is_a_merged_lora_rows_variant_and_reaches_the
 
 def test_the_activation_budget_is_a_compiled_rows_variant():
     _, rc = plan_for("lora", activation_budget=0.8)
-    assert bench.variant_name(rc, "lora").endswith("+merged_forward+activation_budget0.8")
+    assert bench.variant_name(rc, "lora").endswith("+merged_forward+recompute_act+activation_budget0.8")
     _, rc = plan_for("adalora", activation_budget=0.8)  # eager by its plan: no budget applies
     assert bench.variant_name(rc, "adalora") == "frozen_bf16"
     with pytest.raises(ValueError, match=r"activation_budget must be in \(0, 1\]"):
@@ -125,12 +125,20 @@ def test_a_second_graphed_model_in_one_process_compiles_without_graphs():
     (dict(speed="eager", lora_merged_forward=True), dict(compile=False, merged_lora=True)),
     (dict(speed="eager", compile=True), dict(compile=True, compile_mode="reduce-overhead")),
     (dict(fast=False), dict(fast=False, merged_lora=False, compile=True)),
+    (dict(lora_recompute_act=False), dict(compile=True, merged_lora=True, recompute_act=False)),
+    (dict(speed="eager"), dict(compile=False, recompute_act=False)),  # eager: kept, unless asked for
+    (dict(compile=False), dict(compile=False, merged_lora=True, recompute_act=False)),
+    (dict(speed="eager", lora_merged_forward=True, lora_recompute_act=True), dict(compile=False, recompute_act=True)),
+    (dict(lora_merged_forward=False), dict(merged_lora=False, recompute_act=False)),
+    (dict(lora_factor_kernel=True), dict(merged_lora=True, recompute_act=False)),  # down_proj keeps its kernel
+    (dict(fast=False), dict(fast=False, recompute_act=False)),
+    (dict(fast=False, lora_merged_forward=True, lora_recompute_act=True), dict(fast=False, recompute_act=True)),
 ])
 def test_every_choice_has_an_override(kw, want):
     p, rc = plan_for("lora", **kw)
     assert {k: getattr(p, k) for k in want} == want
-    assert (rc.fast, rc.compile, rc.compile_mode, rc.lora_merged_forward) == \
-        (p.fast, p.compile, p.compile_mode, p.merged_lora)
+    assert (rc.fast, rc.compile, rc.compile_mode, rc.lora_merged_forward, rc.lora_recompute_act) == \
+        (p.fast, p.compile, p.compile_mode, p.merged_lora, p.recompute_act)
 
 
 def test_compile_forces_a_hooked_method_too():

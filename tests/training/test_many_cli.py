@@ -233,6 +233,7 @@ def _bad(**change) -> dict:
     (_bad(train={"grad_accum": 2}), "[job.train] grad_accum = 2"),
     (_bad(train={"compile": True}), "[job.train] compile = true"),
     (_bad(train={"activation_budget": 0.8}), "[job.train] activation_budget = 0.8: train-many does not compile"),
+    (_bad(train={"recompute_act": False}), "[job.train] recompute_act = false: train-many does not compile"),
     (_bad(train={"device": "cpu"}), "[job.train] device is shared by every job"),
     (_bad(train={"fast": False}), "[job.train] fast is shared by every job"),
     (_bad(train={"lr": -1.0}), "lr must be > 0"),

@@ -40,7 +40,7 @@ def no_graphs_yet(monkeypatch):
 
 def test_cuda_default_is_fast_merged_and_graphed_with_static_shapes():
     p = choose()
-    assert p.fast and p.merged_lora and p.compile and p.compile_mode == "reduce-overhead"
+    assert p.fast and p.merged_lora and p.compile and p.compile_mode == "reduce-overhead" and p.recompute_act
     assert p.pad  # classification: one sequence length, so the graphs are captured once
     assert "CUDA graphs" in p.describe() and "padded to one shape" in p.describe()
 
@@ -70,8 +70,9 @@ def test_parameter_groups_do_not_stop_compilation():
 
 
 @pytest.mark.parametrize("given, want", [
-    ({"compile": False}, dict(fast=True, compile=False, pad=False)),
-    ({"fast": False}, dict(fast=False, merged_lora=False, compile=True)),
+    ({"compile": False}, dict(fast=True, compile=False, pad=False, recompute_act=False)),  # eager: host-bound
+    ({"fast": False}, dict(fast=False, merged_lora=False, compile=True, recompute_act=False)),
+    ({"recompute_act": False}, dict(fast=True, merged_lora=True, compile=True, recompute_act=False)),
     ({"compile_mode": "default"}, dict(compile=True, compile_mode="default", pad=False)),
     ({"compile": True}, dict(compile=True, compile_mode="reduce-overhead", pad=True)),
 ])
@@ -95,7 +96,7 @@ def test_the_frozen_base_is_stored_in_bf16_where_nothing_saves_or_trains_it(devi
 
 def test_compile_asked_for_on_the_cpu_compiles_without_graphs_or_padding():
     p = choose("cpu", given={"compile": True})
-    assert p.compile and p.compile_mode == "default" and not p.pad and not p.fast
+    assert p.compile and p.compile_mode == "default" and not p.pad and not p.fast and not p.recompute_act
 
 
 def test_merged_forward_asked_for_applies_on_the_cpu_too():
@@ -395,5 +396,35 @@ def test_a_cuda_run_s_plan_casts_the_frozen_base_of_every_method_that_allows_it(
             frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
             assert bf16 == {n for n in frozen if method != "bitfit" or "ln_" not in n}  # ln_1, ln_2, ln_f
             assert bf16 and speed_note.endswith(f"frozen base in bf16 ({len(bf16)} tensors)")
+    finally:
+        fast.disable(model)
+
+
+@pytest.mark.parametrize("method, options, given, want", [
+    ("lora", {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}, {}, 2),  # both MLPs
+    ("lora", {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}, {"recompute_act": False}, 0),
+    ("lora", {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}, {"compile": False}, 0),
+    ("lora", {"r": 2, "targets": ["q_proj", "v_proj"]}, {}, 0),  # no adapter on down_proj
+    ("lora", {"r": 2, "targets": ["down_proj"], "dropout": 0.1}, {}, 2),  # switched: eval runs merged
+    ("dora", {"r": 2, "targets": ["down_proj"]}, {}, 0),  # DoRA keeps the reference forward
+])
+def test_a_compiled_cuda_run_recomputes_the_mlp_activation_where_down_proj_merges(method, options, given, want,
+                                                                                  monkeypatch):
+    """``run.speed_up`` as a CUDA run calls it (the device's kind stubbed): the plan's choice reaches
+    the model, the MLPs whose down_proj is a merged LoRA layer take ``fast.mlp``'s forward, and the
+    note says how many."""
+    from types import SimpleNamespace
+    from minift import fast
+    from minift.fast import mlp as fast_mlp
+    from minift.methods.registry import build_method
+    from minift.training import forward, run
+    monkeypatch.setattr(forward, "pick_device", lambda device: torch.device("cuda"))
+    model = gpt(dropout=0.0)
+    st = build_method(model, method, options, total_steps=10)
+    try:
+        _, note = run.speed_up(model, st, SimpleNamespace(method=method, train=given), TrainConfig(steps=1),
+                               "causal-lm", 16, [], None)
+        assert sum(type(b.mlp) is fast_mlp.GPTMLP for b in model.layers) == want
+        assert (f"MLP activation recomputed: {want} MLPs" in note) == (want > 0)
     finally:
         fast.disable(model)
