@@ -99,8 +99,12 @@ def targets(rows: dict, spread: list[float]) -> list[str]:
         out.append(f"| default LoRA >= 2x eager PEFT's tokens/s at <= 0.4x its memory | {s:.2f}x at {m:.2f}x "
                    f"| {'yes' if ok else 'no'} |")
     if lora and comp:
-        s, m = comp["step_ms"] / lora["step_ms"], lora["peak_gib"] / comp["peak_gib"]
-        seen = f" ({min(spread) / lora['step_ms']:.2f}x-{max(spread) / lora['step_ms']:.2f}x)" if spread else ""
+        # judged against the peer's fastest queued window: its step varies from window to window (and
+        # card to card), and a target met only against its slower windows is not met
+        s = min([comp["step_ms"], *spread]) / lora["step_ms"]
+        m = lora["peak_gib"] / comp["peak_gib"]
+        seen = (f" against its fastest queued window ({min(spread) / lora['step_ms']:.2f}x-"
+                f"{max(spread) / lora['step_ms']:.2f}x over them)") if spread else ""
         ok = s >= 1.6 and m <= 0.6
         out.append(f"| best-mode LoRA >= 1.6x compiled PEFT at <= 0.6x its memory | {s:.2f}x{seen} at {m:.2f}x "
                    f"| {'yes' if ok else 'no'} |")
