@@ -495,7 +495,8 @@ sys.exit(0 if set(sys.argv[2:]) - have else 1)' "$out/one/$1.json" "${@:2}"
     for mode in ${FACTOR_MODES:-eager default}; do
       for on in off on; do
         go ${limit[$mode]} "factor-$mode-$on" $M bench --out "$out" $G2M --methods lora --speed $mode --lora-merged-forward \
-          $([ $on = on ] && echo --lora-factor-kernel) --name "bench-gpt2-medium-factor-$mode-$on-$tag"
+          --no-lora-recompute-act $([ $on = on ] && echo --lora-factor-kernel) \
+          --name "bench-gpt2-medium-factor-$mode-$on-$tag"
       done
     done ;;
   many-forward)

@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--compile-mode", default=None, choices=bench.COMPILE_MODES)
     p.add_argument("--lora-merged-forward", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA through W0 + sBA (default: the plan's choice)")
+    p.add_argument("--lora-recompute-act", action=argparse.BooleanOptionalAction, default=None,
+                   help="the MLP's activation recomputed in down_proj's backward (default: the plan's choice)")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring (the first compiles)")
     p.add_argument("--steps", type=int, default=5, help="steps timed, then steps profiled")
     p.add_argument("--rows", type=int, default=25)
@@ -52,6 +54,7 @@ def main() -> None:
     cfg = bench.BenchConfig(model=a.model, methods=(a.method,), batch=a.batch, seq_len=a.seq_len,
                             frozen_bf16=not a.no_frozen_bf16, speed=a.speed, compile=a.compile,
                             compile_mode=a.compile_mode, lora_merged_forward=a.lora_merged_forward,
+                            lora_recompute_act=a.lora_recompute_act,
                             warmup=a.warmup, steps=a.steps, isolate=False,
                             lora_targets=tuple(t for t in a.lora_targets.split(",") if t))
     pr = bench.prepare(cfg, a.method)

@@ -17,6 +17,8 @@ rounding (each module says where it rounds differently); its equivalence test ch
                                 (merged) or with the update inside one addmm
     MLP act       fast.mlp      the MLP's activation inside down_proj's merged     tests/fast/test_mlp.py
                                 LoRA, recomputed in its backward, not kept
+                                (``lora_recompute_act``; minift train's plan
+                                sets it for compiled runs)
     many LoRAs    fast.multi_lora  a mixed batch of many adapters in a fixed number   tests/fast/test_multi_lora.py
                                 of kernels: each row's factors gathered, two bmm
     frozen base   fast.frozen   frozen parameters stored in bf16 (what autocast   tests/fast/test_frozen.py

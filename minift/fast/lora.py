@@ -56,10 +56,12 @@ class MergedLoRALinear(LoRALinear):
 
     factor_kernel = False  # enable(model, factor_kernel=True) sets it on the layer: see MergedLoRA
 
-    def merges(self) -> bool:
+    def merges(self, training: bool | None = None) -> bool:
         """True when the merged forward applies: W0 frozen (``MergedLoRA`` computes no gradient for
-        it) and no dropout acting (it hits the adapter's input only, which a merged weight cannot do)."""
-        return not self.weight.requires_grad and (isinstance(self.dropout, nn.Identity) or not self.training)
+        it) and no dropout acting (it hits the adapter's input only, which a merged weight cannot do)
+        in the layer's mode, or in training mode if ``training`` says so."""
+        training = self.training if training is None else training
+        return not self.weight.requires_grad and (isinstance(self.dropout, nn.Identity) or not training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

@@ -35,7 +35,7 @@ from minift.fast import lora as fast_lora
 from minift.fast.lora import MergedLoRALinear
 from minift.models import bert, gpt, llama
 
-__all__ = ["ActMergedLoRA", "enable", "disable"]
+__all__ = ["ActMergedLoRA", "enable", "disable", "recomputing"]
 
 
 class GELU:
@@ -161,6 +161,14 @@ def enable(model: nn.Module) -> list[str]:
         The names of the MLPs switched (``[]`` when none has a merged LoRA down_proj).
     """
     return _swap(model, FAST, lambda m: isinstance(m.down_proj, MergedLoRALinear))
+
+
+def recomputing(model: nn.Module) -> list[str]:
+    """The names of the MLPs ``enable`` switched whose training steps recompute the activation: those
+    whose down_proj takes the merged forward while training (W0 frozen, no LoRA dropout, not merged
+    into W0). The others run the reference forward there."""
+    return [name for name, m in model.named_modules()
+            if type(m) in REFERENCE and not m.down_proj.merged and m.down_proj.merges(training=True)]
 
 
 def disable(model: nn.Module) -> list[str]:

@@ -25,9 +25,9 @@ parameter in bf16, ``minift.fast.frozen``), ``compile`` (torch.compile), ``check
 ``minift.fast.loss``'s fused one), ``lora_merged_forward`` (LoRA through W0 + sBA,
 ``minift.fast.lora.MergedLoRA``; with ``lora_factor_kernel`` its backward's g B and g^T (A x) in one
 pass, ``kernels.lora_factor_grads``; ``lora_recompute_act``: the MLP's activation recomputed in
-down_proj's backward, ``minift.fast.mlp``, the plan's choice for compiled rows), ``loss_chunk`` (positions per vocabulary projection in GPT's
-loss; default 1024 for a frozen head), ``fused_adamw`` (one fused AdamW kernel on CUDA; off: the
-multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
+down_proj's backward, ``minift.fast.mlp``, the plan's choice for compiled rows), ``loss_chunk``
+(positions per vocabulary projection in GPT's loss; default 1024 for a frozen head), ``fused_adamw``
+(one fused AdamW kernel on CUDA; off: the multi-tensor ``foreach`` AdamW), ``sdpa_math`` (SDPA's
 math backend, no flash kernels), ``sync_each_step`` (wait for the GPU after every timed step, as
 older results did). ``dropout`` (default none) matches a recipe's run. ``isolate`` runs each method
 in a fresh process (by default whenever a method may be compiled: torch 2.11 fails to compile a
@@ -193,6 +193,10 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
         fast.lora.enable(model, merged=True, factor_kernel=cfg.lora_factor_kernel)
         if p.recompute_act:
             fast.mlp.enable(model)
+    recomputed = fast.mlp.recomputing(model)  # as minift train's speed line says it (run.speed_up)
+    p.recompute_act = bool(recomputed)  # the row's variant: no down_proj adapter or LoRA dropout, none
+    if recomputed:
+        p.notes.append(f"MLP activation recomputed: {len(recomputed)} MLPs")
     if cfg.plain_ce:
         fast.loss.disable(model)
     model.checkpointing = cfg.checkpointing if isinstance(model, CAUSAL_LM) else False

@@ -44,8 +44,10 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
 
     Bench keeps ``minift.fast``'s pieces on on every device, the CPU included
     (``fast=False`` turns them off); ``speed="eager"`` asks for no compile and LoRA's addmm
-    forward; ``compile``, ``compile_mode`` and ``lora_merged_forward``, when not None, override
-    the plan's choice. Bench's batches have one shape already, so none is padded.
+    forward; ``compile``, ``compile_mode``, ``lora_merged_forward`` and ``lora_recompute_act``, when
+    not None, override the plan's choice (``lora_recompute_act`` on any device and mode; left to the
+    plan, it is off with ``lora_factor_kernel``). Bench's batches have one shape already, so none is
+    padded. ``bench.build`` turns ``recompute_act`` off where no MLP recomputes (``fast.mlp.recomputing``).
 
     Args:
         cfg: the bench's settings.
@@ -87,7 +89,7 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
         p.notes.append("eager, not compiled" + (" (asked for)" if "compile" in given else ""))
     if p.pad:
         p.pad = False
-        p.notes = [n.replace(", batches padded to the longest", "") for n in p.notes]
+        p.notes = [n.replace(", batches padded to one shape", "") for n in p.notes]
     return p
 
 

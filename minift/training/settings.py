@@ -106,8 +106,9 @@ def add_train_flags(p) -> None:
         if f.type in ("bool", bool):
             g.add_argument(flag, dest=f.name, type=_bool, metavar="true|false", help=TRAIN_HELP.get(f.name))
         else:
-            g.add_argument(flag, dest=f.name, type=str if f.name in ("schedule", "device", "metric", "compile_mode") else
-                           int if f.name in INT_KEYS else float, help=TRAIN_HELP.get(f.name))
+            kind = str if f.name in ("schedule", "device", "metric", "compile_mode") else \
+                int if f.name in INT_KEYS else float
+            g.add_argument(flag, dest=f.name, type=kind, help=TRAIN_HELP.get(f.name))
     g = p.add_argument_group("method options (fields of the method's config)")
     for name, kind, text in METHOD_FLAGS:
         flag = "--" + name.replace("_", "-")

@@ -84,8 +84,8 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
         hooks: the method's training hooks (``MethodState.hooks``).
         task: classification | causal-lm | prompt-completion.
         max_len: the run's tokens per example.
-        given: the run's [train] settings as given (flags, config, recipe): ``fast``, ``compile``
-            and ``compile_mode`` there override the defaults.
+        given: the run's [train] settings as given (flags, config, recipe): ``fast``, ``compile``,
+            ``compile_mode`` and ``recompute_act`` there override the defaults.
         merged_forward: the method's settings ask for LoRA's merged forward (on any device).
         peft: the method saves no base weight (``MethodState.peft``: every method but full fine-tuning).
     """
@@ -118,6 +118,8 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
         p.recompute_act = p.fast and p.merged_lora and bool(given.get("recompute_act", True))
         if given.get("activation_budget") is not None:
             p.notes.append(f"activation memory budget {given['activation_budget']:g}")
+    if given.get("recompute_act") and not p.recompute_act:  # asked for where it does not apply
+        p.notes.append("MLP activation kept: recompute_act applies to compiled CUDA runs with minift.fast")
     return p
 
 
@@ -140,11 +142,12 @@ def compile_context(budget: float | None, compiled: bool):
     - AOTAutograd's on-disk cache also takes graphs that hold custom autograd Functions
       (``autograd_cache_allow_custom_autograd_functions``, off by default in PyTorch), every one in
       the step. minift's step holds its own (``fast.loss.LinearCrossEntropy``,
-      ``fast.lora.MergedLoRA``), so without it each process traces the joint graph and partitions it
-      again. With it, a later run of the same graph loads that from ``TORCHINDUCTOR_CACHE_DIR``, as it
-      loads Inductor's kernels. A Function's forward and backward are traced into the graph, constants
-      included, so the cache key sees them; the custom operators inside (``minift::lora_input_grad``,
-      the Triton kernels) enter by name and run their Python bodies on every call.
+      ``fast.lora.MergedLoRA``, ``fast.mlp.ActMergedLoRA``), so without it each process traces the
+      joint graph and partitions it again. With it, a later run of the same graph loads that from
+      ``TORCHINDUCTOR_CACHE_DIR``, as it loads Inductor's kernels. A Function's forward and backward
+      are traced into the graph, constants included, so the cache key sees them; the custom
+      operators inside (``minift::lora_input_grad``, ``minift::act_recompute``, the Triton kernels)
+      enter by name and run their Python bodies on every call.
 
     Args:
         budget: the share (0, 1] of the activations kept; None: PyTorch's default (1.0).

@@ -228,9 +228,10 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
     """On CUDA (the merged weight rebuilt by the Triton kernel where Triton is installed), bf16
     autocast with the frozen base in bf16, as ``minift train`` runs it: the same loss and gradients
     as the merged forward alone, eager bit for bit. Compiled, inductor fuses and rounds each graph in
-    its own places (on an H200 the compiled recomputation was up to 2.6% (GPT) and 9% (Llama) of a
-    tiny gradient's norm away from eager), so it may be no further from the eager merged forward, in
-    its furthest tensor, than twice what compiling the merged forward alone moves that one's."""
+    its own places, and a tiny model's small gradients move by several percent in bf16: so the
+    compiled step's furthest tensor from the eager merged forward may be at most twice as far as the
+    compiled merged forward's furthest (the two need not be the same tensor), which is itself held
+    to rounding's size."""
     from minift.fast import frozen
     ref = _model(kind).cuda()
     frozen.enable(ref)
@@ -256,6 +257,7 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
     quick.compile()
     compiled_ref.compile()
     ours, theirs = off(run(quick), want), off(run(compiled_ref), want)
+    assert theirs.max() < 0.25, theirs  # rounding, not a broken compile of the merged forward
     assert ours.max() <= 2 * theirs.max() + 1e-3, (ours, theirs)
     wide = 2 * 9 * quick.layers[0].mlp.down_proj.in_features
     assert _held(quick, batch, "cuda").count(wide) == len(quick.layers) * (2 if kind == "llama" else 1)  # h; g, u

@@ -97,6 +97,18 @@ def test_the_recomputed_activation_is_a_merged_lora_rows_variant_and_reaches_the
     assert "--lora-recompute-act is a backward of LoRA's merged forward" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kw, mlps", [({}, 2), ({"lora_targets": ("q_proj", "v_proj")}, 0), ({"dropout": 0.1}, 0)])
+def test_a_row_says_recompute_act_only_where_an_mlp_recomputes(kw, mlps):
+    """No adapter on down_proj, or LoRA dropout (the merged forward does not apply while training):
+    nothing is recomputed, and the row's variant and speed line do not say it is."""
+    cfg = bench.BenchConfig(model="tiny-gpt", device="cpu", methods=("lora",), lora_merged_forward=True,
+                            lora_recompute_act=True, **kw)
+    _, _, p = bench.build(cfg, "lora")
+    assert p.recompute_act is (mlps > 0)
+    assert bench.variant_name(bench_speed.resolved(cfg, p), "lora").endswith("+recompute_act") is (mlps > 0)
+    assert (f"MLP activation recomputed: {mlps} MLPs" in p.describe()) is (mlps > 0)
+
+
 def test_the_activation_budget_is_a_compiled_rows_variant():
     _, rc = plan_for("lora", activation_budget=0.8)
     assert bench.variant_name(rc, "lora").endswith("+merged_forward+recompute_act+activation_budget0.8")
@@ -109,6 +121,7 @@ def test_the_activation_budget_is_a_compiled_rows_variant():
 def test_classification_presets_are_planned_as_classification_without_padding():
     p, _ = plan_for("lora", model="tiny-bert")
     assert p.compile and p.compile_mode == "reduce-overhead" and not p.pad
+    assert "padded" not in p.describe()
 
 
 def test_a_second_graphed_model_in_one_process_compiles_without_graphs():
@@ -124,14 +137,13 @@ def test_a_second_graphed_model_in_one_process_compiles_without_graphs():
     (dict(lora_merged_forward=False), dict(compile=True, merged_lora=False)),
     (dict(speed="eager", lora_merged_forward=True), dict(compile=False, merged_lora=True)),
     (dict(speed="eager", compile=True), dict(compile=True, compile_mode="reduce-overhead")),
-    (dict(fast=False), dict(fast=False, merged_lora=False, compile=True)),
+    (dict(fast=False), dict(fast=False, merged_lora=False, compile=True, recompute_act=False)),
     (dict(lora_recompute_act=False), dict(compile=True, merged_lora=True, recompute_act=False)),
     (dict(speed="eager"), dict(compile=False, recompute_act=False)),  # eager: kept, unless asked for
     (dict(compile=False), dict(compile=False, merged_lora=True, recompute_act=False)),
     (dict(speed="eager", lora_merged_forward=True, lora_recompute_act=True), dict(compile=False, recompute_act=True)),
     (dict(lora_merged_forward=False), dict(merged_lora=False, recompute_act=False)),
     (dict(lora_factor_kernel=True), dict(merged_lora=True, recompute_act=False)),  # down_proj keeps its kernel
-    (dict(fast=False), dict(fast=False, recompute_act=False)),
     (dict(fast=False, lora_merged_forward=True, lora_recompute_act=True), dict(fast=False, recompute_act=True)),
 ])
 def test_every_choice_has_an_override(kw, want):
