@@ -22,6 +22,7 @@ settings.register_profile("repeatable", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("MINIFT_HYPOTHESIS", "repeatable"))
 
+
 def benchmark_script(name: str):
     """``benchmarks/NAME.py`` loaded as a module (the scripts are files beside the package, not in it)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"

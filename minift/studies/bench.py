@@ -193,10 +193,7 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
         fast.lora.enable(model, merged=True, factor_kernel=cfg.lora_factor_kernel)
         if p.recompute_act:
             fast.mlp.enable(model)
-    recomputed = fast.mlp.recomputing(model)  # as minift train's speed line says it (run.speed_up)
-    p.recompute_act = bool(recomputed)  # the row's variant: no down_proj adapter or LoRA dropout, none
-    if recomputed:
-        p.notes.append(f"MLP activation recomputed: {len(recomputed)} MLPs")
+    speed.note_recomputed(p, model)  # the row's variant and speed line, as minift train's (run.speed_up)
     if cfg.plain_ce:
         fast.loss.disable(model)
     model.checkpointing = cfg.checkpointing if isinstance(model, CAUSAL_LM) else False

@@ -84,7 +84,7 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
         p.recompute_act = cfg.lora_recompute_act
     elif cfg.lora_factor_kernel:  # asked for: down_proj keeps it (fast.mlp's has none)
         p.recompute_act = False
-    p.recompute_act = p.recompute_act and p.merged_lora  # (the row's variant name says it: variant_name)
+    p.recompute_act = p.recompute_act and p.merged_lora  # (bench.build keeps it where an MLP recomputes)
     if not p.compile and not any(n.startswith("eager") for n in p.notes):
         p.notes.append("eager, not compiled" + (" (asked for)" if "compile" in given else ""))
     if p.pad:

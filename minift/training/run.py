@@ -76,22 +76,19 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     ``cfg``. Returns the training batches (padded when the plan says so) and the plan in words."""
     from minift.training import data as D
     from minift.training.forward import pick_device
-    from minift.training.speed import compile_context, plan
+    from minift.training.speed import compile_context, note_recomputed, plan
     p = plan(device_type=pick_device(cfg.device).type, method=s.method, hooks=st.hooks, task=task,
              max_len=max_len, given=s.train, merged_forward=merged_forward(st), peft=st.peft)
-    recomputed = []
     if p.fast:
         from minift import fast
         fast.enable(model, merged_lora=p.merged_lora, lora_recompute_act=p.recompute_act)
-        recomputed = fast.mlp.recomputing(model)
+    note_recomputed(p, model)
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     compile_context(cfg.activation_budget, cfg.compile)  # a budget for an eager run: refused before it starts
     if p.pad:
         batches = D.pad_to_one_shape(batches, D.pad_id(tok))
         i = next(i for i, n in enumerate(p.notes) if n.startswith("torch.compile"))
         p.notes[i] += " ({} x {})".format(*batches[0]["input_ids"].shape)  # the shape to bench it at
-    if recomputed:
-        p.notes.append(f"MLP activation recomputed: {len(recomputed)} MLPs")
     if p.bf16_frozen_base:
         p.notes.append(bf16_frozen_base(model))
     return batches, p.describe()

@@ -123,6 +123,17 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     return p
 
 
+def note_recomputed(p: SpeedPlan, model) -> None:
+    """Once ``minift.fast`` is on ``model``: ``p.recompute_act`` says whether any MLP recomputes its
+    activation while training (``fast.mlp.recomputing``: none without a LoRA down_proj, or with LoRA
+    dropout), and a note says how many."""
+    from minift.fast import mlp
+    names = mlp.recomputing(model)
+    p.recompute_act = bool(names)
+    if names:
+        p.notes.append(f"MLP activation recomputed: {len(names)} MLPs")
+
+
 def takes_bf16_frozen_base(*, fast: bool, peft: bool, bf16: bool, hooks: TrainHooks) -> bool:
     """Whether a run stores its frozen parameters in bf16 (``minift.fast.frozen``): with minift.fast
     on (CUDA), under bf16 autocast, for a method that saves no base weight, and without gradual
