@@ -71,6 +71,8 @@
 #                  eager, LoRA on six and on five projections: every compiled configuration compiled at once
 #                  (untimed), then the rows one at a time (~11 min on an H200; run again with the same --out on
 #                  the same machine, it runs only the rows not yet written)   one/*.json, one/issue21.md
+#   issue21-warm   issue21-one's first phase alone: compiles every compiled configuration of its table
+#                  (untimed), filling this machine's torch.compile caches for a later issue21-one
 #   issue21        issue21-gpt2 + issue21-peer + issue21-cls + issue21-bert: issue 21's rows, minift and the
 #                  bf16-base peer (limits 9.6 + 6 + 6.3 + 4.3 min, set for compiling on a cold card: run the parts as
 #                  commands back to back on one held card)
@@ -78,6 +80,7 @@
 #                  speed flag (minift train's plan; MFU against the matmul rate measured in the run), then a
 #                  profile of one default-path LoRA and full step (top CUDA kernels, host time per step)
 #                  bench-gpt2-medium-default-TAG, issue21-profile-{lora,full}-TAG.log
+#     issue21-profiles (in issue21-gpt2) the profile of one default-path LoRA and full step alone
 #     issue21-peer the peer on the same shapes: eager (full, LoRA) and compiled (LoRA, 5 windows)
 #                  peft-gpt2-medium-eager-TAG, peft-gpt2-medium-compile-TAG
 #     issue21-cls  (weights/ from `prep` carried) `minift train` default on MiniLM-L6 sentiment, --recipe
@@ -111,6 +114,9 @@
 #   act-recompute  LoRA (all six projections) with and without the MLP's activation recomputed in down_proj's
 #                  merged backward (bench --[no-]lora-recompute-act, fast.mlp), default then eager (limits 8.7 min;
 #                  ACT_MODES="default" or "eager" runs one half)   bench-gpt2-medium-act-{default,eager}-{off,on}-TAG
+#   qkv-ab         LoRA (all six projections) with q, k and v's LoRA factors stacked (fast.qkv) and without
+#                  (benchmarks/qkv_ab.py): bench's default, off/on twice, then eager off/on (limits 12.7 min)
+#                                                    bench-gpt2-medium-qkv-{default-{off,on}-rN,eager-{off,on}}-TAG
 #   factor-ab      LoRA (all six projections) with and without the factor kernel (bench --lora-factor-kernel:
 #                  the backward's g B and g^T (A x) in one Triton pass, fast.kernels.lora_factor_grads), eager
 #                  (merged forward) then default (compiled, CUDA graphs); its tests are in tests-changed
@@ -199,9 +205,9 @@ stage() {
     wait ;;
   tests-changed)
     # the tests of what changed since the last whole-suite run on a GPU (edit the list as that changes)
-    # (fast.mlp on by default in compiled runs: its CUDA test, the plan's tests, the CLI's default-path test)
-    go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_mlp.py \
-      tests/training/test_speed.py tests/studies/test_bench_speed.py tests/test_cli.py -k "mlp or speed or cuda" ;;
+    # (fast.qkv on with the merged forward: its tests, the CLI's default-path test)
+    go 400 test-files-gpu python3 -m pytest -q -p no:cacheprovider -rfEs tests/fast/test_qkv.py \
+      tests/fast/test_lora.py tests/fast/test_mlp.py tests/test_cli.py -k "qkv or lora or mlp or cuda" ;;
   bench-eager)
     go 200 bench-eager $M bench --out "$out" $G2M --methods full,lora,dora,adalora,prefix,prompt,freeze,bitfit,probe \
       --speed eager --name bench-gpt2-medium-eager-$tag
@@ -258,7 +264,7 @@ stage() {
   advisor-check)
     go 120 advisor-check python3 benchmarks/advisor_check.py --out "$out" ;;
   gemm-shapes)
-    go 90 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out" --sweep ;;
+    go 90 gemm-shapes python3 benchmarks/lora_gemm_shapes.py --out "$out" --sweep --layouts ;;
   profile)
     go 90 "profile-lora-merged-eager-$tag" python3 benchmarks/profile_step.py $G2M --method lora --lora-merged-forward \
       --speed eager --rows 40
@@ -314,8 +320,12 @@ stage() {
     stage peft-compile ;;
   issue21-gpt2)
     go 300 issue21-bench-gpt2 $M bench --out "$out" $G2M --methods full,lora --name bench-gpt2-medium-default-$tag
+    stage issue21-profiles ;;
+  issue21-profiles)
     go 150 "issue21-profile-lora-$tag" python3 benchmarks/profile_step.py $G2M --method lora --rows 30
     go 125 "issue21-profile-full-$tag" python3 benchmarks/profile_step.py $G2M --method full --rows 30 ;;
+  issue21-warm)
+    ISSUE21_WARM_ONLY=1 stage issue21-one ;;
   issue21-peer)
     go 120 issue21-peft-eager python3 benchmarks/peft_baseline.py --out "$out" $G2M --methods full,lora \
       --name peft-gpt2-medium-eager-$tag
@@ -436,6 +446,7 @@ sys.exit(0 if set(sys.argv[2:]) - have else 1)' "$out/one/$1.json" "${@:2}"
     missing peft5-compile lora && go 200 one/warm/peft5 $peft --out "$out/one/warm" $G2M --methods lora $five \
       --compile --no-eager $w --name warm-peft5 &
     wait
+    [ "${ISSUE21_WARM_ONLY:-0}" = 1 ] && return 0
     [ "$dry" = 1 ] || date -u +"phase 2 (timed, one at a time) %H:%M:%S" >&2
     missing bench-default full lora &&
       go 150 one/bench $M bench --out "$out/one" $G2M --methods full,lora --name bench-default
@@ -488,6 +499,21 @@ sys.exit(0 if set(sys.argv[2:]) - have else 1)' "$out/one/$1.json" "${@:2}"
           --lora-merged-forward --$([ $on = on ] || echo no-)lora-recompute-act \
           --name "bench-gpt2-medium-act-$mode-$on-$tag"
       done
+    done ;;
+  qkv-ab)
+    # LoRA (all six projections) with q, k and v's factors stacked (fast.qkv, on by default with the merged
+    # forward) and without (benchmarks/qkv_ab.py off): bench's default (compiled, CUDA graphs), off then on,
+    # each in its own process, for each round in $QKV_ROUNDS (default "1 2"); then eager, off and on
+    local on round
+    for round in ${QKV_ROUNDS:-1 2}; do
+      for on in off on; do
+        go 150 "qkv-default-$on-r$round" python3 benchmarks/qkv_ab.py $on --no-isolate --out "$out" $G2M \
+          --methods lora --name "bench-gpt2-medium-qkv-default-$on-r$round-$tag"
+      done
+    done
+    for on in off on; do
+      go 80 "qkv-eager-$on" python3 benchmarks/qkv_ab.py $on --no-isolate --out "$out" $G2M --methods lora \
+        --speed eager --lora-merged-forward --name "bench-gpt2-medium-qkv-eager-$on-$tag"
     done ;;
   factor-ab)
     local mode on

@@ -90,12 +90,60 @@ def layer_ops(N: int, d_in: int, d_out: int, r: int, device: str, dtype) -> dict
     }
 
 
+def layout_ops(N: int, d_in: int, d_out: int, r: int, device: str, dtype) -> dict:
+    """The backward's three thin products, each written the way ``MergedLoRA`` writes it and the
+    other way round (the transposed problem, whose result is transposed back: a free view), and dA,
+    dB with fp32 outputs (``torch.mm(..., out_dtype=)``, CUDA only). cuBLAS picks its kernel by
+    shape and layout; for an (N, 8) result it may pick a tile as wide as 64 columns. Results are
+    checked against the written-out ones before anything is timed."""
+    g_ = torch.Generator(device=device).manual_seed(1)
+    rand = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g_) / s[-1] ** 0.5  # noqa: E731
+    x, g, A, B = rand(N, d_in), rand(N, d_out), rand(r, d_in), rand(d_out, r)
+    ax, gB = x @ A.t(), g @ B
+    ops = {
+        "g B": lambda: g @ B,
+        "g B as (B^T g^T)^T": lambda: (B.t() @ g.t()).t(),
+        "A x as (A x^T)^T": lambda: (A @ x.t()).t(),
+        "dA = (g B)^T x": lambda: gB.t() @ x,
+        "dA as (x^T (g B))^T": lambda: (x.t() @ gB).t(),
+        "dB = g^T (A x)": lambda: g.t() @ ax,
+        "dB as ((A x)^T g)^T": lambda: (ax.t() @ g).t(),
+    }
+    if device.startswith("cuda") and dtype != torch.float32:
+        f32 = torch.float32
+        ops["dA, fp32 out"] = lambda: torch.mm(gB.t(), x, out_dtype=f32)
+        ops["dA as (x^T (g B))^T, fp32 out"] = lambda: torch.mm(x.t(), gB, out_dtype=f32).t()
+        ops["dB, fp32 out"] = lambda: torch.mm(g.t(), ax, out_dtype=f32)
+        ops["dB as ((A x)^T g)^T, fp32 out"] = lambda: torch.mm(ax.t(), g, out_dtype=f32).t()
+    want = {"g B": gB, "A x": ax, "dA": gB.t() @ x, "dB": g.t() @ ax}
+    for name, f in ops.items():
+        torch.testing.assert_close(f().to(dtype), want[name.split(" ")[0].rstrip(",") if name[0] == "d" else name[:3]], atol=2e-2, rtol=2e-2)
+    return ops
+
+
+def stacked_qkv_ops(N: int, d: int, r: int, device: str, dtype) -> dict:
+    """q, k and v read one input x: their A's stacked (3r, d) give the three A x in one GEMM, and
+    their (g B)'s side by side (N, 3r) give the three dA in one; against three of each."""
+    g_ = torch.Generator(device=device).manual_seed(2)
+    rand = lambda *s: torch.randn(*s, device=device, dtype=dtype, generator=g_) / s[-1] ** 0.5  # noqa: E731
+    x, A3, gB3 = rand(N, d), rand(3 * r, d), rand(N, 3 * r)
+    As, gBs = A3.split(r), [t.contiguous() for t in gB3.split(r, dim=1)]
+    return {
+        "3 x A x": lambda: [x @ a.t() for a in As],
+        "A x, A's stacked": lambda: x @ A3.t(),
+        "3 x dA": lambda: [gb.t() @ x for gb in gBs],
+        "dA, stacked": lambda: gB3.t() @ x,
+    }
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=8192, help="N = batch x sequence (8 x 1024)")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--device", default="cuda")
     p.add_argument("--sweep", action="store_true", help="also time minift.fast.kernels' rebuild for several tiles")
+    p.add_argument("--layouts", action="store_true",
+                   help="also time the backward's thin products in both layouts, and q,k,v's A's stacked")
     p.add_argument("--out", default=None, help="directory for lora-gemm-shapes.json (default: print only)")
     a = p.parse_args()
     cuda = a.device.startswith("cuda")
@@ -122,6 +170,14 @@ def main():
                 sweep["x".join(map(str, tile))] = round(timer(lambda: kernels.lora_merged_weight(W0, A, B, 2.0, tile=tile)), 2)
             rows[name]["rebuild_tiles_us"] = sweep
             print(f"{name} rebuild by tile (rows x cols x warps): {sweep}", flush=True)
+    if a.layouts:
+        for name, (d_in, d_out) in SHAPES.items():
+            us = {k: round(timer(f), 2) for k, f in layout_ops(a.tokens, d_in, d_out, a.r, a.device, dtype).items()}
+            rows[name]["layouts_us"] = us
+            print(f"{name} layouts: {us}", flush=True)
+        us = {k: round(timer(f), 2) for k, f in stacked_qkv_ops(a.tokens, 1024, a.r, a.device, dtype).items()}
+        rows["attn"]["qkv_stacked_us"] = us
+        print(f"q, k, v stacked: {us}", flush=True)
     per_layer = {k: sum((4 if n == "attn" else 1) * rows[n][k] for n in rows) for k in ("separate_us", "stacked_us")}
     print(f"one GPT-2 medium layer (6 projections): separate {per_layer['separate_us']:.1f} us, "
           f"stacked {per_layer['stacked_us']:.1f} us")

@@ -15,6 +15,9 @@ rounding (each module says where it rounds differently); its equivalence test ch
                                 hidden states, without full fp32 logits
     LoRA forward  fast.lora     plain LoRA layers through W0 + sBA in one GEMM     tests/fast/test_lora.py
                                 (merged) or with the update inside one addmm
+    q, k, v       fast.qkv      merged q/k/v LoRA layers of one attention module   tests/fast/test_qkv.py
+                                as one node: their A's stacked, one GEMM for
+                                the A x and one for the dA of all of them
     MLP act       fast.mlp      the MLP's activation inside down_proj's merged     tests/fast/test_mlp.py
                                 LoRA, recomputed in its backward, not kept
                                 (``lora_recompute_act``; minift train's plan
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from minift.fast import cast, lora, loss, mlp, multi_lora
+from minift.fast import cast, lora, loss, mlp, multi_lora, qkv
 
 
 def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None = None,
@@ -51,7 +54,8 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
     Args:
         model: a GPT, Bert or BertClassifier, with or without a method applied.
         merged_lora: plain LoRA layers take the merged forward (one GEMM through W0 + sBA; a layer
-            with dropout takes it in evaluation only); False: the addmm forward. DoRA layers keep
+            with dropout takes it in evaluation only), and the merged ones among an attention module's
+            q, k and v run as one node (``fast.qkv``); False: the addmm forward. DoRA layers keep
             the reference forward either way.
         loss_chunk: positions per vocabulary projection in the fused loss (None: its default).
         lora_factor_kernel: merged LoRA layers take A's and B's gradients through
@@ -73,6 +77,7 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
           ("fused loss", loss.enable(model, loss_chunk), "modules"),
           (f"LoRA {'merged' if merged_lora else 'addmm'} forward",
            lora.enable(model, merged=merged_lora, factor_kernel=lora_factor_kernel), "layers"),
+          ("q, k, v LoRA stacked", qkv.enable(model) if merged_lora else [], "attention modules"),
           ("gathered mixed-batch LoRA", multi_lora.enable(model), "layers")]
     if lora_recompute_act:
         on.append(("MLP activation recomputed", mlp.enable(model), "MLPs"))
@@ -81,5 +86,5 @@ def enable(model: nn.Module, *, merged_lora: bool = True, loss_chunk: int | None
 
 def disable(model: nn.Module) -> list[str]:
     """Put every piece back on the reference path; returns the names of the modules switched back."""
-    return cast.disable(model) + loss.disable(model) + lora.disable(model) + mlp.disable(model) + \
-        multi_lora.disable(model)
+    return cast.disable(model) + loss.disable(model) + qkv.disable(model) + lora.disable(model) + \
+        mlp.disable(model) + multi_lora.disable(model)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from minift.fast import kernels
 from minift.methods.lora import LoRALinear, lora_modules
 
-__all__ = ["AddmmLoRALinear", "MergedLoRALinear", "MergedLoRA", "enable", "disable"]
+__all__ = ["AddmmLoRALinear", "MergedLoRALinear", "MergedLoRA", "enable", "disable", "matmul_dtype", "swap_classes"]
 
 
 def addmm_forward(layer: LoRALinear, x: torch.Tensor) -> torch.Tensor:
@@ -172,13 +172,31 @@ def merged_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     Returns:
         (y, x2, A_, B_, ax); y is (N, out): the caller gives it x's leading dimensions.
     """
-    dev = x.device.type
-    autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
-    dt = torch.get_autocast_dtype(dev) if autocast else x.dtype
+    dt = matmul_dtype(x)
     x2 = x.to(dt).reshape(-1, x.shape[-1])  # (N, in)
     A_, B_ = A.to(dt), B.to(dt)
     y = F.linear(x2, merged_weight(weight, A_, B_, scaling), None if bias is None else bias.to(dt))  # (N, out)
     return y, x2, A_, B_, x2 @ A_.t()
+
+
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matmuls run in: autocast's where it is on (fp64 inputs excepted: autocast leaves
+    those alone), else x's own."""
+    dev = x.device.type
+    autocast = torch.is_autocast_enabled(dev) and x.dtype != torch.float64
+    return torch.get_autocast_dtype(dev) if autocast else x.dtype
+
+
+def swap_classes(model: nn.Module, classes: dict, applies) -> list[str]:
+    """Give every module of ``model`` whose class is a key of ``classes`` and for which ``applies(module)``
+    holds the class it maps to, in place (how ``fast.mlp`` and ``fast.qkv`` switch modules on and off);
+    returns their names."""
+    names = []
+    for name, m in model.named_modules():
+        if type(m) in classes and applies(m):
+            m.__class__ = classes[type(m)]
+            names.append(name)
+    return names
 
 
 def merged_weight(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

@@ -160,7 +160,7 @@ def enable(model: nn.Module) -> list[str]:
     Returns:
         The names of the MLPs switched (``[]`` when none has a merged LoRA down_proj).
     """
-    return _swap(model, FAST, lambda m: isinstance(m.down_proj, MergedLoRALinear))
+    return fast_lora.swap_classes(model, FAST, lambda m: isinstance(m.down_proj, MergedLoRALinear))
 
 
 def recomputing(model: nn.Module) -> list[str]:
@@ -173,15 +173,4 @@ def recomputing(model: nn.Module) -> list[str]:
 
 def disable(model: nn.Module) -> list[str]:
     """Put every MLP ``enable`` switched back on the reference forward; returns their names."""
-    return _swap(model, REFERENCE, lambda m: True)
-
-
-def _swap(model: nn.Module, classes: dict, applies) -> list[str]:
-    """Give every module of a class in ``classes`` for which ``applies`` holds the class it maps to;
-    returns their names."""
-    names = []
-    for name, m in model.named_modules():
-        if type(m) in classes and applies(m):
-            m.__class__ = classes[type(m)]
-            names.append(name)
-    return names
+    return fast_lora.swap_classes(model, REFERENCE, lambda m: True)

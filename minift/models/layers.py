@@ -58,12 +58,14 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(n_embd, n_embd)
         self.attn_dropout = dropout  # on the attention probabilities, inside SDPA
 
+    def qkv(self, x):
+        """The queries, keys and values of x (B, T, C), each (B, T, C)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, bias=None, prefix: KV | None = None):
         B, T, C = x.shape
         hs = C // self.n_head
-        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q, k, v = (t.view(B, T, self.n_head, hs).transpose(1, 2) for t in self.qkv(x))  # each (B, nh, T, hs)
         if prefix is not None:
             pk, pv = prefix
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, nh, P+T, hs)

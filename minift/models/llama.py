@@ -130,12 +130,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.attention_bias)
         self.attn_dropout = cfg.attention_dropout  # on the attention probabilities, inside SDPA
 
+    def qkv(self, x):
+        """The queries (B, T, nh * hs), keys and values (B, T, nkv * hs) of x (B, T, C)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def forward(self, x, cos, sin, bias=None, prefix: KV | None = None):
         B, T, _ = x.shape
         hs = self.head_dim
-        q = self.q_proj(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k, v = self.qkv(x)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, hs).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)  # values carry no position
         if prefix is not None:  # cached keys are stored rotated: used as they are
             pk, pv = prefix
