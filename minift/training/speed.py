@@ -94,7 +94,8 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     p.fast = cuda and given.get("fast", True)
     p.merged_lora = merged_forward or p.fast
     if p.fast:
-        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, q/k/v LoRA stacked, lean AdamW step)")
+        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, q/k/v LoRA stacked, "
+                       "lean AdamW step)")
     p.bf16_frozen_base = takes_bf16_frozen_base(fast=p.fast, peft=peft, bf16=given.get("bf16", True),
                                                 hooks=hooks)
     hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
