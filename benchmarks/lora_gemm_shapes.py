@@ -117,7 +117,8 @@ def layout_ops(N: int, d_in: int, d_out: int, r: int, device: str, dtype) -> dic
         ops["dB as ((A x)^T g)^T, fp32 out"] = lambda: torch.mm(ax.t(), g, out_dtype=f32).t()
     want = {"g B": gB, "A x": ax, "dA": gB.t() @ x, "dB": g.t() @ ax}
     for name, f in ops.items():
-        torch.testing.assert_close(f().to(dtype), want[name.split(" ")[0].rstrip(",") if name[0] == "d" else name[:3]], atol=2e-2, rtol=2e-2)
+        key = name.split(" ")[0].rstrip(",") if name[0] == "d" else name[:3]  # "dA as ..." -> "dA", "g B as" -> "g B"
+        torch.testing.assert_close(f().to(dtype), want[key], atol=2e-2, rtol=2e-2)
     return ops
 
 

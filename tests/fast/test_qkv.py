@@ -165,13 +165,11 @@ def test_double_backward_is_refused():
         torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
 
 
-def test_compiled_matches_eager():
+def test_compiled_without_a_graph_break():
     """torch.compile traces the Function with no graph break in the attention module (fullgraph), and
-    the whole model's loss and gradients match the eager path in fp32."""
+    the input's gradient through it matches the eager one in fp32."""
     model = _model("gpt")
     fast_qkv.enable(model)
-    batch = _batch("gpt")
-    eager = _loss_and_grads(model, batch)
     attn = model.layers[0].attn
     x = torch.randn(2, 9, TINY_GPT["n_embd"], requires_grad=True)
     out, _ = torch.compile(attn, fullgraph=True)(x)  # fails on a graph break
@@ -179,30 +177,21 @@ def test_compiled_matches_eager():
     want = x.detach().clone().requires_grad_()
     attn(want)[0].sum().backward()
     torch.testing.assert_close(x.grad, want.grad, rtol=1e-5, atol=1e-6)
-    model.zero_grad(set_to_none=True)
-    model.compile()
-    for got, w in zip(_loss_and_grads(model, batch), eager):
-        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["gpt", "llama"])
-def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
-    """On CUDA, bf16 autocast with the frozen base in bf16, as ``minift train`` runs it: the loss and
-    gradients of the layer-by-layer merged forward, eager within bf16 GEMM rounding; compiled, at most
-    twice as far from the eager merged forward as the compiled merged forward is (see
-    tests/fast/test_mlp.py's CUDA test for why a tiny model's gradients move by percents in bf16)."""
+def _eager_and_compiled_match_the_merged_forward(kind: str, device: str) -> None:
+    """In fp32 the stacked node gives the layer-by-layer merged forward's loss and gradients, eager and
+    compiled, up to the GEMMs' summation order. Under bf16 autocast with the frozen base in bf16, as
+    ``minift train`` runs it on CUDA, eager stays within 2% of each tensor's norm. Compiled, inductor
+    rounds each graph in its own places, and one small gradient of a tiny model can move by tens of
+    percent (on the CPU the compiled merged forward itself moves one of this model's gradients 17% from
+    eager): so there all gradients are taken as one vector, at most twice as far from the eager merged
+    forward as the compiled merged forward's, plus 2%."""
     from minift.fast import frozen
-    ref = _model(kind).cuda()
-    frozen.enable(ref)
-    quick, compiled_ref = copy.deepcopy(ref), copy.deepcopy(ref)
-    for m in (ref, quick, compiled_ref):
-        cast.enable(m)
-    assert len(fast_qkv.enable(quick)) == 2
-    batch = {k: v.cuda() for k, v in _batch(kind).items()}
+    batch = {k: v.to(device) for k, v in _batch(kind).items()}
 
-    def run(model):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def run(model, bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             loss = model_forward(model, batch).loss
         loss.backward()
         out = [loss.detach().float()] + [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
@@ -211,10 +200,39 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
 
     def off(got, want):  # each tensor's distance from the eager merged forward, relative to its norm
         return torch.stack([(g - w).norm() / w.norm().clamp_min(1e-12) for g, w in zip(got, want)])
-    want = run(ref)
-    assert off(run(quick), want).max() < 0.02
-    quick.compile()
-    compiled_ref.compile()
-    ours, theirs = off(run(quick), want), off(run(compiled_ref), want)
-    assert theirs.max() < 0.25, theirs
-    assert ours.max() <= 2 * theirs.max() + 2e-2, (ours, theirs)
+
+    def off_all(got, want):  # every gradient as one vector
+        cat = [torch.cat([t.flatten() for t in ts[1:]]) for ts in (got, want)]
+        return ((cat[0] - cat[1]).norm() / cat[1].norm()).item()
+    for bf16 in (False, True):
+        ref = _model(kind).to(device)
+        if bf16:
+            frozen.enable(ref)
+        quick, compiled_ref = copy.deepcopy(ref), copy.deepcopy(ref)
+        for m in (ref, quick, compiled_ref):
+            cast.enable(m)
+        assert len(fast_qkv.enable(quick)) == 2
+        want, eager = run(ref, bf16), run(quick, bf16)
+        quick.compile()
+        compiled_ref.compile()
+        compiled, theirs = run(quick, bf16), run(compiled_ref, bf16)
+        if not bf16:
+            for got in (eager, compiled):
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+            continue
+        assert off(eager, want).max() < 0.02, off(eager, want)
+        assert off_all(theirs, want) < 0.25, off_all(theirs, want)
+        assert off_all(compiled, want) <= 2 * off_all(theirs, want) + 0.02, (off_all(compiled, want),
+                                                                            off_all(theirs, want))
+
+
+def test_eager_and_compiled_match_the_merged_forward_in_fp32_and_bf16():
+    _eager_and_compiled_match_the_merged_forward("gpt", "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
+    """As on the CPU, on CUDA (W0 + sBA rebuilt by the Triton kernel where Triton is installed)."""
+    _eager_and_compiled_match_the_merged_forward(kind, "cuda")
