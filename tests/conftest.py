@@ -201,6 +201,67 @@ def llama_dir(tmp_path):
     return d, tmp_path / "lm.txt"
 
 
+# ---------------------------------------------------------------------------- merged LoRA models
+
+TINY_LLAMA = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64)
+
+
+def merged_lora_model(kind: str, targets, *, dropout: float = 0.0, seed: int = 0):
+    """A tiny GPT, BertClassifier (3 labels) or Llama (``kind``), model dropout off, LoRA r=3 on
+    ``targets`` with B random (the adapters change the output, and A's gradient is not zero), its LoRA
+    layers on the merged forward (``fast.lora``), in training mode."""
+    from minift.fast import lora as fast_lora
+    from minift.methods import lora
+    from minift.models.llama import Llama, LlamaConfig
+    torch.manual_seed(seed)
+    if kind == "gpt":
+        model = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
+    elif kind == "bert":
+        model = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3)
+    else:
+        model = Llama(LlamaConfig(**TINY_LLAMA))
+    lora.apply(model, lora.LoRAConfig(r=3, targets=targets, dropout=dropout))
+    with torch.no_grad():
+        for _, m in lora.lora_modules(model):
+            m.lora_B.normal_(0, 0.1)
+    fast_lora.enable(model.train())
+    return model
+
+
+def kind_batch(kind: str, device: str = "cpu") -> dict:
+    """Two rows of 9 tokens for ``merged_lora_model(kind)``: next-token labels, or classes for BERT."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 97, (2, 9), generator=g)
+    batch = {"input_ids": ids, "labels": torch.tensor([0, 2]) if kind == "bert" else ids}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def loss_and_grads(model, batch, autocast: bool = False, device: str = "cpu") -> list[torch.Tensor]:
+    """One forward and backward (under bf16 autocast on ``device`` if asked): the loss, then every
+    trainable parameter's gradient, all in fp32; the gradients are cleared after."""
+    from minift.training.forward import model_forward
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        loss = model_forward(model, batch).loss
+    if not loss.requires_grad:  # every adapter merged into W0: nothing to train through
+        return [loss.detach().float()]
+    loss.backward()
+    grads = [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return [loss.detach().float(), *grads]
+
+
+def double_backward(model, batch) -> None:
+    """The gradients of ``model``'s loss on ``batch`` with create_graph=True (a second-order step)."""
+    from minift.training.forward import model_forward
+    loss = model_forward(model, batch).loss
+    torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+
+
+def relative_off(got: list[torch.Tensor], want: list[torch.Tensor]) -> torch.Tensor:
+    """Each tensor's distance from its counterpart in ``want``, relative to the latter's norm."""
+    return torch.stack([(g - w).norm() / w.norm().clamp_min(1e-12) for g, w in zip(got, want)])
+
+
 def saved_bytes(model, batch, loss_extra=None) -> tuple[int, torch.Tensor]:
     """Bytes of the storages autograd still holds for backward once the forward is done
     (parameters excluded; each storage once), and the loss (which keeps the graph alive)."""

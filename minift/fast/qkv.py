@@ -11,9 +11,8 @@ projections of one attention layer as one autograd node:
     backward   [dA_q; dA_k; dA_v] = [g_q B_q | g_k B_k | g_v B_v]^T x, each scaled by its s_i
                dB_i = s_i g_i^T (A_i x)        dx = sum_i g_i (W0_i + s_i B_i A_i)
 
-On an H200 (GPT-2 medium's 1024 -> 1024 projections, 8,192 tokens, bf16, CUDA graph replay) the three
-A x took 13.1 us and the stacked one 4.8 us; the three dA 25.5 us and the stacked one 8.8 us
-(``benchmarks/lora_gemm_shapes.py --layouts``, results in benchmarks/results/h200/2026-12-04-qkv/).
+Each stacked GEMM costs about what one of the three did (``benchmarks/lora_gemm_shapes.py --layouts``
+times both ways; docs/benchmarks.md, "What limits LoRA now", has the numbers).
 
 ``enable`` changes the class of each attention module (GPT's and BERT's ``SelfAttention``, Llama's
 ``Attention``) in place, as ``fast.lora`` does with its layers: the subclass overrides ``qkv`` only.

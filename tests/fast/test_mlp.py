@@ -7,55 +7,20 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY_BERT, TINY_GPT
+from conftest import TINY_GPT, double_backward, kind_batch, loss_and_grads, merged_lora_model, relative_off
 from minift.fast import cast
 from minift.fast import lora as fast_lora
 from minift.fast import mlp as fast_mlp
 from minift.methods import lora
 from minift.methods.lora import LoRAConfig
-from minift.models.bert import BertClassifier, BertConfig
 from minift.models.gpt import GPT, GPTConfig
-from minift.models.llama import Llama, LlamaConfig
 from minift.training.forward import model_forward
 
 TARGETS = ("q_proj", "v_proj", "up_proj", "down_proj")
-TINY_LLAMA = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64)
 
 
 def _model(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    if kind == "gpt":
-        model = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
-    elif kind == "bert":
-        model = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3)
-    else:
-        model = Llama(LlamaConfig(**TINY_LLAMA))
-    targets = TARGETS + (("gate_proj",) if kind == "llama" else ())
-    lora.apply(model, LoRAConfig(r=3, targets=targets))
-    with torch.no_grad():  # B != 0: the adapters change the output, and A's gradient is not zero
-        for _, m in lora.lora_modules(model):
-            m.lora_B.normal_(0, 0.1)
-    fast_lora.enable(model.train())
-    return model
-
-
-def _batch(kind: str):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 97, (2, 9), generator=g)
-    if kind == "bert":
-        return {"input_ids": ids, "labels": torch.tensor([0, 2])}
-    return {"input_ids": ids, "labels": ids}
-
-
-def _loss_and_grads(model, batch, autocast: bool):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model_forward(model, batch).loss
-    if not loss.requires_grad:  # every adapter merged into W0: nothing to train through
-        return [loss.detach()]
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    return [loss.detach(), *grads]
+    return merged_lora_model(kind, TARGETS + (("gate_proj",) if kind == "llama" else ()), seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["gpt", "bert", "llama"])
@@ -69,8 +34,8 @@ def test_the_recomputed_activation_gives_the_merged_forwards_loss_and_gradients(
     for m in (ref, quick):
         cast.enable(m)
     assert len(fast_mlp.enable(quick)) == 2
-    batch = _batch(kind)
-    want, got = _loss_and_grads(ref, batch, autocast), _loss_and_grads(quick, batch, autocast)
+    batch = kind_batch(kind)
+    want, got = loss_and_grads(ref, batch, autocast), loss_and_grads(quick, batch, autocast)
     assert len(got) == len(want) >= 1 + 2 * len(lora.lora_modules(quick))  # the loss, every A and B
     for g, w in zip(got, want):
         assert torch.equal(g, w), (g - w).abs().max()
@@ -100,7 +65,7 @@ def test_the_activations_output_is_not_kept(kind):
     such tensor per MLP less; with SwiGLU two (silu(g), which the product kept, goes too: g and u are
     all the recomputation needs, and autograd kept both already)."""
     def held(model):
-        return _held(model, _batch(kind))
+        return _held(model, kind_batch(kind))
     ref = _model(kind)
     quick = copy.deepcopy(ref)
     fast_mlp.enable(quick)
@@ -126,11 +91,11 @@ def test_the_reference_path_where_the_merged_forward_does_not_apply():
             lora.merge(model)
         quick = copy.deepcopy(model)
         assert len(fast_mlp.enable(quick)) == (0 if setup in ("no lora", "addmm") else 2)
-        batch = _batch("gpt")
+        batch = kind_batch("gpt")
         torch.manual_seed(2)
-        want = _loss_and_grads(model, batch, False)
+        want = loss_and_grads(model, batch, False)
         torch.manual_seed(2)
-        got = _loss_and_grads(quick, batch, False)
+        got = loss_and_grads(quick, batch, False)
         for g, w in zip(got, want):
             assert torch.equal(g, w), setup
 
@@ -192,9 +157,8 @@ def test_fast_enable_takes_it_with_the_merged_forward_only():
 def test_double_backward_is_refused():
     model = _model("gpt")
     fast_mlp.enable(model)
-    loss = model_forward(model, _batch("gpt")).loss
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+        double_backward(model, kind_batch("gpt"))
 
 
 def test_compiled_matches_eager_and_keeps_the_activations_input_only():
@@ -204,8 +168,8 @@ def test_compiled_matches_eager_and_keeps_the_activations_input_only():
     operator, which the compiler cannot merge with the forward's activation and keep its output."""
     model = _model("gpt")
     fast_mlp.enable(model)
-    batch = _batch("gpt")
-    eager = _loss_and_grads(model, batch, False)
+    batch = kind_batch("gpt")
+    eager = loss_and_grads(model, batch, False)
     compiled_mlp = torch.compile(model.layers[0].mlp, fullgraph=True)  # fails on a graph break
     x = torch.randn(2, 9, TINY_GPT["n_embd"], requires_grad=True)
     out = compiled_mlp(x)
@@ -215,7 +179,7 @@ def test_compiled_matches_eager_and_keeps_the_activations_input_only():
     torch.testing.assert_close(x.grad, want.grad, rtol=1e-5, atol=1e-6)
     model.zero_grad(set_to_none=True)
     model.compile()
-    compiled = _loss_and_grads(model, batch, False)
+    compiled = loss_and_grads(model, batch, False)
     for got, w in zip(compiled, eager):
         torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
     wide = 2 * 9 * model.layers[0].mlp.down_proj.in_features
@@ -239,24 +203,16 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
     for m in (ref, quick, compiled_ref):
         cast.enable(m)
     fast_mlp.enable(quick)
-    batch = {k: v.cuda() for k, v in _batch(kind).items()}
+    batch = kind_batch(kind, "cuda")
 
     def run(model):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model_forward(model, batch).loss
-        loss.backward()
-        out = [loss.detach().float()] + [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
-        model.zero_grad(set_to_none=True)
-        return out
-
-    def off(got, want):  # each tensor's distance from the eager merged forward, relative to its norm
-        return torch.stack([(g - w).norm() / w.norm().clamp_min(1e-12) for g, w in zip(got, want)])
+        return loss_and_grads(model, batch, True, "cuda")
     want = run(ref)
     for got, w in zip(run(quick), want):
         assert torch.equal(got, w)
     quick.compile()
     compiled_ref.compile()
-    ours, theirs = off(run(quick), want), off(run(compiled_ref), want)
+    ours, theirs = relative_off(run(quick), want), relative_off(run(compiled_ref), want)
     assert theirs.max() < 0.25, theirs  # rounding, not a broken compile of the merged forward
     assert ours.max() <= 2 * theirs.max() + 1e-3, (ours, theirs)
     wide = 2 * 9 * quick.layers[0].mlp.down_proj.in_features

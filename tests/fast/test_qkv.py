@@ -7,55 +7,18 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY_BERT, TINY_GPT
+from conftest import TINY_GPT, double_backward, kind_batch, loss_and_grads, merged_lora_model, relative_off
 from minift import fast
 from minift.fast import cast
 from minift.fast import lora as fast_lora
 from minift.fast import qkv as fast_qkv
 from minift.methods import lora
-from minift.methods.lora import LoRAConfig
-from minift.models.bert import BertClassifier, BertConfig
-from minift.models.gpt import GPT, GPTConfig
-from minift.models.llama import Llama, LlamaConfig
-from minift.training.forward import model_forward
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj")
-TINY_LLAMA = dict(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_inner=64)
 
 
-def _model(kind: str, targets=ALL, dropout: float = 0.0, seed: int = 0):
-    torch.manual_seed(seed)
-    if kind == "gpt":
-        model = GPT(GPTConfig(**TINY_GPT, dropout=0.0))
-    elif kind == "bert":
-        model = BertClassifier(BertConfig(**TINY_BERT, dropout=0.0), num_labels=3)
-    else:
-        model = Llama(LlamaConfig(**TINY_LLAMA))
-    lora.apply(model, LoRAConfig(r=3, targets=targets, dropout=dropout))
-    with torch.no_grad():  # B != 0: the adapters change the output, and A's gradient is not zero
-        for _, m in lora.lora_modules(model):
-            m.lora_B.normal_(0, 0.1)
-    fast_lora.enable(model.train())
-    return model
-
-
-def _batch(kind: str):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 97, (2, 9), generator=g)
-    if kind == "bert":
-        return {"input_ids": ids, "labels": torch.tensor([0, 2])}
-    return {"input_ids": ids, "labels": ids}
-
-
-def _loss_and_grads(model, batch, autocast: bool = False):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss = model_forward(model, batch).loss
-    if not loss.requires_grad:  # every adapter merged into W0: nothing to train through
-        return [loss.detach()]
-    loss.backward()
-    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    model.zero_grad(set_to_none=True)
-    return [loss.detach(), *grads]
+def _model(kind: str, targets=ALL, dropout: float = 0.0):
+    return merged_lora_model(kind, targets, dropout=dropout)
 
 
 def _attentions(model):
@@ -74,8 +37,8 @@ def test_stacked_gives_the_merged_forwards_loss_and_gradients(kind, autocast):
         cast.enable(m)
     assert len(fast_qkv.enable(quick)) == 2
     assert all(fast_qkv.stacked(a) == ["q_proj", "k_proj", "v_proj"] for a in _attentions(quick))
-    batch = _batch(kind)
-    want, got = _loss_and_grads(ref, batch, autocast), _loss_and_grads(quick, batch, autocast)
+    batch = kind_batch(kind)
+    want, got = loss_and_grads(ref, batch, autocast), loss_and_grads(quick, batch, autocast)
     assert len(got) == len(want) == 1 + 2 * len(lora.lora_modules(quick))  # the loss, every A and B
     for g, w in zip(got, want):
         if autocast:  # one bf16 rounding apart here and there: each tensor within 1% of its norm
@@ -101,11 +64,11 @@ def test_which_projections_stack(setup, stacked):
     quick = copy.deepcopy(model)
     fast_qkv.enable(quick)
     assert [fast_qkv.stacked(a) for a in _attentions(quick)] == [stacked] * 2
-    batch = _batch("gpt")
+    batch = kind_batch("gpt")
     torch.manual_seed(2)
-    want = _loss_and_grads(model, batch)
+    want = loss_and_grads(model, batch)
     torch.manual_seed(2)
-    got = _loss_and_grads(quick, batch)
+    got = loss_and_grads(quick, batch)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
 
@@ -160,9 +123,8 @@ def test_fast_enable_takes_it_with_the_merged_forward_only():
 def test_double_backward_is_refused():
     model = _model("gpt")
     fast_qkv.enable(model)
-    loss = model_forward(model, _batch("gpt")).loss
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
+        double_backward(model, kind_batch("gpt"))
 
 
 def test_compiled_without_a_graph_break():
@@ -188,18 +150,10 @@ def _eager_and_compiled_match_the_merged_forward(kind: str, device: str) -> None
     eager): so there all gradients are taken as one vector, at most twice as far from the eager merged
     forward as the compiled merged forward's, plus 2%."""
     from minift.fast import frozen
-    batch = {k: v.to(device) for k, v in _batch(kind).items()}
+    batch = kind_batch(kind, device)
 
     def run(model, bf16):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            loss = model_forward(model, batch).loss
-        loss.backward()
-        out = [loss.detach().float()] + [p.grad.float().clone() for p in model.parameters() if p.requires_grad]
-        model.zero_grad(set_to_none=True)
-        return out
-
-    def off(got, want):  # each tensor's distance from the eager merged forward, relative to its norm
-        return torch.stack([(g - w).norm() / w.norm().clamp_min(1e-12) for g, w in zip(got, want)])
+        return loss_and_grads(model, batch, bf16, device)
 
     def off_all(got, want):  # every gradient as one vector
         cat = [torch.cat([t.flatten() for t in ts[1:]]) for ts in (got, want)]
@@ -221,7 +175,7 @@ def _eager_and_compiled_match_the_merged_forward(kind: str, device: str) -> None
                 for g, w in zip(got, want):
                     torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
             continue
-        assert off(eager, want).max() < 0.02, off(eager, want)
+        assert relative_off(eager, want).max() < 0.02, relative_off(eager, want)
         assert off_all(theirs, want) < 0.25, off_all(theirs, want)
         assert off_all(compiled, want) <= 2 * off_all(theirs, want) + 0.02, (off_all(compiled, want),
                                                                             off_all(theirs, want))
