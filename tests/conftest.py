@@ -257,6 +257,14 @@ def double_backward(model, batch) -> None:
     torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
 
 
+def fresh_compile():
+    """A context for a test that compiles: torch.compile's caches emptied first, and an error, not a
+    silent eager fallback, if a function is recompiled more often than dynamo allows (code objects such
+    as ``GPT.forward`` collect compiled variants over a whole test session)."""
+    torch._dynamo.reset()
+    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+
+
 def relative_off(got: list[torch.Tensor], want: list[torch.Tensor]) -> torch.Tensor:
     """Each tensor's distance from its counterpart in ``want``, relative to the latter's norm."""
     return torch.stack([(g - w).norm() / w.norm().clamp_min(1e-12) for g, w in zip(got, want)])

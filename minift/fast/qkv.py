@@ -18,8 +18,11 @@ times both ways; docs/benchmarks.md, "What limits LoRA now", has the numbers).
 ``Attention``) in place, as ``fast.lora`` does with its layers: the subclass overrides ``qkv`` only.
 It stacks the projections that take the merged forward at that moment (``MergedLoRALinear.merges``:
 W0 frozen, no LoRA dropout acting, not merged into W0; without the factor kernel), when there are at
-least two; the others run their own forward. Ranks and scalings may differ between the three.
-Tested against the unstacked merged forward, outputs and gradients, in tests/fast/test_qkv.py.
+least two; the others run their own forward. Ranks and scalings may differ between the three. The
+node sums the projections' input gradients in the matmul dtype, as autograd sums those of three
+separate layers; the stacked GEMMs add up each A x and dA in their own order, so under bf16 a value
+may round differently from the layer-by-layer forward's. Tested against the unstacked merged forward,
+outputs and gradients, in tests/fast/test_qkv.py.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from minift.fast import lora as fast_lora
 from minift.fast.lora import MergedLoRALinear
 from minift.models import layers, llama
 
-__all__ = ["StackedMergedLoRA", "enable", "disable", "stacked"]
+__all__ = ["StackedMergedLoRA", "enable", "disable", "stacked", "stacking"]
 
 
 class StackedMergedLoRA(torch.autograd.Function):
@@ -75,8 +78,10 @@ class StackedMergedLoRA(torch.autograd.Function):
                 part = grad_fn(g, w, a, m, s)  # (N, in)
                 dx = part if dx is None else dx.add_(part)
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
-        gB = torch.cat([g @ m for g, m in zip(gs, B_)], dim=1)  # (N, R)
-        dA = (gB.t() @ x2).split(ctx.ranks)  # every projection's (g B)^T x in one GEMM
+        dA = [None] * k
+        if any(need[2::4]):
+            gB = torch.cat([g @ m for g, m in zip(gs, B_)], dim=1)  # (N, R)
+            dA = (gB.t() @ x2).split(ctx.ranks)  # every projection's (g B)^T x in one GEMM
         out = []
         for i, (g, s, (a_dt, b_dt, bias_dt)) in enumerate(zip(gs, ctx.scalings, ctx.dtypes)):
             dAi = dA[i].to(a_dt).mul_(s) if need[4 * i + 2] else None  # (r_i, in)
@@ -86,15 +91,22 @@ class StackedMergedLoRA(torch.autograd.Function):
         return (dx, None, *out)
 
 
-def stacked(attn: nn.Module) -> list[str]:
-    """The names of ``attn``'s q/k/v projections that take the stacked forward now: those that take the
-    merged forward (``MergedLoRALinear.merges``, not merged into W0, no factor kernel), if at least two do."""
-    names = [n for n in ("q_proj", "k_proj", "v_proj") if _merges(getattr(attn, n))]
+def stacked(attn: nn.Module, training: bool | None = None) -> list[str]:
+    """The names of ``attn``'s q/k/v projections that take the stacked forward in their mode (or in
+    training mode if ``training`` says so): those that take the merged forward
+    (``MergedLoRALinear.merges``, not merged into W0, no factor kernel), if at least two do."""
+    names = [n for n in ("q_proj", "k_proj", "v_proj") if _merges(getattr(attn, n), training)]
     return names if len(names) >= 2 else []
 
 
-def _merges(m: nn.Module) -> bool:
-    return isinstance(m, MergedLoRALinear) and not m.merged and not m.factor_kernel and m.merges()
+def _merges(m: nn.Module, training: bool | None) -> bool:
+    return isinstance(m, MergedLoRALinear) and not m.merged and not m.factor_kernel and m.merges(training)
+
+
+def stacking(model: nn.Module) -> list[str]:
+    """The names of the attention modules ``enable`` switched whose training steps stack q, k and v
+    (``stacked(..., training=True)``); the others run each projection's own forward there."""
+    return [name for name, m in model.named_modules() if type(m) in REFERENCE and stacked(m, training=True)]
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor):
@@ -108,17 +120,17 @@ def _qkv(attn: nn.Module, x: torch.Tensor):
     return tuple(ys[n] if n in ys else getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj"))
 
 
-class SelfAttention(layers.SelfAttention):
+class StackedSelfAttention(layers.SelfAttention):
     def qkv(self, x):
         return _qkv(self, x)
 
 
-class LlamaAttention(llama.Attention):
+class StackedLlamaAttention(llama.Attention):
     def qkv(self, x):
         return _qkv(self, x)
 
 
-FAST = {layers.SelfAttention: SelfAttention, llama.Attention: LlamaAttention}
+FAST = {layers.SelfAttention: StackedSelfAttention, llama.Attention: StackedLlamaAttention}
 REFERENCE = {fast: ref for ref, fast in FAST.items()}
 
 

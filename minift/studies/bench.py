@@ -112,6 +112,7 @@ class BenchConfig:
     lora_merged_forward: bool | None = None  # None: the plan decides (on CUDA with minift.fast)
     lora_factor_kernel: bool = False  # merged LoRA layers: A's and B's gradients by kernels.lora_factor_grads
     lora_recompute_act: bool | None = None  # merged down_proj: the MLP's activation recomputed (fast.mlp); None: plan
+    lora_stack_qkv: bool = False  # set from the plan (resolved): q, k, v's merged LoRA stacked (fast.qkv)
     loss_chunk: int | None = None  # GPT loss positions per vocabulary projection (None: lm_loss's default)
     fused_adamw: bool = True  # on CUDA; CPU runs use the default (foreach) AdamW
     sdpa_math: bool = False
@@ -193,7 +194,7 @@ def build(cfg: BenchConfig, method: str) -> tuple[torch.nn.Module, TrainHooks, S
         fast.lora.enable(model, merged=True, factor_kernel=cfg.lora_factor_kernel)
         if p.recompute_act:
             fast.mlp.enable(model)
-    speed.note_recomputed(p, model)  # the row's variant and speed line, as minift train's (run.speed_up)
+    speed.note_fast_layers(p, model)  # the row's variant and speed line, as minift train's (run.speed_up)
     if cfg.plain_ce:
         fast.loss.disable(model)
     model.checkpointing = cfg.checkpointing if isinstance(model, CAUSAL_LM) else False

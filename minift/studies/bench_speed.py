@@ -96,7 +96,7 @@ def speed_plan(cfg, method: str, hooks: TrainHooks) -> SpeedPlan:
 def resolved(cfg, p: SpeedPlan):
     """``cfg`` with the plan's choices filled in: what one method's row ran with."""
     return replace(cfg, fast=p.fast, compile=p.compile, compile_mode=p.compile_mode, lora_merged_forward=p.merged_lora,
-                   lora_recompute_act=p.recompute_act)
+                   lora_recompute_act=p.recompute_act, lora_stack_qkv=p.stack_qkv)
 
 
 def speed_meta(cfg) -> str:
@@ -117,6 +117,7 @@ def variant_name(cfg, method: str) -> str:
         flags.append("no_fast")
     if cfg.lora_merged_forward and method == "lora":  # (``resolved``: the plan's choice)
         flags.append("merged_forward" + ("+factor_kernel" if cfg.lora_factor_kernel else "")
+                     + ("+stacked_qkv" if cfg.lora_stack_qkv else "")
                      + ("+recompute_act" if cfg.lora_recompute_act else ""))
     if not cfg.fused_adamw and cfg.device.startswith("cuda") and method != "probe":
         flags.append("foreach_adamw")

@@ -76,13 +76,13 @@ def speed_up(model, st: MethodState, s: Settings, cfg: TrainConfig, task: str, m
     ``cfg``. Returns the training batches (padded when the plan says so) and the plan in words."""
     from minift.training import data as D
     from minift.training.forward import pick_device
-    from minift.training.speed import compile_context, note_recomputed, plan
+    from minift.training.speed import compile_context, note_fast_layers, plan
     p = plan(device_type=pick_device(cfg.device).type, method=s.method, hooks=st.hooks, task=task,
              max_len=max_len, given=s.train, merged_forward=merged_forward(st), peft=st.peft)
     if p.fast:
         from minift import fast
         fast.enable(model, merged_lora=p.merged_lora, lora_recompute_act=p.recompute_act)
-    note_recomputed(p, model)
+    note_fast_layers(p, model)
     cfg.compile, cfg.compile_mode = p.compile, p.compile_mode
     compile_context(cfg.activation_budget, cfg.compile)  # a budget for an eager run: refused before it starts
     if p.pad:

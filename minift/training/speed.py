@@ -54,6 +54,7 @@ class SpeedPlan:
     merged_lora: bool = False         # ... with LoRA's merged forward
     bf16_frozen_base: bool = False    # minift.fast.frozen.enable(model) (takes_bf16_frozen_base)
     recompute_act: bool = False       # ... and fast.mlp: the MLP's activation recomputed in the backward
+    stack_qkv: bool = False           # ... and fast.qkv: q, k, v's LoRA factors stacked (set by note_fast_layers)
     compile: bool = False
     compile_mode: str = "default"
     pad: bool = False                 # pad every training batch to one shape (data.pad_to_one_shape)
@@ -94,8 +95,7 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     p.fast = cuda and given.get("fast", True)
     p.merged_lora = merged_forward or p.fast
     if p.fast:
-        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, q/k/v LoRA stacked, "
-                       "lean AdamW step)")
+        p.notes.append("minift.fast on (cast once, fused loss, LoRA merged/addmm forward, lean AdamW step)")
     p.bf16_frozen_base = takes_bf16_frozen_base(fast=p.fast, peft=peft, bf16=given.get("bf16", True),
                                                 hooks=hooks)
     hooked = [h for h in EAGER_HOOKS if getattr(hooks, h) is not None]
@@ -124,15 +124,18 @@ def plan(*, device_type: str, method: str, hooks: TrainHooks, task: str, max_len
     return p
 
 
-def note_recomputed(p: SpeedPlan, model) -> None:
-    """Once ``minift.fast`` is on ``model``: ``p.recompute_act`` says whether any MLP recomputes its
-    activation while training (``fast.mlp.recomputing``: none without a LoRA down_proj, or with LoRA
-    dropout), and a note says how many."""
-    from minift.fast import mlp
-    names = mlp.recomputing(model)
-    p.recompute_act = bool(names)
-    if names:
-        p.notes.append(f"MLP activation recomputed: {len(names)} MLPs")
+def note_fast_layers(p: SpeedPlan, model) -> None:
+    """Once ``minift.fast`` is on ``model``: ``p.stack_qkv`` says whether any attention module stacks
+    its q, k and v's LoRA factors while training (``fast.qkv.stacking``) and ``p.recompute_act``
+    whether any MLP recomputes its activation (``fast.mlp.recomputing``: none without a LoRA down_proj,
+    or with LoRA dropout); a note says how many of each."""
+    from minift.fast import mlp, qkv
+    stacking, recomputing = qkv.stacking(model), mlp.recomputing(model)
+    p.stack_qkv, p.recompute_act = bool(stacking), bool(recomputing)
+    if stacking:
+        p.notes.append(f"q/k/v LoRA stacked: {len(stacking)} attention modules")
+    if recomputing:
+        p.notes.append(f"MLP activation recomputed: {len(recomputing)} MLPs")
 
 
 def takes_bf16_frozen_base(*, fast: bool, peft: bool, bf16: bool, hooks: TrainHooks) -> bool:
@@ -154,12 +157,12 @@ def compile_context(budget: float | None, compiled: bool):
     - AOTAutograd's on-disk cache also takes graphs that hold custom autograd Functions
       (``autograd_cache_allow_custom_autograd_functions``, off by default in PyTorch), every one in
       the step. minift's step holds its own (``fast.loss.LinearCrossEntropy``,
-      ``fast.lora.MergedLoRA``, ``fast.mlp.ActMergedLoRA``), so without it each process traces the
-      joint graph and partitions it again. With it, a later run of the same graph loads that from
-      ``TORCHINDUCTOR_CACHE_DIR``, as it loads Inductor's kernels. A Function's forward and backward
-      are traced into the graph, constants included, so the cache key sees them; the custom
-      operators inside (``minift::lora_input_grad``, ``minift::act_recompute``, the Triton kernels)
-      enter by name and run their Python bodies on every call.
+      ``fast.lora.MergedLoRA``, ``fast.qkv.StackedMergedLoRA``, ``fast.mlp.ActMergedLoRA``), so without
+      it each process traces the joint graph and partitions it again. With it, a later run of the same
+      graph loads that from ``TORCHINDUCTOR_CACHE_DIR``, as it loads Inductor's kernels. A Function's
+      forward and backward are traced into the graph, constants included, so the cache key sees them;
+      the custom operators inside (``minift::lora_input_grad``, ``minift::act_recompute``, the Triton
+      kernels) enter by name and run their Python bodies on every call.
 
     Args:
         budget: the share (0, 1] of the activations kept; None: PyTorch's default (1.0).

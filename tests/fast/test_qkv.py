@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from conftest import TINY_GPT, double_backward, kind_batch, loss_and_grads, merged_lora_model, relative_off
+from conftest import (TINY_GPT, double_backward, fresh_compile, kind_batch, loss_and_grads, merged_lora_model,
+                      relative_off)
 from minift import fast
 from minift.fast import cast
 from minift.fast import lora as fast_lora
@@ -99,12 +100,36 @@ def test_different_ranks_scalings_and_trained_biases_in_fp64():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+def test_frozen_factors_and_a_forward_without_autograd():
+    """A factor that does not train gets no gradient and the others theirs (no A training: the dA GEMM
+    is skipped); under no_grad the outputs are those with autograd."""
+    g = torch.Generator().manual_seed(3)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_(grad)
+    x = rand(5, 8)
+    for frozen_As in ((0,), (0, 1)):
+        params = []
+        for i in range(2):
+            params += [rand(4, 8, grad=False), None, rand(2, 8, grad=i not in frozen_As), rand(4, 2, grad=i != 1)]
+        ys = fast_qkv.StackedMergedLoRA.apply(x, (1.0, 0.5), *params)
+        want = [x @ (W + s * B @ A).t() for (W, _, A, B), s in zip(zip(*[iter(params)] * 4), (1.0, 0.5))]
+        leaves = [t for t in params if t is not None and t.requires_grad]
+        got_grads = torch.autograd.grad(sum(y.sum() for y in ys), leaves)
+        want_grads = torch.autograd.grad(sum(y.sum() for y in want), leaves)
+        for a, b in zip(got_grads, want_grads):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        with torch.no_grad():
+            for a, b in zip(fast_qkv.StackedMergedLoRA.apply(x, (1.0, 0.5), *params), want):
+                torch.testing.assert_close(a, b.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_enable_and_disable_swap_the_class_only():
     model = _model("llama")
     before = {k: v.data_ptr() for k, v in model.state_dict().items()}
     names = fast_qkv.enable(model)
     assert names == ["layers.0.self_attn", "layers.1.self_attn"] and fast_qkv.enable(model) == []
-    assert all(type(a) is fast_qkv.LlamaAttention for a in _attentions(model))
+    assert all(type(a) is fast_qkv.StackedLlamaAttention for a in _attentions(model))
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == before
     assert fast_qkv.disable(model) == names and type(model.layers[0].self_attn).__name__ == "Attention"
     assert fast_qkv.enable(_model("gpt", ("q_proj",))) == []  # one LoRA projection: nothing to stack
@@ -134,7 +159,8 @@ def test_compiled_without_a_graph_break():
     fast_qkv.enable(model)
     attn = model.layers[0].attn
     x = torch.randn(2, 9, TINY_GPT["n_embd"], requires_grad=True)
-    out, _ = torch.compile(attn, fullgraph=True)(x)  # fails on a graph break
+    with fresh_compile():
+        out, _ = torch.compile(attn, fullgraph=True)(x)  # fails on a graph break
     out.sum().backward()
     want = x.detach().clone().requires_grad_()
     attn(want)[0].sum().backward()
@@ -144,20 +170,14 @@ def test_compiled_without_a_graph_break():
 def _eager_and_compiled_match_the_merged_forward(kind: str, device: str) -> None:
     """In fp32 the stacked node gives the layer-by-layer merged forward's loss and gradients, eager and
     compiled, up to the GEMMs' summation order. Under bf16 autocast with the frozen base in bf16, as
-    ``minift train`` runs it on CUDA, eager stays within 2% of each tensor's norm. Compiled, inductor
-    rounds each graph in its own places, and one small gradient of a tiny model can move by tens of
-    percent (on the CPU the compiled merged forward itself moves one of this model's gradients 17% from
-    eager): so there all gradients are taken as one vector, at most twice as far from the eager merged
-    forward as the compiled merged forward's, plus 2%."""
+    ``minift train`` runs it on CUDA, within 2% of each tensor's norm: eager against the eager merged
+    forward, compiled against the compiled one (compiling moves a tiny model's small gradients by up to
+    tens of percent from eager, stacked or not)."""
     from minift.fast import frozen
     batch = kind_batch(kind, device)
 
     def run(model, bf16):
         return loss_and_grads(model, batch, bf16, device)
-
-    def off_all(got, want):  # every gradient as one vector
-        cat = [torch.cat([t.flatten() for t in ts[1:]]) for ts in (got, want)]
-        return ((cat[0] - cat[1]).norm() / cat[1].norm()).item()
     for bf16 in (False, True):
         ref = _model(kind).to(device)
         if bf16:
@@ -167,18 +187,17 @@ def _eager_and_compiled_match_the_merged_forward(kind: str, device: str) -> None
             cast.enable(m)
         assert len(fast_qkv.enable(quick)) == 2
         want, eager = run(ref, bf16), run(quick, bf16)
-        quick.compile()
-        compiled_ref.compile()
-        compiled, theirs = run(quick, bf16), run(compiled_ref, bf16)
+        with fresh_compile():
+            quick.compile()
+            compiled_ref.compile()
+            compiled, theirs = run(quick, bf16), run(compiled_ref, bf16)
         if not bf16:
             for got in (eager, compiled):
                 for g, w in zip(got, want):
                     torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
             continue
         assert relative_off(eager, want).max() < 0.02, relative_off(eager, want)
-        assert off_all(theirs, want) < 0.25, off_all(theirs, want)
-        assert off_all(compiled, want) <= 2 * off_all(theirs, want) + 0.02, (off_all(compiled, want),
-                                                                            off_all(theirs, want))
+        assert relative_off(compiled, theirs).max() < 0.02, relative_off(compiled, theirs)
 
 
 def test_eager_and_compiled_match_the_merged_forward_in_fp32_and_bf16():

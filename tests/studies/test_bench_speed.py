@@ -92,21 +92,26 @@ def test_the_recomputed_activation_is_a_merged_lora_rows_variant_and_reaches_the
     assert main(["bench", "--device", "cpu", "--methods", "lora", "--steps", "1", "--warmup", "0",
                  "--lora-merged-forward", "--lora-recompute-act", "--out", str(tmp_path), "--name", "b"]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert rows[0]["variant"].endswith("merged_forward+recompute_act")
+    assert rows[0]["variant"].endswith("merged_forward+stacked_qkv+recompute_act")
     assert main(["bench", "--device", "cpu", "--methods", "lora", "--lora-recompute-act"]) == 2
     assert "--lora-recompute-act is a backward of LoRA's merged forward" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("kw, mlps", [({}, 2), ({"lora_targets": ("q_proj", "v_proj")}, 0), ({"dropout": 0.1}, 0)])
-def test_a_row_says_recompute_act_only_where_an_mlp_recomputes(kw, mlps):
-    """No adapter on down_proj, or LoRA dropout (the merged forward does not apply while training):
-    nothing is recomputed, and the row's variant and speed line do not say it is."""
+@pytest.mark.parametrize("kw, mlps, attns", [
+    ({}, 2, 2), ({"lora_targets": ("q_proj", "v_proj")}, 0, 2), ({"lora_targets": ("q_proj", "down_proj")}, 2, 0),
+    ({"dropout": 0.1}, 0, 0)])
+def test_a_row_says_recompute_act_and_stacked_qkv_only_where_they_happen(kw, mlps, attns):
+    """No adapter on down_proj, fewer than two on q, k, v, or LoRA dropout (the merged forward does not
+    apply while training): nothing is recomputed or stacked there, and the row's variant and speed line
+    do not say it is."""
     cfg = bench.BenchConfig(model="tiny-gpt", device="cpu", methods=("lora",), lora_merged_forward=True,
                             lora_recompute_act=True, **kw)
     _, _, p = bench.build(cfg, "lora")
-    assert p.recompute_act is (mlps > 0)
-    assert bench.variant_name(bench_speed.resolved(cfg, p), "lora").endswith("+recompute_act") is (mlps > 0)
+    assert (p.recompute_act, p.stack_qkv) == (mlps > 0, attns > 0)
+    variant = bench.variant_name(bench_speed.resolved(cfg, p), "lora")
+    assert variant.endswith("+recompute_act") is (mlps > 0) and ("+stacked_qkv" in variant) is (attns > 0)
     assert (f"MLP activation recomputed: {mlps} MLPs" in p.describe()) is (mlps > 0)
+    assert (f"q/k/v LoRA stacked: {attns} attention modules" in p.describe()) is (attns > 0)
 
 
 def test_the_activation_budget_is_a_compiled_rows_variant():

@@ -432,5 +432,7 @@ def test_a_compiled_cuda_run_recomputes_the_mlp_activation_where_down_proj_merge
                                "causal-lm", 16, [], None)
         assert len(fast_mlp.recomputing(model)) == want
         assert (f"MLP activation recomputed: {want} MLPs" in note) == (want > 0)
+        stacks = 2 if method == "lora" and not options.get("dropout") and "q_proj" in options["targets"] else 0
+        assert (f"q/k/v LoRA stacked: {stacks} attention modules" in note) == (stacks > 0)  # fast.qkv
     finally:
         fast.disable(model)
