@@ -257,12 +257,15 @@ def double_backward(model, batch) -> None:
     torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
 
 
+@pytest.fixture(autouse=True)
 def fresh_compile():
-    """A context for a test that compiles: torch.compile's caches emptied first, and an error, not a
-    silent eager fallback, if a function is recompiled more often than dynamo allows (code objects such
-    as ``GPT.forward`` collect compiled variants over a whole test session)."""
+    """Every test compiles from empty torch.compile caches, and a function recompiled more often than
+    dynamo allows fails the test instead of silently running eager (code objects such as ``GPT.forward``
+    would otherwise collect compiled variants over a whole test session, one per model class, mode and
+    dtype, until dynamo stops compiling them)."""
     torch._dynamo.reset()
-    return torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
 
 
 def relative_off(got: list[torch.Tensor], want: list[torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TINY_GPT, Toy, fresh_compile
+from conftest import TINY_GPT, Toy
 from minift import adapters, fast
 from minift.fast import kernels
 from minift.fast import lora as fast_lora
@@ -184,11 +184,10 @@ def test_compiled_merged_forward_keeps_no_copy_of_the_merged_weights(tiny_gpt):
         return t
 
     ids = torch.randint(0, TINY_GPT["vocab_size"], (2, 7))
-    with fresh_compile():
-        tiny_gpt.compile()
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = model_forward(tiny_gpt, {"input_ids": ids, "labels": ids}).loss
-        loss.backward()
+    tiny_gpt.compile()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model_forward(tiny_gpt, {"input_ids": ids, "labels": ids}).loss
+    loss.backward()
     assert held and not weight_shapes & set(held), held
     assert all(m.lora_A.grad is not None and m.lora_B.grad is not None for _, m in lora.lora_modules(tiny_gpt))
 
@@ -207,9 +206,8 @@ def test_compiled_merged_forward_matches_eager(tiny_gpt, factor_kernel):
     ids = torch.randint(0, TINY_GPT["vocab_size"], (2, 7))
     batch = {"input_ids": ids, "labels": ids}
     eager = _gpt_loss_and_grads(tiny_gpt, batch)
-    with fresh_compile():
-        tiny_gpt.compile()
-        compiled = _gpt_loss_and_grads(tiny_gpt, batch)
+    tiny_gpt.compile()
+    compiled = _gpt_loss_and_grads(tiny_gpt, batch)
     assert len(compiled) == len(eager) == 1 + 2 * 12
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
     for got, want in zip(compiled[1:], eager[1:]):

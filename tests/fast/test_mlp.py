@@ -7,8 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import (TINY_GPT, double_backward, fresh_compile, kind_batch, loss_and_grads, merged_lora_model,
-                      relative_off)
+from conftest import TINY_GPT, double_backward, kind_batch, loss_and_grads, merged_lora_model, relative_off
 from minift.fast import cast
 from minift.fast import lora as fast_lora
 from minift.fast import mlp as fast_mlp
@@ -171,21 +170,20 @@ def test_compiled_matches_eager_and_keeps_the_activations_input_only():
     fast_mlp.enable(model)
     batch = kind_batch("gpt")
     eager = loss_and_grads(model, batch, False)
-    with fresh_compile():
-        compiled_mlp = torch.compile(model.layers[0].mlp, fullgraph=True)  # fails on a graph break
-        x = torch.randn(2, 9, TINY_GPT["n_embd"], requires_grad=True)
-        out = compiled_mlp(x)
-        out.sum().backward()
-        want = x.detach().clone().requires_grad_()
-        model.layers[0].mlp(want).sum().backward()
-        torch.testing.assert_close(x.grad, want.grad, rtol=1e-5, atol=1e-6)
-        model.zero_grad(set_to_none=True)
-        model.compile()
-        compiled = loss_and_grads(model, batch, False)
-        for got, w in zip(compiled, eager):
-            torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
-        wide = 2 * 9 * model.layers[0].mlp.down_proj.in_features
-        assert _held(model, batch).count(wide) == len(model.layers)
+    compiled_mlp = torch.compile(model.layers[0].mlp, fullgraph=True)  # fails on a graph break
+    x = torch.randn(2, 9, TINY_GPT["n_embd"], requires_grad=True)
+    out = compiled_mlp(x)
+    out.sum().backward()
+    want = x.detach().clone().requires_grad_()
+    model.layers[0].mlp(want).sum().backward()
+    torch.testing.assert_close(x.grad, want.grad, rtol=1e-5, atol=1e-6)
+    model.zero_grad(set_to_none=True)
+    model.compile()
+    compiled = loss_and_grads(model, batch, False)
+    for got, w in zip(compiled, eager):
+        torch.testing.assert_close(got, w, rtol=1e-4, atol=1e-6)
+    wide = 2 * 9 * model.layers[0].mlp.down_proj.in_features
+    assert _held(model, batch).count(wide) == len(model.layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -212,12 +210,11 @@ def test_on_cuda_eager_and_compiled_match_the_merged_forward(kind):
     want = run(ref)
     for got, w in zip(run(quick), want):
         assert torch.equal(got, w)
-    with fresh_compile():
-        quick.compile()
-        compiled_ref.compile()
-        ours, theirs = relative_off(run(quick), want), relative_off(run(compiled_ref), want)
-        wide = 2 * 9 * quick.layers[0].mlp.down_proj.in_features
-        held = _held(quick, batch, "cuda").count(wide)
+    quick.compile()
+    compiled_ref.compile()
+    ours, theirs = relative_off(run(quick), want), relative_off(run(compiled_ref), want)
+    wide = 2 * 9 * quick.layers[0].mlp.down_proj.in_features
+    held = _held(quick, batch, "cuda").count(wide)
     assert theirs.max() < 0.25, theirs  # rounding, not a broken compile of the merged forward
     assert ours.max() <= 2 * theirs.max() + 1e-3, (ours, theirs)
     assert held == len(quick.layers) * (2 if kind == "llama" else 1)  # h; g, u

@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from conftest import (TINY_GPT, double_backward, fresh_compile, kind_batch, loss_and_grads, merged_lora_model,
-                      relative_off)
+from conftest import (TINY_GPT, double_backward, kind_batch, loss_and_grads, merged_lora_model, relative_off,
+                      saved_bytes)
 from minift import fast
 from minift.fast import cast
 from minift.fast import lora as fast_lora
@@ -100,6 +100,21 @@ def test_different_ranks_scalings_and_trained_biases_in_fp64():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["gpt", "bert", "llama"])
+def test_keeps_what_the_layers_one_by_one_keep(kind):
+    """For the backward, under bf16 autocast with cast-once on (as minift.fast runs it), the stacked node
+    keeps the same bytes as the three merged layers: x once, A x as one (N, 3r) tensor instead of three
+    (N, r) ones, the factors in bf16 as one (3r, C) tensor instead of three."""
+    ref = _model(kind)
+    cast.enable(ref)
+    quick = copy.deepcopy(ref)
+    fast_qkv.enable(quick)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, _ = saved_bytes(ref, kind_batch(kind))
+        got, _ = saved_bytes(quick, kind_batch(kind))
+    assert got == want > 0
+
+
 def test_frozen_factors_and_a_forward_without_autograd():
     """A factor that does not train gets no gradient and the others theirs (no A training: the dA GEMM
     is skipped); under no_grad the outputs are those with autograd."""
@@ -159,8 +174,7 @@ def test_compiled_without_a_graph_break():
     fast_qkv.enable(model)
     attn = model.layers[0].attn
     x = torch.randn(2, 9, TINY_GPT["n_embd"], requires_grad=True)
-    with fresh_compile():
-        out, _ = torch.compile(attn, fullgraph=True)(x)  # fails on a graph break
+    out, _ = torch.compile(attn, fullgraph=True)(x)  # fails on a graph break
     out.sum().backward()
     want = x.detach().clone().requires_grad_()
     attn(want)[0].sum().backward()
@@ -187,10 +201,9 @@ def _eager_and_compiled_match_the_merged_forward(kind: str, device: str) -> None
             cast.enable(m)
         assert len(fast_qkv.enable(quick)) == 2
         want, eager = run(ref, bf16), run(quick, bf16)
-        with fresh_compile():
-            quick.compile()
-            compiled_ref.compile()
-            compiled, theirs = run(quick, bf16), run(compiled_ref, bf16)
+        quick.compile()
+        compiled_ref.compile()
+        compiled, theirs = run(quick, bf16), run(compiled_ref, bf16)
         if not bf16:
             for got in (eager, compiled):
                 for g, w in zip(got, want):

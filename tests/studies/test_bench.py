@@ -158,7 +158,7 @@ def test_isolated_processes_and_merged_lora_forward(tmp_path):
                "--isolate", "--lora-merged-forward", "--out", str(tmp_path), "--name", "iso"])
     assert rc == 0
     by = {r["method"]: r for r in json.loads((tmp_path / "iso.json").read_text())["rows"]}
-    assert by["full"]["variant"] == "eager-fp32-base" and by["lora"]["variant"] == "merged_forward"
+    assert by["full"]["variant"] == "eager-fp32-base" and by["lora"]["variant"] == "merged_forward+stacked_qkv"
     assert by["lora"]["ratio_tokens_vs_full"] > 0
     rc = main(["bench", "--device", "cpu", "--methods", "lora", "--steps", "1", "--warmup", "0", "--loss-chunk", "16",
                "--out", str(tmp_path), "--name", "chunk"])
