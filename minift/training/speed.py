@@ -11,6 +11,8 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
                                   not with gradual unfreezing
     LoRA's merged forward         plain LoRA layers; a layer with dropout      --fast false
                                   takes the addmm forward while training
+    q, k, v's LoRA stacked        two or three of an attention module's         --fast false
+    (fast.qkv)                    q, k, v on the merged forward
     the MLP's activation          compiled runs, where down_proj takes the     --recompute-act false
     recomputed (fast.mlp)         merged forward: its input kept, not its
                                   output (GPT-2 medium LoRA: -1.7 GiB,
