@@ -68,6 +68,13 @@ def cell(row: dict) -> str:
     return f"{row['step_ms']:.2f} ms{mfu}, {row['peak_gib']:.2f} GiB"
 
 
+def window_ratios(spread: list[float], ms: float) -> str:
+    """The ratios of the peer's queued windows to minift's step ``ms``: "1.31x-1.71x", or one ratio
+    where they round alike."""
+    low, high = f"{min(spread) / ms:.2f}x", f"{max(spread) / ms:.2f}x"
+    return low if low == high else f"{low}-{high}"
+
+
 def table(rows: dict, spread: list[float]) -> list[str]:
     """The rows of ``ROWS``, minift against the peer; a row with a side missing says which file."""
     out = ["| | minift | transformers + PEFT | speed | memory |", "| --- | --- | --- | --- | --- |"]
@@ -81,8 +88,7 @@ def table(rows: dict, spread: list[float]) -> list[str]:
         speed, theirs = f"{b['step_ms'] / a['step_ms']:.2f}x", cell(b)
         if peer == "peft-compile" and spread:  # the peer's fastest queued window first (see targets)
             fastest = min([b["step_ms"], *spread])
-            speed = (f"{fastest / a['step_ms']:.2f}x ({min(spread) / a['step_ms']:.2f}x-"
-                     f"{max(spread) / a['step_ms']:.2f}x over its queued windows)")
+            speed = f"{fastest / a['step_ms']:.2f}x ({window_ratios(spread, a['step_ms'])} over its queued windows)"
             theirs += f" (fastest window {fastest:.2f} ms)"
         out.append(f"| {label} | {cell(a)} | {theirs} | {speed} | {a['peak_gib'] / b['peak_gib']:.2f}x |")
     return out
@@ -106,8 +112,8 @@ def targets(rows: dict, spread: list[float]) -> list[str]:
         # card to card), and a target met only against its slower windows is not met
         s = min([comp["step_ms"], *spread]) / lora["step_ms"]
         m = lora["peak_gib"] / comp["peak_gib"]
-        seen = (f" against its fastest queued window ({min(spread) / lora['step_ms']:.2f}x-"
-                f"{max(spread) / lora['step_ms']:.2f}x over them)") if spread else " (one window)"
+        seen = (f" against its fastest queued window ({window_ratios(spread, lora['step_ms'])} over them)"
+                if spread else " (one window)")
         ok = s >= 1.6 and m <= 0.6
         out.append(f"| best-mode LoRA >= 1.6x compiled PEFT at <= 0.6x its memory | {s:.2f}x{seen} at {m:.2f}x "
                    f"| {'yes' if ok else 'no'} |")
