@@ -23,6 +23,17 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("MINIFT_HYPOTHESIS", "repeatable"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile():
+    """Every test compiles from empty torch.compile caches, and a function recompiled more often than
+    dynamo allows fails the test instead of silently running eager (code objects such as ``GPT.forward``
+    would otherwise collect compiled variants over a whole test session, one per model class, mode and
+    dtype, until dynamo stops compiling them)."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
 def benchmark_script(name: str):
     """``benchmarks/NAME.py`` loaded as a module (the scripts are files beside the package, not in it)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
@@ -255,17 +266,6 @@ def double_backward(model, batch) -> None:
     from minift.training.forward import model_forward
     loss = model_forward(model, batch).loss
     torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], create_graph=True)
-
-
-@pytest.fixture(autouse=True)
-def fresh_compile():
-    """Every test compiles from empty torch.compile caches, and a function recompiled more often than
-    dynamo allows fails the test instead of silently running eager (code objects such as ``GPT.forward``
-    would otherwise collect compiled variants over a whole test session, one per model class, mode and
-    dtype, until dynamo stops compiling them)."""
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        yield
 
 
 def relative_off(got: list[torch.Tensor], want: list[torch.Tensor]) -> torch.Tensor:

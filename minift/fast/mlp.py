@@ -19,9 +19,8 @@ the product kept for its backward; compiled, the reference already recomputes th
 ``fast.lora`` does with its layers): the subclass overrides ``forward`` only, and runs the reference
 forward whenever down_proj's merged forward does not apply (``MergedLoRALinear.merges``). The factor
 kernel (``fast.lora``'s ``factor_kernel``) is not used on such a down_proj. ``minift train`` turns it
-on for compiled runs (``training.speed``): there GPT-2 medium's LoRA step kept 1.7 GiB less for 1 ms
-more (``benchmarks/gpu.sh act-recompute``). Tested against the merged forward alone, outputs and
-gradients, in tests/fast/test_mlp.py.
+on for compiled runs (``training.speed``; docs/speed.md has what it saves and costs). Tested against
+the merged forward alone, outputs and gradients, in tests/fast/test_mlp.py.
 """
 from __future__ import annotations
 

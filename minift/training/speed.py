@@ -15,8 +15,7 @@ compiled) unless its settings ask for ``compile``. On CUDA, with nothing asked f
     (fast.qkv)                    q, k, v on the merged forward
     the MLP's activation          compiled runs, where down_proj takes the     --recompute-act false
     recomputed (fast.mlp)         merged forward: its input kept, not its
-                                  output (GPT-2 medium LoRA: -1.7 GiB,
-                                  +1 ms a step)
+                                  output
     torch.compile, CUDA graphs    the method has no hook between the model's   --compile false, or
     (mode reduce-overhead)        steps (AdaLoRA's allocator and penalty,      --compile-mode default
                                   gradual unfreezing run eager)                (compiled, no graphs)
@@ -36,9 +35,8 @@ Why: an eager LoRA step of GPT-2 medium is bound by the host issuing small kerne
 than full fine-tuning, benchmarks/results/h200/flags-eager.md); CUDA graphs replay the whole step's
 kernels at once, and the merged forward runs one GEMM per adapted layer instead of three.
 Recomputing the MLP's activation trades one elementwise pass per layer for its widest saved
-tensor: compiled, GPT-2 medium's LoRA step took 38.4 ms instead of 37.4 at 5.67 GiB instead of
-7.39; eager, where the step is bound by the host, it ran slower by more than that, so eager runs
-keep the activation (benchmarks/results/h200/2026-12-04-act-recompute/).
+tensor; compiled, that costs little time for much memory, while an eager step, bound by the host,
+slowed by more, so eager runs keep the activation (docs/speed.md has the measurements).
 Each piece is tied to the reference path by an equivalence test (tests/fast/), and padding by
 ``tests/training/test_speed.py`` (padded positions are masked and carry no target).
 """
